@@ -1,0 +1,154 @@
+"""Frozen configuration, each part given only to the component that needs it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network's shape, read from config.json or GGUF metadata."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False  # Qwen2: bias on q/k/v
+    qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k
+    rope_scaling: tuple[tuple[str, object], ...] = ()  # frozen form of the HF dict
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, object]:
+        return dict(self.rope_scaling)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV pool: its block size, its memory budget and prefix caching."""
+
+    block_size: int = 16
+    kv_cache_memory_gib: float = 1.0
+    enable_prefix_caching: bool = True
+    num_blocks: int | None = None  # set to override the budget (tests use tiny pools)
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError("block_size must be a positive power of two")
+        if self.kv_cache_memory_gib <= 0:
+            raise ValueError("kv_cache_memory_gib must be positive")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ValueError("num_blocks must be >= 2")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits for one step."""
+
+    max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decodes)
+    max_num_seqs: int = 64
+    max_model_len: int = 4096
+    long_prefill_token_threshold: int = 0  # >0: cap one request's chunk per step
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.max_model_len < 2:
+            raise ValueError("scheduler limits must be positive")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Where and in what precision the model runs."""
+
+    device: str = "cpu"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    num_threads: int | None = None  # CPU intra-op threads; None = torch's default
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"unknown dtype {self.dtype!r}; use auto, float32, bfloat16 or float16")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"unknown device {self.device!r}; use cpu or cuda[:N]")
+
+    @property
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.device.startswith("cuda") else "float32"
+
+
+def default_cache_dir() -> str:
+    """Where converted copies of GGUF models are kept (XDG cache convention)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "tokenworks")
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """The user-facing knobs of one engine; ``LLM(**options)`` and the CLI fill it."""
+
+    model: str | None = None  # None: the built-in default model
+    device: str = "cpu"
+    dtype: str = "auto"
+    block_size: int = 16
+    kv_cache_memory_gib: float = 1.0
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    max_model_len: int | None = None  # None: the model's context length, capped by the KV pool
+    long_prefill_token_threshold: int = 0
+    num_threads: int | None = None
+    cache_dir: str | None = None
+    seed: int = 0
+
+    def device_config(self) -> DeviceConfig:
+        return DeviceConfig(device=self.device, dtype=self.dtype, num_threads=self.num_threads)
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(
+            block_size=self.block_size,
+            kv_cache_memory_gib=self.kv_cache_memory_gib,
+            enable_prefix_caching=self.enable_prefix_caching,
+            num_blocks=self.num_blocks,
+        )
+
+    def scheduler_config(self, model: ModelConfig, num_blocks: int) -> SchedulerConfig:
+        pool_tokens = (num_blocks - 1) * self.block_size
+        limit = min(model.max_position, pool_tokens)
+        max_len = limit if self.max_model_len is None else self.max_model_len
+        if max_len > limit:
+            raise ValueError(
+                f"max_model_len={max_len} exceeds what fits: the model's context is {model.max_position} "
+                f"tokens and the KV pool holds {pool_tokens}"
+            )
+        return SchedulerConfig(
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=self.max_num_seqs,
+            max_model_len=max_len,
+            long_prefill_token_threshold=self.long_prefill_token_threshold,
+        )

@@ -1,0 +1,62 @@
+"""The two plain objects that cross the policy/mechanism line each step.
+
+``SchedulerOutput``: filled by the scheduler, read by the model runner.
+``ModelRunnerOutput``: filled by the model runner, read by the scheduler.
+Neither holds a tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenworks.sampling_params import SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    request_id: str
+    token_ids: list[int]  # tokens whose KV is computed this step (a prefill chunk, or 1 for decode)
+    start_position: int  # position of token_ids[0] == num_computed_tokens before the step
+    block_ids: list[int]  # the request's whole block table, covering start_position + len(token_ids)
+    sample: bool  # True when this chunk reaches the last known token: sample the next one
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]  # shared with the request, read-only here (penalties)
+    output_token_ids: list[int]  # shared with the request, read-only here (penalties)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def context_len(self) -> int:
+        """Tokens attended to by the last query of this chunk."""
+        return self.start_position + len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    # Requests that ended (finished, aborted) since the last step: the runner drops their state.
+    finished_request_ids: set[str] = field(default_factory=set)
+    preempted_request_ids: set[str] = field(default_factory=set)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class TokenLogprobs:
+    logprob: float  # of the sampled token
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)  # only requests with sample=True
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # only requests that asked

@@ -1,0 +1,135 @@
+"""The offline API: ``LLM(model=None, **options).generate(prompts, params)`` and ``.chat``.
+
+Also ``build_engine``, which loads a model and wires the policy (scheduler,
+block pool) to the mechanism (network, KV tensor, runner).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+import torch
+
+from tokenworks.config import EngineArgs, ModelConfig
+from tokenworks.engine.block_pool import BlockPool
+from tokenworks.engine.engine import Engine
+from tokenworks.engine.kv_cache_manager import KVCacheManager
+from tokenworks.engine.scheduler import Scheduler
+from tokenworks.model.kv_cache import KVCache, num_blocks_for_budget, torch_dtype
+from tokenworks.model.llama import LlamaModel
+from tokenworks.model.runner import ModelRunner
+from tokenworks.model.weights import load_model_files
+from tokenworks.outputs import RequestOutput
+from tokenworks.sampling_params import SamplingParams
+from tokenworks.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedEngine:
+    engine: Engine
+    model_name: str
+    model_config: ModelConfig
+    runner: ModelRunner
+    pool: BlockPool
+    load_seconds: float
+
+
+def build_engine(args: EngineArgs) -> LoadedEngine:
+    t0 = time.perf_counter()
+    dev = args.device_config()
+    if dev.num_threads:
+        torch.set_num_threads(dev.num_threads)
+    if dev.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device cuda was asked for but torch sees no CUDA device")
+    dtype = torch_dtype(dev.resolved_dtype)
+    files = load_model_files(args.model, args.cache_dir)
+    model = LlamaModel(files.config, files.weights, dtype, dev.device)
+    del files.weights
+    cache_cfg = args.cache_config()
+    num_blocks = num_blocks_for_budget(files.config, cache_cfg, dtype)
+    sched_cfg = args.scheduler_config(files.config, num_blocks)
+    kv_tensor = KVCache(files.config, cache_cfg.block_size, num_blocks, dtype, dev.device)
+    pool = BlockPool(num_blocks, cache_cfg.enable_prefix_caching)
+    scheduler = Scheduler(sched_cfg, KVCacheManager(pool, cache_cfg.block_size))
+    runner = ModelRunner(model, kv_tensor)
+    tokenizer = Tokenizer(files.tokenizer_json, files.chat_template, files.bos_token, files.eos_token, files.add_bos_token)
+    eos = files.config.eos_token_ids
+    if not eos and files.eos_token is not None:
+        eos = (tokenizer._tok.token_to_id(files.eos_token),)
+    engine = Engine(scheduler, runner, tokenizer, eos, vocab_size=files.config.vocab_size)
+    return LoadedEngine(engine, files.name, files.config, runner, pool, time.perf_counter() - t0)
+
+
+class LLM:
+    """Offline batch generation on one engine in this process."""
+
+    def __init__(self, model: str | None = None, **options: Any) -> None:
+        known = {f.name for f in fields(EngineArgs)}
+        unknown = set(options) - known
+        if unknown:
+            raise TypeError(f"unknown LLM options: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        self.args = EngineArgs(model=model, **options)
+        self.loaded = build_engine(self.args)
+        self.engine = self.loaded.engine
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    @property
+    def pool(self) -> BlockPool:
+        return self.loaded.pool
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """One output per prompt, in order. A prompt is a string or a list of token ids."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)
+        if params is None:
+            params = SamplingParams()
+        param_list = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(param_list) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, param_list):
+                rid = f"offline-{next(self._ids)}"
+                self.engine.add_request(rid, prompt if isinstance(prompt, str) else list(prompt), p)
+                ids.append(rid)
+            return self._run(ids, use_tqdm)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        params: SamplingParams | None = None,
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.encode_chat(list(conv)) for conv in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, params)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="generating", unit="req")
+        while len(final) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [final[rid] for rid in ids]

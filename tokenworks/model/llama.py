@@ -1,0 +1,130 @@
+"""The Llama family as one network: Llama 2/3, SmolLM, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k norm).
+
+Weights arrive under Hugging Face names; q/k/v and gate/up are fused into
+one matrix each so a layer is four matmuls. The forward pass works on a
+flattened batch of T tokens from many requests, (T, hidden), and writes
+each token's K/V into the paged pool before attention reads it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tokenworks.config import ModelConfig
+from tokenworks.model.attention import AttentionMetadata, paged_attention, write_kv
+from tokenworks.model.kv_cache import KVCache
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = config.rope_scaling_dict
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("default", None):
+        return inv_freq
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "llama3":
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise NotImplementedError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+
+        def w(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise KeyError(f"checkpoint lacks tensor {name!r}")
+            return weights[name].to(device=device, dtype=dtype).contiguous()
+
+        self.embed = w("model.embed_tokens.weight")
+        self.norm = w("model.norm.weight")
+        self.lm_head = self.embed if config.tie_word_embeddings else w("lm_head.weight")
+        self.layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            layer = {
+                "input_norm": w(p + "input_layernorm.weight"),
+                "post_norm": w(p + "post_attention_layernorm.weight"),
+                "qkv": torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")]).contiguous(),
+                "o": w(a + "o_proj.weight"),
+                "gate_up": torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]).contiguous(),
+                "down": w(p + "mlp.down_proj.weight"),
+                "qkv_bias": None,
+                "q_norm": None,
+                "k_norm": None,
+            }
+            if config.attention_bias:
+                layer["qkv_bias"] = torch.cat([w(a + "q_proj.bias"), w(a + "k_proj.bias"), w(a + "v_proj.bias")])
+            if config.qk_norm:
+                layer["q_norm"] = w(a + "q_norm.weight")
+                layer["k_norm"] = w(a + "k_norm.weight")
+            self.layers.append(layer)
+        positions = torch.arange(config.max_position, dtype=torch.float32)
+        freqs = torch.outer(positions, rope_inv_freq(config))  # (max_position, D/2)
+        self.cos = freqs.cos().to(device=device, dtype=dtype)
+        self.sin = freqs.sin().to(device=device, dtype=dtype)
+        self.scale = config.head_dim**-0.5
+
+    @property
+    def num_parameters(self) -> int:
+        n = self.embed.numel() + self.norm.numel() + (0 if self.lm_head is self.embed else self.lm_head.numel())
+        for layer in self.layers:
+            n += sum(t.numel() for t in layer.values() if t is not None)
+        return n
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: (T, H, D); cos/sin: (T, 1, D/2); HF "rotate_half" layout.
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        """(T,) token ids and positions -> (T, hidden) final hidden states (normed)."""
+        c = self.config
+        eps = c.rms_norm_eps
+        hd = c.head_dim
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        h = F.embedding(input_ids, self.embed)
+        t = h.shape[0]
+        for i, layer in enumerate(self.layers):
+            x = F.rms_norm(h, (c.hidden_size,), layer["input_norm"], eps)
+            qkv = F.linear(x, layer["qkv"], layer["qkv_bias"])
+            q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+            q = q.view(t, c.num_heads, hd)
+            k = k.view(t, c.num_kv_heads, hd)
+            v = v.view(t, c.num_kv_heads, hd)
+            if layer["q_norm"] is not None:
+                q = F.rms_norm(q, (hd,), layer["q_norm"], eps)
+                k = F.rms_norm(k, (hd,), layer["k_norm"], eps)
+            q = self._rope(q, cos, sin)
+            k = self._rope(k, cos, sin)
+            write_kv(kv.k[i], kv.v[i], k, v, meta)
+            o = paged_attention(q, k, v, kv.k[i], kv.v[i], meta, self.scale)
+            h = h + F.linear(o.view(t, c.q_size), layer["o"])
+            x = F.rms_norm(h, (c.hidden_size,), layer["post_norm"], eps)
+            gate, up = F.linear(x, layer["gate_up"]).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer["down"])
+        return F.rms_norm(h, (c.hidden_size,), self.norm, eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) -> (N, vocab) float32."""
+        return F.linear(hidden, self.lm_head).float()

@@ -1,0 +1,101 @@
+"""Turns a SchedulerOutput into tensors, runs the network, samples.
+
+Rows of the flattened batch: decodes first (so their rows are a plain slice),
+then prefill chunks in scheduler order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenworks.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenworks.model.attention import AttentionMetadata, PrefillSeq
+from tokenworks.model.kv_cache import KVCache
+from tokenworks.model.llama import LlamaModel
+from tokenworks.model.sampler import Sampler
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv: KVCache) -> None:
+        self.model = model
+        self.kv = kv
+        self.block_size = kv.block_size
+        self.device = model.device
+        self.sampler = Sampler(model.device)
+
+    def _tensor(self, data: list[int]) -> torch.Tensor:
+        return torch.tensor(data, dtype=torch.long, device=self.device)
+
+    def prepare(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        bs = self.block_size
+        decodes = [s for s in scheduled if s.num_tokens == 1 and s.start_position > 0]
+        prefills = [s for s in scheduled if not (s.num_tokens == 1 and s.start_position > 0)]
+        order = decodes + prefills
+        ids: list[int] = []
+        pos: list[int] = []
+        slot_blocks: list[int] = []
+        slot_offsets: list[int] = []
+        sample_rows: list[int] = []
+        for s in order:
+            ids.extend(s.token_ids)
+            p = range(s.start_position, s.context_len)
+            pos.extend(p)
+            slot_blocks.extend(s.block_ids[i // bs] for i in p)
+            slot_offsets.extend(i % bs for i in p)
+            if s.sample:
+                sample_rows.append(len(ids) - 1)
+
+        decode_rows = decode_table = decode_mask = None
+        if decodes:
+            width = max(-(-s.context_len // bs) for s in decodes)
+            table = [s.block_ids[:width] + [0] * (width - min(width, len(s.block_ids))) for s in decodes]
+            decode_table = self._tensor(table)
+            lens = self._tensor([s.context_len for s in decodes])
+            decode_mask = (torch.arange(width * bs, device=self.device).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
+            decode_rows = self._tensor(list(range(len(decodes))))
+        prefill_meta = []
+        row = len(decodes)
+        for s in prefills:
+            n = s.num_tokens
+            if s.start_position == 0:
+                prefill_meta.append(PrefillSeq(row, row + n, None, n, None))
+            else:
+                ctx = s.context_len
+                table = self._tensor(s.block_ids[: -(-ctx // bs)])
+                q_pos = torch.arange(s.start_position, ctx, device=self.device).unsqueeze(1)
+                mask = torch.arange(ctx, device=self.device).unsqueeze(0) <= q_pos
+                prefill_meta.append(PrefillSeq(row, row + n, table, ctx, mask))
+            row += n
+        meta = AttentionMetadata(
+            slot_blocks=self._tensor(slot_blocks),
+            slot_offsets=self._tensor(slot_offsets),
+            decode_rows=decode_rows,
+            decode_block_table=decode_table,
+            decode_mask=decode_mask,
+            prefills=prefill_meta,
+            decode_rows_contiguous=True,
+        )
+        return order, self._tensor(ids), self._tensor(pos), meta, sample_rows
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self.sampler.drop(sched.finished_request_ids)
+        out = ModelRunnerOutput()
+        if sched.is_empty:
+            return out
+        order, ids, pos, meta, sample_rows = self.prepare(sched.scheduled)
+        hidden = self.model.forward(ids, pos, self.kv, meta)
+        if not sample_rows:
+            return out
+        logits = self.model.logits(hidden[sample_rows])
+        sampling = [s for s in order if s.sample]
+        tokens, logprobs = self.sampler.sample(logits, sampling)
+        out.sampled_token_ids = {s.request_id: t for s, t in zip(sampling, tokens)}
+        out.logprobs = logprobs
+        return out
+
+    @torch.inference_mode()
+    def final_logits(self, sched: SchedulerOutput) -> torch.Tensor:
+        """Run one step without sampling; (N, vocab) logits of the rows that would sample (tests)."""
+        order, ids, pos, meta, sample_rows = self.prepare(sched.scheduled)
+        return self.model.logits(self.model.forward(ids, pos, self.kv, meta)[sample_rows])

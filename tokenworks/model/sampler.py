@@ -1,0 +1,99 @@
+"""From logits to tokens: penalties, temperature, top-k/top-p/min-p, seeded sampling, logprobs.
+
+Each request that samples at random owns a ``torch.Generator`` (seeded from
+``SamplingParams.seed`` when given), and draws from it through the
+exponential-race trick (argmax of p / Exp(1)), so its tokens depend only on
+its own logits and seed, never on its neighbours in the batch.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from tokenworks.engine.scheduler_output import ScheduledRequest, TokenLogprobs
+
+
+class Sampler:
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self._generators: dict[str, torch.Generator] = {}
+
+    def drop(self, request_ids: set[str]) -> None:
+        for rid in request_ids:
+            self._generators.pop(rid, None)
+
+    def _generator(self, s: ScheduledRequest) -> torch.Generator:
+        g = self._generators.get(s.request_id)
+        if g is None:
+            g = torch.Generator(device=self.device)
+            seed = s.sampling_params.seed
+            g.manual_seed(seed if seed is not None else random.getrandbits(63))
+            self._generators[s.request_id] = g
+        return g
+
+    def _apply_penalties(self, logits: torch.Tensor, reqs: list[ScheduledRequest]) -> torch.Tensor:
+        for row, s in enumerate(reqs):
+            p = s.sampling_params
+            if not p.has_penalties:
+                continue
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(s.prompt_token_ids) | set(s.output_token_ids)), device=logits.device)
+                vals = logits[row, seen]
+                logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if s.output_token_ids and (p.presence_penalty or p.frequency_penalty):
+                out = torch.tensor(s.output_token_ids, device=logits.device)
+                counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
+                logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        return logits
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest]) -> tuple[list[int], dict[str, TokenLogprobs]]:
+        """logits: (N, vocab) float32, one row per request in ``reqs``."""
+        n, vocab = logits.shape
+        want_logprobs = [row for row, s in enumerate(reqs) if s.sampling_params.logprobs is not None]
+        raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
+        if any(s.sampling_params.has_penalties for s in reqs):
+            logits = self._apply_penalties(logits.clone(), reqs)
+
+        tokens = logits.argmax(dim=-1)
+        random_rows = [row for row, s in enumerate(reqs) if not s.sampling_params.greedy]
+        if random_rows:
+            params = [reqs[r].sampling_params for r in random_rows]
+            x = logits[random_rows] / torch.tensor([p.temperature for p in params], device=logits.device).unsqueeze(1)
+            if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+                x = _top_k_top_p(x, [p.top_k for p in params], [p.top_p for p in params])
+            probs = torch.softmax(x, dim=-1)
+            if any(p.min_p > 0 for p in params):
+                min_p = torch.tensor([p.min_p for p in params], device=logits.device).unsqueeze(1)
+                probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+            race = torch.empty_like(probs)
+            for i, row in enumerate(random_rows):
+                race[i].exponential_(generator=self._generator(reqs[row]))
+            tokens[random_rows] = (probs / race).argmax(dim=-1)
+
+        token_list = tokens.tolist()
+        logprobs: dict[str, TokenLogprobs] = {}
+        for i, row in enumerate(want_logprobs):
+            s = reqs[row]
+            lp = raw_logprobs[i]
+            k = s.sampling_params.logprobs
+            top_vals, top_ids = lp.topk(k) if k else (lp[:0], lp[:0].long())
+            logprobs[s.request_id] = TokenLogprobs(
+                logprob=float(lp[token_list[row]]), top_token_ids=top_ids.tolist(), top_logprobs=top_vals.tolist()
+            )
+        return token_list, logprobs
+
+
+def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    vocab = x.shape[1]
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=x.device).unsqueeze(0)
+    k = torch.tensor([t if t > 0 else vocab for t in top_k], device=x.device).unsqueeze(1)
+    drop = ranks >= k
+    probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
+    drop |= (probs.cumsum(dim=-1) - probs) >= torch.tensor(top_p, device=x.device, dtype=x.dtype).unsqueeze(1)
+    drop[:, 0] = False  # always keep the most likely token
+    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+    return torch.empty_like(x).scatter_(1, order, sorted_x)

