@@ -1,0 +1,34 @@
+import os
+
+import pytest
+
+# Tests must never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def default_model_path():
+    from tokenworks.model.weights import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def llm():
+    """The real default model, float32, prefix caching on."""
+    from tokenworks import LLM
+
+    return LLM(dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def hf_reference(default_model_path):
+    """transformers' own reading of the same GGUF file: an independent reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(default_model_path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+    model.eval()
+    return tok, model

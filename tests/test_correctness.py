@@ -1,0 +1,99 @@
+"""Greedy outputs and logits of the real default model against Hugging Face transformers."""
+
+import pytest
+import torch
+
+from tokenworks import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+NEW_TOKENS = 8
+SENTENCES = [
+    "The history of the city begins with a small fishing village on the river bank.",
+    "In 1887 the railway reached the valley and the town grew quickly.",
+    "Engineers argue about caches, queues and the cost of moving memory between machines.",
+    "She opened the notebook, read the first page twice, and smiled.",
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen.",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
+]
+
+
+def make_prompts(tok):
+    text = " ".join(SENTENCES * 30)
+    long_ids = tok.encode(text)  # well over 1,000 tokens
+    prompts = [[long_ids[0]], long_ids[:2], long_ids[:5]]
+    for n in (9, 16, 17, 31, 33, 64, 100, 127, 200, 255, 300, 513, 700, 1000, 1030, 1100):
+        prompts.append(long_ids[:n])
+    prompts.append(tok.encode("What is the capital of France?"))
+    prompts.append(tok.encode("Write a haiku about the sea."))
+    prompts.append(long_ids[500:1200])
+    assert len(prompts) >= 20 and max(map(len, prompts)) >= 1000 and min(map(len, prompts)) == 1
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def reference(hf_reference, llm):
+    hf_tok, model = hf_reference
+    prompts = make_prompts(llm.tokenizer)
+    outputs, logits = [], []
+    with torch.inference_mode():
+        for p in prompts:
+            # transformers' own greedy loop over its KV cache, not stopping at EOS.
+            out = model(torch.tensor([p]), use_cache=True)
+            logits.append(out.logits[0, -1].float())
+            tokens = [int(out.logits[0, -1].argmax())]
+            for _ in range(NEW_TOKENS - 1):
+                out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+                tokens.append(int(out.logits[0, -1].argmax()))
+            outputs.append(tokens)
+    return prompts, outputs, logits
+
+
+def test_tokenizer_matches_transformers(hf_reference, llm):
+    hf_tok, _ = hf_reference
+    texts = SENTENCES + ["  leading spaces", "numbers 1234567 and 3.14159", "émigré naïve 日本語 🙂", "<|im_start|>user\nhi<|im_end|>"]
+    for t in texts:
+        assert llm.tokenizer.encode(t) == hf_tok.encode(t, add_special_tokens=False), t
+        assert llm.tokenizer.decode(llm.tokenizer.encode(t), skip_special_tokens=False) == t
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(enable_prefix_caching=True),
+        dict(enable_prefix_caching=False),
+        dict(enable_prefix_caching=True, max_num_batched_tokens=96, block_size=16),  # long prompts split in chunks
+    ],
+    ids=["prefix-cache", "no-prefix-cache", "chunked-96"],
+)
+def test_greedy_tokens_identical_to_transformers(reference, options, request):
+    prompts, expected, _ = reference
+    llm = request.getfixturevalue("llm") if options == dict(enable_prefix_caching=True) else LLM(dtype="float32", **options)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    for attempt in range(2):  # the second pass runs on a warm prefix cache
+        outs = llm.generate(prompts, params)
+        got = [o.token_ids for o in outs]
+        mismatches = [(i, len(prompts[i]), got[i], expected[i]) for i in range(len(prompts)) if got[i] != expected[i]]
+        assert not mismatches, f"pass {attempt}: {mismatches}"
+        if options.get("enable_prefix_caching") and attempt == 1:
+            assert sum(o.num_cached_tokens for o in outs) > 0
+    llm.pool.check_integrity()
+    assert llm.pool.num_used_blocks == 0
+
+
+def test_final_position_logits_within_1e3(reference, llm):
+    from tokenworks.engine.request import Request
+    from tokenworks.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+
+    prompts, _, ref_logits = reference
+    pool, kv = llm.pool, llm.engine.scheduler.kv
+    worst = 0.0
+    for i, p in enumerate(prompts):
+        r = Request(f"logits-{i}", p, SamplingParams(max_tokens=1))
+        assert kv.allocate_slots(r, len(p))
+        s = ScheduledRequest(r.request_id, p, 0, kv.block_ids(r.request_id), True, r.sampling_params, p, [])
+        got = llm.loaded.runner.final_logits(SchedulerOutput(scheduled=[s]))[0]
+        kv.free(r)
+        worst = max(worst, (got - ref_logits[i]).abs().max().item())
+    assert worst < 1e-3, worst
+    pool.check_integrity()
