@@ -1,0 +1,112 @@
+"""Sampling and stopping on the real default model."""
+
+import math
+
+import pytest
+
+from tokenworks import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "Once upon a time, in a small village by the sea,"
+
+
+def test_same_seed_same_output_whatever_the_batch(llm):
+    p = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate(PROMPT, p)[0].token_ids
+    others = [SamplingParams(temperature=0.9, max_tokens=12, ignore_eos=True)] * 5
+    batch = llm.generate(["Hello there", PROMPT, "1, 2, 3,", "The weather", "Why is the sky blue?", "Dear diary,"],
+                         [others[0], p] + others[1:])
+    assert batch[1].token_ids == alone
+    different_seed = llm.generate(PROMPT, SamplingParams(temperature=1.0, top_p=0.95, seed=99, max_tokens=16, ignore_eos=True))
+    assert different_seed[0].token_ids != alone
+
+
+def test_top_k_1_is_greedy_and_temperature_0_is_greedy(llm):
+    greedy = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=12))[0]
+    topk1 = llm.generate(PROMPT, SamplingParams(temperature=1.5, top_k=1, max_tokens=12, seed=5))[0]
+    assert greedy.token_ids == topk1.token_ids
+    tiny_p = llm.generate(PROMPT, SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=12, seed=5))[0]
+    assert tiny_p.token_ids == greedy.token_ids
+    high_min_p = llm.generate(PROMPT, SamplingParams(temperature=1.0, min_p=1.0, max_tokens=12, seed=5))[0]
+    assert high_min_p.token_ids == greedy.token_ids
+
+
+def test_max_tokens_and_finish_reasons(llm):
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+    chat = llm.chat([{"role": "user", "content": "Say hello."}], SamplingParams(temperature=0, max_tokens=200))[0]
+    assert chat.finish_reason == "stop" and chat.token_ids[-1] in llm.engine.eos_token_ids
+    assert "<|im_end|>" not in chat.text
+
+
+def test_stop_string_is_cut_from_the_text(llm):
+    free = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0]
+    words = free.text.split()
+    stop = words[len(words) // 2]
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True))[0]
+    assert out.finish_reason == "stop"
+    assert stop not in out.text
+    assert free.text.startswith(out.text) and len(out.text) < len(free.text)
+
+
+def test_stop_token_ids(llm):
+    free = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    stop_id = free.token_ids[3]
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_id]))[0]
+    assert out.token_ids == free.token_ids[: free.token_ids.index(stop_id) + 1]
+    assert out.finish_reason == "stop"
+
+
+def test_logprobs_are_consistent(llm):
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True))[0]
+    assert len(out.logprobs) == 6
+    for tok, lp in zip(out.token_ids, out.logprobs):
+        assert lp.token_id == tok
+        assert len(lp.top) == 3
+        assert lp.top[0][0] == tok  # greedy: the sampled token is the most likely one
+        assert math.isclose(lp.top[0][2], lp.logprob, rel_tol=1e-6)
+        assert lp.top[0][2] >= lp.top[1][2] >= lp.top[2][2]
+        assert lp.logprob <= 0.0
+
+
+def test_penalties_discourage_repetition(llm):
+    prompt = "apple apple apple apple apple apple apple apple"
+    plain = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    penalized = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, repetition_penalty=2.0,
+                                                   frequency_penalty=1.0, presence_penalty=1.0, ignore_eos=True))[0]
+    def most_repeated(ids):
+        return max(ids.count(t) for t in set(ids))
+
+    assert most_repeated(plain.token_ids) > most_repeated(penalized.token_ids)
+    assert penalized.token_ids != plain.token_ids
+
+
+def test_streaming_deltas_add_up_to_the_text(llm):
+    engine = llm.engine
+    engine.add_request("stream-test", "Write three emoji: ", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    pieces, final = [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            pieces.append(out.new_text)
+            final = out
+    assert "".join(pieces) == final.text
+    assert "\ufffd" not in "".join(pieces)
+    assert llm.pool.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1),
+                                 dict(logprobs=100), dict(stop=[""]), dict(min_p=2.0)])
+def test_bad_params_are_rejected(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_bad_prompts_are_rejected_and_leak_nothing(llm):
+    with pytest.raises(ValueError):
+        llm.generate([[]], SamplingParams())
+    with pytest.raises(ValueError):
+        llm.generate([[10**9]], SamplingParams())
+    with pytest.raises(ValueError, match="context"):
+        llm.generate([[1] * (llm.engine.max_model_len + 5)], SamplingParams())
+    assert llm.pool.num_used_blocks == 0 and not llm.engine.has_unfinished()
