@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tokenworks.config import ModelConfig
 from tokenworks.model.attention import AttentionMetadata, paged_attention, write_kv
 from tokenworks.model.kv_cache import KVCache
+from tokenworks.model.linear import Linear
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -54,24 +55,24 @@ class LlamaModel:
 
         self.embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
-        self.lm_head = self.embed if config.tie_word_embeddings else w("lm_head.weight")
+        self.lm_head = Linear(self.embed if config.tie_word_embeddings else w("lm_head.weight"))
         self.layers = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
+            qkv_bias = None
+            if config.attention_bias:
+                qkv_bias = torch.cat([w(a + "q_proj.bias"), w(a + "k_proj.bias"), w(a + "v_proj.bias")])
             layer = {
                 "input_norm": w(p + "input_layernorm.weight"),
                 "post_norm": w(p + "post_attention_layernorm.weight"),
-                "qkv": torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")]).contiguous(),
-                "o": w(a + "o_proj.weight"),
-                "gate_up": torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]).contiguous(),
-                "down": w(p + "mlp.down_proj.weight"),
-                "qkv_bias": None,
+                "qkv": Linear(torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")]), qkv_bias),
+                "o": Linear(w(a + "o_proj.weight")),
+                "gate_up": Linear(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])),
+                "down": Linear(w(p + "mlp.down_proj.weight")),
                 "q_norm": None,
                 "k_norm": None,
             }
-            if config.attention_bias:
-                layer["qkv_bias"] = torch.cat([w(a + "q_proj.bias"), w(a + "k_proj.bias"), w(a + "v_proj.bias")])
             if config.qk_norm:
                 layer["q_norm"] = w(a + "q_norm.weight")
                 layer["k_norm"] = w(a + "k_norm.weight")
@@ -84,9 +85,10 @@ class LlamaModel:
 
     @property
     def num_parameters(self) -> int:
-        n = self.embed.numel() + self.norm.numel() + (0 if self.lm_head is self.embed else self.lm_head.numel())
+        """Parameters of the network (a tied embedding counted once)."""
+        n = self.norm.numel() + self.lm_head.numel + (0 if self.config.tie_word_embeddings else self.embed.numel())
         for layer in self.layers:
-            n += sum(t.numel() for t in layer.values() if t is not None)
+            n += sum(t.numel if isinstance(t, Linear) else t.numel() for t in layer.values() if t is not None)
         return n
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -106,7 +108,7 @@ class LlamaModel:
         t = h.shape[0]
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(h, (c.hidden_size,), layer["input_norm"], eps)
-            qkv = F.linear(x, layer["qkv"], layer["qkv_bias"])
+            qkv = layer["qkv"](x)
             q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
             q = q.view(t, c.num_heads, hd)
             k = k.view(t, c.num_kv_heads, hd)
@@ -118,13 +120,13 @@ class LlamaModel:
             k = self._rope(k, cos, sin)
             write_kv(kv.k[i], kv.v[i], k, v, meta)
             o = paged_attention(q, k, v, kv.k[i], kv.v[i], meta, self.scale)
-            h = h + F.linear(o.view(t, c.q_size), layer["o"])
+            h = h + layer["o"](o.view(t, c.q_size))
             x = F.rms_norm(h, (c.hidden_size,), layer["post_norm"], eps)
-            gate, up = F.linear(x, layer["gate_up"]).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer["down"])
+            gate, up = layer["gate_up"].halves(x)
+            h = h + layer["down"](F.silu(gate) * up)
         return F.rms_norm(h, (c.hidden_size,), self.norm, eps)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) -> (N, vocab) float32."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
