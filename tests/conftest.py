@@ -7,6 +7,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="device for the engine under test (cpu, cuda)")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    return request.config.getoption("--device")
+
+
 @pytest.fixture(scope="session")
 def default_model_path():
     from tokenworks.model.weights import default_model_path
@@ -15,11 +24,11 @@ def default_model_path():
 
 
 @pytest.fixture(scope="session")
-def llm():
+def llm(device):
     """The real default model, float32, prefix caching on."""
     from tokenworks import LLM
 
-    return LLM(dtype="float32")
+    return LLM(dtype="float32", device=device)
 
 
 @pytest.fixture(scope="session")

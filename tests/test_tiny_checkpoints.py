@@ -59,9 +59,9 @@ def build(kind, folder):
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama3-rope"])
-def test_tiny_checkpoint_matches_transformers(kind, tmp_path):
+def test_tiny_checkpoint_matches_transformers(kind, tmp_path, device):
     model = build(kind, tmp_path)
-    llm = LLM(model=str(tmp_path), dtype="float32", block_size=4, max_num_batched_tokens=24)
+    llm = LLM(model=str(tmp_path), dtype="float32", device=device, block_size=4, max_num_batched_tokens=24)
     if kind == "qwen2":
         assert llm.loaded.model_config.attention_bias
     if kind == "qwen3":

@@ -53,9 +53,11 @@ def paged_attention(
     out = torch.empty_like(q)
     if meta.decode_rows is not None:
         bt = meta.decode_block_table
-        b = bt.shape[0]
-        kd = k_cache[bt].flatten(1, 2).transpose(1, 2)  # (B, H_kv, S, D)
-        vd = v_cache[bt].flatten(1, 2).transpose(1, 2)
+        b, width = bt.shape
+        flat = bt.flatten()
+        # index_select, not k_cache[bt]: 4x faster on CPU for this strided per-layer view.
+        kd = k_cache.index_select(0, flat).view(b, width * k_cache.shape[1], *k_cache.shape[2:]).transpose(1, 2)
+        vd = v_cache.index_select(0, flat).view(b, width * v_cache.shape[1], *v_cache.shape[2:]).transpose(1, 2)
         if meta.decode_rows_contiguous:
             qd = q[:b].unsqueeze(2)  # (B, H, 1, D)
         else:
@@ -72,8 +74,8 @@ def paged_attention(
             vp = v[p.start : p.end].transpose(0, 1).unsqueeze(0)
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            kp = k_cache[p.block_table].flatten(0, 1)[: p.context_len].transpose(0, 1).unsqueeze(0)
-            vp = v_cache[p.block_table].flatten(0, 1)[: p.context_len].transpose(0, 1).unsqueeze(0)
+            kp = k_cache.index_select(0, p.block_table).flatten(0, 1)[: p.context_len].transpose(0, 1).unsqueeze(0)
+            vp = v_cache.index_select(0, p.block_table).flatten(0, 1)[: p.context_len].transpose(0, 1).unsqueeze(0)
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, scale=scale, enable_gqa=True)
         out[p.start : p.end] = op.squeeze(0).transpose(0, 1)
     return out

@@ -109,15 +109,13 @@ class LlamaModel:
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(h, (c.hidden_size,), layer["input_norm"], eps)
             qkv = layer["qkv"](x)
-            q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-            q = q.view(t, c.num_heads, hd)
-            k = k.view(t, c.num_kv_heads, hd)
+            qk, v = qkv.split([c.q_size + c.kv_size, c.kv_size], dim=-1)
+            qk = qk.view(t, c.num_heads + c.num_kv_heads, hd)
             v = v.view(t, c.num_kv_heads, hd)
             if layer["q_norm"] is not None:
-                q = F.rms_norm(q, (hd,), layer["q_norm"], eps)
-                k = F.rms_norm(k, (hd,), layer["k_norm"], eps)
-            q = self._rope(q, cos, sin)
-            k = self._rope(k, cos, sin)
+                q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
+                qk = torch.cat([F.rms_norm(q, (hd,), layer["q_norm"], eps), F.rms_norm(k, (hd,), layer["k_norm"], eps)], 1)
+            q, k = self._rope(qk, cos, sin).split([c.num_heads, c.num_kv_heads], dim=1)  # one rotation for q and k
             write_kv(kv.k[i], kv.v[i], k, v, meta)
             o = paged_attention(q, k, v, kv.k[i], kv.v[i], meta, self.scale)
             h = h + layer["o"](o.view(t, c.q_size))

@@ -1,0 +1,256 @@
+"""Engine benchmark: decode and prefill speed against this machine's own rooflines.
+
+Measured in the same run:
+  - memory read bandwidth (a large tensor reduction) -> the decode roofline:
+    bytes a decode step must read (weights in the dtype used + the KV it attends to);
+  - matmul FLOP/s (a 2048^3 matmul) -> the prefill roofline;
+  - Hugging Face transformers' decode tokens/s on the same weights and prompt.
+Prints a table of medians and the ratios the engine issue targets.
+
+    python benchmarks/engine.py [--dtype float32] [--steps 16] [--skip-hf] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def median_time(fn, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def memory_bandwidth(dtype: torch.dtype) -> float:
+    x = torch.ones(512 * 2**20 // torch.tensor([], dtype=dtype).element_size(), dtype=dtype)
+    return x.numel() * x.element_size() / median_time(x.sum, 10)
+
+
+def matmul_flops(dtype: torch.dtype, device: str) -> float:
+    n = 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def run():
+        a @ a
+        sync()
+
+    return 2 * n**3 / median_time(run, 5)
+
+
+def linear_layouts(model) -> tuple[float, float]:
+    """ms for one pass over the model's layer weights at 1 row: plain F.linear vs the split layout."""
+    from tokenworks.model.linear import Linear
+
+    linears = [layer[k] for layer in model.layers for k in ("qkv", "o", "gate_up", "down")]
+    plain = []
+    for lin in linears:
+        w = lin.weight.permute(1, 0, 2).reshape(lin.in_features, -1).t().contiguous() if lin.split else lin.weight
+        plain.append(w)
+    xs = {n: torch.randn(1, n, dtype=model.dtype, device=model.device) for n in {l.in_features for l in linears}}
+    t_plain = median_time(lambda: [F.linear(xs[w.shape[1]], w) for w in plain], 7)
+    t_split = median_time(lambda: [lin(xs[lin.in_features]) for lin in linears], 7)
+    return t_plain * 1e3, t_split * 1e3
+
+
+def decode_ms(engine, batch: int, prompt_len: int, steps: int, tag: str) -> float:
+    from tokenworks.sampling_params import SamplingParams
+
+    ids = [f"{tag}-{batch}-{i}" for i in range(batch)]
+    for i, rid in enumerate(ids):
+        prompt = [(1000 + 37 * i + 11 * j) % 40000 + 100 for j in range(prompt_len)]
+        engine.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
+    while any(r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    engine.step()
+    t = median_time(engine.step, steps, warmup=1)
+    for rid in ids:
+        engine.abort(rid)
+    return t * 1e3
+
+
+def prefill_ms(engine, prompt_len: int, reps: int) -> float:
+    from tokenworks.sampling_params import SamplingParams
+
+    counter = iter(range(10**6))
+
+    def one():
+        k = next(counter)
+        prompt = [(7 * k + 13 * j) % 40000 + 100 for j in range(prompt_len)]  # never a prefix-cache hit
+        engine.add_request(f"prefill-{k}", prompt, SamplingParams(temperature=0, max_tokens=1))
+        while engine.has_unfinished():
+            engine.step()
+
+    return median_time(one, reps) * 1e3
+
+
+def hf_decode_tokens_per_s(loaded, model_files_weights, prompt_len: int, new_tokens: int) -> float:
+    import transformers
+
+    c = loaded.model_config
+    config = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
+        max_position_embeddings=c.max_position, tie_word_embeddings=c.tie_word_embeddings,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.load_state_dict(model_files_weights, strict=False)
+    ids = torch.tensor([[(11 * j) % 40000 + 100 for j in range(prompt_len)]])
+
+    def gen(n):
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids))
+
+    t1 = median_time(lambda: gen(1), 3)
+    tn = median_time(lambda: gen(new_tokens), 3)
+    return (new_tokens - 1) / (tn - t1)
+
+
+def write_random_model(folder: str) -> str:
+    """A Hugging Face folder with the default model's shape and random weights (for machines
+    where the default model's file cannot be carried)."""
+    import os
+
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    cfg = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
+               max_position_embeddings=8192, tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    g = torch.Generator().manual_seed(0)
+    h, i, q, kv = 576, 1536, 576, 192
+    w = {"model.embed_tokens.weight": torch.randn(49152, h, generator=g) * 0.02, "model.norm.weight": torch.ones(h)}
+    for n in range(30):
+        p = f"model.layers.{n}."
+        for name, shape in [("self_attn.q_proj", (q, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),
+                            ("self_attn.o_proj", (h, q)), ("mlp.gate_proj", (i, h)), ("mlp.up_proj", (i, h)),
+                            ("mlp.down_proj", (h, i))]:
+            w[p + name + ".weight"] = torch.randn(*shape, generator=g) * 0.02
+        w[p + "input_layernorm.weight"] = torch.ones(h)
+        w[p + "post_attention_layernorm.weight"] = torch.ones(h)
+    save_file(w, os.path.join(folder, "model.safetensors"))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["a random model for benchmarks"], trainers.BpeTrainer(vocab_size=300))
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    return folder
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model path (default: the built-in default model)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size")
+    ap.add_argument("--prompt-len", type=int, default=128, help="context of each decoding request")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--random-weights", default=None, metavar="DIR",
+                    help="write a random-weight model of the default model's shape to DIR and benchmark it")
+    args = ap.parse_args()
+    if args.random_weights:
+        args.model = write_random_model(args.random_weights)
+
+    from tokenworks.llm import build_engine
+    from tokenworks.config import EngineArgs
+    from tokenworks.model.kv_cache import torch_dtype
+    from tokenworks.model.weights import load_model_files
+
+    dtype = torch_dtype(args.dtype)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, dtype {args.dtype}", flush=True)
+    bw = memory_bandwidth(dtype) if args.device == "cpu" else None
+    flops = matmul_flops(dtype, args.device)
+    loaded = build_engine(EngineArgs(model=args.model, device=args.device, dtype=args.dtype,
+                                     max_num_batched_tokens=max(1024, args.prompt_len * 4), max_num_seqs=64))
+    engine, model = loaded.engine, loaded.runner.model
+    if bw is None:  # CUDA: HBM bandwidth from a device-side reduction
+        x = torch.ones(2**28, dtype=dtype, device=args.device)
+        bw = x.numel() * x.element_size() / median_time(lambda: (x.sum(), torch.cuda.synchronize()), 10)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    weight_bytes = model.num_parameters * elem
+    c = loaded.model_config
+    kv_per_token = c.num_layers * 2 * c.kv_size * elem
+    rows = []
+    results: dict[str, object] = {
+        "dtype": args.dtype, "device": args.device, "threads": torch.get_num_threads(),
+        "memory_bandwidth_GBps": bw / 1e9, "matmul_GFLOPs": flops / 1e9,
+        "parameters": model.num_parameters, "weight_bytes": weight_bytes,
+    }
+    print(f"memory read bandwidth {bw / 1e9:.1f} GB/s; matmul {flops / 1e9:.1f} GFLOP/s; "
+          f"{model.num_parameters / 1e6:.1f} M parameters = {weight_bytes / 1e6:.0f} MB; KV {kv_per_token} B/token", flush=True)
+    if args.device == "cpu":
+        t_plain, t_split = linear_layouts(model)
+        results["linear_pass_ms"] = {"plain": t_plain, "split": t_split}
+        print(f"layer weights, 1 row: plain F.linear {t_plain:.1f} ms, split layout {t_split:.1f} ms "
+              f"({t_plain / t_split:.2f}x)", flush=True)
+
+    decode = {}
+    for b in [int(x) for x in args.batches.split(",")]:
+        ms = decode_ms(engine, b, args.prompt_len, args.steps, "bench")
+        ctx = args.prompt_len + args.steps // 2
+        roof_ms = (weight_bytes + b * ctx * kv_per_token) / bw * 1e3
+        decode[b] = ms
+        rows.append((f"decode batch {b}", f"{ms:.1f} ms/step", f"{b / ms * 1e3:.0f} tok/s",
+                     f"roofline {roof_ms:.1f} ms -> {roof_ms / ms:.0%} of it"))
+        print(rows[-1], flush=True)
+    results["decode_ms_per_step"] = decode
+
+    pre_ms = prefill_ms(engine, 512, 3)
+    n = 512
+    dense = 2 * (model.num_parameters - c.vocab_size * c.hidden_size) * n + 2 * c.vocab_size * c.hidden_size
+    attn = c.num_layers * 2 * 2 * c.num_heads * c.head_dim * n * (n + 1) / 2
+    achieved = (dense + attn) / (pre_ms / 1e3)
+    rows.append(("prefill 512 tokens", f"{pre_ms:.0f} ms", f"{n / pre_ms * 1e3:.0f} tok/s",
+                 f"{achieved / 1e9:.1f} GFLOP/s = {achieved / flops:.0%} of matmul"))
+    print(rows[-1], flush=True)
+    results["prefill_512_ms"] = pre_ms
+    results["prefill_fraction_of_matmul"] = achieved / flops
+
+    if not args.skip_hf:
+        weights = load_model_files(args.model).weights
+        hf = hf_decode_tokens_per_s(loaded, weights, args.prompt_len, 33)
+        ours = 1e3 / decode[1] if 1 in decode else float("nan")
+        rows.append(("transformers decode batch 1", f"{1e3 / hf:.1f} ms/token", f"{hf:.1f} tok/s",
+                     f"tokenworks {ours:.1f} tok/s = {ours / hf:.2f}x"))
+        print(rows[-1], flush=True)
+        results["hf_decode_tok_s"] = hf
+        results["speedup_vs_hf"] = ours / hf
+
+    print()
+    print(f"{'what':<30}{'time':>16}{'rate':>14}   vs baseline")
+    for r in rows:
+        print(f"{r[0]:<30}{r[1]:>16}{r[2]:>14}   {r[3]}")
+    if 1 in decode and 32 in decode:
+        ratio = (32 / decode[32]) / (1 / decode[1])
+        results["batch32_over_batch1_throughput"] = ratio
+        print(f"\nbatch-32 decode throughput / batch-1: {ratio:.1f}x")
+        bound = (32 * 2 * model.num_parameters / flops) * 1e3
+        print(f"(batch 32 needs {32 * 2 * model.num_parameters / 1e9:.1f} GFLOP per step = {bound:.0f} ms at the measured "
+              f"matmul rate, so this CPU caps the ratio near {32 * (weight_bytes / bw * 1e3) / bound:.1f}x "
+              "when batch 1 runs at its roofline)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
