@@ -71,6 +71,68 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    import asyncio
+
+    import uvicorn
+
+    from tokenworks.launch.local import LocalCluster, plan_workers
+    from tokenworks.model.weights import load_tokenizer_files
+    from tokenworks.router.api import create_app
+    from tokenworks.router.router import Router
+    from tokenworks.tokenizer import Tokenizer
+
+    prefill, decode, agg = ns.prefill_workers, ns.decode_workers, ns.aggregated_workers
+    if prefill is None and decode is None and agg is None:
+        prefill, decode, agg = 1, 1, 0
+    prefill, decode, agg = prefill or 0, decode or 0, agg or 0
+    cpu_sets = [[int(c) for c in part.split(",")] for part in ns.cpu_sets.split(":")] if ns.cpu_sets else None
+    gpus = [int(g) for g in ns.gpus.split(",")] if ns.gpus else None
+    specs = plan_workers(prefill, decode, agg, cpu_sets=cpu_sets, gpus=gpus)
+    args = _engine_args(ns)
+    t0 = time.perf_counter()
+    files = load_tokenizer_files(args.model, args.cache_dir)  # also converts a GGUF once, before the workers load it
+    tokenizer = Tokenizer(files.tokenizer_json, files.chat_template, files.bos_token, files.eos_token, files.add_bos_token)
+
+    async def main() -> None:
+        router = Router(block_size=args.block_size, local_prefill_threshold=ns.local_prefill_threshold)
+        router.start()
+        cluster = LocalCluster(router, args, ns.kv_transport, lease_seconds=ns.lease_seconds)
+
+        shown = [-1]
+
+        def progress(ready: int, total: int) -> None:
+            if ready != shown[0]:
+                shown[0] = ready
+                print(f"\r[tokenworks] workers ready: {ready}/{total}", end="", file=sys.stderr, flush=True)
+
+        try:
+            await cluster.start(specs, progress=progress)
+            print(file=sys.stderr)
+            for spec in specs:
+                w = router.workers[spec.worker_id].ready
+                where = f"CPUs {','.join(map(str, w.cpus))}" if spec.device == "cpu" else spec.device
+                print(f"[tokenworks]   {spec.worker_id:<10} role={spec.role:<8} pid={w.pid:<8} {where}, "
+                      f"{w.num_blocks} KV blocks of {w.block_size} tokens", file=sys.stderr)
+            print(f"[tokenworks] model {files.name}, KV transport {ns.kv_transport}, local prefill up to "
+                  f"{ns.local_prefill_threshold} uncached tokens; ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+            print(f"[tokenworks] listening on http://{ns.host}:{ns.port}/v1 (OpenAI API; /metrics, /health)",
+                  file=sys.stderr, flush=True)
+            app = create_app(router, tokenizer, files.name)
+            server = uvicorn.Server(uvicorn.Config(app, host=ns.host, port=ns.port, log_level="warning",
+                                                   timeout_graceful_shutdown=3))
+            await server.serve()
+        finally:
+            try:
+                await asyncio.wait_for(router.shutdown_workers(), 1.0)
+            except Exception:  # noqa: BLE001
+                pass
+            cluster.stop()
+
+    asyncio.run(main())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenworks", description="Disaggregated LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +148,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="a stop string (repeatable)")
     _engine_flags(g)
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="start the OpenAI-compatible server with prefill and decode workers",
+                       description="Start a router (OpenAI API over HTTP) and worker processes. With no worker flags: "
+                                   "one prefill and one decode worker, the machine's cores split between them.")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    s.add_argument("--prefill-workers", type=int, default=None, metavar="N", help="prefill-only workers")
+    s.add_argument("--decode-workers", type=int, default=None, metavar="M", help="decode workers")
+    s.add_argument("--aggregated-workers", type=int, default=None, metavar="K",
+                   help="workers that do both phases (the baseline); may be combined with the others")
+    s.add_argument("--cpu-sets", default=None, metavar="SETS",
+                   help="CPU ids per worker, workers separated by ':' in prefill, decode, aggregated order, "
+                        "e.g. '0:1' (default: split the machine's cores)")
+    s.add_argument("--gpus", default=None, metavar="IDS", help="GPU ids to place workers on, e.g. '0,1' (CUDA)")
+    s.add_argument("--kv-transport", choices=["nixl", "tcp"], default="nixl",
+                   help="how KV moves from prefill to decode workers (default: nixl)")
+    s.add_argument("--local-prefill-threshold", type=int, default=64, metavar="TOKENS",
+                   help="prefill on the decode worker when the uncached prompt is at most this long (default: 64)")
+    s.add_argument("--lease-seconds", type=float, default=30.0,
+                   help="how long a prefill worker holds KV for a decode worker that never comes (default: 30)")
+    _engine_flags(s)
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -25,3 +25,6 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop", "length" or "abort" once finished
     logprobs: list[Logprob] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # Disaggregated prefill: the first token is out and the prompt's KV blocks are held for a decode worker.
+    prefilled: bool = False
+    kv_block_ids: list[int] | None = None

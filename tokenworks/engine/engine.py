@@ -51,23 +51,52 @@ class Engine:
     def max_model_len(self) -> int:
         return self.scheduler.config.max_model_len
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Request:
+    def _token_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer; pass token ids")
-            token_ids = self.tokenizer.encode(prompt)
-        else:
-            token_ids = list(prompt)
+            return self.tokenizer.encode(prompt)
+        token_ids = list(prompt)
         vocab = self.vocab_size
-        if vocab is not None and any(not (0 <= t < vocab) for t in token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        request = Request(request_id, token_ids, params, self.eos_token_ids)
-        self.scheduler.add_request(request)
+        if vocab is not None and any(not isinstance(t, int) or not (0 <= t < vocab) for t in token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        return token_ids
+
+    def _track(self, request: Request, params: SamplingParams) -> _Track:
         detok = None
         if self.tokenizer is not None:
-            detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop)
-        self._tracks[request_id] = _Track(request, detok, [] if params.logprobs is not None else None)
+            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop)
+        track = _Track(request, detok, [] if params.logprobs is not None else None)
+        self._tracks[request.request_id] = track
+        return track
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, prefill_only: bool = False
+    ) -> Request:
+        """Queue a request. ``prefill_only``: stop after the first token and hold its KV for a decode worker."""
+        request = Request(request_id, self._token_ids(prompt), params, self.eos_token_ids, prefill_only=prefill_only)
+        self.scheduler.add_request(request)
+        self._track(request, params)
         return request
+
+    def reserve_transferred(
+        self, request_id: str, prompt: list[int], first_token: int, params: SamplingParams
+    ) -> tuple[Request, int] | None:
+        """Decode side of disaggregation: a request whose prompt KV and first token were made elsewhere.
+
+        Reserves blocks for it and returns (request, index of the first block to
+        pull), or None when the pool has no room now (try again later). The
+        caller pulls the KV, then calls ``scheduler.admit_transferred``.
+        """
+        request = Request(request_id, self._token_ids(prompt), params, self.eos_token_ids)
+        request.append_output_token(first_token)
+        first_block = self.scheduler.reserve_for_transfer(request, len(prompt))
+        if first_block is None:
+            return None
+        track = self._track(request, params)
+        if track.detok is not None:
+            track.detok.add_token(first_token)  # already shown to the client by the prefill side
+        return request, first_block
 
     def abort(self, request_id: str) -> bool:
         self._tracks.pop(request_id, None)
@@ -94,7 +123,8 @@ class Engine:
                 finished = True
         if track.logprobs is not None and request.request_id in result.logprobs:
             track.logprobs.append(self._logprob(token, result.logprobs[request.request_id]))
-        if finished:
+        prefilled = request.status == RequestStatus.PREFILLED
+        if finished or prefilled:
             del self._tracks[request.request_id]
         return RequestOutput(
             request_id=request.request_id,
@@ -107,6 +137,8 @@ class Engine:
             finish_reason=request.status.finish_reason,
             logprobs=list(track.logprobs) if track.logprobs is not None else None,
             num_cached_tokens=request.num_cached_tokens,
+            prefilled=prefilled,
+            kv_block_ids=self.scheduler.kv.block_ids(request.request_id) if prefilled else None,
         )
 
     def _logprob(self, token: int, lp) -> Logprob:

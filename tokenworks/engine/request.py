@@ -12,6 +12,8 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    WAITING_FOR_KV = "waiting_for_kv"  # decode side: blocks reserved, KV being pulled from a prefill worker
+    PREFILLED = "prefilled"  # prefill side: first token out, blocks held under a lease for the decode side
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -35,6 +37,7 @@ class Request:
         sampling_params: SamplingParams,
         eos_token_ids: tuple[int, ...] = (),
         arrival_time: float | None = None,
+        prefill_only: bool = False,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
@@ -50,6 +53,9 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.num_preemptions = 0
         self.block_hashes: list[int] = []  # hash of each full block of all_token_ids, filled lazily
+        self.prefill_only = prefill_only  # stop after the first token and hold the KV (disaggregated prefill)
+        self.lease_deadline = 0.0  # monotonic time at which held blocks are freed (PREFILLED)
+        self.abort_requested = False  # aborted while its KV was in flight (WAITING_FOR_KV)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -76,6 +82,8 @@ class Request:
                 return RequestStatus.FINISHED_STOPPED
         if self.num_output_tokens >= params.max_tokens or self.num_tokens >= max_model_len:
             return RequestStatus.FINISHED_LENGTH
+        if self.prefill_only:
+            return RequestStatus.PREFILLED
         return None
 
     def __repr__(self) -> str:

@@ -11,6 +11,7 @@ later. Nothing here touches a tensor.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from tokenworks.config import SchedulerConfig
@@ -28,6 +29,9 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()
         self.num_preemptions = 0
+        self.held: dict[str, Request] = {}  # PREFILLED requests whose blocks wait for a decode worker
+        self.lease_seconds = 30.0
+        self.num_expired_leases = 0
 
     # -- requests in and out ------------------------------------------------------------
 
@@ -51,8 +55,14 @@ class Scheduler:
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         """End a request now (also used by the engine for stop strings) and free its blocks."""
+        if request.status == RequestStatus.WAITING_FOR_KV:
+            # Its blocks are being written by a transfer: free them when the transfer ends.
+            request.abort_requested = True
+            return
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
+        elif request.status == RequestStatus.PREFILLED:
+            self.held.pop(request.request_id, None)
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
@@ -60,9 +70,73 @@ class Scheduler:
         del self.requests[request.request_id]
         self._finished_ids.add(request.request_id)
 
+    # -- disaggregation: prefill side holds, decode side receives --------------------------
+
+    def _hold(self, request: Request) -> None:
+        """Keep a prefilled request's blocks for the decode side, until released or the lease ends."""
+        self.running.remove(request)
+        request.status = RequestStatus.PREFILLED
+        request.lease_deadline = time.monotonic() + self.lease_seconds
+        self.held[request.request_id] = request
+
+    def release_held(self, request_id: str) -> bool:
+        request = self.held.get(request_id)
+        if request is None:
+            return False
+        self.finish(request, RequestStatus.FINISHED_STOPPED)
+        return True
+
+    def expire_leases(self, now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        expired = [r for r in self.held.values() if r.lease_deadline <= now]
+        for r in expired:
+            self.finish(r, RequestStatus.FINISHED_ABORTED)
+        self.num_expired_leases += len(expired)
+        return [r.request_id for r in expired]
+
+    def reserve_for_transfer(self, request: Request, num_prompt_tokens: int) -> int | None:
+        """Decode side: take blocks for a request whose prompt KV comes from elsewhere.
+
+        ``request`` already holds the first token as output. Blocks found in the
+        local prefix cache are reused; returns the index of the first block to
+        pull (the ones before it are local hits), or None if the pool is full now.
+        """
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.num_tokens >= self.config.max_model_len:
+            raise ValueError(f"prompt has {num_prompt_tokens} tokens; the context allows at most {self.config.max_model_len - 1}")
+        computed_blocks, num_cached = self.kv.get_computed_blocks(request)
+        if not self.kv.allocate_slots(request, request.num_tokens - num_cached, computed_blocks):
+            return None
+        request.num_cached_tokens = num_cached
+        request.status = RequestStatus.WAITING_FOR_KV
+        self.requests[request.request_id] = request
+        return len(computed_blocks)
+
+    def admit_transferred(self, request: Request, ok: bool) -> None:
+        """Decode side, after the pull: run it (ok), recompute it (pull failed) or drop it (aborted meanwhile)."""
+        request.status = RequestStatus.WAITING
+        if request.abort_requested:
+            self.finish(request, RequestStatus.FINISHED_ABORTED)
+            return
+        if ok:
+            request.num_computed_tokens = request.num_tokens - 1  # the prompt; the first output token is next
+            request.status = RequestStatus.RUNNING
+            self.kv.cache_blocks(request)
+            self.running.append(request)
+        else:  # the KV never arrived: recompute prompt and first token here, as after a preemption
+            self.kv.free(request)
+            request.num_computed_tokens = 0
+            request.status = RequestStatus.PREEMPTED
+            self.waiting.appendleft(request)
+
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
+
+    @property
+    def num_waiting_for_kv(self) -> int:
+        return sum(1 for r in self.requests.values() if r.status == RequestStatus.WAITING_FOR_KV)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -97,6 +171,8 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def schedule(self) -> SchedulerOutput:
+        if self.held:
+            self.expire_leases()
         out = SchedulerOutput(finished_request_ids=self._finished_ids)
         self._finished_ids = set()
         budget = self.config.max_num_batched_tokens
@@ -157,6 +233,8 @@ class Scheduler:
             request.append_output_token(token)
             new_tokens.append((request, token))
             status = request.check_stop(self.config.max_model_len)
-            if status is not None:
+            if status == RequestStatus.PREFILLED:
+                self._hold(request)
+            elif status is not None:
                 self.finish(request, status)
         return new_tokens

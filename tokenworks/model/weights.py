@@ -66,6 +66,13 @@ def load_model_files(model: str | None = None, cache_dir: str | None = None) -> 
     )
 
 
+def load_tokenizer_files(model: str | None = None, cache_dir: str | None = None) -> ModelFiles:
+    """Like ``load_model_files`` but drops the weights (the router only tokenizes)."""
+    files = load_model_files(model, cache_dir)
+    files.weights = {}
+    return files
+
+
 # -- Hugging Face folders ------------------------------------------------------------------
 
 

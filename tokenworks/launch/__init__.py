@@ -1,0 +1,1 @@
+"""Starting everything: local worker processes pinned to CPU sets (or GPUs)."""

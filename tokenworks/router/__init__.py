@@ -1,0 +1,1 @@
+"""The front door: OpenAI HTTP API, routing policy, streams."""

@@ -1,0 +1,303 @@
+"""The OpenAI-compatible HTTP API (FastAPI): completions, chat, models, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tokenworks.router.router import Delta, RequestFailed, Router, WorkerUnavailable
+from tokenworks.router.schema import ChatCompletionRequest, CompletionRequest
+from tokenworks.sampling_params import SamplingParams
+from tokenworks.tokenizer import Tokenizer
+
+MAX_BODY_BYTES = 8 * 2**20
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+
+
+def create_app(router: Router, tokenizer: Tokenizer, model_name: str) -> FastAPI:
+    app = FastAPI(title="tokenworks", version="0.1.0")
+    app.state.router = router
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            msg = "request body is not valid JSON"
+        return error_response(400, f"{loc}: {msg}" if loc else msg, "invalid_request_error", loc or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error_response(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+        return error_response(500, f"internal error: {type(e).__name__}", "server_error")
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return error_response(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        views = router.view()
+        if not any(v.alive and v.role in ("decode", "both") for v in views):
+            return error_response(503, "no decode-capable worker is alive", "server_error")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "tokenworks",
+                                            "max_model_len": router.max_model_len}]}
+
+    @app.get("/debug/workers")
+    async def workers() -> dict[str, Any]:
+        """Per-worker state from the last heartbeat; `idle` means every KV block is back in the pool."""
+        router.view()
+        out = {}
+        for wid, h in router.workers.items():
+            s = h.stats
+            out[wid] = {
+                "role": h.ready.role, "pid": h.ready.pid, "cpus": h.ready.cpus, "alive": h.view.alive,
+                "inflight": h.view.inflight,
+                **({} if s is None else {
+                    "running": s.num_running, "waiting": s.num_waiting, "waiting_for_kv": s.num_waiting_for_kv,
+                    "held": s.num_held, "blocks_used": s.blocks_used, "blocks_total": s.blocks_total,
+                    "blocks_cached": s.blocks_cached, "expired_leases": s.expired_leases, "idle": s.idle}),
+            }
+        return {"workers": out}
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name not in (model_name, "default"):
+            raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def sampling(body, max_tokens: int | None, prompt_len: int, logprobs: int | None) -> SamplingParams:
+        room = router.max_model_len - prompt_len
+        if room < 1:
+            raise APIError(400, f"prompt has {prompt_len} tokens; this model's context is {router.max_model_len}",
+                           param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+                           code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = room
+        elif prompt_len + max_tokens > router.max_model_len:
+            raise APIError(400, f"prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the context "
+                                f"of {router.max_model_len}", param="max_tokens", code="context_length_exceeded")
+        stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                min_p=body.min_p, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty, seed=body.seed, stop=tuple(stop),
+                ignore_eos=body.ignore_eos, logprobs=logprobs,
+            )
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+
+    def seeded(params: SamplingParams, i: int) -> SamplingParams:
+        if i == 0 or params.seed is None:
+            return params
+        from dataclasses import replace
+
+        return replace(params, seed=(params.seed + i) % 2**63)
+
+    async def run_choices(prompt: list[int], params: SamplingParams, n: int, prefix: str
+                          ) -> AsyncIterator[tuple[int, Delta]]:
+        """Merge the streams of n choices; cancel them all if the consumer leaves."""
+        if n == 1:
+            async for d in router.generate(router.new_request_id(prefix), prompt, params):
+                yield 0, d
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                async for d in router.generate(router.new_request_id(prefix), prompt, seeded(params, i)):
+                    await queue.put((i, d))
+            except Exception as e:  # noqa: BLE001 - surfaced to the consumer below
+                await queue.put((i, e))
+            finally:
+                await queue.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+        try:
+            done = 0
+            while done < n:
+                i, item = await queue.get()
+                if item is None:
+                    done += 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def translate(e: Exception) -> APIError:
+        if isinstance(e, WorkerUnavailable):
+            return APIError(503, str(e), "server_error", code="service_unavailable")
+        if isinstance(e, RequestFailed):
+            return APIError(e.status, str(e))
+        return APIError(500, f"internal error: {type(e).__name__}", "server_error")
+
+    def chat_logprobs(entries) -> dict[str, Any]:
+        return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode()),
+                             "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for _, t, lp in e.top]}
+                            for e in entries]}
+
+    def completion_logprobs(entries) -> dict[str, Any]:
+        return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{t: lp for _, t, lp in e.top} for e in entries], "text_offset": []}
+
+    async def respond(kind: str, body, prompt: list[int], params: SamplingParams, http: Request) -> Response:
+        created = int(time.time())
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{router.new_request_id('r')}"
+        want_logprobs = params.logprobs is not None
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        if not body.stream:
+            texts = [""] * body.n
+            reasons: list[str | None] = [None] * body.n
+            lps: list[list] = [[] for _ in range(body.n)]
+            completion_tokens = 0
+            try:
+                async for i, d in run_choices(prompt, params, body.n, rid):
+                    texts[i] += d.text
+                    completion_tokens += len(d.token_ids)
+                    lps[i].extend(d.logprobs)
+                    if d.finished:
+                        reasons[i] = d.finish_reason
+            except Exception as e:  # noqa: BLE001
+                raise translate(e) from e
+            choices = []
+            for i in range(body.n):
+                if kind == "chat":
+                    c = {"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": reasons[i],
+                         "logprobs": chat_logprobs(lps[i]) if want_logprobs else None}
+                else:
+                    c = {"index": i, "text": texts[i], "finish_reason": reasons[i],
+                         "logprobs": completion_logprobs(lps[i]) if want_logprobs else None}
+                choices.append(c)
+            usage = {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
+                     "total_tokens": len(prompt) + completion_tokens}
+            return JSONResponse({"id": rid, "object": obj, "created": created, "model": model_name,
+                                 "choices": choices, "usage": usage})
+
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        # Start the first choice before answering, so that a request no worker can take gets a real status code.
+        gen = run_choices(prompt, params, body.n, rid)
+        try:
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except Exception as e:  # noqa: BLE001
+            await gen.aclose()
+            raise translate(e) from e
+
+        def chunk(i: int, d: Delta | None, role: bool = False) -> str:
+            if kind == "chat":
+                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": d.text}
+                c = {"index": i, "delta": delta, "finish_reason": None if role else d.finish_reason,
+                     "logprobs": chat_logprobs(d.logprobs) if (want_logprobs and not role) else None}
+            else:
+                c = {"index": i, "text": d.text, "finish_reason": d.finish_reason,
+                     "logprobs": completion_logprobs(d.logprobs) if want_logprobs else None}
+            payload = {"id": rid, "object": chunk_obj, "created": created, "model": model_name, "choices": [c]}
+            if include_usage:
+                payload["usage"] = None
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            completion_tokens = 0
+            try:
+                if kind == "chat":
+                    for i in range(body.n):
+                        yield chunk(i, None, role=True)
+                items = gen
+                if first is not None:
+                    i, d = first
+                    completion_tokens += len(d.token_ids)
+                    yield chunk(i, d)
+                async for i, d in items:
+                    completion_tokens += len(d.token_ids)
+                    yield chunk(i, d)
+                if include_usage:
+                    usage = {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
+                             "total_tokens": len(prompt) + completion_tokens}
+                    yield f"data: {json.dumps({'id': rid, 'object': chunk_obj, 'created': created, 'model': model_name, 'choices': [], 'usage': usage})}\n\n"
+                yield "data: [DONE]\n\n"
+            except Exception as e:  # noqa: BLE001 - headers are gone: report in-band
+                err = translate(e)
+                yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'code': err.code}})}\n\n"
+            finally:
+                await gen.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, http: Request) -> Response:
+        check_model(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            prompt = tokenizer.encode_chat(messages)
+        except Exception as e:  # noqa: BLE001 - template errors are the caller's input
+            raise APIError(400, f"could not apply the chat template: {e}", param="messages") from e
+        top = body.top_logprobs if body.top_logprobs is not None else 0
+        params = sampling(body, body.max_completion_tokens or body.max_tokens, len(prompt), top if body.logprobs else None)
+        return await respond("chat", body, prompt, params, http)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: Request) -> Response:
+        check_model(body.model)
+        p = body.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (list, str)):
+            if len(p) != 1:
+                raise APIError(400, "batched prompts are not supported; send one prompt per request", param="prompt")
+            p = p[0]
+        if isinstance(p, str):
+            prompt = tokenizer.encode(p)
+        else:
+            prompt = list(p)
+            if any(not (0 <= t < tokenizer.vocab_size) for t in prompt):
+                raise APIError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
+        if not prompt:
+            raise APIError(400, "prompt is empty", param="prompt")
+        if body.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        params = sampling(body, body.max_tokens if body.max_tokens is not None else 16, len(prompt), body.logprobs)
+        return await respond("completion", body, prompt, params, http)
+
+    return app

@@ -1,0 +1,257 @@
+"""The router's core: worker registry, request flow across phases, streams, metrics.
+
+For each request: place it (policy), then either run it whole on a decode
+worker (local prefill) or send it to a prefill worker first, stream that
+worker's first token at once, and hand the request with the prefill
+worker's KV card and block ids to the decode worker, which pulls the KV and
+streams the rest. Leaving the stream early aborts it on every worker that
+holds state for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import msgspec
+import zmq
+import zmq.asyncio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from tokenworks.router.policy import RoutingPolicy, WorkerView
+from tokenworks.sampling_params import SamplingParams
+from tokenworks.worker import protocol as P
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class WorkerUnavailable(RuntimeError):
+    pass
+
+
+class RequestFailed(RuntimeError):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class WorkerHandle:
+    ready: P.Ready
+    sock: zmq.asyncio.Socket
+    view: WorkerView
+    stats: P.Stats | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.ttft = Histogram("tokenworks:time_to_first_token_seconds", "Time to first token", registry=r,
+                              buckets=_LATENCY_BUCKETS)
+        self.itl = Histogram("tokenworks:inter_token_latency_seconds", "Gap between streamed tokens", registry=r,
+                             buckets=_LATENCY_BUCKETS)
+        self.e2e = Histogram("tokenworks:e2e_request_latency_seconds", "Request latency", registry=r,
+                             buckets=_LATENCY_BUCKETS)
+        self.prompt_tokens = Counter("tokenworks:prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("tokenworks:generation_tokens", "Tokens generated", registry=r)
+        self.requests = Counter("tokenworks:requests", "Finished requests", ["finish_reason"], registry=r)
+        self.running = Gauge("tokenworks:num_requests_running", "Requests in flight at the router", registry=r)
+        self.prefills = Counter("tokenworks:prefills", "Prefills by where they ran", ["where"], registry=r)
+        self.kv_bytes = Counter("tokenworks:kv_transfer_bytes", "KV bytes moved between workers", registry=r)
+        self.kv_seconds = Histogram("tokenworks:kv_transfer_seconds", "Time from decode submit to KV in place",
+                                    registry=r, buckets=_LATENCY_BUCKETS)
+        self.kv_fallbacks = Counter("tokenworks:kv_transfer_fallbacks", "Failed KV pulls recomputed locally", registry=r)
+        self.queue = Gauge("tokenworks:worker_num_requests_waiting", "Requests waiting on a worker", ["worker"], registry=r)
+        self.worker_running = Gauge("tokenworks:worker_num_requests_running", "Requests running on a worker", ["worker"],
+                                    registry=r)
+        self.blocks_used = Gauge("tokenworks:worker_kv_blocks_used", "KV blocks in use on a worker", ["worker"], registry=r)
+        self.blocks_total = Gauge("tokenworks:worker_kv_blocks_total", "KV blocks on a worker", ["worker"], registry=r)
+
+
+@dataclass
+class Delta:
+    """What one step of one request adds, as the API layer sees it."""
+
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    logprobs: list[P.LogprobEntry]
+
+
+class Router:
+    def __init__(self, *, block_size: int, local_prefill_threshold: int, heartbeat_timeout: float = 5.0) -> None:
+        self.ctx = zmq.asyncio.Context.instance()
+        self.events = self.ctx.socket(zmq.PULL)
+        port = self.events.bind_to_random_port("tcp://127.0.0.1")
+        self.events_endpoint = f"tcp://127.0.0.1:{port}"
+        self.workers: dict[str, WorkerHandle] = {}
+        self.policy = RoutingPolicy(block_size, local_prefill_threshold)
+        self.metrics = Metrics()
+        self.heartbeat_timeout = heartbeat_timeout
+        self.streams: dict[str, asyncio.Queue] = {}
+        self.ready_event = asyncio.Event()
+        self._ids = itertools.count()
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(P.FromWorker)
+        self._reader: asyncio.Task | None = None
+        self._endpoints: dict[str, str] = {}  # worker id -> its command endpoint
+        self.max_model_len = 0
+
+    # -- workers -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._reader = asyncio.get_running_loop().create_task(self._read_events())
+
+    def expect(self, worker_id: str, commands_endpoint: str) -> None:
+        """Remember where a worker that is starting will take commands."""
+        self._endpoints[worker_id] = commands_endpoint
+
+    def _register(self, ready: P.Ready) -> None:
+        endpoint = self._endpoints.get(ready.worker_id)
+        if endpoint is None:
+            return  # not a worker this router started
+        old = self.workers.get(ready.worker_id)
+        if old is not None:
+            old.sock.close(0)
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.connect(endpoint)
+        self.workers[ready.worker_id] = WorkerHandle(ready, sock, WorkerView(ready.worker_id, ready.role))
+        lens = [w.ready.max_model_len for w in self.workers.values()]
+        self.max_model_len = min(lens)
+
+    async def _read_events(self) -> None:
+        while True:
+            raw = await self.events.recv()
+            try:
+                msg = self._decoder.decode(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            if isinstance(msg, P.Ready):
+                self._register(msg)
+                continue
+            handle = self.workers.get(msg.worker_id)
+            if handle is not None:
+                handle.last_seen = time.monotonic()
+            if isinstance(msg, P.Stats):
+                if handle is not None:
+                    handle.stats = msg
+                    handle.view.queue_depth = msg.num_waiting
+                    m, w = self.metrics, msg.worker_id
+                    m.queue.labels(w).set(msg.num_waiting)
+                    m.worker_running.labels(w).set(msg.num_running)
+                    m.blocks_used.labels(w).set(msg.blocks_used)
+                    m.blocks_total.labels(w).set(msg.blocks_total)
+                continue
+            stream = self.streams.get(msg.request_id)
+            if stream is not None:
+                stream.put_nowait(msg)
+
+    async def send(self, worker: WorkerHandle, msg: P.ToWorker) -> None:
+        await worker.sock.send(self._encoder.encode(msg))
+
+    def view(self) -> list[WorkerView]:
+        now = time.monotonic()
+        for h in self.workers.values():
+            h.view.alive = now - h.last_seen < self.heartbeat_timeout
+        return [h.view for h in self.workers.values()]
+
+    async def shutdown_workers(self) -> None:
+        for h in self.workers.values():
+            await self.send(h, P.Shutdown())
+
+    # -- requests ------------------------------------------------------------------------
+
+    def new_request_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}-{time.time_ns() % 10**9}"
+
+    async def _next(self, stream: asyncio.Queue, worker: WorkerHandle) -> P.Output:
+        while True:
+            try:
+                msg = await asyncio.wait_for(stream.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if time.monotonic() - worker.last_seen > self.heartbeat_timeout:
+                    raise WorkerUnavailable(f"worker {worker.ready.worker_id} stopped answering")
+                continue
+            if isinstance(msg, P.Failed):
+                raise RequestFailed(msg.message, msg.status)
+            return msg
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        try:
+            placement = self.policy.place(self.view(), prompt)
+        except LookupError as e:
+            raise WorkerUnavailable(str(e)) from e
+        decode = self.workers[placement.decode.worker_id]
+        prefill = self.workers[placement.prefill.worker_id] if placement.prefill else None
+        stream: asyncio.Queue = asyncio.Queue()
+        self.streams[request_id] = stream
+        holders: list[WorkerHandle] = []
+        finished = False
+        m = self.metrics
+        source = decode if prefill is None else prefill
+        source.view.inflight += 1
+        m.running.inc()
+        t0 = last = time.monotonic()
+        first = True
+        try:
+            if prefill is None:
+                m.prefills.labels("local").inc()
+                holders.append(decode)
+                await self.send(decode, P.Submit(request_id, prompt, params, "full"))
+            else:
+                m.prefills.labels("remote").inc()
+                holders.append(prefill)
+                await self.send(prefill, P.Submit(request_id, prompt, params, "prefill"))
+            while True:
+                out = await self._next(stream, source)
+                now = time.monotonic()
+                if out.new_token_ids:
+                    if first:
+                        m.ttft.observe(now - t0)
+                        m.prompt_tokens.inc(out.num_prompt_tokens)
+                        first = False
+                    else:
+                        m.itl.observe(now - last)
+                    last = now
+                    m.generation_tokens.inc(len(out.new_token_ids))
+                if out.kv_bytes or out.kv_fallback:
+                    m.kv_bytes.inc(out.kv_bytes)
+                    m.kv_seconds.observe(out.kv_seconds)
+                    if out.kv_fallback:
+                        m.kv_fallbacks.inc()
+                if out.prefilled and not out.finished:
+                    # Hand over to the decode worker; the prefill worker frees its blocks once they are read.
+                    prefill.view.inflight -= 1
+                    decode.view.inflight += 1
+                    source = decode
+                    holders.append(decode)
+                    await self.send(decode, P.Submit(
+                        request_id, prompt, params, "decode", first_token=out.new_token_ids[0],
+                        kv_peer=prefill.ready.kv_peer, kv_block_ids=out.kv_block_ids,
+                    ))
+                yield Delta(out.new_token_ids, out.new_text, out.finished, out.finish_reason,
+                            out.num_prompt_tokens, out.logprobs)
+                if out.finished:
+                    finished = True
+                    m.requests.labels(out.finish_reason or "stop").inc()
+                    m.e2e.observe(time.monotonic() - t0)
+                    self.policy.remember(decode.view, self.policy.block_hashes(prompt))
+                    return
+        finally:
+            self.streams.pop(request_id, None)
+            m.running.dec()
+            source.view.inflight -= 1  # the one worker counting this request now
+            if not finished:
+                for h in holders:
+                    try:
+                        await self.send(h, P.Abort(request_id))
+                    except zmq.ZMQError:
+                        pass

@@ -1,0 +1,1 @@
+"""Moving KV blocks between processes: one small interface, NIXL (UCX) and ZMQ/TCP behind it."""

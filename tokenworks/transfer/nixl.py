@@ -1,0 +1,97 @@
+"""KV transfer over NIXL (UCX): the decode side READs registered memory, a notification releases.
+
+Each worker registers its whole KV pool once. A sink adds a source's agent
+from the metadata on its ``KVPeer`` card; a card with new metadata (the
+source restarted) replaces the old agent, so stale addresses are never used.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from tokenworks.transfer.base import KVLayout, KVPeer, KVSink, KVSource, KVTransferError, check_layout
+
+_RELEASE = b"release:"
+
+
+def _agent(name: str, kv_tensor: torch.Tensor):
+    try:
+        from nixl._api import nixl_agent, nixl_agent_config
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise RuntimeError("the nixl package is not installed; use --kv-transport tcp") from e
+    agent = nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+    device = kv_tensor.device
+    mem = "VRAM" if device.type == "cuda" else "DRAM"
+    dev_id = device.index or 0 if device.type == "cuda" else 0
+    agent.register_memory([(kv_tensor.data_ptr(), kv_tensor.numel() * kv_tensor.element_size(), dev_id, "")], mem)
+    return agent, mem, dev_id
+
+
+class NixlSource(KVSource):
+    """Prefill side. ``poll_releases`` must be called from the thread that created it."""
+
+    def __init__(self, worker_id: str, layout: KVLayout, kv_tensor: torch.Tensor) -> None:
+        self.worker_id = worker_id
+        self.layout = layout
+        self.name = f"tokenworks-{worker_id}-{time.time_ns()}"
+        self.agent, self.mem, _ = _agent(self.name, kv_tensor)
+        self.base = kv_tensor.data_ptr()
+
+    def peer(self) -> KVPeer:
+        return KVPeer(transport="nixl", worker_id=self.worker_id, layout=self.layout, agent_name=self.name,
+                      agent_metadata=self.agent.get_agent_metadata(), base_address=self.base)
+
+    def poll_releases(self) -> list[str]:
+        out = []
+        for messages in self.agent.get_new_notifs().values():
+            for m in messages:
+                if m.startswith(_RELEASE):
+                    out.append(m[len(_RELEASE):].decode())
+        return out
+
+
+class NixlSink(KVSink):
+    """Decode side; used from one thread."""
+
+    def __init__(self, worker_id: str, layout: KVLayout, kv_tensor: torch.Tensor) -> None:
+        self.layout = layout
+        self.agent, self.mem, self.dev_id = _agent(f"tokenworks-{worker_id}-{time.time_ns()}", kv_tensor)
+        self.base = kv_tensor.data_ptr()
+        self._peers: dict[str, bytes] = {}  # agent name -> metadata it was added with
+
+    def _connect(self, peer: KVPeer) -> str:
+        known = self._peers.get(peer.agent_name)
+        if known != peer.agent_metadata:
+            if known is not None:
+                self.agent.remove_remote_agent(peer.agent_name)
+            self.agent.add_remote_agent(peer.agent_metadata)
+            self._peers[peer.agent_name] = peer.agent_metadata
+        return peer.agent_name
+
+    def pull(self, peer: KVPeer, request_id: str, remote_block_ids: list[int], local_block_ids: list[int],
+             timeout: float) -> int:
+        check_layout(self.layout, peer.layout)
+        if not remote_block_ids:
+            return 0
+        name = self._connect(peer)
+        n = self.layout.block_nbytes
+        local = self.agent.get_xfer_descs([(self.base + b * n, n, self.dev_id) for b in local_block_ids], self.mem)
+        remote = self.agent.get_xfer_descs([(peer.base_address + b * n, n, 0) for b in remote_block_ids], self.mem)
+        handle = self.agent.initialize_xfer("READ", local, remote, name)
+        try:
+            state = self.agent.transfer(handle)
+            deadline = time.monotonic() + timeout
+            while state != "DONE":
+                if state == "ERR":
+                    raise KVTransferError(f"NIXL read from {peer.worker_id} failed")
+                if time.monotonic() > deadline:
+                    raise KVTransferError(f"NIXL read from {peer.worker_id} timed out after {timeout:.1f}s")
+                state = self.agent.check_xfer_state(handle)
+        finally:
+            self.agent.release_xfer_handle(handle)
+        return n * len(remote_block_ids)
+
+    def release(self, peer: KVPeer, request_id: str) -> None:
+        self.agent.send_notif(self._connect(peer), _RELEASE + request_id.encode())

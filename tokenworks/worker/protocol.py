@@ -1,0 +1,97 @@
+"""Messages between the router and workers: msgspec structs over ZMQ, never pickle.
+
+Router -> worker (the worker's PULL socket): Submit, Abort, Release, Shutdown.
+Worker -> router (the router's PULL socket): Ready, Output, Failed, Stats.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from tokenworks.sampling_params import SamplingParams
+from tokenworks.transfer.base import KVPeer
+
+
+class Submit(msgspec.Struct, tag="submit"):
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    phase: str  # "full": prefill and decode here; "prefill": first token, then hold KV; "decode": KV from kv_peer
+    first_token: int = -1  # decode: the token the prefill worker sampled
+    kv_peer: KVPeer | None = None  # decode: where the prompt's KV is
+    kv_block_ids: list[int] = []  # decode: the prefill worker's block table for the prompt
+
+
+class Abort(msgspec.Struct, tag="abort"):
+    request_id: str
+
+
+class Release(msgspec.Struct, tag="release"):
+    """Free blocks held for a request (the router gave up on its decode)."""
+
+    request_id: str
+
+
+class Shutdown(msgspec.Struct, tag="shutdown"):
+    pass
+
+
+class Ready(msgspec.Struct, tag="ready"):
+    worker_id: str
+    role: str
+    pid: int
+    model: str
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    kv_peer: KVPeer | None
+    cpus: list[int]
+    load_seconds: float
+
+
+class LogprobEntry(msgspec.Struct, array_like=True):
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]]
+
+
+class Output(msgspec.Struct, tag="output"):
+    worker_id: str
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    logprobs: list[LogprobEntry] = []
+    prefilled: bool = False  # prefill phase done; KV held under kv_block_ids
+    kv_block_ids: list[int] = []
+    kv_bytes: int = 0  # decode phase: bytes pulled for this request (first output only)
+    kv_seconds: float = 0.0
+    kv_fallback: bool = False  # the pull failed and the prompt was recomputed locally
+
+
+class Failed(msgspec.Struct, tag="failed"):
+    worker_id: str
+    request_id: str
+    message: str
+    status: int = 400
+
+
+class Stats(msgspec.Struct, tag="stats"):
+    worker_id: str
+    num_running: int
+    num_waiting: int
+    num_waiting_for_kv: int
+    num_held: int
+    blocks_used: int
+    blocks_total: int
+    blocks_cached: int
+    expired_leases: int
+    idle: bool  # nothing running, waiting, held or in flight, and every block back in the pool
+
+
+ToWorker = Submit | Abort | Release | Shutdown
+FromWorker = Ready | Output | Failed | Stats

@@ -1,0 +1,295 @@
+"""A worker process: one engine, one role, commands in and outputs out over ZMQ.
+
+    python -m tokenworks.worker.server --worker-id d0 --role decode \
+        --commands tcp://127.0.0.1:PORT --events tcp://127.0.0.1:PORT --engine-args '{...}'
+
+The main thread runs the engine loop: drain commands, apply KV releases
+(prefill side) and finished pulls (decode side), step, publish outputs.
+A second thread does the decode side's KV pulls so that decoding goes on
+while a prompt's KV arrives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+
+from tokenworks.config import EngineArgs
+from tokenworks.engine.request import Request
+from tokenworks.outputs import RequestOutput
+from tokenworks.transfer.base import KVLayout, KVPeer, KVSink, KVSource
+from tokenworks.worker import protocol as P
+
+STATS_INTERVAL = 0.25
+
+
+@dataclass
+class PullJob:
+    request: Request
+    peer: KVPeer
+    remote_block_ids: list[int]
+    local_block_ids: list[int]
+    started: float
+    ok: bool = False
+    nbytes: int = 0
+    error: str = ""
+
+
+class TransferThread:
+    """Runs KV pulls off the engine loop."""
+
+    def __init__(self, sink: KVSink, timeout: float) -> None:
+        self.sink = sink
+        self.timeout = timeout
+        self.todo: queue.SimpleQueue[PullJob | None] = queue.SimpleQueue()
+        self.done: queue.SimpleQueue[PullJob] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="kv-pull", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.todo.get()
+            if job is None:
+                return
+            try:
+                job.nbytes = self.sink.pull(job.peer, job.request.request_id, job.remote_block_ids,
+                                            job.local_block_ids, self.timeout)
+                job.ok = True
+            except Exception as e:  # noqa: BLE001 - any failure falls back to recompute
+                job.error = f"{type(e).__name__}: {e}"
+            try:
+                self.sink.release(job.peer, job.request.request_id)
+            except Exception:  # noqa: BLE001 - the source's lease frees the blocks anyway
+                pass
+            self.done.put(job)
+
+
+class Worker:
+    def __init__(self, ns: argparse.Namespace) -> None:
+        from tokenworks.llm import build_engine
+
+        self.worker_id = ns.worker_id
+        self.role = ns.role
+        self.cpus = sorted(os.sched_getaffinity(0))
+        args = EngineArgs(**json.loads(ns.engine_args))
+        self.loaded = build_engine(args)
+        self.engine = self.loaded.engine
+        self.scheduler = self.engine.scheduler
+        self.scheduler.lease_seconds = ns.lease_seconds
+        kv = self.loaded.runner.kv
+        layout = KVLayout(
+            model=self.loaded.model_name,
+            dtype=str(kv.tensor.dtype).removeprefix("torch."),
+            num_layers=self.loaded.model_config.num_layers,
+            num_kv_heads=self.loaded.model_config.num_kv_heads,
+            head_dim=self.loaded.model_config.head_dim,
+            block_size=kv.block_size,
+            block_nbytes=kv.block_nbytes,
+        )
+        self.source: KVSource | None = None
+        self.transfers: TransferThread | None = None
+        if ns.kv_transport == "nixl":
+            from tokenworks.transfer.nixl import NixlSink, NixlSource
+
+            source_cls, sink = NixlSource, (lambda: NixlSink(self.worker_id, layout, kv.tensor))
+        else:
+            from tokenworks.transfer.tcp import TCPSink, TCPSource
+
+            source_cls, sink = TCPSource, (lambda: TCPSink(layout, kv.tensor))
+        if self.role in ("prefill", "both"):
+            self.source = source_cls(self.worker_id, layout, kv.tensor)
+        if self.role in ("decode", "both"):
+            self.transfers = TransferThread(sink(), ns.kv_timeout)
+        self.pending: list[tuple[P.Submit, float]] = []  # decode submits waiting for free blocks
+        self.kv_stats: dict[str, tuple[int, float, bool]] = {}
+        self.ctx = zmq.Context.instance()
+        self.commands = self.ctx.socket(zmq.PULL)
+        self.commands.bind(ns.commands)
+        self.events = self.ctx.socket(zmq.PUSH)
+        self.events.setsockopt(zmq.LINGER, 1000)
+        self.events.connect(ns.events)
+        self.decoder = msgspec.msgpack.Decoder(P.ToWorker)
+        self.encoder = msgspec.msgpack.Encoder()
+        self.running = True
+        self._last_stats = 0.0
+        self.send(P.Ready(
+            worker_id=self.worker_id, role=self.role, pid=os.getpid(), model=self.loaded.model_name,
+            max_model_len=self.engine.max_model_len, block_size=kv.block_size, num_blocks=kv.num_blocks,
+            kv_peer=self.source.peer() if self.source else None, cpus=self.cpus, load_seconds=self.loaded.load_seconds,
+        ))
+
+    def send(self, msg: P.FromWorker) -> None:
+        self.events.send(self.encoder.encode(msg))
+
+    # -- commands ------------------------------------------------------------------------
+
+    def handle(self, raw: bytes) -> None:
+        try:
+            msg = self.decoder.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+            print(f"[{self.worker_id}] dropped an undecodable command: {e}", file=sys.stderr)
+            return
+        if isinstance(msg, P.Submit):
+            self.submit(msg)
+        elif isinstance(msg, P.Abort):
+            self.pending = [(s, t) for s, t in self.pending if s.request_id != msg.request_id]
+            self.engine.abort(msg.request_id)
+        elif isinstance(msg, P.Release):
+            self.scheduler.release_held(msg.request_id)
+        elif isinstance(msg, P.Shutdown):
+            self.running = False
+
+    def submit(self, msg: P.Submit) -> None:
+        try:
+            if msg.phase == "decode":
+                if self.transfers is None or msg.kv_peer is None:
+                    raise ValueError(f"worker {self.worker_id} ({self.role}) cannot take a decode phase")
+                if not self.try_reserve(msg):
+                    self.pending.append((msg, time.monotonic()))
+                return
+            if msg.phase == "prefill" and self.source is None:
+                raise ValueError(f"worker {self.worker_id} ({self.role}) cannot take a prefill phase")
+            if msg.phase not in ("full", "prefill"):
+                raise ValueError(f"unknown phase {msg.phase!r}")
+            if msg.phase == "full" and self.role == "prefill":
+                raise ValueError(f"worker {self.worker_id} is prefill-only")
+            self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, prefill_only=msg.phase == "prefill")
+        except ValueError as e:
+            self.send(P.Failed(self.worker_id, msg.request_id, str(e), 400))
+
+    def try_reserve(self, msg: P.Submit) -> bool:
+        got = self.engine.reserve_transferred(msg.request_id, msg.prompt_token_ids, msg.first_token, msg.params)
+        if got is None:
+            return False
+        request, first_block = got
+        num_prompt_blocks = -(-len(msg.prompt_token_ids) // self.loaded.runner.kv.block_size)
+        local = self.scheduler.kv.block_ids(request.request_id)[first_block:num_prompt_blocks]
+        remote = msg.kv_block_ids[first_block:num_prompt_blocks]
+        self.transfers.todo.put(PullJob(request, msg.kv_peer, remote, local, time.monotonic()))
+        return True
+
+    # -- loop ----------------------------------------------------------------------------
+
+    def busy(self) -> bool:
+        return self.engine.has_unfinished() or bool(self.pending) or self.scheduler.num_waiting_for_kv > 0 \
+            or bool(self.scheduler.held)
+
+    def publish(self, out: RequestOutput) -> None:
+        kv_bytes, kv_seconds, fallback = self.kv_stats.pop(out.request_id, (0, 0.0, False))
+        self.send(P.Output(
+            worker_id=self.worker_id, request_id=out.request_id, new_token_ids=out.new_token_ids,
+            new_text=out.new_text, finished=out.finished, finish_reason=out.finish_reason,
+            num_prompt_tokens=len(out.prompt_token_ids), num_cached_tokens=out.num_cached_tokens,
+            logprobs=[P.LogprobEntry(l.token_id, l.token, l.logprob, l.top) for l in out.logprobs[-len(out.new_token_ids):]]
+            if out.logprobs else [],
+            prefilled=out.prefilled, kv_block_ids=out.kv_block_ids or [],
+            kv_bytes=kv_bytes, kv_seconds=kv_seconds, kv_fallback=fallback,
+        ))
+        if out.finished:
+            self.kv_stats.pop(out.request_id, None)
+
+    def stats(self) -> P.Stats:
+        pool = self.loaded.pool
+        s = self.scheduler
+        busy = self.busy()
+        return P.Stats(
+            worker_id=self.worker_id, num_running=len(s.running), num_waiting=len(s.waiting) + len(self.pending),
+            num_waiting_for_kv=s.num_waiting_for_kv, num_held=len(s.held), blocks_used=pool.num_used_blocks,
+            blocks_total=pool.num_usable_blocks, blocks_cached=pool.num_cached_idle_blocks,
+            expired_leases=s.num_expired_leases, idle=not busy and pool.num_used_blocks == 0,
+        )
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.commands, zmq.POLLIN)
+        while self.running:
+            timeout = 0 if self.engine.has_unfinished() else 20
+            if poller.poll(timeout):
+                while True:
+                    try:
+                        self.handle(self.commands.recv(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+            if self.source is not None:
+                for rid in self.source.poll_releases():
+                    self.scheduler.release_held(rid)
+            if self.transfers is not None:
+                self.finish_pulls()
+            if self.engine.has_unfinished():
+                for out in self.engine.step():
+                    self.publish(out)
+            elif self.scheduler.held:
+                self.scheduler.expire_leases()
+            now = time.monotonic()
+            if now - self._last_stats >= STATS_INTERVAL:
+                self._last_stats = now
+                self.send(self.stats())
+
+    def finish_pulls(self) -> None:
+        while True:
+            try:
+                job = self.transfers.done.get_nowait()
+            except queue.Empty:
+                break
+            rid = job.request.request_id
+            if not job.ok:
+                print(f"[{self.worker_id}] KV pull for {rid} failed ({job.error}); recomputing locally", file=sys.stderr)
+            self.kv_stats[rid] = (job.nbytes, time.monotonic() - job.started, not job.ok)
+            self.scheduler.admit_transferred(job.request, job.ok)
+        if self.pending:
+            still = []
+            for msg, t in self.pending:
+                try:
+                    if not self.try_reserve(msg):
+                        still.append((msg, t))
+                except ValueError as e:
+                    self.send(P.Failed(self.worker_id, msg.request_id, str(e), 400))
+            self.pending = still
+
+    def close(self) -> None:
+        if self.transfers is not None:
+            self.transfers.todo.put(None)
+        if self.source is not None:
+            self.source.close()
+        self.commands.close(0)
+        self.events.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="A tokenworks worker process (started by `tokenworks serve`).")
+    ap.add_argument("--worker-id", required=True)
+    ap.add_argument("--role", choices=["prefill", "decode", "both"], required=True)
+    ap.add_argument("--commands", required=True, help="ZMQ endpoint to bind for commands")
+    ap.add_argument("--events", required=True, help="the router's ZMQ endpoint for outputs")
+    ap.add_argument("--engine-args", required=True, help="EngineArgs as JSON")
+    ap.add_argument("--kv-transport", choices=["nixl", "tcp"], default="tcp")
+    ap.add_argument("--kv-timeout", type=float, default=10.0, help="seconds before a KV pull is abandoned")
+    ap.add_argument("--lease-seconds", type=float, default=30.0, help="how long held prefill blocks wait")
+    ap.add_argument("--cpus", default=None, help="comma-separated CPU ids to pin this worker to")
+    ns = ap.parse_args(argv)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if ns.cpus:
+        os.sched_setaffinity(0, {int(c) for c in ns.cpus.split(",")})
+    worker = Worker(ns)
+    try:
+        worker.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
