@@ -129,7 +129,16 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                 pass
             cluster.stop()
 
-    asyncio.run(main())
+    import signal
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # stop the workers on SIGTERM too, not only on Ctrl-C
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

@@ -7,6 +7,8 @@ source restarted) replaces the old agent, so stale addresses are never used.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 
 import torch
@@ -16,12 +18,12 @@ from tokenworks.transfer.base import KVLayout, KVPeer, KVSink, KVSource, KVTrans
 _RELEASE = b"release:"
 
 
-def _agent(name: str, kv_tensor: torch.Tensor):
+def _agent(name: str, kv_tensor: torch.Tensor, progress_thread: bool):
     try:
         from nixl._api import nixl_agent, nixl_agent_config
     except ImportError as e:  # pragma: no cover - depends on the machine
         raise RuntimeError("the nixl package is not installed; use --kv-transport tcp") from e
-    agent = nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+    agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=progress_thread, backends=["UCX"]))
     device = kv_tensor.device
     mem = "VRAM" if device.type == "cuda" else "DRAM"
     dev_id = device.index or 0 if device.type == "cuda" else 0
@@ -30,26 +32,55 @@ def _agent(name: str, kv_tensor: torch.Tensor):
 
 
 class NixlSource(KVSource):
-    """Prefill side. ``poll_releases`` must be called from the thread that created it."""
+    """Prefill side. One thread owns the agent: it polls notifications every ``poll_interval``
+    seconds, which also moves UCX along (connection wire-up) while the engine computes.
+    NIXL's own progress thread busy-polls a whole core, too much beside a CPU engine."""
 
-    def __init__(self, worker_id: str, layout: KVLayout, kv_tensor: torch.Tensor) -> None:
+    def __init__(self, worker_id: str, layout: KVLayout, kv_tensor: torch.Tensor, poll_interval: float = 0.002) -> None:
         self.worker_id = worker_id
         self.layout = layout
         self.name = f"tokenworks-{worker_id}-{time.time_ns()}"
-        self.agent, self.mem, _ = _agent(self.name, kv_tensor)
         self.base = kv_tensor.data_ptr()
+        self.poll_interval = poll_interval
+        self._releases: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(kv_tensor,), name="kv-nixl-source", daemon=True)
+        self._thread.start()
+        result = self._ready.get()
+        if isinstance(result, BaseException):
+            raise result
+        self.metadata = result
+
+    def _run(self, kv_tensor: torch.Tensor) -> None:
+        try:
+            agent, _, _ = _agent(self.name, kv_tensor, progress_thread=False)
+            self._ready.put(agent.get_agent_metadata())
+        except BaseException as e:  # noqa: BLE001 - reported to the constructor
+            self._ready.put(e)
+            return
+        while not self._stop.is_set():
+            for messages in agent.get_new_notifs().values():
+                for m in messages:
+                    if m.startswith(_RELEASE):
+                        self._releases.put(m[len(_RELEASE):].decode())
+            time.sleep(self.poll_interval)
 
     def peer(self) -> KVPeer:
         return KVPeer(transport="nixl", worker_id=self.worker_id, layout=self.layout, agent_name=self.name,
-                      agent_metadata=self.agent.get_agent_metadata(), base_address=self.base)
+                      agent_metadata=self.metadata, base_address=self.base)
 
     def poll_releases(self) -> list[str]:
         out = []
-        for messages in self.agent.get_new_notifs().values():
-            for m in messages:
-                if m.startswith(_RELEASE):
-                    out.append(m[len(_RELEASE):].decode())
-        return out
+        while True:
+            try:
+                out.append(self._releases.get_nowait())
+            except queue.Empty:
+                return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
 
 
 class NixlSink(KVSink):
@@ -57,7 +88,8 @@ class NixlSink(KVSink):
 
     def __init__(self, worker_id: str, layout: KVLayout, kv_tensor: torch.Tensor) -> None:
         self.layout = layout
-        self.agent, self.mem, self.dev_id = _agent(f"tokenworks-{worker_id}-{time.time_ns()}", kv_tensor)
+        # The sink drives its own transfers by polling them; no extra thread.
+        self.agent, self.mem, self.dev_id = _agent(f"tokenworks-{worker_id}-{time.time_ns()}", kv_tensor, False)
         self.base = kv_tensor.data_ptr()
         self._peers: dict[str, bytes] = {}  # agent name -> metadata it was added with
 

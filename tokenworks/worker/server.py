@@ -121,6 +121,7 @@ class Worker:
         self.encoder = msgspec.msgpack.Encoder()
         self.running = True
         self._last_stats = 0.0
+        self.parent_pid = os.getppid()  # the router; if it dies, so do we
         self.send(P.Ready(
             worker_id=self.worker_id, role=self.role, pid=os.getpid(), model=self.loaded.model_name,
             max_model_len=self.engine.max_model_len, block_size=kv.block_size, num_blocks=kv.num_blocks,
@@ -233,6 +234,9 @@ class Worker:
             if now - self._last_stats >= STATS_INTERVAL:
                 self._last_stats = now
                 self.send(self.stats())
+                if os.getppid() != self.parent_pid:
+                    print(f"[{self.worker_id}] the router is gone; exiting", file=sys.stderr)
+                    self.running = False
 
     def finish_pulls(self) -> None:
         while True:
