@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-PROMPT ?= Write one sentence about the sea.
+ARGS   ?=
 
 .PHONY: setup serve test bench clean
 
@@ -19,10 +19,10 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
-# Until the disaggregated server lands, `serve` runs one chat generation on the default model.
+# The OpenAI-compatible server on 127.0.0.1:8000: one prefill and one decode worker, cores split between them.
+# Extra flags: make serve ARGS="--aggregated-workers 1" (see .venv/bin/tokenworks serve --help).
 serve: setup
-	@echo "tokenworks: the HTTP server is not built yet; running one generation on the default model instead."
-	$(BIN)/tokenworks generate --chat "$(PROMPT)"
+	$(BIN)/tokenworks serve $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -152,3 +152,71 @@ def test_stop_token_and_eos():
         run_step(sched)
     assert r2.status == RequestStatus.FINISHED_LENGTH and r2.num_output_tokens == 3
     assert pool.num_used_blocks == 0
+
+
+def test_prefill_only_request_holds_its_blocks_until_released():
+    sched, pool = make(budget=64)
+    r = Request("p", list(range(10)), SamplingParams(max_tokens=50, temperature=0), prefill_only=True)
+    sched.add_request(r)
+    run_step(sched)
+    assert r.status == RequestStatus.PREFILLED and r.num_output_tokens == 1
+    assert sched.kv.block_ids("p") == [1, 2, 3] and pool.num_used_blocks == 3
+    assert not sched.has_unfinished() and "p" in sched.held
+    assert sched.release_held("p")
+    assert pool.num_used_blocks == 0 and not sched.held
+    pool.check_integrity()
+
+
+def test_held_blocks_are_freed_when_the_lease_expires():
+    sched, pool = make(budget=64)
+    sched.lease_seconds = 5.0
+    r = Request("p", list(range(10)), SamplingParams(max_tokens=50, temperature=0), prefill_only=True)
+    sched.add_request(r)
+    run_step(sched)
+    assert sched.expire_leases(now=r.lease_deadline - 1) == []
+    assert sched.expire_leases(now=r.lease_deadline + 0.01) == ["p"]
+    assert pool.num_used_blocks == 0 and sched.num_expired_leases == 1
+    pool.check_integrity()
+
+
+def test_transferred_request_reuses_local_prefix_and_decodes():
+    sched, pool = make(budget=64)
+    warm = req("warm", 9)  # puts blocks for tokens 0..7 in the prefix cache
+    sched.add_request(warm)
+    while sched.has_unfinished():
+        run_step(sched)
+    r = Request("t", list(range(10)), SamplingParams(max_tokens=3, temperature=0))
+    r.append_output_token(42)  # the first token, sampled by the prefill side
+    first_block = sched.reserve_for_transfer(r, 10)
+    assert first_block == 2  # blocks 0 and 1 (tokens 0..7) are local hits; only block 2 is pulled
+    assert r.status == RequestStatus.WAITING_FOR_KV and r.num_cached_tokens == 8
+    sched.admit_transferred(r, ok=True)
+    out = run_step(sched)
+    assert out.scheduled[0].start_position == 10 and out.scheduled[0].token_ids == [42]
+    while sched.has_unfinished():
+        run_step(sched)
+    assert r.num_output_tokens == 3 and pool.num_used_blocks == 0
+    pool.check_integrity()
+
+
+def test_failed_transfer_recomputes_and_abort_during_transfer_waits_for_it():
+    sched, pool = make(budget=64, prefix=False)
+    r = Request("t", list(range(10)), SamplingParams(max_tokens=2, temperature=0))
+    r.append_output_token(42)
+    sched.reserve_for_transfer(r, 10)
+    sched.admit_transferred(r, ok=False)
+    out = run_step(sched)
+    assert out.scheduled[0].start_position == 0 and out.scheduled[0].num_tokens == 11  # prompt + first token
+    while sched.has_unfinished():
+        run_step(sched)
+    assert r.output_token_ids[0] == 42 and r.num_output_tokens == 2
+
+    a = Request("a", list(range(10)), SamplingParams(max_tokens=2, temperature=0))
+    a.append_output_token(1)
+    sched.reserve_for_transfer(a, 10)
+    used = pool.num_used_blocks
+    sched.abort("a")  # the pull is still writing: blocks must stay reserved
+    assert pool.num_used_blocks == used > 0
+    sched.admit_transferred(a, ok=True)
+    assert a.status == RequestStatus.FINISHED_ABORTED and pool.num_used_blocks == 0
+    pool.check_integrity()

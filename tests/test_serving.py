@@ -1,0 +1,156 @@
+"""End to end: the real `tokenworks serve` with the real default model, through the official openai client."""
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.serving import Server
+from tokenworks import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+SHORT = [{"role": "user", "content": "What is the capital of France?"}]
+LONG = [{"role": "user", "content": "Tell me about the history of ships and harbours. " * 25}]
+THRESHOLD = 32
+
+
+@pytest.fixture(scope="module", params=["nixl", "tcp"])
+def server(request):
+    s = Server("--kv-transport", request.param, "--local-prefill-threshold", str(THRESHOLD))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def offline(llm):
+    def chat(messages, max_tokens):
+        return llm.chat(messages, SamplingParams(temperature=0, max_tokens=max_tokens))[0].text
+
+    return chat
+
+
+def test_greedy_chat_matches_offline_for_local_and_remote_prefill(server, client, offline):
+    remote_before = server.metric("tokenworks:prefills_total", 'where="remote"')
+    bytes_before = server.metric("tokenworks:kv_transfer_bytes_total")
+    for messages in (SHORT, LONG):
+        r = client.chat.completions.create(model="default", messages=messages, max_tokens=24, temperature=0)
+        assert r.choices[0].message.content == offline(messages, 24)
+        assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens > 0
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert server.metric("tokenworks:prefills_total", 'where="remote"') >= remote_before + 1
+    assert server.metric("tokenworks:kv_transfer_bytes_total") > bytes_before
+    assert server.metric("tokenworks:kv_transfer_fallbacks_total") == 0
+    server.wait_idle()
+
+
+def test_stream_matches_non_stream_and_reports_usage(server, client):
+    kwargs = dict(model="default", messages=LONG[:1], max_tokens=16, temperature=0)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    usage = chunks[-1].usage
+    assert usage is not None and 1 <= usage.completion_tokens <= 16 and usage.prompt_tokens > 100
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert reasons in (["length"], ["stop"])
+    server.wait_idle()
+
+
+def test_stop_seed_n_and_length(server, client):
+    base = dict(model="default", messages=SHORT, temperature=0)
+    free = client.chat.completions.create(**base, max_tokens=20).choices[0].message.content
+    stop_word = free.split()[2]
+    cut = client.chat.completions.create(**base, max_tokens=20, stop=[stop_word]).choices[0]
+    assert stop_word not in cut.message.content and cut.finish_reason == "stop"
+    length = client.chat.completions.create(**base, max_tokens=3).choices[0]
+    assert length.finish_reason == "length"
+    sampled = dict(model="default", messages=SHORT, temperature=1.0, max_tokens=12, seed=7)
+    a = client.chat.completions.create(**sampled).choices[0].message.content
+    b = client.chat.completions.create(**sampled).choices[0].message.content
+    assert a == b
+    many = client.chat.completions.create(**sampled, n=3)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert many.choices[0].message.content == a  # choice 0 keeps the seed; the others get seed + i
+    assert len({c.message.content for c in many.choices}) > 1
+    server.wait_idle()
+
+
+def test_completions_and_logprobs(server, client):
+    r = client.completions.create(model="default", prompt="The capital of France is", max_tokens=5, temperature=0,
+                                  logprobs=2)
+    c = r.choices[0]
+    assert len(c.logprobs.tokens) == r.usage.completion_tokens == 5
+    assert all(len(t) == 2 for t in c.logprobs.top_logprobs)
+    chat = client.chat.completions.create(model="default", messages=SHORT, max_tokens=4, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    entries = chat.choices[0].logprobs.content
+    assert len(entries) == chat.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob for e in entries)
+    models = client.models.list()
+    assert len(models.data) == 1
+
+
+@pytest.mark.parametrize("body, status", [
+    (b"{not json", 400),
+    (json.dumps({"messages": []}).encode(), 400),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}).encode(), 400),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}).encode(), 400),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 10**6}).encode(), 400),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}).encode(), 400),
+    (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), 400),
+    (json.dumps({"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]}).encode(), 404),
+    (json.dumps({"messages": [{"role": "user", "content": "word " * 9000}]}).encode(), 400),
+    (b"\xff\xfe\x00garbage", 400),
+])
+def test_bad_input_gets_openai_error_and_server_stays_up(server, body, status):
+    r = httpx.post(server.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"},
+                   timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+
+
+def test_oversized_body_is_refused(server):
+    r = httpx.post(server.url + "/v1/completions", content=b"x" * (9 * 2**20), timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "error" in r.json()
+
+
+def test_pools_back_to_idle_after_everything(server):
+    workers = server.wait_idle()
+    assert all(w["blocks_used"] == 0 and w["held"] == 0 for w in workers.values())
+
+
+def test_conditional_disaggregation(server, client):
+    """Long uncached prompts go to the prefill worker; the same prompt again is mostly cached on the decode
+    worker, so its uncached part is short and it is prefilled there."""
+    prompt = [{"role": "user", "content": "Summarize the rules of chess in detail, please. " * 12}]
+    local0 = server.metric("tokenworks:prefills_total", 'where="local"')
+    remote0 = server.metric("tokenworks:prefills_total", 'where="remote"')
+    first = client.chat.completions.create(model="default", messages=prompt, max_tokens=8, temperature=0)
+    assert server.metric("tokenworks:prefills_total", 'where="remote"') == remote0 + 1
+    again = client.chat.completions.create(model="default", messages=prompt, max_tokens=8, temperature=0)
+    assert server.metric("tokenworks:prefills_total", 'where="local"') == local0 + 1
+    assert again.choices[0].message.content == first.choices[0].message.content
+    server.wait_idle()
+
+
+def test_aggregated_worker_gives_the_same_greedy_output(offline):
+    s = Server("--aggregated-workers", "1")
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        for messages in (SHORT, LONG):
+            r = c.chat.completions.create(model="default", messages=messages, max_tokens=24, temperature=0)
+            assert r.choices[0].message.content == offline(messages, 24)
+        assert s.metric("tokenworks:prefills_total", 'where="remote"') == 0
+        s.wait_idle()
+    finally:
+        s.stop()
