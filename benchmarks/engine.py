@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 
-def median_time(fn, reps: int, warmup: int = 1) -> float:
+def run_times(fn, reps: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):
         fn()
     times = []
@@ -30,18 +30,16 @@ def median_time(fn, reps: int, warmup: int = 1) -> float:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn, reps: int, warmup: int = 1) -> float:
+    return statistics.median(run_times(fn, reps, warmup))
 
 
 def best_time(fn, reps: int) -> float:
     """Rooflines use the best of several runs: the peak this machine can reach, not a typical run."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return min(run_times(fn, reps))
 
 
 def memory_bandwidth(dtype: torch.dtype) -> float:

@@ -14,6 +14,7 @@ transfer is one descriptor per block.
 from __future__ import annotations
 
 import abc
+import queue
 
 import msgspec
 
@@ -59,15 +60,27 @@ def check_layout(local: KVLayout, remote: KVLayout) -> None:
 
 
 class KVSource(abc.ABC):
-    """Prefill side: makes its pool readable and collects releases."""
+    """Prefill side: makes its pool readable and collects releases.
+
+    Implementations hear releases on their own thread and hand them over
+    through ``_releases``; the engine loop drains it with ``poll_releases``.
+    """
+
+    def __init__(self) -> None:
+        self._releases: queue.SimpleQueue[str] = queue.SimpleQueue()
 
     @abc.abstractmethod
     def peer(self) -> KVPeer:
         """This source's card, handed to decode workers through the router."""
 
-    @abc.abstractmethod
     def poll_releases(self) -> list[str]:
         """Request ids whose blocks a sink has finished reading (non-blocking)."""
+        out = []
+        while True:
+            try:
+                out.append(self._releases.get_nowait())
+            except queue.Empty:
+                return out
 
     def close(self) -> None:
         pass

@@ -37,12 +37,12 @@ class NixlSource(KVSource):
     NIXL's own progress thread busy-polls a whole core, too much beside a CPU engine."""
 
     def __init__(self, worker_id: str, layout: KVLayout, kv_tensor: torch.Tensor, poll_interval: float = 0.002) -> None:
+        super().__init__()
         self.worker_id = worker_id
         self.layout = layout
         self.name = f"tokenworks-{worker_id}-{time.time_ns()}"
         self.base = kv_tensor.data_ptr()
         self.poll_interval = poll_interval
-        self._releases: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._ready: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(kv_tensor,), name="kv-nixl-source", daemon=True)
@@ -69,14 +69,6 @@ class NixlSource(KVSource):
     def peer(self) -> KVPeer:
         return KVPeer(transport="nixl", worker_id=self.worker_id, layout=self.layout, agent_name=self.name,
                       agent_metadata=self.metadata, base_address=self.base)
-
-    def poll_releases(self) -> list[str]:
-        out = []
-        while True:
-            try:
-                out.append(self._releases.get_nowait())
-            except queue.Empty:
-                return out
 
     def close(self) -> None:
         self._stop.set()

@@ -8,7 +8,6 @@ the source free the blocks. Messages are msgspec; block frames are raw bytes.
 
 from __future__ import annotations
 
-import queue
 import threading
 
 import msgspec
@@ -44,6 +43,7 @@ def _block_view(kv_tensor: torch.Tensor) -> torch.Tensor:
 
 class TCPSource(KVSource):
     def __init__(self, worker_id: str, layout: KVLayout, kv_tensor: torch.Tensor, host: str = "127.0.0.1") -> None:
+        super().__init__()
         self.worker_id = worker_id
         self.layout = layout
         self.blocks = _block_view(kv_tensor)
@@ -52,7 +52,6 @@ class TCPSource(KVSource):
         self._sock.setsockopt(zmq.LINGER, 0)
         port = self._sock.bind_to_random_port(f"tcp://{host}")
         self.endpoint = f"tcp://{host}:{port}"
-        self._releases: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="kv-tcp-source", daemon=True)
         self._thread.start()
@@ -84,14 +83,6 @@ class TCPSource(KVSource):
             frames = [ident, b"", _encoder.encode(PullReply(True))]
             frames += [memoryview(self.blocks[b].numpy()) for b in msg.block_ids]
             self._sock.send_multipart(frames, copy=False)
-
-    def poll_releases(self) -> list[str]:
-        out = []
-        while True:
-            try:
-                out.append(self._releases.get_nowait())
-            except queue.Empty:
-                return out
 
     def close(self) -> None:
         self._stop.set()
