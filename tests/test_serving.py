@@ -154,3 +154,18 @@ def test_aggregated_worker_gives_the_same_greedy_output(offline):
         s.wait_idle()
     finally:
         s.stop()
+
+
+def test_bench_tool_against_the_real_server(server, tmp_path):
+    from tokenworks.bench import workloads as W
+    from tokenworks.bench.loadgen import Load, run_load
+    from tokenworks.bench.metrics import SLO, summarize
+    import asyncio
+
+    reqs = W.mixed(6, seed=3, long_fraction=0.3, long_input="uniform:200:300", output_len="fixed:8")
+    results, wall = asyncio.run(run_load(server.url, reqs, Load(rate=2.0, seed=1)))
+    s = summarize(results, wall, SLO(ttft=60.0))
+    assert s["completed"] == 6, s["errors"]
+    assert s["output_tokens"] == 6 * 8  # ignore_eos is honoured: exact output lengths
+    assert s["ttft_s"]["median"] > 0 and s["itl_s"]["median"] > 0
+    server.wait_idle()

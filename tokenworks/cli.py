@@ -142,6 +142,81 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _bench_flags(p: argparse.ArgumentParser) -> None:
+    w = p.add_argument_group("workload")
+    w.add_argument("--workload", default="synthetic",
+                   choices=["synthetic", "shared-prefix", "mixed", "sharegpt", "mooncake", "azure"])
+    w.add_argument("--file", default=None, help="ShareGPT JSON, Mooncake JSONL or Azure CSV file")
+    w.add_argument("--num-requests", type=int, default=50, help="requests per load level (default: 50)")
+    w.add_argument("--input-len", default="uniform:50:400",
+                   help="fixed:N | uniform:A:B | normal:MU:SIGMA | sharegpt:MEDIAN (default: uniform:50:400)")
+    w.add_argument("--output-len", default="uniform:16:128", help="same forms as --input-len (default: uniform:16:128)")
+    w.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: distinct system prompts (default: 4)")
+    w.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: tokens per system prompt (default: 512)")
+    w.add_argument("--time-scale", type=float, default=1.0, help="traces: multiply arrival times (default: 1)")
+    w.add_argument("--length-scale", type=float, default=1.0, help="traces: multiply token counts (default: 1)")
+    w.add_argument("--seed", type=int, default=0)
+    l = p.add_argument_group("load (one of; default: the trace's own timing)")
+    l.add_argument("--rates", type=_floats, default=None, metavar="R[,R...]",
+                   help="open loop at these request rates, in req/s (a sweep when several)")
+    l.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals; 1 = Poisson")
+    l.add_argument("--concurrency", type=_ints, default=None, metavar="C[,C...]", help="closed loop at these concurrencies")
+    s = p.add_argument_group("SLOs and output")
+    s.add_argument("--slo-ttft-ms", type=float, default=None)
+    s.add_argument("--slo-tpot-ms", type=float, default=None)
+    s.add_argument("--slo-itl-ms", type=float, default=None, help="every gap between tokens of a request")
+    s.add_argument("--slo-e2e-ms", type=float, default=None)
+    s.add_argument("--attainment", type=float, default=0.9, help="fraction of requests that must meet the SLOs (0.9)")
+    s.add_argument("--api", choices=["completions", "chat"], default="completions")
+    s.add_argument("--timeout", type=float, default=300.0, help="seconds per request before it counts as failed")
+    s.add_argument("--max-duration", type=float, default=None, help="seconds per load level at most")
+    s.add_argument("--price-per-hour", type=float, default=None, help="server cost per hour, for cost per token")
+    s.add_argument("--out", default="results/bench", help="folder for the report (default: results/bench)")
+
+
+def _slo(ns: argparse.Namespace):
+    from tokenworks.bench.metrics import SLO
+
+    ms = lambda v: None if v is None else v / 1000.0  # noqa: E731
+    return SLO(ttft=ms(ns.slo_ttft_ms), tpot=ms(ns.slo_tpot_ms), itl=ms(ns.slo_itl_ms), e2e=ms(ns.slo_e2e_ms))
+
+
+def _print_summary(doc: dict) -> None:
+    for name, runs in doc["runs"].items():
+        for s in runs:
+            t, i = s["ttft_s"], s["itl_s"]
+            fmt = lambda v: "-" if v is None else f"{v * 1000:.0f}"  # noqa: E731
+            print(f"{name:<24} {s['load']:<28} done {s['completed']}/{s['requests']}  "
+                  f"TTFT p50 {fmt(t['median'])} ms p99 {fmt(t['p99'])} ms  ITL p99 {fmt(i['p99'])} ms  "
+                  f"{s['output_token_throughput']:.1f} tok/s  SLO met {s['slo_attainment']:.0%}")
+        gp = doc["goodput_req_s"][name]
+        print(f"{name:<24} goodput: {'none' if gp is None else f'{gp:g} req/s'}")
+    print(f"report: {doc['report']}")
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from tokenworks.bench.sweep import Target, build_workload, loads_from, run_session
+
+    requests, problems = build_workload(ns)
+    for p in problems:
+        print(f"tokenworks bench: {ns.file}:{p.line}: skipped ({p.message})", file=sys.stderr)
+    doc = run_session([Target(ns.name, ns.url, ns.model, ns.price_per_hour)], requests, loads_from(ns), _slo(ns),
+                      ns.attainment, ns.out, ns.api, ns.timeout, ns.max_duration,
+                      f"tokenworks bench: {ns.workload} against {ns.url}",
+                      [f"{len(requests)} requests per load, seed {ns.seed}"] +
+                      ([f"{len(problems)} trace lines skipped"] if problems else []))
+    _print_summary(doc)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenworks", description="Disaggregated LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -179,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a prefill worker holds KV for a decode worker that never comes (default: 30)")
     _engine_flags(s)
     s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("bench", help="drive any OpenAI-compatible server and report latency and goodput",
+                       description="Drive an OpenAI-compatible server over streaming HTTP and report TTFT, TPOT, "
+                                   "ITL, E2E, throughput, SLO attainment and goodput (JSONL, JSON, Markdown, PNG).")
+    b.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL (default: http://127.0.0.1:8000)")
+    b.add_argument("--model", default=None, help="model name to send (default: none, the server's default)")
+    b.add_argument("--name", default="server", help="label for this server in the report")
+    _bench_flags(b)
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

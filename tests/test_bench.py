@@ -1,0 +1,141 @@
+"""The load generator and report against a stub server with known timings, parsers on the shipped samples."""
+
+import asyncio
+import importlib.resources
+import json
+import os
+
+import pytest
+
+from tests.stub_server import StubServer
+from tokenworks.bench import workloads as W
+from tokenworks.bench.loadgen import Load, arrival_times, run_load
+from tokenworks.bench.metrics import SLO, goodput, summarize
+
+SAMPLES = importlib.resources.files("tokenworks.bench") / "samples"
+
+
+def run(url, reqs, load, **kw):
+    return asyncio.run(run_load(url, reqs, load, **kw))
+
+
+@pytest.fixture(scope="module")
+def stub():
+    s = StubServer(ttft=0.10, itl=0.02)
+    yield s
+    s.stop()
+
+
+def test_metrics_match_the_stub_delays(stub):
+    reqs = [W.BenchRequest(f"hello {i}", 6) for i in range(6)]
+    results, wall = run(stub.url, reqs, Load(concurrency=3))
+    assert all(r.ok for r in results), [r.error for r in results]
+    s = summarize(results, wall, SLO())
+    assert s["completed"] == 6 and s["output_tokens"] == 36
+    assert s["ttft_s"]["median"] == pytest.approx(0.10, abs=0.03)
+    assert s["itl_s"]["median"] == pytest.approx(0.02, abs=0.01)
+    assert s["tpot_s"]["median"] == pytest.approx(0.02, abs=0.01)
+    assert s["e2e_s"]["median"] == pytest.approx(0.10 + 5 * 0.02, abs=0.04)
+    assert all(len(r.itls) == 5 for r in results)
+
+
+def test_goodput_from_a_server_of_known_capacity():
+    # Serial stub: each request holds it ~0.1 s (TTFT 0.05 s + 5 gaps of 0.01 s): capacity ~10 req/s.
+    s = StubServer(ttft=0.05, itl=0.01, serial=True)
+    try:
+        reqs = [W.BenchRequest(f"q {i}", 6) for i in range(16)]
+        slo = SLO(ttft=0.3)
+        sweep = []
+        for rate in (2.0, 40.0):
+            results, wall = run(s.url, reqs, Load(rate=rate, seed=1))
+            sweep.append((rate, summarize(results, wall, slo)))
+        low, high = sweep[0][1], sweep[1][1]
+        assert low["slo_attainment"] >= 0.9
+        assert high["slo_attainment"] < 0.5  # 16 requests in ~0.4 s queue for ~1.6 s
+        assert goodput(sweep, 0.9) == 2.0
+    finally:
+        s.stop()
+
+
+def test_errors_are_reported_per_request_and_never_crash_the_run(stub):
+    reqs = [W.BenchRequest("fine", 3), W.BenchRequest("FAIL500 please", 3), W.BenchRequest("CLOSE early", 5)]
+    results, wall = run(stub.url, reqs, Load(concurrency=3))
+    assert results[0].ok
+    assert results[1].error.startswith("HTTP 500")
+    assert results[2].error == "stream closed before [DONE]"
+    s = summarize(results, wall, SLO(ttft=10))
+    assert s["failed"] == 2 and s["slo_attainment"] == pytest.approx(1 / 3)
+    dead, _ = run("http://127.0.0.1:9", [W.BenchRequest("x", 2)], Load(concurrency=1), timeout=3)
+    assert not dead[0].ok and "Connect" in dead[0].error
+
+
+def test_arrivals_are_seeded_and_have_the_asked_rate():
+    a = arrival_times(4000, rate=5.0, burstiness=1.0, seed=3)
+    assert a == arrival_times(4000, rate=5.0, burstiness=1.0, seed=3)
+    assert len(a) / a[-1] == pytest.approx(5.0, rel=0.08)
+    bursty = arrival_times(4000, rate=5.0, burstiness=0.3, seed=3)
+    gaps = [y - x for x, y in zip(bursty, bursty[1:])]
+    poisson_gaps = [y - x for x, y in zip(a, a[1:])]
+    import statistics
+
+    assert statistics.pstdev(gaps) > 1.3 * statistics.pstdev(poisson_gaps)
+
+
+def test_length_distributions_and_synthetic_workloads():
+    import random
+
+    rng = random.Random(0)
+    assert W.sample_length("fixed:7", rng) == 7
+    assert all(10 <= W.sample_length("uniform:10:20", rng) <= 20 for _ in range(100))
+    assert W.synthetic(5, "fixed:30", "fixed:4", seed=1)[0].prompt == W.synthetic(5, "fixed:30", "fixed:4", seed=1)[0].prompt
+    with pytest.raises(W.WorkloadError):
+        W.sample_length("zipf:3", rng)
+    shared = W.shared_prefix(20, num_prefixes=2, prefix_len=50, suffix_len="fixed:5", output_len="fixed:3", seed=0)
+    prefixes = {" ".join(r.prompt.split()[:51]) for r in shared}
+    assert len(prefixes) == 2
+    mixed = W.mixed(200, seed=0)
+    long = [r for r in mixed if r.input_tokens >= 800]
+    assert 10 < len(long) < 60
+
+
+def test_sample_files_parse():
+    sg = W.sharegpt_file(str(SAMPLES / "sharegpt.json"), None, seed=0)
+    assert len(sg) == 8 and all(r.prompt and r.max_tokens >= 1 for r in sg)
+    mc, problems = W.mooncake_jsonl(str(SAMPLES / "mooncake.jsonl"))
+    assert len(mc) == 12 and not problems
+    assert mc[0].arrival == 0.0 and all(b.arrival >= a.arrival for a, b in zip(mc, mc[1:]))
+    # Requests sharing hash ids [1, 2] share their first 2 blocks of text.
+    firsts = [r.prompt.split()[:1025] for i, r in enumerate(mc) if i % 3 == 0]
+    assert all(f == firsts[0] for f in firsts)
+    az, problems = W.azure_csv(str(SAMPLES / "azure.csv"))
+    assert len(az) == 12 and not problems and az[1].arrival > 0
+
+
+def test_malformed_trace_lines_are_reported(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": []}\n'
+                 'not json\n{"timestamp": 5}\n{"timestamp": 9, "input_length": 4, "output_length": 1}\n')
+    reqs, problems = W.mooncake_jsonl(str(p))
+    assert len(reqs) == 2 and [x.line for x in problems] == [2, 3]
+    c = tmp_path / "bad.csv"
+    c.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,10,2\nyesterday,1,1\n")
+    reqs, problems = W.azure_csv(str(c))
+    assert len(reqs) == 1 and problems[0].line == 3
+    with pytest.raises(W.WorkloadError):
+        W.azure_csv(str(p))
+
+
+def test_cli_writes_the_report(stub, tmp_path):
+    from tokenworks.cli import main
+
+    out = tmp_path / "report"
+    rc = main(["bench", "--url", stub.url, "--num-requests", "6", "--input-len", "fixed:10", "--output-len", "fixed:4",
+               "--rates", "20,40", "--slo-ttft-ms", "500", "--out", str(out)])
+    assert rc == 0
+    files = set(os.listdir(out))
+    assert {"summary.json", "report.md", "latency_cdf.png", "goodput.png", "itl_timeline.png"} <= files
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["goodput_req_s"]["server"] == 40.0
+    assert len([f for f in files if f.startswith("requests-")]) == 2
+    lines = (out / "requests-server-0.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and json.loads(lines[0])["ttft"] > 0

@@ -1,0 +1,1 @@
+"""Load generation and goodput reports against any OpenAI-compatible server."""

@@ -1,0 +1,114 @@
+"""Writing a run: per-request JSONL, a JSON summary, a Markdown report and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from tokenworks.bench.client import RequestResult
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.1f}"
+
+
+def write_requests(path: str, results: list[RequestResult]) -> None:
+    with open(path, "w") as f:
+        for r in results:
+            f.write(json.dumps(r.to_json()) + "\n")
+
+
+def markdown(title: str, runs: dict[str, list[tuple[float, dict]]], goodputs: dict[str, float | None],
+             notes: list[str]) -> str:
+    lines = [f"# {title}", ""]
+    lines += [f"- {n}" for n in notes] + [""]
+    for name, sweep in runs.items():
+        gp = goodputs.get(name)
+        lines.append(f"## {name}: goodput {'none' if gp is None else f'{gp:g} req/s'}")
+        lines.append("")
+        lines.append("| load | done/sent | req/s | out tok/s | TTFT med / p90 / p99 ms | TPOT med / p90 ms | "
+                     "ITL med / p99 ms | E2E med ms | SLO met |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for label, s in sweep:
+            t, p, i, e = s["ttft_s"], s["tpot_s"], s["itl_s"], s["e2e_s"]
+            lines.append(
+                f"| {label} | {s['completed']}/{s['requests']} | {s['request_throughput']:.2f} | "
+                f"{s['output_token_throughput']:.1f} | {_ms(t['median'])} / {_ms(t['p90'])} / {_ms(t['p99'])} | "
+                f"{_ms(p['median'])} / {_ms(p['p90'])} | {_ms(i['median'])} / {_ms(i['p99'])} | {_ms(e['median'])} | "
+                f"{s['slo_attainment']:.0%} |")
+            if s["errors"]:
+                lines.append(f"| errors | {', '.join(f'{k}: {v}' for k, v in s['errors'].items())} | | | | | | | |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(out_dir: str, runs: dict[str, list[tuple[float, dict, list[RequestResult]]]], attainment: float) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, sweep in runs.items():
+        rate, _, results = sweep[-1]
+        ok = [r for r in results if r.ok]
+        for ax, values, label in ((axes[0], [r.ttft for r in ok if r.ttft], "TTFT"),
+                                  (axes[1], [r.tpot for r in ok if r.tpot], "TPOT"),
+                                  (axes[2], [x for r in ok for x in r.itls], "ITL")):
+            if values:
+                v = np.sort(np.asarray(values) * 1000)
+                ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=f"{name} @ {rate:g}")
+                ax.set_xlabel(f"{label} (ms)")
+                ax.set_ylabel("fraction of requests" if label != "ITL" else "fraction of gaps")
+                ax.set_xscale("log")
+                ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Latency CDFs at the highest load of each run")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "latency_cdf.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    if any(len(s) > 1 for s in runs.values()):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for name, sweep in runs.items():
+            rates = [r for r, _, _ in sweep]
+            axes[0].plot(rates, [s["slo_attainment"] for _, s, _ in sweep], marker="o", label=name)
+            axes[1].plot(rates, [s["good_request_throughput"] for _, s, _ in sweep], marker="o", label=name)
+        axes[0].axhline(attainment, color="gray", linestyle="--", linewidth=1)
+        axes[0].set_ylabel("SLO attainment")
+        axes[1].set_ylabel("requests/s meeting every SLO")
+        for ax in axes:
+            ax.set_xlabel("offered load (req/s)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "goodput.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    fig, ax = plt.subplots(figsize=(11, 4))
+    for name, sweep in runs.items():
+        _, _, results = sweep[-1]
+        xs, ys = [], []
+        for r in results:
+            for t, gap in zip(r.token_times[1:], r.itls):
+                xs.append(t)
+                ys.append(gap * 1000)
+        ax.scatter(xs, ys, s=3, alpha=0.5, label=name)
+    ax.set_xlabel("time since start (s)")
+    ax.set_ylabel("inter-token gap (ms)")
+    ax.set_yscale("log")
+    ax.set_title("ITL timeline at the highest load (stalls show as spikes)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "itl_timeline.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written

@@ -1,0 +1,97 @@
+"""A benchmark session: one or more servers, one or more loads each, written out as a report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+from tokenworks.bench import workloads as W
+from tokenworks.bench.client import RequestResult
+from tokenworks.bench.loadgen import Load, run_load
+from tokenworks.bench.metrics import SLO, goodput, summarize
+from tokenworks.bench.report import markdown, plots, write_requests
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    model: str | None = None
+    price_per_hour: float | None = None
+
+
+def build_workload(ns) -> tuple[list[W.BenchRequest], list[W.TraceProblem]]:
+    n = ns.num_requests
+    kind = ns.workload
+    if kind == "synthetic":
+        return W.synthetic(n, ns.input_len, ns.output_len, ns.seed), []
+    if kind == "shared-prefix":
+        return W.shared_prefix(n, ns.num_prefixes, ns.prefix_len, ns.input_len, ns.output_len, ns.seed), []
+    if kind == "mixed":
+        return W.mixed(n, ns.seed), []
+    if not ns.file:
+        raise W.WorkloadError(f"--workload {kind} needs --file")
+    if kind == "sharegpt":
+        return W.sharegpt_file(ns.file, n, ns.seed), []
+    if kind == "mooncake":
+        return W.mooncake_jsonl(ns.file, n, ns.time_scale, length_scale=ns.length_scale)
+    if kind == "azure":
+        return W.azure_csv(ns.file, n, ns.time_scale, length_scale=ns.length_scale)
+    raise W.WorkloadError(f"unknown workload {kind!r}")
+
+
+def loads_from(ns) -> list[Load]:
+    if ns.concurrency:
+        return [Load(concurrency=c, seed=ns.seed) for c in ns.concurrency]
+    if ns.rates:
+        return [Load(rate=r, burstiness=ns.burstiness, seed=ns.seed) for r in ns.rates]
+    return [Load()]  # the trace's own timing
+
+
+def run_session(targets: list[Target], requests: list[W.BenchRequest], loads: list[Load], slo: SLO,
+                attainment: float, out_dir: str, api: str, timeout: float, max_duration: float | None,
+                title: str, notes: list[str], quiet: bool = False, headers: dict | None = None) -> dict:
+    from tqdm import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    runs: dict[str, list[tuple[float, dict, list[RequestResult]]]] = {}
+    for target in targets:
+        runs[target.name] = []
+        for k, load in enumerate(loads):
+            bar = tqdm(total=len(requests), desc=f"{target.name} @ {load.describe()}", unit="req", disable=quiet,
+                       file=sys.stderr)
+
+            def progress(res: RequestResult) -> None:
+                bar.update(1)
+                if not res.ok:
+                    bar.set_postfix_str(f"last error: {res.error[:40]}")
+
+            results, wall = asyncio.run(run_load(target.url, requests, load, api=api, model=target.model,
+                                                 timeout=timeout, max_duration=max_duration, progress=progress,
+                                                 headers=headers))
+            bar.close()
+            summary = summarize(results, wall, slo, target.price_per_hour)
+            summary["load"] = load.describe()
+            x = load.rate or load.concurrency or (len(requests) / wall if wall else 0.0)
+            runs[target.name].append((x, summary, results))
+            safe = target.name.replace(" ", "_").replace("/", "_")
+            write_requests(os.path.join(out_dir, f"requests-{safe}-{k}.jsonl"), results)
+    goodputs = {name: goodput([(x, s) for x, s, _ in sweep], attainment) for name, sweep in runs.items()}
+    summary_doc = {
+        "title": title, "slo": slo.describe(), "attainment_target": attainment, "goodput_req_s": goodputs,
+        "runs": {name: [s for _, s, _ in sweep] for name, sweep in runs.items()},
+    }
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary_doc, f, indent=2)
+    md = markdown(title, {n: [(s["load"], s) for _, s, _ in sweep] for n, sweep in runs.items()}, goodputs,
+                  notes + [f"SLOs: {slo.describe()}; goodput = highest load with at least {attainment:.0%} of requests "
+                           "meeting every SLO"])
+    written = plots(out_dir, runs, attainment)
+    md += "\n" + "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in written) + "\n"
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(md)
+    summary_doc["report"] = os.path.join(out_dir, "report.md")
+    return summary_doc

@@ -1,0 +1,202 @@
+"""Workloads: what each benchmark request asks for, and (for traces) when.
+
+Every workload is a list of ``BenchRequest``; synthetic ones are seeded.
+Prompts are built from common one-token English words, so a prompt of N
+words is close to N tokens for byte-level BPE tokenizers; the server's own
+usage counts are what the report uses.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from dataclasses import dataclass
+from datetime import datetime
+
+WORDS = ("the of and to in is it that for on was with as at by be this are from or an have not but all "
+         "they one had were you can there which their more when time will up out so if about what some other "
+         "into them these two may then do first any my now such like our over man me even most made after also "
+         "did many before must through back years where much your way well down should because each just those "
+         "people how too little state good very make world still own see men work long get here between both life "
+         "being under never day same another know while last might us great old year off come since against go "
+         "came right used take three").split()
+
+
+@dataclass
+class BenchRequest:
+    prompt: str
+    max_tokens: int
+    arrival: float | None = None  # seconds from the start (traces); None: the load generator decides
+    input_tokens: int = 0  # what the workload meant to send (estimate)
+
+
+class WorkloadError(ValueError):
+    pass
+
+
+def _words(rng: random.Random, n: int, salt: str = "") -> str:
+    head = f"{salt} " if salt else ""
+    return head + " ".join(rng.choice(WORDS) for _ in range(max(1, n)))
+
+
+def sample_length(spec: str, rng: random.Random) -> int:
+    """fixed:N | uniform:A:B | normal:MU:SIGMA | sharegpt:MEDIAN (a log-normal long tail)."""
+    kind, _, rest = spec.partition(":")
+    try:
+        args = [float(x) for x in rest.split(":")] if rest else []
+        if kind == "fixed":
+            (n,) = args
+            return max(1, int(n))
+        if kind == "uniform":
+            a, b = args
+            return rng.randint(int(a), int(b))
+        if kind == "normal":
+            mu, sigma = args
+            return max(1, int(rng.gauss(mu, sigma)))
+        if kind == "sharegpt":
+            (median,) = args
+            return max(1, min(int(rng.lognormvariate(math.log(median), 1.0)), int(median * 20)))
+    except ValueError as e:
+        raise WorkloadError(f"bad length distribution {spec!r}: {e}") from None
+    raise WorkloadError(f"unknown length distribution {spec!r}; use fixed:N, uniform:A:B, normal:MU:SIGMA or sharegpt:MEDIAN")
+
+
+def synthetic(n: int, input_len: str, output_len: str, seed: int) -> list[BenchRequest]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        k = sample_length(input_len, rng)
+        out.append(BenchRequest(_words(rng, k, salt=f"q{i}"), sample_length(output_len, rng), input_tokens=k))
+    return out
+
+
+def shared_prefix(n: int, num_prefixes: int, prefix_len: int, suffix_len: str, output_len: str, seed: int) -> list[BenchRequest]:
+    rng = random.Random(seed)
+    prefixes = [_words(rng, prefix_len, salt=f"system{k}") for k in range(num_prefixes)]
+    out = []
+    for i in range(n):
+        k = sample_length(suffix_len, rng)
+        p = prefixes[rng.randrange(num_prefixes)]
+        out.append(BenchRequest(p + " " + _words(rng, k, salt=f"q{i}"), sample_length(output_len, rng),
+                                input_tokens=prefix_len + k))
+    return out
+
+
+def mixed(n: int, seed: int, long_fraction: float = 0.15, short_input: str = "uniform:20:120",
+          long_input: str = "uniform:800:1400", output_len: str = "uniform:32:96") -> list[BenchRequest]:
+    """Mostly short chats; some very long prompts that arrive while the others decode."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        spec = long_input if rng.random() < long_fraction else short_input
+        k = sample_length(spec, rng)
+        out.append(BenchRequest(_words(rng, k, salt=f"q{i}"), sample_length(output_len, rng), input_tokens=k))
+    return out
+
+
+def sharegpt_file(path: str, n: int | None, seed: int, max_output: int = 1024) -> list[BenchRequest]:
+    """ShareGPT JSON: a list of {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}."""
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise WorkloadError(f"{path}: not valid JSON ({e})") from None
+    out = []
+    for k, item in enumerate(data):
+        conv = item.get("conversations") if isinstance(item, dict) else None
+        if not conv or len(conv) < 2 or not isinstance(conv[0], dict):
+            continue
+        prompt, answer = conv[0].get("value"), conv[1].get("value")
+        if not isinstance(prompt, str) or not isinstance(answer, str) or not prompt:
+            continue
+        out_len = min(max_output, max(1, len(answer) // 4))  # about 4 characters per token
+        out.append(BenchRequest(prompt, out_len, input_tokens=max(1, len(prompt) // 4)))
+    if not out:
+        raise WorkloadError(f"{path}: no usable conversations")
+    rng = random.Random(seed)
+    rng.shuffle(out)
+    return out[:n] if n else out
+
+
+@dataclass
+class TraceProblem:
+    line: int
+    message: str
+
+
+def _trace_prompt(length: int, hash_ids: list[int], block_tokens: int, salt: str) -> str:
+    """Blocks with equal hash ids get equal text, so the trace's prefix sharing is kept."""
+    parts = []
+    for h in hash_ids:
+        parts.append(_words(random.Random(h), block_tokens, salt=f"b{h}"))
+    have = len(hash_ids) * block_tokens
+    if length > have:
+        parts.append(_words(random.Random(salt), length - have, salt=salt))
+    return " ".join(parts)
+
+
+def mooncake_jsonl(path: str, n: int | None = None, time_scale: float = 1.0, block_tokens: int = 512,
+                   length_scale: float = 1.0) -> tuple[list[BenchRequest], list[TraceProblem]]:
+    """Mooncake trace: one JSON object per line with timestamp (ms), input_length, output_length, hash_ids."""
+    out, problems = [], []
+    t0 = None
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                ts = float(rec["timestamp"]) / 1000.0
+                inp = int(int(rec["input_length"]) * length_scale)
+                outp = max(1, int(int(rec["output_length"]) * length_scale))
+                hashes = [int(h) for h in rec.get("hash_ids", [])]
+            except (ValueError, KeyError, TypeError) as e:
+                problems.append(TraceProblem(lineno, f"{type(e).__name__}: {e}"))
+                continue
+            t0 = ts if t0 is None else t0
+            bt = max(1, int(block_tokens * length_scale))
+            keep = [h for h in hashes][: max(0, inp // bt)]
+            out.append(BenchRequest(_trace_prompt(inp, keep, bt, f"m{lineno}"), outp, (ts - t0) * time_scale, inp))
+            if n and len(out) >= n:
+                break
+    return out, problems
+
+
+def azure_csv(path: str, n: int | None = None, time_scale: float = 1.0, length_scale: float = 1.0
+              ) -> tuple[list[BenchRequest], list[TraceProblem]]:
+    """Azure LLM inference trace: CSV with TIMESTAMP, ContextTokens, GeneratedTokens."""
+    out, problems = [], []
+    t0 = None
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} - set(reader.fieldnames or [])
+        if missing:
+            raise WorkloadError(f"{path}: missing columns {sorted(missing)}")
+        for lineno, row in enumerate(reader, 2):
+            try:
+                ts = _parse_time(row["TIMESTAMP"])
+                inp = max(1, int(int(row["ContextTokens"]) * length_scale))
+                outp = max(1, int(int(row["GeneratedTokens"]) * length_scale))
+            except (ValueError, TypeError) as e:
+                problems.append(TraceProblem(lineno, f"{type(e).__name__}: {e}"))
+                continue
+            t0 = ts if t0 is None else t0
+            out.append(BenchRequest(_words(random.Random(lineno), inp, salt=f"a{lineno}"), outp, (ts - t0) * time_scale, inp))
+            if n and len(out) >= n:
+                break
+    return out, problems
+
+
+def _parse_time(text: str) -> float:
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    # "2023-11-16 18:15:46.6805900" has 7 fractional digits; Python takes at most 6.
+    if "." in text:
+        head, frac = text.rsplit(".", 1)
+        text = f"{head}.{frac[:6]}"
+    return datetime.fromisoformat(text).timestamp()
