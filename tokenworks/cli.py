@@ -217,6 +217,64 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(ns: argparse.Namespace) -> int:
+    """disagg-vs-agg: the same seeded mixed workload against an aggregated and a disaggregated server."""
+    import os
+    import signal
+    import subprocess
+    import urllib.request
+
+    from tokenworks.bench import workloads as W
+    from tokenworks.bench.loadgen import Load
+    from tokenworks.bench.sweep import Target, run_session
+
+    layouts = [("aggregated (1 worker, all cores)", ["--aggregated-workers", "1"]),
+               ("disaggregated (1 prefill + 1 decode, cores split)", ["--prefill-workers", "1", "--decode-workers", "1",
+                                                                   "--kv-transport", ns.kv_transport])]
+    requests = W.mixed(ns.num_requests, ns.seed)
+    loads = [Load(rate=r, seed=ns.seed) for r in ns.rates]
+    slo = _slo(ns)
+    targets, procs = [], []
+    try:
+        for k, (name, flags) in enumerate(layouts):
+            port = ns.base_port + k
+            cmd = [sys.executable, "-m", "tokenworks.cli", "serve", "--port", str(port), *flags]
+            print(f"[experiment] starting {name}: {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
+            procs.append(subprocess.Popen(cmd))
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if procs[-1].poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not start")
+                time.sleep(0.5)
+            targets.append(Target(name, url, None, ns.price_per_hour))
+        for extra in ns.extra_url or []:
+            name, _, url = extra.partition("=")
+            targets.append(Target(name, url or name))
+        doc = run_session(targets, requests, loads, slo, ns.attainment, ns.out, "completions", ns.timeout, None,
+                          "disaggregated vs aggregated, same seeded mixed workload",
+                          [f"{ns.num_requests} requests per rate from the mixed workload (seed {ns.seed}): 85 % short "
+                           "prompts of 20-120 words, 15 % long prompts of 800-1,400 words, outputs of 32-96 tokens "
+                           "(ignore_eos)", f"machine: {os.cpu_count()} CPUs; Poisson arrivals"])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    _print_summary(doc)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenworks", description="Disaggregated LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -263,6 +321,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--name", default="server", help="label for this server in the report")
     _bench_flags(b)
     b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("experiment", help="run a prepared comparison (disagg-vs-agg) and write one report",
+                       description="disagg-vs-agg: start an aggregated server (one worker on all cores) and a "
+                                   "disaggregated one (one prefill and one decode worker, cores split), drive both with "
+                                   "the same seeded mixed workload at each rate, and write one comparison report.")
+    e.add_argument("name", choices=["disagg-vs-agg"])
+    e.add_argument("--rates", type=_floats, default=[0.15, 0.3, 0.5, 0.8], metavar="R[,R...]",
+                   help="request rates to sweep (default: 0.15,0.3,0.5,0.8)")
+    e.add_argument("--num-requests", type=int, default=16, help="requests per rate (default: 16)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--kv-transport", choices=["nixl", "tcp"], default="nixl")
+    e.add_argument("--extra-url", action="append", metavar="NAME=URL",
+                   help="another OpenAI-compatible server to include, e.g. llama.cpp=http://127.0.0.1:8080")
+    e.add_argument("--base-port", type=int, default=8100, help="ports for the servers started (default: 8100, 8101)")
+    e.add_argument("--slo-ttft-ms", type=float, default=8000.0)
+    e.add_argument("--slo-tpot-ms", type=float, default=100.0)
+    e.add_argument("--slo-itl-ms", type=float, default=None)
+    e.add_argument("--slo-e2e-ms", type=float, default=None)
+    e.add_argument("--attainment", type=float, default=0.9)
+    e.add_argument("--timeout", type=float, default=600.0)
+    e.add_argument("--price-per-hour", type=float, default=None)
+    e.add_argument("--out", default="results/disagg-vs-agg")
+    e.set_defaults(func=cmd_experiment)
     return parser
 
 
