@@ -97,7 +97,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     async def main() -> None:
         router = Router(block_size=args.block_size, local_prefill_threshold=ns.local_prefill_threshold)
         router.start()
-        cluster = LocalCluster(router, args, ns.kv_transport, lease_seconds=ns.lease_seconds)
+        cluster = LocalCluster(router, args, ns.kv_transport, lease_seconds=ns.lease_seconds,
+                               prefill_nice=ns.prefill_nice)
 
         shown = [-1]
 
@@ -304,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU ids per worker, workers separated by ':' in prefill, decode, aggregated order, "
                         "e.g. '0:1' (default: split the machine's cores)")
     s.add_argument("--gpus", default=None, metavar="IDS", help="GPU ids to place workers on, e.g. '0,1' (CUDA)")
+    s.add_argument("--prefill-nice", type=int, default=0, metavar="N",
+                   help="run prefill workers at lower CPU priority (nice N), so that where CPU sets overlap "
+                        "decode runs first (default: 0)")
     s.add_argument("--kv-transport", choices=["nixl", "tcp"], default="nixl",
                    help="how KV moves from prefill to decode workers (default: nixl)")
     s.add_argument("--local-prefill-threshold", type=int, default=64, metavar="TOKENS",

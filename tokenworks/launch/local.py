@@ -65,12 +65,13 @@ def plan_workers(prefill: int, decode: int, aggregated: int, cpus: list[int] | N
 
 class LocalCluster:
     def __init__(self, router: Router, engine_args: EngineArgs, kv_transport: str, kv_timeout: float = 10.0,
-                 lease_seconds: float = 30.0) -> None:
+                 lease_seconds: float = 30.0, prefill_nice: int = 0) -> None:
         self.router = router
         self.engine_args = engine_args
         self.kv_transport = kv_transport
         self.kv_timeout = kv_timeout
         self.lease_seconds = lease_seconds
+        self.prefill_nice = prefill_nice
         self.procs: dict[str, subprocess.Popen] = {}
         self.specs: dict[str, WorkerSpec] = {}
 
@@ -91,6 +92,8 @@ class LocalCluster:
                "--lease-seconds", str(self.lease_seconds)]
         if spec.cpus:
             cmd += ["--cpus", ",".join(map(str, spec.cpus))]
+        if spec.role == "prefill" and self.prefill_nice:
+            cmd += ["--nice", str(self.prefill_nice)]
         self.specs[spec.worker_id] = spec
         self.procs[spec.worker_id] = subprocess.Popen(cmd, start_new_session=True)
 

@@ -279,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-timeout", type=float, default=10.0, help="seconds before a KV pull is abandoned")
     ap.add_argument("--lease-seconds", type=float, default=30.0, help="how long held prefill blocks wait")
     ap.add_argument("--cpus", default=None, help="comma-separated CPU ids to pin this worker to")
+    ap.add_argument("--nice", type=int, default=0, help="lower this worker's CPU priority by this much (0-19)")
     ns = ap.parse_args(argv)
+    if ns.nice:
+        os.nice(ns.nice)
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
