@@ -73,6 +73,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     import asyncio
+    import os
 
     import uvicorn
 
@@ -95,7 +96,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     tokenizer = Tokenizer(files.tokenizer_json, files.chat_template, files.bos_token, files.eos_token, files.add_bos_token)
 
     async def main() -> None:
-        router = Router(block_size=args.block_size, local_prefill_threshold=ns.local_prefill_threshold)
+        router = Router(block_size=args.block_size, local_prefill_threshold=ns.local_prefill_threshold,
+                        max_inflight=ns.max_inflight_requests, max_queue_wait=ns.max_queue_wait)
         router.start()
         cluster = LocalCluster(router, args, ns.kv_transport, lease_seconds=ns.lease_seconds,
                                prefill_nice=ns.prefill_nice)
@@ -119,11 +121,14 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                   f"{ns.local_prefill_threshold} uncached tokens; ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
             print(f"[tokenworks] listening on http://{ns.host}:{ns.port}/v1 (OpenAI API; /metrics, /health)",
                   file=sys.stderr, flush=True)
-            app = create_app(router, tokenizer, files.name)
+            supervisor = asyncio.get_running_loop().create_task(cluster.supervise(restart=not ns.no_restart))
+            app = create_app(router, tokenizer, files.name, api_key=ns.api_key or os.environ.get("TOKENWORKS_API_KEY"))
             server = uvicorn.Server(uvicorn.Config(app, host=ns.host, port=ns.port, log_level="warning",
                                                    timeout_graceful_shutdown=3))
             await server.serve()
+            supervisor.cancel()
         finally:
+            cluster.stopping = True
             try:
                 await asyncio.wait_for(router.shutdown_workers(), 1.0)
             except Exception:  # noqa: BLE001
@@ -312,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how KV moves from prefill to decode workers (default: nixl)")
     s.add_argument("--local-prefill-threshold", type=int, default=64, metavar="TOKENS",
                    help="prefill on the decode worker when the uncached prompt is at most this long (default: 64)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $TOKENWORKS_API_KEY, else none)")
+    s.add_argument("--max-inflight-requests", type=int, default=256,
+                   help="answer 429 beyond this many requests in flight (default: 256)")
+    s.add_argument("--max-queue-wait", type=float, default=30.0, metavar="SECONDS",
+                   help="answer 429 when a new request's predicted wait for prefill exceeds this (default: 30)")
+    s.add_argument("--no-restart", action="store_true", help="do not restart workers that exit")
     s.add_argument("--lease-seconds", type=float, default=30.0,
                    help="how long a prefill worker holds KV for a decode worker that never comes (default: 30)")
     _engine_flags(s)

@@ -74,6 +74,8 @@ class LocalCluster:
         self.prefill_nice = prefill_nice
         self.procs: dict[str, subprocess.Popen] = {}
         self.specs: dict[str, WorkerSpec] = {}
+        self.stopping = False
+        self.restarts: dict[str, int] = {}
 
     def spawn(self, spec: WorkerSpec) -> None:
         import socket
@@ -114,8 +116,27 @@ class LocalCluster:
                 raise TimeoutError(f"workers not ready after {timeout:.0f}s")
             await asyncio.sleep(0.1)
 
+    async def supervise(self, restart: bool = True, interval: float = 0.1, backoff: float = 1.0) -> None:
+        """Watch the workers: one that exits is marked dead at once, then started again."""
+        while not self.stopping:
+            for wid, p in list(self.procs.items()):
+                if p.poll() is None or self.stopping:
+                    continue
+                self.router.mark_dead(wid)
+                if not restart:
+                    continue
+                n = self.restarts.get(wid, 0) + 1
+                self.restarts[wid] = n
+                print(f"[tokenworks] worker {wid} exited with code {p.returncode}; restarting (restart {n})",
+                      file=sys.stderr, flush=True)
+                await asyncio.sleep(min(backoff * n, 10.0))
+                if not self.stopping:
+                    self.spawn(self.specs[wid])
+            await asyncio.sleep(interval)
+
     def stop(self, grace: float = 5.0) -> None:
         """Stop the workers this cluster started: SIGTERM by pid, then SIGKILL after ``grace``."""
+        self.stopping = True
         for p in self.procs.values():
             if p.poll() is None:
                 try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 from typing import Any, AsyncIterator
@@ -23,22 +24,26 @@ MAX_BODY_BYTES = 8 * 2**20
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
-def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers=headers)
 
 
-def create_app(router: Router, tokenizer: Tokenizer, model_name: str) -> FastAPI:
+def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="tokenworks", version="0.1.0")
     app.state.router = router
+    expected_auth = f"Bearer {api_key}".encode() if api_key else None
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
-        return error_response(e.status, e.message, e.type, e.param, e.code)
+        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -60,6 +65,11 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str) -> FastAPI
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next):
+        if expected_auth is not None and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected_auth):
+                return error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                      "authentication_error", code="invalid_api_key")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             return error_response(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error")
@@ -168,7 +178,7 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str) -> FastAPI
 
     def translate(e: Exception) -> APIError:
         if isinstance(e, WorkerUnavailable):
-            return APIError(503, str(e), "server_error", code="service_unavailable")
+            return APIError(503, str(e), "server_error", code="service_unavailable", headers={"Retry-After": "2"})
         if isinstance(e, RequestFailed):
             return APIError(e.status, str(e))
         return APIError(500, f"internal error: {type(e).__name__}", "server_error")
@@ -183,6 +193,10 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str) -> FastAPI
                 "top_logprobs": [{t: lp for _, t, lp in e.top} for e in entries], "text_offset": []}
 
     async def respond(kind: str, body, prompt: list[int], params: SamplingParams, http: Request) -> Response:
+        retry_after = router.admission_check(len(prompt), body.n)
+        if retry_after is not None:
+            raise APIError(429, f"server is at capacity; retry in {retry_after:.0f}s", "rate_limit_error",
+                           code="server_overloaded", headers={"Retry-After": str(max(1, round(retry_after)))})
         created = int(time.time())
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{router.new_request_id('r')}"
         want_logprobs = params.logprobs is not None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 import msgspec
@@ -32,6 +32,10 @@ class WorkerUnavailable(RuntimeError):
     pass
 
 
+class NoWorkerAvailable(WorkerUnavailable):
+    """No worker can take the request now (as opposed to one dying under it)."""
+
+
 class RequestFailed(RuntimeError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
@@ -45,6 +49,10 @@ class WorkerHandle:
     view: WorkerView
     stats: P.Stats | None = None
     last_seen: float = field(default_factory=time.monotonic)
+    dead: bool = False  # its process is known to have exited
+
+    def alive(self, heartbeat_timeout: float) -> bool:
+        return not self.dead and time.monotonic() - self.last_seen < heartbeat_timeout
 
 
 class Metrics:
@@ -65,6 +73,9 @@ class Metrics:
         self.kv_seconds = Histogram("tokenworks:kv_transfer_seconds", "Time from decode submit to KV in place",
                                     registry=r, buckets=_LATENCY_BUCKETS)
         self.kv_fallbacks = Counter("tokenworks:kv_transfer_fallbacks", "Failed KV pulls recomputed locally", registry=r)
+        self.worker_deaths = Counter("tokenworks:worker_deaths", "Worker processes seen to exit", registry=r)
+        self.failovers = Counter("tokenworks:request_failovers", "Requests continued on another worker", registry=r)
+        self.rejected = Counter("tokenworks:requests_rejected", "Requests answered 429", ["reason"], registry=r)
         self.queue = Gauge("tokenworks:worker_num_requests_waiting", "Requests waiting on a worker", ["worker"], registry=r)
         self.worker_running = Gauge("tokenworks:worker_num_requests_running", "Requests running on a worker", ["worker"],
                                     registry=r)
@@ -85,7 +96,9 @@ class Delta:
 
 
 class Router:
-    def __init__(self, *, block_size: int, local_prefill_threshold: int, heartbeat_timeout: float = 5.0) -> None:
+    def __init__(self, *, block_size: int, local_prefill_threshold: int, heartbeat_timeout: float = 5.0,
+                 max_inflight: int = 256, max_queue_wait: float = 30.0, max_failovers: int = 3,
+                 failover_wait: float = 20.0) -> None:
         self.ctx = zmq.asyncio.Context.instance()
         self.events = self.ctx.socket(zmq.PULL)
         port = self.events.bind_to_random_port("tcp://127.0.0.1")
@@ -102,6 +115,16 @@ class Router:
         self._reader: asyncio.Task | None = None
         self._endpoints: dict[str, str] = {}  # worker id -> its command endpoint
         self.max_model_len = 0
+        self.max_failovers = max_failovers
+        self.failover_wait = failover_wait  # how long a request waits for a decode worker to come back
+        # Admission control: at most max_inflight requests, and no new one whose predicted wait for its
+        # first token (prompt tokens not yet prefilled, at the measured prefill rate) exceeds max_queue_wait.
+        self.max_inflight = max_inflight
+        self.max_queue_wait = max_queue_wait
+        self.pending_prefill_tokens = 0
+        self.prefill_rate = 0.0  # tokens/s, moving average over first tokens seen; 0 = not measured yet
+        self._last_prefill_done = 0.0
+        self.num_rejected = 0
 
     # -- workers -------------------------------------------------------------------------
 
@@ -158,10 +181,25 @@ class Router:
         await worker.sock.send(self._encoder.encode(msg))
 
     def view(self) -> list[WorkerView]:
-        now = time.monotonic()
         for h in self.workers.values():
-            h.view.alive = now - h.last_seen < self.heartbeat_timeout
+            h.view.alive = h.alive(self.heartbeat_timeout)
         return [h.view for h in self.workers.values()]
+
+    def mark_dead(self, worker_id: str) -> None:
+        """The launcher saw the worker's process exit: stop routing to it now, not after the heartbeat timeout."""
+        handle = self.workers.get(worker_id)
+        if handle is not None and not handle.dead:
+            handle.dead = True
+            handle.view.alive = False
+            self.metrics.worker_deaths.inc()
+
+    async def wait_for_decoder(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(v.alive and v.role in ("decode", "both") for v in self.view()):
+                return True
+            await asyncio.sleep(0.1)
+        return False
 
     async def shutdown_workers(self) -> None:
         for h in self.workers.values():
@@ -169,26 +207,70 @@ class Router:
 
     # -- requests ------------------------------------------------------------------------
 
+    def admission_check(self, prompt_tokens: int, n: int = 1) -> float | None:
+        """None to admit; else the seconds a client should wait before retrying (429 Retry-After)."""
+        inflight = self.streams.__len__()
+        if inflight + n > self.max_inflight:
+            self.num_rejected += 1
+            self.metrics.rejected.labels("queue_full").inc()
+            return max(1.0, self.max_queue_wait / 4)
+        if self.prefill_rate > 0:
+            wait = (self.pending_prefill_tokens + prompt_tokens * n) / self.prefill_rate
+            if wait > self.max_queue_wait:
+                self.num_rejected += 1
+                self.metrics.rejected.labels("predicted_wait").inc()
+                return wait - self.max_queue_wait
+        return None
+
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}-{time.time_ns() % 10**9}"
 
     async def _next(self, stream: asyncio.Queue, worker: WorkerHandle) -> P.Output:
         while True:
             try:
-                msg = await asyncio.wait_for(stream.get(), timeout=1.0)
+                msg = await asyncio.wait_for(stream.get(), timeout=0.2)
             except asyncio.TimeoutError:
-                if time.monotonic() - worker.last_seen > self.heartbeat_timeout:
-                    raise WorkerUnavailable(f"worker {worker.ready.worker_id} stopped answering")
+                if not worker.alive(self.heartbeat_timeout):
+                    raise WorkerUnavailable(f"worker {worker.ready.worker_id} stopped answering") from None
                 continue
             if isinstance(msg, P.Failed):
                 raise RequestFailed(msg.message, msg.status)
             return msg
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """Stream a request; if a worker dies under it, continue on another from the tokens already sent.
+
+        A retry sends prompt + the tokens the client already has as the new prompt, with the
+        remaining token budget, so the client sees one stream with nothing repeated or lost.
+        """
+        emitted: list[int] = []
+        failures = 0
+        while True:
+            attempt_id = request_id if failures == 0 else f"{request_id}-retry{failures}"
+            remaining = params.max_tokens - len(emitted)
+            attempt_params = params if not emitted else replace(
+                params, max_tokens=remaining, min_tokens=max(0, params.min_tokens - len(emitted)))
+            try:
+                async for delta in self._attempt(attempt_id, prompt + emitted, attempt_params):
+                    emitted.extend(delta.token_ids)
+                    delta.num_prompt_tokens = len(prompt)
+                    yield delta
+                    if delta.finished:
+                        return
+                return
+            except WorkerUnavailable as e:
+                if isinstance(e, NoWorkerAvailable) and not emitted:
+                    raise  # a new request: answer 503 now rather than hold the client
+                failures += 1
+                if failures > self.max_failovers or not await self.wait_for_decoder(self.failover_wait):
+                    raise
+                self.metrics.failovers.inc()
+
+    async def _attempt(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         try:
             placement = self.policy.place(self.view(), prompt)
         except LookupError as e:
-            raise WorkerUnavailable(str(e)) from e
+            raise NoWorkerAvailable(str(e)) from e
         decode = self.workers[placement.decode.worker_id]
         prefill = self.workers[placement.prefill.worker_id] if placement.prefill else None
         stream: asyncio.Queue = asyncio.Queue()
@@ -199,6 +281,8 @@ class Router:
         source = decode if prefill is None else prefill
         source.view.inflight += 1
         m.running.inc()
+        self.pending_prefill_tokens += len(prompt)
+        prefill_pending = True
         t0 = last = time.monotonic()
         first = True
         try:
@@ -218,6 +302,13 @@ class Router:
                         m.ttft.observe(now - t0)
                         m.prompt_tokens.inc(out.num_prompt_tokens)
                         first = False
+                        self.pending_prefill_tokens -= len(prompt)
+                        prefill_pending = False
+                        # Service time, not waiting time: back-to-back prefills complete one service apart.
+                        computed = max(1, out.num_prompt_tokens - out.num_cached_tokens)
+                        rate = computed / max(now - max(t0, self._last_prefill_done), 1e-3)
+                        self._last_prefill_done = now
+                        self.prefill_rate = rate if self.prefill_rate == 0 else 0.8 * self.prefill_rate + 0.2 * rate
                     else:
                         m.itl.observe(now - last)
                     last = now
@@ -237,20 +328,25 @@ class Router:
                         request_id, prompt, params, "decode", first_token=out.new_token_ids[0],
                         kv_peer=prefill.ready.kv_peer, kv_block_ids=out.kv_block_ids,
                     ))
-                yield Delta(out.new_token_ids, out.new_text, out.finished, out.finish_reason,
-                            out.num_prompt_tokens, out.logprobs)
-                if out.finished:
+                if out.finished:  # bookkeeping before the last yield: the consumer may stop iterating there
                     finished = True
                     m.requests.labels(out.finish_reason or "stop").inc()
                     m.e2e.observe(time.monotonic() - t0)
                     self.policy.remember(decode.view, self.policy.block_hashes(prompt))
+                yield Delta(out.new_token_ids, out.new_text, out.finished, out.finish_reason,
+                            out.num_prompt_tokens, out.logprobs)
+                if finished:
                     return
         finally:
             self.streams.pop(request_id, None)
             m.running.dec()
+            if prefill_pending:
+                self.pending_prefill_tokens -= len(prompt)
             source.view.inflight -= 1  # the one worker counting this request now
             if not finished:
                 for h in holders:
+                    if h.dead:
+                        continue
                     try:
                         await self.send(h, P.Abort(request_id))
                     except zmq.ZMQError:
