@@ -123,6 +123,15 @@ def test_oversized_body_is_refused(server):
                    headers={"content-type": "application/json"})
     assert r.status_code == 413 and "error" in r.json()
 
+    def chunks():  # no content-length: the limit must hold for chunked bodies too
+        for _ in range(10):
+            yield b"x" * 2**20
+
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "error" in r.json()
+    assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+
 
 def test_pools_back_to_idle_after_everything(server):
     workers = server.wait_idle()

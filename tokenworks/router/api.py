@@ -36,6 +36,69 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
                         status_code=status, headers=headers)
 
 
+class ClientGone(Exception):
+    pass
+
+
+async def until_disconnect(awaitable, http: Request, poll: float = 0.2):
+    """Await ``awaitable`` unless the client disconnects first; then cancel it (which aborts the request
+    on its workers) and raise ClientGone. Before a response starts nobody else watches the connection."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll)
+            if done:
+                return task.result()
+            if await http.is_disconnected():
+                raise ClientGone
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+class Gate:
+    """ASGI middleware: the API key on /v1/*, and 413 for bodies over ``limit`` bytes whether or not
+    they declare a length."""
+
+    def __init__(self, app, limit: int, expected_auth: bytes | None) -> None:
+        self.app, self.limit, self.expected_auth = app, limit, expected_auth
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.expected_auth is not None and scope["path"].startswith("/v1/"):
+            given = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected_auth):
+                response = error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                          "authentication_error", code="invalid_api_key")
+                return await response(scope, receive, send)
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                response = error_response(413, f"request body over {self.limit} bytes", "invalid_request_error")
+                return await response(scope, receive, send)
+            chunks.append(chunk)
+            more = msg.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later calls: disconnect detection for streams
+
+        await self.app(scope, replay, send)
+
+
 def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="tokenworks", version="0.1.0")
     app.state.router = router
@@ -63,17 +126,8 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
         return error_response(500, f"internal error: {type(e).__name__}", "server_error")
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        if expected_auth is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected_auth):
-                return error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                                      "authentication_error", code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return error_response(413, f"request body over {MAX_BODY_BYTES} bytes", "invalid_request_error")
-        return await call_next(request)
+    # Pure ASGI middleware (not BaseHTTPMiddleware, which hides client disconnects from the handlers).
+    app.add_middleware(Gate, limit=MAX_BODY_BYTES, expected_auth=expected_auth)
 
     @app.get("/health")
     async def health() -> Response:
@@ -206,13 +260,20 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             reasons: list[str | None] = [None] * body.n
             lps: list[list] = [[] for _ in range(body.n)]
             completion_tokens = 0
-            try:
+            async def collect() -> int:
+                tokens = 0
                 async for i, d in run_choices(prompt, params, body.n, rid):
                     texts[i] += d.text
-                    completion_tokens += len(d.token_ids)
+                    tokens += len(d.token_ids)
                     lps[i].extend(d.logprobs)
                     if d.finished:
                         reasons[i] = d.finish_reason
+                return tokens
+
+            try:
+                completion_tokens = await until_disconnect(collect(), http)
+            except ClientGone:
+                return Response(status_code=499)
             except Exception as e:  # noqa: BLE001
                 raise translate(e) from e
             choices = []
@@ -234,9 +295,12 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
         # Start the first choice before answering, so that a request no worker can take gets a real status code.
         gen = run_choices(prompt, params, body.n, rid)
         try:
-            first = await gen.__anext__()
+            first = await until_disconnect(gen.__anext__(), http)
         except StopAsyncIteration:
             first = None
+        except ClientGone:
+            await gen.aclose()
+            return Response(status_code=499)
         except Exception as e:  # noqa: BLE001
             await gen.aclose()
             raise translate(e) from e
