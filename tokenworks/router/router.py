@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import deque
 import time
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
@@ -124,6 +125,7 @@ class Router:
         self.pending_prefill_tokens = 0
         self.prefill_rate = 0.0  # tokens/s, moving average over first tokens seen; 0 = not measured yet
         self._last_prefill_done = 0.0
+        self._admitted: deque[float] = deque()  # admission times of requests whose streams do not exist yet
         self.num_rejected = 0
 
     # -- workers -------------------------------------------------------------------------
@@ -209,7 +211,10 @@ class Router:
 
     def admission_check(self, prompt_tokens: int, n: int = 1) -> float | None:
         """None to admit; else the seconds a client should wait before retrying (429 Retry-After)."""
-        inflight = self.streams.__len__()
+        now = time.monotonic()
+        while self._admitted and self._admitted[0] < now - 5.0:  # admitted but never started: forget
+            self._admitted.popleft()
+        inflight = len(self.streams) + len(self._admitted)
         if inflight + n > self.max_inflight:
             self.num_rejected += 1
             self.metrics.rejected.labels("queue_full").inc()
@@ -220,6 +225,8 @@ class Router:
                 self.num_rejected += 1
                 self.metrics.rejected.labels("predicted_wait").inc()
                 return wait - self.max_queue_wait
+        # Counted until generate() starts and registers its stream (that happens in a task, later).
+        self._admitted.extend([now] * n)
         return None
 
     def new_request_id(self, prefix: str) -> str:
@@ -243,6 +250,8 @@ class Router:
         A retry sends prompt + the tokens the client already has as the new prompt, with the
         remaining token budget, so the client sees one stream with nothing repeated or lost.
         """
+        if self._admitted:
+            self._admitted.popleft()  # from here on this request counts through its stream
         emitted: list[int] = []
         failures = 0
         while True:
