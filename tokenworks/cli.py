@@ -315,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "decode runs first (default: 0)")
     s.add_argument("--kv-transport", choices=["nixl", "tcp"], default="nixl",
                    help="how KV moves from prefill to decode workers (default: nixl)")
-    s.add_argument("--local-prefill-threshold", type=int, default=64, metavar="TOKENS",
-                   help="prefill on the decode worker when the uncached prompt is at most this long (default: 64)")
+    s.add_argument("--local-prefill-threshold", type=int, default=16, metavar="TOKENS",
+                   help="prefill on the decode worker when the uncached prompt is at most this long (default: 16, "
+                        "from benchmarks/local_prefill_threshold.py on a 2-CPU machine)")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $TOKENWORKS_API_KEY, else none)")
     s.add_argument("--max-inflight-requests", type=int, default=256,
