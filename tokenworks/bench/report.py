@@ -66,11 +66,7 @@ def plots(out_dir: str, runs: dict[str, list[tuple[float, dict, list[RequestResu
                 ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle("Latency CDFs at the highest load of each run")
-    fig.tight_layout()
-    path = os.path.join(out_dir, "latency_cdf.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(plt, fig, out_dir, "latency_cdf.png"))
 
     if any(len(s) > 1 for s in runs.values()):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -85,11 +81,7 @@ def plots(out_dir: str, runs: dict[str, list[tuple[float, dict, list[RequestResu
             ax.set_xlabel("offered load (req/s)")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(out_dir, "goodput.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, out_dir, "goodput.png"))
 
     fig, ax = plt.subplots(figsize=(11, 4))
     for name, sweep in runs.items():
@@ -106,9 +98,13 @@ def plots(out_dir: str, runs: dict[str, list[tuple[float, dict, list[RequestResu
     ax.set_title("ITL timeline at the highest load (stalls show as spikes)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
+    written.append(_save(plt, fig, out_dir, "itl_timeline.png"))
+    return written
+
+
+def _save(plt, fig, out_dir: str, name: str) -> str:
     fig.tight_layout()
-    path = os.path.join(out_dir, "itl_timeline.png")
+    path = os.path.join(out_dir, name)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path)
-    return written
+    return path
