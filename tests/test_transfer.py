@@ -101,3 +101,45 @@ def test_tcp_source_rejects_bad_block_ids_and_unreachable_peer_times_out():
     finally:
         sink.close()
         source.close()
+
+
+def test_signed_codec_refuses_unsigned_tampered_and_stale_messages():
+    import time as _time
+
+    from tokenworks.codec import AuthError, Codec
+    from tokenworks.worker import protocol as P
+
+    signed = Codec(P.ToWorker, b"k1")
+    msg = P.Abort("r1")
+    assert signed.decode(signed.encode(msg)) == msg
+    with pytest.raises(AuthError):
+        signed.decode(Codec(P.ToWorker).encode(msg))  # unsigned
+    with pytest.raises(AuthError):
+        signed.decode(Codec(P.ToWorker, b"other").encode(msg))  # someone else's key
+    raw = bytearray(signed.encode(msg))
+    raw[1] ^= 0xFF
+    with pytest.raises(AuthError):
+        signed.decode(bytes(raw))  # tampered
+    old = Codec(P.ToWorker, b"k1", max_age=0.05)
+    data = old.encode(msg)
+    _time.sleep(0.1)
+    with pytest.raises(AuthError, match="stale"):
+        old.decode(data)
+
+
+def test_tcp_source_with_a_secret_serves_only_signed_pulls():
+    from tokenworks.transfer.tcp import TCPSink, TCPSource
+
+    src, dst = torch.randn(SHAPE), torch.zeros(SHAPE)
+    source = TCPSource("p0", layout(), src, secret=b"shared")
+    good, stranger = TCPSink(layout(), dst, secret=b"shared"), TCPSink(layout(), dst)
+    try:
+        with pytest.raises(KVTransferError, match="refused"):
+            stranger.pull(source.peer(), "r", [3], [4], timeout=5)
+        assert dst.abs().sum() == 0
+        good.pull(source.peer(), "r", [3], [4], timeout=5)
+        assert torch.equal(dst[4], src[3])
+    finally:
+        good.close()
+        stranger.close()
+        source.close()

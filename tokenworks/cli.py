@@ -83,6 +83,14 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from tokenworks.router.router import Router
     from tokenworks.tokenizer import Tokenizer
 
+    secret = (ns.internal_secret or os.environ.get("TOKENWORKS_INTERNAL_SECRET", "")).encode() or None
+    loopback = ns.internal_host in ("127.0.0.1", "localhost", "::1")
+    if not loopback and secret is None:
+        raise ValueError(f"--internal-host {ns.internal_host} exposes the router-worker plane: set --internal-secret "
+                         "(or $TOKENWORKS_INTERNAL_SECRET) so that every internal message is authenticated")
+    if not loopback and ns.kv_transport == "nixl":
+        raise ValueError("NIXL transfers are not authenticated: use --kv-transport tcp with a non-loopback "
+                         "--internal-host")
     prefill, decode, agg = ns.prefill_workers, ns.decode_workers, ns.aggregated_workers
     if prefill is None and decode is None and agg is None:
         prefill, decode, agg = 1, 1, 0
@@ -97,10 +105,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     async def main() -> None:
         router = Router(block_size=args.block_size, local_prefill_threshold=ns.local_prefill_threshold,
-                        max_inflight=ns.max_inflight_requests, max_queue_wait=ns.max_queue_wait)
+                        max_inflight=ns.max_inflight_requests, max_queue_wait=ns.max_queue_wait,
+                        internal_host=ns.internal_host, secret=secret)
         router.start()
         cluster = LocalCluster(router, args, ns.kv_transport, lease_seconds=ns.lease_seconds,
-                               prefill_nice=ns.prefill_nice)
+                               prefill_nice=ns.prefill_nice, internal_host=ns.internal_host, secret=secret)
 
         shown = [-1]
 
@@ -325,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue-wait", type=float, default=30.0, metavar="SECONDS",
                    help="answer 429 when a new request's predicted wait for prefill exceeds this (default: 30)")
     s.add_argument("--no-restart", action="store_true", help="do not restart workers that exit")
+    s.add_argument("--internal-host", default="127.0.0.1",
+                   help="address of the router-worker plane and the TCP KV sources (default: 127.0.0.1); any other "
+                        "needs --internal-secret")
+    s.add_argument("--internal-secret", default=None,
+                   help="shared secret: every internal message is signed with HMAC-SHA256 "
+                        "(default: $TOKENWORKS_INTERNAL_SECRET, else unsigned on loopback)")
     s.add_argument("--lease-seconds", type=float, default=30.0,
                    help="how long a prefill worker holds KV for a decode worker that never comes (default: 30)")
     _engine_flags(s)

@@ -155,7 +155,8 @@ def test_fuzzed_bodies_never_get_a_5xx(server):
 
 @pytest.fixture(scope="module")
 def guarded():
-    s = Server("--aggregated-workers", "1", "--no-restart", "--max-inflight-requests", "2", "--api-key", "s3cret")
+    s = Server("--aggregated-workers", "1", "--no-restart", "--max-inflight-requests", "2", "--api-key", "s3cret",
+               "--internal-secret", "internal-s3cret")  # the router-worker plane signed
     yield s
     s.stop()
 

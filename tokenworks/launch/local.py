@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 
 from tokenworks.config import EngineArgs
 from tokenworks.router.router import Router
+from tokenworks.worker.server import SECRET_ENV
 
 
 @dataclass
@@ -65,13 +66,16 @@ def plan_workers(prefill: int, decode: int, aggregated: int, cpus: list[int] | N
 
 class LocalCluster:
     def __init__(self, router: Router, engine_args: EngineArgs, kv_transport: str, kv_timeout: float = 10.0,
-                 lease_seconds: float = 30.0, prefill_nice: int = 0) -> None:
+                 lease_seconds: float = 30.0, prefill_nice: int = 0, internal_host: str = "127.0.0.1",
+                 secret: bytes | None = None) -> None:
         self.router = router
         self.engine_args = engine_args
         self.kv_transport = kv_transport
         self.kv_timeout = kv_timeout
         self.lease_seconds = lease_seconds
         self.prefill_nice = prefill_nice
+        self.internal_host = internal_host
+        self.secret = secret
         self.procs: dict[str, subprocess.Popen] = {}
         self.specs: dict[str, WorkerSpec] = {}
         self.stopping = False
@@ -81,9 +85,9 @@ class LocalCluster:
         import socket
 
         with socket.socket() as s:  # a free port for the worker's command socket
-            s.bind(("127.0.0.1", 0))
+            s.bind((self.internal_host, 0))
             port = s.getsockname()[1]
-        endpoint = f"tcp://127.0.0.1:{port}"
+        endpoint = f"tcp://{self.internal_host}:{port}"
         self.router.expect(spec.worker_id, endpoint)
         args = asdict(self.engine_args)
         args["device"] = spec.device
@@ -91,13 +95,17 @@ class LocalCluster:
         cmd = [sys.executable, "-m", "tokenworks.worker.server", "--worker-id", spec.worker_id, "--role", spec.role,
                "--commands", endpoint, "--events", self.router.events_endpoint, "--engine-args", json.dumps(args),
                "--kv-transport", self.kv_transport, "--kv-timeout", str(self.kv_timeout),
-               "--lease-seconds", str(self.lease_seconds)]
+               "--lease-seconds", str(self.lease_seconds), "--internal-host", self.internal_host]
         if spec.cpus:
             cmd += ["--cpus", ",".join(map(str, spec.cpus))]
         if spec.role == "prefill" and self.prefill_nice:
             cmd += ["--nice", str(self.prefill_nice)]
         self.specs[spec.worker_id] = spec
-        self.procs[spec.worker_id] = subprocess.Popen(cmd, start_new_session=True)
+        env = dict(os.environ)
+        env.pop(SECRET_ENV, None)
+        if self.secret:
+            env[SECRET_ENV] = self.secret.decode()  # the environment, not argv: argv is visible to every user
+        self.procs[spec.worker_id] = subprocess.Popen(cmd, start_new_session=True, env=env)
 
     async def start(self, specs: list[WorkerSpec], timeout: float = 120.0, progress=None) -> None:
         for spec in specs:

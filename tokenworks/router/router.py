@@ -22,6 +22,7 @@ import zmq
 import zmq.asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tokenworks.codec import Codec
 from tokenworks.router.policy import RoutingPolicy, WorkerView
 from tokenworks.sampling_params import SamplingParams
 from tokenworks.worker import protocol as P
@@ -99,11 +100,11 @@ class Delta:
 class Router:
     def __init__(self, *, block_size: int, local_prefill_threshold: int, heartbeat_timeout: float = 5.0,
                  max_inflight: int = 256, max_queue_wait: float = 30.0, max_failovers: int = 3,
-                 failover_wait: float = 20.0) -> None:
+                 failover_wait: float = 20.0, internal_host: str = "127.0.0.1", secret: bytes | None = None) -> None:
         self.ctx = zmq.asyncio.Context.instance()
         self.events = self.ctx.socket(zmq.PULL)
-        port = self.events.bind_to_random_port("tcp://127.0.0.1")
-        self.events_endpoint = f"tcp://127.0.0.1:{port}"
+        port = self.events.bind_to_random_port(f"tcp://{internal_host}")
+        self.events_endpoint = f"tcp://{internal_host}:{port}"
         self.workers: dict[str, WorkerHandle] = {}
         self.policy = RoutingPolicy(block_size, local_prefill_threshold)
         self.metrics = Metrics()
@@ -111,8 +112,9 @@ class Router:
         self.streams: dict[str, asyncio.Queue] = {}
         self.ready_event = asyncio.Event()
         self._ids = itertools.count()
-        self._encoder = msgspec.msgpack.Encoder()
-        self._decoder = msgspec.msgpack.Decoder(P.FromWorker)
+        self._to_worker = Codec(P.ToWorker, secret)
+        self._from_worker = Codec(P.FromWorker, secret)
+        self.num_refused_messages = 0  # malformed, unsigned or badly signed
         self._reader: asyncio.Task | None = None
         self._endpoints: dict[str, str] = {}  # worker id -> its command endpoint
         self.max_model_len = 0
@@ -156,8 +158,9 @@ class Router:
         while True:
             raw = await self.events.recv()
             try:
-                msg = self._decoder.decode(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError):
+                msg = self._from_worker.decode(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                self.num_refused_messages += 1
                 continue
             if isinstance(msg, P.Ready):
                 self._register(msg)
@@ -180,7 +183,7 @@ class Router:
                 stream.put_nowait(msg)
 
     async def send(self, worker: WorkerHandle, msg: P.ToWorker) -> None:
-        await worker.sock.send(self._encoder.encode(msg))
+        await worker.sock.send(self._to_worker.encode(msg))
 
     def view(self) -> list[WorkerView]:
         for h in self.workers.values():

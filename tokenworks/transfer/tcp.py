@@ -14,6 +14,7 @@ import msgspec
 import torch
 import zmq
 
+from tokenworks.codec import Codec
 from tokenworks.transfer.base import KVLayout, KVPeer, KVSink, KVSource, KVTransferError, check_layout
 
 
@@ -32,8 +33,7 @@ class PullReply(msgspec.Struct):
     error: str = ""
 
 
-_decoder = msgspec.msgpack.Decoder(PullRequest | Release)
-_encoder = msgspec.msgpack.Encoder()
+_reply = msgspec.msgpack.Encoder()
 
 
 def _block_view(kv_tensor: torch.Tensor) -> torch.Tensor:
@@ -42,8 +42,10 @@ def _block_view(kv_tensor: torch.Tensor) -> torch.Tensor:
 
 
 class TCPSource(KVSource):
-    def __init__(self, worker_id: str, layout: KVLayout, kv_tensor: torch.Tensor, host: str = "127.0.0.1") -> None:
+    def __init__(self, worker_id: str, layout: KVLayout, kv_tensor: torch.Tensor, host: str = "127.0.0.1",
+                 secret: bytes | None = None) -> None:
         super().__init__()
+        self.codec = Codec(PullRequest | Release, secret)
         self.worker_id = worker_id
         self.layout = layout
         self.blocks = _block_view(kv_tensor)
@@ -67,20 +69,20 @@ class TCPSource(KVSource):
                 continue
             ident, _, payload = self._sock.recv_multipart()
             try:
-                msg = _decoder.decode(payload)
-            except msgspec.DecodeError as e:
-                self._sock.send_multipart([ident, b"", _encoder.encode(PullReply(False, f"bad message: {e}"))])
+                msg = self.codec.decode(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+                self._sock.send_multipart([ident, b"", _reply.encode(PullReply(False, f"bad message: {e}"))])
                 continue
             if isinstance(msg, Release):
                 self._releases.put(msg.request_id)
                 continue
             if msg.layout != self.layout:
-                self._sock.send_multipart([ident, b"", _encoder.encode(PullReply(False, "KV layout mismatch"))])
+                self._sock.send_multipart([ident, b"", _reply.encode(PullReply(False, "KV layout mismatch"))])
                 continue
             if any(not (0 < b < self.blocks.shape[0]) for b in msg.block_ids):
-                self._sock.send_multipart([ident, b"", _encoder.encode(PullReply(False, "block id out of range"))])
+                self._sock.send_multipart([ident, b"", _reply.encode(PullReply(False, "block id out of range"))])
                 continue
-            frames = [ident, b"", _encoder.encode(PullReply(True))]
+            frames = [ident, b"", _reply.encode(PullReply(True))]
             frames += [memoryview(self.blocks[b].numpy()) for b in msg.block_ids]
             self._sock.send_multipart(frames, copy=False)
 
@@ -93,8 +95,9 @@ class TCPSource(KVSource):
 class TCPSink(KVSink):
     """Used from one thread (the decode worker's transfer thread)."""
 
-    def __init__(self, layout: KVLayout, kv_tensor: torch.Tensor) -> None:
+    def __init__(self, layout: KVLayout, kv_tensor: torch.Tensor, secret: bytes | None = None) -> None:
         self.layout = layout
+        self.codec = Codec(PullRequest | Release, secret)
         self.blocks = _block_view(kv_tensor)
         self._ctx = zmq.Context.instance()
         self._socks: dict[str, zmq.Socket] = {}
@@ -119,7 +122,7 @@ class TCPSink(KVSink):
         if not remote_block_ids:
             return 0
         sock = self._sock(peer.endpoint)
-        sock.send_multipart([b"", _encoder.encode(PullRequest(self.layout, request_id, remote_block_ids))])
+        sock.send_multipart([b"", self.codec.encode(PullRequest(self.layout, request_id, remote_block_ids))])
         if not sock.poll(int(timeout * 1000)):
             self._drop(peer.endpoint)  # a late reply must not be read as the next pull's
             raise KVTransferError(f"KV pull from {peer.worker_id} timed out after {timeout:.1f}s")
@@ -137,7 +140,7 @@ class TCPSink(KVSink):
         return moved
 
     def release(self, peer: KVPeer, request_id: str) -> None:
-        self._sock(peer.endpoint).send_multipart([b"", _encoder.encode(Release(request_id))])
+        self._sock(peer.endpoint).send_multipart([b"", self.codec.encode(Release(request_id))])
 
     def close(self) -> None:
         for endpoint in list(self._socks):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import msgspec
 import zmq
 
+from tokenworks.codec import Codec
 from tokenworks.config import EngineArgs
 from tokenworks.engine.request import Request
 from tokenworks.outputs import RequestOutput
@@ -30,6 +31,7 @@ from tokenworks.transfer.base import KVLayout, KVPeer, KVSink, KVSource
 from tokenworks.worker import protocol as P
 
 STATS_INTERVAL = 0.25
+SECRET_ENV = "TOKENWORKS_INTERNAL_SECRET"  # how the launcher hands the shared secret over (never on argv)
 
 
 @dataclass
@@ -97,6 +99,7 @@ class Worker:
         )
         self.source: KVSource | None = None
         self.transfers: TransferThread | None = None
+        secret = os.environ.get(SECRET_ENV, "").encode() or None
         if ns.kv_transport == "nixl":
             from tokenworks.transfer.nixl import NixlSink, NixlSource
 
@@ -104,7 +107,8 @@ class Worker:
         else:
             from tokenworks.transfer.tcp import TCPSink, TCPSource
 
-            source_cls, sink = TCPSource, (lambda: TCPSink(layout, kv.tensor))
+            source_cls = lambda wid, lay, t: TCPSource(wid, lay, t, host=ns.internal_host, secret=secret)  # noqa: E731
+            sink = lambda: TCPSink(layout, kv.tensor, secret=secret)  # noqa: E731
         if self.role in ("prefill", "both"):
             self.source = source_cls(self.worker_id, layout, kv.tensor)
         if self.role in ("decode", "both"):
@@ -117,8 +121,8 @@ class Worker:
         self.events = self.ctx.socket(zmq.PUSH)
         self.events.setsockopt(zmq.LINGER, 1000)
         self.events.connect(ns.events)
-        self.decoder = msgspec.msgpack.Decoder(P.ToWorker)
-        self.encoder = msgspec.msgpack.Encoder()
+        self.decoder = Codec(P.ToWorker, secret)
+        self.encoder = Codec(P.FromWorker, secret)
         self.running = True
         self._last_stats = 0.0
         self.parent_pid = os.getppid()  # the router; if it dies, so do we
@@ -137,7 +141,7 @@ class Worker:
         try:
             msg = self.decoder.decode(raw)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
-            print(f"[{self.worker_id}] dropped an undecodable command: {e}", file=sys.stderr)
+            print(f"[{self.worker_id}] refused a command: {e}", file=sys.stderr)
             return
         if isinstance(msg, P.Submit):
             self.submit(msg)
@@ -276,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", required=True, help="the router's ZMQ endpoint for outputs")
     ap.add_argument("--engine-args", required=True, help="EngineArgs as JSON")
     ap.add_argument("--kv-transport", choices=["nixl", "tcp"], default="tcp")
+    ap.add_argument("--internal-host", default="127.0.0.1", help="address the KV source binds (tcp transport)")
     ap.add_argument("--kv-timeout", type=float, default=10.0, help="seconds before a KV pull is abandoned")
     ap.add_argument("--lease-seconds", type=float, default=30.0, help="how long held prefill blocks wait")
     ap.add_argument("--cpus", default=None, help="comma-separated CPU ids to pin this worker to")
