@@ -187,7 +187,7 @@ def test_transferred_request_reuses_local_prefix_and_decodes():
         run_step(sched)
     r = Request("t", list(range(10)), SamplingParams(max_tokens=3, temperature=0))
     r.append_output_token(42)  # the first token, sampled by the prefill side
-    first_block = sched.reserve_for_transfer(r, 10)
+    first_block = sched.reserve_for_transfer(r)
     assert first_block == 2  # blocks 0 and 1 (tokens 0..7) are local hits; only block 2 is pulled
     assert r.status == RequestStatus.WAITING_FOR_KV and r.num_cached_tokens == 8
     sched.admit_transferred(r, ok=True)
@@ -203,7 +203,7 @@ def test_failed_transfer_recomputes_and_abort_during_transfer_waits_for_it():
     sched, pool = make(budget=64, prefix=False)
     r = Request("t", list(range(10)), SamplingParams(max_tokens=2, temperature=0))
     r.append_output_token(42)
-    sched.reserve_for_transfer(r, 10)
+    sched.reserve_for_transfer(r)
     sched.admit_transferred(r, ok=False)
     out = run_step(sched)
     assert out.scheduled[0].start_position == 0 and out.scheduled[0].num_tokens == 11  # prompt + first token
@@ -213,7 +213,7 @@ def test_failed_transfer_recomputes_and_abort_during_transfer_waits_for_it():
 
     a = Request("a", list(range(10)), SamplingParams(max_tokens=2, temperature=0))
     a.append_output_token(1)
-    sched.reserve_for_transfer(a, 10)
+    sched.reserve_for_transfer(a)
     used = pool.num_used_blocks
     sched.abort("a")  # the pull is still writing: blocks must stay reserved
     assert pool.num_used_blocks == used > 0

@@ -90,7 +90,7 @@ class Engine:
         """
         request = Request(request_id, self._token_ids(prompt), params, self.eos_token_ids)
         request.append_output_token(first_token)
-        first_block = self.scheduler.reserve_for_transfer(request, len(prompt))
+        first_block = self.scheduler.reserve_for_transfer(request)
         if first_block is None:
             return None
         track = self._track(request, params)

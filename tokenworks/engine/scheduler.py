@@ -35,7 +35,7 @@ class Scheduler:
 
     # -- requests in and out ------------------------------------------------------------
 
-    def add_request(self, request: Request) -> None:
+    def _check_new(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         if request.num_tokens >= self.config.max_model_len:
@@ -43,6 +43,9 @@ class Scheduler:
                 f"prompt has {request.num_tokens} tokens; the model's context allows at most "
                 f"{self.config.max_model_len - 1} so that one token can be generated"
             )
+
+    def add_request(self, request: Request) -> None:
+        self._check_new(request)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -94,17 +97,14 @@ class Scheduler:
         self.num_expired_leases += len(expired)
         return [r.request_id for r in expired]
 
-    def reserve_for_transfer(self, request: Request, num_prompt_tokens: int) -> int | None:
+    def reserve_for_transfer(self, request: Request) -> int | None:
         """Decode side: take blocks for a request whose prompt KV comes from elsewhere.
 
         ``request`` already holds the first token as output. Blocks found in the
         local prefix cache are reused; returns the index of the first block to
         pull (the ones before it are local hits), or None if the pool is full now.
         """
-        if request.request_id in self.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
-        if request.num_tokens >= self.config.max_model_len:
-            raise ValueError(f"prompt has {num_prompt_tokens} tokens; the context allows at most {self.config.max_model_len - 1}")
+        self._check_new(request)
         computed_blocks, num_cached = self.kv.get_computed_blocks(request)
         if not self.kv.allocate_slots(request, request.num_tokens - num_cached, computed_blocks):
             return None

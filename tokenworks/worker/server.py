@@ -113,7 +113,7 @@ class Worker:
             self.source = source_cls(self.worker_id, layout, kv.tensor)
         if self.role in ("decode", "both"):
             self.transfers = TransferThread(sink(), ns.kv_timeout)
-        self.pending: list[tuple[P.Submit, float]] = []  # decode submits waiting for free blocks
+        self.pending: list[P.Submit] = []  # decode submits waiting for free blocks
         self.kv_stats: dict[str, tuple[int, float, bool]] = {}
         self.ctx = zmq.Context.instance()
         self.commands = self.ctx.socket(zmq.PULL)
@@ -146,7 +146,7 @@ class Worker:
         if isinstance(msg, P.Submit):
             self.submit(msg)
         elif isinstance(msg, P.Abort):
-            self.pending = [(s, t) for s, t in self.pending if s.request_id != msg.request_id]
+            self.pending = [s for s in self.pending if s.request_id != msg.request_id]
             self.engine.abort(msg.request_id)
         elif isinstance(msg, P.Release):
             self.scheduler.release_held(msg.request_id)
@@ -159,7 +159,7 @@ class Worker:
                 if self.transfers is None or msg.kv_peer is None:
                     raise ValueError(f"worker {self.worker_id} ({self.role}) cannot take a decode phase")
                 if not self.try_reserve(msg):
-                    self.pending.append((msg, time.monotonic()))
+                    self.pending.append(msg)
                 return
             if msg.phase == "prefill" and self.source is None:
                 raise ValueError(f"worker {self.worker_id} ({self.role}) cannot take a prefill phase")
@@ -199,8 +199,6 @@ class Worker:
             prefilled=out.prefilled, kv_block_ids=out.kv_block_ids or [],
             kv_bytes=kv_bytes, kv_seconds=kv_seconds, kv_fallback=fallback,
         ))
-        if out.finished:
-            self.kv_stats.pop(out.request_id, None)
 
     def stats(self) -> P.Stats:
         pool = self.loaded.pool
@@ -255,10 +253,10 @@ class Worker:
             self.scheduler.admit_transferred(job.request, job.ok)
         if self.pending:
             still = []
-            for msg, t in self.pending:
+            for msg in self.pending:
                 try:
                     if not self.try_reserve(msg):
-                        still.append((msg, t))
+                        still.append(msg)
                 except ValueError as e:
                     self.send(P.Failed(self.worker_id, msg.request_id, str(e), 400))
             self.pending = still
