@@ -290,6 +290,158 @@ def cmd_experiment(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(ns: argparse.Namespace) -> int:
+    import os
+
+    from tokenworks.planner.profiler import Plan, profile_engine
+
+    if ns.cpus:
+        os.sched_setaffinity(0, {int(c) for c in ns.cpus.split(",")})
+        ns.threads = ns.threads or len(ns.cpus.split(","))
+    random_config = None
+    if ns.random_weights:
+        from tokenworks.model.weights import read_hf_config
+
+        random_config = read_hf_config(ns.random_weights)
+    plan = Plan.quick() if ns.quick else Plan.thorough()
+    prof = profile_engine(_engine_args(ns), plan, random_config=random_config, hardware=ns.hardware,
+                          transport=ns.kv_transport)
+    prof.save(ns.out)
+    print(prof.describe())
+    print(f"profile: {ns.out}")
+    return 0
+
+
+def _sim_workload(ns: argparse.Namespace) -> tuple[list[tuple[int, int]], list[list[float]], list[str], list[float]]:
+    """(prompt, output) lengths and, per load, arrival times: the same seeded workload ``bench`` would send."""
+    from tokenworks.bench import workloads as W
+    from tokenworks.bench.loadgen import arrival_times
+    from tokenworks.bench.sweep import build_workload
+
+    if ns.concurrency:
+        raise ValueError("the simulator runs open-loop loads: give --rates (or a trace's own timing), not --concurrency")
+    if ns.workload == "synthetic" and ns.num_requests > 100_000:  # lengths only, drawn at once
+        lengths = list(zip(W.sample_lengths(ns.input_len, ns.num_requests, ns.seed).tolist(),
+                           W.sample_lengths(ns.output_len, ns.num_requests, ns.seed + 1).tolist()))
+        trace_times = None
+    else:
+        requests, problems = build_workload(ns)
+        for p in problems:
+            print(f"tokenworks simulate: {ns.file}:{p.line}: skipped ({p.message})", file=sys.stderr)
+        lengths = [(r.input_tokens, r.max_tokens) for r in requests]
+        trace_times = [r.arrival for r in requests] if requests and requests[0].arrival is not None else None
+    if ns.rates:
+        arrivals = [arrival_times(len(lengths), rate, ns.burstiness, ns.seed) for rate in ns.rates]
+        labels = [f"{rate:g} req/s" + (f", burstiness {ns.burstiness:g}" if ns.burstiness != 1 else " (Poisson)")
+                  for rate in ns.rates]
+        return lengths, arrivals, labels, list(ns.rates)
+    if trace_times is None:
+        raise ValueError(f"--workload {ns.workload} has no arrival times of its own: give --rates")
+    return lengths, [trace_times], ["trace arrival times"], [len(lengths) / max(trace_times[-1], 1e-9)]
+
+
+def _deployment(ns: argparse.Namespace):
+    from tokenworks.planner.catalog import load_catalog, project
+    from tokenworks.planner.profile import Profile
+    from tokenworks.planner.simulator import Deployment, Pool
+
+    catalog = load_catalog(ns.catalog)
+
+    def load(path: str) -> Profile:
+        prof = Profile.load(path)
+        return project(prof, catalog, ns.hardware, ns.units) if ns.hardware else prof
+
+    base = load(ns.profile)
+    agg = load(ns.aggregated_profile) if ns.aggregated_profile else base
+    prefill, decode, both = ns.prefill_workers, ns.decode_workers, ns.aggregated_workers
+    if prefill is None and decode is None and both is None:
+        prefill, decode, both = 1, 1, 0
+
+    def price(prof: Profile) -> float | None:
+        if ns.price_per_worker_hour is not None:
+            return ns.price_per_worker_hour
+        return prof.units * catalog[prof.hardware].price_per_hour if prof.hardware in catalog else None
+
+    pools = tuple(Pool(role, n or 0, prof, price(prof)) for role, n, prof in
+                  (("prefill", prefill, base), ("decode", decode, base), ("both", both, agg)) if n)
+    return Deployment(pools, local_prefill_threshold=ns.local_prefill_threshold,
+                      max_inflight=ns.max_inflight_requests, overhead_s=ns.overhead_ms / 1000.0)
+
+
+def cmd_simulate(ns: argparse.Namespace) -> int:
+    from tokenworks.planner.simulator import simulate_session
+
+    dep = _deployment(ns)
+    lengths, arrivals, labels, xs = _sim_workload(ns)
+    doc = simulate_session({ns.name: dep}, lengths, arrivals, labels, xs, _slo(ns), ns.attainment, ns.out,
+                           f"tokenworks simulate: {ns.workload} on {dep.describe()}",
+                           [f"{len(lengths)} requests per load, seed {ns.seed}; simulated, not measured",
+                            f"deployment: {dep.describe()}, local prefill up to {dep.local_prefill_threshold} tokens"])
+    _print_summary(doc)
+    for runs in doc["runs"].values():
+        for s in runs:
+            sim = s["simulated"]
+            print(f"simulated {s['requests']} requests, {sim['events']} events in {sim['wall_s']:.2f} s "
+                  f"({sim['events'] / max(sim['wall_s'], 1e-9):,.0f} events/s)")
+    return 0
+
+
+def cmd_plan(ns: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from tokenworks.bench import workloads as W
+    from tokenworks.planner.catalog import load_catalog
+    from tokenworks.planner.planner import Planner, Traffic, profiles_for
+    from tokenworks.planner.profile import Profile
+
+    catalog = load_catalog(ns.catalog)
+    base = [Profile.load(p) for p in ns.profile]
+    kinds = ns.hardware.split(",") if ns.hardware else None
+    profiles, notes = profiles_for(base, catalog, kinds, ns.units)
+    for note in notes:
+        print(f"[plan] {note}", file=sys.stderr)
+    if not profiles:
+        raise ValueError("no hardware kind can hold this model")
+    if ns.file:
+        ns.num_requests = ns.num_requests or None
+        from tokenworks.bench.sweep import build_workload
+
+        reqs, _ = build_workload(ns)
+        prompt = np.array([r.input_tokens for r in reqs])
+        output = np.array([r.max_tokens for r in reqs])
+    else:
+        prompt = W.sample_lengths(ns.input_len, 4096, ns.seed)
+        output = W.sample_lengths(ns.output_len, 4096, ns.seed + 1)
+    slo = _slo(ns)
+    results = []
+    for rate in ns.rates:
+        traffic = Traffic(rate, prompt, output, ns.burstiness, ns.seed)
+        planner = Planner(profiles, catalog, traffic, slo, ns.attainment, ns.sim_requests, ns.local_prefill_threshold,
+                          ns.max_units, ns.budget, progress=not ns.json)
+        best = planner.search(list(profiles), ns.top, aggregated=ns.layouts in ("both", "aggregated"),
+                              disaggregated=ns.layouts in ("both", "disaggregated"))
+        results.append({"rate_req_s": rate, "mean_prompt_tokens": float(prompt.mean()),
+                        "mean_output_tokens": float(output.mean()), "slo": slo.describe(),
+                        "attainment_target": ns.attainment, "simulations": planner.simulations,
+                        "profiles": {k: {"projected_from": p.projected_from, "date": p.date} for k, p in profiles.items()},
+                        "candidates": [c.to_json() for c in best]})
+        if not ns.json:
+            print(f"\n{rate:g} req/s, prompts {prompt.mean():.0f} / outputs {output.mean():.0f} tokens on average, "
+                  f"SLO {slo.describe()} for {ns.attainment:.0%} of requests ({planner.simulations} simulations):")
+            if not best:
+                print("  no layout meets the SLOs within the limits")
+            for k, c in enumerate(best, 1):
+                gp = "-" if c.goodput is None else f"{c.goodput:.3g}"
+                print(f"  {k}. {c.layout:<13} {c.describe():<58} {c.units:>5} units  ${c.price_per_hour:>9.2f}/h  "
+                      f"${c.cost_per_million_output:.3g}/M out tok  goodput {gp} req/s  "
+                      f"p90 TTFT {1e3 * (c.ttft_p90 or 0):.0f} ms TPOT {1e3 * (c.tpot_p90 or 0):.1f} ms")
+    if ns.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenworks", description="Disaggregated LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -345,6 +497,23 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flags(s)
     s.set_defaults(func=cmd_serve)
 
+    pr = sub.add_parser("profile", help="measure a worker's step latencies and KV transfer; write a profile (JSON)",
+                        description="Measure this machine's engine: prefill step time against tokens and prompt "
+                                    "lengths, decode step time against batch and context, KV transfer time against "
+                                    "bytes; fit latency models (error on held-out points shown) and write a profile "
+                                    "for tokenworks simulate and plan.")
+    pr.add_argument("--out", default="profile.json", help="where to write the profile (default: profile.json)")
+    pr.add_argument("--quick", action="store_true", help="a few points (seconds), for tests; default: thorough")
+    pr.add_argument("--cpus", default=None, metavar="IDS",
+                    help="pin to these CPU ids with one thread each, as a worker would be (e.g. '0')")
+    pr.add_argument("--hardware", default=None,
+                    help="the catalog name of this hardware (default: guessed; needed to project to other kinds)")
+    pr.add_argument("--random-weights", default=None, metavar="CONFIG",
+                    help="time a random-weight model of this Hugging Face config.json's shape instead of --model")
+    pr.add_argument("--kv-transport", choices=["nixl", "tcp"], default="nixl", help="transport to time (default: nixl)")
+    _engine_flags(pr)
+    pr.set_defaults(func=cmd_profile)
+
     b = sub.add_parser("bench", help="drive any OpenAI-compatible server and report latency and goodput",
                        description="Drive an OpenAI-compatible server over streaming HTTP and report TTFT, TPOT, "
                                    "ITL, E2E, throughput, SLO attainment and goodput (JSONL, JSON, Markdown, PNG).")
@@ -353,6 +522,62 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--name", default="server", help="label for this server in the report")
     _bench_flags(b)
     b.set_defaults(func=cmd_bench)
+
+    sm = sub.add_parser("simulate", help="simulate a deployment on a workload from measured profiles; bench's report",
+                        description="Simulate a deployment (prefill, decode and aggregated pools, router, KV "
+                                    "transfers) step by step from profiles written by 'tokenworks profile', on the "
+                                    "same seeded workloads as 'tokenworks bench', and write the same report.")
+    sm.add_argument("--profile", required=True, help="profile of one worker (from tokenworks profile)")
+    sm.add_argument("--aggregated-profile", default=None, help="profile for the aggregated workers (default: --profile)")
+    sm.add_argument("--hardware", default=None, help="project the profiles to this catalog kind first")
+    sm.add_argument("--units", type=int, default=1, help="with --hardware: accelerators per worker (default: 1)")
+    sm.add_argument("--catalog", default=None, help="hardware catalog JSON (default: the shipped one)")
+    sm.add_argument("--prefill-workers", type=int, default=None, metavar="N")
+    sm.add_argument("--decode-workers", type=int, default=None, metavar="M")
+    sm.add_argument("--aggregated-workers", type=int, default=None, metavar="K",
+                    help="default with none of the three: 1 prefill + 1 decode, as tokenworks serve")
+    sm.add_argument("--local-prefill-threshold", type=int, default=16, metavar="TOKENS")
+    sm.add_argument("--max-inflight-requests", type=int, default=0, help="reject beyond this many (default: no limit)")
+    sm.add_argument("--overhead-ms", type=float, default=0.0, help="added to every request's first and last token")
+    sm.add_argument("--price-per-worker-hour", type=float, default=None,
+                    help="for cost per token (default: the catalog's price of the profile's hardware)")
+    sm.add_argument("--name", default="simulated", help="label in the report")
+    _bench_flags(sm)
+    sm.set_defaults(func=cmd_simulate, out="results/simulate")
+
+    pl = sub.add_parser("plan", help="find the cheapest prefill/decode layouts and hardware that meet SLOs",
+                        description="Search aggregated and disaggregated layouts, prefill:decode counts and the "
+                                    "hardware kind of each pool (mixed kinds included) by simulation, and print the "
+                                    "cheapest that meet the SLOs, with cost per hour and per million output tokens.")
+    pl.add_argument("--profile", action="append", required=True,
+                    help="a measured profile (repeatable: one per hardware kind measured; others are projected)")
+    pl.add_argument("--hardware", default=None, help="comma-separated catalog kinds to consider (default: all)")
+    pl.add_argument("--units", type=int, default=1, help="accelerators per projected worker (default: 1)")
+    pl.add_argument("--catalog", default=None, help="hardware catalog JSON (default: the shipped one)")
+    pl.add_argument("--rates", type=_floats, required=True, metavar="R[,R...]",
+                    help="request rates to plan for, e.g. 100,200 (what if traffic doubles)")
+    pl.add_argument("--input-len", default="uniform:50:400", help="prompt lengths, as in bench (default: uniform:50:400)")
+    pl.add_argument("--output-len", default="uniform:16:128", help="output lengths (default: uniform:16:128)")
+    pl.add_argument("--workload", default="synthetic", choices=["synthetic", "mooncake", "azure", "sharegpt"],
+                    help="with --file: take the lengths from a trace")
+    pl.add_argument("--file", default=None, help="trace file for the length distribution")
+    pl.add_argument("--num-requests", type=int, default=None, help="trace lines to read (default: all)")
+    pl.add_argument("--time-scale", type=float, default=1.0, help=argparse.SUPPRESS)
+    pl.add_argument("--length-scale", type=float, default=1.0, help="traces: multiply token counts")
+    pl.add_argument("--burstiness", type=float, default=1.0)
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--slo-ttft-ms", type=float, default=None)
+    pl.add_argument("--slo-tpot-ms", type=float, default=None)
+    pl.add_argument("--slo-e2e-ms", type=float, default=None)
+    pl.add_argument("--attainment", type=float, default=0.9, help="fraction of requests that must meet the SLOs")
+    pl.add_argument("--budget", type=float, default=None, metavar="USD_PER_HOUR", help="most the fleet may cost")
+    pl.add_argument("--max-units", type=int, default=None, help="most accelerators (or CPU cores) in all")
+    pl.add_argument("--layouts", choices=["both", "aggregated", "disaggregated"], default="both")
+    pl.add_argument("--local-prefill-threshold", type=int, default=16, metavar="TOKENS")
+    pl.add_argument("--sim-requests", type=int, default=3000, help="requests per simulation (default: 3000)")
+    pl.add_argument("--top", type=int, default=5, help="layouts to print (default: 5)")
+    pl.add_argument("--json", action="store_true", help="print JSON only")
+    pl.set_defaults(func=cmd_plan, slo_itl_ms=None, concurrency=None)
 
     e = sub.add_parser("experiment", help="run a prepared comparison (disagg-vs-agg) and write one report",
                        description="disagg-vs-agg: start an aggregated server (one worker on all cores) and a "

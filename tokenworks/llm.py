@@ -21,7 +21,7 @@ from tokenworks.engine.scheduler import Scheduler
 from tokenworks.model.kv_cache import KVCache, num_blocks_for_budget, torch_dtype
 from tokenworks.model.llama import LlamaModel
 from tokenworks.model.runner import ModelRunner
-from tokenworks.model.weights import load_model_files
+from tokenworks.model.weights import load_model_files, random_weights
 from tokenworks.outputs import RequestOutput
 from tokenworks.sampling_params import SamplingParams
 from tokenworks.tokenizer import Tokenizer
@@ -39,28 +39,43 @@ class LoadedEngine:
 
 def build_engine(args: EngineArgs) -> LoadedEngine:
     t0 = time.perf_counter()
+    files = load_model_files(args.model, args.cache_dir)
+    tokenizer = Tokenizer(files.tokenizer_json, files.chat_template, files.bos_token, files.eos_token, files.add_bos_token)
+    eos = files.config.eos_token_ids
+    if not eos and files.eos_token is not None:
+        eos = (tokenizer._tok.token_to_id(files.eos_token),)
+    weights, files.weights = files.weights, {}
+    return _assemble(args, files.name, files.config, weights, tokenizer, eos, t0)
+
+
+def build_random_engine(args: EngineArgs, config: ModelConfig, name: str) -> LoadedEngine:
+    """An engine of ``config``'s shape with random weights made on the device, no tokenizer (token ids only):
+    for timing a model whose checkpoint is not at hand (``tokenworks profile --random-weights``)."""
+    t0 = time.perf_counter()
+    dev = args.device_config()
+    weights = random_weights(config, torch_dtype(dev.resolved_dtype), dev.device)
+    return _assemble(args, name, config, weights, None, config.eos_token_ids, t0)
+
+
+def _assemble(args: EngineArgs, name: str, config: ModelConfig, weights: dict, tokenizer: Tokenizer | None,
+              eos: tuple[int, ...], t0: float) -> LoadedEngine:
     dev = args.device_config()
     if dev.num_threads:
         torch.set_num_threads(dev.num_threads)
     if dev.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("device cuda was asked for but torch sees no CUDA device")
     dtype = torch_dtype(dev.resolved_dtype)
-    files = load_model_files(args.model, args.cache_dir)
-    model = LlamaModel(files.config, files.weights, dtype, dev.device)
-    del files.weights
+    model = LlamaModel(config, weights, dtype, dev.device)
+    weights.clear()
     cache_cfg = args.cache_config()
-    num_blocks = num_blocks_for_budget(files.config, cache_cfg, dtype)
-    sched_cfg = args.scheduler_config(files.config, num_blocks)
-    kv_tensor = KVCache(files.config, cache_cfg.block_size, num_blocks, dtype, dev.device)
+    num_blocks = num_blocks_for_budget(config, cache_cfg, dtype)
+    sched_cfg = args.scheduler_config(config, num_blocks)
+    kv_tensor = KVCache(config, cache_cfg.block_size, num_blocks, dtype, dev.device)
     pool = BlockPool(num_blocks, cache_cfg.enable_prefix_caching)
     scheduler = Scheduler(sched_cfg, KVCacheManager(pool, cache_cfg.block_size))
     runner = ModelRunner(model, kv_tensor)
-    tokenizer = Tokenizer(files.tokenizer_json, files.chat_template, files.bos_token, files.eos_token, files.add_bos_token)
-    eos = files.config.eos_token_ids
-    if not eos and files.eos_token is not None:
-        eos = (tokenizer._tok.token_to_id(files.eos_token),)
-    engine = Engine(scheduler, runner, tokenizer, eos, vocab_size=files.config.vocab_size)
-    return LoadedEngine(engine, files.name, files.config, runner, pool, time.perf_counter() - t0)
+    engine = Engine(scheduler, runner, tokenizer, eos, vocab_size=config.vocab_size)
+    return LoadedEngine(engine, name, config, runner, pool, time.perf_counter() - t0)
 
 
 class LLM:

@@ -38,10 +38,10 @@ class SLO:
         return ", ".join(parts) or "none"
 
 
-def stats(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"mean": None, "median": None, "p90": None, "p99": None, "max": None}
+def stats(values) -> dict[str, float | None]:
     a = np.asarray(values, dtype=float)
+    if a.size == 0:
+        return {"mean": None, "median": None, "p90": None, "p99": None, "max": None}
     return {"mean": float(a.mean()), "median": float(np.median(a)), "p90": float(np.percentile(a, 90)),
             "p99": float(np.percentile(a, 99)), "max": float(a.max())}
 
@@ -53,30 +53,46 @@ def summarize(results: list[RequestResult], wall: float, slo: SLO, price_per_hou
         if not r.ok:
             key = r.error.split(":")[0] if r.error else "error"
             errors[key] = errors.get(key, 0) + 1
-    out_tokens = sum(r.output_tokens for r in ok)
-    in_tokens = sum(r.prompt_tokens for r in ok)
-    met = sum(1 for r in results if slo.met(r))
+    return summary(
+        requests=len(results), errors=errors, wall=wall, slo=slo, met=sum(1 for r in results if slo.met(r)),
+        input_tokens=sum(r.prompt_tokens for r in ok), output_tokens=sum(r.output_tokens for r in ok),
+        ttft=[r.ttft for r in ok if r.ttft is not None], tpot=[r.tpot for r in ok if r.tpot is not None],
+        itl=[x for r in ok for x in r.itls], e2e=[r.e2e for r in ok if r.e2e is not None],
+        price_per_hour=price_per_hour)
+
+
+def summary(*, requests: int, errors: dict[str, int], wall: float, slo: SLO, met: int, input_tokens: int,
+            output_tokens: int, ttft, tpot, itl, e2e, price_per_hour: float | None) -> dict:
+    """The summary of one run, from latencies of the completed requests (lists or arrays, seconds).
+    Measured runs (``summarize``) and simulated ones (``planner.report``) both come through here."""
+    completed = requests - sum(errors.values())
     s = {
-        "requests": len(results),
-        "completed": len(ok),
-        "failed": len(results) - len(ok),
+        "requests": requests,
+        "completed": completed,
+        "failed": requests - completed,
         "errors": errors,
         "duration_s": wall,
-        "request_throughput": len(ok) / wall if wall else 0.0,
-        "output_token_throughput": out_tokens / wall if wall else 0.0,
-        "input_tokens": in_tokens,
-        "output_tokens": out_tokens,
-        "ttft_s": stats([r.ttft for r in ok if r.ttft is not None]),
-        "tpot_s": stats([r.tpot for r in ok if r.tpot is not None]),
-        "itl_s": stats([x for r in ok for x in r.itls]),
-        "e2e_s": stats([r.e2e for r in ok if r.e2e is not None]),
+        "request_throughput": completed / wall if wall else 0.0,
+        "output_token_throughput": output_tokens / wall if wall else 0.0,
+        "input_tokens": int(input_tokens),
+        "output_tokens": int(output_tokens),
+        "ttft_s": stats(ttft),
+        "tpot_s": stats(tpot),
+        "itl_s": stats(itl),
+        "e2e_s": stats(e2e),
         "slo": slo.describe(),
-        "slo_attainment": met / len(results) if results else 0.0,
+        "slo_attainment": met / requests if requests else 0.0,
         "good_request_throughput": met / wall if wall else 0.0,
     }
-    if price_per_hour is not None and out_tokens:
-        s["cost_per_million_output_tokens"] = price_per_hour * (wall / 3600) / out_tokens * 1e6
+    if price_per_hour is not None and output_tokens:
+        s["price_per_hour"] = price_per_hour
+        s["cost_per_million_output_tokens"] = cost_per_million(price_per_hour, wall, output_tokens)
     return s
+
+
+def cost_per_million(price_per_hour: float, seconds: float, tokens: float) -> float:
+    """Dollars per million tokens when ``tokens`` took ``seconds`` of a fleet priced ``price_per_hour``."""
+    return price_per_hour * (seconds / 3600) / tokens * 1e6
 
 
 def goodput(sweep: list[tuple[float, dict]], attainment: float) -> float | None:

@@ -12,6 +12,11 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.1f}"
 
 
+def _cost(s: dict) -> str:
+    c = s.get("cost_per_million_output_tokens")
+    return "-" if c is None else f"{c:.3g}"
+
+
 def write_requests(path: str, results: list[RequestResult]) -> None:
     with open(path, "w") as f:
         for r in results:
@@ -27,17 +32,17 @@ def markdown(title: str, runs: dict[str, list[tuple[float, dict]]], goodputs: di
         lines.append(f"## {name}: goodput {'none' if gp is None else f'{gp:g} req/s'}")
         lines.append("")
         lines.append("| load | done/sent | req/s | out tok/s | TTFT med / p90 / p99 ms | TPOT med / p90 ms | "
-                     "ITL med / p99 ms | E2E med ms | SLO met |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+                     "ITL med / p99 ms | E2E med ms | SLO met | $ / M out tok |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for label, s in sweep:
             t, p, i, e = s["ttft_s"], s["tpot_s"], s["itl_s"], s["e2e_s"]
             lines.append(
                 f"| {label} | {s['completed']}/{s['requests']} | {s['request_throughput']:.2f} | "
                 f"{s['output_token_throughput']:.1f} | {_ms(t['median'])} / {_ms(t['p90'])} / {_ms(t['p99'])} | "
                 f"{_ms(p['median'])} / {_ms(p['p90'])} | {_ms(i['median'])} / {_ms(i['p99'])} | {_ms(e['median'])} | "
-                f"{s['slo_attainment']:.0%} |")
+                f"{s['slo_attainment']:.0%} | {_cost(s)} |")
             if s["errors"]:
-                lines.append(f"| errors | {', '.join(f'{k}: {v}' for k, v in s['errors'].items())} | | | | | | | |")
+                lines.append(f"| errors | {', '.join(f'{k}: {v}' for k, v in s['errors'].items())} | | | | | | | | |")
         lines.append("")
     return "\n".join(lines)
 

@@ -63,6 +63,27 @@ def sample_length(spec: str, rng: random.Random) -> int:
     raise WorkloadError(f"unknown length distribution {spec!r}; use fixed:N, uniform:A:B, normal:MU:SIGMA or sharegpt:MEDIAN")
 
 
+def sample_lengths(spec: str, n: int, seed: int):
+    """``n`` lengths of the same distributions as ``sample_length`` drawn at once with numpy (for simulations
+    of millions of requests; a different random stream than ``sample_length``'s)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    probe = random.Random(0)
+    sample_length(spec, probe)  # the spec's errors, with the same messages
+    kind, _, rest = spec.partition(":")
+    args = [float(x) for x in rest.split(":")]
+    if kind == "fixed":
+        out = np.full(n, int(args[0]))
+    elif kind == "uniform":
+        out = rng.integers(int(args[0]), int(args[1]) + 1, n)
+    elif kind == "normal":
+        out = rng.normal(args[0], args[1], n).astype(np.int64)
+    else:
+        out = np.minimum(rng.lognormal(math.log(args[0]), 1.0, n).astype(np.int64), int(args[0] * 20))
+    return np.maximum(1, out).astype(np.int64)
+
+
 def synthetic(n: int, input_len: str, output_len: str, seed: int) -> list[BenchRequest]:
     rng = random.Random(seed)
     out = []

@@ -113,6 +113,45 @@ def _config_from_hf(cfg: dict) -> ModelConfig:
     )
 
 
+def read_hf_config(path: str) -> ModelConfig:
+    """A Hugging Face ``config.json`` (the file, or the folder holding it) as a ModelConfig."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    with open(path) as f:
+        try:
+            return _config_from_hf(json.load(f))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{path}: not a usable Hugging Face config ({type(e).__name__}: {e})") from None
+
+
+def random_weights(config: ModelConfig, dtype: torch.dtype, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Tensors of the checkpoint names and shapes ``config`` implies, random (std 0.02) and made on ``device``:
+    a model's speed can be measured without its checkpoint."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    h, i, q, kv, hd = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size, config.head_dim
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, dtype=dtype, device=device)
+
+    w = {"model.embed_tokens.weight": rand(config.vocab_size, h), "model.norm.weight": ones(h)}
+    if not config.tie_word_embeddings:
+        w["lm_head.weight"] = rand(config.vocab_size, h)
+    for n in range(config.num_layers):
+        p, a = f"model.layers.{n}.", f"model.layers.{n}.self_attn."
+        w.update({a + "q_proj.weight": rand(q, h), a + "k_proj.weight": rand(kv, h), a + "v_proj.weight": rand(kv, h),
+                  a + "o_proj.weight": rand(h, q), p + "mlp.gate_proj.weight": rand(i, h),
+                  p + "mlp.up_proj.weight": rand(i, h), p + "mlp.down_proj.weight": rand(h, i),
+                  p + "input_layernorm.weight": ones(h), p + "post_attention_layernorm.weight": ones(h)})
+        if config.attention_bias:
+            w.update({a + "q_proj.bias": rand(q), a + "k_proj.bias": rand(kv), a + "v_proj.bias": rand(kv)})
+        if config.qk_norm:
+            w.update({a + "q_norm.weight": ones(hd), a + "k_norm.weight": ones(hd)})
+    return w
+
+
 def _load_hf_folder(path: str, with_weights: bool = True) -> ModelFiles:
     from safetensors.torch import load_file
 

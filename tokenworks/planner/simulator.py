@@ -1,0 +1,518 @@
+"""``tokenworks simulate``: a discrete-event simulator of a whole deployment, one engine step at a time.
+
+What it models, as the server does it:
+
+- the router: admission (``max_inflight``), the decode worker with the fewest
+  requests, conditional disaggregation (a prompt of at most
+  ``local_prefill_threshold`` tokens, or every prompt when there is no
+  prefill pool, is prefilled on the decode worker), the prefill worker with
+  the fewest requests;
+- prefill workers: FCFS, chunked prefill within ``max_num_batched_tokens``,
+  the first token at the end of the step that finishes the prompt;
+- KV transfer from prefill to decode worker over the decode worker's inbound
+  link (``fixed_s + bytes / bytes_per_s``, transfers into one worker queue);
+- decode and aggregated workers: continuous batching up to ``max_num_seqs``
+  and the KV capacity, requests join at step boundaries; a step that also
+  prefills (local prefill) is timed with the prefill fit over all its tokens.
+
+Step times come from each pool's ``Profile``. Between two changes of a
+decode batch the step times form an arithmetic series (each step adds one
+token of context per request), so the simulator jumps from one change to
+the next in closed form instead of stepping: events are per request, not
+per token, which is what lets it run an hour of a thousand-worker fleet.
+
+Not modelled: prefix caching (prompts are taken as uncached), preemption
+(a request reserves its whole prompt + output of KV when it joins), worker
+failures, the router's predicted-wait admission, sampling stop strings.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tokenworks.planner.profile import Profile
+
+
+@dataclass(frozen=True)
+class Pool:
+    role: str  # "prefill", "decode" or "both"
+    count: int
+    profile: Profile
+    price_per_hour: float | None = None  # per worker; None: unknown
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode", "both"):
+            raise ValueError(f"pool role must be prefill, decode or both, not {self.role!r}")
+        if self.count < 0:
+            raise ValueError("a pool's worker count must be >= 0")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    pools: tuple[Pool, ...]
+    local_prefill_threshold: int = 16
+    max_inflight: int = 0  # 0: no limit
+    overhead_s: float = 0.0  # added to every token's delivery (router, HTTP): measured, or 0
+    handoff_s: float = 0.0  # prefill done -> decode worker told to pull (router round trip)
+
+    def __post_init__(self) -> None:
+        if not any(p.count for p in self.pools if p.role in ("decode", "both")):
+            raise ValueError("a deployment needs at least one decode or aggregated worker")
+
+    @property
+    def num_workers(self) -> int:
+        return sum(p.count for p in self.pools)
+
+    @property
+    def units(self) -> int:
+        """Accelerators (or CPU cores) in all."""
+        return sum(p.count * p.profile.units for p in self.pools)
+
+    @property
+    def price_per_hour(self) -> float | None:
+        if any(p.price_per_hour is None for p in self.pools if p.count):
+            return None
+        return sum(p.count * p.price_per_hour for p in self.pools if p.count)
+
+    def describe(self) -> str:
+        return " + ".join(f"{p.count} {p.role} on {p.profile.units} x {p.profile.hardware}" for p in self.pools if p.count)
+
+
+@dataclass
+class SimWorkload:
+    """Arrival times (s), prompt and output lengths (tokens), one entry per request."""
+
+    arrival: np.ndarray
+    prompt_len: np.ndarray
+    output_len: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.arrival = np.asarray(self.arrival, dtype=float)
+        self.prompt_len = np.maximum(1, np.asarray(self.prompt_len, dtype=np.int64))
+        self.output_len = np.maximum(1, np.asarray(self.output_len, dtype=np.int64))
+        if not (len(self.arrival) == len(self.prompt_len) == len(self.output_len)):
+            raise ValueError("arrival, prompt_len and output_len must have one entry per request")
+        if len(self.arrival) and np.any(np.diff(self.arrival) < 0):
+            order = np.argsort(self.arrival, kind="stable")
+            self.arrival, self.prompt_len, self.output_len = (self.arrival[order], self.prompt_len[order],
+                                                              self.output_len[order])
+
+    def __len__(self) -> int:
+        return len(self.arrival)
+
+
+@dataclass
+class SimResult:
+    """Per request: first token and last token times (s from its arrival), NaN when rejected."""
+
+    ttft: np.ndarray
+    e2e: np.ndarray
+    prompt_len: np.ndarray
+    output_len: np.ndarray
+    arrival: np.ndarray
+    rejected: np.ndarray  # bool
+    duration: float  # from the first arrival to the last token
+    events: int
+    wall_s: float
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def tpot(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.output_len > 1, (self.e2e - self.ttft) / (self.output_len - 1), np.nan)
+
+
+class _LeastLoaded:
+    """The index with the smallest load (ties: the smaller index), for loads that move by one.
+
+    A heap of (load, index) entries kept lazily: an increase pushes nothing (the old entry is a
+    lower bound, corrected when it reaches the top), a decrease pushes the exact value. So every
+    index always has an entry no higher than its load, and an exact entry on top is the minimum.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.load = [0] * n
+        self.heap = [(0, i) for i in range(n)]
+
+    def pick(self) -> int:
+        heap, load = self.heap, self.load
+        while True:
+            l, i = heap[0]
+            actual = load[i]
+            if actual == l:
+                return i
+            if l < actual:
+                heapq.heapreplace(heap, (actual, i))
+            else:
+                heapq.heappop(heap)  # a lower exact entry for i was pushed since
+
+    def add(self, i: int) -> None:
+        self.load[i] += 1
+
+    def remove(self, i: int) -> None:
+        self.load[i] -= 1
+        heapq.heappush(self.heap, (self.load[i], i))
+        if len(self.heap) > 8 * len(self.load) + 64:
+            self.heap = [(l, k) for k, l in enumerate(self.load)]
+            heapq.heapify(self.heap)
+
+
+class _Prefiller:
+    __slots__ = ("profile", "queue", "busy", "step")
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.queue: deque = deque()  # [request, tokens done]
+        self.busy = False
+        self.step: list = []  # (entry, chunk) of the step in flight
+
+
+class _Decoder:
+    __slots__ = ("profile", "S", "t", "B", "K", "finish", "pending", "local", "kv_free", "version", "plan_k",
+                 "event_t", "step", "link_free", "a", "b", "c")
+
+    def __init__(self, profile: Profile) -> None:
+        self.profile = profile
+        self.S = 0  # steps done
+        self.t = 0.0  # time of the end of step S (or of the last event when idle)
+        self.B = 0  # requests decoding
+        self.K = 0  # sum over the batch of (prompt - join step): context sum at step s is K + B*s
+        self.finish: list = []  # heap (step at whose end it finishes, request, kv reserved, K part)
+        self.pending: list = []  # heap (time its KV is here, request): waits to join at a step boundary
+        self.local: deque = deque()  # [request, tokens done]: prefills on this worker
+        self.kv_free = profile.kv_capacity_tokens
+        self.version = 0
+        self.plan_k = 0  # steps the scheduled event completes (0: a wake-up)
+        self.event_t = math.inf  # when the scheduled event fires (inf: none)
+        self.step: list = []  # local prefill chunks of a mixed step in flight
+        self.link_free = 0.0  # inbound KV link
+        self.a, self.b, self.c = profile.decode.a, profile.decode.b, profile.decode.c
+
+
+def simulate(dep: Deployment, work: SimWorkload) -> SimResult:
+    """Run the workload through the deployment; return per-request latencies."""
+    wall0 = time.perf_counter()
+    n = len(work)
+    arrival = work.arrival.tolist()
+    plen = work.prompt_len.tolist()
+    olen = work.output_len.tolist()
+    first = [math.nan] * n
+    last = [math.nan] * n
+    rejected = [False] * n
+    home = [0] * n  # decode worker of each request
+
+    prefillers: list[_Prefiller] = []
+    decoders: list[_Decoder] = []
+    for pool in dep.pools:
+        for _ in range(pool.count):
+            (prefillers.append(_Prefiller(pool.profile)) if pool.role == "prefill"
+             else decoders.append(_Decoder(pool.profile)))
+    p_load = _LeastLoaded(len(prefillers))
+    d_load = _LeastLoaded(len(decoders))
+    threshold = dep.local_prefill_threshold
+    max_inflight = dep.max_inflight or n + 1
+    overhead, handoff = dep.overhead_s, dep.handoff_s
+    inflight = 0
+    events = 0
+    heap: list = []  # (time, seq, kind, worker, version)
+    seq = 0
+    PREFILL, DECODE = 0, 1
+    push, pop = heapq.heappush, heapq.heappop
+    stats = {"local_prefills": 0, "remote_prefills": 0, "kv_bytes": 0.0, "rejected": 0}
+
+    def steps_until(d: _Decoder, dt: float) -> int:
+        """Fewest whole steps (>= 1) from d.t whose total time reaches dt, for the current batch.
+        Step j after d.S takes alpha + beta*j: alpha = a + b*B + c*(context sum at d.S), beta = c*B."""
+        if dt <= 0:
+            return 1
+        alpha = d.a + d.b * d.B + d.c * (d.K + d.B * d.S)
+        beta = d.c * d.B
+        if beta <= 0:
+            return max(1, math.ceil(dt / alpha)) if alpha > 0 else 1
+        q = alpha + beta / 2
+        return max(1, math.ceil((-q + math.sqrt(q * q + 2 * beta * dt)) / beta - 1e-9))
+
+    def span(d: _Decoder, k: int) -> float:
+        """Seconds of k decode steps from step d.S on."""
+        return k * (d.a + d.b * d.B + d.c * (d.K + d.B * d.S)) + d.c * d.B * k * (k + 1) / 2
+
+    def schedule(d: _Decoder, idx: int, when: float, k: int) -> None:
+        nonlocal seq
+        d.version += 1
+        d.plan_k = k
+        d.event_t = when
+        seq += 1
+        push(heap, (when, seq, DECODE, idx, d.version))
+
+    def form_chunks(queue: deque, budget: int, max_seqs: int) -> tuple[list, int, int]:
+        chunks, tokens, attn = [], 0, 0
+        for entry in queue:
+            if budget <= 0 or len(chunks) >= max_seqs:
+                break
+            r, done = entry
+            take = min(plen[r] - done, budget)
+            chunks.append((entry, take))
+            tokens += take
+            attn += take * (done + take)
+            budget -= take
+        return chunks, tokens, attn
+
+    def plan_decoder(d: _Decoder, idx: int) -> None:
+        """At a boundary (d.t, d.S): join what may join, then schedule the next event."""
+        prof = d.profile
+        while d.pending and d.pending[0][0] <= d.t and d.B < prof.max_num_seqs:
+            _, r = d.pending[0]
+            need = plen[r] + olen[r]
+            if need > d.kv_free and d.B:
+                break  # waits for a finish to free KV
+            pop(d.pending)
+            join(d, r, need)
+        if d.local:
+            chunks, tokens, attn = form_chunks(d.local, prof.max_num_batched_tokens - d.B, prof.max_num_seqs - d.B)
+            if chunks:
+                dur = prof.prefill(tokens + d.B, attn + d.K + d.B * (d.S + 1))
+                d.step = chunks
+                schedule(d, idx, d.t + dur, 1)
+                return
+        if d.B:
+            k = d.finish[0][0] - d.S
+            if d.pending and d.pending[0][0] > d.t:
+                k = min(k, steps_until(d, d.pending[0][0] - d.t))
+            schedule(d, idx, d.t + span(d, k), k)
+        elif d.pending:
+            schedule(d, idx, max(d.t, d.pending[0][0]), 0)
+        else:
+            d.event_t = math.inf
+            d.version += 1
+
+    def join(d: _Decoder, r: int, need: int) -> None:
+        d.kv_free -= need
+        d.B += 1
+        part = plen[r] - d.S
+        d.K += part
+        push(d.finish, (d.S + olen[r] - 1, r, need, part))
+
+    def wake(d: _Decoder, idx: int, now: float, when: float) -> None:
+        """Something for d arrives at ``when`` (>= now): make sure d stops at the first boundary after it."""
+        if d.event_t == math.inf:  # idle
+            d.t = max(d.t, now)
+            if when <= now:
+                plan_decoder(d, idx)
+            else:
+                schedule(d, idx, when, 0)
+            return
+        if d.step or d.plan_k == 0:
+            if d.plan_k == 0 and when < d.event_t:
+                schedule(d, idx, when, 0)
+            return  # a mixed step or a wake-up is planned: its end looks again
+        k = steps_until(d, when - d.t)
+        if k < d.plan_k:
+            schedule(d, idx, d.t + span(d, k), k)
+
+    def prompt_done(r: int, t: float, d: _Decoder | None, idx: int) -> None:
+        """Request r's first token came out at t (on a prefill worker when d is None)."""
+        nonlocal inflight
+        first[r] = t + overhead - arrival[r]
+        if olen[r] == 1:
+            last[r] = first[r]
+            inflight -= 1
+            d_load.remove(home[r])
+            return
+        if d is None:  # remote: the KV crosses to the decode worker chosen at arrival
+            dk = home[r]
+            dd = decoders[dk]
+            nbytes = plen[r] * dd.profile.kv_bytes_per_token
+            tr = dd.profile.transfer
+            start = max(t + handoff, dd.link_free)
+            dd.link_free = start + nbytes / tr.bytes_per_s
+            ready = dd.link_free + tr.fixed_s
+            stats["kv_bytes"] += nbytes
+            push(dd.pending, (ready, r))
+            wake(dd, dk, t, ready)
+        else:
+            join(d, r, plen[r] + olen[r])
+
+    ai = 0
+    next_arrival = arrival[0] if n else math.inf
+    while True:
+        if heap and heap[0][0] <= next_arrival:
+            now, _, kind, idx, ver = pop(heap)
+            events += 1
+            if kind == PREFILL:
+                p = prefillers[idx]
+                for entry, take in p.step:
+                    entry[1] += take
+                while p.queue and p.queue[0][1] >= plen[p.queue[0][0]]:
+                    r = p.queue.popleft()[0]
+                    p_load.remove(idx)
+                    prompt_done(r, now, None, idx)
+                p.step = []
+                p.busy = False
+                if p.queue:
+                    chunks, tokens, attn = form_chunks(p.queue, p.profile.max_num_batched_tokens, p.profile.max_num_seqs)
+                    p.step = chunks
+                    p.busy = True
+                    seq += 1
+                    push(heap, (now + p.profile.prefill(tokens, attn), seq, PREFILL, idx, 0))
+                continue
+            d = decoders[idx]
+            if ver != d.version:
+                continue  # superseded
+            d.S += d.plan_k
+            d.t = now
+            d.event_t = math.inf
+            if d.step:
+                for entry, take in d.step:
+                    entry[1] += take
+                d.step = []
+                while d.local and d.local[0][1] >= plen[d.local[0][0]]:
+                    r = d.local.popleft()[0]
+                    prompt_done(r, now, d, idx)
+            fin = d.finish
+            while fin and fin[0][0] <= d.S:
+                _, r, need, part = pop(fin)
+                last[r] = now + overhead - arrival[r]
+                d.B -= 1
+                d.K -= part
+                d.kv_free += need
+                inflight -= 1
+                d_load.remove(idx)
+            plan_decoder(d, idx)
+            continue
+        if ai >= n:
+            break
+        # an arrival
+        r = ai
+        now = next_arrival
+        ai += 1
+        next_arrival = arrival[ai] if ai < n else math.inf
+        events += 1
+        if inflight >= max_inflight:
+            rejected[r] = True
+            stats["rejected"] += 1
+            continue
+        inflight += 1
+        dk = d_load.pick()
+        d_load.add(dk)
+        home[r] = dk
+        if not prefillers or plen[r] <= threshold:
+            stats["local_prefills"] += 1
+            d = decoders[dk]
+            d.local.append([r, 0])
+            wake(d, dk, now, now)
+        else:
+            stats["remote_prefills"] += 1
+            pk = p_load.pick()
+            p_load.add(pk)
+            p = prefillers[pk]
+            p.queue.append([r, 0])
+            if not p.busy:
+                chunks, tokens, attn = form_chunks(p.queue, p.profile.max_num_batched_tokens, p.profile.max_num_seqs)
+                p.step = chunks
+                p.busy = True
+                seq += 1
+                push(heap, (now + p.profile.prefill(tokens, attn), seq, PREFILL, pk, 0))
+
+    ttft = np.asarray(first, dtype=float)
+    e2e = np.asarray(last, dtype=float)
+    done_at = e2e + work.arrival
+    duration = float(np.nanmax(done_at) - work.arrival[0]) if n and not np.all(np.isnan(done_at)) else 0.0
+    return SimResult(ttft=ttft, e2e=e2e, prompt_len=work.prompt_len, output_len=work.output_len, arrival=work.arrival,
+                     rejected=np.asarray(rejected), duration=duration, events=events,
+                     wall_s=time.perf_counter() - wall0, stats=stats)
+
+
+def met_slo(result: SimResult, slo, skip: int = 0) -> np.ndarray:
+    """Per request (from index ``skip`` on): admitted and within every latency target of ``slo``."""
+    ok = ~result.rejected[skip:]
+    ttft, e2e, tpot = result.ttft[skip:], result.e2e[skip:], result.tpot[skip:]
+    if slo.itl is not None:
+        raise ValueError("the simulator does not model single inter-token gaps: use a TPOT target, not ITL")
+    with np.errstate(invalid="ignore"):
+        if slo.ttft is not None:
+            ok &= ttft <= slo.ttft
+        if slo.tpot is not None:
+            ok &= np.isnan(tpot) | (tpot <= slo.tpot)
+        if slo.e2e is not None:
+            ok &= e2e <= slo.e2e
+    return ok
+
+
+def summarize_sim(result: SimResult, slo, price_per_hour: float | None = None) -> dict:
+    """The same summary as a measured run (``tokenworks.bench.metrics.summary``)."""
+    from tokenworks.bench.metrics import summary
+
+    done = ~result.rejected
+    errors = {"HTTP 429": int(result.rejected.sum())} if result.rejected.any() else {}
+    s = summary(requests=len(result.ttft), errors=errors, wall=result.duration, slo=slo,
+                met=int(met_slo(result, slo).sum()), input_tokens=int(result.prompt_len[done].sum()),
+                output_tokens=int(result.output_len[done].sum()), ttft=result.ttft[done],
+                tpot=result.tpot[done & (result.output_len > 1)], itl=[], e2e=result.e2e[done],
+                price_per_hour=price_per_hour)
+    s["simulated"] = {"events": result.events, "wall_s": result.wall_s, **result.stats}
+    return s
+
+
+def as_request_results(result: SimResult) -> list:
+    """The simulated requests as ``RequestResult`` objects, for the reports and plots of ``tokenworks bench``."""
+    from tokenworks.bench.client import RequestResult
+
+    out = []
+    for i in range(len(result.ttft)):
+        t0 = float(result.arrival[i] - result.arrival[0])
+        if result.rejected[i]:
+            out.append(RequestResult(index=i, scheduled=t0, start=t0, error="HTTP 429: rejected by admission"))
+            continue
+        out.append(RequestResult(index=i, scheduled=t0, start=t0, ttft=float(result.ttft[i]), e2e=float(result.e2e[i]),
+                                 prompt_tokens=int(result.prompt_len[i]), output_tokens=int(result.output_len[i])))
+    return out
+
+
+def simulate_session(deployments: dict[str, Deployment], requests: list[tuple[int, int]],
+                     arrivals: list[list[float]], labels: list[str], xs: list[float], slo, attainment: float,
+                     out_dir: str, title: str, notes: list[str], max_detail: int = 200_000) -> dict:
+    """Simulate each deployment at each load and write the report ``tokenworks bench`` writes
+    (summary.json, report.md, plots; per-request JSONL when there are at most ``max_detail`` requests)."""
+    import json
+    import os
+
+    from tokenworks.bench.metrics import goodput
+    from tokenworks.bench.report import markdown, plots, write_requests
+
+    os.makedirs(out_dir, exist_ok=True)
+    prompt = np.array([p for p, _ in requests], dtype=np.int64)
+    output = np.array([o for _, o in requests], dtype=np.int64)
+    runs: dict[str, list] = {}
+    for name, dep in deployments.items():
+        runs[name] = []
+        for k, (times, label, x) in enumerate(zip(arrivals, labels, xs)):
+            result = simulate(dep, SimWorkload(times, prompt[: len(times)], output[: len(times)]))
+            s = summarize_sim(result, slo, dep.price_per_hour)
+            s["load"] = label
+            s["deployment"] = dep.describe()
+            detail = as_request_results(result) if len(times) <= max_detail else []
+            runs[name].append((x, s, detail))
+            if detail:
+                safe = name.replace(" ", "_").replace("/", "_")
+                write_requests(os.path.join(out_dir, f"requests-{safe}-{k}.jsonl"), detail)
+    goodputs = {name: goodput([(x, s) for x, s, _ in sweep], attainment) for name, sweep in runs.items()}
+    doc = {"title": title, "slo": slo.describe(), "attainment_target": attainment, "goodput_req_s": goodputs,
+           "simulated": True, "runs": {name: [s for _, s, _ in sweep] for name, sweep in runs.items()}}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(doc, f, indent=2)
+    md = markdown(title, {n: [(s["load"], s) for _, s, _ in sweep] for n, sweep in runs.items()}, goodputs,
+                  notes + [f"SLOs: {slo.describe()}; goodput = highest load with at least {attainment:.0%} of requests "
+                           "meeting every SLO", "simulated: ITL is not modelled (TPOT is)"])
+    if all(detail for sweep in runs.values() for _, _, detail in sweep):
+        written = plots(out_dir, runs, attainment)
+        md += "\n" + "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in written) + "\n"
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(md)
+    doc["report"] = os.path.join(out_dir, "report.md")
+    return doc
