@@ -1,6 +1,8 @@
 """End to end: the real `tokenworks serve` with the real default model, through the official openai client."""
 
 import json
+import subprocess
+import sys
 
 import httpx
 import openai
@@ -152,8 +154,8 @@ def test_conditional_disaggregation(server, client):
     server.wait_idle()
 
 
-def test_aggregated_worker_gives_the_same_greedy_output(offline):
-    s = Server("--aggregated-workers", "1")
+def test_aggregated_worker_gives_the_same_greedy_output_and_reports_cost(offline, tmp_path):
+    s = Server("--aggregated-workers", "1", "--price-per-worker-hour", "3.6")
     try:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         for messages in (SHORT, LONG):
@@ -161,6 +163,23 @@ def test_aggregated_worker_gives_the_same_greedy_output(offline):
             assert r.choices[0].message.content == offline(messages, 24)
         assert s.metric("tokenworks:prefills_total", 'where="remote"') == 0
         s.wait_idle()
+        # Cost per token: one worker at $3.6/h costs $0.001 a second.
+        assert s.metric("tokenworks:fleet_price_per_hour") == 3.6
+        tokens = s.metric("tokenworks:generation_tokens_total")
+        dollars = s.metric("tokenworks:cost_dollars")
+        per_million = s.metric("tokenworks:cost_per_million_output_tokens")
+        assert tokens == 48 and 0 < dollars < 0.001 * 600
+        assert per_million == pytest.approx(dollars / tokens * 1e6, rel=0.05)
+        # tokenworks bench reads the price from the server and reports cost per million tokens.
+        out = tmp_path / "bench"
+        r = subprocess.run([sys.executable, "-m", "tokenworks.cli", "bench", "--url", s.url, "--num-requests", "2",
+                            "--input-len", "fixed:20", "--output-len", "fixed:8", "--rates", "4", "--out", str(out)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        run = json.loads((out / "summary.json").read_text())["runs"]["server"][0]
+        assert run["price_per_hour"] == 3.6
+        assert run["cost_per_million_output_tokens"] == pytest.approx(3.6 * run["duration_s"] / 3600 / 16 * 1e6)
+        assert "/M tokens" in r.stdout
     finally:
         s.stop()
 

@@ -16,6 +16,7 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory-gib", type=float, default=1.0, help="KV pool budget in GiB (default: 1.0)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step (default: 512)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="requests in one step at most (default: 64)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
@@ -30,6 +31,7 @@ def _engine_args(ns: argparse.Namespace):
         kv_cache_memory_gib=ns.kv_cache_memory_gib,
         block_size=ns.block_size,
         max_num_batched_tokens=ns.max_num_batched_tokens,
+        max_num_seqs=ns.max_num_seqs,
         enable_prefix_caching=not ns.no_prefix_caching,
         num_threads=ns.threads,
     )
@@ -106,7 +108,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     async def main() -> None:
         router = Router(block_size=args.block_size, local_prefill_threshold=ns.local_prefill_threshold,
                         max_inflight=ns.max_inflight_requests, max_queue_wait=ns.max_queue_wait,
-                        internal_host=ns.internal_host, secret=secret)
+                        internal_host=ns.internal_host, secret=secret, price_per_worker_hour=ns.price_per_worker_hour)
         router.start()
         cluster = LocalCluster(router, args, ns.kv_transport, lease_seconds=ns.lease_seconds,
                                prefill_nice=ns.prefill_nice, internal_host=ns.internal_host, secret=secret)
@@ -128,6 +130,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                       f"{w.num_blocks} KV blocks of {w.block_size} tokens", file=sys.stderr)
             print(f"[tokenworks] model {files.name}, KV transport {ns.kv_transport}, local prefill up to "
                   f"{ns.local_prefill_threshold} uncached tokens; ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+            if ns.price_per_worker_hour is not None:
+                print(f"[tokenworks] {len(specs)} workers at ${ns.price_per_worker_hour:g}/hour each = "
+                      f"${ns.price_per_worker_hour * len(specs):g}/hour; cost per million tokens on /metrics "
+                      "(tokenworks:cost_per_million_output_tokens)", file=sys.stderr)
             print(f"[tokenworks] listening on http://{ns.host}:{ns.port}/v1 (OpenAI API; /metrics, /health)",
                   file=sys.stderr, flush=True)
             supervisor = asyncio.get_running_loop().create_task(cluster.supervise(restart=not ns.no_restart))
@@ -193,7 +199,11 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--api", choices=["completions", "chat"], default="completions")
     s.add_argument("--timeout", type=float, default=300.0, help="seconds per request before it counts as failed")
     s.add_argument("--max-duration", type=float, default=None, help="seconds per load level at most")
-    s.add_argument("--price-per-hour", type=float, default=None, help="server cost per hour, for cost per token")
+    s.add_argument("--price-per-hour", type=float, default=None,
+                   help="the whole server's cost per hour, for cost per million tokens (default: --price-per-worker-hour "
+                        "x --workers, else what a tokenworks server started with --price-per-worker-hour reports)")
+    s.add_argument("--price-per-worker-hour", type=float, default=None, metavar="USD", help="price of one worker-hour")
+    s.add_argument("--workers", type=int, default=1, help="workers behind the server, with --price-per-worker-hour")
     s.add_argument("--out", default="results/bench", help="folder for the report (default: results/bench)")
 
 
@@ -209,12 +219,28 @@ def _print_summary(doc: dict) -> None:
         for s in runs:
             t, i = s["ttft_s"], s["itl_s"]
             fmt = lambda v: "-" if v is None else f"{v * 1000:.0f}"  # noqa: E731
+            cost = s.get("cost_per_million_output_tokens")
             print(f"{name:<24} {s['load']:<28} done {s['completed']}/{s['requests']}  "
                   f"TTFT p50 {fmt(t['median'])} ms p99 {fmt(t['p99'])} ms  ITL p99 {fmt(i['p99'])} ms  "
-                  f"{s['output_token_throughput']:.1f} tok/s  SLO met {s['slo_attainment']:.0%}")
+                  f"{s['output_token_throughput']:.1f} tok/s" + (f" (${cost:.3g}/M tokens)" if cost else "") +
+                  f"  SLO met {s['slo_attainment']:.0%}")
         gp = doc["goodput_req_s"][name]
         print(f"{name:<24} goodput: {'none' if gp is None else f'{gp:g} req/s'}")
     print(f"report: {doc['report']}")
+
+
+def _server_price(url: str) -> float | None:
+    """The fleet price a tokenworks server publishes on /metrics, if it does (other servers: None)."""
+    import httpx
+
+    try:
+        text = httpx.get(url.rstrip("/") + "/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("tokenworks:fleet_price_per_hour "):
+            return float(line.split()[1])
+    return None
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
@@ -223,7 +249,12 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     requests, problems = build_workload(ns)
     for p in problems:
         print(f"tokenworks bench: {ns.file}:{p.line}: skipped ({p.message})", file=sys.stderr)
-    doc = run_session([Target(ns.name, ns.url, ns.model, ns.price_per_hour)], requests, loads_from(ns), _slo(ns),
+    price = ns.price_per_hour
+    if price is None and ns.price_per_worker_hour is not None:
+        price = ns.price_per_worker_hour * ns.workers
+    if price is None:
+        price = _server_price(ns.url)
+    doc = run_session([Target(ns.name, ns.url, ns.model, price)], requests, loads_from(ns), _slo(ns),
                       ns.attainment, ns.out, ns.api, ns.timeout, ns.max_duration,
                       f"tokenworks bench: {ns.workload} against {ns.url}",
                       [f"{len(requests)} requests per load, seed {ns.seed}"] +
@@ -295,6 +326,14 @@ def cmd_profile(ns: argparse.Namespace) -> int:
 
     from tokenworks.planner.profiler import Plan, profile_engine
 
+    if ns.refit:
+        from tokenworks.planner.profile import Profile
+
+        prof = Profile.load(ns.refit).refit()
+        prof.save(ns.out)
+        print(prof.describe())
+        print(f"profile: {ns.out}")
+        return 0
     if ns.cpus:
         os.sched_setaffinity(0, {int(c) for c in ns.cpus.split(",")})
         ns.threads = ns.threads or len(ns.cpus.split(","))
@@ -303,7 +342,8 @@ def cmd_profile(ns: argparse.Namespace) -> int:
         from tokenworks.model.weights import read_hf_config
 
         random_config = read_hf_config(ns.random_weights)
-    plan = Plan.quick() if ns.quick else Plan.thorough()
+    cuda = ns.device.startswith("cuda")
+    plan = Plan.quick() if ns.quick else Plan.thorough(ns.max_num_seqs, 65536 if cuda else 16384)
     prof = profile_engine(_engine_args(ns), plan, random_config=random_config, hardware=ns.hardware,
                           transport=ns.kv_transport)
     prof.save(ns.out)
@@ -486,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue-wait", type=float, default=30.0, metavar="SECONDS",
                    help="answer 429 when a new request's predicted wait for prefill exceeds this (default: 30)")
     s.add_argument("--no-restart", action="store_true", help="do not restart workers that exit")
+    s.add_argument("--price-per-worker-hour", type=float, default=None, metavar="USD",
+                   help="what one worker costs per hour: /metrics then shows the fleet's price and the cost per "
+                        "million generated tokens (tokenworks bench reads it from there)")
     s.add_argument("--internal-host", default="127.0.0.1",
                    help="address of the router-worker plane and the TCP KV sources (default: 127.0.0.1); any other "
                         "needs --internal-secret")
@@ -511,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--random-weights", default=None, metavar="CONFIG",
                     help="time a random-weight model of this Hugging Face config.json's shape instead of --model")
     pr.add_argument("--kv-transport", choices=["nixl", "tcp"], default="nixl", help="transport to time (default: nixl)")
+    pr.add_argument("--refit", default=None, metavar="PROFILE",
+                    help="measure nothing: fit this profile's stored points again and write the result to --out")
     _engine_flags(pr)
     pr.set_defaults(func=cmd_profile)
 

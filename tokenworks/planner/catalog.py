@@ -6,9 +6,10 @@ scaling each term of its latency models by the ratio of the resource that
 term spends: compute-bound terms (prefill per token and attention, decode
 per request) by peak FLOP/s, memory-bound terms (reading the weights once a
 step, reading KV during decode) by memory bandwidth and bytes per element.
-Fixed per-step software costs are scaled with the weight reads, which is
-optimistic when moving from a slow host to a fast accelerator; a projected
-profile says that it is projected.
+A step's intercept is split into the weights' read at the source's peak
+bandwidth (scaled) and the rest, software overhead per step (kept as is:
+Python and kernel launches do not speed up with a faster memory). A
+projected profile says that it is projected.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 
-from tokenworks.planner.profile import Fit, Profile, TransferModel
+from tokenworks.planner.profile import Profile, TransferModel
 
 DEFAULT_CATALOG = os.path.join(os.path.dirname(__file__), "hardware.json")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -90,8 +91,11 @@ def project(profile: Profile, catalog: Catalog, to_kind: str, units: int = 1, dt
     byte_ratio = DTYPE_BYTES[dtype] / DTYPE_BYTES[profile.dtype]
     memory = (src.memory_bandwidth_GBps * src_units) / (dst.memory_bandwidth_GBps * units) * byte_ratio
     p, d = profile.prefill, profile.decode
-    prefill = Fit(p.a * memory, p.b * compute, p.c * compute, p.form)
-    decode = Fit(d.a * memory, d.b * compute, d.c * memory, d.form)
+    # A step's intercept is reading the weights once (scales with bandwidth) plus software overhead
+    # (Python, kernel launches: stays). The weight read is at least weight_bytes / peak bandwidth.
+    weights_s = profile.weight_bytes / (src.memory_bandwidth_GBps * 1e9 * src_units)
+    prefill = p.scaled(memory, compute, compute, keep=p.base(0.0) - weights_s)
+    decode = d.scaled(memory, compute, memory, keep=d.base(0.0) - weights_s)
     weight_bytes = int(profile.weight_bytes * byte_ratio)
     kv_per_token = max(1, int(profile.kv_bytes_per_token * byte_ratio))
     free = dst.memory_GiB * units * 2**30 * memory_fraction - weight_bytes

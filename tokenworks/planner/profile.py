@@ -21,6 +21,7 @@ to other hardware from a measured one says so in ``projected_from``.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import math
@@ -35,7 +36,14 @@ TRANSFER_FORM = "fixed_s + bytes/bytes_per_s"
 
 @dataclass(frozen=True)
 class Fit:
-    """Coefficients of one latency model and its error on points held out of the fit."""
+    """One latency model, ``base(x1) + c * x2``, and its error on points held out of the fit.
+
+    ``base`` is ``a + b * x1`` or, when ``table`` is given, the piecewise-linear curve through its
+    (x1, seconds) pairs (extended along its end segments): measured engines are not linear in batch
+    size (a CPU's one-row GEMM takes another path than a two-row one; a GPU step costs a fixed
+    launch overhead until compute exceeds it), and a table follows that while keeping the model
+    linear in x2, which the simulator's closed-form decode jumps need.
+    """
 
     a: float
     b: float
@@ -44,9 +52,36 @@ class Fit:
     held_out_error_mean: float | None = None  # mean |predicted - measured| / measured
     held_out_error_max: float | None = None
     num_points: int = 0
+    table: tuple[tuple[float, float], ...] = ()
+
+    def base(self, x1: float) -> float:
+        t = self.table
+        if not t:
+            return self.a + self.b * x1
+        if len(t) == 1:
+            return t[0][1]
+        k = bisect.bisect_right(t, (x1, math.inf)) - 1
+        k = min(max(k, 0), len(t) - 2)
+        (x0, y0), (x1_, y1) = t[k], t[k + 1]
+        return max(0.0, y0 + (y1 - y0) * (x1 - x0) / (x1_ - x0))
 
     def __call__(self, x1: float, x2: float) -> float:
-        return self.a + self.b * x1 + self.c * x2
+        return self.base(x1) + self.c * x2
+
+    def base_list(self, n: int) -> list[float]:
+        """base(0..n) for integer x1, for lookups in the simulator's inner loop."""
+        return [self.base(i) for i in range(n + 1)]
+
+    def scaled(self, fixed: float, per_x1: float, per_x2: float, keep: float = 0.0) -> "Fit":
+        """Terms scaled separately: of the intercept, ``keep`` seconds stay and the rest is scaled by
+        ``fixed``; the x1 part by ``per_x1``; c by ``per_x2``."""
+        g0 = self.base(0.0)
+        keep = min(max(keep, 0.0), g0)
+        a = keep + (g0 - keep) * fixed
+        if not self.table:
+            return Fit(a, self.b * per_x1, self.c * per_x2, self.form)
+        table = tuple((x, a + (y - g0) * per_x1) for x, y in self.table)
+        return Fit(a, 0.0, self.c * per_x2, self.form, table=table)
 
 
 @dataclass(frozen=True)
@@ -87,6 +122,14 @@ class Profile:
     def decode_seconds(self, batch: float, context_sum: float) -> float:
         return self.decode(batch, context_sum)
 
+    def refit(self) -> "Profile":
+        """The latency models fitted again from this profile's own points (after a change of the fitting)."""
+        pre, dec = self.points.get("prefill"), self.points.get("decode")
+        if not pre or not dec:
+            raise ValueError("this profile keeps no measured points to refit from")
+        return replace(self, prefill=fit_with_holdout(*zip(*pre), PREFILL_FORM),
+                       decode=fit_with_holdout(*zip(*dec), DECODE_FORM))
+
     # --- files --------------------------------------------------------------------------------
     def to_json(self) -> dict:
         d = asdict(self)
@@ -96,8 +139,8 @@ class Profile:
     def from_json(cls, d: dict) -> "Profile":
         try:
             d = dict(d)
-            d["prefill"] = Fit(**d["prefill"])
-            d["decode"] = Fit(**d["decode"])
+            d["prefill"] = _fit_from_json(d["prefill"])
+            d["decode"] = _fit_from_json(d["decode"])
             d["transfer"] = TransferModel(**d["transfer"])
             return cls(**d)
         except (KeyError, TypeError) as e:
@@ -119,12 +162,17 @@ class Profile:
         p, d, t = self.prefill, self.decode, self.transfer
         origin = f"projected from {self.projected_from}" if self.projected_from else f"measured {self.date[:10]}"
         return (f"{self.model} {self.dtype} on {self.hardware} ({origin})\n"
-                f"  prefill step = {p.a * 1e3:.2f} ms + {p.b * 1e6:.2f} us/token + {p.c * 1e9:.3f} ns x tokens*context"
-                f"{_err(p)}\n"
-                f"  decode step  = {d.a * 1e3:.2f} ms + {d.b * 1e6:.2f} us/request + {d.c * 1e9:.3f} ns x context"
-                f"{_err(d)}\n"
+                f"  prefill step = {_base(p, 'token')} + {p.c * 1e9:.3f} ns x tokens*context{_err(p)}\n"
+                f"  decode step  = {_base(d, 'request')} + {d.c * 1e9:.3f} ns x context{_err(d)}\n"
                 f"  KV transfer  = {t.fixed_s * 1e3:.2f} ms + bytes / {t.bytes_per_s / 1e9:.2f} GB/s ({t.transport}); "
                 f"{self.kv_bytes_per_token} B/token; {self.kv_capacity_tokens} tokens of KV per worker")
+
+
+def _base(f: Fit, unit: str) -> str:
+    if not f.table:
+        return f"{f.a * 1e3:.2f} ms + {f.b * 1e6:.2f} us/{unit}"
+    pts = f.table if len(f.table) <= 4 else (f.table[0], f.table[len(f.table) // 2], f.table[-1])
+    return "table(" + ", ".join(f"{x:g} {unit}s: {y * 1e3:.1f} ms" for x, y in pts) + ")"
 
 
 def _err(f: Fit) -> str:
@@ -156,17 +204,48 @@ def fit_linear3(x1: list[float], x2: list[float], y: list[float], form: str) -> 
     return Fit(float(best[0]), float(best[1]), float(best[2]), form, num_points=len(Y))
 
 
-def fit_with_holdout(x1: list[float], x2: list[float], y: list[float], form: str, every: int = 4) -> Fit:
-    """Fit on all but every ``every``-th point, report the error on those, then refit on all points."""
+def fit_table(x1: list[float], x2: list[float], y: list[float], form: str) -> Fit:
+    """base(x1) as one value per distinct x1 (a table) plus a shared c >= 0, least squares of relative error."""
+    keys = sorted(set(x1))
+    col = {k: i for i, k in enumerate(keys)}
+    Y = np.asarray(y, float)
+    w = 1.0 / np.maximum(Y, 1e-9)
+    X = np.zeros((len(Y), len(keys) + 1))
+    for r, (u, v) in enumerate(zip(x1, x2)):
+        X[r, col[u]] = 1.0
+        X[r, -1] = v
+    coef, *_ = np.linalg.lstsq(X * w[:, None], Y * w, rcond=None)
+    if coef[-1] < 0:
+        coef, *_ = np.linalg.lstsq(X[:, :-1] * w[:, None], Y * w, rcond=None)
+        coef = np.append(coef, 0.0)
+    table = tuple((float(k), float(max(coef[i], 0.0))) for i, k in enumerate(keys))
+    return Fit(0.0, 0.0, float(coef[-1]), form, num_points=len(Y), table=table)
+
+
+def fit_with_holdout(x1: list[float], x2: list[float], y: list[float], form: str, every: int = 4,
+                     tables: bool = True) -> Fit:
+    """Fit on all but every ``every``-th point and measure the error on those, for the linear form and
+    (``tables``) the table form; keep the form with the smaller held-out error, refitted on all points."""
     idx = list(range(len(y)))
     held = [i for i in idx if i % every == every - 1]
     train = [i for i in idx if i % every != every - 1]
-    final = fit_linear3(x1, x2, y, form)
+    fitters = [fit_linear3] + ([fit_table] if tables else [])
     if not held or len(train) < 3:
-        return final
-    part = fit_linear3([x1[i] for i in train], [x2[i] for i in train], [y[i] for i in train], form)
-    errs = [abs(part(x1[i], x2[i]) - y[i]) / y[i] for i in held]
-    return replace(final, held_out_error_mean=float(np.mean(errs)), held_out_error_max=float(np.max(errs)))
+        return fit_linear3(x1, x2, y, form)
+    best = None
+    for fitter in fitters:
+        part = fitter([x1[i] for i in train], [x2[i] for i in train], [y[i] for i in train], form)
+        errs = [abs(part(x1[i], x2[i]) - y[i]) / y[i] for i in held]
+        if best is None or np.mean(errs) < best[0]:
+            best = (float(np.mean(errs)), float(np.max(errs)), fitter)
+    final = best[2](x1, x2, y, form)
+    return replace(final, held_out_error_mean=best[0], held_out_error_max=best[1])
+
+
+def _fit_from_json(d: dict) -> Fit:
+    d = dict(d)
+    d["table"] = tuple(tuple(p) for p in d.get("table") or ())
+    return Fit(**d)
 
 
 def fit_transfer(nbytes: list[float], seconds: list[float], transport: str) -> TransferModel:

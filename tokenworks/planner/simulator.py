@@ -164,10 +164,12 @@ class _LeastLoaded:
 
 
 class _Prefiller:
-    __slots__ = ("profile", "queue", "busy", "step")
+    __slots__ = ("profile", "queue", "busy", "step", "pg", "pc")
 
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
+        self.pg = profile.prefill.base_list(profile.max_num_batched_tokens)  # step seconds by tokens, less attention
+        self.pc = profile.prefill.c
         self.queue: deque = deque()  # [request, tokens done]
         self.busy = False
         self.step: list = []  # (entry, chunk) of the step in flight
@@ -175,7 +177,7 @@ class _Prefiller:
 
 class _Decoder:
     __slots__ = ("profile", "S", "t", "B", "K", "finish", "pending", "local", "kv_free", "version", "plan_k",
-                 "event_t", "step", "link_free", "a", "b", "c")
+                 "event_t", "step", "link_free", "g", "c", "pg", "pc")
 
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
@@ -192,11 +194,15 @@ class _Decoder:
         self.event_t = math.inf  # when the scheduled event fires (inf: none)
         self.step: list = []  # local prefill chunks of a mixed step in flight
         self.link_free = 0.0  # inbound KV link
-        self.a, self.b, self.c = profile.decode.a, profile.decode.b, profile.decode.c
+        self.g = profile.decode.base_list(profile.max_num_seqs)  # decode step seconds by batch, less attention
+        self.c = profile.decode.c
+        self.pg = profile.prefill.base_list(profile.max_num_batched_tokens)
+        self.pc = profile.prefill.c
 
 
-def simulate(dep: Deployment, work: SimWorkload) -> SimResult:
-    """Run the workload through the deployment; return per-request latencies."""
+def simulate(dep: Deployment, work: SimWorkload, max_jump: int | None = None) -> SimResult:
+    """Run the workload through the deployment; return per-request latencies.
+    ``max_jump``: most decode steps crossed in one event (tests set 1 to check the closed form against steps)."""
     wall0 = time.perf_counter()
     n = len(work)
     arrival = work.arrival.tolist()
@@ -218,6 +224,7 @@ def simulate(dep: Deployment, work: SimWorkload) -> SimResult:
     threshold = dep.local_prefill_threshold
     max_inflight = dep.max_inflight or n + 1
     overhead, handoff = dep.overhead_s, dep.handoff_s
+    jump = max_jump or 1 << 62
     inflight = 0
     events = 0
     heap: list = []  # (time, seq, kind, worker, version)
@@ -228,10 +235,10 @@ def simulate(dep: Deployment, work: SimWorkload) -> SimResult:
 
     def steps_until(d: _Decoder, dt: float) -> int:
         """Fewest whole steps (>= 1) from d.t whose total time reaches dt, for the current batch.
-        Step j after d.S takes alpha + beta*j: alpha = a + b*B + c*(context sum at d.S), beta = c*B."""
+        Step j after d.S takes alpha + beta*j: alpha = g(B) + c*(context sum at d.S), beta = c*B."""
         if dt <= 0:
             return 1
-        alpha = d.a + d.b * d.B + d.c * (d.K + d.B * d.S)
+        alpha = d.g[d.B] + d.c * (d.K + d.B * d.S)
         beta = d.c * d.B
         if beta <= 0:
             return max(1, math.ceil(dt / alpha)) if alpha > 0 else 1
@@ -240,7 +247,7 @@ def simulate(dep: Deployment, work: SimWorkload) -> SimResult:
 
     def span(d: _Decoder, k: int) -> float:
         """Seconds of k decode steps from step d.S on."""
-        return k * (d.a + d.b * d.B + d.c * (d.K + d.B * d.S)) + d.c * d.B * k * (k + 1) / 2
+        return k * (d.g[d.B] + d.c * (d.K + d.B * d.S)) + d.c * d.B * k * (k + 1) / 2
 
     def schedule(d: _Decoder, idx: int, when: float, k: int) -> None:
         nonlocal seq
@@ -276,12 +283,12 @@ def simulate(dep: Deployment, work: SimWorkload) -> SimResult:
         if d.local:
             chunks, tokens, attn = form_chunks(d.local, prof.max_num_batched_tokens - d.B, prof.max_num_seqs - d.B)
             if chunks:
-                dur = prof.prefill(tokens + d.B, attn + d.K + d.B * (d.S + 1))
+                dur = d.pg[tokens + d.B] + d.pc * (attn + d.K + d.B * (d.S + 1))
                 d.step = chunks
                 schedule(d, idx, d.t + dur, 1)
                 return
         if d.B:
-            k = d.finish[0][0] - d.S
+            k = min(d.finish[0][0] - d.S, jump)
             if d.pending and d.pending[0][0] > d.t:
                 k = min(k, steps_until(d, d.pending[0][0] - d.t))
             schedule(d, idx, d.t + span(d, k), k)
@@ -359,7 +366,7 @@ def simulate(dep: Deployment, work: SimWorkload) -> SimResult:
                     p.step = chunks
                     p.busy = True
                     seq += 1
-                    push(heap, (now + p.profile.prefill(tokens, attn), seq, PREFILL, idx, 0))
+                    push(heap, (now + p.pg[tokens] + p.pc * attn, seq, PREFILL, idx, 0))
                 continue
             d = decoders[idx]
             if ver != d.version:
@@ -417,7 +424,7 @@ def simulate(dep: Deployment, work: SimWorkload) -> SimResult:
                 p.step = chunks
                 p.busy = True
                 seq += 1
-                push(heap, (now + p.profile.prefill(tokens, attn), seq, PREFILL, pk, 0))
+                push(heap, (now + p.pg[tokens] + p.pc * attn, seq, PREFILL, pk, 0))
 
     ttft = np.asarray(first, dtype=float)
     e2e = np.asarray(last, dtype=float)

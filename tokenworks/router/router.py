@@ -100,7 +100,8 @@ class Delta:
 class Router:
     def __init__(self, *, block_size: int, local_prefill_threshold: int, heartbeat_timeout: float = 5.0,
                  max_inflight: int = 256, max_queue_wait: float = 30.0, max_failovers: int = 3,
-                 failover_wait: float = 20.0, internal_host: str = "127.0.0.1", secret: bytes | None = None) -> None:
+                 failover_wait: float = 20.0, internal_host: str = "127.0.0.1", secret: bytes | None = None,
+                 price_per_worker_hour: float | None = None) -> None:
         self.ctx = zmq.asyncio.Context.instance()
         self.events = self.ctx.socket(zmq.PULL)
         port = self.events.bind_to_random_port(f"tcp://{internal_host}")
@@ -127,6 +128,29 @@ class Router:
         self.prefill_rate = 0.0  # tokens/s, moving average over first tokens seen; 0 = not measured yet
         self._last_prefill_done = 0.0
         self._admitted: deque[float] = deque()  # admission times of requests whose streams do not exist yet
+        self.generated_tokens = 0
+        if price_per_worker_hour is not None:
+            self._cost_metrics(price_per_worker_hour)
+
+    def _cost_metrics(self, price: float) -> None:
+        """Cost per token on /metrics: the fleet's price per hour (live workers x price) and what a million
+        generated tokens have cost since the router started."""
+        started = time.monotonic()
+        spent = [0.0, started]  # dollars so far, when last added up
+
+        def dollars() -> float:
+            now = time.monotonic()
+            spent[0] += price * sum(1 for w in self.workers.values() if not w.dead) * (now - spent[1]) / 3600
+            spent[1] = now
+            return spent[0]
+
+        r = self.metrics.registry
+        Gauge("tokenworks:fleet_price_per_hour", "Price per hour of the live workers (USD)", registry=r).set_function(
+            lambda: price * sum(1 for w in self.workers.values() if not w.dead))
+        Gauge("tokenworks:cost_dollars", "What the workers have cost since the router started (USD)",
+              registry=r).set_function(dollars)
+        Gauge("tokenworks:cost_per_million_output_tokens", "USD per million generated tokens since start",
+              registry=r).set_function(lambda: dollars() / self.generated_tokens * 1e6 if self.generated_tokens else 0.0)
 
     # -- workers -------------------------------------------------------------------------
 
@@ -319,6 +343,7 @@ class Router:
                         m.itl.observe(now - last)
                     last = now
                     m.generation_tokens.inc(len(out.new_token_ids))
+                    self.generated_tokens += len(out.new_token_ids)
                 if out.kv_bytes or out.kv_fallback:
                     m.kv_bytes.inc(out.kv_bytes)
                     m.kv_seconds.observe(out.kv_seconds)

@@ -1,0 +1,148 @@
+"""Simulator fidelity: the real server and `tokenworks simulate` on the same seeded workloads.
+
+1. Profiles (unless given): `tokenworks profile` on one core (the worker of a split
+   layout) and on all cores (the aggregated worker), thorough mode.
+2. For each layout and rate: the real server (`tokenworks serve`) is driven by the
+   bench load generator with the seeded mixed workload (85 % short prompts, 15 %
+   long ones, outputs of 32-96 tokens, ignore_eos); the simulator runs the same
+   requests (prompt lengths from the server's tokenizer) at the same arrival times.
+3. Printed: measured vs simulated median and p90 TTFT and TPOT per run, the error
+   of each, and each layout's goodput measured and simulated.
+
+Layouts (2 CPUs): aggregated (1 worker on both cores), disaggregated (1 prefill on
+CPU 0 + 1 decode on CPU 1, NIXL) and mixed (1 prefill worker + 1 aggregated worker,
+local prefill up to 128 tokens: short prompts stay on the aggregated worker).
+
+    python benchmarks/sim_fidelity.py [--profile-1core P] [--profile-all P] [--rates 0.1,0.2,0.3]
+                                      [--num-requests 24] [--out results/sim-fidelity]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+LAYOUTS = {
+    "aggregated": (["--aggregated-workers", "1"], [("both", 1, "all")], 16),
+    "disaggregated": (["--prefill-workers", "1", "--decode-workers", "1"], [("prefill", 1, "one"), ("decode", 1, "one")], 16),
+    "mixed": (["--prefill-workers", "1", "--aggregated-workers", "1", "--local-prefill-threshold", "128"],
+              [("prefill", 1, "one"), ("both", 1, "one")], 128),
+}
+
+
+def profile(out: str, cpus: str | None) -> str:
+    cmd = [sys.executable, "-m", "tokenworks.cli", "profile", "--out", out] + (["--cpus", cpus] if cpus else [])
+    print(f"[fidelity] {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile-1core", default=None, help="profile of a worker on one core (default: measure it)")
+    ap.add_argument("--profile-all", default=None, help="profile of a worker on all cores (default: measure it)")
+    ap.add_argument("--rates", default="0.1,0.2,0.3")
+    ap.add_argument("--num-requests", type=int, default=24, help="requests per rate")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--slo-ttft-ms", type=float, default=8000.0)
+    ap.add_argument("--slo-tpot-ms", type=float, default=100.0)
+    ap.add_argument("--out", default="results/sim-fidelity")
+    args = ap.parse_args()
+
+    from tests.serving import Server
+    from tokenworks.bench import workloads as W
+    from tokenworks.bench.loadgen import Load, arrival_times, run_load
+    from tokenworks.bench.metrics import SLO, goodput, summarize
+    from tokenworks.model.weights import load_tokenizer_files
+    from tokenworks.planner.profile import Profile
+    from tokenworks.planner.simulator import Deployment, Pool, SimWorkload, simulate, summarize_sim
+    from tokenworks.tokenizer import Tokenizer
+
+    os.makedirs(args.out, exist_ok=True)
+    one = Profile.load(args.profile_1core or profile(os.path.join(args.out, "profile-1core.json"), "0"))
+    every = Profile.load(args.profile_all or profile(os.path.join(args.out, "profile-all.json"), None))
+    profiles = {"one": one, "all": every}
+    files = load_tokenizer_files(None)
+    tok = Tokenizer(files.tokenizer_json, files.chat_template, files.bos_token, files.eos_token, files.add_bos_token)
+    requests = W.mixed(args.num_requests, args.seed)
+    prompt_len = [len(tok.encode(r.prompt)) for r in requests]
+    output_len = [r.max_tokens for r in requests]
+    slo = SLO(ttft=args.slo_ttft_ms / 1000, tpot=args.slo_tpot_ms / 1000)
+    rates = [float(r) for r in args.rates.split(",")]
+    rows, doc = [], {"slo": slo.describe(), "rates": rates, "num_requests": args.num_requests, "layouts": {}}
+    for name in args.layouts.split(","):
+        flags, pools, threshold = LAYOUTS[name]
+        dep = Deployment(tuple(Pool(role, n, profiles[which]) for role, n, which in pools),
+                         local_prefill_threshold=threshold)
+        server = Server(*flags)
+        measured, simulated = [], []
+        try:
+            for rate in rates:
+                load = Load(rate=rate, seed=args.seed)
+                t0 = time.perf_counter()
+                results, wall = asyncio.run(run_load(server.url, requests, load, timeout=600))
+                m = summarize(results, wall, slo)
+                times = arrival_times(len(requests), rate, 1.0, args.seed)
+                s = summarize_sim(simulate(dep, SimWorkload(times, prompt_len, output_len)), slo)
+                measured.append((rate, m))
+                simulated.append((rate, s))
+                print(f"[fidelity] {name} @ {rate:g} req/s: measured in {time.perf_counter() - t0:.0f} s; "
+                      f"{m['completed']}/{m['requests']} done", file=sys.stderr, flush=True)
+                server.wait_idle(30)
+        finally:
+            server.stop()
+        gp_m = goodput(measured, 0.9)
+        gp_s = goodput(simulated, 0.9)
+        doc["layouts"][name] = {"measured": [m for _, m in measured], "simulated": [s for _, s in simulated],
+                                "goodput_measured": gp_m, "goodput_simulated": gp_s, "deployment": dep.describe()}
+        for (rate, m), (_, s) in zip(measured, simulated):
+            row = [name, rate]
+            for key in ("ttft_s", "tpot_s"):
+                for q in ("median", "p90"):
+                    a, b = m[key][q], s[key][q]
+                    row.append((a, b, None if not a or b is None else b / a - 1))
+            row.append((m["slo_attainment"], s["slo_attainment"]))
+            rows.append(row)
+        rows.append([name, "goodput", gp_m, gp_s])
+    with open(os.path.join(args.out, "fidelity.json"), "w") as f:
+        json.dump(doc, f, indent=2)
+
+    print(f"\nsimulated vs measured, {args.num_requests} mixed requests per rate (seed {args.seed}); "
+          f"profiles: 1 core {one.date[:16]}, all cores {every.date[:16]}; SLO {slo.describe()}")
+    print(f"{'layout':<14}{'rate':>6} | {'TTFT median ms':^24} | {'TTFT p90 ms':^24} | {'TPOT median ms':^22} | "
+          f"{'TPOT p90 ms':^22} | SLO met")
+    print(f"{'':<14}{'':>6} | {'real':>7}{'sim':>7}{'err':>8}   | {'real':>7}{'sim':>7}{'err':>8}   | "
+          f"{'real':>6}{'sim':>6}{'err':>8}   | {'real':>6}{'sim':>6}{'err':>8}   | real / sim")
+    errors = []
+    for row in rows:
+        if row[1] == "goodput":
+            fmt = lambda v: "none" if v is None else f"{v:g} req/s"  # noqa: E731
+            print(f"{row[0]:<14} goodput: real {fmt(row[2])}, simulated {fmt(row[3])}")
+            continue
+        line = f"{row[0]:<14}{row[1]:>6g} |"
+        for k, (a, b, e) in enumerate(row[2:6]):
+            scale = 1000
+            w = 7 if k < 2 else 6
+            line += f" {a * scale:>{w}.0f}{b * scale:>{w}.0f}{e:>+8.1%}   |" if e is not None else " -   |"
+            if e is not None:
+                errors.append(abs(e))
+        line += f" {row[6][0]:.0%} / {row[6][1]:.0%}"
+        print(line)
+    if errors:
+        errors.sort()
+        within = sum(1 for e in errors if e <= 0.10) / len(errors)
+        print(f"\n|error| over {len(errors)} figures: median {errors[len(errors) // 2]:.1%}, max {errors[-1]:.1%}; "
+              f"{within:.0%} within 10 %")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""Profiles, catalog projection, the simulator and the planner, on hand-made profiles whose answers are known."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tokenworks.bench.metrics import SLO
+from tokenworks.planner.catalog import load_catalog, project
+from tokenworks.planner.planner import Planner, Traffic
+from tokenworks.planner.profile import Fit, Profile, TransferModel, fit_linear3, fit_with_holdout
+from tokenworks.planner.simulator import Deployment, Pool, SimWorkload, met_slo, simulate, summarize_sim
+
+
+def make_profile(hardware="H100-SXM-80GB", *, pa=0.004, pb=2e-5, pc=1e-9, da=0.01, db=1e-4, dc=2e-8,
+                 capacity=10**6, budget=2048, seqs=256, bw=25e9, units=1) -> Profile:
+    return Profile(model="m", dtype="bfloat16", device="cuda", hardware=hardware, date="2026-11-27T00:00:00+00:00",
+                   kv_bytes_per_token=131072, weight_bytes=16 * 10**9, prefill=Fit(pa, pb, pc, "p"),
+                   decode=Fit(da, db, dc, "d"), transfer=TransferModel(1e-4, bw), max_num_batched_tokens=budget,
+                   max_num_seqs=seqs, block_size=16, kv_capacity_tokens=capacity, units=units)
+
+
+# --- fitting -----------------------------------------------------------------------------------------
+
+def test_fit_recovers_coefficients_and_reports_held_out_error():
+    rng = np.random.default_rng(1)
+    x1 = rng.integers(1, 2048, 40).astype(float)
+    x2 = x1 * rng.integers(1, 2048, 40)
+    y = 0.01 + 3e-5 * x1 + 2e-9 * x2
+    noisy = y * rng.normal(1.0, 0.01, 40)
+    f = fit_with_holdout(list(x1), list(x2), list(noisy), "form")
+    assert f.a == pytest.approx(0.01, rel=0.05)
+    assert f.b == pytest.approx(3e-5, rel=0.05)
+    assert f.c == pytest.approx(2e-9, rel=0.1)
+    assert 0 < f.held_out_error_mean < 0.03 and f.held_out_error_max < 0.06
+    assert f.num_points == 40
+
+
+def test_fit_keeps_coefficients_non_negative():
+    # y falls with x2: an unconstrained fit would give c < 0; the fit drops that term instead.
+    f = fit_linear3([1, 2, 3, 4], [4, 3, 2, 1], [1.0, 1.1, 1.2, 1.3], "form")
+    assert min(f.a, f.b, f.c) >= 0
+    assert f(5, 0) == pytest.approx(1.4, rel=0.05)
+
+
+def test_profile_round_trip_and_bad_files(tmp_path):
+    p = make_profile()
+    path = tmp_path / "p.json"
+    p.save(str(path))
+    assert Profile.load(str(path)) == p
+    (tmp_path / "bad.json").write_text('{"model": "m"}')
+    with pytest.raises(ValueError, match="not a tokenworks profile"):
+        Profile.load(str(tmp_path / "bad.json"))
+    (tmp_path / "junk.json").write_text("{")
+    with pytest.raises(ValueError, match="not JSON"):
+        Profile.load(str(tmp_path / "junk.json"))
+
+
+# --- catalog ------------------------------------------------------------------------------------------
+
+def test_catalog_entries_name_their_sources():
+    cat = load_catalog()
+    assert {"H100-SXM-80GB", "H200-SXM-141GB", "A100-SXM-80GB", "L4-24GB", "CPU-EPYC-1core"} <= set(cat.kinds)
+    for kind in cat.kinds.values():
+        assert kind.memory_bandwidth_GBps > 0 and kind.price_per_hour > 0
+        for key in ("peak_tflops", "memory_bandwidth_GBps", "memory_GiB", "price_per_hour"):
+            assert kind.sources.get(key), f"{kind.name}: no source for {key}"
+    with pytest.raises(ValueError, match="not in the catalog"):
+        cat["TPU-v9"]
+
+
+def test_projection_scales_compute_and_memory_terms_by_their_roofline():
+    cat = load_catalog()
+    h100 = make_profile("H100-SXM-80GB")
+    a100 = project(h100, cat, "A100-SXM-80GB")
+    compute = 989.4 / 312
+    memory = 3350 / 2039
+    assert a100.prefill.b == pytest.approx(h100.prefill.b * compute)
+    assert a100.prefill.c == pytest.approx(h100.prefill.c * compute)
+    weights_s = 16e9 / 3350e9  # reading the weights once at the H100's peak bandwidth
+    overhead = h100.decode.a - weights_s  # the rest of the intercept: software, not scaled
+    assert a100.decode.a == pytest.approx(overhead + weights_s * memory)
+    assert a100.prefill.a == pytest.approx(0.0 + h100.prefill.a * memory)  # 4 ms < weights_s: all weight reads
+    assert a100.decode.c == pytest.approx(h100.decode.c * memory)
+    assert a100.decode.b == pytest.approx(h100.decode.b * compute)
+    assert a100.hardware == "A100-SXM-80GB" and "projected" not in (h100.projected_from or "")
+    assert a100.projected_from and "H100-SXM-80GB" in a100.projected_from
+    assert a100.transfer.bytes_per_s == pytest.approx(25e9)
+    two = project(h100, cat, "A100-SXM-80GB", units=2)
+    assert two.decode.a == pytest.approx(overhead + weights_s * memory / 2) and two.units == 2
+    tabled = Profile.from_json({**h100.to_json(), "decode": {**h100.to_json()["decode"], "a": 0, "b": 0,
+                                                               "table": [[1, 0.010], [8, 0.012], [64, 0.030]]}})
+    t = project(tabled, cat, "A100-SXM-80GB").decode
+    g0 = 0.010 - (0.012 - 0.010) / 7  # the table's curve at 0 requests
+    assert t.base(0) == pytest.approx((g0 - weights_s) + weights_s * memory)
+    assert t.base(64) - t.base(8) == pytest.approx((0.030 - 0.012) * compute)
+
+
+def test_projection_refuses_a_model_that_does_not_fit():
+    cat = load_catalog()
+    big = Profile.from_json({**make_profile().to_json(), "weight_bytes": 40 * 10**9})
+    with pytest.raises(ValueError, match="does not fit"):
+        project(big, cat, "L4-24GB")
+
+
+# --- simulator ----------------------------------------------------------------------------------------
+
+def test_single_request_latencies_are_exact():
+    p = make_profile(pa=0.02, pb=0.001, pc=0.0, da=0.01, db=0.0, dc=0.0, bw=1e9)
+    p = Profile.from_json({**p.to_json(), "kv_bytes_per_token": 1000})
+    work = SimWorkload([0.0], [100], [10])
+    local = simulate(Deployment((Pool("both", 1, p),)), work)
+    assert local.ttft[0] == pytest.approx(0.02 + 0.1)  # prefill step
+    assert local.e2e[0] == pytest.approx(0.12 + 9 * 0.01)  # 9 decode steps for tokens 2..10
+    remote = simulate(Deployment((Pool("prefill", 1, p), Pool("decode", 1, p))), work)
+    kv = 100 * 1000 / 1e9 + 1e-4  # bytes / bandwidth + fixed
+    assert remote.ttft[0] == pytest.approx(0.12)
+    assert remote.e2e[0] == pytest.approx(0.12 + kv + 0.09)
+    assert remote.stats["remote_prefills"] == 1 and remote.stats["kv_bytes"] == 100 * 1000
+
+
+def test_prefill_queue_is_fcfs_and_chunked():
+    p = make_profile(pa=0.01, pb=0.001, pc=0.0, budget=64)
+    work = SimWorkload([0.0, 0.0], [100, 20], [2, 2])
+    r = simulate(Deployment((Pool("prefill", 1, p), Pool("decode", 1, p))), work)
+    # step 1: 64 tokens of request 0; step 2: its last 36 + all 20 of request 1 (one step, 56 tokens).
+    assert r.ttft[0] == pytest.approx(0.01 + 0.064 + 0.01 + 0.056)
+    assert r.ttft[1] == pytest.approx(r.ttft[0])
+
+
+@pytest.mark.parametrize("layout", ["disaggregated", "aggregated", "mixed"])
+def test_closed_form_jumps_equal_step_by_step(layout):
+    p = make_profile(pa=0.003, pb=2e-5, pc=3e-9, da=0.008, db=3e-4, dc=4e-7, budget=256, seqs=8, capacity=6000)
+    pools = {"disaggregated": (Pool("prefill", 2, p), Pool("decode", 2, p)),
+             "aggregated": (Pool("both", 2, p),),
+             "mixed": (Pool("prefill", 1, p), Pool("both", 2, p))}[layout]
+    dep = Deployment(pools, local_prefill_threshold=40)
+    rng = np.random.default_rng(7)
+    n = 300
+    work = SimWorkload(np.cumsum(rng.exponential(0.05, n)), rng.integers(5, 600, n), rng.integers(1, 120, n))
+    fast = simulate(dep, work)
+    slow = simulate(dep, work, max_jump=1)
+    assert slow.events > 2 * fast.events  # it really did step one at a time
+    np.testing.assert_allclose(fast.ttft, slow.ttft, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(fast.e2e, slow.e2e, rtol=1e-9, atol=1e-9)
+    assert not np.isnan(fast.e2e).any() and (fast.e2e >= fast.ttft).all()
+    for i in range(n):  # no request is faster than its own prefill alone and its decode steps at batch 1
+        P, O = int(work.prompt_len[i]), int(work.output_len[i])
+        alone = p.prefill(P, P * P) if P <= 256 else 0.0
+        assert fast.ttft[i] >= alone - 1e-12
+        assert fast.e2e[i] - fast.ttft[i] >= (O - 1) * p.decode.a - 1e-9
+
+
+def test_admission_limit_rejects_and_is_reported():
+    p = make_profile(da=0.05)
+    work = SimWorkload(np.zeros(10), [50] * 10, [100] * 10)
+    r = simulate(Deployment((Pool("both", 1, p),), max_inflight=4), work)
+    assert r.rejected.sum() == 6 and np.isnan(r.ttft[r.rejected]).all()
+    s = summarize_sim(r, SLO(ttft=10.0), price_per_hour=2.0)
+    assert s["requests"] == 10 and s["completed"] == 4 and s["errors"] == {"HTTP 429": 6}
+    assert s["slo_attainment"] == pytest.approx(0.4)
+    assert s["cost_per_million_output_tokens"] == pytest.approx(2.0 * r.duration / 3600 / 400 * 1e6)
+    assert set(s) >= {"ttft_s", "tpot_s", "e2e_s", "itl_s", "good_request_throughput", "duration_s"}
+
+
+def test_more_decode_workers_lower_tpot_under_load():
+    p = make_profile(da=0.01, db=2e-3, dc=1e-7)
+    rng = np.random.default_rng(3)
+    n = 2000
+    work = SimWorkload(np.cumsum(rng.exponential(1 / 40, n)), rng.integers(50, 300, n), rng.integers(50, 200, n))
+    tpot = [np.nanmedian(simulate(Deployment((Pool("prefill", 2, p), Pool("decode", d, p))), work).tpot)
+            for d in (1, 2, 4)]
+    assert tpot[0] > tpot[1] > tpot[2]
+
+
+# --- planner ------------------------------------------------------------------------------------------
+
+def _traffic(rate, prompt, output, n=4096):
+    return Traffic(rate, np.asarray(prompt(n)), np.asarray(output(n)))
+
+
+def _lengths(lo, hi, seed):
+    return lambda n: np.random.default_rng(seed).integers(lo, hi, n)
+
+
+def _plan(profiles, traffic, slo, **kw):
+    planner = Planner(profiles, load_catalog(), traffic, slo, sim_requests=1500, **kw)
+    return planner, planner.search(list(profiles), top=3)
+
+
+def test_decode_heavy_traffic_gets_more_decode_workers():
+    p = make_profile(pa=0.002, pb=2e-5, da=0.01, db=1e-4, dc=1e-8, seqs=32)
+    profiles = {"H100-SXM-80GB": p}
+    slo = SLO(ttft=0.5, tpot=0.02)
+    decode_heavy = _traffic(60, _lengths(50, 150, 1), _lengths(400, 800, 2))
+    prefill_heavy = _traffic(60, _lengths(1500, 3000, 1), _lengths(4, 12, 2))
+    _, dh = _plan(profiles, decode_heavy, slo)
+    _, ph = _plan(profiles, prefill_heavy, slo)
+    d_pools = {r: n for r, n, _, _ in next(c for c in dh if c.layout == "disaggregated").pools}
+    p_pools = {r: n for r, n, _, _ in next(c for c in ph if c.layout == "disaggregated").pools}
+    assert d_pools["decode"] > d_pools["prefill"]
+    assert p_pools["prefill"] > p_pools["decode"]
+
+
+def test_tighter_ttft_moves_capacity_to_prefill():
+    p = make_profile(pa=0.005, pb=5e-5, pc=2e-9, da=0.01, db=1e-4)
+    profiles = {"H100-SXM-80GB": p}
+    traffic = _traffic(40, _lengths(500, 1500, 1), _lengths(50, 150, 2))
+    planner = Planner(profiles, load_catalog(), traffic, SLO(ttft=2.0, tpot=0.05), sim_requests=1500)
+    loose = planner.fewest_prefill("H100-SXM-80GB")
+    planner = Planner(profiles, load_catalog(), traffic, SLO(ttft=0.15, tpot=0.05), sim_requests=1500)
+    tight = planner.fewest_prefill("H100-SXM-80GB")
+    assert tight > loose
+    assert planner.fewest_decode("H100-SXM-80GB") == Planner(
+        profiles, load_catalog(), traffic, SLO(ttft=2.0, tpot=0.05), sim_requests=1500).fewest_decode("H100-SXM-80GB")
+
+
+def test_cheaper_slower_kind_wins_when_the_slo_is_loose(tmp_path):
+    fast = make_profile("H100-SXM-80GB")
+    cat = load_catalog()
+    slow = project(fast, cat, "L4-24GB")  # 3-11x slower, 4x cheaper per hour
+    profiles = {"H100-SXM-80GB": fast, "L4-24GB": slow}
+    traffic = _traffic(4, _lengths(100, 400, 1), _lengths(50, 150, 2))
+    _, loose = _plan(profiles, traffic, SLO(ttft=5.0, tpot=0.5))
+    assert {k for _, _, k, _ in loose[0].pools} == {"L4-24GB"}
+    _, tight = _plan(profiles, traffic, SLO(ttft=0.1, tpot=0.015))
+    assert "H100-SXM-80GB" in {k for _, _, k, _ in tight[0].pools}
+    assert tight[0].price_per_hour >= loose[0].price_per_hour
+
+
+def test_chosen_layout_simulated_meets_its_slos_and_costs_what_it_says():
+    p = make_profile()
+    traffic = _traffic(80, _lengths(100, 1200, 5), _lengths(20, 300, 6))
+    slo = SLO(ttft=0.4, tpot=0.03)
+    planner, best = _plan({"H100-SXM-80GB": p}, traffic, slo, budget_per_hour=500.0)
+    assert best, "no layout found"
+    top = best[0]
+    # A fresh, longer run with another seed: the layout holds up.
+    check = Traffic(80, traffic.prompt_len, traffic.output_len, seed=11).workload(4000)
+    r = simulate(top.deployment, check)
+    assert met_slo(r, slo, skip=800).mean() >= 0.9
+    assert top.price_per_hour == pytest.approx(top.units * 2.99)
+    per_hour_tokens = 80 * traffic.mean_output * 3600
+    assert top.cost_per_million_output == pytest.approx(top.price_per_hour / per_hour_tokens * 1e6)
+    assert top.goodput is not None and top.goodput >= 80
+    assert all(c.price_per_hour <= 500 for c in best)
+    assert [c.price_per_hour for c in best] == sorted(c.price_per_hour for c in best)
+
+
+# --- the commands, end to end on a tiny random model --------------------------------------------------
+
+TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 2048, "tie_word_embeddings": True, "eos_token_id": 2}
+
+
+def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tokenworks.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tmp_path_factory):
+    d = tmp_path_factory.mktemp("profile")
+    (d / "config.json").write_text(json.dumps(TINY))
+    out = d / "profile.json"
+    r = _cli("profile", "--quick", "--random-weights", str(d / "config.json"), "--kv-transport", "tcp",
+             "--threads", "1", "--hardware", "CPU-EPYC-1core", "--kv-cache-memory-gib", "0.05", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "held-out error" in r.stdout
+    return out
+
+
+def test_profile_command_measures_and_fits(tiny_profile):
+    prof = Profile.load(str(tiny_profile))
+    assert prof.hardware == "CPU-EPYC-1core" and prof.projected_from is None and prof.dtype == "float32"
+    assert prof.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # layers x k/v x kv heads x head dim x 4 bytes
+    assert len(prof.points["prefill"]) >= 6 and len(prof.points["decode"]) >= 6
+    assert prof.prefill.held_out_error_mean is not None and prof.decode.held_out_error_mean is not None
+    # The fit describes what was measured: longer prompts take longer, and it is near the points.
+    assert prof.prefill(700, 700 * 700) > prof.prefill(16, 256)
+    errs = [abs(prof.prefill(t, a) - s) / s for t, a, s in prof.points["prefill"]]
+    assert np.median(errs) < 0.5
+    assert prof.transfer.bytes_per_s > 1e7 and prof.transfer.transport == "tcp"
+
+
+def test_simulate_command_writes_the_bench_report(tiny_profile, tmp_path):
+    out = tmp_path / "sim"
+    r = _cli("simulate", "--profile", str(tiny_profile), "--workload", "mixed", "--num-requests", "30",
+             "--rates", "1,4", "--slo-ttft-ms", "2000", "--slo-tpot-ms", "200", "--out", str(out), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads((out / "summary.json").read_text())
+    runs = doc["runs"]["simulated"]
+    assert [s["load"] for s in runs] == ["1 req/s (Poisson)", "4 req/s (Poisson)"]
+    assert all(s["requests"] == 30 and s["completed"] == 30 for s in runs)
+    assert runs[0]["ttft_s"]["median"] > 0 and runs[0]["cost_per_million_output_tokens"] > 0
+    assert "| 1 req/s (Poisson) | 30/30 |" in (out / "report.md").read_text()
+    assert (out / "latency_cdf.png").exists() and "events/s" in r.stdout
+    bad = _cli("simulate", "--profile", str(tiny_profile), "--concurrency", "4", "--out", str(out), timeout=60)
+    assert bad.returncode == 2 and "--rates" in bad.stderr
+
+
+def test_plan_command_prints_json(tiny_profile):
+    r = _cli("plan", "--profile", str(tiny_profile), "--rates", "2", "--hardware", "CPU-EPYC-1core",
+             "--input-len", "uniform:20:200", "--output-len", "uniform:8:32", "--slo-ttft-ms", "3000",
+             "--slo-tpot-ms", "500", "--sim-requests", "400", "--top", "2", "--json", timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    assert doc["rate_req_s"] == 2 and doc["candidates"]
+    best = doc["candidates"][0]
+    assert best["attainment"] >= 0.9 and best["price_per_hour"] > 0
+    assert math.isfinite(best["cost_per_million_output_tokens"])
