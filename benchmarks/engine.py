@@ -61,8 +61,6 @@ def matmul_flops(dtype: torch.dtype, device: str) -> float:
 
 def linear_layouts(model) -> tuple[float, float]:
     """ms for one pass over the model's layer weights at 1 row: plain F.linear vs the split layout."""
-    from tokenworks.model.linear import Linear
-
     linears = [layer[k] for layer in model.layers for k in ("qkv", "o", "gate_up", "down")]
     plain = []
     for lin in linears:

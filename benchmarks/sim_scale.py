@@ -1,7 +1,7 @@
 """Simulator scale: 1,000 workers and one hour of traffic at 1,000 requests/s.
 
 The fleet: 300 prefill + 700 decode workers with the profile given (default: the
-Llama-3.1-8B-shaped profile measured on an H200, results/profiles/gpu-llama-3.1-8b.json),
+Llama-3.1-8B-shaped profile measured on an H200, docs/profiles/h200-llama-3.1-8b.json),
 Poisson arrivals, prompts uniform 50-1000 tokens, outputs uniform 16-256.
 Printed: wall time, events per second, simulated requests per second of wall time,
 and the latency summary. Baseline in the same run: one minute of the same traffic
@@ -24,11 +24,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="results/profiles/gpu-llama-3.1-8b.json")
+    ap.add_argument("--profile", default="docs/profiles/h200-llama-3.1-8b.json")
     ap.add_argument("--seconds", type=float, default=3600.0)
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--prefill", type=int, default=300)
     ap.add_argument("--decode", type=int, default=700)
+    ap.add_argument("--shards", type=int, default=os.cpu_count() or 1,
+                    help="parallel processes, each a share of the fleet and of the traffic (default: all CPUs)")
     args = ap.parse_args()
 
     from tokenworks.bench.metrics import SLO
@@ -54,9 +56,9 @@ def main() -> int:
           f"closed-form jumps {fast.wall_s:.2f} s ({fast.events:,} events): {slow.wall_s / fast.wall_s:.1f}x faster, "
           f"results {'identical' if same else 'DIFFERENT'}", flush=True)
 
-    result = simulate(dep, work)
+    result = simulate(dep, work, shards=args.shards)
     s = summarize_sim(result, SLO(ttft=1.0, tpot=0.05), dep.price_per_hour)
-    print(f"\nfull run: {n:,} requests, {result.events:,} events in {result.wall_s:.1f} s of wall time = "
+    print(f"\nfull run in {args.shards} shard(s): {n:,} requests, {result.events:,} events in {result.wall_s:.1f} s of wall time = "
           f"{result.events / result.wall_s:,.0f} events/s, {n / result.wall_s:,.0f} requests/s "
           f"({'under' if result.wall_s < 60 else 'OVER'} the 60 s target)")
     print(f"simulated {s['duration_s']:.0f} s: TTFT median {s['ttft_s']['median'] * 1e3:.0f} ms p90 "

@@ -315,3 +315,18 @@ def test_plan_command_prints_json(tiny_profile):
     best = doc["candidates"][0]
     assert best["attainment"] >= 0.9 and best["price_per_hour"] > 0
     assert math.isfinite(best["cost_per_million_output_tokens"])
+
+
+def test_sharded_simulation_agrees_with_one_process():
+    p = make_profile()
+    dep = Deployment((Pool("prefill", 20, p), Pool("decode", 40, p)))
+    rng = np.random.default_rng(5)
+    n = 20000
+    work = SimWorkload(np.cumsum(rng.exponential(1 / 400, n)), rng.integers(50, 1000, n), rng.integers(16, 256, n))
+    one = simulate(dep, work)
+    two = simulate(dep, work, shards=2)
+    assert two.stats["shards"] == 2 and two.stats["remote_prefills"] == n
+    assert not np.isnan(two.e2e).any()
+    for a, b in ((one.ttft, two.ttft), (one.tpot, two.tpot)):
+        assert np.nanmedian(b) == pytest.approx(np.nanmedian(a), rel=0.1)
+        assert np.nanpercentile(b, 90) == pytest.approx(np.nanpercentile(a, 90), rel=0.1)

@@ -171,7 +171,7 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def _bench_flags(p: argparse.ArgumentParser) -> None:
+def _bench_flags(p: argparse.ArgumentParser, out: str = "results/bench") -> None:
     w = p.add_argument_group("workload")
     w.add_argument("--workload", default="synthetic",
                    choices=["synthetic", "shared-prefix", "mixed", "sharegpt", "mooncake", "azure"])
@@ -204,7 +204,7 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
                         "x --workers, else what a tokenworks server started with --price-per-worker-hour reports)")
     s.add_argument("--price-per-worker-hour", type=float, default=None, metavar="USD", help="price of one worker-hour")
     s.add_argument("--workers", type=int, default=1, help="workers behind the server, with --price-per-worker-hour")
-    s.add_argument("--out", default="results/bench", help="folder for the report (default: results/bench)")
+    s.add_argument("--out", default=out, help=f"folder for the report (default: {out})")
 
 
 def _slo(ns: argparse.Namespace):
@@ -343,7 +343,8 @@ def cmd_profile(ns: argparse.Namespace) -> int:
 
         random_config = read_hf_config(ns.random_weights)
     cuda = ns.device.startswith("cuda")
-    plan = Plan.quick() if ns.quick else Plan.thorough(ns.max_num_seqs, 65536 if cuda else 16384)
+    plan = Plan.quick() if ns.quick else (Plan.thorough(ns.max_num_seqs, 65536, (32, 256, 1024, 4096)) if cuda
+                                          else Plan.thorough(ns.max_num_seqs, 16384))
     prof = profile_engine(_engine_args(ns), plan, random_config=random_config, hardware=ns.hardware,
                           transport=ns.kv_transport)
     prof.save(ns.out)
@@ -409,10 +410,14 @@ def _deployment(ns: argparse.Namespace):
 
 
 def cmd_simulate(ns: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from tokenworks.planner.simulator import simulate_session
 
     dep = _deployment(ns)
     lengths, arrivals, labels, xs = _sim_workload(ns)
+    if ns.price_per_hour is not None:  # the whole fleet's price, as in bench
+        dep = replace(dep, pools=tuple(replace(p, price_per_hour=ns.price_per_hour / dep.num_workers) for p in dep.pools))
     doc = simulate_session({ns.name: dep}, lengths, arrivals, labels, xs, _slo(ns), ns.attainment, ns.out,
                            f"tokenworks simulate: {ns.workload} on {dep.describe()}",
                            [f"{len(lengths)} requests per load, seed {ns.seed}; simulated, not measured",
@@ -584,11 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--local-prefill-threshold", type=int, default=16, metavar="TOKENS")
     sm.add_argument("--max-inflight-requests", type=int, default=0, help="reject beyond this many (default: no limit)")
     sm.add_argument("--overhead-ms", type=float, default=0.0, help="added to every request's first and last token")
-    sm.add_argument("--price-per-worker-hour", type=float, default=None,
-                    help="for cost per token (default: the catalog's price of the profile's hardware)")
     sm.add_argument("--name", default="simulated", help="label in the report")
-    _bench_flags(sm)
-    sm.set_defaults(func=cmd_simulate, out="results/simulate")
+    _bench_flags(sm, out="results/simulate")
+    sm.set_defaults(func=cmd_simulate)
 
     pl = sub.add_parser("plan", help="find the cheapest prefill/decode layouts and hardware that meet SLOs",
                         description="Search aggregated and disaggregated layouts, prefill:decode counts and the "

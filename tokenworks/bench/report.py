@@ -12,6 +12,30 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v * 1000:.1f}"
 
 
+def write_report(out_dir: str, title: str, runs: dict[str, list[tuple[float, dict, list[RequestResult]]]], slo,
+                 attainment: float, notes: list[str], extra: dict | None = None, with_plots: bool = True) -> dict:
+    """summary.json, report.md and (``with_plots``) the PNG plots of a session: per target, a list of
+    (load, summary, per-request results). Measured (``bench.sweep``) and simulated
+    (``planner.simulator``) sessions write the same files."""
+    from tokenworks.bench.metrics import goodput
+
+    goodputs = {name: goodput([(x, s) for x, s, _ in sweep], attainment) for name, sweep in runs.items()}
+    doc = {"title": title, "slo": slo.describe(), "attainment_target": attainment, "goodput_req_s": goodputs,
+           **(extra or {}), "runs": {name: [s for _, s, _ in sweep] for name, sweep in runs.items()}}
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(doc, f, indent=2)
+    md = markdown(title, {n: [(s["load"], s) for _, s, _ in sweep] for n, sweep in runs.items()}, goodputs,
+                  notes + [f"SLOs: {slo.describe()}; goodput = highest load with at least {attainment:.0%} of requests "
+                           "meeting every SLO"])
+    if with_plots:
+        written = plots(out_dir, runs, attainment)
+        md += "\n" + "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in written) + "\n"
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(md)
+    doc["report"] = os.path.join(out_dir, "report.md")
+    return doc
+
+
 def _cost(s: dict) -> str:
     c = s.get("cost_per_million_output_tokens")
     return "-" if c is None else f"{c:.3g}"

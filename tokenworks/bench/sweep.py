@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -11,8 +10,8 @@ from dataclasses import dataclass
 from tokenworks.bench import workloads as W
 from tokenworks.bench.client import RequestResult
 from tokenworks.bench.loadgen import Load, run_load
-from tokenworks.bench.metrics import SLO, goodput, summarize
-from tokenworks.bench.report import markdown, plots, write_requests
+from tokenworks.bench.metrics import SLO, summarize
+from tokenworks.bench.report import write_report, write_requests
 
 
 @dataclass
@@ -79,19 +78,4 @@ def run_session(targets: list[Target], requests: list[W.BenchRequest], loads: li
             runs[target.name].append((x, summary, results))
             safe = target.name.replace(" ", "_").replace("/", "_")
             write_requests(os.path.join(out_dir, f"requests-{safe}-{k}.jsonl"), results)
-    goodputs = {name: goodput([(x, s) for x, s, _ in sweep], attainment) for name, sweep in runs.items()}
-    summary_doc = {
-        "title": title, "slo": slo.describe(), "attainment_target": attainment, "goodput_req_s": goodputs,
-        "runs": {name: [s for _, s, _ in sweep] for name, sweep in runs.items()},
-    }
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary_doc, f, indent=2)
-    md = markdown(title, {n: [(s["load"], s) for _, s, _ in sweep] for n, sweep in runs.items()}, goodputs,
-                  notes + [f"SLOs: {slo.describe()}; goodput = highest load with at least {attainment:.0%} of requests "
-                           "meeting every SLO"])
-    written = plots(out_dir, runs, attainment)
-    md += "\n" + "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in written) + "\n"
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(md)
-    summary_doc["report"] = os.path.join(out_dir, "report.md")
-    return summary_doc
+    return write_report(out_dir, title, runs, slo, attainment, notes)

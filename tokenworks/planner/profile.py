@@ -22,6 +22,7 @@ to other hardware from a measured one says so in ``projected_from``.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import json
 import math
@@ -69,8 +70,8 @@ class Fit:
         return self.base(x1) + self.c * x2
 
     def base_list(self, n: int) -> list[float]:
-        """base(0..n) for integer x1, for lookups in the simulator's inner loop."""
-        return [self.base(i) for i in range(n + 1)]
+        """base(0..n) for integer x1, for lookups in the simulator's inner loop (one list per fit and n)."""
+        return _base_list(self, n)
 
     def scaled(self, fixed: float, per_x1: float, per_x2: float, keep: float = 0.0) -> "Fit":
         """Terms scaled separately: of the intercept, ``keep`` seconds stay and the rest is scaled by
@@ -166,6 +167,11 @@ class Profile:
                 f"  decode step  = {_base(d, 'request')} + {d.c * 1e9:.3f} ns x context{_err(d)}\n"
                 f"  KV transfer  = {t.fixed_s * 1e3:.2f} ms + bytes / {t.bytes_per_s / 1e9:.2f} GB/s ({t.transport}); "
                 f"{self.kv_bytes_per_token} B/token; {self.kv_capacity_tokens} tokens of KV per worker")
+
+
+@functools.lru_cache(maxsize=64)
+def _base_list(fit: Fit, n: int) -> list[float]:
+    return [fit.base(i) for i in range(n + 1)]
 
 
 def _base(f: Fit, unit: str) -> str:

@@ -41,13 +41,14 @@ class Plan:
                    decode_steps=4, reps=1, transfer_tokens=(16, 256))
 
     @classmethod
-    def thorough(cls, max_batch: int = 64, decode_tokens: int = 16384) -> "Plan":
+    def thorough(cls, max_batch: int = 64, decode_tokens: int = 16384, contexts: tuple[int, ...] = (32, 256, 1024)
+                 ) -> "Plan":
         """``decode_tokens``: most batch x context in a decode point (each point prefills that much first)."""
         prefill = ((1, 16), (1, 32), (1, 64), (1, 128), (1, 256), (1, 384), (1, 512), (2, 32), (4, 32), (8, 32),
                    (2, 128), (4, 100), (2, 256), (3, 150), (16, 16), (1, 1024), (1, 1536), (1, 2048), (6, 80),
                    (1, 96), (1, 768))
         batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch]
-        decode = tuple((b, c) for c in (32, 256, 1024, 4096) for b in batches if b * c <= decode_tokens)
+        decode = tuple((b, c) for c in contexts for b in batches if b * c <= decode_tokens)
         return cls(prefill=prefill, decode=decode + ((3, 500), (24, 128), (12, 640)), decode_steps=12, reps=3,
                    transfer_tokens=(16, 64, 256, 1024, 2048))
 

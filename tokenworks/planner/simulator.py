@@ -32,7 +32,7 @@ import heapq
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -164,12 +164,14 @@ class _LeastLoaded:
 
 
 class _Prefiller:
-    __slots__ = ("profile", "queue", "busy", "step", "pg", "pc")
+    __slots__ = ("profile", "queue", "busy", "step", "pg", "pc", "budget", "max_seqs")
 
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
         self.pg = profile.prefill.base_list(profile.max_num_batched_tokens)  # step seconds by tokens, less attention
         self.pc = profile.prefill.c
+        self.budget = profile.max_num_batched_tokens
+        self.max_seqs = profile.max_num_seqs
         self.queue: deque = deque()  # [request, tokens done]
         self.busy = False
         self.step: list = []  # (entry, chunk) of the step in flight
@@ -177,7 +179,7 @@ class _Prefiller:
 
 class _Decoder:
     __slots__ = ("profile", "S", "t", "B", "K", "finish", "pending", "local", "kv_free", "version", "plan_k",
-                 "event_t", "step", "link_free", "g", "c", "pg", "pc")
+                 "event_t", "step", "link_free", "g", "c", "pg", "pc", "kv_per_token", "inv_bw", "fixed_s")
 
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
@@ -198,11 +200,63 @@ class _Decoder:
         self.c = profile.decode.c
         self.pg = profile.prefill.base_list(profile.max_num_batched_tokens)
         self.pc = profile.prefill.c
+        self.kv_per_token = profile.kv_bytes_per_token
+        self.inv_bw = 1.0 / profile.transfer.bytes_per_s
+        self.fixed_s = profile.transfer.fixed_s
 
 
-def simulate(dep: Deployment, work: SimWorkload, max_jump: int | None = None) -> SimResult:
+def simulate(dep: Deployment, work: SimWorkload, max_jump: int | None = None, shards: int = 1) -> SimResult:
     """Run the workload through the deployment; return per-request latencies.
-    ``max_jump``: most decode steps crossed in one event (tests set 1 to check the closed form against steps)."""
+
+    ``max_jump``: most decode steps crossed in one event (tests set 1 to check the closed form
+    against steps). ``shards`` > 1: split every pool and the traffic (a seeded random split, so each
+    shard's arrivals stay Poisson when the whole is) into that many independent parts simulated in
+    parallel processes; the router then balances within a shard. For fleets far larger than the
+    shard count this changes little and divides the wall time.
+    """
+    if shards > 1 and all(p.count >= shards for p in dep.pools if p.count) and len(work) >= 2 * shards:
+        return _simulate_sharded(dep, work, max_jump, shards)
+    return _simulate(dep, work, max_jump)
+
+
+def _shard_deployment(dep: Deployment, k: int, shards: int) -> Deployment:
+    pools = tuple(replace(p, count=p.count // shards + (1 if k < p.count % shards else 0)) for p in dep.pools)
+    return replace(dep, pools=pools)
+
+
+def _run_shard(args: tuple) -> SimResult:
+    dep, work, max_jump = args
+    return _simulate(dep, work, max_jump)
+
+
+def _simulate_sharded(dep: Deployment, work: SimWorkload, max_jump: int | None, shards: int) -> SimResult:
+    import multiprocessing as mp
+
+    wall0 = time.perf_counter()
+    which = np.random.default_rng(12345).integers(0, shards, len(work))
+    parts = [np.flatnonzero(which == k) for k in range(shards)]
+    jobs = [(_shard_deployment(dep, k, shards),
+             SimWorkload(work.arrival[idx], work.prompt_len[idx], work.output_len[idx]), max_jump)
+            for k, idx in enumerate(parts)]
+    with mp.get_context("fork").Pool(shards) as pool:
+        results = pool.map(_run_shard, jobs)
+    ttft = np.full(len(work), np.nan)
+    e2e = np.full(len(work), np.nan)
+    rejected = np.zeros(len(work), dtype=bool)
+    stats: dict = {}
+    for idx, r in zip(parts, results):
+        ttft[idx], e2e[idx], rejected[idx] = r.ttft, r.e2e, r.rejected
+        for key, v in r.stats.items():
+            stats[key] = stats.get(key, 0) + v
+    stats["shards"] = shards
+    done_at = e2e + work.arrival
+    duration = float(np.nanmax(done_at) - work.arrival[0]) if not np.all(np.isnan(done_at)) else 0.0
+    return SimResult(ttft=ttft, e2e=e2e, prompt_len=work.prompt_len, output_len=work.output_len, arrival=work.arrival,
+                     rejected=rejected, duration=duration, events=sum(r.events for r in results),
+                     wall_s=time.perf_counter() - wall0, stats=stats)
+
+
+def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimResult:
     wall0 = time.perf_counter()
     n = len(work)
     arrival = work.arrival.tolist()
@@ -231,7 +285,12 @@ def simulate(dep: Deployment, work: SimWorkload, max_jump: int | None = None) ->
     seq = 0
     PREFILL, DECODE = 0, 1
     push, pop = heapq.heappush, heapq.heappop
-    stats = {"local_prefills": 0, "remote_prefills": 0, "kv_bytes": 0.0, "rejected": 0}
+
+    d_loads, d_heap = d_load.load, d_load.heap  # _LeastLoaded inlined in the hot paths below
+    heappush, heapreplace = heapq.heappush, heapq.heapreplace
+    n_dec8 = 8 * len(decoders) + 64
+    kv_bytes = 0.0
+    local_prefills = remote_prefills = num_rejected = 0
 
     def steps_until(d: _Decoder, dt: float) -> int:
         """Fewest whole steps (>= 1) from d.t whose total time reaches dt, for the current batch.
@@ -258,6 +317,13 @@ def simulate(dep: Deployment, work: SimWorkload, max_jump: int | None = None) ->
         push(heap, (when, seq, DECODE, idx, d.version))
 
     def form_chunks(queue: deque, budget: int, max_seqs: int) -> tuple[list, int, int]:
+        if len(queue) == 1:  # the common case: one prompt, all of it or a budget's worth
+            entry = queue[0]
+            done = entry[1]
+            take = min(plen[entry[0]] - done, budget)
+            if take <= 0 or max_seqs <= 0:
+                return [], 0, 0
+            return [(entry, take)], take, take * (done + take)
         chunks, tokens, attn = [], 0, 0
         for entry in queue:
             if budget <= 0 or len(chunks) >= max_seqs:
@@ -272,43 +338,67 @@ def simulate(dep: Deployment, work: SimWorkload, max_jump: int | None = None) ->
 
     def plan_decoder(d: _Decoder, idx: int) -> None:
         """At a boundary (d.t, d.S): join what may join, then schedule the next event."""
-        prof = d.profile
-        while d.pending and d.pending[0][0] <= d.t and d.B < prof.max_num_seqs:
-            _, r = d.pending[0]
-            need = plen[r] + olen[r]
-            if need > d.kv_free and d.B:
-                break  # waits for a finish to free KV
-            pop(d.pending)
-            join(d, r, need)
+        nonlocal seq
+        pending = d.pending
+        if pending and pending[0][0] <= d.t:
+            max_seqs = d.profile.max_num_seqs
+            while pending and pending[0][0] <= d.t and d.B < max_seqs:
+                r = pending[0][1]
+                need = plen[r] + olen[r]
+                if need > d.kv_free and d.B:
+                    break  # waits for a finish to free KV
+                pop(pending)
+                d.kv_free -= need
+                d.B += 1
+                part = plen[r] - d.S
+                d.K += part
+                push(d.finish, (d.S + olen[r] - 1, r, need, part))
         if d.local:
+            prof = d.profile
             chunks, tokens, attn = form_chunks(d.local, prof.max_num_batched_tokens - d.B, prof.max_num_seqs - d.B)
             if chunks:
                 dur = d.pg[tokens + d.B] + d.pc * (attn + d.K + d.B * (d.S + 1))
                 d.step = chunks
                 schedule(d, idx, d.t + dur, 1)
                 return
-        if d.B:
-            k = min(d.finish[0][0] - d.S, jump)
-            if d.pending and d.pending[0][0] > d.t:
-                k = min(k, steps_until(d, d.pending[0][0] - d.t))
-            schedule(d, idx, d.t + span(d, k), k)
-        elif d.pending:
-            schedule(d, idx, max(d.t, d.pending[0][0]), 0)
+        B = d.B
+        if B:
+            S = d.S
+            k = d.finish[0][0] - S
+            if k > jump:
+                k = jump
+            c = d.c
+            alpha = d.g[B] + c * (d.K + B * S)
+            beta = c * B
+            if pending:
+                dt = pending[0][0] - d.t
+                if dt > 0:  # steps until the first boundary at or after that KV's arrival
+                    if beta > 0:
+                        q = alpha + beta / 2
+                        kp = math.ceil((-q + math.sqrt(q * q + 2 * beta * dt)) / beta - 1e-9)
+                    else:
+                        kp = math.ceil(dt / alpha) if alpha > 0 else 1
+                    if kp < 1:
+                        kp = 1
+                    if kp < k:
+                        k = kp
+            when = d.t + k * alpha + beta * k * (k + 1) / 2
+            d.version += 1
+            d.plan_k = k
+            d.event_t = when
+            seq += 1
+            push(heap, (when, seq, DECODE, idx, d.version))
+        elif pending:
+            schedule(d, idx, max(d.t, pending[0][0]), 0)
         else:
             d.event_t = math.inf
             d.version += 1
 
-    def join(d: _Decoder, r: int, need: int) -> None:
-        d.kv_free -= need
-        d.B += 1
-        part = plen[r] - d.S
-        d.K += part
-        push(d.finish, (d.S + olen[r] - 1, r, need, part))
-
     def wake(d: _Decoder, idx: int, now: float, when: float) -> None:
         """Something for d arrives at ``when`` (>= now): make sure d stops at the first boundary after it."""
         if d.event_t == math.inf:  # idle
-            d.t = max(d.t, now)
+            if d.t < now:
+                d.t = now
             if when <= now:
                 plan_decoder(d, idx)
             else:
@@ -322,28 +412,12 @@ def simulate(dep: Deployment, work: SimWorkload, max_jump: int | None = None) ->
         if k < d.plan_k:
             schedule(d, idx, d.t + span(d, k), k)
 
-    def prompt_done(r: int, t: float, d: _Decoder | None, idx: int) -> None:
-        """Request r's first token came out at t (on a prefill worker when d is None)."""
-        nonlocal inflight
-        first[r] = t + overhead - arrival[r]
-        if olen[r] == 1:
-            last[r] = first[r]
-            inflight -= 1
-            d_load.remove(home[r])
-            return
-        if d is None:  # remote: the KV crosses to the decode worker chosen at arrival
-            dk = home[r]
-            dd = decoders[dk]
-            nbytes = plen[r] * dd.profile.kv_bytes_per_token
-            tr = dd.profile.transfer
-            start = max(t + handoff, dd.link_free)
-            dd.link_free = start + nbytes / tr.bytes_per_s
-            ready = dd.link_free + tr.fixed_s
-            stats["kv_bytes"] += nbytes
-            push(dd.pending, (ready, r))
-            wake(dd, dk, t, ready)
-        else:
-            join(d, r, plen[r] + olen[r])
+    def d_remove(i: int) -> None:
+        d_loads[i] -= 1
+        heappush(d_heap, (d_loads[i], i))
+        if len(d_heap) > n_dec8:
+            d_heap[:] = [(l, k) for k, l in enumerate(d_loads)]
+            heapq.heapify(d_heap)
 
     ai = 0
     next_arrival = arrival[0] if n else math.inf
@@ -355,14 +429,32 @@ def simulate(dep: Deployment, work: SimWorkload, max_jump: int | None = None) ->
                 p = prefillers[idx]
                 for entry, take in p.step:
                     entry[1] += take
-                while p.queue and p.queue[0][1] >= plen[p.queue[0][0]]:
-                    r = p.queue.popleft()[0]
+                queue = p.queue
+                while queue and queue[0][1] >= plen[queue[0][0]]:
+                    r = queue.popleft()[0]
                     p_load.remove(idx)
-                    prompt_done(r, now, None, idx)
+                    first[r] = now + overhead - arrival[r]
+                    if olen[r] == 1:
+                        last[r] = first[r]
+                        inflight -= 1
+                        d_remove(home[r])
+                        continue
+                    # the KV crosses to the decode worker chosen at arrival, over its inbound link
+                    dk = home[r]
+                    dd = decoders[dk]
+                    nbytes = plen[r] * dd.kv_per_token
+                    start = now + handoff
+                    if dd.link_free > start:
+                        start = dd.link_free
+                    dd.link_free = start + nbytes * dd.inv_bw
+                    ready = dd.link_free + dd.fixed_s
+                    kv_bytes += nbytes
+                    push(dd.pending, (ready, r))
+                    wake(dd, dk, now, ready)
                 p.step = []
                 p.busy = False
-                if p.queue:
-                    chunks, tokens, attn = form_chunks(p.queue, p.profile.max_num_batched_tokens, p.profile.max_num_seqs)
+                if queue:
+                    chunks, tokens, attn = form_chunks(queue, p.budget, p.max_seqs)
                     p.step = chunks
                     p.busy = True
                     seq += 1
@@ -371,25 +463,37 @@ def simulate(dep: Deployment, work: SimWorkload, max_jump: int | None = None) ->
             d = decoders[idx]
             if ver != d.version:
                 continue  # superseded
-            d.S += d.plan_k
+            S = d.S = d.S + d.plan_k
             d.t = now
             d.event_t = math.inf
             if d.step:
                 for entry, take in d.step:
                     entry[1] += take
                 d.step = []
-                while d.local and d.local[0][1] >= plen[d.local[0][0]]:
-                    r = d.local.popleft()[0]
-                    prompt_done(r, now, d, idx)
+                local = d.local
+                while local and local[0][1] >= plen[local[0][0]]:
+                    r = local.popleft()[0]
+                    first[r] = now + overhead - arrival[r]
+                    if olen[r] == 1:
+                        last[r] = first[r]
+                        inflight -= 1
+                        d_remove(idx)
+                        continue
+                    need = plen[r] + olen[r]  # joins the batch it was prefilled beside
+                    d.kv_free -= need
+                    d.B += 1
+                    part = plen[r] - S
+                    d.K += part
+                    push(d.finish, (S + olen[r] - 1, r, need, part))
             fin = d.finish
-            while fin and fin[0][0] <= d.S:
+            while fin and fin[0][0] <= S:
                 _, r, need, part = pop(fin)
                 last[r] = now + overhead - arrival[r]
                 d.B -= 1
                 d.K -= part
                 d.kv_free += need
                 inflight -= 1
-                d_load.remove(idx)
+                d_remove(idx)
             plan_decoder(d, idx)
             continue
         if ai >= n:
@@ -402,30 +506,40 @@ def simulate(dep: Deployment, work: SimWorkload, max_jump: int | None = None) ->
         events += 1
         if inflight >= max_inflight:
             rejected[r] = True
-            stats["rejected"] += 1
+            num_rejected += 1
             continue
         inflight += 1
-        dk = d_load.pick()
-        d_load.add(dk)
+        while True:  # the least-loaded decode worker (see _LeastLoaded.pick)
+            l, dk = d_heap[0]
+            actual = d_loads[dk]
+            if actual == l:
+                break
+            if l < actual:
+                heapreplace(d_heap, (actual, dk))
+            else:
+                pop(d_heap)
+        d_loads[dk] += 1
         home[r] = dk
         if not prefillers or plen[r] <= threshold:
-            stats["local_prefills"] += 1
+            local_prefills += 1
             d = decoders[dk]
             d.local.append([r, 0])
             wake(d, dk, now, now)
         else:
-            stats["remote_prefills"] += 1
+            remote_prefills += 1
             pk = p_load.pick()
             p_load.add(pk)
             p = prefillers[pk]
             p.queue.append([r, 0])
-            if not p.busy:
-                chunks, tokens, attn = form_chunks(p.queue, p.profile.max_num_batched_tokens, p.profile.max_num_seqs)
-                p.step = chunks
+            if not p.busy:  # an idle prefill worker's queue held nothing before this prompt
+                take = min(plen[r], p.budget)
+                p.step = [(p.queue[0], take)]
                 p.busy = True
                 seq += 1
-                push(heap, (now + p.pg[tokens] + p.pc * attn, seq, PREFILL, pk, 0))
+                push(heap, (now + p.pg[take] + p.pc * take * take, seq, PREFILL, pk, 0))
 
+    stats = {"local_prefills": local_prefills, "remote_prefills": remote_prefills, "kv_bytes": kv_bytes,
+             "rejected": num_rejected}
     ttft = np.asarray(first, dtype=float)
     e2e = np.asarray(last, dtype=float)
     done_at = e2e + work.arrival
@@ -486,11 +600,9 @@ def simulate_session(deployments: dict[str, Deployment], requests: list[tuple[in
                      out_dir: str, title: str, notes: list[str], max_detail: int = 200_000) -> dict:
     """Simulate each deployment at each load and write the report ``tokenworks bench`` writes
     (summary.json, report.md, plots; per-request JSONL when there are at most ``max_detail`` requests)."""
-    import json
     import os
 
-    from tokenworks.bench.metrics import goodput
-    from tokenworks.bench.report import markdown, plots, write_requests
+    from tokenworks.bench.report import write_report, write_requests
 
     os.makedirs(out_dir, exist_ok=True)
     prompt = np.array([p for p, _ in requests], dtype=np.int64)
@@ -508,18 +620,6 @@ def simulate_session(deployments: dict[str, Deployment], requests: list[tuple[in
             if detail:
                 safe = name.replace(" ", "_").replace("/", "_")
                 write_requests(os.path.join(out_dir, f"requests-{safe}-{k}.jsonl"), detail)
-    goodputs = {name: goodput([(x, s) for x, s, _ in sweep], attainment) for name, sweep in runs.items()}
-    doc = {"title": title, "slo": slo.describe(), "attainment_target": attainment, "goodput_req_s": goodputs,
-           "simulated": True, "runs": {name: [s for _, s, _ in sweep] for name, sweep in runs.items()}}
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(doc, f, indent=2)
-    md = markdown(title, {n: [(s["load"], s) for _, s, _ in sweep] for n, sweep in runs.items()}, goodputs,
-                  notes + [f"SLOs: {slo.describe()}; goodput = highest load with at least {attainment:.0%} of requests "
-                           "meeting every SLO", "simulated: ITL is not modelled (TPOT is)"])
-    if all(detail for sweep in runs.values() for _, _, detail in sweep):
-        written = plots(out_dir, runs, attainment)
-        md += "\n" + "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in written) + "\n"
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(md)
-    doc["report"] = os.path.join(out_dir, "report.md")
-    return doc
+    with_plots = all(detail for sweep in runs.values() for _, _, detail in sweep)
+    return write_report(out_dir, title, runs, slo, attainment, notes + ["simulated: ITL is not modelled (TPOT is)"],
+                        extra={"simulated": True}, with_plots=with_plots)
