@@ -133,9 +133,11 @@ def test_prefill_queue_is_fcfs_and_chunked():
     assert r.ttft[1] == pytest.approx(r.ttft[0])
 
 
+@pytest.mark.parametrize("attention", ["sum", "padded"])
 @pytest.mark.parametrize("layout", ["disaggregated", "aggregated", "mixed"])
-def test_closed_form_jumps_equal_step_by_step(layout):
+def test_closed_form_jumps_equal_step_by_step(layout, attention):
     p = make_profile(pa=0.003, pb=2e-5, pc=3e-9, da=0.008, db=3e-4, dc=4e-7, budget=256, seqs=8, capacity=6000)
+    p = Profile.from_json({**p.to_json(), "decode_attention": attention})
     pools = {"disaggregated": (Pool("prefill", 2, p), Pool("decode", 2, p)),
              "aggregated": (Pool("both", 2, p),),
              "mixed": (Pool("prefill", 1, p), Pool("both", 2, p))}[layout]
@@ -154,6 +156,20 @@ def test_closed_form_jumps_equal_step_by_step(layout):
         alone = p.prefill(P, P * P) if P <= 256 else 0.0
         assert fast.ttft[i] >= alone - 1e-12
         assert fast.e2e[i] - fast.ttft[i] >= (O - 1) * p.decode.a - 1e-9
+
+
+def test_padded_decode_attention_costs_the_longest_context_for_every_request():
+    p = make_profile(pa=0.0, pb=0.0, pc=0.0, da=0.01, db=0.0, dc=1e-5)
+    # Request 1 arrives while request 0's prefill step runs: it is prefilled beside request 0's
+    # second decode step, then both decode together for request 1's two remaining tokens.
+    work = SimWorkload([0.0, 0.0], [1000, 10], [10, 3])
+    times = {}
+    for mode in ("sum", "padded"):
+        prof = Profile.from_json({**p.to_json(), "decode_attention": mode})
+        r = simulate(Deployment((Pool("both", 1, prof),), local_prefill_threshold=10**6), work)
+        times[mode] = r.e2e[1] - r.ttft[1]  # two decode steps of the short request, beside the long one
+    assert times["sum"] == pytest.approx(2 * 0.01 + 1e-5 * ((1003 + 11) + (1004 + 12)))
+    assert times["padded"] == pytest.approx(2 * 0.01 + 1e-5 * (2 * 1003 + 2 * 1004))
 
 
 def test_admission_limit_rejects_and_is_reported():

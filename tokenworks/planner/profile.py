@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 PREFILL_FORM = "a + b*tokens + c*sum(new_tokens*context)"
-DECODE_FORM = "a + b*batch + c*sum(context)"
+DECODE_FORM = "a + b*batch + c*sum(context)"  # with decode_attention "padded": c*batch*max(context)
 TRANSFER_FORM = "fixed_s + bytes/bytes_per_s"
 
 
@@ -112,6 +112,9 @@ class Profile:
     block_size: int
     kv_capacity_tokens: int  # KV tokens one worker can hold
     units: int = 1  # how many of the catalog kind one worker uses (CPU cores, or GPUs for tensor parallelism)
+    # How a decode step's attention cost grows: "sum" of the contexts (paged kernels), or "padded": every
+    # request as long as the longest in the batch (tokenworks' runner gathers decode KV into a padded batch).
+    decode_attention: str = "sum"
     threads: int | None = None
     projected_from: str | None = None  # None: measured; else what it was projected from and how
     points: dict = field(default_factory=dict, compare=False)  # raw measurements, for plots and refits

@@ -179,7 +179,7 @@ class _Prefiller:
 
 class _Decoder:
     __slots__ = ("profile", "S", "t", "B", "K", "finish", "pending", "local", "kv_free", "version", "plan_k",
-                 "event_t", "step", "link_free", "g", "c", "pg", "pc", "kv_per_token", "inv_bw", "fixed_s")
+                 "event_t", "step", "link_free", "g", "c", "pg", "pc", "kv_per_token", "inv_bw", "fixed_s", "padded", "offs")
 
     def __init__(self, profile: Profile) -> None:
         self.profile = profile
@@ -200,6 +200,8 @@ class _Decoder:
         self.c = profile.decode.c
         self.pg = profile.prefill.base_list(profile.max_num_batched_tokens)
         self.pc = profile.prefill.c
+        self.padded = profile.decode_attention == "padded"
+        self.offs: list = []  # padded: heap (-(prompt - join step), request) -> the longest context in the batch
         self.kv_per_token = profile.kv_bytes_per_token
         self.inv_bw = 1.0 / profile.transfer.bytes_per_s
         self.fixed_s = profile.transfer.fixed_s
@@ -292,12 +294,24 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
     kv_bytes = 0.0
     local_prefills = remote_prefills = num_rejected = 0
 
+    def ctx0(d: _Decoder) -> int:
+        """The decode attention feature at step d.S: the context sum, or batch x longest context when the
+        profile's engine pads; either grows by B a step while the batch stays."""
+        if not d.padded:
+            return d.K + d.B * d.S
+        if not d.B:
+            return 0
+        offs = d.offs
+        while last[offs[0][1]] == last[offs[0][1]]:  # finished (not NaN): drop
+            pop(offs)
+        return d.B * (d.S - offs[0][0])
+
     def steps_until(d: _Decoder, dt: float) -> int:
         """Fewest whole steps (>= 1) from d.t whose total time reaches dt, for the current batch.
         Step j after d.S takes alpha + beta*j: alpha = g(B) + c*(context sum at d.S), beta = c*B."""
         if dt <= 0:
             return 1
-        alpha = d.g[d.B] + d.c * (d.K + d.B * d.S)
+        alpha = d.g[d.B] + d.c * ctx0(d)
         beta = d.c * d.B
         if beta <= 0:
             return max(1, math.ceil(dt / alpha)) if alpha > 0 else 1
@@ -306,7 +320,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
 
     def span(d: _Decoder, k: int) -> float:
         """Seconds of k decode steps from step d.S on."""
-        return k * (d.g[d.B] + d.c * (d.K + d.B * d.S)) + d.c * d.B * k * (k + 1) / 2
+        return k * (d.g[d.B] + d.c * ctx0(d)) + d.c * d.B * k * (k + 1) / 2
 
     def schedule(d: _Decoder, idx: int, when: float, k: int) -> None:
         nonlocal seq
@@ -353,11 +367,16 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                 part = plen[r] - d.S
                 d.K += part
                 push(d.finish, (d.S + olen[r] - 1, r, need, part))
+                if d.padded:
+                    push(d.offs, (-part, r))
         if d.local:
             prof = d.profile
             chunks, tokens, attn = form_chunks(d.local, prof.max_num_batched_tokens - d.B, prof.max_num_seqs - d.B)
             if chunks:
-                dur = d.pg[tokens + d.B] + d.pc * (attn + d.K + d.B * (d.S + 1))
+                x = ctx0(d) + d.B  # the decodes' attention feature in the coming step
+                dur = d.pg[tokens + d.B] + d.pc * (attn + x)
+                if d.B:  # a mixed step does at least a decode step's work
+                    dur = max(dur, d.g[d.B] + d.c * x)
                 d.step = chunks
                 schedule(d, idx, d.t + dur, 1)
                 return
@@ -368,7 +387,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             if k > jump:
                 k = jump
             c = d.c
-            alpha = d.g[B] + c * (d.K + B * S)
+            alpha = d.g[B] + c * ctx0(d)
             beta = c * B
             if pending:
                 dt = pending[0][0] - d.t
@@ -485,6 +504,8 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                     part = plen[r] - S
                     d.K += part
                     push(d.finish, (S + olen[r] - 1, r, need, part))
+                    if d.padded:
+                        push(d.offs, (-part, r))
             fin = d.finish
             while fin and fin[0][0] <= S:
                 _, r, need, part = pop(fin)
