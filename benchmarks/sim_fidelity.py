@@ -4,8 +4,10 @@
    layout) and on all cores (the aggregated worker), thorough mode.
 2. For each layout and rate: the real server (`tokenworks serve`) is driven by the
    bench load generator with the seeded mixed workload (85 % short prompts, 15 %
-   long ones, outputs of 32-96 tokens, ignore_eos); the simulator runs the same
-   requests (prompt lengths from the server's tokenizer) at the same arrival times.
+   long ones, outputs of 32-96 tokens, ignore_eos; fresh prompts at each rate, so
+   that no run hits the prefix cache, which the simulator does not model); the
+   simulator runs the same requests (prompt lengths from the server's tokenizer)
+   at the same arrival times.
 3. Printed: measured vs simulated median and p90 TTFT and TPOT per run, the error
    of each, and each layout's goodput measured and simulated.
 
@@ -72,11 +74,12 @@ def main() -> int:
     profiles = {"one": one, "all": every}
     files = load_tokenizer_files(None)
     tok = Tokenizer(files.tokenizer_json, files.chat_template, files.bos_token, files.eos_token, files.add_bos_token)
-    requests = W.mixed(args.num_requests, args.seed)
-    prompt_len = [len(tok.encode(r.prompt)) for r in requests]
-    output_len = [r.max_tokens for r in requests]
-    slo = SLO(ttft=args.slo_ttft_ms / 1000, tpot=args.slo_tpot_ms / 1000)
+    # Fresh prompts at every rate (seed + k): a repeated prompt would hit the server's prefix cache,
+    # which the simulator does not model.
     rates = [float(r) for r in args.rates.split(",")]
+    workloads = [W.mixed(args.num_requests, args.seed + k) for k in range(len(rates))]
+    lengths = [([len(tok.encode(r.prompt)) for r in reqs], [r.max_tokens for r in reqs]) for reqs in workloads]
+    slo = SLO(ttft=args.slo_ttft_ms / 1000, tpot=args.slo_tpot_ms / 1000)
     rows, doc = [], {"slo": slo.describe(), "rates": rates, "num_requests": args.num_requests, "layouts": {}}
     for name in args.layouts.split(","):
         flags, pools, threshold = LAYOUTS[name]
@@ -85,11 +88,14 @@ def main() -> int:
         server = Server(*flags)
         measured, simulated = [], []
         try:
-            for rate in rates:
+            for rate, requests, (prompt_len, output_len) in zip(rates, workloads, lengths):
                 load = Load(rate=rate, seed=args.seed)
                 t0 = time.perf_counter()
                 results, wall = asyncio.run(run_load(server.url, requests, load, timeout=600))
                 m = summarize(results, wall, slo)
+                if [r.prompt_tokens for r in results if r.ok] != [p for p, r in zip(prompt_len, results) if r.ok]:
+                    print("[fidelity] warning: the server counted other prompt lengths than the tokenizer here",
+                          file=sys.stderr)
                 times = arrival_times(len(requests), rate, 1.0, args.seed)
                 s = summarize_sim(simulate(dep, SimWorkload(times, prompt_len, output_len)), slo)
                 measured.append((rate, m))
