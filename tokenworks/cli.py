@@ -406,7 +406,8 @@ def _deployment(ns: argparse.Namespace):
     pools = tuple(Pool(role, n or 0, prof, price(prof)) for role, n, prof in
                   (("prefill", prefill, base), ("decode", decode, base), ("both", both, agg)) if n)
     return Deployment(pools, local_prefill_threshold=ns.local_prefill_threshold,
-                      max_inflight=ns.max_inflight_requests, overhead_s=ns.overhead_ms / 1000.0)
+                      max_inflight=ns.max_inflight_requests, overhead_s=ns.overhead_ms / 1000.0,
+                      step_overhead_s=ns.step_overhead_ms / 1000.0)
 
 
 def cmd_simulate(ns: argparse.Namespace) -> int:
@@ -588,7 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default with none of the three: 1 prefill + 1 decode, as tokenworks serve")
     sm.add_argument("--local-prefill-threshold", type=int, default=16, metavar="TOKENS")
     sm.add_argument("--max-inflight-requests", type=int, default=0, help="reject beyond this many (default: no limit)")
-    sm.add_argument("--overhead-ms", type=float, default=0.0, help="added to every request's first and last token")
+    sm.add_argument("--overhead-ms", type=float, default=0.0,
+                    help="added to every request's first and last token: the serving path's delivery cost (default: 0)")
+    sm.add_argument("--step-overhead-ms", type=float, default=0.0,
+                    help="added to every engine step: the worker loop's cost beyond Engine.step (default: 0)")
     sm.add_argument("--name", default="simulated", help="label in the report")
     _bench_flags(sm, out="results/simulate")
     sm.set_defaults(func=cmd_simulate)

@@ -60,6 +60,7 @@ class Deployment:
     max_inflight: int = 0  # 0: no limit
     overhead_s: float = 0.0  # added to every token's delivery (router, HTTP): measured, or 0
     handoff_s: float = 0.0  # prefill done -> decode worker told to pull (router round trip)
+    step_overhead_s: float = 0.0  # added to every step: the serving loop's cost beyond Engine.step (measured, or 0)
 
     def __post_init__(self) -> None:
         if not any(p.count for p in self.pools if p.role in ("decode", "both")):
@@ -163,12 +164,16 @@ class _LeastLoaded:
             heapq.heapify(self.heap)
 
 
+def _plus(values: list[float], extra: float) -> list[float]:
+    return [v + extra for v in values] if extra else values
+
+
 class _Prefiller:
     __slots__ = ("profile", "queue", "busy", "step", "pg", "pc", "budget", "max_seqs")
 
-    def __init__(self, profile: Profile) -> None:
+    def __init__(self, profile: Profile, step_overhead: float = 0.0) -> None:
         self.profile = profile
-        self.pg = profile.prefill.base_list(profile.max_num_batched_tokens)  # step seconds by tokens, less attention
+        self.pg = _plus(profile.prefill.base_list(profile.max_num_batched_tokens), step_overhead)  # by tokens, less attention
         self.pc = profile.prefill.c
         self.budget = profile.max_num_batched_tokens
         self.max_seqs = profile.max_num_seqs
@@ -181,7 +186,7 @@ class _Decoder:
     __slots__ = ("profile", "S", "t", "B", "K", "finish", "pending", "local", "kv_free", "version", "plan_k",
                  "event_t", "step", "link_free", "g", "c", "pg", "pc", "kv_per_token", "inv_bw", "fixed_s", "padded", "offs")
 
-    def __init__(self, profile: Profile) -> None:
+    def __init__(self, profile: Profile, step_overhead: float = 0.0) -> None:
         self.profile = profile
         self.S = 0  # steps done
         self.t = 0.0  # time of the end of step S (or of the last event when idle)
@@ -196,9 +201,9 @@ class _Decoder:
         self.event_t = math.inf  # when the scheduled event fires (inf: none)
         self.step: list = []  # local prefill chunks of a mixed step in flight
         self.link_free = 0.0  # inbound KV link
-        self.g = profile.decode.base_list(profile.max_num_seqs)  # decode step seconds by batch, less attention
+        self.g = _plus(profile.decode.base_list(profile.max_num_seqs), step_overhead)  # by batch, less attention
         self.c = profile.decode.c
-        self.pg = profile.prefill.base_list(profile.max_num_batched_tokens)
+        self.pg = _plus(profile.prefill.base_list(profile.max_num_batched_tokens), step_overhead)
         self.pc = profile.prefill.c
         self.padded = profile.decode_attention == "padded"
         self.offs: list = []  # padded: heap (-(prompt - join step), request) -> the longest context in the batch
@@ -273,8 +278,8 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
     decoders: list[_Decoder] = []
     for pool in dep.pools:
         for _ in range(pool.count):
-            (prefillers.append(_Prefiller(pool.profile)) if pool.role == "prefill"
-             else decoders.append(_Decoder(pool.profile)))
+            (prefillers.append(_Prefiller(pool.profile, dep.step_overhead_s)) if pool.role == "prefill"
+             else decoders.append(_Decoder(pool.profile, dep.step_overhead_s)))
     p_load = _LeastLoaded(len(prefillers))
     d_load = _LeastLoaded(len(decoders))
     threshold = dep.local_prefill_threshold
