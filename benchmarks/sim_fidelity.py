@@ -95,6 +95,8 @@ def main() -> int:
     ap.add_argument("--slo-ttft-ms", type=float, default=8000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=100.0)
     ap.add_argument("--out", default="results/sim-fidelity")
+    ap.add_argument("--model", default=None, help="model to serve and tokenize with (default: the built-in one)")
+    ap.add_argument("--serve-flags", default="", help="extra flags for every server, e.g. '--gpus 0 --device cuda'")
     args = ap.parse_args()
 
     from tests.serving import Server
@@ -110,7 +112,7 @@ def main() -> int:
     one = Profile.load(args.profile_1core or profile(os.path.join(args.out, "profile-1core.json"), "0"))
     every = Profile.load(args.profile_all or profile(os.path.join(args.out, "profile-all.json"), None))
     profiles = {"one": one, "all": every}
-    files = load_tokenizer_files(None)
+    files = load_tokenizer_files(args.model)
     tok = Tokenizer(files.tokenizer_json, files.chat_template, files.bos_token, files.eos_token, files.add_bos_token)
     # Fresh prompts at every rate (seed + k): a repeated prompt would hit the server's prefix cache,
     # which the simulator does not model.
@@ -124,7 +126,7 @@ def main() -> int:
         flags, pools, threshold = LAYOUTS[name]
         dep = Deployment(tuple(Pool(role, n, profiles[which]) for role, n, which in pools),
                          local_prefill_threshold=threshold)
-        server = Server(*flags)
+        server = Server(*flags, *(["--model", args.model] if args.model else []), *args.serve_flags.split())
         measured, simulated, raw = [], [], []
         try:
             dep_raw = dep
