@@ -50,23 +50,26 @@ LAYOUTS = {
 
 
 CALIBRATION = 6
+BURST = 8
 
 
 def calibrate(url: str, dep, tok):
-    """The serving stack's own cost (HTTP, router, messages), which `tokenworks profile` does not see:
-    a few requests one at a time (fixed 40-word prompts, 24 tokens), measured against the simulator
-    predicting the same requests alone. The per-step excess (TPOT) comes first, then the per-delivery
-    one (TTFT). The comparison workload plays no part in this."""
+    """The serving stack's own cost (HTTP, router, messages), which `tokenworks profile` does not see,
+    measured against the simulator predicting the same probe requests (fixed 40-word prompts, 24 tokens):
+    first one at a time (a per-step cost from TPOT, then a per-delivery one from TTFT), then 8 at once
+    (a per-request-in-the-step cost from the TPOT left over). The comparison workload plays no part."""
     import statistics
     from dataclasses import replace
 
     from tokenworks.bench import workloads as W
-    from tokenworks.bench.loadgen import Load, run_load
+    from tokenworks.bench.loadgen import Load, arrival_times, run_load
     from tokenworks.planner.simulator import SimWorkload, simulate
 
     reqs = W.synthetic(CALIBRATION + 1, "fixed:40", "fixed:24", seed=999)
-    results, _ = asyncio.run(run_load(url, reqs, Load(concurrency=1), timeout=300))
-    results = [r for r in results[1:] if r.ok]  # the first warms up
+    sent, _ = asyncio.run(run_load(url, reqs, Load(concurrency=1), timeout=300))
+    results = [r for r in sent[1:] if r.ok]  # the first warms up
+    if not results:
+        raise RuntimeError("calibration requests failed: " + "; ".join({str(r.error) for r in sent}))
     work = SimWorkload([100.0 * i for i in range(len(results))], [r.prompt_tokens for r in results],
                        [r.output_tokens for r in results])
     alone = simulate(dep, work)
@@ -74,7 +77,17 @@ def calibrate(url: str, dep, tok):
     dep = replace(dep, step_overhead_s=step)
     alone = simulate(dep, work)
     first = max(0.0, statistics.median(r.ttft for r in results) - float(np.median(alone.ttft)))
-    return replace(dep, overhead_s=first)
+    dep = replace(dep, overhead_s=first)
+    burst = W.synthetic(BURST, "fixed:40", "fixed:24", seed=998)
+    results, _ = asyncio.run(run_load(url, burst, Load(rate=1000.0, seed=5), timeout=300))
+    ok = [r for r in results if r.ok]
+    if ok:
+        times = arrival_times(len(burst), 1000.0, 1.0, 5)
+        work = SimWorkload([times[r.index] for r in ok], [r.prompt_tokens for r in ok], [r.output_tokens for r in ok])
+        together = simulate(dep, work)
+        extra = statistics.median(r.tpot for r in ok) - float(np.nanmedian(together.tpot))
+        dep = replace(dep, token_overhead_s=max(0.0, extra / BURST))
+    return dep
 
 
 def profile(out: str, cpus: str | None) -> str:
@@ -131,9 +144,10 @@ def main() -> int:
         try:
             dep_raw = dep
             dep = calibrate(server.url, dep, tok)
-            print(f"[fidelity] {name}: serving overhead measured with {CALIBRATION} sequential requests: "
-                  f"{dep.overhead_s * 1e3:.1f} ms per delivery, {dep.step_overhead_s * 1e3:.1f} ms per step",
-                  file=sys.stderr, flush=True)
+            print(f"[fidelity] {name}: serving overhead measured with {CALIBRATION} sequential and {BURST} "
+                  f"simultaneous requests: {dep.overhead_s * 1e3:.1f} ms per delivery, "
+                  f"{dep.step_overhead_s * 1e3:.1f} ms per step, {dep.token_overhead_s * 1e3:.2f} ms per request "
+                  "in a step", file=sys.stderr, flush=True)
             for rate, requests, (prompt_len, output_len) in zip(rates, workloads, lengths):
                 load = Load(rate=rate, seed=args.seed)
                 t0 = time.perf_counter()
@@ -157,6 +171,7 @@ def main() -> int:
         doc["layouts"][name] = {"measured": [m for _, m in measured], "simulated": [s for _, s in simulated],
                                 "simulated_without_overheads": [s for _, s in raw],
                                 "overhead_s": dep.overhead_s, "step_overhead_s": dep.step_overhead_s,
+                                "token_overhead_s": dep.token_overhead_s,
                                 "goodput_measured": gp_m, "goodput_simulated": gp_s, "deployment": dep.describe()}
         for (_, m), (_, s) in zip(measured, raw):
             raw_errors.extend(abs(s[k][q] / m[k][q] - 1) for k in ("ttft_s", "tpot_s") for q in ("median", "p90")

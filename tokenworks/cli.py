@@ -407,7 +407,7 @@ def _deployment(ns: argparse.Namespace):
                   (("prefill", prefill, base), ("decode", decode, base), ("both", both, agg)) if n)
     return Deployment(pools, local_prefill_threshold=ns.local_prefill_threshold,
                       max_inflight=ns.max_inflight_requests, overhead_s=ns.overhead_ms / 1000.0,
-                      step_overhead_s=ns.step_overhead_ms / 1000.0)
+                      step_overhead_s=ns.step_overhead_ms / 1000.0, token_overhead_s=ns.token_overhead_ms / 1000.0)
 
 
 def cmd_simulate(ns: argparse.Namespace) -> int:
@@ -593,6 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="added to every request's first and last token: the serving path's delivery cost (default: 0)")
     sm.add_argument("--step-overhead-ms", type=float, default=0.0,
                     help="added to every engine step: the worker loop's cost beyond Engine.step (default: 0)")
+    sm.add_argument("--token-overhead-ms", type=float, default=0.0,
+                    help="added to a decode step per request in it: per-token messages and streaming (default: 0)")
     sm.add_argument("--name", default="simulated", help="label in the report")
     _bench_flags(sm, out="results/simulate")
     sm.set_defaults(func=cmd_simulate)

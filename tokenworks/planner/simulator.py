@@ -61,6 +61,7 @@ class Deployment:
     overhead_s: float = 0.0  # added to every token's delivery (router, HTTP): measured, or 0
     handoff_s: float = 0.0  # prefill done -> decode worker told to pull (router round trip)
     step_overhead_s: float = 0.0  # added to every step: the serving loop's cost beyond Engine.step (measured, or 0)
+    token_overhead_s: float = 0.0  # added to a decode step per request in it: per-token messages and streaming
 
     def __post_init__(self) -> None:
         if not any(p.count for p in self.pools if p.role in ("decode", "both")):
@@ -186,7 +187,7 @@ class _Decoder:
     __slots__ = ("profile", "S", "t", "B", "K", "finish", "pending", "local", "kv_free", "version", "plan_k",
                  "event_t", "step", "link_free", "g", "c", "pg", "pc", "kv_per_token", "inv_bw", "fixed_s", "padded", "offs")
 
-    def __init__(self, profile: Profile, step_overhead: float = 0.0) -> None:
+    def __init__(self, profile: Profile, step_overhead: float = 0.0, token_overhead: float = 0.0) -> None:
         self.profile = profile
         self.S = 0  # steps done
         self.t = 0.0  # time of the end of step S (or of the last event when idle)
@@ -201,7 +202,8 @@ class _Decoder:
         self.event_t = math.inf  # when the scheduled event fires (inf: none)
         self.step: list = []  # local prefill chunks of a mixed step in flight
         self.link_free = 0.0  # inbound KV link
-        self.g = _plus(profile.decode.base_list(profile.max_num_seqs), step_overhead)  # by batch, less attention
+        self.g = [v + step_overhead + token_overhead * b  # decode step seconds by batch, less attention
+                  for b, v in enumerate(profile.decode.base_list(profile.max_num_seqs))]
         self.c = profile.decode.c
         self.pg = _plus(profile.prefill.base_list(profile.max_num_batched_tokens), step_overhead)
         self.pc = profile.prefill.c
@@ -279,7 +281,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
     for pool in dep.pools:
         for _ in range(pool.count):
             (prefillers.append(_Prefiller(pool.profile, dep.step_overhead_s)) if pool.role == "prefill"
-             else decoders.append(_Decoder(pool.profile, dep.step_overhead_s)))
+             else decoders.append(_Decoder(pool.profile, dep.step_overhead_s, dep.token_overhead_s)))
     p_load = _LeastLoaded(len(prefillers))
     d_load = _LeastLoaded(len(decoders))
     threshold = dep.local_prefill_threshold
