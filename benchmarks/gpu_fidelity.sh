@@ -16,6 +16,6 @@ nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 benchmarks/random_chat_model.py /tmp/rand-smollm2
 timeout 330 python3 benchmarks/sim_fidelity.py --model /tmp/rand-smollm2 --serve-flags "--gpus 0 --kv-transport tcp" \
   --layouts aggregated --profile-1core docs/profiles/h200-smollm2-135m.json \
-  --profile-all docs/profiles/h200-smollm2-135m.json --rates 4,8,16 --num-requests 60 \
+  --profile-all docs/profiles/h200-smollm2-135m.json --rates 4,8,16 --num-requests 60 --warmup 40 \
   --slo-ttft-ms 1000 --slo-tpot-ms 30 --out "$OUT" 2>&1 | grep -v "NIXL" | tee "$OUT/log.txt"
 ls /tmp/tokenworks-test-serve-*.log >/dev/null 2>&1 && tail -n 40 /tmp/tokenworks-test-serve-*.log > "$OUT/server.log"

@@ -110,6 +110,8 @@ def main() -> int:
     ap.add_argument("--out", default="results/sim-fidelity")
     ap.add_argument("--model", default=None, help="model to serve and tokenize with (default: the built-in one)")
     ap.add_argument("--serve-flags", default="", help="extra flags for every server, e.g. '--gpus 0 --device cuda'")
+    ap.add_argument("--warmup", type=int, default=0, metavar="N",
+                    help="first send N unmeasured requests of the same kind (fresh prompts), e.g. to warm a GPU")
     args = ap.parse_args()
 
     from tests.serving import Server
@@ -142,6 +144,13 @@ def main() -> int:
         server = Server(*flags, *(["--model", args.model] if args.model else []), *args.serve_flags.split())
         measured, simulated, raw = [], [], []
         try:
+            if args.warmup:
+                t0 = time.perf_counter()
+                asyncio.run(run_load(server.url, W.mixed(args.warmup, args.seed + 1000), Load(rate=rates[-1], seed=1),
+                                     timeout=600))
+                print(f"[fidelity] {name}: {args.warmup} warm-up requests in {time.perf_counter() - t0:.0f} s",
+                      file=sys.stderr, flush=True)
+                server.wait_idle(30)
             dep_raw = dep
             dep = calibrate(server.url, dep, tok)
             print(f"[fidelity] {name}: serving overhead measured with {CALIBRATION} sequential and {BURST} "
