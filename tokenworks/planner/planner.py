@@ -74,6 +74,7 @@ class Candidate:
     ttft_p90: float | None = None
     tpot_p90: float | None = None
     goodput: float | None = None  # req/s at which the layout still meets the attainment target
+    goodput_is_lower_bound: bool = False  # it met the target even at the search's ceiling (8x the rate)
     cost_per_million_output: float = 0.0
 
     def describe(self) -> str:
@@ -85,6 +86,7 @@ class Candidate:
                                                  for r, n, k, u in self.pools],
                 "price_per_hour": self.price_per_hour, "units": self.units, "attainment": self.attainment,
                 "ttft_p90_s": self.ttft_p90, "tpot_p90_s": self.tpot_p90, "goodput_req_s": self.goodput,
+                "goodput_is_lower_bound": self.goodput_is_lower_bound,
                 "cost_per_million_output_tokens": self.cost_per_million_output}
 
 
@@ -255,6 +257,7 @@ class Planner:
         best = cands[:top]
         for c in best:
             c.goodput = self.goodput(c)
+            c.goodput_is_lower_bound = c.goodput is not None and c.goodput >= self.traffic.rate * 8
         say(f"{self.simulations} simulations")
         return best
 
