@@ -59,7 +59,6 @@ class Deployment:
     local_prefill_threshold: int = 16
     max_inflight: int = 0  # 0: no limit
     overhead_s: float = 0.0  # added to every token's delivery (router, HTTP): measured, or 0
-    handoff_s: float = 0.0  # prefill done -> decode worker told to pull (router round trip)
     step_overhead_s: float = 0.0  # added to every step: the serving loop's cost beyond Engine.step (measured, or 0)
     token_overhead_s: float = 0.0  # added to a decode step per request in it: per-token messages and streaming
 
@@ -163,6 +162,21 @@ class _LeastLoaded:
         if len(self.heap) > 8 * len(self.load) + 64:
             self.heap = [(l, k) for k, l in enumerate(self.load)]
             heapq.heapify(self.heap)
+
+
+def _steps_until(alpha: float, beta: float, dt: float) -> int:
+    """Fewest whole steps (>= 1) whose total time reaches dt when step j takes alpha + beta*j."""
+    if dt <= 0:
+        return 1
+    if beta <= 0:
+        return max(1, math.ceil(dt / alpha)) if alpha > 0 else 1
+    q = alpha + beta / 2
+    return max(1, math.ceil((-q + math.sqrt(q * q + 2 * beta * dt)) / beta - 1e-9))
+
+
+def _span(alpha: float, beta: float, k: int) -> float:
+    """Seconds of k steps when step j takes alpha + beta*j."""
+    return k * alpha + beta * k * (k + 1) / 2
 
 
 def _plus(values: list[float], extra: float) -> list[float]:
@@ -286,7 +300,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
     d_load = _LeastLoaded(len(decoders))
     threshold = dep.local_prefill_threshold
     max_inflight = dep.max_inflight or n + 1
-    overhead, handoff = dep.overhead_s, dep.handoff_s
+    overhead = dep.overhead_s
     jump = max_jump or 1 << 62
     inflight = 0
     events = 0
@@ -295,9 +309,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
     PREFILL, DECODE = 0, 1
     push, pop = heapq.heappush, heapq.heappop
 
-    d_loads, d_heap = d_load.load, d_load.heap  # _LeastLoaded inlined in the hot paths below
-    heappush, heapreplace = heapq.heappush, heapq.heapreplace
-    n_dec8 = 8 * len(decoders) + 64
+    d_remove = d_load.remove
     kv_bytes = 0.0
     local_prefills = remote_prefills = num_rejected = 0
 
@@ -313,21 +325,9 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             pop(offs)
         return d.B * (d.S - offs[0][0])
 
-    def steps_until(d: _Decoder, dt: float) -> int:
-        """Fewest whole steps (>= 1) from d.t whose total time reaches dt, for the current batch.
-        Step j after d.S takes alpha + beta*j: alpha = g(B) + c*(context sum at d.S), beta = c*B."""
-        if dt <= 0:
-            return 1
-        alpha = d.g[d.B] + d.c * ctx0(d)
-        beta = d.c * d.B
-        if beta <= 0:
-            return max(1, math.ceil(dt / alpha)) if alpha > 0 else 1
-        q = alpha + beta / 2
-        return max(1, math.ceil((-q + math.sqrt(q * q + 2 * beta * dt)) / beta - 1e-9))
-
-    def span(d: _Decoder, k: int) -> float:
-        """Seconds of k decode steps from step d.S on."""
-        return k * (d.g[d.B] + d.c * ctx0(d)) + d.c * d.B * k * (k + 1) / 2
+    def series(d: _Decoder) -> tuple[float, float]:
+        """(alpha, beta): while the batch stays, step j after d.S takes alpha + beta*j seconds."""
+        return d.g[d.B] + d.c * ctx0(d), d.c * d.B
 
     def schedule(d: _Decoder, idx: int, when: float, k: int) -> None:
         nonlocal seq
@@ -357,9 +357,29 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             budget -= take
         return chunks, tokens, attn
 
+    def first_token(r: int, now: float) -> bool:
+        """Request r's first token came out at ``now``; True when that was its only token (it is done)."""
+        nonlocal inflight
+        first[r] = now + overhead - arrival[r]
+        if olen[r] > 1:
+            return False
+        last[r] = first[r]
+        inflight -= 1
+        d_remove(home[r])
+        return True
+
+    def join(d: _Decoder, r: int, need: int) -> None:
+        """Request r enters d's decode batch at step d.S, holding ``need`` tokens of KV."""
+        d.kv_free -= need
+        d.B += 1
+        part = plen[r] - d.S
+        d.K += part
+        push(d.finish, (d.S + olen[r] - 1, r, need, part))
+        if d.padded:
+            push(d.offs, (-part, r))
+
     def plan_decoder(d: _Decoder, idx: int) -> None:
         """At a boundary (d.t, d.S): join what may join, then schedule the next event."""
-        nonlocal seq
         pending = d.pending
         if pending and pending[0][0] <= d.t:
             max_seqs = d.profile.max_num_seqs
@@ -369,13 +389,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                 if need > d.kv_free and d.B:
                     break  # waits for a finish to free KV
                 pop(pending)
-                d.kv_free -= need
-                d.B += 1
-                part = plen[r] - d.S
-                d.K += part
-                push(d.finish, (d.S + olen[r] - 1, r, need, part))
-                if d.padded:
-                    push(d.offs, (-part, r))
+                join(d, r, need)
         if d.local:
             prof = d.profile
             chunks, tokens, attn = form_chunks(d.local, prof.max_num_batched_tokens - d.B, prof.max_num_seqs - d.B)
@@ -387,33 +401,12 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                 d.step = chunks
                 schedule(d, idx, d.t + dur, 1)
                 return
-        B = d.B
-        if B:
-            S = d.S
-            k = d.finish[0][0] - S
-            if k > jump:
-                k = jump
-            c = d.c
-            alpha = d.g[B] + c * ctx0(d)
-            beta = c * B
-            if pending:
-                dt = pending[0][0] - d.t
-                if dt > 0:  # steps until the first boundary at or after that KV's arrival
-                    if beta > 0:
-                        q = alpha + beta / 2
-                        kp = math.ceil((-q + math.sqrt(q * q + 2 * beta * dt)) / beta - 1e-9)
-                    else:
-                        kp = math.ceil(dt / alpha) if alpha > 0 else 1
-                    if kp < 1:
-                        kp = 1
-                    if kp < k:
-                        k = kp
-            when = d.t + k * alpha + beta * k * (k + 1) / 2
-            d.version += 1
-            d.plan_k = k
-            d.event_t = when
-            seq += 1
-            push(heap, (when, seq, DECODE, idx, d.version))
+        if d.B:
+            k = min(d.finish[0][0] - d.S, jump)
+            alpha, beta = series(d)
+            if pending and pending[0][0] > d.t:  # stop at the first boundary at or after that KV's arrival
+                k = min(k, _steps_until(alpha, beta, pending[0][0] - d.t))
+            schedule(d, idx, d.t + _span(alpha, beta, k), k)
         elif pending:
             schedule(d, idx, max(d.t, pending[0][0]), 0)
         else:
@@ -434,16 +427,10 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             if d.plan_k == 0 and when < d.event_t:
                 schedule(d, idx, when, 0)
             return  # a mixed step or a wake-up is planned: its end looks again
-        k = steps_until(d, when - d.t)
+        alpha, beta = series(d)
+        k = _steps_until(alpha, beta, when - d.t)
         if k < d.plan_k:
-            schedule(d, idx, d.t + span(d, k), k)
-
-    def d_remove(i: int) -> None:
-        d_loads[i] -= 1
-        heappush(d_heap, (d_loads[i], i))
-        if len(d_heap) > n_dec8:
-            d_heap[:] = [(l, k) for k, l in enumerate(d_loads)]
-            heapq.heapify(d_heap)
+            schedule(d, idx, d.t + _span(alpha, beta, k), k)
 
     ai = 0
     next_arrival = arrival[0] if n else math.inf
@@ -459,19 +446,13 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                 while queue and queue[0][1] >= plen[queue[0][0]]:
                     r = queue.popleft()[0]
                     p_load.remove(idx)
-                    first[r] = now + overhead - arrival[r]
-                    if olen[r] == 1:
-                        last[r] = first[r]
-                        inflight -= 1
-                        d_remove(home[r])
+                    if first_token(r, now):
                         continue
                     # the KV crosses to the decode worker chosen at arrival, over its inbound link
                     dk = home[r]
                     dd = decoders[dk]
                     nbytes = plen[r] * dd.kv_per_token
-                    start = now + handoff
-                    if dd.link_free > start:
-                        start = dd.link_free
+                    start = max(now, dd.link_free)
                     dd.link_free = start + nbytes * dd.inv_bw
                     ready = dd.link_free + dd.fixed_s
                     kv_bytes += nbytes
@@ -499,20 +480,9 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                 local = d.local
                 while local and local[0][1] >= plen[local[0][0]]:
                     r = local.popleft()[0]
-                    first[r] = now + overhead - arrival[r]
-                    if olen[r] == 1:
-                        last[r] = first[r]
-                        inflight -= 1
-                        d_remove(idx)
+                    if first_token(r, now):
                         continue
-                    need = plen[r] + olen[r]  # joins the batch it was prefilled beside
-                    d.kv_free -= need
-                    d.B += 1
-                    part = plen[r] - S
-                    d.K += part
-                    push(d.finish, (S + olen[r] - 1, r, need, part))
-                    if d.padded:
-                        push(d.offs, (-part, r))
+                    join(d, r, plen[r] + olen[r])  # joins the batch it was prefilled beside
             fin = d.finish
             while fin and fin[0][0] <= S:
                 _, r, need, part = pop(fin)
@@ -537,16 +507,8 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             num_rejected += 1
             continue
         inflight += 1
-        while True:  # the least-loaded decode worker (see _LeastLoaded.pick)
-            l, dk = d_heap[0]
-            actual = d_loads[dk]
-            if actual == l:
-                break
-            if l < actual:
-                heapreplace(d_heap, (actual, dk))
-            else:
-                pop(d_heap)
-        d_loads[dk] += 1
+        dk = d_load.pick()
+        d_load.add(dk)
         home[r] = dk
         if not prefillers or plen[r] <= threshold:
             local_prefills += 1
