@@ -127,31 +127,20 @@ def hf_decode_tokens_per_s(loaded, model_files_weights, prompt_len: int, new_tok
 
 
 def write_random_model(folder: str) -> str:
-    """A Hugging Face folder with the default model's shape and random weights (for machines
-    where the default model's file cannot be carried)."""
+    """A Hugging Face folder with the default model's shape (configs/smollm2-135m.json) and random weights
+    (for machines where the default model's file cannot be carried)."""
     import os
+    import shutil
 
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    cfg = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-               num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
-               max_position_embeddings=8192, tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
+    from tokenworks.model.weights import random_weights, read_hf_config
+
+    config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "smollm2-135m.json")
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    g = torch.Generator().manual_seed(0)
-    h, i, q, kv = 576, 1536, 576, 192
-    w = {"model.embed_tokens.weight": torch.randn(49152, h, generator=g) * 0.02, "model.norm.weight": torch.ones(h)}
-    for n in range(30):
-        p = f"model.layers.{n}."
-        for name, shape in [("self_attn.q_proj", (q, h)), ("self_attn.k_proj", (kv, h)), ("self_attn.v_proj", (kv, h)),
-                            ("self_attn.o_proj", (h, q)), ("mlp.gate_proj", (i, h)), ("mlp.up_proj", (i, h)),
-                            ("mlp.down_proj", (h, i))]:
-            w[p + name + ".weight"] = torch.randn(*shape, generator=g) * 0.02
-        w[p + "input_layernorm.weight"] = torch.ones(h)
-        w[p + "post_attention_layernorm.weight"] = torch.ones(h)
-    save_file(w, os.path.join(folder, "model.safetensors"))
+    shutil.copy(config, os.path.join(folder, "config.json"))
+    save_file(random_weights(read_hf_config(config), torch.float32, "cpu"), os.path.join(folder, "model.safetensors"))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -9,11 +9,8 @@
 # GPU the correctness tests run on the tiny checkpoints the tests write, and the
 # engine benchmark runs on a random-weight model of the default model's shape.
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=500)
-set -uo pipefail
 OUT="${OUT:-results}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PWD"
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_tiny_checkpoints.py tests/test_block_pool.py tests/test_scheduler.py \
   --device cuda 2>&1 | tee "$OUT/tests.log"

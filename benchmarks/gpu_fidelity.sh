@@ -6,12 +6,8 @@
 # Carry the wheels the device image lacks (gguf msgspec pyzmq fastapi starlette pydantic pydantic_core
 # annotated-types typing-inspection typing_extensions uvicorn opentelemetry-api):
 #   run(command="bash benchmarks/gpu_fidelity.sh", carry=[".whl"], timeout_s=420)
-set -uo pipefail
 OUT="${OUT:-results/gpu-fidelity}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="/tmp/site:$PWD"
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 benchmarks/random_chat_model.py /tmp/rand-smollm2
 timeout 330 python3 benchmarks/sim_fidelity.py --model /tmp/rand-smollm2 --serve-flags "--gpus 0 --kv-transport tcp" \

@@ -3,12 +3,8 @@
 # of random-weight models of two public shapes in bfloat16 on the GPU (no checkpoint needs to travel).
 # Carry the wheels the device image lacks (see benchmarks/gpu_check.sh): gguf, msgspec, pyzmq.
 #   run(command="bash benchmarks/gpu_profile.sh", carry=[".whl"], timeout_s=540)
-set -uo pipefail
 OUT="${OUT:-results/gpu}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH="/tmp/site:$PWD"
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 HW=$(python3 -c "import torch; n=torch.cuda.get_device_name(0); print('H200-SXM-141GB' if 'H200' in n else 'H100-SXM-80GB' if 'H100' in n else n)")
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_tiny_checkpoints.py \

@@ -40,19 +40,9 @@ def _layout(shape):
     return KVLayout("bench", "float32", shape[1], shape[4], shape[5], BLOCK, nbytes)
 
 
-def _source_proc(kind: str, shape, conn) -> None:
-    tensor = torch.randn(shape)
-    if kind == "nixl":
-        from tokenworks.transfer.nixl import NixlSource as Source
-    else:
-        from tokenworks.transfer.tcp import TCPSource as Source
-    src = Source("bench-src", _layout(shape), tensor)
-    conn.send(src.peer())
-    conn.recv()  # until told to stop
-    src.close()
-
-
 def transfer_table(tokens_list: list[int], reps: int) -> list[tuple]:
+    from tokenworks.planner.profiler import kv_source_process
+
     shape = pool_shape(1 + 2 * (max(tokens_list) // BLOCK + 1))
     layout = _layout(shape)
     dst = torch.zeros(shape)
@@ -63,7 +53,7 @@ def transfer_table(tokens_list: list[int], reps: int) -> list[tuple]:
     for kind in ("nixl", "tcp"):
         try:
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_source_proc, args=(kind, shape, child), daemon=True)
+            proc = ctx.Process(target=kv_source_process, args=(kind, layout, shape, "float32", child), daemon=True)
             proc.start()
             peer = parent.recv()
             if kind == "nixl":

@@ -90,6 +90,23 @@ def calibrate(url: str, dep, tok):
     return dep
 
 
+def figures(measured: dict, simulated: dict) -> list[tuple[float, float | None, float | None]]:
+    """(real, simulated, relative error) of median and p90 TTFT, then median and p90 TPOT."""
+    out = []
+    for key in ("ttft_s", "tpot_s"):
+        for q in ("median", "p90"):
+            a, b = measured[key][q], simulated[key][q]
+            out.append((a, b, None if not a or b is None else b / a - 1))
+    return out
+
+
+def spread(errors: list[float]) -> str:
+    """Median, max and share within 10 % of absolute errors."""
+    errors = sorted(errors)
+    within = sum(1 for e in errors if e <= 0.10) / len(errors)
+    return f"median {errors[len(errors) // 2]:.1%}, max {errors[-1]:.1%}; {within:.0%} within 10 %"
+
+
 def profile(out: str, cpus: str | None) -> str:
     cmd = [sys.executable, "-m", "tokenworks.cli", "profile", "--out", out] + (["--cpus", cpus] if cpus else [])
     print(f"[fidelity] {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
@@ -183,16 +200,9 @@ def main() -> int:
                                 "token_overhead_s": dep.token_overhead_s,
                                 "goodput_measured": gp_m, "goodput_simulated": gp_s, "deployment": dep.describe()}
         for (_, m), (_, s) in zip(measured, raw):
-            raw_errors.extend(abs(s[k][q] / m[k][q] - 1) for k in ("ttft_s", "tpot_s") for q in ("median", "p90")
-                              if m[k][q] and s[k][q] is not None)
+            raw_errors.extend(abs(e) for _, _, e in figures(m, s) if e is not None)
         for (rate, m), (_, s) in zip(measured, simulated):
-            row = [name, rate]
-            for key in ("ttft_s", "tpot_s"):
-                for q in ("median", "p90"):
-                    a, b = m[key][q], s[key][q]
-                    row.append((a, b, None if not a or b is None else b / a - 1))
-            row.append((m["slo_attainment"], s["slo_attainment"]))
-            rows.append(row)
+            rows.append([name, rate, *figures(m, s), (m["slo_attainment"], s["slo_attainment"])])
         rows.append([name, "goodput", gp_m, gp_s])
     with open(os.path.join(args.out, "fidelity.json"), "w") as f:
         json.dump(doc, f, indent=2)
@@ -211,23 +221,16 @@ def main() -> int:
             continue
         line = f"{row[0]:<14}{row[1]:>6g} |"
         for k, (a, b, e) in enumerate(row[2:6]):
-            scale = 1000
             w = 7 if k < 2 else 6
-            line += f" {a * scale:>{w}.0f}{b * scale:>{w}.0f}{e:>+8.1%}   |" if e is not None else " -   |"
+            line += f" {a * 1000:>{w}.0f}{b * 1000:>{w}.0f}{e:>+8.1%}   |" if e is not None else " -   |"
             if e is not None:
                 errors.append(abs(e))
         line += f" {row[6][0]:.0%} / {row[6][1]:.0%}"
         print(line)
     if errors:
-        errors.sort()
-        within = sum(1 for e in errors if e <= 0.10) / len(errors)
-        print(f"\n|error| over {len(errors)} figures: median {errors[len(errors) // 2]:.1%}, max {errors[-1]:.1%}; "
-              f"{within:.0%} within 10 %")
+        print(f"\n|error| over {len(errors)} figures: {spread(errors)}")
     if raw_errors:
-        raw_errors.sort()
-        within = sum(1 for e in raw_errors if e <= 0.10) / len(raw_errors)
-        print(f"without the measured serving overheads: median {raw_errors[len(raw_errors) // 2]:.1%}, "
-              f"max {raw_errors[-1]:.1%}; {within:.0%} within 10 %")
+        print(f"without the measured serving overheads: {spread(raw_errors)}")
     return 0
 
 

@@ -73,6 +73,14 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_counts(ns: argparse.Namespace) -> tuple[int, int, int]:
+    """(prefill, decode, aggregated) workers; with none of the three flags, 1 prefill + 1 decode."""
+    counts = (ns.prefill_workers, ns.decode_workers, ns.aggregated_workers)
+    if all(c is None for c in counts):
+        return 1, 1, 0
+    return tuple(c or 0 for c in counts)  # type: ignore[return-value]
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     import asyncio
     import os
@@ -93,10 +101,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if not loopback and ns.kv_transport == "nixl":
         raise ValueError("NIXL transfers are not authenticated: use --kv-transport tcp with a non-loopback "
                          "--internal-host")
-    prefill, decode, agg = ns.prefill_workers, ns.decode_workers, ns.aggregated_workers
-    if prefill is None and decode is None and agg is None:
-        prefill, decode, agg = 1, 1, 0
-    prefill, decode, agg = prefill or 0, decode or 0, agg or 0
+    prefill, decode, agg = _worker_counts(ns)
     cpu_sets = [[int(c) for c in part.split(",")] for part in ns.cpu_sets.split(":")] if ns.cpu_sets else None
     gpus = [int(g) for g in ns.gpus.split(",")] if ns.gpus else None
     specs = plan_workers(prefill, decode, agg, cpu_sets=cpu_sets, gpus=gpus)
@@ -191,11 +196,7 @@ def _bench_flags(p: argparse.ArgumentParser, out: str = "results/bench") -> None
     l.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals; 1 = Poisson")
     l.add_argument("--concurrency", type=_ints, default=None, metavar="C[,C...]", help="closed loop at these concurrencies")
     s = p.add_argument_group("SLOs and output")
-    s.add_argument("--slo-ttft-ms", type=float, default=None)
-    s.add_argument("--slo-tpot-ms", type=float, default=None)
-    s.add_argument("--slo-itl-ms", type=float, default=None, help="every gap between tokens of a request")
-    s.add_argument("--slo-e2e-ms", type=float, default=None)
-    s.add_argument("--attainment", type=float, default=0.9, help="fraction of requests that must meet the SLOs (0.9)")
+    _slo_flags(s)
     s.add_argument("--api", choices=["completions", "chat"], default="completions")
     s.add_argument("--timeout", type=float, default=300.0, help="seconds per request before it counts as failed")
     s.add_argument("--max-duration", type=float, default=None, help="seconds per load level at most")
@@ -205,6 +206,16 @@ def _bench_flags(p: argparse.ArgumentParser, out: str = "results/bench") -> None
     s.add_argument("--price-per-worker-hour", type=float, default=None, metavar="USD", help="price of one worker-hour")
     s.add_argument("--workers", type=int, default=1, help="workers behind the server, with --price-per-worker-hour")
     s.add_argument("--out", default=out, help=f"folder for the report (default: {out})")
+
+
+def _slo_flags(p, ttft: float | None = None, tpot: float | None = None, itl: bool = True) -> None:
+    """--slo-ttft-ms, --slo-tpot-ms, --slo-itl-ms (unless ``itl`` is False), --slo-e2e-ms and --attainment."""
+    p.add_argument("--slo-ttft-ms", type=float, default=ttft, help="time-to-first-token target")
+    p.add_argument("--slo-tpot-ms", type=float, default=tpot, help="time-per-output-token target")
+    if itl:
+        p.add_argument("--slo-itl-ms", type=float, default=None, help="every gap between tokens of a request")
+    p.add_argument("--slo-e2e-ms", type=float, default=None, help="whole-request latency target")
+    p.add_argument("--attainment", type=float, default=0.9, help="fraction of requests that must meet the SLOs (0.9)")
 
 
 def _slo(ns: argparse.Namespace):
@@ -357,7 +368,7 @@ def _sim_workload(ns: argparse.Namespace) -> tuple[list[tuple[int, int]], list[l
     """(prompt, output) lengths and, per load, arrival times: the same seeded workload ``bench`` would send."""
     from tokenworks.bench import workloads as W
     from tokenworks.bench.loadgen import arrival_times
-    from tokenworks.bench.sweep import build_workload
+    from tokenworks.bench.sweep import build_workload, loads_from
 
     if ns.concurrency:
         raise ValueError("the simulator runs open-loop loads: give --rates (or a trace's own timing), not --concurrency")
@@ -371,14 +382,13 @@ def _sim_workload(ns: argparse.Namespace) -> tuple[list[tuple[int, int]], list[l
             print(f"tokenworks simulate: {ns.file}:{p.line}: skipped ({p.message})", file=sys.stderr)
         lengths = [(r.input_tokens, r.max_tokens) for r in requests]
         trace_times = [r.arrival for r in requests] if requests and requests[0].arrival is not None else None
-    if ns.rates:
-        arrivals = [arrival_times(len(lengths), rate, ns.burstiness, ns.seed) for rate in ns.rates]
-        labels = [f"{rate:g} req/s" + (f", burstiness {ns.burstiness:g}" if ns.burstiness != 1 else " (Poisson)")
-                  for rate in ns.rates]
-        return lengths, arrivals, labels, list(ns.rates)
+    loads = loads_from(ns)  # as bench: one per rate, or the trace's own timing
+    if loads[0].rate:
+        arrivals = [arrival_times(len(lengths), load.rate, load.burstiness, load.seed) for load in loads]
+        return lengths, arrivals, [load.describe() for load in loads], [load.rate for load in loads]
     if trace_times is None:
         raise ValueError(f"--workload {ns.workload} has no arrival times of its own: give --rates")
-    return lengths, [trace_times], ["trace arrival times"], [len(lengths) / max(trace_times[-1], 1e-9)]
+    return lengths, [trace_times], [loads[0].describe()], [len(lengths) / max(trace_times[-1], 1e-9)]
 
 
 def _deployment(ns: argparse.Namespace):
@@ -394,16 +404,14 @@ def _deployment(ns: argparse.Namespace):
 
     base = load(ns.profile)
     agg = load(ns.aggregated_profile) if ns.aggregated_profile else base
-    prefill, decode, both = ns.prefill_workers, ns.decode_workers, ns.aggregated_workers
-    if prefill is None and decode is None and both is None:
-        prefill, decode, both = 1, 1, 0
+    prefill, decode, both = _worker_counts(ns)
 
     def price(prof: Profile) -> float | None:
         if ns.price_per_worker_hour is not None:
             return ns.price_per_worker_hour
         return prof.units * catalog[prof.hardware].price_per_hour if prof.hardware in catalog else None
 
-    pools = tuple(Pool(role, n or 0, prof, price(prof)) for role, n, prof in
+    pools = tuple(Pool(role, n, prof, price(prof)) for role, n, prof in
                   (("prefill", prefill, base), ("decode", decode, base), ("both", both, agg)) if n)
     return Deployment(pools, local_prefill_threshold=ns.local_prefill_threshold,
                       max_inflight=ns.max_inflight_requests, overhead_s=ns.overhead_ms / 1000.0,
@@ -620,10 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--length-scale", type=float, default=1.0, help="traces: multiply token counts")
     pl.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals; 1 = Poisson")
     pl.add_argument("--seed", type=int, default=0, help="seed of the simulated arrivals and lengths")
-    pl.add_argument("--slo-ttft-ms", type=float, default=None, help="time-to-first-token target")
-    pl.add_argument("--slo-tpot-ms", type=float, default=None, help="time-per-output-token target")
-    pl.add_argument("--slo-e2e-ms", type=float, default=None, help="whole-request latency target")
-    pl.add_argument("--attainment", type=float, default=0.9, help="fraction of requests that must meet the SLOs")
+    _slo_flags(pl, itl=False)  # the simulator models TPOT, not single gaps
     pl.add_argument("--budget", type=float, default=None, metavar="USD_PER_HOUR", help="most the fleet may cost")
     pl.add_argument("--max-units", type=int, default=None, help="most accelerators (or CPU cores) in all")
     pl.add_argument("--layouts", choices=["both", "aggregated", "disaggregated"], default="both")
@@ -646,11 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--extra-url", action="append", metavar="NAME=URL",
                    help="another OpenAI-compatible server to include, e.g. llama.cpp=http://127.0.0.1:8080")
     e.add_argument("--base-port", type=int, default=8100, help="ports for the servers started (default: 8100, 8101)")
-    e.add_argument("--slo-ttft-ms", type=float, default=8000.0)
-    e.add_argument("--slo-tpot-ms", type=float, default=100.0)
-    e.add_argument("--slo-itl-ms", type=float, default=None)
-    e.add_argument("--slo-e2e-ms", type=float, default=None)
-    e.add_argument("--attainment", type=float, default=0.9)
+    _slo_flags(e, ttft=8000.0, tpot=100.0)
     e.add_argument("--timeout", type=float, default=600.0)
     e.add_argument("--price-per-hour", type=float, default=None)
     e.add_argument("--out", default="results/disagg-vs-agg")

@@ -118,8 +118,11 @@ class Planner:
                           local_prefill_threshold=self.threshold)
 
     def run(self, pools: list[tuple[str, int, str]], work: SimWorkload | None = None) -> SimResult:
+        return self.simulate(self.deployment(pools), work)
+
+    def simulate(self, dep: Deployment, work: SimWorkload | None = None) -> SimResult:
         self.simulations += 1
-        return simulate(self.deployment(pools), work or self._work)
+        return simulate(dep, work or self._work)
 
     def fractions(self, result: SimResult) -> tuple[float, float, float]:
         """(all SLOs, TTFT alone, TPOT alone) attainment after warm-up."""
@@ -192,22 +195,22 @@ class Planner:
         return None
 
     def _over_limits(self, pools: list[tuple[str, int, str]]) -> bool:
-        units = sum(n * self.profiles[k].units for _, n, k in pools)
-        price = sum(n * self._price(k) for _, n, k in pools)
-        return (self.max_units is not None and units > self.max_units) or \
-               (self.budget is not None and price > self.budget)
+        dep = self.deployment(pools)
+        return (self.max_units is not None and dep.units > self.max_units) or \
+               (self.budget is not None and dep.price_per_hour > self.budget)
 
     def candidate(self, layout: str, pools: list[tuple[str, int, str]]) -> Candidate:
-        result = self.run(pools)
+        dep = self.deployment(pools)
+        result = self.simulate(dep)
         skip = int(len(result.ttft) * WARMUP)
         both = self.fractions(result)[0]
-        price = sum(n * self._price(k) for _, n, k in pools)
+        price = dep.price_per_hour
         tokens_per_hour = self.traffic.rate * self.traffic.mean_output * 3600
         ttft = result.ttft[skip:][~result.rejected[skip:]]
         tpot = result.tpot[skip:][~result.rejected[skip:]]
         tpot = tpot[~np.isnan(tpot)]
-        return Candidate(layout, [(r, n, k, self.profiles[k].units) for r, n, k in pools if n],
-                         self.deployment(pools), price, sum(n * self.profiles[k].units for _, n, k in pools), both,
+        return Candidate(layout, [(r, n, k, self.profiles[k].units) for r, n, k in pools if n], dep, price, dep.units,
+                         both,
                          float(np.percentile(ttft, 90)) if len(ttft) else None,
                          float(np.percentile(tpot, 90)) if len(tpot) else None,
                          cost_per_million_output=price / tokens_per_hour * 1e6)

@@ -119,13 +119,6 @@ class Profile:
     projected_from: str | None = None  # None: measured; else what it was projected from and how
     points: dict = field(default_factory=dict, compare=False)  # raw measurements, for plots and refits
 
-    # --- step times -------------------------------------------------------------------------
-    def prefill_seconds(self, tokens: float, attention: float) -> float:
-        return self.prefill(tokens, attention)
-
-    def decode_seconds(self, batch: float, context_sum: float) -> float:
-        return self.decode(batch, context_sum)
-
     def refit(self) -> "Profile":
         """The latency models fitted again from this profile's own points (after a change of the fitting)."""
         pre, dec = self.points.get("prefill"), self.points.get("decode")
@@ -136,8 +129,7 @@ class Profile:
 
     # --- files --------------------------------------------------------------------------------
     def to_json(self) -> dict:
-        d = asdict(self)
-        return d
+        return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> "Profile":

@@ -136,7 +136,9 @@ def measure_decode(engine, rec: _Recorder, prompts: _Prompts, batch: int, contex
 
 # --- KV transfer -----------------------------------------------------------------------------------
 
-def _source_process(kind: str, layout, shape, dtype: str, conn) -> None:
+def kv_source_process(kind: str, layout, shape, dtype: str, conn) -> None:
+    """A child process holding a KV pool of ``shape`` behind a ``kind`` ("nixl" or "tcp") source: sends its
+    card on ``conn``, serves pulls until told to stop."""
     import torch
 
     tensor = torch.zeros(shape, dtype=getattr(torch, dtype))
@@ -164,7 +166,7 @@ def measure_transfer(kv, block_size: int, dtype: str, model: str, tokens: tuple[
     ctx = mp.get_context("spawn")
     for kind in ([transport, "tcp"] if transport != "tcp" else ["tcp"]):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_source_process, args=(kind, layout, shape, dtype, child), daemon=True)
+        proc = ctx.Process(target=kv_source_process, args=(kind, layout, shape, dtype, child), daemon=True)
         proc.start()
         try:
             peer = parent.recv()

@@ -135,18 +135,20 @@ class Router:
     def _cost_metrics(self, price: float) -> None:
         """Cost per token on /metrics: the fleet's price per hour (live workers x price) and what a million
         generated tokens have cost since the router started."""
-        started = time.monotonic()
-        spent = [0.0, started]  # dollars so far, when last added up
+        spent = [0.0, time.monotonic()]  # dollars so far, when last added up
+
+        def per_hour() -> float:
+            return price * sum(1 for w in self.workers.values() if not w.dead)
 
         def dollars() -> float:
             now = time.monotonic()
-            spent[0] += price * sum(1 for w in self.workers.values() if not w.dead) * (now - spent[1]) / 3600
+            spent[0] += per_hour() * (now - spent[1]) / 3600
             spent[1] = now
             return spent[0]
 
         r = self.metrics.registry
         Gauge("tokenworks:fleet_price_per_hour", "Price per hour of the live workers (USD)", registry=r).set_function(
-            lambda: price * sum(1 for w in self.workers.values() if not w.dead))
+            per_hour)
         Gauge("tokenworks:cost_dollars", "What the workers have cost since the router started (USD)",
               registry=r).set_function(dollars)
         Gauge("tokenworks:cost_per_million_output_tokens", "USD per million generated tokens since start",
