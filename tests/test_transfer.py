@@ -10,6 +10,14 @@ from tokenworks.transfer.base import KVLayout, KVLayoutMismatch, KVTransferError
 SHAPE = (12, 2, 2, 4, 2, 8)  # blocks, layers, k/v, block_size, kv heads, head_dim
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def layout(**over):
     base = dict(model="m", dtype="float32", num_layers=2, num_kv_heads=2, head_dim=8, block_size=4,
                 block_nbytes=2 * 2 * 4 * 2 * 8 * 4)
@@ -86,18 +94,20 @@ def test_check_layout_names_every_difference():
     assert "dtype" in msg and "num_layers" in msg and "model" in msg
 
 
-def test_tcp_source_rejects_bad_block_ids_and_unreachable_peer_times_out():
-    from tokenworks.transfer.base import KVPeer
+def test_tcp_source_rejects_bad_block_ids_and_unreachable_peer_is_seen_gone():
+    from tokenworks.transfer.base import KVPeer, KVPeerGone, KVTransferRefused
     from tokenworks.transfer.tcp import TCPSink, TCPSource
 
     src, dst = torch.randn(SHAPE), torch.zeros(SHAPE)
     source, sink = TCPSource("p0", layout(), src), TCPSink(layout(), dst)
     try:
-        with pytest.raises(KVTransferError, match="out of range"):
+        with pytest.raises(KVTransferRefused, match="out of range"):
             sink.pull(source.peer(), "r", [0], [1], timeout=5)  # block 0 is never a real block
-        dead = KVPeer(transport="tcp", worker_id="gone", layout=layout(), endpoint="tcp://127.0.0.1:9")
-        with pytest.raises(KVTransferError, match="timed out"):
-            sink.pull(dead, "r", [1], [1], timeout=0.3)
+        dead = KVPeer(transport="tcp", worker_id="gone", layout=layout(), endpoint=f"tcp://127.0.0.1:{free_port()}")
+        t0 = time.monotonic()
+        with pytest.raises(KVPeerGone, match="connection refused"):
+            sink.pull(dead, "r", [1], [1], timeout=10)
+        assert time.monotonic() - t0 < 1.0  # refused at once, not after the 10 s timeout
     finally:
         sink.close()
         source.close()
@@ -143,3 +153,258 @@ def test_tcp_source_with_a_secret_serves_only_signed_pulls():
         good.close()
         stranger.close()
         source.close()
+
+
+# -- staging: the bytes of a request's blocks out of one pool and into another --------------------------
+
+def test_runs_groups_ids_that_count_up_together():
+    from tokenworks.transfer.staging import runs
+
+    assert runs([3, 4, 5, 9, 10, 2], [7, 8, 9, 1, 2, 3]) == [(3, 7, 3), (9, 1, 2), (2, 3, 1)]
+    assert runs([1, 2], [5, 7]) == [(1, 5, 1), (2, 7, 1)]
+    assert runs([], []) == []
+
+
+@pytest.mark.parametrize("ids", [([3, 4, 5], [6, 7, 8]), ([3, 7, 1, 4, 9, 2, 10, 5, 6, 11], [11, 1, 9, 2, 3, 8, 4, 7, 5, 6])],
+                         ids=["one-run", "scattered"])
+def test_copy_blocks_moves_exactly_the_asked_blocks(device, ids):
+    from tokenworks.transfer.staging import block_view, copy_blocks
+
+    src_ids, dst_ids = ids
+    src = torch.randn(SHAPE, device=device)
+    dst = torch.zeros(SHAPE, device=device)
+    copy_blocks(block_view(src), block_view(dst), src_ids, dst_ids)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    for s_, d_ in zip(src_ids, dst_ids):
+        assert torch.equal(dst[d_], src[s_])
+    untouched = [b for b in range(SHAPE[0]) if b not in dst_ids]
+    assert dst[untouched].abs().sum() == 0
+
+
+@pytest.mark.parametrize("split", ["one frame", "per block", "uneven"])
+def test_staging_round_trip_through_bytes_with_non_contiguous_ids(device, split):
+    """read() on one pool, write() on another: exactly the asked blocks move, whatever the frames' split."""
+    from tokenworks.transfer.staging import block_io
+
+    src = torch.randn(SHAPE, device=device)
+    dst = torch.zeros(SHAPE, device=device)
+    src_ids, dst_ids = [9, 2, 5, 6, 11], [1, 10, 3, 4, 7]
+    frames = block_io(src).read(src_ids)
+    data = b"".join(bytes(f) for f in frames)
+    nb = len(data) // len(src_ids)
+    if split == "one frame":
+        frames = [memoryview(data)]
+    elif split == "per block":
+        frames = [memoryview(data[i * nb:(i + 1) * nb]) for i in range(len(src_ids))]
+    else:
+        frames = [memoryview(data[:nb // 2]), memoryview(data[nb // 2: 3 * nb]), memoryview(data[3 * nb:])]
+    block_io(dst).write(frames, dst_ids)
+    for s_, d_ in zip(src_ids, dst_ids):
+        assert torch.equal(dst[d_], src[s_])
+    assert dst[[b for b in range(SHAPE[0]) if b not in dst_ids]].abs().sum() == 0
+    with pytest.raises(ValueError, match="expected 2 blocks"):
+        block_io(dst).write([memoryview(data[:nb])], [1, 2])  # too few bytes: refused, nothing half-written
+
+
+def test_tcp_pull_between_pools_on_the_device(device):
+    from tokenworks.transfer.tcp import TCPSink, TCPSource
+
+    src = torch.randn(SHAPE, device=device)
+    dst = torch.zeros(SHAPE, device=device)
+    source, sink = TCPSource("p0", layout(), src), TCPSink(layout(), dst)
+    try:
+        assert sink.pull(source.peer(), "r", [8, 3, 4, 1], [2, 6, 7, 11], timeout=10) == 4 * layout().block_nbytes
+        for s_, d_ in zip([8, 3, 4, 1], [2, 6, 7, 11]):
+            assert torch.equal(dst[d_], src[s_])
+    finally:
+        sink.close()
+        source.close()
+
+
+# -- failures seen at once, pulls independent of each other -------------------------------------------------
+
+SILENT_SOURCE = """
+import sys, time, zmq
+sock = zmq.Context.instance().socket(zmq.ROUTER)
+port = sock.bind_to_random_port("tcp://127.0.0.1")
+print(port, flush=True)
+time.sleep(60)  # connected, never answers
+"""
+
+
+def silent_source():
+    """A source process that accepts connections and never answers: (process, its KVPeer card)."""
+    import subprocess
+    import sys
+
+    from tokenworks.transfer.base import KVPeer
+
+    proc = subprocess.Popen([sys.executable, "-c", SILENT_SOURCE], stdout=subprocess.PIPE, text=True)
+    port = int(proc.stdout.readline())
+    return proc, KVPeer(transport="tcp", worker_id="silent", layout=layout(), endpoint=f"tcp://127.0.0.1:{port}")
+
+
+def test_a_source_killed_mid_pull_fails_the_pull_within_a_second():
+    import signal
+    import threading
+
+    from tokenworks.transfer.base import KVPeerGone
+    from tokenworks.transfer.tcp import TCPSink
+
+    proc, peer = silent_source()
+    sink = TCPSink(layout(), torch.zeros(SHAPE))
+    result = {}
+
+    def pull():
+        try:
+            sink.pull(peer, "r", [1], [1], timeout=30)
+        except Exception as e:  # noqa: BLE001
+            result["error"], result["at"] = e, time.monotonic()
+
+    t = threading.Thread(target=pull)
+    try:
+        t.start()
+        time.sleep(0.5)  # the pull is waiting on a connected source
+        assert t.is_alive()
+        killed = time.monotonic()
+        proc.send_signal(signal.SIGKILL)
+        t.join(timeout=5)
+        assert isinstance(result.get("error"), KVPeerGone), result
+        assert result["at"] - killed < 1.0
+    finally:
+        proc.kill()
+        proc.wait()
+        t.join(timeout=5)
+        sink.close()
+
+
+def test_a_dead_source_thread_closes_its_socket_and_reports_a_problem():
+    from tokenworks.transfer.base import KVPeerGone
+    from tokenworks.transfer.tcp import TCPSink, TCPSource
+
+    src, dst = torch.randn(SHAPE), torch.zeros(SHAPE)
+    source, sink = TCPSource("p0", layout(), src), TCPSink(layout(), dst)
+    try:
+        sink.pull(source.peer(), "r0", [2], [3], timeout=5)  # connected and serving
+        assert source.problem() is None
+
+        def broken(received):
+            raise RuntimeError("injected")
+
+        source._answer = broken  # the next message kills the serving thread
+        t0 = time.monotonic()
+        with pytest.raises(KVPeerGone, match="closed"):
+            sink.pull(source.peer(), "r1", [4], [5], timeout=10)
+        assert time.monotonic() - t0 < 1.0
+        assert "died" in source.problem() and "injected" in source.problem()
+        assert dst[5].abs().sum() == 0
+    finally:
+        sink.close()
+        source.close()
+
+
+def test_concurrent_pulls_complete_independently_of_a_silent_peer():
+    from tokenworks.transfer.tcp import TCPSink, TCPSource
+    from tokenworks.worker.pulls import PullJob, PullPool
+
+    class R:
+        def __init__(self, rid):
+            self.request_id = rid
+
+    proc, silent = silent_source()
+    src, dst = torch.randn(SHAPE), torch.zeros(SHAPE)
+    source = TCPSource("p0", layout(), src)
+    pool = PullPool(lambda: TCPSink(layout(), dst), timeout=2.0, block_nbytes=layout().block_nbytes)
+    try:
+        t0 = time.monotonic()
+        pool.submit(PullJob(R("slow"), silent, [1, 2], [1, 2], t0))
+        pool.submit(PullJob(R("fast"), source.peer(), [3, 9], [5, 6], t0))
+        done = {}
+        while "fast" not in done and time.monotonic() - t0 < 5:
+            done.update({j.request.request_id: (j, time.monotonic() - t0) for j in pool.finished()})
+            time.sleep(0.01)
+        job, took = done["fast"]
+        assert job.ok and took < 1.0 and "slow" not in done  # not queued behind the silent peer
+        assert torch.equal(dst[5], src[3]) and torch.equal(dst[6], src[9])
+        assert poll_releases(source) == ["fast"]
+        while "slow" not in done and time.monotonic() - t0 < 10:
+            done.update({j.request.request_id: (j, time.monotonic() - t0) for j in pool.finished()})
+            time.sleep(0.01)
+        slow, _ = done["slow"]
+        assert not slow.ok and slow.cause == "timeout"
+        assert pool.problem() is None and pool.inflight_bytes == 0
+    finally:
+        pool.close()
+        source.close()
+        proc.kill()
+        proc.wait()
+
+
+def test_in_flight_bytes_are_bounded():
+    import threading
+
+    from tokenworks.transfer.base import KVSink
+    from tokenworks.worker.pulls import PullJob, PullPool
+
+    class R:
+        def __init__(self, rid):
+            self.request_id = rid
+
+    peak, lock, gate = [0, 0], threading.Lock(), threading.Event()
+
+    class Counting(KVSink):
+        def pull(self, peer, request_id, remote, local, timeout):
+            with lock:
+                peak[0] += len(local)
+                peak[1] = max(peak[1], peak[0])
+            gate.wait(2)
+            with lock:
+                peak[0] -= len(local)
+            return len(local)
+
+        def release(self, peer, request_id):
+            pass
+
+    # 4 threads, room for 3 blocks in flight: pulls of 2 blocks go one at a time; one of 5 goes alone.
+    pool = PullPool(Counting, timeout=1.0, block_nbytes=1, max_inflight_bytes=3)
+    try:
+        for i, n in enumerate([2, 2, 2, 5]):
+            pool.submit(PullJob(R(f"r{i}"), None, list(range(n)), list(range(n)), 0.0))
+        time.sleep(0.3)
+        gate.set()
+        got = []
+        deadline = time.monotonic() + 10
+        while len(got) < 4 and time.monotonic() < deadline:
+            got += pool.finished()
+            time.sleep(0.01)
+        assert len(got) == 4 and all(j.ok for j in got)
+        assert peak[1] == 5  # never more than the bound, except one request larger than it, alone
+    finally:
+        pool.close()
+
+
+def test_a_dead_pull_thread_is_reported():
+    from tokenworks.transfer.base import KVSink
+    from tokenworks.worker.pulls import PullJob, PullPool
+
+    class R:
+        request_id = "r"
+
+    class Dying(KVSink):
+        def pull(self, *a):
+            raise SystemExit("thread killed")
+
+        def release(self, *a):
+            pass
+
+    pool = PullPool(Dying, timeout=1.0, block_nbytes=1, num_threads=1)
+    try:
+        assert pool.problem() is None
+        pool.submit(PullJob(R(), None, [1], [1], 0.0))
+        deadline = time.monotonic() + 2
+        while pool.problem() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "died" in pool.problem()
+    finally:
+        pool.close()

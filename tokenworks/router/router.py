@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import deque
+import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
@@ -75,6 +76,9 @@ class Metrics:
         self.kv_seconds = Histogram("tokenworks:kv_transfer_seconds", "Time from decode submit to KV in place",
                                     registry=r, buckets=_LATENCY_BUCKETS)
         self.kv_fallbacks = Counter("tokenworks:kv_transfer_fallbacks", "Failed KV pulls recomputed locally", registry=r)
+        self.kv_failures = Counter("tokenworks:kv_transfer_failures", "Failed KV pulls by cause", ["cause"], registry=r)
+        self.unhealthy = Counter("tokenworks:worker_unhealthy", "Workers that reported a broken part and left",
+                                 ["reason"], registry=r)
         self.worker_deaths = Counter("tokenworks:worker_deaths", "Worker processes seen to exit", registry=r)
         self.failovers = Counter("tokenworks:request_failovers", "Requests continued on another worker", registry=r)
         self.rejected = Counter("tokenworks:requests_rejected", "Requests answered 429", ["reason"], registry=r)
@@ -192,6 +196,11 @@ class Router:
             handle = self.workers.get(msg.worker_id)
             if handle is not None:
                 handle.last_seen = time.monotonic()
+            if isinstance(msg, P.Unhealthy):
+                print(f"[tokenworks] worker {msg.worker_id} is unhealthy: {msg.reason}", file=sys.stderr, flush=True)
+                self.metrics.unhealthy.labels(msg.reason.split(":")[0]).inc()
+                self.mark_dead(msg.worker_id)
+                continue
             if isinstance(msg, P.Stats):
                 if handle is not None:
                     handle.stats = msg
@@ -351,6 +360,7 @@ class Router:
                     m.kv_seconds.observe(out.kv_seconds)
                     if out.kv_fallback:
                         m.kv_fallbacks.inc()
+                        m.kv_failures.labels(out.kv_failure or "error").inc()
                 if out.prefilled and not out.finished:
                     # Hand over to the decode worker; the prefill worker frees its blocks once they are read.
                     prefill.view.inflight -= 1

@@ -8,13 +8,16 @@ a sink refuses a peer whose layout differs (model, dtype, layers, KV heads,
 head size, block size) before moving a byte.
 
 Blocks are contiguous regions of ``block_nbytes`` (all layers), so a
-transfer is one descriptor per block.
+transfer is one descriptor per block. Which path bytes take for each pair of
+devices (host staging, CUDA IPC, NIXL) is in docs/serving.md.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
 import queue
+import socket
 
 import msgspec
 
@@ -29,6 +32,23 @@ class KVLayout(msgspec.Struct, frozen=True):
     block_nbytes: int
 
 
+class CudaIpcHandle(msgspec.Struct, frozen=True, array_like=True):
+    """A CUDA KV pool exported for other processes on the same host (see transfer/cuda_ipc.py).
+
+    The fields are what PyTorch's CUDA storage sharing hands out, all bytes and ints: no pickle."""
+
+    device: int
+    handle: bytes
+    storage_nbytes: int
+    storage_offset: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    tensor_offset: int  # bytes from the storage's start to block 0
+    num_blocks: int
+
+
 class KVPeer(msgspec.Struct, frozen=True):
     """What a decode worker needs to read a prefill worker's blocks."""
 
@@ -39,14 +59,45 @@ class KVPeer(msgspec.Struct, frozen=True):
     agent_name: str = ""  # nixl
     agent_metadata: bytes = b""  # nixl
     base_address: int = 0  # nixl: address of block 0
+    host: str = ""  # host_id() of the source's machine
+    cuda_ipc: CudaIpcHandle | None = None  # set when the source's pool is on a CUDA device
+
+
+@functools.cache
+def host_id() -> str:
+    """This machine's identity for 'same host?' checks: hostname and boot id (a reboot is another host)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
 
 
 class KVLayoutMismatch(ValueError):
-    pass
+    cause = "layout"
 
 
 class KVTransferError(RuntimeError):
-    pass
+    """A pull that did not complete; ``cause`` labels the failure metric."""
+
+    cause = "error"
+
+
+class KVTransferTimeout(KVTransferError):
+    cause = "timeout"
+
+
+class KVPeerGone(KVTransferError):
+    """The source's connection was refused or closed: it is not coming back under this card."""
+
+    cause = "peer_gone"
+
+
+class KVTransferRefused(KVTransferError):
+    """The source answered and said no (bad block ids, unsigned pull, ...)."""
+
+    cause = "refused"
 
 
 def check_layout(local: KVLayout, remote: KVLayout) -> None:
@@ -72,6 +123,10 @@ class KVSource(abc.ABC):
     @abc.abstractmethod
     def peer(self) -> KVPeer:
         """This source's card, handed to decode workers through the router."""
+
+    def problem(self) -> str | None:
+        """None while the source can serve pulls; else why not (its thread died, ...)."""
+        return None
 
     def poll_releases(self) -> list[str]:
         """Request ids whose blocks a sink has finished reading (non-blocking)."""

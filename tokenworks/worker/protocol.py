@@ -1,7 +1,7 @@
 """Messages between the router and workers: msgspec structs over ZMQ, never pickle.
 
 Router -> worker (the worker's PULL socket): Submit, Abort, Release, Shutdown.
-Worker -> router (the router's PULL socket): Ready, Output, Failed, Stats.
+Worker -> router (the router's PULL socket): Ready, Output, Failed, Stats, Unhealthy.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class Ready(msgspec.Struct, tag="ready"):
     kv_peer: KVPeer | None
     cpus: list[int]
     load_seconds: float
+    warmup_seconds: float = 0.0
 
 
 class LogprobEntry(msgspec.Struct, array_like=True):
@@ -71,6 +72,7 @@ class Output(msgspec.Struct, tag="output"):
     kv_bytes: int = 0  # decode phase: bytes pulled for this request (first output only)
     kv_seconds: float = 0.0
     kv_fallback: bool = False  # the pull failed and the prompt was recomputed locally
+    kv_failure: str = ""  # why it failed: timeout, peer_gone, refused, layout, error
 
 
 class Failed(msgspec.Struct, tag="failed"):
@@ -93,5 +95,12 @@ class Stats(msgspec.Struct, tag="stats"):
     idle: bool  # nothing running, waiting, held or in flight, and every block back in the pool
 
 
+class Unhealthy(msgspec.Struct, tag="unhealthy"):
+    """The worker cannot do its part any more (its KV source or pull threads broke); it exits next."""
+
+    worker_id: str
+    reason: str
+
+
 ToWorker = Submit | Abort | Release | Shutdown
-FromWorker = Ready | Output | Failed | Stats
+FromWorker = Ready | Output | Failed | Stats | Unhealthy

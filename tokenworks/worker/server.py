@@ -5,8 +5,11 @@
 
 The main thread runs the engine loop: drain commands, apply KV releases
 (prefill side) and finished pulls (decode side), step, publish outputs.
-A second thread does the decode side's KV pulls so that decoding goes on
-while a prompt's KV arrives.
+Pull threads (worker/pulls.py) do the decode side's KV pulls so that
+decoding goes on while a prompt's KV arrives. A worker whose KV source or
+pull threads break tells the router (``Unhealthy``) and exits, and the
+launcher starts it again, as for a worker that died. A worker on a GPU runs
+its warm-up (worker/warmup.py) before it reports ready.
 """
 
 from __future__ import annotations
@@ -14,65 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import sys
-import threading
 import time
-from dataclasses import dataclass
 
 import msgspec
 import zmq
 
 from tokenworks.codec import Codec
 from tokenworks.config import EngineArgs
-from tokenworks.engine.request import Request
 from tokenworks.outputs import RequestOutput
-from tokenworks.transfer.base import KVLayout, KVPeer, KVSink, KVSource
+from tokenworks.transfer.base import KVLayout, KVSource, host_id
 from tokenworks.worker import protocol as P
+from tokenworks.worker.pulls import PullJob, PullPool
 
 STATS_INTERVAL = 0.25
 SECRET_ENV = "TOKENWORKS_INTERNAL_SECRET"  # how the launcher hands the shared secret over (never on argv)
-
-
-@dataclass
-class PullJob:
-    request: Request
-    peer: KVPeer
-    remote_block_ids: list[int]
-    local_block_ids: list[int]
-    started: float
-    ok: bool = False
-    nbytes: int = 0
-    error: str = ""
-
-
-class TransferThread:
-    """Runs KV pulls off the engine loop."""
-
-    def __init__(self, sink: KVSink, timeout: float) -> None:
-        self.sink = sink
-        self.timeout = timeout
-        self.todo: queue.SimpleQueue[PullJob | None] = queue.SimpleQueue()
-        self.done: queue.SimpleQueue[PullJob] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="kv-pull", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            job = self.todo.get()
-            if job is None:
-                return
-            try:
-                job.nbytes = self.sink.pull(job.peer, job.request.request_id, job.remote_block_ids,
-                                            job.local_block_ids, self.timeout)
-                job.ok = True
-            except Exception as e:  # noqa: BLE001 - any failure falls back to recompute
-                job.error = f"{type(e).__name__}: {e}"
-            try:
-                self.sink.release(job.peer, job.request.request_id)
-            except Exception:  # noqa: BLE001 - the source's lease frees the blocks anyway
-                pass
-            self.done.put(job)
 
 
 class Worker:
@@ -98,7 +57,7 @@ class Worker:
             block_nbytes=kv.block_nbytes,
         )
         self.source: KVSource | None = None
-        self.transfers: TransferThread | None = None
+        self.transfers: PullPool | None = None
         secret = os.environ.get(SECRET_ENV, "").encode() or None
         if ns.kv_transport == "nixl":
             from tokenworks.transfer.nixl import NixlSink, NixlSource
@@ -109,12 +68,27 @@ class Worker:
 
             source_cls = lambda wid, lay, t: TCPSource(wid, lay, t, host=ns.internal_host, secret=secret)  # noqa: E731
             sink = lambda: TCPSink(layout, kv.tensor, secret=secret)  # noqa: E731
+        on_gpu = kv.tensor.device.type == "cuda"
+        if on_gpu:  # same-host GPU peers are read device to device (transfer/cuda_ipc.py)
+            from tokenworks.transfer.cuda_ipc import CudaIpcSink, OpenedPools, export
+
+            opened, network_sink = OpenedPools(), sink
+            sink = lambda: CudaIpcSink(network_sink(), layout, kv.tensor, opened)  # noqa: E731
+        self.warmup_steps, self.warmup_seconds = 0, 0.0
+        if on_gpu:
+            from tokenworks.worker.warmup import warm_up
+
+            self.warmup_steps, self.warmup_seconds = warm_up(self.engine, kv.tensor, self.loaded.pool)
+        self.kv_peer = None
         if self.role in ("prefill", "both"):
             self.source = source_cls(self.worker_id, layout, kv.tensor)
+            self.kv_peer = msgspec.structs.replace(self.source.peer(), host=host_id(),
+                                                   cuda_ipc=export(kv.tensor) if on_gpu else None)
         if self.role in ("decode", "both"):
-            self.transfers = TransferThread(sink(), ns.kv_timeout)
+            self.transfers = PullPool(sink, ns.kv_timeout, kv.block_nbytes)
+        self.exit_code = 0
         self.pending: list[P.Submit] = []  # decode submits waiting for free blocks
-        self.kv_stats: dict[str, tuple[int, float, bool]] = {}
+        self.kv_stats: dict[str, tuple[int, float, str]] = {}  # request id -> bytes, seconds, failure cause
         self.ctx = zmq.Context.instance()
         self.commands = self.ctx.socket(zmq.PULL)
         self.commands.bind(ns.commands)
@@ -129,7 +103,8 @@ class Worker:
         self.send(P.Ready(
             worker_id=self.worker_id, role=self.role, pid=os.getpid(), model=self.loaded.model_name,
             max_model_len=self.engine.max_model_len, block_size=kv.block_size, num_blocks=kv.num_blocks,
-            kv_peer=self.source.peer() if self.source else None, cpus=self.cpus, load_seconds=self.loaded.load_seconds,
+            kv_peer=self.kv_peer, cpus=self.cpus, load_seconds=self.loaded.load_seconds,
+            warmup_seconds=self.warmup_seconds,
         ))
 
     def send(self, msg: P.FromWorker) -> None:
@@ -179,7 +154,7 @@ class Worker:
         num_prompt_blocks = -(-len(msg.prompt_token_ids) // self.loaded.runner.kv.block_size)
         local = self.scheduler.kv.block_ids(request.request_id)[first_block:num_prompt_blocks]
         remote = msg.kv_block_ids[first_block:num_prompt_blocks]
-        self.transfers.todo.put(PullJob(request, msg.kv_peer, remote, local, time.monotonic()))
+        self.transfers.submit(PullJob(request, msg.kv_peer, remote, local, time.monotonic()))
         return True
 
     # -- loop ----------------------------------------------------------------------------
@@ -189,7 +164,7 @@ class Worker:
             or bool(self.scheduler.held)
 
     def publish(self, out: RequestOutput) -> None:
-        kv_bytes, kv_seconds, fallback = self.kv_stats.pop(out.request_id, (0, 0.0, False))
+        kv_bytes, kv_seconds, failure = self.kv_stats.pop(out.request_id, (0, 0.0, ""))
         self.send(P.Output(
             worker_id=self.worker_id, request_id=out.request_id, new_token_ids=out.new_token_ids,
             new_text=out.new_text, finished=out.finished, finish_reason=out.finish_reason,
@@ -197,7 +172,7 @@ class Worker:
             logprobs=[P.LogprobEntry(l.token_id, l.token, l.logprob, l.top) for l in out.logprobs[-len(out.new_token_ids):]]
             if out.logprobs else [],
             prefilled=out.prefilled, kv_block_ids=out.kv_block_ids or [],
-            kv_bytes=kv_bytes, kv_seconds=kv_seconds, kv_fallback=fallback,
+            kv_bytes=kv_bytes, kv_seconds=kv_seconds, kv_fallback=bool(failure), kv_failure=failure,
         ))
 
     def stats(self) -> P.Stats:
@@ -236,20 +211,30 @@ class Worker:
             if now - self._last_stats >= STATS_INTERVAL:
                 self._last_stats = now
                 self.send(self.stats())
+                problem = self.problem()
+                if problem:
+                    print(f"[{self.worker_id}] unhealthy: {problem}; exiting to be restarted", file=sys.stderr)
+                    self.send(P.Unhealthy(self.worker_id, problem))
+                    self.exit_code = 3
+                    self.running = False
                 if os.getppid() != self.parent_pid:
                     print(f"[{self.worker_id}] the router is gone; exiting", file=sys.stderr)
                     self.running = False
 
+    def problem(self) -> str | None:
+        """Why this worker can no longer do its part of disaggregation (None: it can)."""
+        for part in (self.source, self.transfers):
+            problem = part.problem() if part is not None else None
+            if problem:
+                return problem
+        return None
+
     def finish_pulls(self) -> None:
-        while True:
-            try:
-                job = self.transfers.done.get_nowait()
-            except queue.Empty:
-                break
+        for job in self.transfers.finished():
             rid = job.request.request_id
             if not job.ok:
                 print(f"[{self.worker_id}] KV pull for {rid} failed ({job.error}); recomputing locally", file=sys.stderr)
-            self.kv_stats[rid] = (job.nbytes, time.monotonic() - job.started, not job.ok)
+            self.kv_stats[rid] = (job.nbytes, time.monotonic() - job.started, job.cause)
             self.scheduler.admit_transferred(job.request, job.ok)
         if self.pending:
             still = []
@@ -263,7 +248,7 @@ class Worker:
 
     def close(self) -> None:
         if self.transfers is not None:
-            self.transfers.todo.put(None)
+            self.transfers.close()
         if self.source is not None:
             self.source.close()
         self.commands.close(0)
@@ -298,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         worker.close()
-    return 0
+    return worker.exit_code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,116 @@
+"""The decode side's KV pulls: several at a time off the engine loop, each finishing on its own.
+
+Each pull thread owns its sink (sockets are not shared between threads), so a
+slow or failing pull of one request does not hold up another's. The bytes in
+flight are bounded: a pull waits for room unless nothing else is in flight
+(one request larger than the bound still goes, alone). A thread that dies is
+reported by ``problem()``; the worker then reports itself unhealthy.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from tokenworks.engine.request import Request
+from tokenworks.transfer.base import KVPeer, KVSink
+
+NUM_PULL_THREADS = 4
+MAX_INFLIGHT_BYTES = 1 << 30
+
+
+@dataclass
+class PullJob:
+    request: Request
+    peer: KVPeer
+    remote_block_ids: list[int]
+    local_block_ids: list[int]
+    started: float
+    ok: bool = False
+    nbytes: int = 0
+    error: str = ""
+    cause: str = ""  # failure metric label: timeout, peer_gone, refused, layout, error
+
+
+class PullPool:
+    def __init__(self, make_sink: Callable[[], KVSink], timeout: float, block_nbytes: int,
+                 num_threads: int = NUM_PULL_THREADS, max_inflight_bytes: int = MAX_INFLIGHT_BYTES) -> None:
+        self.timeout = timeout
+        self.block_nbytes = block_nbytes
+        self.max_inflight_bytes = max_inflight_bytes
+        self._todo: queue.SimpleQueue[PullJob | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[PullJob] = queue.SimpleQueue()
+        self._room = threading.Condition()
+        self.inflight_bytes = 0
+        self._problem: str | None = None
+        self._closing = False
+        self._threads = [threading.Thread(target=self._run, args=(make_sink(),), name=f"kv-pull-{i}", daemon=True)
+                         for i in range(num_threads)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, job: PullJob) -> None:
+        self._todo.put(job)
+
+    def finished(self) -> list[PullJob]:
+        """Pulls done since the last call, successful or not (non-blocking)."""
+        out = []
+        while True:
+            try:
+                out.append(self._done.get_nowait())
+            except queue.Empty:
+                return out
+
+    def problem(self) -> str | None:
+        if self._problem is None and not self._closing and not all(t.is_alive() for t in self._threads):
+            return "a KV pull thread is gone"
+        return self._problem
+
+    def _take_room(self, n: int) -> None:
+        with self._room:
+            while self.inflight_bytes and self.inflight_bytes + n > self.max_inflight_bytes:
+                self._room.wait()
+            self.inflight_bytes += n
+
+    def _give_room(self, n: int) -> None:
+        with self._room:
+            self.inflight_bytes -= n
+            self._room.notify_all()
+
+    def _run(self, sink: KVSink) -> None:
+        try:
+            while (job := self._todo.get()) is not None:
+                self._pull(sink, job)
+                self._done.put(job)
+        except BaseException as e:  # noqa: BLE001 - reported through problem()
+            self._problem = f"a KV pull thread died: {type(e).__name__}: {e}"
+        finally:
+            sink.close()
+
+    def _pull(self, sink: KVSink, job: PullJob) -> None:
+        n = len(job.local_block_ids) * self.block_nbytes
+        self._take_room(n)
+        try:
+            job.nbytes = sink.pull(job.peer, job.request.request_id, job.remote_block_ids, job.local_block_ids,
+                                   self.timeout)
+            job.ok = True
+        except Exception as e:  # noqa: BLE001 - any failure falls back to recompute
+            job.error = f"{type(e).__name__}: {e}"
+            job.cause = getattr(e, "cause", "error")
+        finally:
+            self._give_room(n)
+        try:
+            sink.release(job.peer, job.request.request_id)
+        except Exception:  # noqa: BLE001 - the source's lease frees the blocks anyway
+            pass
+
+    def close(self) -> None:
+        self._closing = True
+        for _ in self._threads:
+            self._todo.put(None)
+        deadline = time.monotonic() + 2
+        for t in self._threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
