@@ -408,3 +408,39 @@ def test_a_dead_pull_thread_is_reported():
         assert "died" in pool.problem()
     finally:
         pool.close()
+
+
+def test_cuda_ipc_pull_from_another_process_is_byte_exact(device):
+    """Same-host GPU path: a source process exports its CUDA pool, this process copies blocks device to device."""
+    if not device.startswith("cuda"):
+        pytest.skip("CUDA IPC needs a CUDA device (run with --device cuda)")
+    import multiprocessing as mp
+
+    from tokenworks.planner.profiler import block_pattern, kv_source_process
+    from tokenworks.transfer.cuda_ipc import CudaIpcSink, OpenedPools, same_host_gpu
+    from tokenworks.transfer.staging import block_view
+    from tokenworks.transfer.tcp import TCPSink
+
+    parent, child = mp.get_context("spawn").Pipe()
+    proc = mp.get_context("spawn").Process(target=kv_source_process,
+                                           args=("tcp", layout(), SHAPE, "float32", child, device, True), daemon=True)
+    proc.start()
+    dst = torch.zeros(SHAPE, device=device)
+    sink = None
+    try:
+        peer = parent.recv()
+        assert same_host_gpu(peer)
+        sink = CudaIpcSink(TCPSink(layout(), dst), layout(), dst, OpenedPools())
+        remote, local = [3, 4, 5, 9, 1], [7, 8, 9, 2, 11]
+        assert sink.pull(peer, "r", remote, local, timeout=10) == 5 * layout().block_nbytes
+        for r, l_ in zip(remote, local):
+            assert torch.equal(block_view(dst)[l_], block_pattern(r, layout().block_nbytes, device))
+        assert dst[[b for b in range(SHAPE[0]) if b not in local]].abs().sum() == 0
+        with pytest.raises(KVLayoutMismatch):
+            CudaIpcSink(TCPSink(layout(block_size=8), dst), layout(block_size=8), dst, OpenedPools()).pull(
+                peer, "r", [1], [1], timeout=5)
+    finally:
+        if sink is not None:
+            sink.close()
+        parent.send("stop")
+        proc.join(timeout=10)

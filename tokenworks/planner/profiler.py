@@ -136,18 +136,39 @@ def measure_decode(engine, rec: _Recorder, prompts: _Prompts, batch: int, contex
 
 # --- KV transfer -----------------------------------------------------------------------------------
 
-def kv_source_process(kind: str, layout, shape, dtype: str, conn) -> None:
-    """A child process holding a KV pool of ``shape`` behind a ``kind`` ("nixl" or "tcp") source: sends its
-    card on ``conn``, serves pulls until told to stop."""
+def block_pattern(block_id: int, nbytes: int, device: str = "cpu"):
+    """The bytes a patterned KV source puts in one block: different in every block and every byte."""
     import torch
 
-    tensor = torch.zeros(shape, dtype=getattr(torch, dtype))
+    return ((torch.arange(nbytes, device=device, dtype=torch.int32) + 7 * block_id) % 251).to(torch.uint8)
+
+
+def kv_source_process(kind: str, layout, shape, dtype: str, conn, device: str = "cpu", pattern: bool = False) -> None:
+    """A child process holding a KV pool of ``shape`` on ``device`` behind a ``kind`` ("nixl" or "tcp") source:
+    sends its card on ``conn`` (with the CUDA IPC handle when on a GPU), serves pulls until told to stop.
+    ``pattern``: fill each block with ``block_pattern`` so that a reader can check what it got."""
+    import msgspec
+    import torch
+
+    from tokenworks.transfer.base import host_id
+    from tokenworks.transfer.staging import block_view
+
+    tensor = torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
+    if pattern:
+        blocks = block_view(tensor)
+        for b in range(blocks.shape[0]):
+            blocks[b] = block_pattern(b, blocks.shape[1], device)
     if kind == "nixl":
         from tokenworks.transfer.nixl import NixlSource as Source
     else:
         from tokenworks.transfer.tcp import TCPSource as Source
     src = Source("profile-src", layout, tensor)
-    conn.send(src.peer())
+    peer = src.peer()
+    if tensor.is_cuda:
+        from tokenworks.transfer.cuda_ipc import export
+
+        peer = msgspec.structs.replace(peer, host=host_id(), cuda_ipc=export(tensor))
+    conn.send(peer)
     conn.recv()  # until told to stop
     src.close()
 
