@@ -80,7 +80,7 @@ def run_shape(shape_name: str, device: str, dtype: str, tokens: list[int], reps:
             from tokenworks.transfer.cuda_ipc import CudaIpcSink, OpenedPools
 
             paths["cuda_ipc"] = (CudaIpcSink(TCPSink(layout, dst), layout, dst, OpenedPools()), peer)
-        rows = []
+        rows, failures = [], []
         rng = random.Random(0)
         for n_tokens in tokens:
             nb = -(-n_tokens // BLOCK)
@@ -97,17 +97,24 @@ def run_shape(shape_name: str, device: str, dtype: str, tokens: list[int], reps:
             for case, (remote, local) in cases.items():
                 for path, (sink, card) in paths.items():
                     dst.zero_()
-                    sink.pull(card, "check", remote, local, timeout=60)
-                    _sync(device)
-                    for r, l in zip(remote, local):
-                        if not torch.equal(dst_blocks[l], block_pattern(r, block_nbytes, device)):
-                            raise AssertionError(f"{path} {case}: block {r} -> {l} arrived wrong")
-                    t = _median_seconds(lambda: sink.pull(card, "r", remote, local, timeout=60), reps, device)
+                    try:
+                        sink.pull(card, "check", remote, local, timeout=60)
+                        _sync(device)
+                        for r, l in zip(remote, local):
+                            if not torch.equal(dst_blocks[l], block_pattern(r, block_nbytes, device)):
+                                raise AssertionError(f"block {r} -> {l} arrived wrong")
+                        t = _median_seconds(lambda: sink.pull(card, "r", remote, local, timeout=60), reps, device)
+                    except Exception as e:  # noqa: BLE001 - report it and measure the other paths
+                        print(f"{shape_name} {n_tokens} tok {case} {path}: FAILED: {type(e).__name__}: {e}", flush=True)
+                        failures.append(f"{shape_name}/{n_tokens}/{case}/{path}")
+                        continue
                     rows.append(dict(shape=shape_name, dtype=dtype, device=device, tokens=n_tokens, ids=case,
                                      path=path, bytes=nbytes, pull_ms=t * 1e3, copy_ms=t_copy * 1e3,
                                      pull_gbps=nbytes / t / 1e9, copy_gbps=nbytes / t_copy / 1e9,
                                      ratio=t_copy / t))
                     print(_line(rows[-1]), flush=True)
+        if failures:
+            raise SystemExit(f"failed: {', '.join(failures)}")
         return rows
     finally:
         for sink, _ in paths.values():
