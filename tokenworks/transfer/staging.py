@@ -48,9 +48,18 @@ def copy_blocks(src: torch.Tensor, dst: torch.Tensor, src_ids: Sequence[int], ds
         for s, d, n in pieces:
             dst[d : d + n].copy_(src[s : s + n], non_blocking=True)
         return
+    src, dst = _wide(src), _wide(dst)  # index kernels move one element per thread: make elements wide
     s_idx = torch.tensor(list(src_ids), dtype=torch.long).to(src.device, non_blocking=True)
     d_idx = torch.tensor(list(dst_ids), dtype=torch.long).to(dst.device, non_blocking=True)
     dst.index_copy_(0, d_idx, src.index_select(0, s_idx).to(dst.device, non_blocking=True))
+
+
+def _wide(blocks: torch.Tensor) -> torch.Tensor:
+    """The same (num_blocks, block_nbytes) bytes viewed as the widest integer type that divides a block."""
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if blocks.shape[1] % size == 0 and blocks.data_ptr() % size == 0:
+            return blocks.view(dtype)
+    return blocks
 
 
 def _check_frames(frames: Sequence[memoryview], n: int, nbytes: int) -> None:
