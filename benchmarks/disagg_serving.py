@@ -19,6 +19,7 @@ import json
 import os
 import shlex
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -43,6 +44,17 @@ def stop(server: Server, layout: str) -> None:
     for line in bad[-10:]:
         print(f"  [{layout} log] {line}", flush=True)
     server.stop()
+
+
+def step_figures(before: dict, after: dict, wall: float) -> dict:
+    """Per worker over a run: engine steps, their mean wall time and the fraction of the run spent in them."""
+    out = {}
+    for wid, a in after.items():
+        b = before.get(wid, {})
+        steps = a.get("steps", 0) - b.get("steps", 0)
+        busy = a.get("busy_seconds", 0.0) - b.get("busy_seconds", 0.0)
+        out[wid] = {"steps": steps, "step_ms": busy / steps * 1e3 if steps else 0.0, "busy": busy / wall if wall else 0}
+    return out
 
 
 def kv_metrics(server: Server) -> dict:
@@ -96,13 +108,19 @@ def run_load(model: str, dtype: str, serve_flags: list[str], concurrency: list[i
             for c in concurrency:
                 n = max(2 * c, requests_per_level)
                 reqs = synthetic(n, f"fixed:{input_len}", f"fixed:{output_len}", seed=c)
+                before = server.workers()
                 results, wall = asyncio.run(drive(server.url, reqs, Load(concurrency=c), timeout=300))
+                time.sleep(0.6)  # one more heartbeat: the workers' step counters cover the whole run
                 s = summarize(results, wall, SLO())
+                s["workers"] = step_figures(before, server.workers(), wall)
                 rows[c] = s
                 print(f"{layout:>13} c={c:<3} {s['completed']}/{s['requests']} ok  "
                       f"{s['output_token_throughput']:8.0f} out tok/s  TTFT p50 {s['ttft_s']['median'] * 1e3:7.1f} ms "
                       f"p99 {s['ttft_s']['p99'] * 1e3:7.1f} ms  ITL p50 {s['itl_s']['median'] * 1e3:6.1f} ms "
                       f"p99 {s['itl_s']['p99'] * 1e3:6.1f} ms", flush=True)
+                for wid, w in s["workers"].items():
+                    print(f"{'':>19}{wid}: {w['steps']} steps, mean {w['step_ms']:.1f} ms, busy {w['busy']:.0%}",
+                          flush=True)
             out[layout] = {"runs": rows, "metrics": kv_metrics(server)}
         finally:
             stop(server, layout)

@@ -154,8 +154,9 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             s = h.stats
             out[wid] = {
                 "role": h.ready.role, "pid": h.ready.pid, "cpus": h.ready.cpus, "alive": h.view.alive,
-                "inflight": h.view.inflight,
+                "inflight": h.view.inflight, "warmup_seconds": h.ready.warmup_seconds,
                 **({} if s is None else {
+                    "step_ms": s.step_ms, "steps": s.steps, "busy_seconds": s.busy_seconds,
                     "running": s.num_running, "waiting": s.num_waiting, "waiting_for_kv": s.num_waiting_for_kv,
                     "held": s.num_held, "blocks_used": s.blocks_used, "blocks_total": s.blocks_total,
                     "blocks_cached": s.blocks_cached, "expired_leases": s.expired_leases, "idle": s.idle}),

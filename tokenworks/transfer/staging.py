@@ -33,11 +33,16 @@ def block_view(kv_tensor: torch.Tensor) -> torch.Tensor:
 def runs(src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[tuple[int, int, int]]:
     """(src_start, dst_start, length) of the runs where both id lists count up by one together."""
     out: list[tuple[int, int, int]] = []
+    s0 = d0 = n = 0
     for s, d in zip(src_ids, dst_ids):
-        if out and s == out[-1][0] + out[-1][2] and d == out[-1][1] + out[-1][2]:
-            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
-        else:
-            out.append((s, d, 1))
+        if n and s == s0 + n and d == d0 + n:
+            n += 1
+            continue
+        if n:
+            out.append((s0, d0, n))
+        s0, d0, n = s, d, 1
+    if n:
+        out.append((s0, d0, n))
     return out
 
 

@@ -93,6 +93,9 @@ class Stats(msgspec.Struct, tag="stats"):
     blocks_cached: int
     expired_leases: int
     idle: bool  # nothing running, waiting, held or in flight, and every block back in the pool
+    steps: int = 0  # engine steps run since start
+    step_ms: float = 0.0  # mean wall time of an engine step over the last stats interval (0: none ran)
+    busy_seconds: float = 0.0  # wall time spent in engine steps since start
 
 
 class Unhealthy(msgspec.Struct, tag="unhealthy"):

@@ -99,6 +99,8 @@ class Worker:
         self.encoder = Codec(P.FromWorker, secret)
         self.running = True
         self._last_stats = 0.0
+        self._steps = self._steps_reported = 0
+        self._step_time = self._step_time_reported = 0.0
         self.parent_pid = os.getppid()  # the router; if it dies, so do we
         self.send(P.Ready(
             worker_id=self.worker_id, role=self.role, pid=os.getpid(), model=self.loaded.model_name,
@@ -179,11 +181,15 @@ class Worker:
         pool = self.loaded.pool
         s = self.scheduler
         busy = self.busy()
+        n = self._steps - self._steps_reported
+        step_ms = (self._step_time - self._step_time_reported) / n * 1e3 if n else 0.0
+        self._steps_reported, self._step_time_reported = self._steps, self._step_time
         return P.Stats(
             worker_id=self.worker_id, num_running=len(s.running), num_waiting=len(s.waiting) + len(self.pending),
             num_waiting_for_kv=s.num_waiting_for_kv, num_held=len(s.held), blocks_used=pool.num_used_blocks,
             blocks_total=pool.num_usable_blocks, blocks_cached=pool.num_cached_idle_blocks,
             expired_leases=s.num_expired_leases, idle=not busy and pool.num_used_blocks == 0,
+            steps=self._steps, step_ms=step_ms, busy_seconds=self._step_time,
         )
 
     def run(self) -> None:
@@ -203,7 +209,11 @@ class Worker:
             if self.transfers is not None:
                 self.finish_pulls()
             if self.engine.has_unfinished():
-                for out in self.engine.step():
+                t = time.perf_counter()
+                outs = self.engine.step()
+                self._step_time += time.perf_counter() - t
+                self._steps += 1
+                for out in outs:
                     self.publish(out)
             elif self.scheduler.held:
                 self.scheduler.expire_leases()
