@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 
 
 def _engine_flags(p: argparse.ArgumentParser) -> None:
@@ -106,6 +107,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     gpus = [int(g) for g in ns.gpus.split(",")] if ns.gpus else None
     specs = plan_workers(prefill, decode, agg, cpu_sets=cpu_sets, gpus=gpus)
     args = _engine_args(ns)
+    prefill_budget = ns.prefill_max_num_batched_tokens or (max(4096, args.max_num_batched_tokens) if gpus
+                                                           else args.max_num_batched_tokens)
+    if prefill_budget < 1:
+        raise ValueError("--prefill-max-num-batched-tokens must be positive")
     t0 = time.perf_counter()
     files = load_tokenizer_files(args.model, args.cache_dir)  # also converts a GGUF once, before the workers load it
     tokenizer = Tokenizer(files.tokenizer_json, files.chat_template, files.bos_token, files.eos_token, files.add_bos_token)
@@ -116,6 +121,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                         internal_host=ns.internal_host, secret=secret, price_per_worker_hour=ns.price_per_worker_hour)
         router.start()
         cluster = LocalCluster(router, args, ns.kv_transport, lease_seconds=ns.lease_seconds,
+                               prefill_args=replace(args, max_num_batched_tokens=prefill_budget),
                                prefill_nice=ns.prefill_nice, internal_host=ns.internal_host, secret=secret)
 
         shown = [-1]
@@ -132,7 +138,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                 w = router.workers[spec.worker_id].ready
                 where = f"CPUs {','.join(map(str, w.cpus))}" if spec.device == "cpu" else spec.device
                 print(f"[tokenworks]   {spec.worker_id:<10} role={spec.role:<8} pid={w.pid:<8} {where}, "
-                      f"{w.num_blocks} KV blocks of {w.block_size} tokens", file=sys.stderr)
+                      f"{w.num_blocks} KV blocks of {w.block_size} tokens"
+                      + (f", warmed up in {w.warmup_seconds:.1f} s" if w.warmup_seconds else ""), file=sys.stderr)
             print(f"[tokenworks] model {files.name}, KV transport {ns.kv_transport}, local prefill up to "
                   f"{ns.local_prefill_threshold} uncached tokens; ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
             if ns.price_per_worker_hour is not None:
@@ -525,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU ids per worker, workers separated by ':' in prefill, decode, aggregated order, "
                         "e.g. '0:1' (default: split the machine's cores)")
     s.add_argument("--gpus", default=None, metavar="IDS", help="GPU ids to place workers on, e.g. '0,1' (CUDA)")
+    s.add_argument("--prefill-max-num-batched-tokens", type=int, default=None, metavar="TOKENS",
+                   help="token budget of a prefill worker's step, so that queued prompts are prefilled together "
+                        "(default: 4096 with --gpus, where one batched step costs little more than one prompt's; "
+                        "else --max-num-batched-tokens)")
     s.add_argument("--prefill-nice", type=int, default=0, metavar="N",
                    help="run prefill workers at lower CPU priority (nice N), so that where CPU sets overlap "
                         "decode runs first (default: 0)")

@@ -67,9 +67,10 @@ def plan_workers(prefill: int, decode: int, aggregated: int, cpus: list[int] | N
 class LocalCluster:
     def __init__(self, router: Router, engine_args: EngineArgs, kv_transport: str, kv_timeout: float = 10.0,
                  lease_seconds: float = 30.0, prefill_nice: int = 0, internal_host: str = "127.0.0.1",
-                 secret: bytes | None = None) -> None:
+                 secret: bytes | None = None, prefill_args: EngineArgs | None = None) -> None:
         self.router = router
         self.engine_args = engine_args
+        self.prefill_args = prefill_args or engine_args  # prefill-only workers (a larger step budget, say)
         self.kv_transport = kv_transport
         self.kv_timeout = kv_timeout
         self.lease_seconds = lease_seconds
@@ -89,7 +90,7 @@ class LocalCluster:
             port = s.getsockname()[1]
         endpoint = f"tcp://{self.internal_host}:{port}"
         self.router.expect(spec.worker_id, endpoint)
-        args = asdict(self.engine_args)
+        args = asdict(self.prefill_args if spec.role == "prefill" else self.engine_args)
         args["device"] = spec.device
         args["num_threads"] = len(spec.cpus) if spec.cpus else args.get("num_threads")
         cmd = [sys.executable, "-m", "tokenworks.worker.server", "--worker-id", spec.worker_id, "--role", spec.role,
