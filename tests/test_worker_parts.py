@@ -1,0 +1,90 @@
+"""Parts of a worker process tested on their own: the GPU warm-up's effect on the engine, and what the
+router does when a worker says it is unhealthy."""
+
+import asyncio
+import time
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from tokenworks.config import EngineArgs, ModelConfig
+
+
+def tiny_engine(device: str):
+    from tokenworks.llm import build_random_engine
+
+    cfg = ModelConfig(architecture="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position=256, tie_word_embeddings=True)
+    args = EngineArgs(device=device, dtype="float32", num_blocks=64, max_num_batched_tokens=96, max_num_seqs=8)
+    return build_random_engine(args, cfg, "tiny")
+
+
+def test_warm_up_runs_prefills_and_decode_batches_and_leaves_the_pool_as_it_was(device):
+    from tokenworks.sampling_params import SamplingParams
+    from tokenworks.worker.warmup import warm_up
+
+    loaded = tiny_engine(device)
+    engine, pool = loaded.engine, loaded.pool
+    seen = []
+    step = engine.step
+
+    def counting_step():
+        sched_before = len(engine.scheduler.running)
+        out = step()
+        seen.append((sched_before, len(out)))
+        return out
+
+    engine.step = counting_step
+    steps, seconds = warm_up(engine, loaded.runner.kv.tensor, pool)
+    assert steps == len(seen) and steps > 0 and seconds > 0
+    assert max(n for n, _ in seen) == 8  # a decode step at max_num_seqs
+    assert not engine.has_unfinished() and pool.num_used_blocks == 0
+    assert pool.num_cached_idle_blocks == 0  # the warm-up's prompts are not left in the prefix cache
+    pool.check_integrity()
+    engine.step = step
+    # The engine serves normally afterwards, prefix caching included.
+    out = []
+    for _ in range(2):
+        engine.add_request(f"r{len(out)}", list(range(1, 40)), SamplingParams(temperature=0, max_tokens=3))
+        while engine.has_unfinished():
+            out += [o for o in engine.step() if o.finished]
+    assert len(out) == 2 and out[0].token_ids == out[1].token_ids and out[1].num_cached_tokens == 32
+
+
+def test_an_unhealthy_worker_is_taken_out_of_routing_at_once():
+    from tokenworks.codec import Codec
+    from tokenworks.router.router import Router
+    from tokenworks.worker import protocol as P
+
+    async def main():
+        router = Router(block_size=16, local_prefill_threshold=16)
+        router.start()
+        ctx = zmq.asyncio.Context.instance()
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(router.events_endpoint)
+        enc = Codec(P.FromWorker)
+        for wid, role in (("prefill-0", "prefill"), ("decode-0", "decode")):
+            router.expect(wid, "tcp://127.0.0.1:9")
+            await push.send(enc.encode(P.Ready(wid, role, 1, "m", 256, 16, 10, None, [0], 0.1)))
+        deadline = time.monotonic() + 5
+        while len(router.workers) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        prompt = list(range(100))
+        assert router.policy.place(router.view(), prompt).prefill.worker_id == "prefill-0"
+        await push.send(enc.encode(P.Unhealthy("prefill-0", "the KV source thread died: RuntimeError: x")))
+        t0 = time.monotonic()
+        while router.workers["prefill-0"].alive(router.heartbeat_timeout) and time.monotonic() - t0 < 5:
+            await asyncio.sleep(0.01)
+        assert time.monotonic() - t0 < 1.0
+        placement = router.policy.place(router.view(), prompt)
+        assert placement.prefill is None and placement.decode.worker_id == "decode-0"  # prefilled locally now
+        text = router.metrics.registry.get_sample_value("tokenworks:worker_unhealthy_total",
+                                                        {"reason": "the KV source thread died"})
+        assert text == 1.0
+        push.close(0)
+        router._reader.cancel()
+
+    asyncio.run(main())
