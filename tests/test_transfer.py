@@ -304,13 +304,17 @@ def test_a_dead_source_thread_closes_its_socket_and_reports_a_problem():
         source.close()
 
 
+def pull_job(request_id, peer, remote, local):
+    from types import SimpleNamespace
+
+    from tokenworks.worker.pulls import PullJob
+
+    return PullJob(SimpleNamespace(request_id=request_id), peer, remote, local, time.monotonic())
+
+
 def test_concurrent_pulls_complete_independently_of_a_silent_peer():
     from tokenworks.transfer.tcp import TCPSink, TCPSource
-    from tokenworks.worker.pulls import PullJob, PullPool
-
-    class R:
-        def __init__(self, rid):
-            self.request_id = rid
+    from tokenworks.worker.pulls import PullPool
 
     proc, silent = silent_source()
     src, dst = torch.randn(SHAPE), torch.zeros(SHAPE)
@@ -318,8 +322,8 @@ def test_concurrent_pulls_complete_independently_of_a_silent_peer():
     pool = PullPool(lambda: TCPSink(layout(), dst), timeout=2.0, block_nbytes=layout().block_nbytes)
     try:
         t0 = time.monotonic()
-        pool.submit(PullJob(R("slow"), silent, [1, 2], [1, 2], t0))
-        pool.submit(PullJob(R("fast"), source.peer(), [3, 9], [5, 6], t0))
+        pool.submit(pull_job("slow", silent, [1, 2], [1, 2]))
+        pool.submit(pull_job("fast", source.peer(), [3, 9], [5, 6]))
         done = {}
         while "fast" not in done and time.monotonic() - t0 < 5:
             done.update({j.request.request_id: (j, time.monotonic() - t0) for j in pool.finished()})
@@ -345,11 +349,7 @@ def test_in_flight_bytes_are_bounded():
     import threading
 
     from tokenworks.transfer.base import KVSink
-    from tokenworks.worker.pulls import PullJob, PullPool
-
-    class R:
-        def __init__(self, rid):
-            self.request_id = rid
+    from tokenworks.worker.pulls import PullPool
 
     peak, lock, gate = [0, 0], threading.Lock(), threading.Event()
 
@@ -370,7 +370,7 @@ def test_in_flight_bytes_are_bounded():
     pool = PullPool(Counting, timeout=1.0, block_nbytes=1, max_inflight_bytes=3)
     try:
         for i, n in enumerate([2, 2, 2, 5]):
-            pool.submit(PullJob(R(f"r{i}"), None, list(range(n)), list(range(n)), 0.0))
+            pool.submit(pull_job(f"r{i}", None, list(range(n)), list(range(n))))
         time.sleep(0.3)
         gate.set()
         got = []
@@ -386,10 +386,7 @@ def test_in_flight_bytes_are_bounded():
 
 def test_a_dead_pull_thread_is_reported():
     from tokenworks.transfer.base import KVSink
-    from tokenworks.worker.pulls import PullJob, PullPool
-
-    class R:
-        request_id = "r"
+    from tokenworks.worker.pulls import PullPool
 
     class Dying(KVSink):
         def pull(self, *a):
@@ -401,7 +398,7 @@ def test_a_dead_pull_thread_is_reported():
     pool = PullPool(Dying, timeout=1.0, block_nbytes=1, num_threads=1)
     try:
         assert pool.problem() is None
-        pool.submit(PullJob(R(), None, [1], [1], 0.0))
+        pool.submit(pull_job("r", None, [1], [1]))
         deadline = time.monotonic() + 2
         while pool.problem() is None and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -63,6 +63,16 @@ class KVPeer(msgspec.Struct, frozen=True):
     cuda_ipc: CudaIpcHandle | None = None  # set when the source's pool is on a CUDA device
 
 
+def drain(q: queue.SimpleQueue) -> list:
+    """Everything in ``q`` now, without waiting."""
+    out = []
+    while True:
+        try:
+            out.append(q.get_nowait())
+        except queue.Empty:
+            return out
+
+
 @functools.cache
 def host_id() -> str:
     """This machine's identity for 'same host?' checks: hostname and boot id (a reboot is another host)."""
@@ -130,12 +140,7 @@ class KVSource(abc.ABC):
 
     def poll_releases(self) -> list[str]:
         """Request ids whose blocks a sink has finished reading (non-blocking)."""
-        out = []
-        while True:
-            try:
-                out.append(self._releases.get_nowait())
-            except queue.Empty:
-                return out
+        return drain(self._releases)
 
     def close(self) -> None:
         pass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from tokenworks.engine.request import Request
-from tokenworks.transfer.base import KVPeer, KVSink
+from tokenworks.transfer.base import KVPeer, KVSink, drain
 
 NUM_PULL_THREADS = 4
 MAX_INFLIGHT_BYTES = 1 << 30
@@ -57,12 +57,7 @@ class PullPool:
 
     def finished(self) -> list[PullJob]:
         """Pulls done since the last call, successful or not (non-blocking)."""
-        out = []
-        while True:
-            try:
-                out.append(self._done.get_nowait())
-            except queue.Empty:
-                return out
+        return drain(self._done)
 
     def problem(self) -> str | None:
         if self._problem is None and not self._closing and not all(t.is_alive() for t in self._threads):
