@@ -20,7 +20,8 @@ THRESHOLD = 32
 
 @pytest.fixture(scope="module", params=["nixl", "tcp"])
 def server(request):
-    s = Server("--kv-transport", request.param, "--local-prefill-threshold", str(THRESHOLD))
+    s = Server("--prefill-workers", "1", "--decode-workers", "1", "--kv-transport", request.param,
+               "--local-prefill-threshold", str(THRESHOLD))
     yield s
     s.stop()
 
@@ -69,8 +70,15 @@ def test_stop_seed_n_and_length(server, client):
     base = dict(model="default", messages=SHORT, temperature=0)
     free = client.chat.completions.create(**base, max_tokens=20).choices[0].message.content
     stop_word = free.split()[2]
+    after_before = server.metric("tokenworks:tokens_after_stop_total")
     cut = client.chat.completions.create(**base, max_tokens=20, stop=[stop_word]).choices[0]
     assert stop_word not in cut.message.content and cut.finish_reason == "stop"
+    assert free.startswith(cut.message.content)  # ends exactly where the stop string begins
+    streamed = client.chat.completions.create(**base, max_tokens=20, stop=[stop_word], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == cut.message.content
+    server.wait_idle()  # the worker freed the stopped requests' KV
+    # The router finds stop strings; what the worker computed after one is at most a step a request.
+    assert server.metric("tokenworks:tokens_after_stop_total") - after_before <= 2
     length = client.chat.completions.create(**base, max_tokens=3).choices[0]
     assert length.finish_reason == "length"
     sampled = dict(model="default", messages=SHORT, temperature=1.0, max_tokens=12, seed=7)
@@ -81,6 +89,18 @@ def test_stop_seed_n_and_length(server, client):
     assert [c.index for c in many.choices] == [0, 1, 2]
     assert many.choices[0].message.content == a  # choice 0 keeps the seed; the others get seed + i
     assert len({c.message.content for c in many.choices}) > 1
+    server.wait_idle()
+
+
+def test_cached_tokens_reported_after_a_repeated_prompt(server, client):
+    messages = [{"role": "user", "content": "Name three rivers of Europe and say where each one flows. " * 4}]
+    first = client.chat.completions.create(model="default", messages=messages, max_tokens=2, temperature=0)
+    again = client.chat.completions.create(model="default", messages=messages, max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens >= 16 * (again.usage.prompt_tokens // 16 - 1)
+    assert first.usage.prompt_tokens_details.cached_tokens <= again.usage.prompt_tokens_details.cached_tokens
+    chunks = list(client.chat.completions.create(model="default", messages=messages, max_tokens=2, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens_details.cached_tokens
     server.wait_idle()
 
 

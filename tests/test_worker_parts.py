@@ -88,3 +88,64 @@ def test_an_unhealthy_worker_is_taken_out_of_routing_at_once():
         router._reader.cancel()
 
     asyncio.run(main())
+
+
+def test_a_worker_sends_one_message_per_step_with_every_request_in_it(tmp_path):
+    """A real worker process: three requests decode together; each step's tokens come in one Outputs message,
+    token ids only (the router detokenizes)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_tiny_checkpoints import build
+    from tokenworks.codec import Codec
+    from tokenworks.sampling_params import SamplingParams
+    from tokenworks.worker import protocol as P
+
+    build("llama3-rope", tmp_path)
+    ctx = zmq.Context.instance()
+    events = ctx.socket(zmq.PULL)
+    events.setsockopt(zmq.LINGER, 0)
+    events_port = events.bind_to_random_port("tcp://127.0.0.1")
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        cmd_port = s.getsockname()[1]
+    args = json.dumps({"model": str(tmp_path), "dtype": "float32", "num_blocks": 64, "block_size": 4})
+    proc = subprocess.Popen([sys.executable, "-m", "tokenworks.worker.server", "--worker-id", "w0", "--role", "both",
+                             "--commands", f"tcp://127.0.0.1:{cmd_port}", "--events", f"tcp://127.0.0.1:{events_port}",
+                             "--engine-args", args, "--kv-transport", "tcp"])
+    commands = ctx.socket(zmq.PUSH)
+    commands.setsockopt(zmq.LINGER, 0)
+    commands.connect(f"tcp://127.0.0.1:{cmd_port}")
+    to_worker, from_worker = Codec(P.ToWorker), Codec(P.FromWorker)
+    try:
+        assert events.poll(120_000), "the worker never reported ready"
+        assert isinstance(from_worker.decode(events.recv()), P.Ready)
+        params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+        for i in range(3):
+            commands.send(to_worker.encode(P.Submit(f"r{i}", [5 + i, 9, 11, 13, 17, 19], params, "full")))
+        steps: list[P.Outputs] = []
+        tokens = {f"r{i}": 0 for i in range(3)}
+        while sum(tokens.values()) < 15:
+            assert events.poll(30_000), f"outputs stopped: {tokens}"
+            msg = from_worker.decode(events.recv())
+            if isinstance(msg, P.Outputs):
+                steps.append(msg)
+                for o in msg.outputs:
+                    tokens[o.request_id] += len(o.new_token_ids)
+        assert tokens == {"r0": 5, "r1": 5, "r2": 5}
+        together = [m for m in steps if {o.request_id for o in m.outputs} == set(tokens)]
+        assert len(together) >= 4  # the decode steps: one message carries all three requests' tokens
+        assert all(len(o.new_token_ids) == 1 for m in steps for o in m.outputs)
+        last = {o.request_id: o for m in steps for o in m.outputs}
+        assert all(o.finished and o.finish_reason == "length" for o in last.values())
+        assert not any(hasattr(o, "new_text") for m in steps for o in m.outputs)  # ids only
+    finally:
+        commands.send(to_worker.encode(P.Shutdown()))
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        commands.close(0)
+        events.close(0)

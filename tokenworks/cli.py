@@ -118,7 +118,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     async def main() -> None:
         router = Router(block_size=args.block_size, local_prefill_threshold=ns.local_prefill_threshold,
                         max_inflight=ns.max_inflight_requests, max_queue_wait=ns.max_queue_wait,
-                        internal_host=ns.internal_host, secret=secret, price_per_worker_hour=ns.price_per_worker_hour)
+                        internal_host=ns.internal_host, secret=secret, price_per_worker_hour=ns.price_per_worker_hour,
+                        tokenizer=tokenizer)
         router.start()
         cluster = LocalCluster(router, args, ns.kv_transport, lease_seconds=ns.lease_seconds,
                                prefill_args=replace(args, max_num_batched_tokens=prefill_budget),
@@ -169,7 +170,14 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)  # stop the workers on SIGTERM too, not only on Ctrl-C
     try:
-        asyncio.run(main())
+        import uvloop  # a faster event loop where installed (uvicorn also picks httptools by itself)
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(main())
     except KeyboardInterrupt:
         pass
     return 0

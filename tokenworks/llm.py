@@ -37,7 +37,9 @@ class LoadedEngine:
     load_seconds: float
 
 
-def build_engine(args: EngineArgs) -> LoadedEngine:
+def build_engine(args: EngineArgs, detokenize: bool = True) -> LoadedEngine:
+    """The engine for ``args``; ``detokenize=False``: token ids out only, no text or stop strings (a served
+    worker: the router detokenizes)."""
     t0 = time.perf_counter()
     files = load_model_files(args.model, args.cache_dir)
     tokenizer = Tokenizer(files.tokenizer_json, files.chat_template, files.bos_token, files.eos_token, files.add_bos_token)
@@ -45,7 +47,7 @@ def build_engine(args: EngineArgs) -> LoadedEngine:
     if not eos and files.eos_token is not None:
         eos = (tokenizer._tok.token_to_id(files.eos_token),)
     weights, files.weights = files.weights, {}
-    return _assemble(args, files.name, files.config, weights, tokenizer, eos, t0)
+    return _assemble(args, files.name, files.config, weights, tokenizer if detokenize else None, eos, t0)
 
 
 def build_random_engine(args: EngineArgs, config: ModelConfig, name: str) -> LoadedEngine:

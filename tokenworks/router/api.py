@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 from typing import Any, AsyncIterator
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -34,6 +34,14 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
                    headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
                         status_code=status, headers=headers)
+
+
+_encode = msgspec.json.Encoder()
+
+
+def sse(payload: dict) -> bytes:
+    """One server-sent event carrying ``payload`` as JSON (UTF-8, as OpenAI's streams are)."""
+    return b"data: " + _encode.encode(payload) + b"\n\n"
 
 
 class ClientGone(Exception):
@@ -254,9 +262,12 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
                            code="server_overloaded", headers={"Retry-After": str(max(1, round(retry_after)))})
         created = int(time.time())
 
-        def usage_of(completion_tokens: int) -> dict[str, int]:
+        cached = [0]  # prompt tokens the first choice found in a prefix cache
+
+        def usage_of(completion_tokens: int) -> dict[str, Any]:
             return {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
-                    "total_tokens": len(prompt) + completion_tokens}
+                    "total_tokens": len(prompt) + completion_tokens,
+                    "prompt_tokens_details": {"cached_tokens": cached[0]}}
 
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{router.new_request_id('r')}"
         want_logprobs = params.logprobs is not None
@@ -269,6 +280,8 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             async def collect() -> int:
                 tokens = 0
                 async for i, d in run_choices(prompt, params, body.n, rid):
+                    if i == 0 and d.num_cached_tokens:
+                        cached[0] = d.num_cached_tokens
                     texts[i] += d.text
                     tokens += len(d.token_ids)
                     lps[i].extend(d.logprobs)
@@ -321,9 +334,9 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             payload = {"id": rid, "object": chunk_obj, "created": created, "model": model_name, "choices": [c]}
             if include_usage:
                 payload["usage"] = None
-            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+            return sse(payload)
 
-        async def events() -> AsyncIterator[str]:
+        async def events() -> AsyncIterator[bytes]:
             completion_tokens = 0
             try:
                 if kind == "chat":
@@ -333,17 +346,19 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
                 if first is not None:
                     i, d = first
                     completion_tokens += len(d.token_ids)
+                    cached[0] = d.num_cached_tokens if i == 0 else cached[0]
                     yield chunk(i, d)
                 async for i, d in items:
                     completion_tokens += len(d.token_ids)
                     yield chunk(i, d)
                 if include_usage:
                     usage = usage_of(completion_tokens)
-                    yield f"data: {json.dumps({'id': rid, 'object': chunk_obj, 'created': created, 'model': model_name, 'choices': [], 'usage': usage})}\n\n"
-                yield "data: [DONE]\n\n"
+                    yield sse({"id": rid, "object": chunk_obj, "created": created, "model": model_name, "choices": [],
+                               "usage": usage})
+                yield b"data: [DONE]\n\n"
             except Exception as e:  # noqa: BLE001 - headers are gone: report in-band
                 err = translate(e)
-                yield f"data: {json.dumps({'error': {'message': err.message, 'type': err.type, 'code': err.code}})}\n\n"
+                yield sse({"error": {"message": err.message, "type": err.type, "code": err.code}})
             finally:
                 await gen.aclose()
 

@@ -6,6 +6,11 @@ worker's first token at once, and hand the request with the prefill
 worker's KV card and block ids to the decode worker, which pulls the KV and
 streams the rest. Leaving the stream early aborts it on every worker that
 holds state for it.
+
+Workers send token ids, one message per engine step for all their requests;
+the router fans them out to the request streams and turns tokens into text
+with one detokenizer per stream, which also finds stop strings (the request
+is then aborted on its worker, which frees its KV at its next step).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from tokenworks.codec import Codec
 from tokenworks.router.policy import RoutingPolicy, WorkerView
 from tokenworks.sampling_params import SamplingParams
+from tokenworks.tokenizer import IncrementalDetokenizer, Tokenizer
 from tokenworks.worker import protocol as P
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -77,6 +83,8 @@ class Metrics:
                                     registry=r, buckets=_LATENCY_BUCKETS)
         self.kv_fallbacks = Counter("tokenworks:kv_transfer_fallbacks", "Failed KV pulls recomputed locally", registry=r)
         self.kv_failures = Counter("tokenworks:kv_transfer_failures", "Failed KV pulls by cause", ["cause"], registry=r)
+        self.tokens_after_stop = Counter("tokenworks:tokens_after_stop", "Tokens workers generated after a stop "
+                                         "string ended the request at the router (discarded)", registry=r)
         self.unhealthy = Counter("tokenworks:worker_unhealthy", "Workers that reported a broken part and left",
                                  ["reason"], registry=r)
         self.worker_deaths = Counter("tokenworks:worker_deaths", "Worker processes seen to exit", registry=r)
@@ -99,13 +107,21 @@ class Delta:
     finish_reason: str | None
     num_prompt_tokens: int
     logprobs: list[P.LogprobEntry]
+    num_cached_tokens: int = 0  # prompt tokens found in the worker's prefix cache
+
+
+@dataclass
+class _WorkerLost:
+    """Put in a request's stream when the worker it waits on is dead or silent."""
+
+    worker_id: str
 
 
 class Router:
     def __init__(self, *, block_size: int, local_prefill_threshold: int, heartbeat_timeout: float = 5.0,
                  max_inflight: int = 256, max_queue_wait: float = 30.0, max_failovers: int = 3,
                  failover_wait: float = 20.0, internal_host: str = "127.0.0.1", secret: bytes | None = None,
-                 price_per_worker_hour: float | None = None) -> None:
+                 price_per_worker_hour: float | None = None, tokenizer: Tokenizer | None = None) -> None:
         self.ctx = zmq.asyncio.Context.instance()
         self.events = self.ctx.socket(zmq.PULL)
         port = self.events.bind_to_random_port(f"tcp://{internal_host}")
@@ -115,11 +131,15 @@ class Router:
         self.metrics = Metrics()
         self.heartbeat_timeout = heartbeat_timeout
         self.streams: dict[str, asyncio.Queue] = {}
+        self._waiting_on: dict[str, WorkerHandle] = {}  # request id -> the worker its stream waits on
+        self._stopped: dict[str, float] = {}  # requests a stop string ended here -> when (their late tokens count)
+        self.tokenizer = tokenizer  # None: no text, token ids only
         self._ids = itertools.count()
         self._to_worker = Codec(P.ToWorker, secret)
         self._from_worker = Codec(P.FromWorker, secret)
         self.num_refused_messages = 0  # malformed, unsigned or badly signed
         self._reader: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
         self._endpoints: dict[str, str] = {}  # worker id -> its command endpoint
         self.max_model_len = 0
         self.max_failovers = max_failovers
@@ -161,7 +181,26 @@ class Router:
     # -- workers -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._reader = asyncio.get_running_loop().create_task(self._read_events())
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read_events())
+        self._watchdog = loop.create_task(self._watch())
+
+    async def _watch(self, interval: float = 0.2) -> None:
+        """Tell the streams waiting on a worker that died or went silent (one timer for all streams)."""
+        while True:
+            await asyncio.sleep(interval)
+            self._notify_lost(lambda h: not h.alive(self.heartbeat_timeout))
+            old = time.monotonic() - 10.0
+            for rid in [r for r, t in self._stopped.items() if t < old]:
+                del self._stopped[rid]
+
+    def _notify_lost(self, lost) -> None:
+        for rid, handle in list(self._waiting_on.items()):
+            if lost(handle):
+                del self._waiting_on[rid]
+                stream = self.streams.get(rid)
+                if stream is not None:
+                    stream.put_nowait(_WorkerLost(handle.ready.worker_id))
 
     def expect(self, worker_id: str, commands_endpoint: str) -> None:
         """Remember where a worker that is starting will take commands."""
@@ -201,6 +240,15 @@ class Router:
                 self.metrics.unhealthy.labels(msg.reason.split(":")[0]).inc()
                 self.mark_dead(msg.worker_id)
                 continue
+            if isinstance(msg, P.Outputs):
+                streams = self.streams
+                for out in msg.outputs:
+                    stream = streams.get(out.request_id)
+                    if stream is not None:
+                        stream.put_nowait(out)
+                    elif out.request_id in self._stopped:
+                        self.metrics.tokens_after_stop.inc(len(out.new_token_ids))
+                continue
             if isinstance(msg, P.Stats):
                 if handle is not None:
                     handle.stats = msg
@@ -230,6 +278,7 @@ class Router:
             handle.dead = True
             handle.view.alive = False
             self.metrics.worker_deaths.inc()
+            self._notify_lost(lambda h: h is handle)
 
     async def wait_for_decoder(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -266,17 +315,21 @@ class Router:
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}-{time.time_ns() % 10**9}"
 
-    async def _next(self, stream: asyncio.Queue, worker: WorkerHandle) -> P.Output:
-        while True:
-            try:
-                msg = await asyncio.wait_for(stream.get(), timeout=0.2)
-            except asyncio.TimeoutError:
-                if not worker.alive(self.heartbeat_timeout):
-                    raise WorkerUnavailable(f"worker {worker.ready.worker_id} stopped answering") from None
-                continue
-            if isinstance(msg, P.Failed):
-                raise RequestFailed(msg.message, msg.status)
-            return msg
+    async def _next(self, stream: asyncio.Queue) -> P.Output:
+        msg = stream.get_nowait() if stream.qsize() else await stream.get()
+        if isinstance(msg, _WorkerLost):
+            raise WorkerUnavailable(f"worker {msg.worker_id} stopped answering")
+        if isinstance(msg, P.Failed):
+            raise RequestFailed(msg.message, msg.status)
+        return msg
+
+    def _named(self, entries: list[P.LogprobEntry]) -> list[P.LogprobEntry]:
+        """Logprob entries with their token strings (workers send ids only)."""
+        if self.tokenizer is None:
+            return entries
+        name = self.tokenizer.id_to_token
+        return [P.LogprobEntry(e.token_id, name(e.token_id) or "", e.logprob, [(t, name(t) or "", v) for t, _, v in e.top])
+                for e in entries]
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         """Stream a request; if a worker dies under it, continue on another from the tokens already sent.
@@ -286,6 +339,7 @@ class Router:
         """
         if self._admitted:
             self._admitted.popleft()  # from here on this request counts through its stream
+        detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop) if self.tokenizer is not None else None
         emitted: list[int] = []
         failures = 0
         while True:
@@ -293,8 +347,9 @@ class Router:
             remaining = params.max_tokens - len(emitted)
             attempt_params = params if not emitted else replace(
                 params, max_tokens=remaining, min_tokens=max(0, params.min_tokens - len(emitted)))
+            attempt = self._attempt(attempt_id, prompt + emitted, attempt_params, detok)
             try:
-                async for delta in self._attempt(attempt_id, prompt + emitted, attempt_params):
+                async for delta in attempt:
                     emitted.extend(delta.token_ids)
                     delta.num_prompt_tokens = len(prompt)
                     yield delta
@@ -308,8 +363,11 @@ class Router:
                 if failures > self.max_failovers or not await self.wait_for_decoder(self.failover_wait):
                     raise
                 self.metrics.failovers.inc()
+            finally:
+                await attempt.aclose()  # its clean-up (aborts on the workers) now, not when collected
 
-    async def _attempt(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    async def _attempt(self, request_id: str, prompt: list[int], params: SamplingParams,
+                       detok: IncrementalDetokenizer | None) -> AsyncIterator[Delta]:
         try:
             placement = self.policy.place(self.view(), prompt)
         except LookupError as e:
@@ -319,9 +377,10 @@ class Router:
         stream: asyncio.Queue = asyncio.Queue()
         self.streams[request_id] = stream
         holders: list[WorkerHandle] = []
-        finished = False
+        finished = stopped = False  # stopped: a stop string ended it here while its worker still runs it
         m = self.metrics
         source = decode if prefill is None else prefill
+        self._waiting_on[request_id] = source
         source.view.inflight += 1
         m.running.inc()
         self.pending_prefill_tokens += len(prompt)  # until the first token comes back
@@ -337,9 +396,18 @@ class Router:
                 holders.append(prefill)
                 await self.send(prefill, P.Submit(request_id, prompt, params, "prefill"))
             while True:
-                out = await self._next(stream, source)
+                out = await self._next(stream)
                 now = time.monotonic()
-                if out.new_token_ids:
+                tokens, text = out.new_token_ids, ""
+                if detok is not None:
+                    last = len(tokens) - 1
+                    for k, t in enumerate(tokens):
+                        text += detok.add_token(t, final=out.finished and k == last)
+                        if detok.stopped:
+                            tokens, stopped = tokens[: k + 1], not out.finished
+                            break
+                reason = "stop" if stopped else out.finish_reason
+                if tokens:
                     if first:
                         m.ttft.observe(now - t0)
                         m.prompt_tokens.inc(out.num_prompt_tokens)
@@ -353,40 +421,44 @@ class Router:
                     else:
                         m.itl.observe(now - last)
                     last = now
-                    m.generation_tokens.inc(len(out.new_token_ids))
-                    self.generated_tokens += len(out.new_token_ids)
+                    m.generation_tokens.inc(len(tokens))
+                    self.generated_tokens += len(tokens)
                 if out.kv_bytes or out.kv_fallback:
                     m.kv_bytes.inc(out.kv_bytes)
                     m.kv_seconds.observe(out.kv_seconds)
                     if out.kv_fallback:
                         m.kv_fallbacks.inc()
                         m.kv_failures.labels(out.kv_failure or "error").inc()
-                if out.prefilled and not out.finished:
+                if out.prefilled and not out.finished and not stopped:
                     # Hand over to the decode worker; the prefill worker frees its blocks once they are read.
                     prefill.view.inflight -= 1
                     decode.view.inflight += 1
                     source = decode
+                    self._waiting_on[request_id] = decode
                     holders.append(decode)
                     await self.send(decode, P.Submit(
                         request_id, prompt, params, "decode", first_token=out.new_token_ids[0],
                         kv_peer=prefill.ready.kv_peer, kv_block_ids=out.kv_block_ids,
                     ))
-                if out.finished:  # bookkeeping before the last yield: the consumer may stop iterating there
+                if out.finished or stopped:  # bookkeeping before the last yield: the consumer may stop there
                     finished = True
-                    m.requests.labels(out.finish_reason or "stop").inc()
+                    m.requests.labels(reason or "stop").inc()
                     m.e2e.observe(time.monotonic() - t0)
                     self.policy.remember(decode.view, self.policy.block_hashes(prompt))
-                yield Delta(out.new_token_ids, out.new_text, out.finished, out.finish_reason,
-                            out.num_prompt_tokens, out.logprobs)
+                yield Delta(tokens, text, finished, reason, out.num_prompt_tokens,
+                            self._named(out.logprobs[: len(tokens)]), out.num_cached_tokens)
                 if finished:
                     return
         finally:
             self.streams.pop(request_id, None)
+            self._waiting_on.pop(request_id, None)
             m.running.dec()
             if first:
                 self.pending_prefill_tokens -= len(prompt)
             source.view.inflight -= 1  # the one worker counting this request now
-            if not finished:
+            if stopped:
+                self._stopped[request_id] = time.monotonic()
+            if not finished or stopped:
                 for h in holders:
                     if h.dead:
                         continue

@@ -1,7 +1,8 @@
 """Messages between the router and workers: msgspec structs over ZMQ, never pickle.
 
 Router -> worker (the worker's PULL socket): Submit, Abort, Release, Shutdown.
-Worker -> router (the router's PULL socket): Ready, Output, Failed, Stats, Unhealthy.
+Worker -> router (the router's PULL socket): Ready, Outputs (one per engine step: every request that got a
+token), Failed, Stats, Unhealthy. Workers send token ids only; the router turns them into text.
 """
 
 from __future__ import annotations
@@ -57,22 +58,29 @@ class LogprobEntry(msgspec.Struct, array_like=True):
     top: list[tuple[int, str, float]]
 
 
-class Output(msgspec.Struct, tag="output"):
-    worker_id: str
+class Output(msgspec.Struct, array_like=True):
+    """One request's part of an engine step."""
+
     request_id: str
     new_token_ids: list[int]
-    new_text: str
     finished: bool
     finish_reason: str | None
     num_prompt_tokens: int
     num_cached_tokens: int
-    logprobs: list[LogprobEntry] = []
+    logprobs: list[LogprobEntry] = []  # token strings left empty: the router names them
     prefilled: bool = False  # prefill phase done; KV held under kv_block_ids
     kv_block_ids: list[int] = []
     kv_bytes: int = 0  # decode phase: bytes pulled for this request (first output only)
     kv_seconds: float = 0.0
     kv_fallback: bool = False  # the pull failed and the prompt was recomputed locally
     kv_failure: str = ""  # why it failed: timeout, peer_gone, refused, layout, error
+
+
+class Outputs(msgspec.Struct, tag="outputs"):
+    """Everything one engine step produced, in one message."""
+
+    worker_id: str
+    outputs: list[Output]
 
 
 class Failed(msgspec.Struct, tag="failed"):
@@ -106,4 +114,4 @@ class Unhealthy(msgspec.Struct, tag="unhealthy"):
 
 
 ToWorker = Submit | Abort | Release | Shutdown
-FromWorker = Ready | Output | Failed | Stats | Unhealthy
+FromWorker = Ready | Outputs | Failed | Stats | Unhealthy

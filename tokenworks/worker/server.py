@@ -42,7 +42,7 @@ class Worker:
         self.role = ns.role
         self.cpus = sorted(os.sched_getaffinity(0))
         args = EngineArgs(**json.loads(ns.engine_args))
-        self.loaded = build_engine(args)
+        self.loaded = build_engine(args, detokenize=False)  # the router turns tokens into text
         self.engine = self.loaded.engine
         self.scheduler = self.engine.scheduler
         self.scheduler.lease_seconds = ns.lease_seconds
@@ -165,17 +165,17 @@ class Worker:
         return self.engine.has_unfinished() or bool(self.pending) or self.scheduler.num_waiting_for_kv > 0 \
             or bool(self.scheduler.held)
 
-    def publish(self, out: RequestOutput) -> None:
+    def output(self, out: RequestOutput) -> P.Output:
         kv_bytes, kv_seconds, failure = self.kv_stats.pop(out.request_id, (0, 0.0, ""))
-        self.send(P.Output(
-            worker_id=self.worker_id, request_id=out.request_id, new_token_ids=out.new_token_ids,
-            new_text=out.new_text, finished=out.finished, finish_reason=out.finish_reason,
-            num_prompt_tokens=len(out.prompt_token_ids), num_cached_tokens=out.num_cached_tokens,
-            logprobs=[P.LogprobEntry(l.token_id, l.token, l.logprob, l.top) for l in out.logprobs[-len(out.new_token_ids):]]
-            if out.logprobs else [],
+        return P.Output(
+            request_id=out.request_id, new_token_ids=out.new_token_ids, finished=out.finished,
+            finish_reason=out.finish_reason, num_prompt_tokens=len(out.prompt_token_ids),
+            num_cached_tokens=out.num_cached_tokens,
+            logprobs=[P.LogprobEntry(l.token_id, "", l.logprob, [(t, "", v) for t, _, v in l.top])
+                      for l in out.logprobs[-len(out.new_token_ids):]] if out.logprobs else [],
             prefilled=out.prefilled, kv_block_ids=out.kv_block_ids or [],
             kv_bytes=kv_bytes, kv_seconds=kv_seconds, kv_fallback=bool(failure), kv_failure=failure,
-        ))
+        )
 
     def stats(self) -> P.Stats:
         pool = self.loaded.pool
@@ -213,8 +213,8 @@ class Worker:
                 outs = self.engine.step()
                 self._step_time += time.perf_counter() - t
                 self._steps += 1
-                for out in outs:
-                    self.publish(out)
+                if outs:
+                    self.send(P.Outputs(self.worker_id, [self.output(o) for o in outs]))
             elif self.scheduler.held:
                 self.scheduler.expire_leases()
             now = time.monotonic()
