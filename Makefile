@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
-# The OpenAI-compatible server on 127.0.0.1:8000: one prefill and one decode worker, cores split between them.
-# Extra flags: make serve ARGS="--aggregated-workers 1" (see .venv/bin/tokenworks serve --help).
+# The OpenAI-compatible server on 127.0.0.1:8000, its layout picked for the machine (printed with the reason).
+# Extra flags: make serve ARGS="--prefill-workers 1 --decode-workers 1" (see .venv/bin/tokenworks serve --help).
 serve: setup
 	$(BIN)/tokenworks serve $(ARGS)
 

@@ -77,7 +77,7 @@ def main() -> int:
     lengths = [int(x) for x in ns.lengths.split(",")]
     rows = {}
     for mode, threshold in (("remote", "0"), ("local", "1000000")):
-        s = Server("--local-prefill-threshold", threshold)
+        s = Server("--prefill-workers", "1", "--decode-workers", "1", "--local-prefill-threshold", threshold)
         try:
             for n in lengths:
                 runs = [asyncio.run(probe(s.url, n, salt=1000 * n + r + (0 if mode == "remote" else 500)))

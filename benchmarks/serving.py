@@ -105,6 +105,9 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
+SPLIT = ["--prefill-workers", "1", "--decode-workers", "1"]
+
+
 def ttft(flags: list[str], prompts: list[str]) -> list[float]:
     import openai
 
@@ -162,8 +165,8 @@ def main() -> int:
         configs = [
             ("aggregated, 1 worker on CPU 0", ["--aggregated-workers", "1", "--cpu-sets", "0"]),
             ("aggregated, 1 worker on CPUs 0,1", ["--aggregated-workers", "1"]),
-            ("disaggregated nixl, prefill CPU 0 + decode CPU 1", ["--kv-transport", "nixl"]),
-            ("disaggregated tcp, prefill CPU 0 + decode CPU 1", ["--kv-transport", "tcp"]),
+            ("disaggregated nixl, prefill CPU 0 + decode CPU 1", [*SPLIT, "--kv-transport", "nixl"]),
+            ("disaggregated tcp, prefill CPU 0 + decode CPU 1", [*SPLIT, "--kv-transport", "tcp"]),
         ]
         print(f"\nTTFT at low load, {args.requests} prompts of ~{args.prompt_words * 1.45:.0f} tokens, one at a time")
         results = {}
