@@ -139,3 +139,28 @@ def test_cli_writes_the_report(stub, tmp_path):
     assert len([f for f in files if f.startswith("requests-")]) == 2
     lines = (out / "requests-server-0.jsonl").read_text().splitlines()
     assert len(lines) == 6 and json.loads(lines[0])["ttft"] > 0
+
+
+def test_closed_loop_goodput_names_the_concurrency_and_the_measured_rate(stub, tmp_path, capsys):
+    from tokenworks.cli import main
+
+    out = tmp_path / "closed"
+    rc = main(["bench", "--url", stub.url, "--num-requests", "6", "--input-len", "fixed:10", "--output-len", "fixed:4",
+               "--concurrency", "1,3", "--slo-ttft-ms", "500", "--out", str(out)])
+    assert rc == 0
+    doc = json.loads((out / "summary.json").read_text())
+    best = doc["runs"]["server"][-1]
+    assert doc["goodput"]["server"].startswith("concurrency 3 (")
+    assert doc["goodput_req_s"]["server"] == pytest.approx(best["request_throughput"])  # a rate, not "3"
+    assert doc["goodput_req_s"]["server"] != 3
+    assert "goodput: concurrency 3 (" in capsys.readouterr().out
+    assert "goodput concurrency 3 (" in (out / "report.md").read_text()
+
+
+def test_requests_cut_before_sending_are_not_counted_as_misses(stub):
+    reqs = [W.BenchRequest(f"q {i}", 4) for i in range(40)]
+    results, wall = run(stub.url, reqs, Load(rate=20.0, seed=2), max_duration=0.5)
+    s = summarize(results, wall, SLO())
+    assert s["not_sent"] > 0 and s["requests"] + s["not_sent"] == 40
+    assert s["failed"] == 0 and s["errors"] == {}
+    assert s["slo_attainment"] == 1.0  # no SLOs: every sent request that completed meets them

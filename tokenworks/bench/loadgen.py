@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import httpx
 
 from tokenworks.bench.client import RequestResult, send
+from tokenworks.bench.metrics import NOT_SENT
 from tokenworks.bench.workloads import BenchRequest
 
 
@@ -92,5 +93,5 @@ async def run_load(base_url: str, requests: list[BenchRequest], load: Load, *, a
         wall = time.perf_counter() - t0
     for i, r in enumerate(results):
         if r is None:  # never sent: the run's time limit came first
-            results[i] = RequestResult(index=i, scheduled=0.0, start=0.0, error="not sent: time limit reached")
+            results[i] = RequestResult(index=i, scheduled=0.0, start=0.0, error=f"{NOT_SENT}: time limit reached")
     return results, wall  # type: ignore[return-value]

@@ -46,19 +46,27 @@ def stats(values) -> dict[str, float | None]:
             "p99": float(np.percentile(a, 99)), "max": float(a.max())}
 
 
+NOT_SENT = "not sent"  # the error of a request a --max-duration cut before it was sent
+
+
 def summarize(results: list[RequestResult], wall: float, slo: SLO, price_per_hour: float | None = None) -> dict:
-    ok = [r for r in results if r.ok]
+    """The summary of the requests that were sent; those never sent are counted apart (``not_sent``), not as
+    failures or SLO misses."""
+    sent = [r for r in results if not (r.error or "").startswith(NOT_SENT)]
+    ok = [r for r in sent if r.ok]
     errors: dict[str, int] = {}
-    for r in results:
+    for r in sent:
         if not r.ok:
             key = r.error.split(":")[0] if r.error else "error"
             errors[key] = errors.get(key, 0) + 1
-    return summary(
-        requests=len(results), errors=errors, wall=wall, slo=slo, met=sum(1 for r in results if slo.met(r)),
+    s = summary(
+        requests=len(sent), errors=errors, wall=wall, slo=slo, met=sum(1 for r in sent if slo.met(r)),
         input_tokens=sum(r.prompt_tokens for r in ok), output_tokens=sum(r.output_tokens for r in ok),
         ttft=[r.ttft for r in ok if r.ttft is not None], tpot=[r.tpot for r in ok if r.tpot is not None],
         itl=[x for r in ok for x in r.itls], e2e=[r.e2e for r in ok if r.e2e is not None],
         price_per_hour=price_per_hour)
+    s["not_sent"] = len(results) - len(sent)
+    return s
 
 
 def summary(*, requests: int, errors: dict[str, int], wall: float, slo: SLO, met: int, input_tokens: int,
@@ -99,3 +107,19 @@ def goodput(sweep: list[tuple[float, dict]], attainment: float) -> float | None:
     """The highest rate whose run had at least ``attainment`` of its requests meeting every SLO."""
     passing = [rate for rate, s in sweep if s["slo_attainment"] >= attainment]
     return max(passing) if passing else None
+
+
+def best_passing(sweep: list[tuple[float, dict]], attainment: float) -> dict | None:
+    """The summary of the highest load level that met the attainment target (None: none did)."""
+    passing = [(x, s) for x, s in sweep if s["slo_attainment"] >= attainment]
+    return max(passing, key=lambda p: p[0])[1] if passing else None
+
+
+def describe_goodput(best: dict | None) -> str:
+    """Goodput as a reader should see it: an offered rate, or a concurrency and the rate it achieved."""
+    if best is None:
+        return "none"
+    if best["load"].startswith("concurrency"):
+        return f"{best['load']} ({best['request_throughput']:.3g} req/s measured)"
+    return f"{best['load'].split(' req/s')[0]} req/s" if " req/s" in best["load"] else \
+        f"{best['request_throughput']:.3g} req/s measured ({best['load']})"

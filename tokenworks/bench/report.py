@@ -17,14 +17,19 @@ def write_report(out_dir: str, title: str, runs: dict[str, list[tuple[float, dic
     """summary.json, report.md and (``with_plots``) the PNG plots of a session: per target, a list of
     (load, summary, per-request results). Measured (``bench.sweep``) and simulated
     (``planner.simulator``) sessions write the same files."""
-    from tokenworks.bench.metrics import goodput
+    from tokenworks.bench.metrics import best_passing, describe_goodput
 
-    goodputs = {name: goodput([(x, s) for x, s, _ in sweep], attainment) for name, sweep in runs.items()}
+    best = {name: best_passing([(x, s) for x, s, _ in sweep], attainment) for name, sweep in runs.items()}
+    # Open loop: the offered rate that passed; closed loop: the request rate measured at the concurrency that passed.
+    goodputs = {name: None if b is None else (x_of(runs[name], b) if "req/s" in b["load"] else b["request_throughput"])
+                for name, b in best.items()}
+    labels = {name: describe_goodput(b) for name, b in best.items()}
     doc = {"title": title, "slo": slo.describe(), "attainment_target": attainment, "goodput_req_s": goodputs,
+           "goodput": labels,
            **(extra or {}), "runs": {name: [s for _, s, _ in sweep] for name, sweep in runs.items()}}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(doc, f, indent=2)
-    md = markdown(title, {n: [(s["load"], s) for _, s, _ in sweep] for n, sweep in runs.items()}, goodputs,
+    md = markdown(title, {n: [(s["load"], s) for _, s, _ in sweep] for n, sweep in runs.items()}, labels,
                   notes + [f"SLOs: {slo.describe()}; goodput = highest load with at least {attainment:.0%} of requests "
                            "meeting every SLO"])
     if with_plots:
@@ -47,13 +52,17 @@ def write_requests(path: str, results: list[RequestResult]) -> None:
             f.write(json.dumps(r.to_json()) + "\n")
 
 
-def markdown(title: str, runs: dict[str, list[tuple[float, dict]]], goodputs: dict[str, float | None],
+def x_of(sweep, summary: dict) -> float:
+    """The load level (rate or concurrency) a summary of ``sweep`` ran at."""
+    return next(x for x, s, _ in sweep if s is summary)
+
+
+def markdown(title: str, runs: dict[str, list[tuple[float, dict]]], goodputs: dict[str, str],
              notes: list[str]) -> str:
     lines = [f"# {title}", ""]
     lines += [f"- {n}" for n in notes] + [""]
     for name, sweep in runs.items():
-        gp = goodputs.get(name)
-        lines.append(f"## {name}: goodput {'none' if gp is None else f'{gp:g} req/s'}")
+        lines.append(f"## {name}: goodput {goodputs.get(name, 'none')}")
         lines.append("")
         lines.append("| load | done/sent | req/s | out tok/s | TTFT med / p90 / p99 ms | TPOT med / p90 ms | "
                      "ITL med / p99 ms | E2E med ms | SLO met | $ / M out tok |")
@@ -65,6 +74,9 @@ def markdown(title: str, runs: dict[str, list[tuple[float, dict]]], goodputs: di
                 f"{s['output_token_throughput']:.1f} | {_ms(t['median'])} / {_ms(t['p90'])} / {_ms(t['p99'])} | "
                 f"{_ms(p['median'])} / {_ms(p['p90'])} | {_ms(i['median'])} / {_ms(i['p99'])} | {_ms(e['median'])} | "
                 f"{s['slo_attainment']:.0%} | {_cost(s)} |")
+            if s.get("not_sent"):
+                lines.append(f"| not sent | {s['not_sent']} (the time limit came first; not counted above) "
+                             "| | | | | | | | |")
             if s["errors"]:
                 lines.append(f"| errors | {', '.join(f'{k}: {v}' for k, v in s['errors'].items())} | | | | | | | | |")
         lines.append("")
