@@ -119,6 +119,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                          "--internal-host")
     cpu_sets = [[int(c) for c in part.split(",")] for part in ns.cpu_sets.split(":")] if ns.cpu_sets else None
     gpus = [int(g) for g in ns.gpus.split(",")] if ns.gpus else None
+    if gpus is None and ns.device.startswith("cuda"):  # --device cuda[:N] alone: every worker on that GPU
+        gpus = [int(ns.device.partition(":")[2] or 0)]
     (prefill, decode, agg), why = serve_layout(ns, gpus, len(os.sched_getaffinity(0)))
     parts = [f"{n} {role}" for n, role in ((prefill, "prefill"), (decode, "decode"), (agg, "aggregated")) if n]
     print(f"[tokenworks] layout: {' + '.join(parts)} ({why})", file=sys.stderr)
