@@ -313,6 +313,8 @@ def profile_engine(args, plan: Plan, *, random_config=None, hardware: str | None
         max_num_batched_tokens=sched.max_num_batched_tokens, max_num_seqs=sched.max_num_seqs,
         block_size=args.block_size, kv_capacity_tokens=capacity,
         units=(len(os.sched_getaffinity(0)) if not cuda else 1), threads=threads,
-        decode_attention="padded",  # model/runner.py gathers decode KV padded to the longest context
+        # model/runner.py attends decodes in groups of similar length: the step follows the sum of contexts
+        # (benchmarks/mixed_decode.py); profiles measured before that say "padded".
+        decode_attention="sum",
         points={"prefill": pre, "decode": dec, "transfer": xfer},
     )
