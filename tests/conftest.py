@@ -25,10 +25,18 @@ def default_model_path():
 
 @pytest.fixture(scope="session")
 def llm(device):
-    """The real default model, float32, prefix caching on."""
+    """The real default model, float32 throughout (its GGUF blocks dequantized), prefix caching on."""
     from tokenworks import LLM
 
-    return LLM(dtype="float32", device=device)
+    return LLM(dtype="float32", device=device, quantization="none")
+
+
+@pytest.fixture(scope="session")
+def served_llm(device):
+    """The default model as `tokenworks serve` runs it by default (on CPU: its 4-bit layers as 4-bit)."""
+    from tokenworks import LLM
+
+    return LLM(device=device)
 
 
 @pytest.fixture(scope="session")

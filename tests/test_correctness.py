@@ -68,7 +68,7 @@ def test_tokenizer_matches_transformers(hf_reference, llm):
 )
 def test_greedy_tokens_identical_to_transformers(reference, options, request):
     prompts, expected, _ = reference
-    llm = request.getfixturevalue("llm") if options == dict(enable_prefix_caching=True) else LLM(dtype="float32", device=request.getfixturevalue("device"), **options)
+    llm = request.getfixturevalue("llm") if options == dict(enable_prefix_caching=True) else LLM(dtype="float32", device=request.getfixturevalue("device"), quantization="none", **options)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     for attempt in range(2):  # the second pass runs on a warm prefix cache
         outs = llm.generate(prompts, params)

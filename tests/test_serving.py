@@ -32,9 +32,9 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def offline(llm):
+def offline(served_llm):
     def chat(messages, max_tokens):
-        return llm.chat(messages, SamplingParams(temperature=0, max_tokens=max_tokens))[0].text
+        return served_llm.chat(messages, SamplingParams(temperature=0, max_tokens=max_tokens))[0].text
 
     return chat
 

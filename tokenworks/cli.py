@@ -19,6 +19,10 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step (default: 512)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="requests in one step at most (default: 64)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    g.add_argument("--quantization", choices=["auto", "none"], default="auto",
+                   help="auto: a GGUF file's Q4_0/Q4_1 layers run as 4-bit weights on CPU (about 2.5x fewer "
+                        "milliseconds in the layers' matmuls); none: every weight dequantized to --dtype "
+                        "(default: auto)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
 
 
@@ -35,6 +39,7 @@ def _engine_args(ns: argparse.Namespace):
         max_num_seqs=ns.max_num_seqs,
         enable_prefix_caching=not ns.no_prefix_caching,
         num_threads=ns.threads,
+        quantization=ns.quantization,
     )
 
 

@@ -125,6 +125,11 @@ class EngineArgs:
     num_threads: int | None = None
     cache_dir: str | None = None
     seed: int = 0
+    quantization: str = "auto"  # auto: a GGUF's Q4_0/Q4_1 layers run as 4-bit on CPU; none: all float
+
+    def __post_init__(self) -> None:
+        if self.quantization not in ("auto", "none"):
+            raise ValueError(f"quantization must be 'auto' or 'none', not {self.quantization!r}")
 
     def device_config(self) -> DeviceConfig:
         return DeviceConfig(device=self.device, dtype=self.dtype, num_threads=self.num_threads)

@@ -21,7 +21,7 @@ from tokenworks.engine.scheduler import Scheduler
 from tokenworks.model.kv_cache import KVCache, num_blocks_for_budget, torch_dtype
 from tokenworks.model.llama import LlamaModel
 from tokenworks.model.runner import ModelRunner
-from tokenworks.model.weights import load_model_files, random_weights
+from tokenworks.model.weights import gguf_q4_weights, load_model_files, random_weights, resolve_model_path
 from tokenworks.outputs import RequestOutput
 from tokenworks.sampling_params import SamplingParams
 from tokenworks.tokenizer import Tokenizer
@@ -47,6 +47,8 @@ def build_engine(args: EngineArgs, detokenize: bool = True) -> LoadedEngine:
     if not eos and files.eos_token is not None:
         eos = (tokenizer._tok.token_to_id(files.eos_token),)
     weights, files.weights = files.weights, {}
+    if args.quantization == "auto" and args.device_config().device == "cpu":
+        weights.update(gguf_q4_weights(resolve_model_path(args.model), files.config, args.cache_dir))
     return _assemble(args, files.name, files.config, weights, tokenizer if detokenize else None, eos, t0)
 
 

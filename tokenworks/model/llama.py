@@ -17,6 +17,7 @@ from tokenworks.config import ModelConfig
 from tokenworks.model.attention import AttentionMetadata, paged_attention, write_kv
 from tokenworks.model.kv_cache import KVCache
 from tokenworks.model.linear import Linear
+from tokenworks.model.quantized_linear import Int4Linear, Q4Weight
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -48,10 +49,18 @@ class LlamaModel:
         self.dtype = dtype
         self.device = device
 
-        def w(name: str) -> torch.Tensor:
+        def w(name: str):
             if name not in weights:
                 raise KeyError(f"checkpoint lacks tensor {name!r}")
-            return weights[name].to(device=device, dtype=dtype).contiguous()
+            t = weights[name]
+            return t if isinstance(t, Q4Weight) else t.to(device=device, dtype=dtype).contiguous()
+
+        def stack(*names: str):
+            parts = [w(n) for n in names]
+            return Q4Weight.stack(parts) if isinstance(parts[0], Q4Weight) else torch.cat(parts)
+
+        def linear(weight, bias=None):
+            return Int4Linear(weight, bias) if isinstance(weight, Q4Weight) else Linear(weight, bias)
 
         self.embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
@@ -66,10 +75,10 @@ class LlamaModel:
             layer = {
                 "input_norm": w(p + "input_layernorm.weight"),
                 "post_norm": w(p + "post_attention_layernorm.weight"),
-                "qkv": Linear(torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")]), qkv_bias),
-                "o": Linear(w(a + "o_proj.weight")),
-                "gate_up": Linear(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])),
-                "down": Linear(w(p + "mlp.down_proj.weight")),
+                "qkv": linear(stack(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"), qkv_bias),
+                "o": linear(w(a + "o_proj.weight")),
+                "gate_up": linear(stack(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")),
+                "down": linear(w(p + "mlp.down_proj.weight")),
                 "q_norm": None,
                 "k_norm": None,
             }
@@ -88,7 +97,8 @@ class LlamaModel:
         """Parameters of the network (a tied embedding counted once)."""
         n = self.norm.numel() + self.lm_head.numel + (0 if self.config.tie_word_embeddings else self.embed.numel())
         for layer in self.layers:
-            n += sum(t.numel if isinstance(t, Linear) else t.numel() for t in layer.values() if t is not None)
+            n += sum(t.numel if isinstance(t, (Linear, Int4Linear)) else t.numel() for t in layer.values()
+                     if t is not None)
         return n
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

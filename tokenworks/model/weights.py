@@ -57,7 +57,7 @@ def default_model_path() -> str:
 def load_model_files(model: str | None = None, cache_dir: str | None = None, weights: bool = True) -> ModelFiles:
     """``weights=False``: config and tokenizer only (``files.weights`` is empty); a GGUF file not yet
     converted is still converted once, so that the converted copy exists for the workers."""
-    path = default_model_path() if model is None else os.path.expanduser(model)
+    path = resolve_model_path(model)
     if os.path.isdir(path):
         return _load_hf_folder(path, weights)
     if path.endswith(".gguf") and os.path.isfile(path):
@@ -236,6 +236,62 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def resolve_model_path(model: str | None) -> str:
+    return default_model_path() if model is None else os.path.expanduser(model)
+
+
+def gguf_q4_weights(path: str, config: ModelConfig, cache_dir: str | None = None) -> dict:
+    """The layers' Q4_0 / Q4_1 matrices of a GGUF file as 4-bit codes (``quantized_linear.Q4Weight``), under
+    their Hugging Face names, q/k rows in Hugging Face's order; empty for other files or formats. The
+    embedding and output matrices are left out (they stay floating point). Kept beside the converted copy
+    (``q4.safetensors``): reading a GGUF's metadata takes seconds."""
+    from safetensors.torch import load_file, save_file
+
+    from tokenworks.model.quantized_linear import Q4Weight
+
+    if not (path.endswith(".gguf") and os.path.isfile(path)):
+        return {}
+    cached = os.path.join(_cache_folder(path, cache_dir or default_cache_dir()), "q4.safetensors")
+    if os.path.exists(cached):
+        flat = load_file(cached)
+        names = {k.rsplit(".", 1)[0] for k in flat}
+        return {n: Q4Weight(flat[n + ".codes"], flat[n + ".scale"], flat[n + ".zero"]) for n in names}
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    arch = _field(reader, "general.architecture")
+    out = {}
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind not in ("Q4_0", "Q4_1") or len(t.shape) != 2:
+            continue
+        name = _hf_name(t.name)
+        if not name.startswith("model.layers."):
+            continue
+        cols, rows = int(t.shape[0]), int(t.shape[1])
+        w = Q4Weight.from_gguf(t.data, kind, rows, cols)
+        heads = {"q_proj.weight": config.num_heads, "k_proj.weight": config.num_kv_heads}
+        for suffix, n in heads.items():
+            if arch == "llama" and name.endswith(suffix):
+                w = w.rows(unpermute_qk(torch.arange(rows).unsqueeze(1), n).squeeze(1))
+        out[name] = w
+    try:  # a cache that cannot be written only costs speed
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        tmp = cached + f".tmp{os.getpid()}"
+        save_file({f"{n}.{part}": getattr(w, part).contiguous() for n, w in out.items()
+                   for part in ("codes", "scale", "zero")}, tmp)
+        os.replace(tmp, cached)
+    except OSError:
+        pass
+    return out
+
+
+def _cache_folder(path: str, cache_dir: str) -> str:
+    """Where the converted copy of the GGUF file at ``path`` is kept."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join(cache_dir, f"{stem}-{_fingerprint(path)}")
+
+
 def _fingerprint(path: str) -> str:
     st = os.stat(path)
     key = f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:v1"
@@ -246,7 +302,7 @@ def _load_gguf_cached(path: str, cache_dir: str, with_weights: bool = True) -> M
     from safetensors.torch import load_file, save_file
 
     stem = os.path.splitext(os.path.basename(path))[0]
-    folder = os.path.join(cache_dir, f"{stem}-{_fingerprint(path)}")
+    folder = _cache_folder(path, cache_dir)
     meta_path = os.path.join(folder, "tokenworks.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
