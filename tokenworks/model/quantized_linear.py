@@ -7,8 +7,10 @@ computes with w = scale * (q - 8) + zero per group of 32 along the input, so
 both formats map onto it code for code: scale = d, zero = 0 (Q4_0) or
 m + 8 d (Q4_1). Only the scales and zeros are rounded, to bfloat16 (the
 kernel's type; GGUF keeps them in float16), and activations enter the kernel
-in bfloat16. A decode step reads about an eighth of the float32 bytes: over
-SmolLM2-135M's 30 layers, 15 ms instead of 39 ms here (benchmarks/quantized.py).
+in bfloat16. A decode step reads an eighth of the layers' float32 bytes:
+SmolLM2-135M's batch-1 step 1.7x faster on a 2-core AVX2 machine, but 0.84x
+at batch 32, where the kernel is slower than a float32 matmul
+(benchmarks/quantized.py, docs/engine.md).
 
 ``Q4Weight`` is the unpacked form the loader builds (rows can be permuted and
 matrices stacked, as the model fuses q/k/v and gate/up); ``Int4Linear`` is
