@@ -43,15 +43,16 @@ def test_goodput_from_a_server_of_known_capacity():
     # Serial stub: each request holds it ~0.1 s (TTFT 0.05 s + 5 gaps of 0.01 s): capacity ~10 req/s.
     s = StubServer(ttft=0.05, itl=0.01, serial=True)
     try:
-        reqs = [W.BenchRequest(f"q {i}", 6) for i in range(16)]
+        reqs = [W.BenchRequest(f"q {i}", 6) for i in range(20)]  # at 0.9 attainment, room for 2 hiccups
         slo = SLO(ttft=0.4)  # at 2 req/s a request rarely waits; at 40 req/s request k waits ~0.075 k s
+        run(s.url, reqs[:2], Load(concurrency=1))  # first-request costs (connections, imports) out of the way
         sweep = []
         for rate in (2.0, 40.0):
             results, wall = run(s.url, reqs, Load(rate=rate, seed=1))
             sweep.append((rate, summarize(results, wall, slo)))
         low, high = sweep[0][1], sweep[1][1]
         assert low["slo_attainment"] >= 0.9
-        assert high["slo_attainment"] < 0.5  # 16 requests in ~0.4 s queue for ~1.6 s
+        assert high["slo_attainment"] < 0.5  # 20 requests in ~0.5 s queue for ~2 s
         assert goodput(sweep, 0.9) == 2.0
     finally:
         s.stop()
