@@ -19,7 +19,7 @@ import torch
 
 from tokenworks.transfer.base import (CudaIpcHandle, KVLayout, KVPeer, KVSink, KVTransferRefused, check_layout,
                                       host_id)
-from tokenworks.transfer.staging import block_view, copy_blocks
+from tokenworks.transfer.staging import block_view, copy_blocks, valid_block_ids
 
 
 def export(kv_tensor: torch.Tensor) -> CudaIpcHandle:
@@ -81,7 +81,7 @@ class CudaIpcSink(KVSink):
         if not remote_block_ids:
             return 0
         remote = self.opened.get(peer.worker_id, peer.cuda_ipc)
-        if any(not (0 < b < remote.shape[0]) for b in remote_block_ids):
+        if not valid_block_ids(remote_block_ids, remote.shape[0]):
             raise KVTransferRefused(f"KV pull from {peer.worker_id}: block id out of range")
         with torch.cuda.stream(self.stream):
             copy_blocks(remote, self.blocks, remote_block_ids, local_block_ids)

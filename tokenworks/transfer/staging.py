@@ -30,6 +30,11 @@ def block_view(kv_tensor: torch.Tensor) -> torch.Tensor:
     return kv_tensor.view(torch.uint8).view(kv_tensor.shape[0], -1)
 
 
+def valid_block_ids(block_ids: Sequence[int], num_blocks: int) -> bool:
+    """Every id names a real block of a pool of ``num_blocks`` (block 0 is the padding target, never moved)."""
+    return all(0 < b < num_blocks for b in block_ids)
+
+
 def runs(src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[tuple[int, int, int]]:
     """(src_start, dst_start, length) of the runs where both id lists count up by one together."""
     out: list[tuple[int, int, int]] = []

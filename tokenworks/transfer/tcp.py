@@ -26,7 +26,7 @@ from zmq.utils.monitor import recv_monitor_message
 from tokenworks.codec import Codec
 from tokenworks.transfer.base import (KVLayout, KVPeer, KVPeerGone, KVSink, KVSource, KVTransferError,
                                       KVTransferRefused, KVTransferTimeout, check_layout)
-from tokenworks.transfer.staging import block_io
+from tokenworks.transfer.staging import block_io, valid_block_ids
 
 
 class PullRequest(msgspec.Struct, tag="pull"):
@@ -92,24 +92,28 @@ class TCPSource(KVSource):
 
     def _answer(self, received: list[bytes]) -> list:
         """The frames to send back for one message (an empty list: nothing to send)."""
-        ident, payload = received[0], received[-1]
+        ident = received[0]
+
+        def refuse(error: str) -> list:
+            return [ident, b"", _reply.encode(PullReply(False, error))]
+
         if len(received) != 3:
-            return [ident, b"", _reply.encode(PullReply(False, "bad message: expected one payload frame"))]
+            return refuse("bad message: expected one payload frame")
         try:
-            msg = self.codec.decode(payload)
+            msg = self.codec.decode(received[2])
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
-            return [ident, b"", _reply.encode(PullReply(False, f"bad message: {e}"))]
+            return refuse(f"bad message: {e}")
         if isinstance(msg, Release):
             self._releases.put(msg.request_id)
             return []
         if msg.layout != self.layout:
-            return [ident, b"", _reply.encode(PullReply(False, "KV layout mismatch"))]
-        if any(not (0 < b < self.num_blocks) for b in msg.block_ids):
-            return [ident, b"", _reply.encode(PullReply(False, "block id out of range"))]
+            return refuse("KV layout mismatch")
+        if not valid_block_ids(msg.block_ids, self.num_blocks):
+            return refuse("block id out of range")
         try:
             frames = self.io.read(msg.block_ids)
         except Exception as e:  # noqa: BLE001 - one bad read is this pull's failure, not the thread's
-            return [ident, b"", _reply.encode(PullReply(False, f"reading blocks failed: {type(e).__name__}: {e}"))]
+            return refuse(f"reading blocks failed: {type(e).__name__}: {e}")
         return [ident, b"", _reply.encode(PullReply(True)), *frames]
 
     def close(self) -> None:

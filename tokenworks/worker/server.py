@@ -69,16 +69,14 @@ class Worker:
             source_cls = lambda wid, lay, t: TCPSource(wid, lay, t, host=ns.internal_host, secret=secret)  # noqa: E731
             sink = lambda: TCPSink(layout, kv.tensor, secret=secret)  # noqa: E731
         on_gpu = kv.tensor.device.type == "cuda"
-        if on_gpu:  # same-host GPU peers are read device to device (transfer/cuda_ipc.py)
+        self.warmup_seconds = 0.0
+        if on_gpu:  # same-host GPU peers are read device to device (transfer/cuda_ipc.py); warm up first
             from tokenworks.transfer.cuda_ipc import CudaIpcSink, OpenedPools, export
+            from tokenworks.worker.warmup import warm_up
 
             opened, network_sink = OpenedPools(), sink
             sink = lambda: CudaIpcSink(network_sink(), layout, kv.tensor, opened)  # noqa: E731
-        self.warmup_steps, self.warmup_seconds = 0, 0.0
-        if on_gpu:
-            from tokenworks.worker.warmup import warm_up
-
-            self.warmup_steps, self.warmup_seconds = warm_up(self.engine, kv.tensor, self.loaded.pool)
+            _, self.warmup_seconds = warm_up(self.engine, kv.tensor, self.loaded.pool)
         self.kv_peer = None
         if self.role in ("prefill", "both"):
             self.source = source_cls(self.worker_id, layout, kv.tensor)
