@@ -8,6 +8,11 @@ Measured in the same run:
 Prints a table of medians and the ratios the engine issue targets.
 
     python benchmarks/engine.py [--dtype float32] [--steps 16] [--skip-hf] [--json out.json]
+    python benchmarks/engine.py --shape llama-3.1-8b --device cuda     # random weights made on the GPU
+
+Also, in the same run: the floor (benchmarks/floor.py: a plain PyTorch
+static-cache decode step of the same shape, a CUDA graph on GPUs), and one
+long request among 31 short ones (does a step cost the sum of contexts?).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from tokenworks.model.linear import Linear
 
 
 def run_times(fn, reps: int, warmup: int = 1) -> list[float]:
@@ -61,7 +68,10 @@ def matmul_flops(dtype: torch.dtype, device: str) -> float:
 
 def linear_layouts(model) -> tuple[float, float]:
     """ms for one pass over the model's layer weights at 1 row: plain F.linear vs the split layout."""
-    linears = [layer[k] for layer in model.layers for k in ("qkv", "o", "gate_up", "down")]
+    linears = [layer[k] for layer in model.layers for k in ("qkv", "o", "gate_up", "down")
+               if isinstance(layer[k], Linear)]
+    if not linears:
+        return float("nan"), float("nan")
     plain = []
     for lin in linears:
         w = lin.weight.permute(1, 0, 2).reshape(lin.in_features, -1).t().contiguous() if lin.split else lin.weight
@@ -72,12 +82,14 @@ def linear_layouts(model) -> tuple[float, float]:
     return t_plain * 1e3, t_split * 1e3
 
 
-def decode_ms(engine, batch: int, prompt_len: int, steps: int, tag: str) -> float:
+def decode_ms(engine, batch: int, prompt_len: int | list[int], steps: int, tag: str) -> float:
+    """Median ms of a decode step of ``batch`` requests, each with ``prompt_len`` tokens of context (or its own)."""
     from tokenworks.sampling_params import SamplingParams
 
+    lens = prompt_len if isinstance(prompt_len, list) else [prompt_len] * batch
     ids = [f"{tag}-{batch}-{i}" for i in range(batch)]
     for i, rid in enumerate(ids):
-        prompt = [(1000 + 37 * i + 11 * j) % 40000 + 100 for j in range(prompt_len)]
+        prompt = [(1000 + 37 * i + 11 * j) % 40000 + 100 for j in range(lens[i])]
         engine.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
     while any(r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
@@ -149,78 +161,141 @@ def write_random_model(folder: str) -> str:
     return folder
 
 
+SHAPES = ("smollm2-135m", "llama-3.1-8b")
+
+
+def shape_config(name: str):
+    import os
+
+    from tokenworks.model.weights import read_hf_config
+
+    return read_hf_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{name}.json"))
+
+
+def long_context_case(engine, short: int, long: int, steps: int, batch: int = 32) -> dict[str, float]:
+    """Decode step ms for `batch` short rows, for one long row among batch-1 short ones, and for `batch` long rows.
+    If a step costs the sum of the contexts, the second is close to the first; if it pads every row to the
+    longest, it is close to the third."""
+    return {"all_short": decode_ms(engine, batch, short, steps, "short"),
+            "one_long": decode_ms(engine, batch, [long] + [short] * (batch - 1), steps, "mixed"),
+            "all_long": decode_ms(engine, batch, long, steps, "long")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model path (default: the built-in default model)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--shape", default=None, choices=SHAPES,
+                    help="benchmark a model of this public shape with random weights made on the device (no file)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size")
     ap.add_argument("--prompt-len", type=int, default=128, help="context of each decoding request")
-    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--batches", default=None, help="decode batch sizes (default: 1,8,32 on CPU; 1,8,32,64,128 on CUDA)")
+    ap.add_argument("--prefill-len", type=int, default=None, help="prompt timed for prefill (default: 512 CPU, 4096 CUDA)")
+    ap.add_argument("--long-context", type=int, default=None,
+                    help="the long request of the 1-long-among-31-short decode case (default: 1024 CPU, 4096 CUDA; 0 skips)")
+    ap.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode CUDA graphs")
+    ap.add_argument("--skip-floor", action="store_true", help="skip the plain-PyTorch static-cache floor")
     ap.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--random-weights", default=None, metavar="DIR",
                     help="write a random-weight model of the default model's shape to DIR and benchmark it")
     args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
+    dtype_name = args.dtype or ("bfloat16" if cuda else "float32")
+    batches = [int(x) for x in (args.batches or ("1,8,32,64,128" if cuda else "1,8,32")).split(",")]
+    prefill_len = args.prefill_len or (4096 if cuda else 512)
+    long_ctx = (4096 if cuda else 1024) if args.long_context is None else args.long_context
     if args.random_weights:
         args.model = write_random_model(args.random_weights)
 
-    from tokenworks.llm import build_engine
     from tokenworks.config import EngineArgs
+    from tokenworks.llm import build_engine, build_random_engine
     from tokenworks.model.kv_cache import torch_dtype
     from tokenworks.model.weights import load_model_files
 
-    dtype = torch_dtype(args.dtype)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, dtype {args.dtype}", flush=True)
-    bw = memory_bandwidth(dtype) if args.device == "cpu" else None
+    dtype = torch_dtype(dtype_name)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, dtype {dtype_name}", flush=True)
+    bw = memory_bandwidth(dtype) if not cuda else None
     flops = matmul_flops(dtype, args.device)
-    loaded = build_engine(EngineArgs(model=args.model, device=args.device, dtype=args.dtype,
-                                     max_num_batched_tokens=max(1024, args.prompt_len * 4), max_num_seqs=64))
+    config = shape_config(args.shape) if args.shape else load_model_files(args.model, weights=False).config
+    elem = torch.tensor([], dtype=dtype).element_size()
+    kv_per_token = config.num_layers * 2 * config.kv_size * elem
+    ctx_tokens = max(batches) * (args.prompt_len + args.steps + 16) + (32 * (long_ctx + args.steps + 16) if long_ctx else 0)
+    engine_args = EngineArgs(model=args.model, device=args.device, dtype=dtype_name, max_num_seqs=max(batches + [32]),
+                             max_num_batched_tokens=max(1024, args.prompt_len * 4, prefill_len),
+                             kv_cache_memory_gib=max(1.0, 1.25 * ctx_tokens * kv_per_token / 2**30),
+                             max_model_len=max(args.prompt_len, long_ctx, prefill_len) + args.steps + 16,
+                             enforce_eager=args.enforce_eager)
+    if args.shape:
+        loaded = build_random_engine(engine_args, config, args.shape)
+    else:
+        loaded = build_engine(engine_args)
     engine, model = loaded.engine, loaded.runner.model
+    if loaded.graphs:
+        print(loaded.graphs, flush=True)
     if bw is None:  # CUDA: HBM bandwidth from a device-side reduction
         x = torch.ones(2**28, dtype=dtype, device=args.device)
         bw = x.numel() * x.element_size() / median_time(lambda: (x.sum(), torch.cuda.synchronize()), 10)
-    elem = torch.tensor([], dtype=dtype).element_size()
-    weight_bytes = model.num_parameters * elem
+        del x
+    weight_bytes = model.step_weight_bytes  # as stored: 4-bit layers count their packed bytes
     c = loaded.model_config
-    kv_per_token = c.num_layers * 2 * c.kv_size * elem
     rows = []
     results: dict[str, object] = {
-        "dtype": args.dtype, "device": args.device, "threads": torch.get_num_threads(),
+        "dtype": dtype_name, "device": args.device, "shape": args.shape, "threads": torch.get_num_threads(),
         "memory_bandwidth_GBps": bw / 1e9, "matmul_GFLOPs": flops / 1e9,
-        "parameters": model.num_parameters, "weight_bytes": weight_bytes,
+        "parameters": model.num_parameters, "weight_bytes": weight_bytes, "graphs": loaded.graphs,
     }
     print(f"memory read bandwidth {bw / 1e9:.1f} GB/s; matmul {flops / 1e9:.1f} GFLOP/s; "
           f"{model.num_parameters / 1e6:.1f} M parameters = {weight_bytes / 1e6:.0f} MB; KV {kv_per_token} B/token", flush=True)
-    if args.device == "cpu":
+    if not cuda and not args.shape:
         t_plain, t_split = linear_layouts(model)
         results["linear_pass_ms"] = {"plain": t_plain, "split": t_split}
-        print(f"layer weights, 1 row: plain F.linear {t_plain:.1f} ms, split layout {t_split:.1f} ms "
-              f"({t_plain / t_split:.2f}x)", flush=True)
+        if t_plain == t_plain:  # not NaN: some layers are float
+            print(f"layer weights, 1 row: plain F.linear {t_plain:.1f} ms, split layout {t_split:.1f} ms "
+                  f"({t_plain / t_split:.2f}x)", flush=True)
 
-    decode = {}
-    for b in [int(x) for x in args.batches.split(",")]:
+    decode, floors = {}, {}
+    for b in batches:
         ms = decode_ms(engine, b, args.prompt_len, args.steps, "bench")
         ctx = args.prompt_len + args.steps // 2
         roof_ms = (weight_bytes + b * ctx * kv_per_token) / bw * 1e3
         decode[b] = ms
-        rows.append((f"decode batch {b}", f"{ms:.1f} ms/step", f"{b / ms * 1e3:.0f} tok/s",
-                     f"roofline {roof_ms:.1f} ms -> {roof_ms / ms:.0%} of it"))
+        line = f"roofline {roof_ms:.1f} ms -> {roof_ms / ms:.0%} of it"
+        if not args.skip_floor:
+            from floor import floor_decode_ms
+
+            floors[b] = floor_decode_ms(c, b, ctx, dtype, args.device)
+            line += f"; floor {floors[b]:.2f} ms -> {ms / floors[b]:.2f}x the floor"
+        rows.append((f"decode batch {b}", f"{ms:.2f} ms/step", f"{b / ms * 1e3:.0f} tok/s", line))
         print(rows[-1], flush=True)
     results["decode_ms_per_step"] = decode
+    results["floor_ms_per_step"] = floors
 
-    pre_ms = prefill_ms(engine, 512, 3)
-    n = 512
+    if long_ctx:
+        case = long_context_case(engine, args.prompt_len, long_ctx, args.steps)
+        share = (case["one_long"] - case["all_short"]) / max(1e-9, case["all_long"] - case["all_short"])
+        results["long_context_case"] = {**case, "long": long_ctx, "short": args.prompt_len, "share": share}
+        rows.append((f"decode 1x{long_ctx} + 31x{args.prompt_len}", f"{case['one_long']:.2f} ms/step", "",
+                     f"32x{args.prompt_len} {case['all_short']:.2f} ms, 32x{long_ctx} {case['all_long']:.2f} ms: "
+                     f"the long row adds {share:.0%} of what 31 more long rows add (sum of contexts: "
+                     f"{1 / 32:.0%}; padded to the longest: 100%)"))
+        print(rows[-1], flush=True)
+
+    pre_ms = prefill_ms(engine, prefill_len, 3)
+    n = prefill_len
     dense = 2 * (model.num_parameters - c.vocab_size * c.hidden_size) * n + 2 * c.vocab_size * c.hidden_size
     attn = c.num_layers * 2 * 2 * c.num_heads * c.head_dim * n * (n + 1) / 2
     achieved = (dense + attn) / (pre_ms / 1e3)
-    rows.append(("prefill 512 tokens", f"{pre_ms:.0f} ms", f"{n / pre_ms * 1e3:.0f} tok/s",
+    rows.append((f"prefill {n} tokens", f"{pre_ms:.0f} ms", f"{n / pre_ms * 1e3:.0f} tok/s",
                  f"{achieved / 1e9:.1f} GFLOP/s = {achieved / flops:.0%} of matmul"))
     print(rows[-1], flush=True)
-    results["prefill_512_ms"] = pre_ms
+    results["prefill_len"] = n
+    results["prefill_ms"] = pre_ms
     results["prefill_fraction_of_matmul"] = achieved / flops
 
-    if not args.skip_hf:
+    if not args.skip_hf and not args.shape:
         weights = load_model_files(args.model).weights
         hf = hf_decode_tokens_per_s(loaded, weights, args.prompt_len, 33)
         ours = 1e3 / decode[1] if 1 in decode else float("nan")
@@ -234,14 +309,17 @@ def main() -> int:
     print(f"{'what':<30}{'time':>16}{'rate':>14}   vs baseline")
     for r in rows:
         print(f"{r[0]:<30}{r[1]:>16}{r[2]:>14}   {r[3]}")
+    if floors:
+        print("\nengine / floor throughput: " + ", ".join(f"batch {b} {floors[b] / decode[b]:.2f}x" for b in floors))
     if 1 in decode and 32 in decode:
         ratio = (32 / decode[32]) / (1 / decode[1])
         results["batch32_over_batch1_throughput"] = ratio
         print(f"\nbatch-32 decode throughput / batch-1: {ratio:.1f}x")
-        bound = (32 * 2 * model.num_parameters / flops) * 1e3
-        print(f"(batch 32 needs {32 * 2 * model.num_parameters / 1e9:.1f} GFLOP per step = {bound:.0f} ms at the measured "
-              f"matmul rate, so this CPU caps the ratio near {32 * (weight_bytes / bw * 1e3) / bound:.1f}x "
-              "when batch 1 runs at its roofline)")
+        if not cuda:
+            bound = (32 * 2 * model.num_parameters / flops) * 1e3
+            print(f"(batch 32 needs {32 * 2 * model.num_parameters / 1e9:.1f} GFLOP per step = {bound:.0f} ms at the "
+                  f"measured matmul rate, so this CPU caps the ratio near {32 * (weight_bytes / bw * 1e3) / bound:.1f}x "
+                  "when batch 1 runs at its roofline)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -33,6 +33,7 @@ def test_grouped_decode_attention_gives_the_logits_of_one_padded_batch(device):
         engine.step()
     sched = engine.scheduler.schedule()
     assert len(sched.scheduled) == 7 and all(s.num_tokens == 1 for s in sched.scheduled)
+    runner.use_paged, runner.graphs = False, None  # the grouped path, also on CUDA
     runner.group_overhead = 0
     _, _, _, meta, _ = runner.prepare(sched.scheduled)
     assert [(g.start, g.end) for g in meta.decodes] == [(0, 1), (1, 3), (3, 7)]  # 12, 3 and 1 blocks

@@ -24,6 +24,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                         "milliseconds in the layers' matmuls); none: every weight dequantized to --dtype "
                         "(default: auto)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run every step eagerly instead of replaying captured decode CUDA graphs")
 
 
 def _engine_args(ns: argparse.Namespace):
@@ -40,6 +42,7 @@ def _engine_args(ns: argparse.Namespace):
         enable_prefix_caching=not ns.no_prefix_caching,
         num_threads=ns.threads,
         quantization=ns.quantization,
+        enforce_eager=ns.enforce_eager,
     )
 
 
@@ -57,7 +60,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     )
     loaded = build_engine(_engine_args(ns))
     engine = loaded.engine
-    print(f"[tokenworks] loaded {loaded.model_name} in {loaded.load_seconds:.1f}s", file=sys.stderr)
+    print(f"[tokenworks] loaded {loaded.model_name} in {loaded.load_seconds:.1f}s"
+          + (f"; {loaded.graphs}" if loaded.graphs else ""), file=sys.stderr)
     prompt = engine.tokenizer.encode_chat([{"role": "user", "content": ns.prompt}]) if ns.chat else ns.prompt
     t0 = time.perf_counter()
     engine.add_request("cli", prompt, params)
@@ -146,7 +150,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                         tokenizer=tokenizer)
         router.start()
         cluster = LocalCluster(router, args, ns.kv_transport, lease_seconds=ns.lease_seconds,
-                               prefill_args=replace(args, max_num_batched_tokens=prefill_budget),
+                               # prefill-only workers never run a decode step: no decode graphs to capture
+                               prefill_args=replace(args, max_num_batched_tokens=prefill_budget, enforce_eager=True),
                                prefill_nice=ns.prefill_nice, internal_host=ns.internal_host, secret=secret)
 
         shown = [-1]
@@ -164,7 +169,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                 where = f"CPUs {','.join(map(str, w.cpus))}" if spec.device == "cpu" else spec.device
                 print(f"[tokenworks]   {spec.worker_id:<10} role={spec.role:<8} pid={w.pid:<8} {where}, "
                       f"{w.num_blocks} KV blocks of {w.block_size} tokens"
-                      + (f", warmed up in {w.warmup_seconds:.1f} s" if w.warmup_seconds else ""), file=sys.stderr)
+                      + (f", warmed up in {w.warmup_seconds:.1f} s" if w.warmup_seconds else "")
+                      + (f"; {w.graphs}" if w.graphs else ""), file=sys.stderr)
             print(f"[tokenworks] model {files.name}, KV transport {ns.kv_transport}, local prefill up to "
                   f"{ns.local_prefill_threshold} uncached tokens; ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
             if ns.price_per_worker_hour is not None:

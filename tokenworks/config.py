@@ -126,6 +126,7 @@ class EngineArgs:
     cache_dir: str | None = None
     seed: int = 0
     quantization: str = "auto"  # auto: a GGUF's Q4_0/Q4_1 layers run as 4-bit on CPU; none: all float
+    enforce_eager: bool = False  # CUDA: no decode CUDA graphs (model/cuda_graphs.py)
 
     def __post_init__(self) -> None:
         if self.quantization not in ("auto", "none"):

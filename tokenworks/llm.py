@@ -35,6 +35,7 @@ class LoadedEngine:
     runner: ModelRunner
     pool: BlockPool
     load_seconds: float
+    graphs: str = ""  # how decode steps run on CUDA (graphs captured, or why not); empty on CPU
 
 
 def build_engine(args: EngineArgs, detokenize: bool = True) -> LoadedEngine:
@@ -81,8 +82,24 @@ def _assemble(args: EngineArgs, name: str, config: ModelConfig, weights: dict, t
     pool = BlockPool(num_blocks, cache_cfg.enable_prefix_caching)
     scheduler = Scheduler(sched_cfg, KVCacheManager(pool, cache_cfg.block_size))
     runner = ModelRunner(model, kv_tensor)
+    graphs = _capture_graphs(args, runner, sched_cfg.max_num_seqs, -(-sched_cfg.max_model_len // cache_cfg.block_size))
     engine = Engine(scheduler, runner, tokenizer, eos, vocab_size=config.vocab_size)
-    return LoadedEngine(engine, name, config, runner, pool, time.perf_counter() - t0)
+    return LoadedEngine(engine, name, config, runner, pool, time.perf_counter() - t0, graphs)
+
+
+def _capture_graphs(args: EngineArgs, runner: ModelRunner, max_num_seqs: int, max_blocks: int) -> str:
+    """CUDA: capture the decode graphs now (part of the load time); a line saying what was done, or why not."""
+    if not runner.device.startswith("cuda"):
+        return ""
+    if args.enforce_eager:
+        return "decode runs eagerly (--enforce-eager)"
+    if not runner.use_paged:
+        return "decode runs eagerly: no triton for the paged decode kernel (pip install triton)"
+    free = torch.cuda.mem_get_info(runner.device)[0]
+    graphs = runner.capture_graphs(max_num_seqs, max_blocks)
+    used = free - torch.cuda.mem_get_info(runner.device)[0]
+    return (f"decode CUDA graphs for batches {graphs.sizes[0]}..{graphs.max_batch} ({len(graphs.sizes)} sizes) "
+            f"captured in {graphs.capture_seconds:.1f}s, {used / 2**20:.0f} MiB beside the KV pool")
 
 
 class LLM:

@@ -9,6 +9,10 @@ request among 31 short ones is its own group). Each prefill chunk is attended
 on its own: against its freshly computed K/V when it starts at position 0
 (plain causal attention), else against its gathered blocks with an offset
 causal mask (chunked prefill, prefix-cache hits).
+
+With ``paged`` set instead (CUDA, and every decode step replayed as a CUDA
+graph), all decode rows are attended in one ``paged_decode`` call through
+their block tables: on CUDA a Triton kernel that reads each row's own context.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from tokenworks.model.paged_decode import PagedDecode, paged_decode
 
 
 @dataclass
@@ -42,6 +48,7 @@ class AttentionMetadata:
     slot_offsets: torch.Tensor  # (T,) offset inside that block
     decodes: list[DecodeGroup]  # rows [0, B) of the batch, longest first
     prefills: list[PrefillSeq]
+    paged: PagedDecode | None = None  # instead of ``decodes``: rows [0, B) in one paged_decode call
 
 
 def decode_groups(widths: list[int], overhead: int) -> list[tuple[int, int]]:
@@ -84,6 +91,9 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     out = torch.empty_like(q)
+    if meta.paged is not None:
+        b = meta.paged.block_table.shape[0]
+        out[:b] = paged_decode(q[:b], k_cache, v_cache, meta.paged, scale)
     for g in meta.decodes:
         b, width = g.block_table.shape
         flat = g.block_table.flatten()

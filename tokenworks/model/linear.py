@@ -31,6 +31,11 @@ class Linear:
     def numel(self) -> int:
         return self.weight.numel() + (0 if self.bias is None else self.bias.numel())
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes one pass reads."""
+        return self.numel * self.weight.element_size()
+
     def halves(self, x: torch.Tensor) -> torch.Tensor:
         """(2, M, out/2): the two halves of the output (for gate/up fused weights)."""
         if self.split:

@@ -101,6 +101,15 @@ class LlamaModel:
                      if t is not None)
         return n
 
+    @property
+    def step_weight_bytes(self) -> int:
+        """Weight bytes a decode step reads: every layer, the output matrix, the norms (not the embedding table)."""
+        n = self.lm_head.nbytes + self.norm.numel() * self.norm.element_size()
+        for layer in self.layers:
+            n += sum(t.nbytes if isinstance(t, (Linear, Int4Linear)) else t.numel() * t.element_size()
+                     for t in layer.values() if t is not None)
+        return n
+
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: (T, H, D); cos/sin: (T, 1, D/2); HF "rotate_half" layout.
         x1, x2 = x.chunk(2, dim=-1)

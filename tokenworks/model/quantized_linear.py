@@ -90,6 +90,12 @@ class Int4Linear:
     def numel(self) -> int:
         return self.out_features * self.in_features + (0 if self.bias is None else self.bias.numel())
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes one pass reads: the packed codes, the scales and zeros, the bias."""
+        return (self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2
+                + (0 if self.bias is None else self.bias.numel() * self.bias.element_size()))
+
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales_zeros)
         return y.to(x.dtype)

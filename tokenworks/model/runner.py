@@ -2,7 +2,10 @@
 
 Rows of the flattened batch: decodes first, longest context first (so the
 groups attended together are plain slices), then prefill chunks in scheduler
-order.
+order. Decode attention: in groups of similar length (CPU), or all rows in one
+``paged_decode`` call (``use_paged``: CUDA with Triton). A decode-only step
+replays a captured CUDA graph when ``capture_graphs`` has run (see
+cuda_graphs.py); any other step runs eagerly.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ import torch
 
 from tokenworks.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from tokenworks.model.attention import AttentionMetadata, DecodeGroup, PrefillSeq, decode_groups
+from tokenworks.model.cuda_graphs import CudaGraphCapture, DecodeGraphs, GraphCapture
 from tokenworks.model.kv_cache import KVCache
 from tokenworks.model.llama import LlamaModel
+from tokenworks.model.paged_decode import PagedDecode, triton_available
 from tokenworks.model.sampler import Sampler
 
 
@@ -23,13 +28,21 @@ GROUP_OVERHEAD_BLOCKS = {"cpu": 16, "cuda": 256}
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv: KVCache) -> None:
+    def __init__(self, model: LlamaModel, kv: KVCache, use_paged: bool | None = None) -> None:
         self.model = model
         self.kv = kv
         self.block_size = kv.block_size
         self.device = model.device
         self.sampler = Sampler(model.device)
         self.group_overhead = GROUP_OVERHEAD_BLOCKS.get(torch.device(self.device).type, 16)
+        self.use_paged = triton_available(self.device) if use_paged is None else use_paged
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_graphs(self, max_num_seqs: int, max_blocks_per_seq: int, capture: GraphCapture | None = None) -> DecodeGraphs:
+        """Capture decode steps of up to ``max_num_seqs`` rows (CUDA graphs unless ``capture`` says otherwise)."""
+        self.graphs = DecodeGraphs(self.model, self.kv, max_num_seqs, max_blocks_per_seq, capture or CudaGraphCapture())
+        self.graphs.capture_all()
+        return self.graphs
 
     def _tensor(self, data: list[int]) -> torch.Tensor:
         return torch.tensor(data, dtype=torch.long, device=self.device)
@@ -56,7 +69,12 @@ class ModelRunner:
 
         groups = []
         widths = [-(-s.context_len // bs) for s in decodes]
-        for a, b in decode_groups(widths, self.group_overhead):
+        paged = None
+        if self.use_paged and decodes:
+            table = torch.tensor([s.block_ids[:w] + [0] * (widths[0] - w) for s, w in zip(decodes, widths)],
+                                 dtype=torch.int32, device=self.device)
+            paged = PagedDecode(table, self._tensor([s.context_len for s in decodes]))
+        for a, b in ([] if paged else decode_groups(widths, self.group_overhead)):
             width = widths[a]
             table = self._tensor([s.block_ids[:width] + [0] * (width - min(width, len(s.block_ids)))
                                   for s in decodes[a:b]])
@@ -81,6 +99,7 @@ class ModelRunner:
             slot_offsets=self._tensor(slot_offsets),
             decodes=groups,
             prefills=prefill_meta,
+            paged=paged,
         )
         return order, self._tensor(ids), self._tensor(pos), meta, sample_rows
 
@@ -90,8 +109,7 @@ class ModelRunner:
         out = ModelRunnerOutput()
         if sched.is_empty:
             return out
-        order, ids, pos, meta, sample_rows = self.prepare(sched.scheduled)
-        hidden = self.model.forward(ids, pos, self.kv, meta)
+        order, hidden, sample_rows = self.forward(sched.scheduled)
         if not sample_rows:
             return out
         logits = self.model.logits(hidden[sample_rows])
@@ -104,5 +122,26 @@ class ModelRunner:
     @torch.inference_mode()
     def final_logits(self, sched: SchedulerOutput) -> torch.Tensor:
         """Run one step without sampling; (N, vocab) logits of the rows that would sample (tests)."""
-        order, ids, pos, meta, sample_rows = self.prepare(sched.scheduled)
-        return self.model.logits(self.model.forward(ids, pos, self.kv, meta)[sample_rows])
+        _, hidden, sample_rows = self.forward(sched.scheduled)
+        return self.model.logits(hidden[sample_rows])
+
+    def forward(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], torch.Tensor, list[int]]:
+        """The step's rows in batch order, their final hidden states, and the rows that sample."""
+        graphs = self.graphs
+        if graphs is not None and len(scheduled) <= graphs.max_batch and all(
+                s.num_tokens == 1 and s.start_position > 0 and -(-s.context_len // self.block_size) <= graphs.max_blocks_per_seq
+                for s in scheduled):
+            return self._replay(graphs, scheduled)
+        order, ids, pos, meta, sample_rows = self.prepare(scheduled)
+        return order, self.model.forward(ids, pos, self.kv, meta), sample_rows
+
+    def _replay(self, graphs: DecodeGraphs, decodes: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], torch.Tensor, list[int]]:
+        bs = self.block_size
+        decodes = sorted(decodes, key=lambda s: -s.context_len)  # the eager path's row order
+        pos = [s.start_position for s in decodes]
+        hidden = graphs.run(
+            ids=[s.token_ids[0] for s in decodes], positions=pos,
+            slot_blocks=[s.block_ids[p // bs] for s, p in zip(decodes, pos)], slot_offsets=[p % bs for p in pos],
+            tables=[s.block_ids[: -(-s.context_len // bs)] for s in decodes],
+            context_lens=[s.context_len for s in decodes])
+        return decodes, hidden, [i for i, s in enumerate(decodes) if s.sample]

@@ -49,6 +49,7 @@ class Ready(msgspec.Struct, tag="ready"):
     cpus: list[int]
     load_seconds: float
     warmup_seconds: float = 0.0
+    graphs: str = ""  # CUDA: how decode steps run (LoadedEngine.graphs)
 
 
 class LogprobEntry(msgspec.Struct, array_like=True):

@@ -104,7 +104,7 @@ class Worker:
             worker_id=self.worker_id, role=self.role, pid=os.getpid(), model=self.loaded.model_name,
             max_model_len=self.engine.max_model_len, block_size=kv.block_size, num_blocks=kv.num_blocks,
             kv_peer=self.kv_peer, cpus=self.cpus, load_seconds=self.loaded.load_seconds,
-            warmup_seconds=self.warmup_seconds,
+            warmup_seconds=self.warmup_seconds, graphs=self.loaded.graphs,
         ))
 
     def send(self, msg: P.FromWorker) -> None:

@@ -1,0 +1,149 @@
+"""Decode steps replayed as CUDA graphs: one launch for the whole forward pass.
+
+An eager decode step on a GPU is bound by Python and kernel launches (about
+ten per layer). ``DecodeGraphs`` captures the forward pass of a decode-only
+step once per batch size bucket (1, 2, 4, 8, 16, then every 16 up to
+``max_num_seqs``) over static input buffers, and replays the smallest bucket
+that holds the step's rows. Rows beyond the step's own are padding: token 0
+at position 0, writing its KV to slot 0 of block 0 (the pool's padding
+target) and attending to that one slot, so they compute finite garbage that
+nobody reads. Attention is ``paged_decode`` through each row's block table,
+whose shape is fixed by the bucket and the longest context the engine
+allows, so one graph serves every mix of context lengths.
+
+Capture itself sits behind ``GraphCapture``: ``CudaGraphCapture`` on a GPU;
+the CPU tests pass ``EagerCapture``, which replays by calling the same
+function, so the buckets, the static buffers and the padding are tested
+without a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Protocol
+
+import torch
+
+from tokenworks.model.attention import AttentionMetadata
+from tokenworks.model.kv_cache import KVCache
+from tokenworks.model.llama import LlamaModel
+from tokenworks.model.paged_decode import PagedDecode
+
+# Rows of the host/device input block: token ids, positions, KV slot block, KV slot offset, context length.
+IDS, POS, SLOT_BLOCK, SLOT_OFFSET, CTX = range(5)
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """Batch sizes captured: 1, 2, 4, 8, 16, then every 16, and max_num_seqs itself so every decode step fits."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs] + list(range(16, max_num_seqs + 1, 16))
+    if not sizes or sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class GraphCapture(Protocol):
+    def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Record ``fn`` (already run once); return what replays it."""
+
+
+class CudaGraphCapture:
+    """torch.cuda.CUDAGraph, all graphs in one memory pool (captured largest first, the smaller reuse it)."""
+
+    def __init__(self) -> None:
+        self.pool = None
+
+    def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            fn()
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph.replay
+
+
+class EagerCapture:
+    """The stand-in below the device boundary: a replay calls the function again."""
+
+    def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        return fn
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaModel, kv: KVCache, max_num_seqs: int, max_blocks_per_seq: int,
+                 capture: GraphCapture) -> None:
+        self.model = model
+        self.kv = kv
+        self.sizes = capture_sizes(max_num_seqs)
+        self.capturer = capture
+        n = self.sizes[-1]
+        dev = model.device
+        pin = torch.device(dev).type == "cuda"
+        self.host = torch.zeros((5, n), dtype=torch.long, pin_memory=pin)
+        self.host_table = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, pin_memory=pin)
+        self.inputs = torch.zeros((5, n), dtype=torch.long, device=dev)
+        self.inputs[CTX] = 1
+        self.table = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=dev)
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.replays: dict[int, Callable[[], None]] = {}
+        self.capture_seconds = 0.0
+
+    @property
+    def max_batch(self) -> int:
+        return self.sizes[-1]
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return self.table.shape[1]
+
+    def bucket(self, rows: int) -> int | None:
+        """The smallest captured size holding ``rows``; None beyond the largest (the step runs eagerly)."""
+        return next((s for s in self.sizes if s >= rows), None)
+
+    def _forward(self, size: int) -> Callable[[], None]:
+        x = self.inputs
+        meta = AttentionMetadata(slot_blocks=x[SLOT_BLOCK, :size], slot_offsets=x[SLOT_OFFSET, :size], decodes=[],
+                                 prefills=[], paged=PagedDecode(self.table[:size], x[CTX, :size]))
+
+        def run() -> None:
+            self.outputs[size] = self.model.forward(x[IDS, :size], x[POS, :size], self.kv, meta)
+
+        return run
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        t0 = time.perf_counter()
+        for size in reversed(self.sizes):
+            run = self._forward(size)
+            run()  # once outside the capture: kernels compiled, workspaces allocated
+            self.replays[size] = self.capturer.capture(run)
+        if torch.device(self.model.device).type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+        self.capture_seconds = time.perf_counter() - t0
+
+    def run(self, ids: list[int], positions: list[int], slot_blocks: list[int], slot_offsets: list[int],
+            tables: list[list[int]], context_lens: list[int]) -> torch.Tensor:
+        """One decode step of len(ids) rows (at most ``max_batch``) -> their (rows, hidden) final hidden states."""
+        rows = len(ids)
+        size = self.bucket(rows)
+        if size is None:
+            raise ValueError(f"{rows} rows exceed the largest captured batch {self.max_batch}")
+        width = max(len(t) for t in tables)
+        if width > self.max_blocks_per_seq:
+            raise ValueError(f"a row needs {width} blocks; graphs were captured for {self.max_blocks_per_seq}")
+        host = self.host
+        host[:, :size] = 0
+        host[CTX, rows:size] = 1  # padding rows attend to their own slot
+        host[IDS, :rows] = torch.tensor(ids)
+        host[POS, :rows] = torch.tensor(positions)
+        host[SLOT_BLOCK, :rows] = torch.tensor(slot_blocks)
+        host[SLOT_OFFSET, :rows] = torch.tensor(slot_offsets)
+        host[CTX, :rows] = torch.tensor(context_lens)
+        table = self.host_table
+        table[:size, :width] = 0
+        for r, t in enumerate(tables):
+            table[r, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        # Columns past a row's context may hold stale block ids: the kernel never reads past the context.
+        self.inputs[:, :size].copy_(host[:, :size], non_blocking=True)
+        self.table[:size, :width].copy_(table[:size, :width], non_blocking=True)
+        self.replays[size]()
+        return self.outputs[size][:rows]

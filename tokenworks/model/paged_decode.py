@@ -1,0 +1,51 @@
+"""Decode attention through each request's block table, in one call for the whole batch.
+
+``PagedDecode`` is the metadata: a block table (B, W) and the context
+lengths (B,). ``paged_decode`` runs it: the Triton kernel
+(``triton_paged_decode``) on CUDA, where it costs the sum of the contexts; a
+plain PyTorch version elsewhere, which pads the batch to W blocks. Both have
+fixed shapes for a given (B, W) and no host synchronisation, so a CUDA graph
+can capture either. The PyTorch version is also the reference the kernel is
+tested against.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PagedDecode:
+    block_table: torch.Tensor  # (B, W) int32/int64, rows padded with block 0
+    context_lens: torch.Tensor  # (B,) tokens each row attends to (>= 1 for rows whose output is used)
+
+
+def triton_available(device: str | torch.device) -> bool:
+    """The Triton kernel runs on CUDA when triton is installed (it ships with CUDA builds of PyTorch)."""
+    return torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+def paged_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                       context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (B, H, D) -> (B, H, D): gather each row's W blocks, mask beyond its context, one SDPA call."""
+    b, width = block_table.shape
+    bs = k_cache.shape[1]
+    flat = block_table.flatten().long()
+    kd = k_cache.index_select(0, flat).view(b, width * bs, *k_cache.shape[2:]).transpose(1, 2)
+    vd = v_cache.index_select(0, flat).view(b, width * bs, *v_cache.shape[2:]).transpose(1, 2)
+    mask = (torch.arange(width * bs, device=q.device).unsqueeze(0) < context_lens.unsqueeze(1))[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.squeeze(2)
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedDecode,
+                 scale: float) -> torch.Tensor:
+    if triton_available(q.device):
+        from tokenworks.model.triton_paged_decode import paged_decode as kernel
+
+        return kernel(q, k_cache, v_cache, meta.block_table, meta.context_lens, scale)
+    return paged_decode_torch(q, k_cache, v_cache, meta.block_table, meta.context_lens, scale)
