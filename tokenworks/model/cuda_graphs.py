@@ -78,8 +78,10 @@ class DecodeGraphs:
         n = self.sizes[-1]
         dev = model.device
         pin = torch.device(dev).type == "cuda"
-        self.host = torch.zeros((5, n), dtype=torch.long, pin_memory=pin)
-        self.host_table = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, pin_memory=pin)
+        # A step's inputs travel in one host-to-device copy of a contiguous staging area: the vectors (5, rows),
+        # then the block tables (rows, width); two device copies put them into the static buffers the graphs read.
+        self.host = torch.zeros(n * (5 + max_blocks_per_seq), dtype=torch.int32, pin_memory=pin)
+        self.staged = torch.zeros_like(self.host, device=dev)
         self.inputs = torch.zeros((5, n), dtype=torch.long, device=dev)
         self.inputs[CTX] = 1
         self.table = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=dev)
@@ -130,20 +132,20 @@ class DecodeGraphs:
         width = max(len(t) for t in tables)
         if width > self.max_blocks_per_seq:
             raise ValueError(f"a row needs {width} blocks; graphs were captured for {self.max_blocks_per_seq}")
-        host = self.host
-        host[:, :size] = 0
-        host[CTX, rows:size] = 1  # padding rows attend to their own slot
-        host[IDS, :rows] = torch.tensor(ids)
-        host[POS, :rows] = torch.tensor(positions)
-        host[SLOT_BLOCK, :rows] = torch.tensor(slot_blocks)
-        host[SLOT_OFFSET, :rows] = torch.tensor(slot_offsets)
-        host[CTX, :rows] = torch.tensor(context_lens)
-        table = self.host_table
-        table[:size, :width] = 0
+        vectors = torch.tensor([ids, positions, slot_blocks, slot_offsets, context_lens], dtype=torch.int32)
+        vec = self.host[: 5 * size].view(5, size)
+        vec[:, rows:] = 0
+        vec[CTX, rows:] = 1  # padding rows attend to their own slot
+        vec[:, :rows] = vectors
+        tab = self.host[5 * size : 5 * size + size * width].view(size, width)
+        tab.zero_()
         for r, t in enumerate(tables):
-            table[r, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        # Columns past a row's context may hold stale block ids: the kernel never reads past the context.
-        self.inputs[:, :size].copy_(host[:, :size], non_blocking=True)
-        self.table[:size, :width].copy_(table[:size, :width], non_blocking=True)
+            tab[r, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        used = 5 * size + size * width
+        self.staged[:used].copy_(self.host[:used], non_blocking=True)
+        self.inputs[:, :size].copy_(self.staged[: 5 * size].view(5, size))
+        # Columns past a row's context may keep stale block ids: the kernel never reads past the context.
+        self.table[:size, :width].copy_(self.staged[5 * size : used].view(size, width))
+        # The host area is reused next step: by then this step's sampled tokens were read back, so the copy is done.
         self.replays[size]()
         return self.outputs[size][:rows]
