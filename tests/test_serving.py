@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
@@ -153,6 +154,25 @@ def test_oversized_body_is_refused(server):
                    headers={"content-type": "application/json"})
     assert r.status_code == 413 and "error" in r.json()
     assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+
+
+def test_router_index_is_exact(server, client):
+    """The router's KV index (built from the workers' events) predicts the prefix hit the worker then reports, and
+    holds as many blocks for each worker as the worker's own pool has cached."""
+    messages = [{"role": "user", "content": "List four mountains of Asia and the country of each one. " * 4}]
+    client.chat.completions.create(model="default", messages=messages, max_tokens=3, temperature=0)
+    again = client.chat.completions.create(model="default", messages=messages, max_tokens=3, temperature=0)
+    routing = httpx.get(server.url + "/debug/routing", timeout=5).json()
+    last = routing["decisions"][-1]
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert last["reason"] == "prefix" and last["prompt_tokens"] == again.usage.prompt_tokens
+    assert last["hit_tokens"] == cached > 0
+    workers = server.wait_idle()
+    time.sleep(0.6)  # one more stats message after the last events
+    routing = httpx.get(server.url + "/debug/routing", timeout=5).json()
+    workers = server.workers()
+    assert routing["kv_index"]["per_worker"] == {w: v["blocks_cached"] for w, v in workers.items()}
+    assert routing["kv_index"]["blocks"] > 0 and routing["kv_index"]["overflows"] == 0
 
 
 def test_pools_back_to_idle_after_everything(server):

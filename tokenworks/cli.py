@@ -147,7 +147,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         router = Router(block_size=args.block_size, local_prefill_threshold=ns.local_prefill_threshold,
                         max_inflight=ns.max_inflight_requests, max_queue_wait=ns.max_queue_wait,
                         internal_host=ns.internal_host, secret=secret, price_per_worker_hour=ns.price_per_worker_hour,
-                        tokenizer=tokenizer)
+                        tokenizer=tokenizer, overlap_weight=ns.router_overlap_weight)
         router.start()
         cluster = LocalCluster(router, args, ns.kv_transport, lease_seconds=ns.lease_seconds,
                                # prefill-only workers never run a decode step: no decode graphs to capture
@@ -584,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--local-prefill-threshold", type=int, default=16, metavar="TOKENS",
                    help="prefill on the decode worker when the uncached prompt is at most this long (default: 16, "
                         "from benchmarks/local_prefill_threshold.py on a 2-CPU machine)")
+    s.add_argument("--router-overlap-weight", type=float, default=1.0, metavar="W",
+                   help="routing cost = W x prompt tokens not in a worker's prefix cache + the tokens already active "
+                        "there; 0 routes by load alone (default: 1.0; see /debug/routing)")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $TOKENWORKS_API_KEY, else none)")
     s.add_argument("--max-inflight-requests", type=int, default=256,

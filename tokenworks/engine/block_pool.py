@@ -13,6 +13,12 @@ and releasing appends to the tail. Block 0 is never handed out: the runner
 uses it as the padding target for gathers, so garbage in it is harmless.
 
 Invariant, checked by ``check_integrity``: free + cached + used == total.
+
+KV events (once ``record_events`` is called): every change to the set of
+cached hashes is appended to ``events`` in order, as ``(STORED, hash)``, ``(REMOVED, hash)`` or
+``(CLEARED, 0)``; a worker drains them after each step and publishes them, and
+the router's index of which worker holds which prefix (router/kv_index.py)
+replays them, so it always equals ``cached_hashes()`` here.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 NULL_BLOCK_ID = 0
+REMOVED, STORED, CLEARED = 0, 1, 2  # KV event kinds
 
 
 def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
@@ -55,6 +62,7 @@ class BlockPool:
         self._idle: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks[1:])
         self._cached: dict[int, Block] = {}  # block_hash -> block (used or idle)
         self.num_evictions = 0
+        self.events: list[tuple[int, int]] | None = None  # (kind, hash) since the last drain; None: not recorded
 
     # -- queries -------------------------------------------------------------------------
 
@@ -78,6 +86,24 @@ class BlockPool:
     def usage(self) -> float:
         return self.num_used_blocks / self.num_usable_blocks
 
+    def cached_hashes(self) -> list[int]:
+        return list(self._cached)
+
+    def record_events(self) -> list[int]:
+        """Start recording KV events (a worker that publishes them); the cached hashes now, as a snapshot."""
+        self.events = []
+        return self.cached_hashes()
+
+    def drain_events(self) -> list[tuple[int, int]]:
+        if self.events is None:
+            return []
+        events, self.events = self.events, []
+        return events
+
+    def _event(self, kind: int, block_hash: int) -> None:
+        if self.events is not None:
+            self.events.append((kind, block_hash))
+
     def lookup(self, block_hash: int) -> Block | None:
         if not self.enable_prefix_caching:
             return None
@@ -94,6 +120,7 @@ class BlockPool:
             _, block = self._idle.popitem(last=False)
             if block.block_hash is not None:
                 del self._cached[block.block_hash]
+                self._event(REMOVED, block.block_hash)
                 block.block_hash = None
                 self.num_evictions += 1
             block.ref_count = 1
@@ -124,11 +151,13 @@ class BlockPool:
             return  # another request already published the same prefix; keep ours private
         block.block_hash = block_hash
         self._cached[block_hash] = block
+        self._event(STORED, block_hash)
 
     def reset_prefix_cache(self) -> None:
         for block in list(self._cached.values()):
             block.block_hash = None
         self._cached.clear()
+        self._event(CLEARED, 0)
 
     def check_integrity(self) -> None:
         """free + cached + used == total, and the hash index agrees with the blocks."""

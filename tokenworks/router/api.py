@@ -171,6 +171,22 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             }
         return {"workers": out}
 
+    @app.get("/debug/routing")
+    async def routing() -> dict[str, Any]:
+        """The latest placements (worker, reason, prefix hit, every candidate's cost), the KV index's size, and each
+        worker's load as the router counts it."""
+        index = router.kv_index
+        return {
+            "overlap_weight": router.policy.overlap_weight,
+            "kv_index": {"blocks": index.num_entries, "bytes": index.nbytes, "events": index.num_events,
+                         "overflows": index.num_overflows,
+                         "per_worker": {w: len(b) for w, b in index.blocks.items()}},
+            "workers": {wid: {"active_tokens": h.view.active_tokens, "queued_prefill_tokens": h.view.queued_prefill_tokens,
+                              "prefill_tokens_per_s": round(h.view.prefill_rate.rate, 1), "inflight": h.view.inflight}
+                        for wid, h in router.workers.items()},
+            "decisions": list(router.decisions),
+        }
+
     def check_model(name: str | None) -> None:
         if name is not None and name not in (model_name, "default"):
             raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
@@ -256,7 +272,7 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
                 "top_logprobs": [{t: lp for _, t, lp in e.top} for e in entries], "text_offset": []}
 
     async def respond(kind: str, body, prompt: list[int], params: SamplingParams, http: Request) -> Response:
-        retry_after = router.admission_check(len(prompt), body.n)
+        retry_after = router.admission_check(prompt, body.n)
         if retry_after is not None:
             raise APIError(429, f"server is at capacity; retry in {retry_after:.0f}s", "rate_limit_error",
                            code="server_overloaded", headers={"Retry-After": str(max(1, round(retry_after)))})

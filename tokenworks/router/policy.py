@@ -1,18 +1,26 @@
-"""Where each phase runs: least-loaded workers, prefix overlap, conditional disaggregation.
+"""Where each phase runs: one cost for every candidate worker, conditional disaggregation.
 
-The router keeps an approximate index of which prompt blocks each decode
-worker has seen (it sent them there); the worker's own prefix cache is the
-truth, the index only steers. A prompt whose part not yet on the chosen
-decode worker is at most ``local_prefill_threshold`` tokens is prefilled
-there; longer ones go to the least-loaded prefill worker.
+The cost of sending a request to a worker, in tokens:
+
+    overlap_weight x (prompt tokens the worker would compute: not in its prefix cache)
+    + the worker's active tokens (prompts of the requests the router has placed there and not seen finish)
+
+The prefix cache is known exactly: workers publish the blocks they store and
+evict (router/kv_index.py). A weight of 1 trades a prefix hit of N tokens
+against N tokens of someone else's work already on the worker (the rule
+NVIDIA Dynamo's KV router uses, in blocks); 0 routes by load alone. The
+decode worker is the cheapest decode-capable one; if the prompt's part it
+does not hold is at most ``local_prefill_threshold`` tokens it prefills there,
+else the cheapest prefill worker does (judged by the same cost).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from tokenworks.engine.block_pool import hash_block
+from tokenworks.router.admission import BacklogRate
+from tokenworks.router.kv_index import KVIndex
 
 
 @dataclass
@@ -22,7 +30,9 @@ class WorkerView:
     inflight: int = 0  # requests the router has placed here and not seen finish
     queue_depth: int = 0  # waiting on the worker, from its last stats
     alive: bool = True
-    prefixes: OrderedDict = field(default_factory=OrderedDict)  # block hash -> None, LRU
+    active_tokens: int = 0  # prompt tokens of the requests placed here and not finished (for decode: their KV)
+    queued_prefill_tokens: int = 0  # tokens sent here to prefill whose first token has not come back
+    prefill_rate: BacklogRate = field(default_factory=BacklogRate)  # its prefill tokens/s under backlog
 
     @property
     def load(self) -> int:
@@ -30,50 +40,60 @@ class WorkerView:
 
 
 @dataclass
+class Choice:
+    worker: WorkerView
+    hit_tokens: int  # prompt tokens in its prefix cache
+    cost: float
+
+
+@dataclass
 class Placement:
     decode: WorkerView
     prefill: WorkerView | None  # None: prefill on the decode worker
-    cached_tokens: int  # the router's estimate of the decode worker's prefix hit
+    cached_tokens: int  # the decode worker's prefix hit (exact, from its KV events)
+    uncached_tokens: int  # what the prefilling worker will compute
+    reason: str  # "prefix": the chosen decode worker holds part of the prompt; "load": it holds none
+    costs: dict[str, float]  # every candidate's cost (for /debug/routing)
 
 
 class RoutingPolicy:
-    def __init__(self, block_size: int, local_prefill_threshold: int, max_prefixes: int = 200_000) -> None:
+    def __init__(self, block_size: int, local_prefill_threshold: int, index: KVIndex | None = None,
+                 overlap_weight: float = 1.0) -> None:
         self.block_size = block_size
         self.local_prefill_threshold = local_prefill_threshold
-        self.max_prefixes = max_prefixes
+        self.index = index or KVIndex()
+        self.overlap_weight = overlap_weight
 
     def block_hashes(self, token_ids: list[int]) -> list[int]:
         out: list[int] = []
         bs = self.block_size
-        for i in range(len(token_ids) // bs):
+        # The engine never reuses the block holding the last prompt token (its logits are needed).
+        for i in range((len(token_ids) - 1) // bs if token_ids else 0):
             out.append(hash_block(out[-1] if out else None, token_ids[i * bs : (i + 1) * bs]))
         return out
 
     def overlap_tokens(self, worker: WorkerView, hashes: list[int]) -> int:
-        n = 0
-        for h in hashes:
-            if h not in worker.prefixes:
-                break
-            n += 1
-        return n * self.block_size
+        return self.index.overlap_blocks(worker.worker_id, hashes) * self.block_size
 
-    def remember(self, worker: WorkerView, hashes: list[int]) -> None:
-        for h in hashes:
-            worker.prefixes[h] = None
-            worker.prefixes.move_to_end(h)
-        while len(worker.prefixes) > self.max_prefixes:
-            worker.prefixes.popitem(last=False)
+    def choose(self, workers: list[WorkerView], hashes: list[int], num_tokens: int) -> tuple[Choice, dict[str, float]]:
+        choices = []
+        for w in workers:
+            hit = self.overlap_tokens(w, hashes)
+            choices.append(Choice(w, hit, self.overlap_weight * (num_tokens - hit) + w.active_tokens))
+        best = min(choices, key=lambda c: (c.cost, c.worker.inflight, c.worker.worker_id))
+        return best, {c.worker.worker_id: c.cost for c in choices}
 
     def place(self, workers: list[WorkerView], token_ids: list[int]) -> Placement:
         decoders = [w for w in workers if w.alive and w.role in ("decode", "both")]
         if not decoders:
             raise LookupError("no decode-capable worker is available")
         hashes = self.block_hashes(token_ids)
-        # Fewest requests first; among equals, the one holding more of this prompt.
-        best = min(decoders, key=lambda w: (w.load, -self.overlap_tokens(w, hashes), w.worker_id))
-        cached = self.overlap_tokens(best, hashes)
+        n = len(token_ids)
+        best, costs = self.choose(decoders, hashes, n)
+        reason = "prefix" if best.hit_tokens else "load"
+        uncached = n - best.hit_tokens
         prefillers = [w for w in workers if w.alive and w.role == "prefill"]
-        uncached = len(token_ids) - cached
         if not prefillers or uncached <= self.local_prefill_threshold:
-            return Placement(best, None, cached)
-        return Placement(best, min(prefillers, key=lambda w: (w.load, w.worker_id)), cached)
+            return Placement(best.worker, None, best.hit_tokens, uncached, reason, costs)
+        pre, pre_costs = self.choose(prefillers, hashes, n)
+        return Placement(best.worker, pre.worker, best.hit_tokens, n - pre.hit_tokens, reason, {**costs, **pre_costs})

@@ -29,6 +29,8 @@ import zmq.asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tokenworks.codec import Codec
+from tokenworks.router.admission import predicted_wait
+from tokenworks.router.kv_index import KVIndex
 from tokenworks.router.policy import RoutingPolicy, WorkerView
 from tokenworks.sampling_params import SamplingParams
 from tokenworks.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -95,6 +97,12 @@ class Metrics:
                                     registry=r)
         self.blocks_used = Gauge("tokenworks:worker_kv_blocks_used", "KV blocks in use on a worker", ["worker"], registry=r)
         self.blocks_total = Gauge("tokenworks:worker_kv_blocks_total", "KV blocks on a worker", ["worker"], registry=r)
+        self.routed = Counter("tokenworks:router_decisions", "Decode placements by reason: prefix (the worker holds "
+                              "part of the prompt) or load (no worker does)", ["reason"], registry=r)
+        self.predicted_hit_tokens = Counter("tokenworks:router_predicted_hit_tokens", "Prompt tokens the router "
+                                            "found in the chosen decode worker's prefix cache (its KV index)", registry=r)
+        self.cached_prompt_tokens = Counter("tokenworks:prompt_tokens_cached", "Prompt tokens the prefilling worker "
+                                            "found in its prefix cache", registry=r)
 
 
 @dataclass
@@ -121,14 +129,21 @@ class Router:
     def __init__(self, *, block_size: int, local_prefill_threshold: int, heartbeat_timeout: float = 5.0,
                  max_inflight: int = 256, max_queue_wait: float = 30.0, max_failovers: int = 3,
                  failover_wait: float = 20.0, internal_host: str = "127.0.0.1", secret: bytes | None = None,
-                 price_per_worker_hour: float | None = None, tokenizer: Tokenizer | None = None) -> None:
+                 price_per_worker_hour: float | None = None, tokenizer: Tokenizer | None = None,
+                 overlap_weight: float = 1.0) -> None:
         self.ctx = zmq.asyncio.Context.instance()
         self.events = self.ctx.socket(zmq.PULL)
         port = self.events.bind_to_random_port(f"tcp://{internal_host}")
         self.events_endpoint = f"tcp://{internal_host}:{port}"
         self.workers: dict[str, WorkerHandle] = {}
-        self.policy = RoutingPolicy(block_size, local_prefill_threshold)
+        self.kv_index = KVIndex()  # which worker holds which prefix block, from their KV events
+        self.policy = RoutingPolicy(block_size, local_prefill_threshold, self.kv_index, overlap_weight)
+        self.decisions: deque[dict] = deque(maxlen=100)  # the latest placements and why (/debug/routing)
         self.metrics = Metrics()
+        Gauge("tokenworks:kv_index_blocks", "Prefix blocks in the router's KV index (all workers)",
+              registry=self.metrics.registry).set_function(lambda: self.kv_index.num_entries)
+        Gauge("tokenworks:kv_index_bytes", "Approximate memory of the router's KV index",
+              registry=self.metrics.registry).set_function(lambda: self.kv_index.nbytes)
         self.heartbeat_timeout = heartbeat_timeout
         self.streams: dict[str, asyncio.Queue] = {}
         self._waiting_on: dict[str, WorkerHandle] = {}  # request id -> the worker its stream waits on
@@ -145,12 +160,9 @@ class Router:
         self.max_failovers = max_failovers
         self.failover_wait = failover_wait  # how long a request waits for a decode worker to come back
         # Admission control: at most max_inflight requests, and no new one whose predicted wait for its
-        # first token (prompt tokens not yet prefilled, at the measured prefill rate) exceeds max_queue_wait.
+        # first token (router/admission.py) exceeds max_queue_wait.
         self.max_inflight = max_inflight
         self.max_queue_wait = max_queue_wait
-        self.pending_prefill_tokens = 0
-        self.prefill_rate = 0.0  # tokens/s, moving average over first tokens seen; 0 = not measured yet
-        self._last_prefill_done = 0.0
         self._admitted: deque[float] = deque()  # admission times of requests whose streams do not exist yet
         self.generated_tokens = 0
         if price_per_worker_hour is not None:
@@ -218,6 +230,7 @@ class Router:
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.connect(endpoint)
         self.workers[ready.worker_id] = WorkerHandle(ready, sock, WorkerView(ready.worker_id, ready.role))
+        self.kv_index.reset(ready.worker_id, ready.cached_block_hashes, ready.num_blocks)
         lens = [w.ready.max_model_len for w in self.workers.values()]
         self.max_model_len = min(lens)
 
@@ -249,6 +262,9 @@ class Router:
                     elif out.request_id in self._stopped:
                         self.metrics.tokens_after_stop.inc(len(out.new_token_ids))
                 continue
+            if isinstance(msg, P.KVEvents):
+                self.kv_index.apply(msg.worker_id, msg.events)
+                continue
             if isinstance(msg, P.Stats):
                 if handle is not None:
                     handle.stats = msg
@@ -277,6 +293,7 @@ class Router:
         if handle is not None and not handle.dead:
             handle.dead = True
             handle.view.alive = False
+            self.kv_index.drop(worker_id)  # its cache died with it; a restart's Ready brings the new one
             self.metrics.worker_deaths.inc()
             self._notify_lost(lambda h: h is handle)
 
@@ -294,8 +311,11 @@ class Router:
 
     # -- requests ------------------------------------------------------------------------
 
-    def admission_check(self, prompt_tokens: int, n: int = 1) -> float | None:
-        """None to admit; else the seconds a client should wait before retrying (429 Retry-After)."""
+    def admission_check(self, prompt: list[int], n: int = 1) -> float | None:
+        """None to admit; else the seconds a client should wait before retrying (429 Retry-After).
+
+        Refused when max_inflight requests are in flight, or when the first token is predicted to take longer
+        than max_queue_wait on the worker that would prefill it (the placement the router would make now)."""
         now = time.monotonic()
         while self._admitted and self._admitted[0] < now - 5.0:  # admitted but never started: forget
             self._admitted.popleft()
@@ -303,11 +323,16 @@ class Router:
         if inflight + n > self.max_inflight:
             self.metrics.rejected.labels("queue_full").inc()
             return max(1.0, self.max_queue_wait / 4)
-        if self.prefill_rate > 0:
-            wait = (self.pending_prefill_tokens + prompt_tokens * n) / self.prefill_rate
+        try:
+            placement = self.policy.place(self.view(), prompt)
+        except LookupError:
+            placement = None  # no worker now: generate() answers 503 or waits for one
+        if placement is not None:
+            w = placement.prefill or placement.decode
+            wait = predicted_wait(w.queued_prefill_tokens, placement.uncached_tokens * n, w.prefill_rate, now)
             if wait > self.max_queue_wait:
                 self.metrics.rejected.labels("predicted_wait").inc()
-                return wait - self.max_queue_wait
+                return max(1.0, wait - self.max_queue_wait)
         # Counted until generate() starts and registers its stream (that happens in a task, later).
         self._admitted.extend([now] * n)
         return None
@@ -383,8 +408,23 @@ class Router:
         self._waiting_on[request_id] = source
         source.view.inflight += 1
         m.running.inc()
-        self.pending_prefill_tokens += len(prompt)  # until the first token comes back
         t0 = last = time.monotonic()
+        # Load the policy and admission see: the prompt's KV on the decode worker (and on the prefill worker until
+        # the hand-over), the uncached tokens queued on the worker that prefills until its first token.
+        n_prompt, uncached, prefiller = len(prompt), placement.uncached_tokens, source.view
+        decode.view.active_tokens += n_prompt
+        prefill_holds = prefill is not None
+        if prefill_holds:
+            prefill.view.active_tokens += n_prompt
+        prefiller.queued_prefill_tokens += uncached
+        prefiller.prefill_rate.started(t0)
+        m.routed.labels(placement.reason).inc()
+        m.predicted_hit_tokens.inc(placement.cached_tokens)
+        self.decisions.append({
+            "request_id": request_id, "decode": decode.ready.worker_id,
+            "prefill": prefill.ready.worker_id if prefill else None, "reason": placement.reason,
+            "prompt_tokens": n_prompt, "hit_tokens": placement.cached_tokens, "uncached_tokens": uncached,
+            "costs": placement.costs})
         first = True
         try:
             if prefill is None:
@@ -411,13 +451,10 @@ class Router:
                     if first:
                         m.ttft.observe(now - t0)
                         m.prompt_tokens.inc(out.num_prompt_tokens)
+                        m.cached_prompt_tokens.inc(out.num_cached_tokens)
                         first = False
-                        self.pending_prefill_tokens -= len(prompt)
-                        # Service time, not waiting time: back-to-back prefills complete one service apart.
-                        computed = max(1, out.num_prompt_tokens - out.num_cached_tokens)
-                        rate = computed / max(now - max(t0, self._last_prefill_done), 1e-3)
-                        self._last_prefill_done = now
-                        self.prefill_rate = rate if self.prefill_rate == 0 else 0.8 * self.prefill_rate + 0.2 * rate
+                        prefiller.queued_prefill_tokens -= uncached
+                        prefiller.prefill_rate.done(now, max(1, out.num_prompt_tokens - out.num_cached_tokens))
                     else:
                         m.itl.observe(now - last)
                     last = now
@@ -432,6 +469,8 @@ class Router:
                 if out.prefilled and not out.finished and not stopped:
                     # Hand over to the decode worker; the prefill worker frees its blocks once they are read.
                     prefill.view.inflight -= 1
+                    prefill.view.active_tokens -= n_prompt
+                    prefill_holds = False
                     decode.view.inflight += 1
                     source = decode
                     self._waiting_on[request_id] = decode
@@ -444,7 +483,6 @@ class Router:
                     finished = True
                     m.requests.labels(reason or "stop").inc()
                     m.e2e.observe(time.monotonic() - t0)
-                    self.policy.remember(decode.view, self.policy.block_hashes(prompt))
                 yield Delta(tokens, text, finished, reason, out.num_prompt_tokens,
                             self._named(out.logprobs[: len(tokens)]), out.num_cached_tokens)
                 if finished:
@@ -453,8 +491,12 @@ class Router:
             self.streams.pop(request_id, None)
             self._waiting_on.pop(request_id, None)
             m.running.dec()
+            decode.view.active_tokens -= n_prompt
+            if prefill_holds:
+                prefill.view.active_tokens -= n_prompt
             if first:
-                self.pending_prefill_tokens -= len(prompt)
+                prefiller.queued_prefill_tokens -= uncached
+                prefiller.prefill_rate.cancelled(time.monotonic())
             source.view.inflight -= 1  # the one worker counting this request now
             if stopped:
                 self._stopped[request_id] = time.monotonic()

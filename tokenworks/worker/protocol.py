@@ -2,7 +2,7 @@
 
 Router -> worker (the worker's PULL socket): Submit, Abort, Release, Shutdown.
 Worker -> router (the router's PULL socket): Ready, Outputs (one per engine step: every request that got a
-token), Failed, Stats, Unhealthy. Workers send token ids only; the router turns them into text.
+token), KVEvents (prefix blocks stored and removed, after a step that changed them), Failed, Stats, Unhealthy. Workers send token ids only; the router turns them into text.
 """
 
 from __future__ import annotations
@@ -50,6 +50,15 @@ class Ready(msgspec.Struct, tag="ready"):
     load_seconds: float
     warmup_seconds: float = 0.0
     graphs: str = ""  # CUDA: how decode steps run (LoadedEngine.graphs)
+    max_num_seqs: int = 0
+    cached_block_hashes: list[int] = []  # the prefix cache now; KVEvents carry every change after this
+
+
+class KVEvents(msgspec.Struct, tag="kv_events"):
+    """Changes to the worker's prefix cache, in order: (kind, block hash), kinds as in engine/block_pool.py."""
+
+    worker_id: str
+    events: list[tuple[int, int]]
 
 
 class LogprobEntry(msgspec.Struct, array_like=True):
@@ -115,4 +124,4 @@ class Unhealthy(msgspec.Struct, tag="unhealthy"):
 
 
 ToWorker = Submit | Abort | Release | Shutdown
-FromWorker = Ready | Outputs | Failed | Stats | Unhealthy
+FromWorker = Ready | Outputs | KVEvents | Failed | Stats | Unhealthy

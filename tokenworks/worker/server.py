@@ -105,6 +105,7 @@ class Worker:
             max_model_len=self.engine.max_model_len, block_size=kv.block_size, num_blocks=kv.num_blocks,
             kv_peer=self.kv_peer, cpus=self.cpus, load_seconds=self.loaded.load_seconds,
             warmup_seconds=self.warmup_seconds, graphs=self.loaded.graphs,
+            max_num_seqs=self.scheduler.config.max_num_seqs, cached_block_hashes=self.loaded.pool.record_events(),
         ))
 
     def send(self, msg: P.FromWorker) -> None:
@@ -215,6 +216,9 @@ class Worker:
                     self.send(P.Outputs(self.worker_id, [self.output(o) for o in outs]))
             elif self.scheduler.held:
                 self.scheduler.expire_leases()
+            events = self.loaded.pool.drain_events()
+            if events:
+                self.send(P.KVEvents(self.worker_id, events))
             now = time.monotonic()
             if now - self._last_stats >= STATS_INTERVAL:
                 self._last_stats = now

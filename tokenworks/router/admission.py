@@ -1,0 +1,71 @@
+"""Admission: predict a new request's wait for its first token, and refuse it (429) when that is too long.
+
+The prediction uses the placement the router would make (router/policy.py):
+the worker that would prefill it, the prompt tokens queued there for prefill,
+this request's own uncached tokens, and that worker's measured prefill rate.
+The rate is ``BacklogRate``: tokens of first tokens completed per second of
+time the worker had prefill work queued, so it reflects the worker's speed
+under load (slot and KV waits of an aggregated worker included), neither the
+arrival rate nor the batching of several first tokens into one step.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class BacklogRate:
+    """Work done per second of backlog, exponentially weighted over about ``tau`` seconds of backlog."""
+
+    def __init__(self, tau: float = 30.0) -> None:
+        self.tau = tau
+        self.work = 0.0
+        self.busy = 0.0
+        self.pending = 0
+        self.mark: float | None = None  # start of the backlog interval not yet counted
+        self.since: float | None = None  # when the current backlog began
+
+    @property
+    def rate(self) -> float:
+        """Work per second; 0 until something completed."""
+        return self.work / self.busy if self.busy > 0 and self.work > 0 else 0.0
+
+    def _close(self, now: float, work: float) -> None:
+        if self.mark is not None:
+            dt = max(0.0, now - self.mark)
+            decay = math.exp(-dt / self.tau)
+            self.busy = self.busy * decay + dt
+            self.work = self.work * decay + work
+            self.mark = now
+
+    def started(self, now: float) -> None:
+        if self.pending == 0:
+            self.mark = self.since = now
+        self.pending += 1
+
+    def done(self, now: float, work: float) -> None:
+        """One queued item finished with ``work`` units (its prefilled tokens)."""
+        self._close(now, work)
+        self._leave()
+
+    def cancelled(self, now: float) -> None:
+        """One queued item left without finishing (its client went away, its worker died)."""
+        self._close(now, 0.0)
+        self._leave()
+
+    def _leave(self) -> None:
+        self.pending = max(0, self.pending - 1)
+        if self.pending == 0:
+            self.mark = self.since = None
+
+    def backlog_age(self, now: float) -> float:
+        """Seconds the current backlog has lasted (0: none)."""
+        return 0.0 if self.since is None else now - self.since
+
+
+def predicted_wait(queued_tokens: int, own_tokens: int, rate: BacklogRate, now: float) -> float:
+    """Seconds until a request of ``own_tokens`` uncached tokens, behind ``queued_tokens``, gets its first token.
+    Before any rate is measured: the age of the backlog ahead of it (0 when the worker has none)."""
+    if rate.rate > 0:
+        return (queued_tokens + max(1, own_tokens)) / rate.rate
+    return rate.backlog_age(now)
