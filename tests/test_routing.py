@@ -5,7 +5,7 @@ import random
 import pytest
 
 from tokenworks.engine.block_pool import BlockPool
-from tokenworks.router.admission import BacklogRate, predicted_wait
+from tokenworks.router.admission import FirstTokenRates
 from tokenworks.router.kv_index import KVIndex
 from tokenworks.router.policy import RoutingPolicy, WorkerView
 from tokenworks.sampling_params import SamplingParams
@@ -110,25 +110,31 @@ def test_prefill_worker_chosen_by_the_same_cost_and_local_prefill_on_a_hit():
 
 
 def test_backlog_rate_measures_speed_under_load_not_arrival_rate():
-    r = BacklogRate(tau=1e9)
-    # One request every 10 s, each prefilled in 0.5 s: the rate is 200 tokens / 0.5 s, not 100 tokens / 10 s.
+    r = FirstTokenRates()
+    r.tokens.tau = r.requests.tau = 1e9
+    # One request every 10 s, each prefilled in 0.5 s: 200 tokens/s and 2 first tokens/s, not 100 tokens / 10 s.
     for k in range(3):
         r.started(10.0 * k)
         r.done(10.0 * k + 0.5, 100)
-    assert r.rate == pytest.approx(200.0)
-    assert predicted_wait(0, 100, r, 40.0) == pytest.approx(0.5)
-    # Four queued together and finishing in one step after 2 s: 400 tokens over 2 s of backlog.
-    r = BacklogRate(tau=1e9)
+    assert r.tokens.rate == pytest.approx(200.0) and r.requests.rate == pytest.approx(2.0)
+    assert r.predicted_wait(0, 100, 40.0) == pytest.approx(0.5)
+    assert r.predicted_wait(0, 10, 40.0) == pytest.approx(0.5)  # short prompt: one request's time still
+    # Four queued together and finishing in one step after 2 s: 400 tokens, 4 requests over 2 s of backlog.
+    r = FirstTokenRates()
     for _ in range(4):
         r.started(0.0)
     for _ in range(4):
         r.done(2.0, 100)
-    assert r.rate == pytest.approx(200.0) and r.pending == 0
-    assert predicted_wait(1000, 200, r, 5.0) == pytest.approx(6.0)
+    assert r.tokens.rate == pytest.approx(200.0) and r.requests.rate == pytest.approx(2.0)
+    assert r.tokens.pending == 0
+    assert r.predicted_wait(1000, 200, 5.0) == pytest.approx(6.0)  # tokens decide: 1200 / 200
+    for _ in range(20):
+        r.started(5.0)
+    assert r.predicted_wait(100, 20, 5.0, copies=2) == pytest.approx(11.0)  # requests decide: (20 + 2) / 2
     # Nothing measured yet: the prediction is how long the backlog ahead has lasted.
-    r = BacklogRate()
-    assert predicted_wait(0, 50, r, 3.0) == 0.0
+    r = FirstTokenRates()
+    assert r.predicted_wait(0, 50, 3.0) == 0.0
     r.started(1.0)
-    assert predicted_wait(50, 50, r, 31.0) == pytest.approx(30.0)
+    assert r.predicted_wait(50, 50, 31.0) == pytest.approx(30.0)
     r.cancelled(32.0)
-    assert r.pending == 0 and r.rate == 0.0
+    assert r.tokens.pending == 0 and r.tokens.rate == 0.0

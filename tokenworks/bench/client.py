@@ -22,6 +22,7 @@ class RequestResult:
     prompt_tokens: int = 0
     output_tokens: int = 0
     error: str | None = None
+    error_after: float | None = None  # seconds from sending to the error (a 429's answer time, say)
     token_times: list[float] = field(default_factory=list)  # seconds from the run's start
 
     @property
@@ -42,7 +43,15 @@ class RequestResult:
 
 async def send(client: httpx.AsyncClient, base_url: str, api: str, model: str | None, req: BenchRequest,
                index: int, t0: float, scheduled: float, timeout: float, headers: dict | None = None) -> RequestResult:
-    """Stream one request; every failure is recorded on the result, never raised."""
+    """Stream one request; every failure is recorded on the result (with when it came), never raised."""
+    res = await _send(client, base_url, api, model, req, index, t0, scheduled, timeout, headers)
+    if res.error is not None:
+        res.error_after = time.perf_counter() - t0 - res.start
+    return res
+
+
+async def _send(client: httpx.AsyncClient, base_url: str, api: str, model: str | None, req: BenchRequest,
+                index: int, t0: float, scheduled: float, timeout: float, headers: dict | None) -> RequestResult:
     body: dict = {"max_tokens": req.max_tokens, "stream": True, "stream_options": {"include_usage": True},
                   "temperature": 0.0, "ignore_eos": True}
     if model:

@@ -55,10 +55,13 @@ def summarize(results: list[RequestResult], wall: float, slo: SLO, price_per_hou
     sent = [r for r in results if not (r.error or "").startswith(NOT_SENT)]
     ok = [r for r in sent if r.ok]
     errors: dict[str, int] = {}
+    error_after: dict[str, float] = {}  # the slowest answer of each kind of error, seconds
     for r in sent:
         if not r.ok:
             key = r.error.split(":")[0] if r.error else "error"
             errors[key] = errors.get(key, 0) + 1
+            if r.error_after is not None:
+                error_after[key] = max(error_after.get(key, 0.0), r.error_after)
     s = summary(
         requests=len(sent), errors=errors, wall=wall, slo=slo, met=sum(1 for r in sent if slo.met(r)),
         input_tokens=sum(r.prompt_tokens for r in ok), output_tokens=sum(r.output_tokens for r in ok),
@@ -66,6 +69,7 @@ def summarize(results: list[RequestResult], wall: float, slo: SLO, price_per_hou
         itl=[x for r in ok for x in r.itls], e2e=[r.e2e for r in ok if r.e2e is not None],
         price_per_hour=price_per_hour)
     s["not_sent"] = len(results) - len(sent)
+    s["error_after_max_s"] = error_after
     return s
 
 

@@ -78,7 +78,10 @@ def markdown(title: str, runs: dict[str, list[tuple[float, dict]]], goodputs: di
                 lines.append(f"| not sent | {s['not_sent']} (the time limit came first; not counted above) "
                              "| | | | | | | | |")
             if s["errors"]:
-                lines.append(f"| errors | {', '.join(f'{k}: {v}' for k, v in s['errors'].items())} | | | | | | | | |")
+                after = s.get("error_after_max_s", {})
+                lines.append("| errors | " + ", ".join(
+                    f"{k}: {v}" + (f" (answered within {after[k]:.2f} s)" if k in after else "")
+                    for k, v in s["errors"].items()) + " | | | | | | | | |")
         lines.append("")
     return "\n".join(lines)
 

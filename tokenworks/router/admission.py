@@ -1,11 +1,13 @@
 """Admission: predict a new request's wait for its first token, and refuse it (429) when that is too long.
 
 The prediction uses the placement the router would make (router/policy.py):
-the worker that would prefill it, the prompt tokens queued there for prefill,
-this request's own uncached tokens, and that worker's measured prefill rate.
-The rate is ``BacklogRate``: tokens of first tokens completed per second of
-time the worker had prefill work queued, so it reflects the worker's speed
-under load (slot and KV waits of an aggregated worker included), neither the
+the worker that would prefill it, what is queued there for a first token, and
+that worker's measured rates, in two ways, taking the longer: prompt tokens
+(queued + this request's uncached ones) over the prefill token rate, and
+requests (queued + this one) over the first-token rate; the second sees the
+wait for a free slot when an aggregated worker's batch is full and prompts are
+short. Both rates are ``BacklogRate``s: work completed per second of time the
+worker had such work queued, so they reflect its speed under load, neither the
 arrival rate nor the batching of several first tokens into one step.
 """
 
@@ -17,7 +19,7 @@ import math
 class BacklogRate:
     """Work done per second of backlog, exponentially weighted over about ``tau`` seconds of backlog."""
 
-    def __init__(self, tau: float = 30.0) -> None:
+    def __init__(self, tau: float = 10.0) -> None:
         self.tau = tau
         self.work = 0.0
         self.busy = 0.0
@@ -63,9 +65,32 @@ class BacklogRate:
         return 0.0 if self.since is None else now - self.since
 
 
-def predicted_wait(queued_tokens: int, own_tokens: int, rate: BacklogRate, now: float) -> float:
-    """Seconds until a request of ``own_tokens`` uncached tokens, behind ``queued_tokens``, gets its first token.
-    Before any rate is measured: the age of the backlog ahead of it (0 when the worker has none)."""
-    if rate.rate > 0:
-        return (queued_tokens + max(1, own_tokens)) / rate.rate
-    return rate.backlog_age(now)
+class FirstTokenRates:
+    """A worker's prefill tokens/s and first tokens/s under backlog (one request queued = one ``started``)."""
+
+    def __init__(self) -> None:
+        self.tokens = BacklogRate()
+        self.requests = BacklogRate()
+
+    def started(self, now: float) -> None:
+        self.tokens.started(now)
+        self.requests.started(now)
+
+    def done(self, now: float, tokens: int) -> None:
+        self.tokens.done(now, tokens)
+        self.requests.done(now, 1)
+
+    def cancelled(self, now: float) -> None:
+        self.tokens.cancelled(now)
+        self.requests.cancelled(now)
+
+    def predicted_wait(self, queued_tokens: int, own_tokens: int, now: float, copies: int = 1) -> float:
+        """Seconds until a request of ``own_tokens`` uncached tokens (``copies`` of it: n > 1), behind
+        ``queued_tokens`` and the requests already queued, gets its first token. Before any rate is measured:
+        the age of the backlog ahead of it (0 when the worker has none)."""
+        waits = []
+        if self.tokens.rate > 0:
+            waits.append((queued_tokens + copies * max(1, own_tokens)) / self.tokens.rate)
+        if self.requests.rate > 0:
+            waits.append((self.requests.pending + copies) / self.requests.rate)
+        return max(waits) if waits else self.tokens.backlog_age(now)

@@ -182,7 +182,8 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
                          "overflows": index.num_overflows,
                          "per_worker": {w: len(b) for w, b in index.blocks.items()}},
             "workers": {wid: {"active_tokens": h.view.active_tokens, "queued_prefill_tokens": h.view.queued_prefill_tokens,
-                              "prefill_tokens_per_s": round(h.view.prefill_rate.rate, 1), "inflight": h.view.inflight}
+                              "prefill_tokens_per_s": round(h.view.rates.tokens.rate, 1),
+                              "first_tokens_per_s": round(h.view.rates.requests.rate, 2), "inflight": h.view.inflight}
                         for wid, h in router.workers.items()},
             "decisions": list(router.decisions),
         }

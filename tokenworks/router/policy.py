@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokenworks.engine.block_pool import hash_block
-from tokenworks.router.admission import BacklogRate
+from tokenworks.router.admission import FirstTokenRates
 from tokenworks.router.kv_index import KVIndex
 
 
@@ -32,7 +32,7 @@ class WorkerView:
     alive: bool = True
     active_tokens: int = 0  # prompt tokens of the requests placed here and not finished (for decode: their KV)
     queued_prefill_tokens: int = 0  # tokens sent here to prefill whose first token has not come back
-    prefill_rate: BacklogRate = field(default_factory=BacklogRate)  # its prefill tokens/s under backlog
+    rates: FirstTokenRates = field(default_factory=FirstTokenRates)  # its prefill speed under backlog
 
     @property
     def load(self) -> int:

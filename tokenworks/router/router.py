@@ -29,7 +29,6 @@ import zmq.asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tokenworks.codec import Codec
-from tokenworks.router.admission import predicted_wait
 from tokenworks.router.kv_index import KVIndex
 from tokenworks.router.policy import RoutingPolicy, WorkerView
 from tokenworks.sampling_params import SamplingParams
@@ -329,7 +328,7 @@ class Router:
             placement = None  # no worker now: generate() answers 503 or waits for one
         if placement is not None:
             w = placement.prefill or placement.decode
-            wait = predicted_wait(w.queued_prefill_tokens, placement.uncached_tokens * n, w.prefill_rate, now)
+            wait = w.rates.predicted_wait(w.queued_prefill_tokens, placement.uncached_tokens, now, copies=n)
             if wait > self.max_queue_wait:
                 self.metrics.rejected.labels("predicted_wait").inc()
                 return max(1.0, wait - self.max_queue_wait)
@@ -417,7 +416,7 @@ class Router:
         if prefill_holds:
             prefill.view.active_tokens += n_prompt
         prefiller.queued_prefill_tokens += uncached
-        prefiller.prefill_rate.started(t0)
+        prefiller.rates.started(t0)
         m.routed.labels(placement.reason).inc()
         m.predicted_hit_tokens.inc(placement.cached_tokens)
         self.decisions.append({
@@ -454,7 +453,7 @@ class Router:
                         m.cached_prompt_tokens.inc(out.num_cached_tokens)
                         first = False
                         prefiller.queued_prefill_tokens -= uncached
-                        prefiller.prefill_rate.done(now, max(1, out.num_prompt_tokens - out.num_cached_tokens))
+                        prefiller.rates.done(now, max(1, out.num_prompt_tokens - out.num_cached_tokens))
                     else:
                         m.itl.observe(now - last)
                     last = now
@@ -496,7 +495,7 @@ class Router:
                 prefill.view.active_tokens -= n_prompt
             if first:
                 prefiller.queued_prefill_tokens -= uncached
-                prefiller.prefill_rate.cancelled(time.monotonic())
+                prefiller.rates.cancelled(time.monotonic())
             source.view.inflight -= 1  # the one worker counting this request now
             if stopped:
                 self._stopped[request_id] = time.monotonic()
