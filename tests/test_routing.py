@@ -4,6 +4,7 @@ import random
 
 import pytest
 
+from tokenworks.config import EngineArgs
 from tokenworks.engine.block_pool import BlockPool
 from tokenworks.router.admission import FirstTokenRates
 from tokenworks.router.kv_index import KVIndex
@@ -12,15 +13,34 @@ from tokenworks.sampling_params import SamplingParams
 from tests.test_worker_parts import tiny_engine
 
 
-def test_events_keep_the_index_equal_to_the_pool_through_stores_evictions_aborts_and_restarts():
+def _engine(host_gib: float):
+    from dataclasses import replace
+
+    from tokenworks.llm import build_random_engine
+
+    loaded = tiny_engine("cpu")  # its shape and pool (64 blocks), with a host tier when asked
+    args = replace(EngineArgs(device="cpu", dtype="float32", num_blocks=64, max_num_batched_tokens=96,
+                              max_num_seqs=8), kv_host_memory_gib=host_gib)
+    return build_random_engine(args, loaded.model_config, "tiny")
+
+
+def _sync(index, loaded):
+    tier = loaded.host_tier
+    index.reset("w", loaded.pool.record_events(), loaded.pool.num_blocks, [] if tier is None else tier.hashes(),
+                0 if tier is None else tier.num_blocks)
+
+
+@pytest.mark.parametrize("host_gib", [0.0, 0.00005])  # no host tier; one of 26 blocks (it overflows too)
+def test_events_keep_the_index_equal_to_the_pool_through_stores_evictions_aborts_and_restarts(host_gib):
     """A real engine (tiny random model, a pool small enough to evict) runs a random mix of requests with shared
     prefixes, aborts and prefix-cache resets; after every step the index, fed only the drained events, holds
-    exactly the pool's cached hashes. A restart (a new pool) is re-synced from its Ready snapshot."""
+    exactly the pool's cached hashes (and the host tier's). A restart (a new pool) is re-synced from its Ready
+    snapshot."""
     rng = random.Random(7)
     index = KVIndex()
-    loaded = tiny_engine("cpu")
+    loaded = _engine(host_gib)
     engine, pool = loaded.engine, loaded.pool
-    index.reset("w", pool.record_events(), pool.num_blocks)
+    _sync(index, loaded)
     prefixes = [[rng.randrange(1, 96) for _ in range(rng.randrange(16, 60))] for _ in range(5)]
     n = 0
     kinds = set()
@@ -36,16 +56,19 @@ def test_events_keep_the_index_equal_to_the_pool_through_stores_evictions_aborts
         elif r < 0.44:
             pool.reset_prefix_cache()
         elif r < 0.46 and not engine.has_unfinished():  # the worker restarts: a fresh pool, re-synced from Ready
-            loaded = tiny_engine("cpu")
+            loaded = _engine(host_gib)
             engine, pool = loaded.engine, loaded.pool
-            index.reset("w", pool.record_events(), pool.num_blocks)
+            _sync(index, loaded)
         if engine.has_unfinished():
             engine.step()
         events = pool.drain_events()
         kinds.update(k for k, _ in events)
         index.apply("w", events)
         assert index.blocks["w"] == set(pool.cached_hashes()), f"step {step}"
-    assert kinds == {0, 1, 2}  # stores, evictions (the 64-block pool was pressed) and clears all happened
+        if loaded.host_tier is not None:
+            assert index.host["w"] == set(loaded.host_tier.hashes()), f"step {step}"
+    # Stores, evictions (the 64-block pool was pressed) and clears happened; with the tier, saves and drops too.
+    assert kinds == ({0, 1, 2, 3, 4} if host_gib else {0, 1, 2})
     assert index.num_events > 0 and index.num_overflows == 0
 
 
@@ -79,34 +102,59 @@ def _policy(held: dict[str, int], prompt: list[int], weight: float = 1.0, thresh
 PROMPT = list(range(1, 161))  # 160 tokens: 9 reusable blocks (the last token's block is never reused)
 
 
-@pytest.mark.parametrize("held,active,weight,want,reason", [
-    ({"a": 0, "b": 0}, {"a": 0, "b": 50}, 1.0, "a", "load"),  # no prefix anywhere: least active tokens
-    ({"a": 0, "b": 9}, {"a": 0, "b": 0}, 1.0, "b", "prefix"),  # equal load: the prefix holder
-    ({"a": 0, "b": 9}, {"a": 0, "b": 140}, 1.0, "b", "prefix"),  # 144 hit tokens outweigh 140 active
-    ({"a": 0, "b": 9}, {"a": 0, "b": 150}, 1.0, "a", "load"),  # ... but not 150
-    ({"a": 0, "b": 9}, {"a": 0, "b": 150}, 2.0, "b", "prefix"),  # unless hits weigh double
-    ({"a": 0, "b": 9}, {"a": 10, "b": 0}, 0.0, "b", "prefix"),  # weight 0: load alone picks b (it holds the prefix)
-    ({"a": 3, "b": 9}, {"a": 0, "b": 100}, 1.0, "a", "prefix"),  # a: 112 uncached + 0 < b: 16 uncached + 100 active
+@pytest.mark.parametrize("held,queued,weight,want,reason", [
+    ({"a": 0, "b": 0}, {"a": 0, "b": 50}, 1.0, "a", "load"),  # no prefix anywhere: the shorter prefill queue
+    ({"a": 0, "b": 9}, {"a": 0, "b": 0}, 1.0, "b", "prefix"),  # equal queues: the prefix holder
+    ({"a": 0, "b": 9}, {"a": 0, "b": 140}, 1.0, "b", "prefix"),  # 16 + 140 queued < 160: the hit still wins
+    ({"a": 0, "b": 9}, {"a": 0, "b": 150}, 1.0, "a", "load"),  # 16 + 150 > 160: a's first token comes sooner
+    ({"a": 0, "b": 9}, {"a": 0, "b": 150}, 2.0, "b", "prefix"),  # unless hits weigh double (32 + 150 < 320)
+    ({"a": 0, "b": 9}, {"a": 10, "b": 10}, 0.0, "a", "load"),  # weight 0: queues alone, a tie: fewer in flight
+    ({"a": 3, "b": 9}, {"a": 0, "b": 100}, 1.0, "a", "prefix"),  # a: 112 + 0 < b: 16 + 100
 ])
-def test_one_cost_weighs_prefix_hits_against_load(held, active, weight, want, reason):
+def test_one_cost_weighs_prefix_hits_against_queued_prefill(held, queued, weight, want, reason):
     policy = _policy(held, PROMPT, weight)
-    workers = [WorkerView(w, "both", active_tokens=active[w]) for w in held]
+    workers = [WorkerView(w, "both", queued_prefill_tokens=queued[w], inflight=int(w == "b")) for w in held]
     p = policy.place(workers, PROMPT)
     assert (p.decode.worker_id, p.reason) == (want, reason)
     assert p.cached_tokens == 16 * held[want] and p.uncached_tokens == 160 - 16 * held[want]
     assert p.costs[want] == min(p.costs.values())
 
 
+def test_cost_is_the_predicted_wait_at_each_workers_measured_rate():
+    """A slower worker (half the prefill rate) loses even with the prefix: 16 tokens at 10/s > 160 at 200/s; a
+    worker with no rate measured yet is given the best measured one."""
+    policy = _policy({"fast": 0, "slow": 9, "new": 0}, PROMPT)
+    fast, slow, new = WorkerView("fast", "both"), WorkerView("slow", "both"), WorkerView("new", "both", inflight=1)
+    for w, seconds in ((fast, 0.5), (slow, 10.0)):
+        w.rates.started(0.0)
+        w.rates.done(seconds, 100)
+    p = policy.place([fast, slow, new], PROMPT)
+    assert p.decode is fast and p.costs == {"fast": 0.8, "slow": 1.6, "new": 0.8}  # seconds; new ties, more inflight
+
+
 def test_prefill_worker_chosen_by_the_same_cost_and_local_prefill_on_a_hit():
     policy = _policy({"d": 0, "p1": 0, "p2": 9}, PROMPT, threshold=16)
-    workers = [WorkerView("d", "decode"), WorkerView("p1", "prefill"), WorkerView("p2", "prefill", active_tokens=100)]
+    workers = [WorkerView("d", "decode"), WorkerView("p1", "prefill"),
+               WorkerView("p2", "prefill", queued_prefill_tokens=100)]
     p = policy.place(workers, PROMPT)
-    assert p.prefill.worker_id == "p2" and p.uncached_tokens == 16  # its hit outweighs its 100 active tokens
+    assert p.prefill.worker_id == "p2" and p.uncached_tokens == 16  # its hit outweighs its 100 queued tokens
     policy = _policy({"d": 9, "p1": 0}, PROMPT, threshold=16)  # the decode worker holds all but 16: prefill there
     p = policy.place([WorkerView("d", "decode"), WorkerView("p1", "prefill")], PROMPT)
     assert p.prefill is None and p.uncached_tokens == 16 and p.reason == "prefix"
     with pytest.raises(LookupError):
         policy.place([WorkerView("p1", "prefill")], PROMPT)
+
+
+@pytest.mark.parametrize("routing,want", [("prefix", "b"), ("least-loaded", "a"), ("round-robin", "b")])
+def test_baseline_routings(routing, want):
+    policy = _policy({"a": 0, "b": 9}, PROMPT)
+    policy.routing = routing
+    workers = [WorkerView("a", "both"), WorkerView("b", "both", queued_prefill_tokens=10**6, inflight=3)]
+    assert policy.place(workers, PROMPT).decode.worker_id == want
+    if routing == "round-robin":
+        assert policy.place(workers, PROMPT).decode.worker_id == "a"
+    with pytest.raises(ValueError):
+        RoutingPolicy(16, 16, routing="random")
 
 
 def test_backlog_rate_measures_speed_under_load_not_arrival_rate():

@@ -24,6 +24,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                         "milliseconds in the layers' matmuls); none: every weight dequantized to --dtype "
                         "(default: auto)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--kv-host-memory-gib", type=float, default=0.0, metavar="GIB",
+                   help="keep prefix blocks evicted from the KV pool in this much host memory and copy them back on "
+                        "a prefix hit instead of recomputing (default: 0, off)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run every step eagerly instead of replaying captured decode CUDA graphs")
 
@@ -43,6 +46,7 @@ def _engine_args(ns: argparse.Namespace):
         num_threads=ns.threads,
         quantization=ns.quantization,
         enforce_eager=ns.enforce_eager,
+        kv_host_memory_gib=ns.kv_host_memory_gib,
     )
 
 
@@ -147,7 +151,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         router = Router(block_size=args.block_size, local_prefill_threshold=ns.local_prefill_threshold,
                         max_inflight=ns.max_inflight_requests, max_queue_wait=ns.max_queue_wait,
                         internal_host=ns.internal_host, secret=secret, price_per_worker_hour=ns.price_per_worker_hour,
-                        tokenizer=tokenizer, overlap_weight=ns.router_overlap_weight)
+                        tokenizer=tokenizer, overlap_weight=ns.router_overlap_weight, routing=ns.routing)
         router.start()
         cluster = LocalCluster(router, args, ns.kv_transport, lease_seconds=ns.lease_seconds,
                                # prefill-only workers never run a decode step: no decode graphs to capture
@@ -224,14 +228,22 @@ def _ints(text: str) -> list[int]:
 def _bench_flags(p: argparse.ArgumentParser, out: str = "results/bench") -> None:
     w = p.add_argument_group("workload")
     w.add_argument("--workload", default="synthetic",
-                   choices=["synthetic", "shared-prefix", "mixed", "sharegpt", "mooncake", "azure"])
+                   choices=["synthetic", "shared-prefix", "multi-turn", "mixed", "sharegpt", "mooncake", "azure"])
     w.add_argument("--file", default=None, help="ShareGPT JSON, Mooncake JSONL or Azure CSV file")
     w.add_argument("--num-requests", type=int, default=50, help="requests per load level (default: 50)")
     w.add_argument("--input-len", default="uniform:50:400",
                    help="fixed:N | uniform:A:B | normal:MU:SIGMA | sharegpt:MEDIAN (default: uniform:50:400)")
     w.add_argument("--output-len", default="uniform:16:128", help="same forms as --input-len (default: uniform:16:128)")
-    w.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: distinct system prompts (default: 4)")
-    w.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: tokens per system prompt (default: 512)")
+    w.add_argument("--num-prefixes", type=int, default=4,
+                   help="shared-prefix, multi-turn: distinct system prompts (default: 4)")
+    w.add_argument("--prefix-len", type=int, default=512,
+                   help="shared-prefix, multi-turn: tokens per system prompt (default: 512)")
+    w.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation (default: 4); "
+                   "--input-len is each user message, --output-len each answer")
+    w.add_argument("--session-rate", type=float, default=0.5,
+                   help="multi-turn: conversations starting per second, Poisson (default: 0.5)")
+    w.add_argument("--think-time", type=float, default=3.0,
+                   help="multi-turn: seconds between a conversation's turns (default: 3)")
     w.add_argument("--time-scale", type=float, default=1.0, help="traces: multiply arrival times (default: 1)")
     w.add_argument("--length-scale", type=float, default=1.0, help="traces: multiply token counts (default: 1)")
     w.add_argument("--seed", type=int, default=0)
@@ -585,8 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefill on the decode worker when the uncached prompt is at most this long (default: 16, "
                         "from benchmarks/local_prefill_threshold.py on a 2-CPU machine)")
     s.add_argument("--router-overlap-weight", type=float, default=1.0, metavar="W",
-                   help="routing cost = W x prompt tokens not in a worker's prefix cache + the tokens already active "
-                        "there; 0 routes by load alone (default: 1.0; see /debug/routing)")
+                   help="routing cost = (prompt tokens queued on a worker for prefill + W x this prompt's tokens not in "
+                        "its prefix cache) / its measured prefill rate: the predicted wait for the first token; "
+                        "0 routes by queued prefill alone (default: 1.0; see /debug/routing)")
+    s.add_argument("--routing", default="kv", choices=["kv", "prefix", "least-loaded", "round-robin"],
+                   help="kv: the cost above (default); prefix: longest prefix hit first; least-loaded: fewest "
+                        "requests in flight; round-robin (baselines for benchmarks/routing.py)")
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $TOKENWORKS_API_KEY, else none)")
     s.add_argument("--max-inflight-requests", type=int, default=256,

@@ -127,6 +127,7 @@ class EngineArgs:
     seed: int = 0
     quantization: str = "auto"  # auto: a GGUF's Q4_0/Q4_1 layers run as 4-bit on CPU; none: all float
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs (model/cuda_graphs.py)
+    kv_host_memory_gib: float = 0.0  # > 0: evicted prefix blocks kept in host memory (model/host_kv_tier.py)
 
     def __post_init__(self) -> None:
         if self.quantization not in ("auto", "none"):

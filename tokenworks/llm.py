@@ -18,6 +18,7 @@ from tokenworks.engine.block_pool import BlockPool
 from tokenworks.engine.engine import Engine
 from tokenworks.engine.kv_cache_manager import KVCacheManager
 from tokenworks.engine.scheduler import Scheduler
+from tokenworks.model.host_kv_tier import HostKVTier, host_blocks_for_budget
 from tokenworks.model.kv_cache import KVCache, num_blocks_for_budget, torch_dtype
 from tokenworks.model.llama import LlamaModel
 from tokenworks.model.runner import ModelRunner
@@ -36,6 +37,7 @@ class LoadedEngine:
     pool: BlockPool
     load_seconds: float
     graphs: str = ""  # how decode steps run on CUDA (graphs captured, or why not); empty on CPU
+    host_tier: HostKVTier | None = None  # --kv-host-memory-gib
 
 
 def build_engine(args: EngineArgs, detokenize: bool = True) -> LoadedEngine:
@@ -80,11 +82,15 @@ def _assemble(args: EngineArgs, name: str, config: ModelConfig, weights: dict, t
     sched_cfg = args.scheduler_config(config, num_blocks)
     kv_tensor = KVCache(config, cache_cfg.block_size, num_blocks, dtype, dev.device)
     pool = BlockPool(num_blocks, cache_cfg.enable_prefix_caching)
-    scheduler = Scheduler(sched_cfg, KVCacheManager(pool, cache_cfg.block_size))
+    tier = None
+    if args.kv_host_memory_gib > 0 and cache_cfg.enable_prefix_caching:
+        tier = HostKVTier(kv_tensor, host_blocks_for_budget(kv_tensor, args.kv_host_memory_gib), pool)
+        pool.evict_hook = tier.save
+    scheduler = Scheduler(sched_cfg, KVCacheManager(pool, cache_cfg.block_size, tier))
     runner = ModelRunner(model, kv_tensor)
     graphs = _capture_graphs(args, runner, sched_cfg.max_num_seqs, -(-sched_cfg.max_model_len // cache_cfg.block_size))
     engine = Engine(scheduler, runner, tokenizer, eos, vocab_size=config.vocab_size)
-    return LoadedEngine(engine, name, config, runner, pool, time.perf_counter() - t0, graphs)
+    return LoadedEngine(engine, name, config, runner, pool, time.perf_counter() - t0, graphs, tier)
 
 
 def _capture_graphs(args: EngineArgs, runner: ModelRunner, max_num_seqs: int, max_blocks: int) -> str:

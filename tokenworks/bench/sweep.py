@@ -31,6 +31,9 @@ def build_workload(ns) -> tuple[list[W.BenchRequest], list[W.TraceProblem]]:
         return W.shared_prefix(n, ns.num_prefixes, ns.prefix_len, ns.input_len, ns.output_len, ns.seed), []
     if kind == "mixed":
         return W.mixed(n, ns.seed), []
+    if kind == "multi-turn":
+        return W.multi_turn(n, ns.turns, ns.session_rate, ns.think_time, ns.num_prefixes, ns.prefix_len,
+                            ns.input_len, ns.output_len, ns.seed), []
     if not ns.file:
         raise W.WorkloadError(f"--workload {kind} needs --file")
     if kind == "sharegpt":

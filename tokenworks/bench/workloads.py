@@ -105,6 +105,35 @@ def shared_prefix(n: int, num_prefixes: int, prefix_len: int, suffix_len: str, o
     return out
 
 
+def multi_turn(n: int, turns: int, session_rate: float, think_time: float, num_prefixes: int, prefix_len: int,
+               user_len: str, output_len: str, seed: int) -> list[BenchRequest]:
+    """Chat sessions whose every turn resends the whole conversation so far: one of ``num_prefixes`` system
+    prompts, then user and assistant messages (the assistant's as the workload wrote them, ``output_len`` long),
+    so each turn's prompt extends the previous one's. Sessions start as a Poisson process at ``session_rate``
+    per second; a session's turns come ``think_time`` seconds apart. ``n`` requests in all, in arrival order."""
+    if turns < 1 or session_rate <= 0 or think_time < 0:
+        raise WorkloadError("multi-turn needs --turns >= 1, --session-rate > 0 and --think-time >= 0")
+    rng = random.Random(seed)
+    systems = [_words(rng, prefix_len, salt=f"system{k}") for k in range(num_prefixes)]
+    out: list[BenchRequest] = []
+    start, session = 0.0, 0
+    while len(out) < n:
+        history = systems[rng.randrange(num_prefixes)]
+        tokens = prefix_len
+        for turn in range(turns):
+            k = sample_length(user_len, rng)
+            history += f"\nUser: {_words(rng, k, salt=f's{session}t{turn}')}\nAssistant:"
+            tokens += k + 4
+            answer = sample_length(output_len, rng)
+            out.append(BenchRequest(history, answer, arrival=start + turn * think_time, input_tokens=tokens))
+            history += " " + _words(rng, answer, salt=f"a{session}t{turn}")
+            tokens += answer
+        session += 1
+        start += rng.expovariate(session_rate)
+    out.sort(key=lambda r: r.arrival)
+    return out[:n]
+
+
 def mixed(n: int, seed: int, long_fraction: float = 0.15, short_input: str = "uniform:20:120",
           long_input: str = "uniform:800:1400", output_len: str = "uniform:32:96") -> list[BenchRequest]:
     """Mostly short chats; some very long prompts that arrive while the others decode."""

@@ -16,7 +16,7 @@ Invariant, checked by ``check_integrity``: free + cached + used == total.
 
 KV events (once ``record_events`` is called): every change to the set of
 cached hashes is appended to ``events`` in order, as ``(STORED, hash)``, ``(REMOVED, hash)`` or
-``(CLEARED, 0)``; a worker drains them after each step and publishes them, and
+``(CLEARED, 0)`` (a host tier adds ``HOST_STORED``/``HOST_REMOVED``); a worker drains them after each step and publishes them, and
 the router's index of which worker holds which prefix (router/kv_index.py)
 replays them, so it always equals ``cached_hashes()`` here.
 """
@@ -26,10 +26,11 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 NULL_BLOCK_ID = 0
-REMOVED, STORED, CLEARED = 0, 1, 2  # KV event kinds
+REMOVED, STORED, CLEARED = 0, 1, 2  # KV event kinds of the pool
+HOST_REMOVED, HOST_STORED = 3, 4  # ... and of a host-memory tier behind it (model/host_kv_tier.py)
 
 
 def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
@@ -62,6 +63,8 @@ class BlockPool:
         self._idle: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks[1:])
         self._cached: dict[int, Block] = {}  # block_hash -> block (used or idle)
         self.num_evictions = 0
+        # Called with (block id, hash) as a cached block is evicted, before it is reused: a host tier saves it.
+        self.evict_hook: Callable[[int, int], None] | None = None
         self.events: list[tuple[int, int]] | None = None  # (kind, hash) since the last drain; None: not recorded
 
     # -- queries -------------------------------------------------------------------------
@@ -120,6 +123,8 @@ class BlockPool:
             _, block = self._idle.popitem(last=False)
             if block.block_hash is not None:
                 del self._cached[block.block_hash]
+                if self.evict_hook is not None:
+                    self.evict_hook(block.block_id, block.block_hash)
                 self._event(REMOVED, block.block_hash)
                 block.block_hash = None
                 self.num_evictions += 1

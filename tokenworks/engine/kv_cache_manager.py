@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from tokenworks.engine.block_pool import Block, BlockPool, hash_block
 from tokenworks.engine.request import Request
 
 
-class KVCacheManager:
-    """Maps request ids to block lists on top of a ``BlockPool``."""
+class HostTier(Protocol):
+    """Blocks evicted from the pool, kept elsewhere by hash (model/host_kv_tier.py)."""
 
-    def __init__(self, pool: BlockPool, block_size: int) -> None:
+    def hold(self, block_hash: int) -> bool: ...
+
+    def restore(self, block_hash: int, block_id: int) -> None: ...
+
+
+class KVCacheManager:
+    """Maps request ids to block lists on top of a ``BlockPool`` (and a host tier behind it, if any)."""
+
+    def __init__(self, pool: BlockPool, block_size: int, host_tier: HostTier | None = None) -> None:
         self.pool = pool
         self.block_size = block_size
+        self.host_tier = host_tier
         self.req_blocks: dict[str, list[Block]] = {}
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # tokens found there
@@ -39,14 +50,40 @@ class KVCacheManager:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[Block] = []
-        for h in self._block_hashes(request, max_blocks):
+        hashes = self._block_hashes(request, max_blocks)
+        for h in hashes:
             block = self.pool.lookup(h)
             if block is None:
                 break
             hits.append(block)
+        if self.host_tier is not None and len(hits) < len(hashes):
+            hits += self._restore(hashes[len(hits):], hits)
         self.prefix_queries += request.num_tokens
         self.prefix_hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
+
+    def _restore(self, hashes: list[int], hits: list[Block]) -> list[Block]:
+        """Copy the prefix's continuation back from the host tier into fresh blocks, published in the prefix cache
+        and left idle like any cached hit (``allocate_slots`` takes the references). The device hits are pinned
+        meanwhile, so making room never evicts them."""
+        pool, tier = self.pool, self.host_tier
+        restored: list[Block] = []
+        pool.touch(hits)
+        for h in hashes:
+            block = pool.lookup(h)  # the chain can resume in the pool after an evicted block
+            if block is not None:
+                pool.touch([block])
+                restored.append(block)
+                continue
+            # Keep one idle block beyond what is restored: the request needs a slot for its last token.
+            if not tier.hold(h) or pool.num_idle_blocks <= 1:
+                break
+            block = pool.allocate(1)[0]
+            tier.restore(h, block.block_id)
+            pool.cache(block, h)
+            restored.append(block)
+        pool.release(reversed(hits + restored))
+        return restored
 
     def allocate_slots(self, request: Request, num_new_tokens: int, computed_blocks: list[Block] = ()) -> bool:
         """Make room for ``num_new_tokens`` more tokens; False (and no change) if the pool is short."""

@@ -167,7 +167,8 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
                     "step_ms": s.step_ms, "steps": s.steps, "busy_seconds": s.busy_seconds,
                     "running": s.num_running, "waiting": s.num_waiting, "waiting_for_kv": s.num_waiting_for_kv,
                     "held": s.num_held, "blocks_used": s.blocks_used, "blocks_total": s.blocks_total,
-                    "blocks_cached": s.blocks_cached, "expired_leases": s.expired_leases, "idle": s.idle}),
+                    "blocks_cached": s.blocks_cached, "expired_leases": s.expired_leases, "idle": s.idle,
+                    "host_blocks_cached": s.host_blocks_cached, "host_blocks_restored": s.host_blocks_restored}),
             }
         return {"workers": out}
 
@@ -177,10 +178,11 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
         worker's load as the router counts it."""
         index = router.kv_index
         return {
-            "overlap_weight": router.policy.overlap_weight,
+            "routing": router.policy.routing, "overlap_weight": router.policy.overlap_weight,
             "kv_index": {"blocks": index.num_entries, "bytes": index.nbytes, "events": index.num_events,
                          "overflows": index.num_overflows,
-                         "per_worker": {w: len(b) for w, b in index.blocks.items()}},
+                         "per_worker": {w: len(b) for w, b in index.blocks.items()},
+                         "host_per_worker": {w: len(b) for w, b in index.host.items()}},
             "workers": {wid: {"active_tokens": h.view.active_tokens, "queued_prefill_tokens": h.view.queued_prefill_tokens,
                               "prefill_tokens_per_s": round(h.view.rates.tokens.rate, 1),
                               "first_tokens_per_s": round(h.view.rates.requests.rate, 2), "inflight": h.view.inflight}

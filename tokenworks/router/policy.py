@@ -1,17 +1,28 @@
 """Where each phase runs: one cost for every candidate worker, conditional disaggregation.
 
-The cost of sending a request to a worker, in tokens:
+``routing="kv"`` (the default) sends a request where its first token is predicted soonest, the estimate
+admission uses too (router/admission.py):
 
-    overlap_weight x (prompt tokens the worker would compute: not in its prefix cache)
-    + the worker's active tokens (prompts of the requests the router has placed there and not seen finish)
+    (prompt tokens queued on the worker for prefill + overlap_weight x this prompt's tokens not in its prefix cache)
+    / the worker's prefill tokens per second under backlog
 
 The prefix cache is known exactly: workers publish the blocks they store and
-evict (router/kv_index.py). A weight of 1 trades a prefix hit of N tokens
-against N tokens of someone else's work already on the worker (the rule
-NVIDIA Dynamo's KV router uses, in blocks); 0 routes by load alone. The
-decode worker is the cheapest decode-capable one; if the prompt's part it
-does not hold is at most ``local_prefill_threshold`` tokens it prefills there,
-else the cheapest prefill worker does (judged by the same cost).
+evict (router/kv_index.py). A worker whose rate is not measured yet is given
+the best measured rate (no rate anywhere yet: the cost is in tokens). Equal
+costs (idle workers, no hits) go to the one with fewer requests in flight.
+A weight above 1 favours hits beyond what they save in prefill time (to keep
+sessions together); 0 routes by queued prefill alone. The decode worker is the
+cheapest decode-capable one; if the prompt's part it does not hold is at most
+``local_prefill_threshold`` tokens it prefills there, else the cheapest
+prefill worker does (judged by the same cost).
+
+Baselines, for benchmarks/routing.py and for comparison in production:
+``prefix`` (the longest prefix hit wins, load only breaks ties: the most
+hits an index can give), ``least-loaded`` (fewest requests in flight, prefix
+breaks ties) and ``round-robin``. An earlier cost, overlap + the prompt tokens
+of every request active on the worker (Dynamo's rule, in tokens), lost to
+least-loaded on this CPU, where a prefill costs far more than a decode row
+(docs/routing.md).
 """
 
 from __future__ import annotations
@@ -43,7 +54,7 @@ class WorkerView:
 class Choice:
     worker: WorkerView
     hit_tokens: int  # prompt tokens in its prefix cache
-    cost: float
+    cost: float  # predicted seconds to its first token there (tokens while no rate is measured)
 
 
 @dataclass
@@ -56,13 +67,20 @@ class Placement:
     costs: dict[str, float]  # every candidate's cost (for /debug/routing)
 
 
+ROUTINGS = ("kv", "prefix", "least-loaded", "round-robin")
+
+
 class RoutingPolicy:
     def __init__(self, block_size: int, local_prefill_threshold: int, index: KVIndex | None = None,
-                 overlap_weight: float = 1.0) -> None:
+                 overlap_weight: float = 1.0, routing: str = "kv") -> None:
+        if routing not in ROUTINGS:
+            raise ValueError(f"unknown routing {routing!r}; choose one of {', '.join(ROUTINGS)}")
         self.block_size = block_size
         self.local_prefill_threshold = local_prefill_threshold
         self.index = index or KVIndex()
         self.overlap_weight = overlap_weight
+        self.routing = routing
+        self._turn = 0  # round-robin's position
 
     def block_hashes(self, token_ids: list[int]) -> list[int]:
         out: list[int] = []
@@ -76,11 +94,22 @@ class RoutingPolicy:
         return self.index.overlap_blocks(worker.worker_id, hashes) * self.block_size
 
     def choose(self, workers: list[WorkerView], hashes: list[int], num_tokens: int) -> tuple[Choice, dict[str, float]]:
+        known = [w.rates.tokens.rate for w in workers if w.rates.tokens.rate > 0]
+        fallback = max(known) if known else 1.0
         choices = []
         for w in workers:
             hit = self.overlap_tokens(w, hashes)
-            choices.append(Choice(w, hit, self.overlap_weight * (num_tokens - hit) + w.active_tokens))
-        best = min(choices, key=lambda c: (c.cost, c.worker.inflight, c.worker.worker_id))
+            work = w.queued_prefill_tokens + self.overlap_weight * (num_tokens - hit)
+            choices.append(Choice(w, hit, work / (w.rates.tokens.rate or fallback)))
+        if self.routing == "kv":
+            best = min(choices, key=lambda c: (c.cost, c.worker.inflight, c.worker.active_tokens, c.worker.worker_id))
+        elif self.routing == "prefix":
+            best = min(choices, key=lambda c: (-c.hit_tokens, c.worker.active_tokens, c.worker.worker_id))
+        elif self.routing == "least-loaded":
+            best = min(choices, key=lambda c: (c.worker.load, -c.hit_tokens, c.worker.worker_id))
+        else:
+            self._turn += 1
+            best = sorted(choices, key=lambda c: c.worker.worker_id)[self._turn % len(choices)]
         return best, {c.worker.worker_id: c.cost for c in choices}
 
     def place(self, workers: list[WorkerView], token_ids: list[int]) -> Placement:

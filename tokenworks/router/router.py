@@ -129,14 +129,14 @@ class Router:
                  max_inflight: int = 256, max_queue_wait: float = 30.0, max_failovers: int = 3,
                  failover_wait: float = 20.0, internal_host: str = "127.0.0.1", secret: bytes | None = None,
                  price_per_worker_hour: float | None = None, tokenizer: Tokenizer | None = None,
-                 overlap_weight: float = 1.0) -> None:
+                 overlap_weight: float = 1.0, routing: str = "kv") -> None:
         self.ctx = zmq.asyncio.Context.instance()
         self.events = self.ctx.socket(zmq.PULL)
         port = self.events.bind_to_random_port(f"tcp://{internal_host}")
         self.events_endpoint = f"tcp://{internal_host}:{port}"
         self.workers: dict[str, WorkerHandle] = {}
         self.kv_index = KVIndex()  # which worker holds which prefix block, from their KV events
-        self.policy = RoutingPolicy(block_size, local_prefill_threshold, self.kv_index, overlap_weight)
+        self.policy = RoutingPolicy(block_size, local_prefill_threshold, self.kv_index, overlap_weight, routing)
         self.decisions: deque[dict] = deque(maxlen=100)  # the latest placements and why (/debug/routing)
         self.metrics = Metrics()
         Gauge("tokenworks:kv_index_blocks", "Prefix blocks in the router's KV index (all workers)",
@@ -229,7 +229,8 @@ class Router:
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.connect(endpoint)
         self.workers[ready.worker_id] = WorkerHandle(ready, sock, WorkerView(ready.worker_id, ready.role))
-        self.kv_index.reset(ready.worker_id, ready.cached_block_hashes, ready.num_blocks)
+        self.kv_index.reset(ready.worker_id, ready.cached_block_hashes, ready.num_blocks, ready.host_block_hashes,
+                            ready.num_host_blocks)
         lens = [w.ready.max_model_len for w in self.workers.values()]
         self.max_model_len = min(lens)
 

@@ -52,6 +52,8 @@ class Ready(msgspec.Struct, tag="ready"):
     graphs: str = ""  # CUDA: how decode steps run (LoadedEngine.graphs)
     max_num_seqs: int = 0
     cached_block_hashes: list[int] = []  # the prefix cache now; KVEvents carry every change after this
+    num_host_blocks: int = 0  # the host tier's size (--kv-host-memory-gib), 0: none
+    host_block_hashes: list[int] = []  # what it holds now
 
 
 class KVEvents(msgspec.Struct, tag="kv_events"):
@@ -114,6 +116,8 @@ class Stats(msgspec.Struct, tag="stats"):
     steps: int = 0  # engine steps run since start
     step_ms: float = 0.0  # mean wall time of an engine step over the last stats interval (0: none ran)
     busy_seconds: float = 0.0  # wall time spent in engine steps since start
+    host_blocks_cached: int = 0  # blocks in the host tier
+    host_blocks_restored: int = 0  # blocks copied back from it since start (prefix hits there)
 
 
 class Unhealthy(msgspec.Struct, tag="unhealthy"):

@@ -77,6 +77,8 @@ class Worker:
             opened, network_sink = OpenedPools(), sink
             sink = lambda: CudaIpcSink(network_sink(), layout, kv.tensor, opened)  # noqa: E731
             _, self.warmup_seconds = warm_up(self.engine, kv.tensor, self.loaded.pool)
+            if self.loaded.host_tier is not None:
+                self.loaded.host_tier.clear()  # the warm-up's blocks
         self.kv_peer = None
         if self.role in ("prefill", "both"):
             self.source = source_cls(self.worker_id, layout, kv.tensor)
@@ -100,12 +102,15 @@ class Worker:
         self._steps = self._steps_reported = 0
         self._step_time = self._step_time_reported = 0.0
         self.parent_pid = os.getppid()  # the router; if it dies, so do we
+        tier = self.loaded.host_tier
         self.send(P.Ready(
             worker_id=self.worker_id, role=self.role, pid=os.getpid(), model=self.loaded.model_name,
             max_model_len=self.engine.max_model_len, block_size=kv.block_size, num_blocks=kv.num_blocks,
             kv_peer=self.kv_peer, cpus=self.cpus, load_seconds=self.loaded.load_seconds,
             warmup_seconds=self.warmup_seconds, graphs=self.loaded.graphs,
             max_num_seqs=self.scheduler.config.max_num_seqs, cached_block_hashes=self.loaded.pool.record_events(),
+            num_host_blocks=0 if tier is None else tier.num_blocks,
+            host_block_hashes=[] if tier is None else tier.hashes(),
         ))
 
     def send(self, msg: P.FromWorker) -> None:
@@ -177,7 +182,7 @@ class Worker:
         )
 
     def stats(self) -> P.Stats:
-        pool = self.loaded.pool
+        pool, tier = self.loaded.pool, self.loaded.host_tier
         s = self.scheduler
         busy = self.busy()
         n = self._steps - self._steps_reported
@@ -189,6 +194,8 @@ class Worker:
             blocks_total=pool.num_usable_blocks, blocks_cached=pool.num_cached_idle_blocks,
             expired_leases=s.num_expired_leases, idle=not busy and pool.num_used_blocks == 0,
             steps=self._steps, step_ms=step_ms, busy_seconds=self._step_time,
+            host_blocks_cached=0 if tier is None else len(tier),
+            host_blocks_restored=0 if tier is None else tier.num_restored,
         )
 
     def run(self) -> None:
