@@ -85,6 +85,31 @@ def run(routing: str, kv_gib: float, seed: int, host_gib: float) -> dict[str, di
     return out
 
 
+def plot(results: dict[str, dict[str, dict]], path: str) -> None:
+    """TTFT p50 and prefix hit rate per routing, one group per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(next(iter(results.values())))
+    routings = list(results)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(routings)
+    for k, routing in enumerate(routings):
+        xs = [i + k * width for i in range(len(names))]
+        axes[0].bar(xs, [results[routing][n]["ttft_p50"] for n in names], width, label=routing)
+        axes[1].bar(xs, [results[routing][n]["hit_rate"] for n in names], width, label=routing)
+    for ax, title in zip(axes, ("TTFT p50 (s), lower is better", "prefix hit rate, higher is better")):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
+        ax.set_title(title)
+    axes[0].set_yscale("log")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(routings))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kv-cache-memory-gib", type=float, default=0.05,
@@ -95,7 +120,13 @@ def main() -> int:
     ap.add_argument("--kv-host-memory-gib", type=float, default=0.5, help="the host tier of the +host runs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, metavar="PNG", help="also draw TTFT and hit rate per routing")
+    ap.add_argument("--replot", default=None, metavar="JSON", help="only draw --plot from an earlier --json")
     ns = ap.parse_args()
+    if ns.replot:
+        with open(ns.replot) as f:
+            plot(json.load(f), ns.plot or "routing.png")
+        return 0
     results = {r: run(r, ns.kv_cache_memory_gib, ns.seed, ns.kv_host_memory_gib) for r in ns.routings.split(",")}
     print(f"\n{'workload':<14} {'routing':<13} {'TTFT p50':>9} {'vs least-loaded':>16} {'hit rate':>9} {'vs oracle':>10}")
     for name in next(iter(results.values())):
@@ -109,6 +140,8 @@ def main() -> int:
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump(results, f, indent=2)
+    if ns.plot:
+        plot(results, ns.plot)
     return 0
 
 

@@ -99,6 +99,26 @@ def test_length_distributions_and_synthetic_workloads():
     assert 10 < len(long) < 60
 
 
+def test_multi_turn_conversations_resend_their_history():
+    reqs = W.multi_turn(40, turns=4, session_rate=0.5, think_time=3.0, num_prefixes=2, prefix_len=30,
+                        user_len="uniform:5:10", output_len="fixed:6", seed=2)
+    assert len(reqs) == 40 and all(a.arrival <= b.arrival for a, b in zip(reqs, reqs[1:]))
+    sessions: dict[str, list] = {}
+    for r in reqs:
+        sessions.setdefault(r.prompt.split("\nUser: ")[1].split()[0][:-2], []).append(r)  # "s<k>t0" -> "s<k>"
+    full = [turns for turns in sessions.values() if len(turns) == 4]
+    assert len(full) >= 9
+    for turns in full:
+        assert [round(t.arrival - turns[0].arrival, 6) for t in turns] == [0.0, 3.0, 6.0, 9.0]
+        for a, b in zip(turns, turns[1:]):  # each turn extends the previous prompt by its answer and a new message
+            assert b.prompt.startswith(a.prompt) and b.input_tokens > a.input_tokens
+        assert all(t.prompt.endswith("\nAssistant:") and t.max_tokens == 6 for t in turns)
+    assert len({t[0].prompt.split("\n")[0] for t in full}) == 2  # two system prompts shared across sessions
+    with pytest.raises(W.WorkloadError):
+        W.multi_turn(4, turns=0, session_rate=1, think_time=1, num_prefixes=1, prefix_len=5, user_len="fixed:3",
+                     output_len="fixed:3", seed=0)
+
+
 def test_sample_files_parse():
     sg = W.sharegpt_file(str(SAMPLES / "sharegpt.json"), None, seed=0)
     assert len(sg) == 8 and all(r.prompt and r.max_tokens >= 1 for r in sg)
