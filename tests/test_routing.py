@@ -1,12 +1,13 @@
 """The router's KV index from workers' events, the routing cost, and the admission estimate."""
 
+import math
 import random
 
 import pytest
 
 from tokenworks.config import EngineArgs
 from tokenworks.engine.block_pool import BlockPool
-from tokenworks.router.admission import FirstTokenRates
+from tokenworks.router.admission import COLD_QUEUE, FirstTokenRates
 from tokenworks.router.kv_index import KVIndex
 from tokenworks.router.policy import RoutingPolicy, WorkerView
 from tokenworks.sampling_params import SamplingParams
@@ -184,5 +185,12 @@ def test_backlog_rate_measures_speed_under_load_not_arrival_rate():
     assert r.predicted_wait(0, 50, 3.0) == 0.0
     r.started(1.0)
     assert r.predicted_wait(50, 50, 31.0) == pytest.approx(30.0)
+    for _ in range(COLD_QUEUE - 2):
+        r.started(1.0)
+    assert r.predicted_wait(50, 50, 2.0) == pytest.approx(1.0)  # the last one a cold worker may queue
+    r.started(1.0)
+    assert r.predicted_wait(50, 50, 2.0) == math.inf  # beyond: refused until a first token brings a rate
+    for _ in range(COLD_QUEUE - 1):
+        r.cancelled(2.0)
     r.cancelled(32.0)
     assert r.tokens.pending == 0 and r.tokens.rate == 0.0

@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import math
 
+# Before a worker's rates are measured, how many requests may wait on it for a first token: a burst at start-up
+# would otherwise all be admitted on a guess (measured: 40/s into a cold worker, the last admitted waited 13 s
+# against a 5 s limit). The first first token, usually within a second, brings a measured rate.
+COLD_QUEUE = 4
+
 
 class BacklogRate:
     """Work done per second of backlog, exponentially weighted over about ``tau`` seconds of backlog."""
@@ -87,10 +92,13 @@ class FirstTokenRates:
     def predicted_wait(self, queued_tokens: int, own_tokens: int, now: float, copies: int = 1) -> float:
         """Seconds until a request of ``own_tokens`` uncached tokens (``copies`` of it: n > 1), behind
         ``queued_tokens`` and the requests already queued, gets its first token. Before any rate is measured:
-        the age of the backlog ahead of it (0 when the worker has none)."""
+        the age of the backlog ahead of it (0 when the worker has none), or infinity once ``COLD_QUEUE``
+        requests wait there."""
         waits = []
         if self.tokens.rate > 0:
             waits.append((queued_tokens + copies * max(1, own_tokens)) / self.tokens.rate)
         if self.requests.rate > 0:
             waits.append((self.requests.pending + copies) / self.requests.rate)
-        return max(waits) if waits else self.tokens.backlog_age(now)
+        if waits:
+            return max(waits)
+        return self.tokens.backlog_age(now) if self.requests.pending + copies <= COLD_QUEUE else math.inf

@@ -332,7 +332,7 @@ class Router:
             wait = w.rates.predicted_wait(w.queued_prefill_tokens, placement.uncached_tokens, now, copies=n)
             if wait > self.max_queue_wait:
                 self.metrics.rejected.labels("predicted_wait").inc()
-                return max(1.0, wait - self.max_queue_wait)
+                return max(1.0, min(wait - self.max_queue_wait, self.max_queue_wait))
         # Counted until generate() starts and registers its stream (that happens in a task, later).
         self._admitted.extend([now] * n)
         return None
