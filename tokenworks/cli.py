@@ -14,7 +14,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    g.add_argument("--kv-cache-memory-gib", type=float, default=1.0, help="KV pool budget in GiB (default: 1.0)")
+    g.add_argument("--kv-cache-memory-gib", type=float, default=None,
+                   help="KV pool budget in GiB (default: on CPU two of the model's full contexts, at most 1/16 of the "
+                        "machine's memory; 1 GiB on CUDA)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step (default: 512)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="requests in one step at most (default: 64)")
@@ -117,7 +119,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     import uvicorn
 
     from tokenworks.launch.local import LocalCluster, plan_workers
-    from tokenworks.model.weights import load_tokenizer_files
+    from tokenworks.model.weights import load_tokenizer_files, resolve_model_path
     from tokenworks.router.api import create_app
     from tokenworks.router.router import Router
     from tokenworks.tokenizer import Tokenizer
@@ -144,14 +146,23 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if prefill_budget < 1:
         raise ValueError("--prefill-max-num-batched-tokens must be positive")
     t0 = time.perf_counter()
-    files = load_tokenizer_files(args.model, args.cache_dir)  # also converts a GGUF once, before the workers load it
-    tokenizer = Tokenizer(files.tokenizer_json, files.chat_template, files.bos_token, files.eos_token, files.add_bos_token)
+    model_path = resolve_model_path(args.model)
+    if not os.path.exists(model_path):
+        raise FileNotFoundError(f"model {args.model!r} not found (models are not downloaded from a hub; give a local "
+                                ".gguf file or Hugging Face folder)")
+
+    def tokenizer_files():
+        files = load_tokenizer_files(args.model, args.cache_dir)
+        return files, Tokenizer(files.tokenizer_json, files.chat_template, files.bos_token, files.eos_token,
+                                files.add_bos_token)
 
     async def main() -> None:
+        # The router reads the tokenizer while the workers load the weights (a GGUF's first parse takes seconds).
+        loading = asyncio.get_running_loop().run_in_executor(None, tokenizer_files)
         router = Router(block_size=args.block_size, local_prefill_threshold=ns.local_prefill_threshold,
                         max_inflight=ns.max_inflight_requests, max_queue_wait=ns.max_queue_wait,
                         internal_host=ns.internal_host, secret=secret, price_per_worker_hour=ns.price_per_worker_hour,
-                        tokenizer=tokenizer, overlap_weight=ns.router_overlap_weight, routing=ns.routing)
+                        tokenizer=None, overlap_weight=ns.router_overlap_weight, routing=ns.routing)
         router.start()
         cluster = LocalCluster(router, args, ns.kv_transport, lease_seconds=ns.lease_seconds,
                                # prefill-only workers never run a decode step: no decode graphs to capture
@@ -167,6 +178,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
         try:
             await cluster.start(specs, progress=progress)
+            files, tokenizer = await loading
+            router.tokenizer = tokenizer
             print(file=sys.stderr)
             for spec in specs:
                 w = router.workers[spec.worker_id].ready

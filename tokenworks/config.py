@@ -53,14 +53,14 @@ class CacheConfig:
     """The paged KV pool: its block size, its memory budget and prefix caching."""
 
     block_size: int = 16
-    kv_cache_memory_gib: float = 1.0
+    kv_cache_memory_gib: float | None = None  # None: from the model's context and the machine (kv_cache.py)
     enable_prefix_caching: bool = True
     num_blocks: int | None = None  # set to override the budget (tests use tiny pools)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a positive power of two")
-        if self.kv_cache_memory_gib <= 0:
+        if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:
             raise ValueError("kv_cache_memory_gib must be positive")
         if self.num_blocks is not None and self.num_blocks < 2:
             raise ValueError("num_blocks must be >= 2")
@@ -115,7 +115,7 @@ class EngineArgs:
     device: str = "cpu"
     dtype: str = "auto"
     block_size: int = 16
-    kv_cache_memory_gib: float = 1.0
+    kv_cache_memory_gib: float | None = None  # None: from the model's context and the machine (kv_cache.py)
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
     max_num_batched_tokens: int = 512

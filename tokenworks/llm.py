@@ -22,7 +22,8 @@ from tokenworks.model.host_kv_tier import HostKVTier, host_blocks_for_budget
 from tokenworks.model.kv_cache import KVCache, num_blocks_for_budget, torch_dtype
 from tokenworks.model.llama import LlamaModel
 from tokenworks.model.runner import ModelRunner
-from tokenworks.model.weights import gguf_q4_weights, load_model_files, random_weights, resolve_model_path
+from tokenworks.model.weights import (forget_parsed_files, gguf_q4_weights, load_model_files, random_weights,
+                                      resolve_model_path)
 from tokenworks.outputs import RequestOutput
 from tokenworks.sampling_params import SamplingParams
 from tokenworks.tokenizer import Tokenizer
@@ -53,6 +54,7 @@ def build_engine(args: EngineArgs, detokenize: bool = True) -> LoadedEngine:
     eos = files.config.eos_token_ids
     if not eos and files.eos_token is not None:
         eos = (tokenizer._tok.token_to_id(files.eos_token),)
+    forget_parsed_files()
     weights, files.weights = files.weights, {}
     weights.update(q4)
     return _assemble(args, files.name, files.config, weights, tokenizer if detokenize else None, eos, t0)
@@ -78,7 +80,7 @@ def _assemble(args: EngineArgs, name: str, config: ModelConfig, weights: dict, t
     model = LlamaModel(config, weights, dtype, dev.device)
     weights.clear()
     cache_cfg = args.cache_config()
-    num_blocks = num_blocks_for_budget(config, cache_cfg, dtype)
+    num_blocks = num_blocks_for_budget(config, cache_cfg, dtype, dev.device)
     sched_cfg = args.scheduler_config(config, num_blocks)
     kv_tensor = KVCache(config, cache_cfg.block_size, num_blocks, dtype, dev.device)
     pool = BlockPool(num_blocks, cache_cfg.enable_prefix_caching)

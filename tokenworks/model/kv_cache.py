@@ -8,6 +8,10 @@ block (``block_region``). Block 0 is the padding target (see BlockPool).
 
 from __future__ import annotations
 
+import math
+import os
+
+import numpy as np
 import torch
 
 from tokenworks.config import CacheConfig, ModelConfig
@@ -23,10 +27,26 @@ def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> 
     return model.num_layers * 2 * block_size * model.kv_size * torch.tensor([], dtype=dtype).element_size()
 
 
-def num_blocks_for_budget(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
+def default_kv_bytes(model: ModelConfig, dtype: torch.dtype, device: str) -> int:
+    """The KV pool when none is asked for. CPU: two of the model's full contexts, at most 1/16 of the machine's
+    memory (SmolLM2-135M, 8k context, float32: 0.70 GiB); CUDA: 1 GiB (GPU runs size it with
+    --kv-cache-memory-gib)."""
+    if torch.device(device).type != "cpu":
+        return 2**30
+    want = 2 * model.max_position * bytes_per_block(model, 1, dtype)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 16 * 2**30
+    return max(64 * 2**20, min(want, ram // 16))
+
+
+def num_blocks_for_budget(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: str = "cpu") -> int:
     if cache.num_blocks is not None:
         return cache.num_blocks
-    n = int(cache.kv_cache_memory_gib * 2**30) // bytes_per_block(model, cache.block_size, dtype)
+    budget = default_kv_bytes(model, dtype, device) if cache.kv_cache_memory_gib is None \
+        else int(cache.kv_cache_memory_gib * 2**30)
+    n = budget // bytes_per_block(model, cache.block_size, dtype)
     if n < 2:
         raise ValueError(f"kv_cache_memory_gib={cache.kv_cache_memory_gib} holds fewer than 2 blocks of this model")
     return n
@@ -36,9 +56,14 @@ class KVCache:
     def __init__(self, model: ModelConfig, block_size: int, num_blocks: int, dtype: torch.dtype, device: str) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.tensor = torch.zeros(
-            (num_blocks, model.num_layers, 2, block_size, model.num_kv_heads, model.head_dim), dtype=dtype, device=device
-        )
+        shape = (num_blocks, model.num_layers, 2, block_size, model.num_kv_heads, model.head_dim)
+        if torch.device(device).type == "cpu":
+            # Zeroed pages the kernel hands out untouched (calloc): a block's memory becomes resident when first
+            # written, not at start, so an idle or lightly used worker does not hold its whole pool.
+            nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+            self.tensor = torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+        else:
+            self.tensor = torch.zeros(shape, dtype=dtype, device=device)
         # Per-layer views (num_blocks, block_size, kv_heads, head_dim); no copies.
         self.k = [self.tensor[:, layer, 0] for layer in range(model.num_layers)]
         self.v = [self.tensor[:, layer, 1] for layer in range(model.num_layers)]

@@ -36,6 +36,13 @@ class Linear:
         """Bytes one pass reads."""
         return self.numel * self.weight.element_size()
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of W, (len(ids), in): a tied embedding looks tokens up here instead of keeping a copy."""
+        if self.split:
+            half = self.out_features // 2
+            return self.weight[ids // half, :, ids % half]
+        return F.embedding(ids, self.weight)
+
     def halves(self, x: torch.Tensor) -> torch.Tensor:
         """(2, M, out/2): the two halves of the output (for gate/up fused weights)."""
         if self.split:

