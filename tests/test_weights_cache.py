@@ -1,0 +1,34 @@
+"""The converted copy of a GGUF file fills in as it is needed, and what it holds equals a direct conversion."""
+
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tokenworks.model.weights import (_load_gguf, gguf_q4_weights, load_model_files, load_tokenizer_files,
+                                      resolve_model_path)
+
+
+@pytest.mark.slow
+def test_copy_fills_in_tokenizer_first_then_the_float_weights_a_worker_needs_then_the_rest(tmp_path):
+    cache = str(tmp_path)
+    files = load_tokenizer_files(cache_dir=cache)  # the router: config and tokenizer, no weights converted
+    (folder,) = [os.path.join(cache, d) for d in os.listdir(cache)]
+    assert sorted(os.listdir(folder)) == ["tokenizer.json", "tokenworks.json"]
+    assert files.weights == {} and len(files.tensor_names) == 272
+
+    q4 = gguf_q4_weights(resolve_model_path(None), files.config, cache)  # a worker running 4-bit layers
+    worker = load_model_files(cache_dir=cache, skip=frozenset(q4))
+    with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
+        stored = set(f.keys())
+    assert stored == set(worker.weights) and not stored & set(q4) and len(stored) == 272 - len(q4)
+
+    full = load_model_files(cache_dir=cache)  # --quantization none: the rest converted, the copy complete
+    assert set(full.weights) == set(files.tensor_names)
+    direct = _load_gguf(resolve_model_path(None)).weights
+    for name in ("model.embed_tokens.weight", "model.layers.3.self_attn.q_proj.weight", "model.norm.weight",
+                 "model.layers.29.mlp.down_proj.weight"):
+        assert torch.equal(full.weights[name], direct[name]), name
+    again = load_model_files(cache_dir=cache, skip=frozenset(q4))  # nothing left to convert
+    assert set(again.weights) == stored
