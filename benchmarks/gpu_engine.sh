@@ -2,8 +2,14 @@
 # Prepared device run for the GPU engine (issue 11): the CUDA tests of the paged decode kernel, the decode graphs and
 # greedy equality with transformers, then benchmarks/engine.py on random-weight models of two public shapes, each
 # against the plain-PyTorch CUDA-graph floor and the HBM roofline measured in the same run; the 135M shape also with
-# --enforce-eager (what the graphs buy). Needs the wheels gpu_env.sh lists in .whl/ (gguf, msgspec, pyzmq, ...).
+# --enforce-eager (what the graphs buy). The device image lacks some of our dependencies; carry their wheels:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+#     -d .whl gguf msgspec pyzmq fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection \
+#     prometheus-client httpx httpcore h11 anyio sniffio
 #   run(command="bash benchmarks/gpu_engine.sh", carry=[".whl"], timeout_s=560)
+# Figures go into docs/engine.md ("The GPU decode path"); say which card gave them.
 OUT="${OUT:-results/gpu-engine}"
 source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
