@@ -138,6 +138,40 @@ def hf_decode_tokens_per_s(loaded, model_files_weights, prompt_len: int, new_tok
     return (new_tokens - 1) / (tn - t1)
 
 
+LLAMA_CPP_INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python   # builds llama.cpp: minutes'
+
+
+def llama_cpp_figures(gguf_path: str, threads: int, prompt_len: int, new_tokens: int, prefill_len: int) -> dict | None:
+    """llama.cpp's decode tokens/s (one sequence) and prefill ms on the same GGUF with the same threads; None (and a
+    line saying how to install it) when llama_cpp does not import."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print(f"llama.cpp baseline skipped: llama_cpp does not import ({LLAMA_CPP_INSTALL})", flush=True)
+        return None
+    llm = llama_cpp.Llama(model_path=gguf_path, n_threads=threads, n_threads_batch=threads,
+                          n_ctx=max(2048, prefill_len + 64, prompt_len + new_tokens + 8), n_batch=max(512, prefill_len),
+                          verbose=False)
+
+    def decode_tps() -> float:
+        llm.reset()
+        llm.eval([(11 * j) % 40000 + 100 for j in range(prompt_len)])
+        token = 1000
+        t = time.perf_counter()
+        for _ in range(new_tokens):
+            llm.eval([token])
+            token = (token * 7 + 13) % 40000 + 100
+        return new_tokens / (time.perf_counter() - t)
+
+    def prefill() -> None:
+        llm.reset()
+        llm.eval([(7 * j + 3) % 40000 + 100 for j in range(prefill_len)])
+
+    decode_tps()  # warm
+    tps = statistics.median(decode_tps() for _ in range(3))
+    return {"decode_tok_s": tps, "prefill_ms": median_time(prefill, 3) * 1e3}
+
+
 def write_random_model(folder: str) -> str:
     """A Hugging Face folder with the default model's shape (configs/smollm2-135m.json) and random weights
     (for machines where the default model's file cannot be carried)."""
@@ -198,6 +232,9 @@ def main() -> int:
     ap.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode CUDA graphs")
     ap.add_argument("--skip-floor", action="store_true", help="skip the plain-PyTorch static-cache floor")
     ap.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--baseline", choices=["llama-cpp"], default=None,
+                    help="also time llama.cpp on the same GGUF with the same threads (needs llama_cpp: "
+                         + LLAMA_CPP_INSTALL + ")")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--random-weights", default=None, metavar="DIR",
                     help="write a random-weight model of the default model's shape to DIR and benchmark it")
@@ -304,6 +341,27 @@ def main() -> int:
         print(rows[-1], flush=True)
         results["hf_decode_tok_s"] = hf
         results["speedup_vs_hf"] = ours / hf
+
+    if args.baseline == "llama-cpp" and not args.shape:
+        from tokenworks.model.weights import resolve_model_path
+
+        path = resolve_model_path(args.model)
+        lc = llama_cpp_figures(path, torch.get_num_threads(), args.prompt_len, 64, prefill_len) \
+            if path.endswith(".gguf") else None
+        if lc is not None:
+            results["llama_cpp"] = lc
+            ours1 = 1e3 / decode[1] if 1 in decode else float("nan")
+            added = [("llama.cpp decode, 1 sequence", f"{1e3 / lc['decode_tok_s']:.1f} ms/token",
+                      f"{lc['decode_tok_s']:.1f} tok/s",
+                      f"tokenworks batch 1 {ours1 / lc['decode_tok_s']:.2f}x (target >= 1.0)")]
+            if 32 in decode:
+                added.append(("  vs tokenworks batch 32", "", f"{32e3 / decode[32]:.0f} tok/s",
+                              f"{32e3 / decode[32] / lc['decode_tok_s']:.2f}x llama.cpp's single stream (target >= 3)"))
+            added.append((f"llama.cpp prefill {prefill_len}", f"{lc['prefill_ms']:.0f} ms", "",
+                          f"tokenworks {lc['prefill_ms'] / pre_ms:.2f}x (target >= 1.0)"))
+            for r in added:
+                print(r, flush=True)
+            rows += added
 
     print()
     print(f"{'what':<30}{'time':>16}{'rate':>14}   vs baseline")
