@@ -153,7 +153,9 @@ def test_baseline_routings(routing, want):
     workers = [WorkerView("a", "both"), WorkerView("b", "both", queued_prefill_tokens=10**6, inflight=3)]
     assert policy.place(workers, PROMPT).decode.worker_id == want
     if routing == "round-robin":
+        assert policy.place(workers, PROMPT, peek=True).decode.worker_id == "a"  # admission asking moves nothing
         assert policy.place(workers, PROMPT).decode.worker_id == "a"
+        assert policy.place(workers, PROMPT).decode.worker_id == "b"
     with pytest.raises(ValueError):
         RoutingPolicy(16, 16, routing="random")
 

@@ -93,7 +93,8 @@ class RoutingPolicy:
     def overlap_tokens(self, worker: WorkerView, hashes: list[int]) -> int:
         return self.index.overlap_blocks(worker.worker_id, hashes) * self.block_size
 
-    def choose(self, workers: list[WorkerView], hashes: list[int], num_tokens: int) -> tuple[Choice, dict[str, float]]:
+    def choose(self, workers: list[WorkerView], hashes: list[int], num_tokens: int,
+               peek: bool = False) -> tuple[Choice, dict[str, float]]:
         known = [w.rates.tokens.rate for w in workers if w.rates.tokens.rate > 0]
         fallback = max(known) if known else 1.0
         choices = []
@@ -108,21 +109,24 @@ class RoutingPolicy:
         elif self.routing == "least-loaded":
             best = min(choices, key=lambda c: (c.worker.load, -c.hit_tokens, c.worker.worker_id))
         else:
-            self._turn += 1
-            best = sorted(choices, key=lambda c: c.worker.worker_id)[self._turn % len(choices)]
+            turn = self._turn + 1
+            if not peek:
+                self._turn = turn
+            best = sorted(choices, key=lambda c: c.worker.worker_id)[turn % len(choices)]
         return best, {c.worker.worker_id: c.cost for c in choices}
 
-    def place(self, workers: list[WorkerView], token_ids: list[int]) -> Placement:
+    def place(self, workers: list[WorkerView], token_ids: list[int], peek: bool = False) -> Placement:
+        """Where the request would go; ``peek``: only asking (admission), so round-robin does not move on."""
         decoders = [w for w in workers if w.alive and w.role in ("decode", "both")]
         if not decoders:
             raise LookupError("no decode-capable worker is available")
         hashes = self.block_hashes(token_ids)
         n = len(token_ids)
-        best, costs = self.choose(decoders, hashes, n)
+        best, costs = self.choose(decoders, hashes, n, peek)
         reason = "prefix" if best.hit_tokens else "load"
         uncached = n - best.hit_tokens
         prefillers = [w for w in workers if w.alive and w.role == "prefill"]
         if not prefillers or uncached <= self.local_prefill_threshold:
             return Placement(best.worker, None, best.hit_tokens, uncached, reason, costs)
-        pre, pre_costs = self.choose(prefillers, hashes, n)
+        pre, pre_costs = self.choose(prefillers, hashes, n, peek)
         return Placement(best.worker, pre.worker, best.hit_tokens, n - pre.hit_tokens, reason, {**costs, **pre_costs})

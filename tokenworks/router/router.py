@@ -324,7 +324,7 @@ class Router:
             self.metrics.rejected.labels("queue_full").inc()
             return max(1.0, self.max_queue_wait / 4)
         try:
-            placement = self.policy.place(self.view(), prompt)
+            placement = self.policy.place(self.view(), prompt, peek=True)
         except LookupError:
             placement = None  # no worker now: generate() answers 503 or waits for one
         if placement is not None:
