@@ -68,9 +68,7 @@ def load_model_files(model: str | None = None, cache_dir: str | None = None, wei
     if os.path.isdir(path):
         return _load_hf_folder(path, weights)
     if path.endswith(".gguf") and os.path.isfile(path):
-        files = _load_gguf_cached(path, cache_dir or default_cache_dir(), weights, skip)
-        files.weights = {k: v for k, v in files.weights.items() if k not in skip} if weights else {}
-        return files
+        return _load_gguf_cached(path, cache_dir or default_cache_dir(), weights, skip)
     raise FileNotFoundError(
         f"model {model!r} is neither a .gguf file nor a folder with config.json "
         "(models are not downloaded from a hub; give a local path)"
@@ -261,7 +259,7 @@ def gguf_q4_weights(path: str, config: ModelConfig, cache_dir: str | None = None
     embedding and output matrices are left out (they stay floating point). Kept beside the converted copy
     (``q4.safetensors``): reading a GGUF's metadata takes seconds."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from tokenworks.model.quantized_linear import Q4Weight
 
@@ -291,14 +289,8 @@ def gguf_q4_weights(path: str, config: ModelConfig, cache_dir: str | None = None
             if arch == "llama" and name.endswith(suffix):
                 w = w.rows(unpermute_qk(torch.arange(rows).unsqueeze(1), n).squeeze(1))
         out[name] = w
-    try:  # a cache that cannot be written only costs speed
-        os.makedirs(os.path.dirname(cached), exist_ok=True)
-        tmp = cached + f".tmp{os.getpid()}"
-        save_file({f"{n}.{part}": getattr(w, part).contiguous() for n, w in out.items()
-                   for part in ("codes", "scale", "zero")}, tmp)
-        os.replace(tmp, cached)
-    except OSError:
-        pass
+    _save_tensors({f"{n}.{part}": getattr(w, part).contiguous() for n, w in out.items()
+                   for part in ("codes", "scale", "zero")}, cached)
     return out
 
 
@@ -326,7 +318,9 @@ def _load_gguf_cached(path: str, cache_dir: str, with_weights: bool = True,
     weights_path = os.path.join(folder, "model.safetensors")
     if not os.path.exists(meta_path):
         files = _load_gguf(path, lambda name: with_weights and name not in skip)
-        _write_cache(folder, meta_path, weights_path, path, files, files.weights)
+        if files.weights:
+            _save_tensors(files.weights, weights_path)
+        _write_meta(folder, meta_path, path, files)
         return files
     with open(meta_path) as f:
         meta = json.load(f)
@@ -342,34 +336,43 @@ def _load_gguf_cached(path: str, cache_dir: str, with_weights: bool = True,
         return files
     from safetensors import safe_open
 
+    stored: set[str] = set()
     present: dict = {}
     if os.path.exists(weights_path):
         with safe_open(weights_path, framework="pt") as f:
-            present = {k: f.get_tensor(k) for k in f.keys()}
-    names = files.tensor_names or list(present)  # a copy from before the names were kept is complete
-    missing = {n for n in names if n not in present and n not in skip}
+            stored = set(f.keys())
+    names = files.tensor_names or stored  # a copy from before the names were kept is complete
+    missing = {n for n in names if n not in stored and n not in skip}
+    if stored:
+        with safe_open(weights_path, framework="pt") as f:
+            # Skipped tensors are read only when the copy is rewritten with what is missing.
+            present = {k: f.get_tensor(k) for k in stored if missing or k not in skip}
     if missing:
-        converted = _load_gguf(path, lambda name: name in missing).weights
-        present.update(converted)
-        _write_cache(folder, None, weights_path, path, files, present)
+        present.update(_load_gguf(path, lambda name: name in missing).weights)
+        _save_tensors(present, weights_path)
     files.weights = {k: v for k, v in present.items() if k not in skip}
     return files
 
 
-def _write_cache(folder: str, meta_path: str | None, weights_path: str, source: str, files: ModelFiles,
-                 weights: dict) -> None:
-    """Write the converted copy: the weights (if any) first, the metadata last (its presence marks the config and
-    tokenizer as complete). A copy that cannot be written only costs speed."""
+def _save_tensors(tensors: dict, path: str) -> None:
+    """Write a safetensors file atomically (a temporary beside it, then a rename); a cache that cannot be written
+    only costs speed."""
+    from safetensors.torch import save_file
+
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _write_meta(folder: str, meta_path: str, source: str, files: ModelFiles) -> None:
+    """The converted copy's config and tokenizer; the metadata file is written last (its presence marks them
+    complete). A copy that cannot be written only costs speed."""
     try:
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".tmp-{os.getpid()}")
-        if weights:
-            from safetensors.torch import save_file
-
-            save_file(weights, tmp + ".safetensors")
-            os.replace(tmp + ".safetensors", weights_path)
-        if meta_path is None:
-            return
         with open(os.path.join(folder, "tokenizer.json"), "w") as f:
             f.write(files.tokenizer_json)
         meta = {
@@ -381,9 +384,10 @@ def _write_cache(folder: str, meta_path: str | None, weights_path: str, source: 
             "add_bos_token": files.add_bos_token,
             "tensors": files.tensor_names,
         }
-        with open(tmp + ".json", "w") as f:
+        tmp = os.path.join(folder, f".tmp-{os.getpid()}.json")
+        with open(tmp, "w") as f:
             json.dump(meta, f)
-        os.replace(tmp + ".json", meta_path)
+        os.replace(tmp, meta_path)
     except OSError:
         pass
 
@@ -429,14 +433,12 @@ def _load_gguf(path: str, want=lambda name: True) -> ModelFiles:
 
     weights: dict[str, torch.Tensor] = {}
     names = [_hf_name(t.name) for t in reader.tensors]
-    for t in reader.tensors:
-        if not want(_hf_name(t.name)):
-            continue
-        import torch
-
+    wanted = [(t, name) for t, name in zip(reader.tensors, names) if want(name)]
+    if wanted:
+        import torch  # not for the router, which reads only the config and tokenizer
+    for t, name in wanted:
         array = gguf.quants.dequantize(t.data, t.tensor_type)
         array = np.array(array.reshape([int(x) for x in reversed(t.shape)]), dtype=np.float32, copy=True)
-        name = _hf_name(t.name)
         tensor = torch.from_numpy(array)
         if arch == "llama" and name.endswith("q_proj.weight"):
             tensor = unpermute_qk(tensor, num_heads)
@@ -472,7 +474,7 @@ def _load_gguf(path: str, want=lambda name: True) -> ModelFiles:
     )
     from tokenworks.tokenizer import tokenizer_json_from_gguf
 
-    files = ModelFiles(
+    return ModelFiles(
         name=os.path.splitext(os.path.basename(path))[0],
         config=config,
         weights=weights,
@@ -481,6 +483,5 @@ def _load_gguf(path: str, want=lambda name: True) -> ModelFiles:
         bos_token=None if bos is None else tokens[int(bos)],
         eos_token=None if eos is None else tokens[int(eos)],
         add_bos_token=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        tensor_names=names,
     )
-    files.tensor_names = names
-    return files
