@@ -26,8 +26,6 @@ import os
 import sys
 import time
 
-import httpx
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from tests.serving import Server  # noqa: E402
 from tokenworks.bench.loadgen import Load, run_load  # noqa: E402
@@ -37,13 +35,7 @@ from tokenworks.bench.workloads import multi_turn, shared_prefix  # noqa: E402
 ROUTINGS = ("kv", "prefix", "least-loaded", "round-robin")
 
 
-def counters(url: str) -> dict[str, float]:
-    want = {"tokenworks:prompt_tokens_total": 0.0, "tokenworks:prompt_tokens_cached_total": 0.0}
-    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
-        name = line.split(" ")[0]
-        if name in want:
-            want[name] = float(line.rsplit(" ", 1)[1])
-    return want
+COUNTERS = ("tokenworks:prompt_tokens_total", "tokenworks:prompt_tokens_cached_total")
 
 
 def workloads(seed: int) -> dict[str, tuple[list, Load]]:
@@ -65,10 +57,10 @@ def run(routing: str, kv_gib: float, seed: int, host_gib: float) -> dict[str, di
     out = {}
     try:
         for name, (requests, load) in workloads(seed).items():
-            before = counters(server.url)
+            before = {c: server.metric(c) for c in COUNTERS}
             t = time.perf_counter()
             results, wall = asyncio.run(run_load(server.url, requests, load, timeout=180))
-            after = counters(server.url)
+            after = {c: server.metric(c) for c in COUNTERS}
             ok = [r for r in results if r.ok]
             prompt = after["tokenworks:prompt_tokens_total"] - before["tokenworks:prompt_tokens_total"]
             cached = after["tokenworks:prompt_tokens_cached_total"] - before["tokenworks:prompt_tokens_cached_total"]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenworks.model.paged_decode import PagedDecode, paged_decode
+from tokenworks.model.paged_decode import PagedDecode, gathered_decode, paged_decode
 
 
 @dataclass
@@ -95,14 +95,7 @@ def paged_attention(
         b = meta.paged.block_table.shape[0]
         out[:b] = paged_decode(q[:b], k_cache, v_cache, meta.paged, scale)
     for g in meta.decodes:
-        b, width = g.block_table.shape
-        flat = g.block_table.flatten()
-        # index_select, not k_cache[bt]: 4x faster on CPU for this strided per-layer view.
-        kd = k_cache.index_select(0, flat).view(b, width * k_cache.shape[1], *k_cache.shape[2:]).transpose(1, 2)
-        vd = v_cache.index_select(0, flat).view(b, width * v_cache.shape[1], *v_cache.shape[2:]).transpose(1, 2)
-        qd = q[g.start : g.end].unsqueeze(2)  # (b, H, 1, D)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=g.mask, scale=scale, enable_gqa=True)
-        out[g.start : g.end] = od.squeeze(2)
+        out[g.start : g.end] = gathered_decode(q[g.start : g.end], k_cache, v_cache, g.block_table, g.mask, scale)
     for p in meta.prefills:
         qp = q[p.start : p.end].transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
         if p.block_table is None:

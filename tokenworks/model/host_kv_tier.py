@@ -38,7 +38,7 @@ class HostKVTier:
         pin = kv.tensor.device.type == "cuda"
         self.tensor = torch.empty((num_blocks, *kv.tensor.shape[1:]), dtype=kv.tensor.dtype, pin_memory=pin)
         self._slots: OrderedDict[int, int] = OrderedDict()  # block hash -> slot, least recently used first
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self.clear()
         self.num_saved = 0
         self.num_restored = 0
         self.num_dropped = 0  # blocks pushed out of this tier by newer ones

@@ -60,7 +60,7 @@ class KVCache:
         if torch.device(device).type == "cpu":
             # Zeroed pages the kernel hands out untouched (calloc): a block's memory becomes resident when first
             # written, not at start, so an idle or lightly used worker does not hold its whole pool.
-            nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+            nbytes = math.prod(shape) * dtype.itemsize
             self.tensor = torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
         else:
             self.tensor = torch.zeros(shape, dtype=dtype, device=device)

@@ -29,17 +29,30 @@ def triton_available(device: str | torch.device) -> bool:
     return torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
-def paged_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                       context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q (B, H, D) -> (B, H, D): gather each row's W blocks, mask beyond its context, one SDPA call."""
+def context_mask(context_lens: torch.Tensor, width: int, block_size: int) -> torch.Tensor:
+    """(B, 1, 1, width * block_size) bool: True where a row's gathered slot lies inside its context."""
+    slots = torch.arange(width * block_size, device=context_lens.device)
+    return (slots.unsqueeze(0) < context_lens.unsqueeze(1))[:, None, None, :]
+
+
+def gathered_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                    mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (B, H, D) -> (B, H, D): gather each row's W blocks into a padded batch, one masked SDPA call."""
     b, width = block_table.shape
     bs = k_cache.shape[1]
     flat = block_table.flatten().long()
+    # index_select, not k_cache[bt]: 4x faster on CPU for this strided per-layer view.
     kd = k_cache.index_select(0, flat).view(b, width * bs, *k_cache.shape[2:]).transpose(1, 2)
     vd = v_cache.index_select(0, flat).view(b, width * bs, *v_cache.shape[2:]).transpose(1, 2)
-    mask = (torch.arange(width * bs, device=q.device).unsqueeze(0) < context_lens.unsqueeze(1))[:, None, None, :]
     out = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.squeeze(2)
+
+
+def paged_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                       context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (B, H, D) -> (B, H, D) with the mask made from the context lengths (graph-safe: fixed shapes)."""
+    mask = context_mask(context_lens, block_table.shape[1], k_cache.shape[1])
+    return gathered_decode(q, k_cache, v_cache, block_table, mask, scale)
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedDecode,

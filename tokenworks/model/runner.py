@@ -17,7 +17,7 @@ from tokenworks.model.attention import AttentionMetadata, DecodeGroup, PrefillSe
 from tokenworks.model.cuda_graphs import CudaGraphCapture, DecodeGraphs, GraphCapture
 from tokenworks.model.kv_cache import KVCache
 from tokenworks.model.llama import LlamaModel
-from tokenworks.model.paged_decode import PagedDecode, triton_available
+from tokenworks.model.paged_decode import PagedDecode, context_mask, triton_available
 from tokenworks.model.sampler import Sampler
 
 
@@ -78,8 +78,7 @@ class ModelRunner:
             width = widths[a]
             table = self._tensor([s.block_ids[:width] + [0] * (width - min(width, len(s.block_ids)))
                                   for s in decodes[a:b]])
-            lens = self._tensor([s.context_len for s in decodes[a:b]])
-            mask = (torch.arange(width * bs, device=self.device).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
+            mask = context_mask(self._tensor([s.context_len for s in decodes[a:b]]), width, bs)
             groups.append(DecodeGroup(a, b, table, mask))
         prefill_meta = []
         row = len(decodes)
