@@ -108,7 +108,7 @@ class Worker:
             max_model_len=self.engine.max_model_len, block_size=kv.block_size, num_blocks=kv.num_blocks,
             kv_peer=self.kv_peer, cpus=self.cpus, load_seconds=self.loaded.load_seconds,
             warmup_seconds=self.warmup_seconds, graphs=self.loaded.graphs,
-            max_num_seqs=self.scheduler.config.max_num_seqs, cached_block_hashes=self.loaded.pool.record_events(),
+            cached_block_hashes=self.loaded.pool.record_events(),
             num_host_blocks=0 if tier is None else tier.num_blocks,
             host_block_hashes=[] if tier is None else tier.hashes(),
         ))
