@@ -67,8 +67,8 @@ def test_an_unhealthy_worker_is_taken_out_of_routing_at_once():
         push.connect(router.events_endpoint)
         enc = Codec(P.FromWorker)
         for wid, role in (("prefill-0", "prefill"), ("decode-0", "decode")):
-            router.expect(wid, "tcp://127.0.0.1:9")
-            await push.send(enc.encode(P.Ready(wid, role, 1, "m", 256, 16, 10, None, [0], 0.1)))
+            router.expect(wid)
+            await push.send(enc.encode(P.Ready(wid, role, 1, "m", "tcp://127.0.0.1:9", 256, 16, 10, None, [0], 0.1)))
         deadline = time.monotonic() + 5
         while len(router.workers) < 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -107,20 +107,18 @@ def test_a_worker_sends_one_message_per_step_with_every_request_in_it(tmp_path):
     events = ctx.socket(zmq.PULL)
     events.setsockopt(zmq.LINGER, 0)
     events_port = events.bind_to_random_port("tcp://127.0.0.1")
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        cmd_port = s.getsockname()[1]
     args = json.dumps({"model": str(tmp_path), "dtype": "float32", "num_blocks": 64, "block_size": 4})
     proc = subprocess.Popen([sys.executable, "-m", "tokenworks.worker.server", "--worker-id", "w0", "--role", "both",
-                             "--commands", f"tcp://127.0.0.1:{cmd_port}", "--events", f"tcp://127.0.0.1:{events_port}",
+                             "--commands", "tcp://127.0.0.1:*", "--events", f"tcp://127.0.0.1:{events_port}",
                              "--engine-args", args, "--kv-transport", "tcp"])
     commands = ctx.socket(zmq.PUSH)
     commands.setsockopt(zmq.LINGER, 0)
-    commands.connect(f"tcp://127.0.0.1:{cmd_port}")
     to_worker, from_worker = Codec(P.ToWorker), Codec(P.FromWorker)
     try:
         assert events.poll(120_000), "the worker never reported ready"
-        assert isinstance(from_worker.decode(events.recv()), P.Ready)
+        ready = from_worker.decode(events.recv())
+        assert isinstance(ready, P.Ready) and ready.commands_endpoint.startswith("tcp://127.0.0.1:")
+        commands.connect(ready.commands_endpoint)  # the port the worker's system picked
         params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
         for i in range(3):
             commands.send(to_worker.encode(P.Submit(f"r{i}", [5 + i, 9, 11, 13, 17, 19], params, "full")))

@@ -112,6 +112,22 @@ def serve_layout(ns: argparse.Namespace, gpus: list[int] | None, cores: int) -> 
                        "never stall decoding (pass --aggregated-workers 1 for one worker on all cores)")
 
 
+def _listen_socket(host: str, port: int):
+    """The API's socket, bound before the workers start (their own ports cannot take it meanwhile)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror} (another server there? pick --port)") from None
+    sock.set_inheritable(False)
+    return sock
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     import asyncio
     import os
@@ -150,6 +166,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if not os.path.exists(model_path):
         raise FileNotFoundError(f"model {args.model!r} not found (models are not downloaded from a hub; give a local "
                                 ".gguf file or Hugging Face folder)")
+
+    listener = _listen_socket(ns.host, ns.port)  # taken now: a busy port fails before any model loads
 
     def tokenizer_files():
         files = load_tokenizer_files(args.model, args.cache_dir)
@@ -194,13 +212,14 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                 print(f"[tokenworks] {len(specs)} workers at ${ns.price_per_worker_hour:g}/hour each = "
                       f"${ns.price_per_worker_hour * len(specs):g}/hour; cost per million tokens on /metrics "
                       "(tokenworks:cost_per_million_output_tokens)", file=sys.stderr)
-            print(f"[tokenworks] listening on http://{ns.host}:{ns.port}/v1 (OpenAI API; /metrics, /health)",
+            port = listener.getsockname()[1]
+            print(f"[tokenworks] listening on http://{ns.host}:{port}/v1 (OpenAI API; /metrics, /health)",
                   file=sys.stderr, flush=True)
             supervisor = asyncio.get_running_loop().create_task(cluster.supervise(restart=not ns.no_restart))
             app = create_app(router, tokenizer, files.name, api_key=ns.api_key or os.environ.get("TOKENWORKS_API_KEY"))
             server = uvicorn.Server(uvicorn.Config(app, host=ns.host, port=ns.port, log_level="warning",
                                                    timeout_graceful_shutdown=3))
-            await server.serve()
+            await server.serve(sockets=[listener])
             supervisor.cancel()
         finally:
             cluster.stopping = True

@@ -154,7 +154,7 @@ class Router:
         self.num_refused_messages = 0  # malformed, unsigned or badly signed
         self._reader: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
-        self._endpoints: dict[str, str] = {}  # worker id -> its command endpoint
+        self._expected: set[str] = set()  # ids of the workers this router started
         self.max_model_len = 0
         self.max_failovers = max_failovers
         self.failover_wait = failover_wait  # how long a request waits for a decode worker to come back
@@ -213,13 +213,12 @@ class Router:
                 if stream is not None:
                     stream.put_nowait(_WorkerLost(handle.ready.worker_id))
 
-    def expect(self, worker_id: str, commands_endpoint: str) -> None:
-        """Remember where a worker that is starting will take commands."""
-        self._endpoints[worker_id] = commands_endpoint
+    def expect(self, worker_id: str) -> None:
+        """Take the Ready of a worker this router is starting (its command endpoint comes with it)."""
+        self._expected.add(worker_id)
 
     def _register(self, ready: P.Ready) -> None:
-        endpoint = self._endpoints.get(ready.worker_id)
-        if endpoint is None:
+        if ready.worker_id not in self._expected:
             return  # not a worker this router started
         old = self.workers.get(ready.worker_id)
         if old is not None:
@@ -227,7 +226,7 @@ class Router:
         sock = self.ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 10_000)
-        sock.connect(endpoint)
+        sock.connect(ready.commands_endpoint)
         self.workers[ready.worker_id] = WorkerHandle(ready, sock, WorkerView(ready.worker_id, ready.role))
         self.kv_index.reset(ready.worker_id, ready.cached_block_hashes, ready.num_blocks, ready.host_block_hashes,
                             ready.num_host_blocks)

@@ -42,6 +42,7 @@ class Ready(msgspec.Struct, tag="ready"):
     role: str
     pid: int
     model: str
+    commands_endpoint: str  # where the worker took its command socket (it binds the port itself)
     max_model_len: int
     block_size: int
     num_blocks: int

@@ -91,7 +91,8 @@ class Worker:
         self.kv_stats: dict[str, tuple[int, float, str]] = {}  # request id -> bytes, seconds, failure cause
         self.ctx = zmq.Context.instance()
         self.commands = self.ctx.socket(zmq.PULL)
-        self.commands.bind(ns.commands)
+        self.commands.bind(ns.commands)  # PORT may be *: the system picks one, and Ready says which
+        self.commands_endpoint = self.commands.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.events = self.ctx.socket(zmq.PUSH)
         self.events.setsockopt(zmq.LINGER, 1000)
         self.events.connect(ns.events)
@@ -105,7 +106,7 @@ class Worker:
         tier = self.loaded.host_tier
         self.send(P.Ready(
             worker_id=self.worker_id, role=self.role, pid=os.getpid(), model=self.loaded.model_name,
-            max_model_len=self.engine.max_model_len, block_size=kv.block_size, num_blocks=kv.num_blocks,
+            commands_endpoint=self.commands_endpoint, max_model_len=self.engine.max_model_len, block_size=kv.block_size, num_blocks=kv.num_blocks,
             kv_peer=self.kv_peer, cpus=self.cpus, load_seconds=self.loaded.load_seconds,
             warmup_seconds=self.warmup_seconds, graphs=self.loaded.graphs,
             cached_block_hashes=self.loaded.pool.record_events(),
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="A tokenworks worker process (started by `tokenworks serve`).")
     ap.add_argument("--worker-id", required=True)
     ap.add_argument("--role", choices=["prefill", "decode", "both"], required=True)
-    ap.add_argument("--commands", required=True, help="ZMQ endpoint to bind for commands")
+    ap.add_argument("--commands", required=True, help="ZMQ endpoint to bind for commands (tcp://HOST:* lets the system pick the port)")
     ap.add_argument("--events", required=True, help="the router's ZMQ endpoint for outputs")
     ap.add_argument("--engine-args", required=True, help="EngineArgs as JSON")
     ap.add_argument("--kv-transport", choices=["nixl", "tcp"], default="tcp")
