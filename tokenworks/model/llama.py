@@ -112,6 +112,10 @@ class LlamaModel:
                      for t in layer.values() if t is not None)
         return n
 
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """(T,) token ids -> (T, hidden) embeddings (a tied table is read in the output matrix's layout)."""
+        return self.lm_head.rows(ids) if self.embed is None else F.embedding(ids, self.embed)
+
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: (T, H, D); cos/sin: (T, 1, D/2); HF "rotate_half" layout.
         x1, x2 = x.chunk(2, dim=-1)
@@ -125,7 +129,7 @@ class LlamaModel:
         hd = c.head_dim
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
-        h = self.lm_head.rows(input_ids) if self.embed is None else F.embedding(input_ids, self.embed)
+        h = self.embed_tokens(input_ids)
         t = h.shape[0]
         for i, layer in enumerate(self.layers):
             x = F.rms_norm(h, (c.hidden_size,), layer["input_norm"], eps)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tokenworks.model import cpu_native
+
 GROUP = 32  # weights per GGUF Q4 block, and the kernel's group size
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
 
@@ -67,6 +69,12 @@ class Q4Weight:
         return Q4Weight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
                         torch.cat([p.zero for p in parts]))
 
+    def nibbles(self) -> torch.Tensor:
+        """(N, K / 2) uint8 in GGUF's block order: byte i of a group holds inputs i (low) and i + 16 (high)."""
+        n, k = self.shape
+        g = self.codes.view(n, k // GROUP, GROUP)
+        return (g[..., : GROUP // 2] | (g[..., GROUP // 2 :] << 4)).reshape(n, k // 2).contiguous()
+
     def dequantize(self) -> torch.Tensor:
         """(N, K) float32: what the codes mean, with scales and zeros as the kernel rounds them."""
         s = self.scale.to(torch.bfloat16).float().repeat_interleave(GROUP, 1)
@@ -75,16 +83,22 @@ class Q4Weight:
 
 
 class Int4Linear:
-    """y = x @ W.T + b with W packed for PyTorch's int4 CPU kernel."""
+    """y = x @ W.T + b for a 4-bit W: on the native kernel (``cpu_native.NativeQ4``, GGUF's layout) where it
+    builds, else packed for PyTorch's int4 CPU kernel."""
 
-    def __init__(self, weight: Q4Weight, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: Q4Weight, bias: torch.Tensor | None = None, native: bool = True) -> None:
         self.out_features, self.in_features = weight.shape
         if self.in_features % GROUP:
             raise ValueError(f"int4 linear needs inputs in groups of {GROUP}, got {self.in_features}")
+        self.bias = bias
+        lib = cpu_native.library() if native else None
+        self.native = None if lib is None else cpu_native.NativeQ4(lib, weight.nibbles(), weight.scale,
+                                                                     weight.zero - 8 * weight.scale, bias)
+        if self.native is not None:
+            return
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32).contiguous(), 1)
         # (K / 32, N, 2): scale and zero of each group, the kernel's layout.
         self.scales_zeros = torch.stack([weight.scale.t(), weight.zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-        self.bias = bias
 
     @property
     def numel(self) -> int:
@@ -93,6 +107,8 @@ class Int4Linear:
     @property
     def nbytes(self) -> int:
         """Bytes one pass reads: the packed codes, the scales and zeros, the bias."""
+        if self.native is not None:
+            return self.native.nbytes
         return (self.packed.numel() * self.packed.element_size() + self.scales_zeros.numel() * 2
                 + (0 if self.bias is None else self.bias.numel() * self.bias.element_size()))
 
@@ -102,8 +118,10 @@ class Int4Linear:
 
     def halves(self, x: torch.Tensor) -> torch.Tensor:
         """(2, M, out/2): the two halves of the output (for gate/up fused weights)."""
-        return self._mm(x).view(x.shape[0], 2, -1).transpose(0, 1)
+        return self(x).view(x.shape[0], 2, -1).transpose(0, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self.native(x).to(x.dtype)
         y = self._mm(x)
         return y if self.bias is None else y + self.bias

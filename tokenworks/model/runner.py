@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from tokenworks.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenworks.model import cpu_native
 from tokenworks.model.attention import AttentionMetadata, DecodeGroup, PrefillSeq, decode_groups
 from tokenworks.model.cuda_graphs import CudaGraphCapture, DecodeGraphs, GraphCapture
 from tokenworks.model.kv_cache import KVCache
@@ -37,6 +38,14 @@ class ModelRunner:
         self.group_overhead = GROUP_OVERHEAD_BLOCKS.get(torch.device(self.device).type, 16)
         self.use_paged = triton_available(self.device) if use_paged is None else use_paged
         self.graphs: DecodeGraphs | None = None
+        self.native = self._native_decoder()
+
+    def _native_decoder(self) -> cpu_native.NativeDecoder | None:
+        """Decode steps in one native call where every layer runs on the native 4-bit kernel (CPU)."""
+        linears = [layer[n] for layer in self.model.layers for n in ("qkv", "o", "gate_up", "down")]
+        if not all(getattr(w, "native", None) is not None for w in linears) or self.kv.tensor.dtype != torch.float32:
+            return None
+        return cpu_native.NativeDecoder(cpu_native.library(), self.model, self.kv)
 
     def capture_graphs(self, max_num_seqs: int, max_blocks_per_seq: int, capture: GraphCapture | None = None) -> DecodeGraphs:
         """Capture decode steps of up to ``max_num_seqs`` rows (CUDA graphs unless ``capture`` says otherwise)."""
@@ -131,8 +140,21 @@ class ModelRunner:
                 s.num_tokens == 1 and s.start_position > 0 and -(-s.context_len // self.block_size) <= graphs.max_blocks_per_seq
                 for s in scheduled):
             return self._replay(graphs, scheduled)
+        if self.native is not None and all(s.num_tokens == 1 and s.start_position > 0 for s in scheduled):
+            return self._native_step(self.native, scheduled)
         order, ids, pos, meta, sample_rows = self.prepare(scheduled)
         return order, self.model.forward(ids, pos, self.kv, meta), sample_rows
+
+    def _native_step(self, native: cpu_native.NativeDecoder, decodes: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], torch.Tensor, list[int]]:
+        bs = self.block_size
+        decodes = sorted(decodes, key=lambda s: -s.context_len)  # the eager path's row order
+        pos = [s.start_position for s in decodes]
+        hidden = self.model.embed_tokens(self._tensor([s.token_ids[0] for s in decodes])).float().contiguous()
+        hidden = native.step(hidden, positions=pos, slot_blocks=[s.block_ids[p // bs] for s, p in zip(decodes, pos)],
+                             slot_offsets=[p % bs for p in pos],
+                             tables=[s.block_ids[: -(-s.context_len // bs)] for s in decodes],
+                             context_lens=[s.context_len for s in decodes])
+        return decodes, hidden.to(self.model.dtype), [i for i, s in enumerate(decodes) if s.sample]
 
     def _replay(self, graphs: DecodeGraphs, decodes: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], torch.Tensor, list[int]]:
         bs = self.block_size

@@ -1,0 +1,112 @@
+"""The native CPU kernels (tokenworks/model/cpu_native): the 4-bit product against exact float64 arithmetic on
+GGUF blocks, the fused decode step against the layer-by-layer PyTorch path on small random 4-bit models, and
+the fallback when they are switched off."""
+
+import numpy as np
+import pytest
+import torch
+
+from tokenworks.config import ModelConfig
+from tokenworks.model import cpu_native
+from tokenworks.model.quantized_linear import GROUP, Int4Linear, Q4Weight
+
+pytestmark = pytest.mark.skipif(cpu_native.library() is None,
+                                reason=f"native kernels unavailable here: {cpu_native.unavailable_reason()}")
+
+
+def random_q4(rows: int, cols: int, gen: torch.Generator, spread: float = 0.05) -> Q4Weight:
+    codes = torch.randint(0, 16, (rows, cols), dtype=torch.uint8, generator=gen)
+    d = (torch.rand(rows, cols // GROUP, generator=gen) * spread).half().float()  # GGUF keeps d and m in float16
+    m = ((torch.rand(rows, cols // GROUP, generator=gen) - 0.5) * 16 * spread).half().float()
+    return Q4Weight(codes, d, m + 8 * d)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 33])
+def test_q4_product_equals_exact_arithmetic_on_the_gguf_values(rows):
+    gen = torch.Generator().manual_seed(rows)
+    n, k = 202, 96  # n not a multiple of the kernel's 4-row tiles: the tail rows run too
+    w = random_q4(n, k, gen)
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(rows, k, generator=gen) * torch.linspace(0.01, 30, k)  # groups of very different scales
+    lin = Int4Linear(w, bias)
+    assert lin.native is not None
+    scale, zero = w.scale.double().repeat_interleave(GROUP, 1), w.zero.double().repeat_interleave(GROUP, 1)
+    exact = x.double() @ ((w.codes.double() - 8) * scale + zero).t() + bias.double()  # w = d q + m, in float64
+    got = lin(x)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    # int16 activations: each group's rounding is below 1/65534 of its largest value
+    assert (got.double() - exact).abs().max() < 2e-4 * exact.abs().max()
+    halves = lin.halves(x)
+    torch.testing.assert_close(torch.cat([halves[0], halves[1]], 1), got)
+
+
+def test_nibbles_are_ggufs_block_layout():
+    codes = torch.arange(64, dtype=torch.uint8).remainder(16).view(1, 64)
+    w = Q4Weight(codes, torch.ones(1, 2), torch.zeros(1, 2))
+    packed = w.nibbles()
+    assert packed.shape == (1, 32)
+    assert packed[0, 0].item() == codes[0, 0] | (codes[0, 16] << 4)
+    assert packed[0, 16].item() == codes[0, 32] | (codes[0, 48] << 4)
+
+
+def tiny_4bit_engine(qk_norm: bool, block_size: int = 4):
+    """A LlamaModel of small shape whose layer matrices are random Q4 blocks, with its KV pool and runner."""
+    from tokenworks.model.kv_cache import KVCache
+    from tokenworks.model.llama import LlamaModel
+    from tokenworks.model.runner import ModelRunner
+    from tokenworks.model.weights import random_weights
+
+    config = ModelConfig(architecture="llama", vocab_size=300, hidden_size=64, intermediate_size=160, num_layers=3,
+                         num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+                         max_position=512, tie_word_embeddings=True, qk_norm=qk_norm)
+    weights = random_weights(config, torch.float32, "cpu", seed=3)
+    gen = torch.Generator().manual_seed(5)
+    for name, t in list(weights.items()):
+        if name.startswith("model.layers.") and t.dim() == 2:
+            weights[name] = random_q4(t.shape[0], t.shape[1], gen, spread=0.02)
+    model = LlamaModel(config, weights, torch.float32, "cpu")
+    kv = KVCache(config, block_size, 40, torch.float32, "cpu")
+    return model, kv, ModelRunner(model, kv)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3-qk-norm"])
+def test_fused_decode_step_equals_the_layer_by_layer_path(qk_norm):
+    from tokenworks.engine.scheduler_output import ScheduledRequest
+    from tokenworks.sampling_params import SamplingParams
+
+    model, kv, runner = tiny_4bit_engine(qk_norm)
+    assert runner.native is not None
+    gen = torch.Generator().manual_seed(11)
+    bs = kv.block_size
+    params = SamplingParams(temperature=0)
+    lens = [1, 5, 13, 9]  # prompts; their blocks scattered over the pool
+    free = list(torch.randperm(39, generator=gen) + 1)
+    seqs = []
+    for i, n in enumerate(lens):
+        ids = torch.randint(0, 300, (n + 3,), generator=gen).tolist()
+        blocks = [int(free.pop()) for _ in range(-(-(n + 3) // bs))]
+        seqs.append((f"r{i}", ids, blocks))
+    # prefill each prompt layer by layer (the only path for prefill)
+    runner.forward([ScheduledRequest(r, ids[:n], 0, blocks, True, params, ids[:n], []) for (r, ids, blocks), n in zip(seqs, lens)])
+    for step in range(3):  # three decode steps of all four rows: fused vs layer by layer from the same KV
+        sched = [ScheduledRequest(r, [ids[n + step]], n + step, blocks, True, params, ids[: n + step + 1], [])
+                 for (r, ids, blocks), n in zip(seqs, lens)]
+        before = kv.tensor.clone()
+        order, ids_t, pos, meta, _ = runner.prepare(sched)
+        eager = model.forward(ids_t, pos, kv, meta)
+        eager_kv = kv.tensor.clone()
+        kv.tensor.copy_(before)
+        order2, fused, _ = runner.forward(sched)  # decode-only: the fused native step
+        assert [s.request_id for s in order2] == [s.request_id for s in order]
+        assert (fused - eager).abs().max() < 1e-4 * eager.abs().max()
+        assert (kv.tensor - eager_kv).abs().max() < 1e-4 * eager_kv.abs().max()  # the same K/V written
+
+
+def test_switched_off_the_4bit_layers_run_on_pytorchs_kernel(monkeypatch):
+    monkeypatch.setenv("TOKENWORKS_NATIVE_KERNELS", "0")
+    assert cpu_native.library() is None and "TOKENWORKS_NATIVE_KERNELS" in cpu_native.unavailable_reason()
+    gen = torch.Generator().manual_seed(0)
+    lin = Int4Linear(random_q4(16, 64, gen))
+    assert lin.native is None and lin.packed is not None
+    _, _, runner = tiny_4bit_engine(False)
+    assert runner.native is None

@@ -1,0 +1,186 @@
+"""Native CPU kernels: 4-bit matrix products and a fused decode step, compiled on the machine that runs them.
+
+``kernels.c`` is built once per machine with the system's C compiler (``cc -O3 -march=native -fopenmp``, about
+a second) into the cache folder, keyed by the source, the flags and the CPU, and loaded with ctypes. It needs
+x86-64 with AVX2 and FMA. Where there is no compiler or no AVX2, or ``TOKENWORKS_NATIVE_KERNELS=0`` is set,
+``library()`` returns None and says why in ``unavailable_reason()``: the 4-bit layers then run on PyTorch's
+int4 kernel and decode steps layer by layer in PyTorch, as before.
+
+- ``NativeQ4``: a Q4 matrix in GGUF's block layout, ``y = x @ W.T + b`` for any number of rows.
+- ``NativeDecoder``: every layer of a decode-only step in one call (norms, q/k/v, RoPE, KV writes,
+  attention through the block tables, the MLP), the 4-bit layers read once per step for all rows.
+
+Activations enter the 4-bit products as int16 per group of 32 (an integer dot product on AVX2);
+the weights are the GGUF's codes, scales and minimums exactly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import torch
+
+from tokenworks.config import default_cache_dir
+
+SOURCE = os.path.join(os.path.dirname(__file__), "kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+class _Q4Mat(ctypes.Structure):
+    _fields_ = [("n", _I), ("k", _I), ("codes", _P), ("d", _P), ("m", _P), ("bias", _P)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("input_norm", _P), ("post_norm", _P), ("q_norm", _P), ("k_norm", _P),
+                ("qkv", _Q4Mat), ("o", _Q4Mat), ("gate_up", _Q4Mat), ("down", _Q4Mat)]
+
+
+class _Net(ctypes.Structure):
+    _fields_ = [("hidden", _I), ("num_heads", _I), ("num_kv_heads", _I), ("head_dim", _I), ("inter", _I),
+                ("num_layers", _I), ("block_size", _I), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("cos", _P), ("sin", _P), ("final_norm", _P), ("layers", ctypes.POINTER(_Layer)), ("kv", _P),
+                ("stride_block", _I), ("stride_layer", _I), ("stride_kv", _I), ("stride_token", _I)]
+
+
+_reason = ""
+
+
+def unavailable_reason() -> str:
+    """Why ``library()`` returned None ("" when it did not)."""
+    return _reason
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels (built on first use), or None: see ``unavailable_reason()``."""
+    global _reason
+    if os.environ.get("TOKENWORKS_NATIVE_KERNELS", "1") == "0":
+        _reason = "TOKENWORKS_NATIVE_KERNELS=0"
+        return None
+    lib, _reason = _load()
+    return lib
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"native kernels are written for x86-64 with AVX2, this is {platform.machine()}"
+    flags = _cpu_flags()
+    if not {"avx2", "fma"} <= flags:
+        return None, "the CPU lacks AVX2 or FMA"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None, "no C compiler (cc) to build them with"
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(source + " ".join([cc, *FLAGS, *sorted(flags)]).encode()).hexdigest()[:16]
+    folder = os.path.join(default_cache_dir(), "native")
+    path = os.path.join(folder, f"kernels-{key}.so")
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *FLAGS, SOURCE, "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120)
+            if done.returncode:
+                return None, f"{cc} failed: {done.stderr.strip()[-500:]}"
+            os.replace(tmp, path)  # atomic: workers building at once each land a whole file
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return None, f"building with {cc} failed: {e}"
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(path)  # torch is imported first, so its OpenMP runtime (libgomp.so.1) is the one used
+    lib.tw_q4_matmul.argtypes = [ctypes.POINTER(_Q4Mat), _P, _I, _P, ctypes.c_int]
+    lib.tw_q4_matmul.restype = None
+    lib.tw_decode_step.argtypes = [ctypes.POINTER(_Net), _I, _P, _P, _P, _P, _P, _I, _P, ctypes.c_int]
+    lib.tw_decode_step.restype = ctypes.c_int
+    return lib, ""
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class NativeQ4:
+    """``y = x @ W.T + b`` for a 4-bit W in GGUF's Q4 layout, on the native kernel."""
+
+    def __init__(self, lib: ctypes.CDLL, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+        self.lib = lib
+        self.codes, self.d, self.m = codes.contiguous(), d.float().contiguous(), m.float().contiguous()
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.out_features, self.in_features = self.codes.shape[0], self.codes.shape[1] * 2
+        self.mat = _Q4Mat(self.out_features, self.in_features, _ptr(self.codes), _ptr(self.d), _ptr(self.m),
+                          _ptr(self.bias))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.d, self.m, self.bias) if t is not None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().contiguous()
+        y = torch.empty(x.shape[0], self.out_features)
+        self.lib.tw_q4_matmul(ctypes.byref(self.mat), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
+        return y
+
+
+class NativeDecoder:
+    """Every layer of a decode-only step in one native call, for a LlamaModel whose layers are all 4-bit."""
+
+    def __init__(self, lib: ctypes.CDLL, model, kv) -> None:
+        c = model.config
+        self.lib = lib
+        self.model = model
+        t = kv.tensor  # (block, layer, k/v, token, head, dim)
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError("the native decoder needs a contiguous float32 KV pool on the CPU")
+        self.layers = (_Layer * c.num_layers)()
+        keep = []
+        for i, layer in enumerate(model.layers):
+            mats = [layer[n].native for n in ("qkv", "o", "gate_up", "down")]
+            norms = [layer["input_norm"], layer["post_norm"], layer["q_norm"], layer["k_norm"]]
+            norms = [None if n is None else n.float().contiguous() for n in norms]
+            keep += norms
+            self.layers[i] = _Layer(*[_ptr(n) for n in norms], *[m.mat for m in mats])
+        self.cos, self.sin = model.cos.float().contiguous(), model.sin.float().contiguous()
+        self.final_norm = model.norm.float().contiguous()
+        self._keep = keep
+        self.net = _Net(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.num_layers,
+                        kv.block_size, c.rms_norm_eps, model.scale, _ptr(self.cos), _ptr(self.sin),
+                        _ptr(self.final_norm), self.layers, t.data_ptr(), t.stride(0), t.stride(1), t.stride(2),
+                        t.stride(3))
+
+    def step(self, hidden: torch.Tensor, positions: list[int], slot_blocks: list[int], slot_offsets: list[int],
+             tables: list[list[int]], context_lens: list[int]) -> torch.Tensor:
+        """``hidden``: (rows, hidden) float32 embeddings, overwritten with the final normed hidden states."""
+        rows = hidden.shape[0]
+        width = max(len(t) for t in tables)
+        i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+        table = i32([t + [0] * (width - len(t)) for t in tables])
+        args = [i32(positions), i32(slot_blocks), i32(slot_offsets), table, i32(context_lens)]
+        rc = self.lib.tw_decode_step(ctypes.byref(self.net), rows, hidden.data_ptr(), args[0].data_ptr(),
+                                     args[1].data_ptr(), args[2].data_ptr(), table.data_ptr(), width,
+                                     args[4].data_ptr(), torch.get_num_threads())
+        if rc:
+            raise MemoryError("the native decode step could not allocate its buffers")
+        return hidden
