@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tokenworks.model.weights import (_load_gguf, gguf_q4_weights, load_model_files, load_tokenizer_files,
+from tokenworks.model.weights import (_load_gguf, gguf_quantized_weights, load_model_files, load_tokenizer_files,
                                       resolve_model_path)
 
 
@@ -18,7 +18,7 @@ def test_copy_fills_in_tokenizer_first_then_the_float_weights_a_worker_needs_the
     assert sorted(os.listdir(folder)) == ["tokenizer.json", "tokenworks.json"]
     assert files.weights == {} and len(files.tensor_names) == 272
 
-    q4 = gguf_q4_weights(resolve_model_path(None), files.config, cache)  # a worker running 4-bit layers
+    q4 = gguf_quantized_weights(resolve_model_path(None), files.config, cache)  # a worker running GGUF's blocks
     worker = load_model_files(cache_dir=cache, skip=frozenset(q4))
     with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
         stored = set(f.keys())
@@ -30,5 +30,7 @@ def test_copy_fills_in_tokenizer_first_then_the_float_weights_a_worker_needs_the
     for name in ("model.embed_tokens.weight", "model.layers.3.self_attn.q_proj.weight", "model.norm.weight",
                  "model.layers.29.mlp.down_proj.weight"):
         assert torch.equal(full.weights[name], direct[name]), name
+    # the Q8_0 embedding kept as its blocks decodes to gguf's own float32 values, bit for bit
+    assert len(q4) == 211 and torch.equal(q4["model.embed_tokens.weight"].dequantize(), direct["model.embed_tokens.weight"])
     again = load_model_files(cache_dir=cache, skip=frozenset(q4))  # nothing left to convert
     assert set(again.weights) == stored

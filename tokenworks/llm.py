@@ -22,7 +22,7 @@ from tokenworks.model.host_kv_tier import HostKVTier, host_blocks_for_budget
 from tokenworks.model.kv_cache import KVCache, num_blocks_for_budget, torch_dtype
 from tokenworks.model.llama import LlamaModel
 from tokenworks.model.runner import ModelRunner
-from tokenworks.model.weights import (forget_parsed_files, gguf_q4_weights, load_model_files, random_weights,
+from tokenworks.model.weights import (forget_parsed_files, gguf_quantized_weights, load_model_files, random_weights,
                                       resolve_model_path)
 from tokenworks.outputs import RequestOutput
 from tokenworks.sampling_params import SamplingParams
@@ -45,18 +45,18 @@ def build_engine(args: EngineArgs, detokenize: bool = True) -> LoadedEngine:
     """The engine for ``args``; ``detokenize=False``: token ids out only, no text or stop strings (a served
     worker: the router detokenizes)."""
     t0 = time.perf_counter()
-    q4 = {}
-    if args.quantization == "auto" and args.device_config().device == "cpu":  # 4-bit layers: their float copies unread
+    quantized = {}
+    if args.quantization == "auto" and args.device_config().device == "cpu":  # run as stored: float copies unread
         config = load_model_files(args.model, args.cache_dir, weights=False).config
-        q4 = gguf_q4_weights(resolve_model_path(args.model), config, args.cache_dir)
-    files = load_model_files(args.model, args.cache_dir, skip=frozenset(q4))
+        quantized = gguf_quantized_weights(resolve_model_path(args.model), config, args.cache_dir)
+    files = load_model_files(args.model, args.cache_dir, skip=frozenset(quantized))
     tokenizer = Tokenizer(files.tokenizer_json, files.chat_template, files.bos_token, files.eos_token, files.add_bos_token)
     eos = files.config.eos_token_ids
     if not eos and files.eos_token is not None:
         eos = (tokenizer._tok.token_to_id(files.eos_token),)
     forget_parsed_files()
     weights, files.weights = files.weights, {}
-    weights.update(q4)
+    weights.update(quantized)
     return _assemble(args, files.name, files.config, weights, tokenizer if detokenize else None, eos, t0)
 
 

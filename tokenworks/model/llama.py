@@ -17,7 +17,8 @@ from tokenworks.config import ModelConfig
 from tokenworks.model.attention import AttentionMetadata, paged_attention, write_kv
 from tokenworks.model.kv_cache import KVCache
 from tokenworks.model.linear import Linear
-from tokenworks.model.quantized_linear import Int4Linear, Q4Weight
+from tokenworks.model import cpu_native
+from tokenworks.model.quantized_linear import Int4Linear, Int8Linear, Q4Weight, Q8Weight
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -53,7 +54,7 @@ class LlamaModel:
             if name not in weights:
                 raise KeyError(f"checkpoint lacks tensor {name!r}")
             t = weights[name]
-            return t if isinstance(t, Q4Weight) else t.to(device=device, dtype=dtype).contiguous()
+            return t if isinstance(t, (Q4Weight, Q8Weight)) else t.to(device=device, dtype=dtype).contiguous()
 
         def stack(*names: str):
             parts = [w(n) for n in names]
@@ -62,9 +63,14 @@ class LlamaModel:
         def linear(weight, bias=None):
             return Int4Linear(weight, bias) if isinstance(weight, Q4Weight) else Linear(weight, bias)
 
+        def output_matrix(weight):
+            if isinstance(weight, Q8Weight):  # GGUF Q8_0: on the native kernel, else dequantized
+                return Int8Linear(weight) if cpu_native.library() else Linear(weight.dequantize().to(dtype))
+            return Linear(weight)
+
         embed = w("model.embed_tokens.weight")
         self.norm = w("model.norm.weight")
-        self.lm_head = Linear(embed if config.tie_word_embeddings else w("lm_head.weight"))
+        self.lm_head = output_matrix(embed if config.tie_word_embeddings else w("lm_head.weight"))
         # Tied: tokens are looked up in the output matrix's own (CPU: split) layout, not in a second copy.
         self.embed = None if config.tie_word_embeddings else embed
         self.layers = []
@@ -97,7 +103,8 @@ class LlamaModel:
     @property
     def num_parameters(self) -> int:
         """Parameters of the network (a tied embedding counted once)."""
-        n = self.norm.numel() + self.lm_head.numel + (0 if self.embed is None else self.embed.numel())
+        embed = 0 if self.embed is None else (self.embed.codes if isinstance(self.embed, Q8Weight) else self.embed).numel()
+        n = self.norm.numel() + self.lm_head.numel + embed
         for layer in self.layers:
             n += sum(t.numel if isinstance(t, (Linear, Int4Linear)) else t.numel() for t in layer.values()
                      if t is not None)
@@ -114,7 +121,9 @@ class LlamaModel:
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """(T,) token ids -> (T, hidden) embeddings (a tied table is read in the output matrix's layout)."""
-        return self.lm_head.rows(ids) if self.embed is None else F.embedding(ids, self.embed)
+        if self.embed is None:
+            return self.lm_head.rows(ids)
+        return self.embed.dequantize(ids) if isinstance(self.embed, Q8Weight) else F.embedding(ids, self.embed)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: (T, H, D); cos/sin: (T, 1, D/2); HF "rotate_half" layout.

@@ -82,6 +82,56 @@ class Q4Weight:
         return (self.codes.float() - 8) * s + z
 
 
+@dataclass
+class Q8Weight:
+    """An (N, K) weight as GGUF Q8_0: int8 values with a scale per row and group of 32 inputs (w = d * q)."""
+
+    codes: torch.Tensor  # (N, K) int8
+    scale: torch.Tensor  # (N, K // 32) float32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @classmethod
+    def from_gguf(cls, data: np.ndarray, rows: int, cols: int) -> "Q8Weight":
+        blocks = np.asarray(data, dtype=np.uint8).reshape(rows, cols // GROUP, 2 + GROUP)
+        d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16).reshape(rows, -1).astype(np.float32)
+        codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, cols)
+        return cls(torch.from_numpy(codes), torch.from_numpy(d))
+
+    def dequantize(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, K) float32, or the rows ``ids`` only."""
+        codes, scale = (self.codes, self.scale) if ids is None else (self.codes[ids], self.scale[ids])
+        return codes.float() * scale.repeat_interleave(GROUP, 1)
+
+
+class Int8Linear:
+    """y = x @ W.T for a Q8_0 W on the native kernel; its rows double as a tied embedding table."""
+
+    def __init__(self, weight: Q8Weight) -> None:
+        lib = cpu_native.library()
+        if lib is None:
+            raise RuntimeError(f"8-bit linears need the native kernels: {cpu_native.unavailable_reason()}")
+        self.weight = weight
+        self.out_features, self.in_features = weight.shape
+        self.native = cpu_native.NativeQ8(lib, weight.codes, weight.scale)
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+    @property
+    def nbytes(self) -> int:
+        return self.native.nbytes
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight.dequantize(ids)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.native(x).to(x.dtype)
+
+
 class Int4Linear:
     """y = x @ W.T + b for a 4-bit W: on the native kernel (``cpu_native.NativeQ4``, GGUF's layout) where it
     builds, else packed for PyTorch's int4 CPU kernel."""

@@ -253,36 +253,39 @@ def resolve_model_path(model: str | None) -> str:
     return default_model_path() if model is None else os.path.expanduser(model)
 
 
-def gguf_q4_weights(path: str, config: ModelConfig, cache_dir: str | None = None) -> dict:
-    """The layers' Q4_0 / Q4_1 matrices of a GGUF file as 4-bit codes (``quantized_linear.Q4Weight``), under
-    their Hugging Face names, q/k rows in Hugging Face's order; empty for other files or formats. The
-    embedding and output matrices are left out (they stay floating point). Kept beside the converted copy
-    (``q4.safetensors``): reading a GGUF's metadata takes seconds."""
+def gguf_quantized_weights(path: str, config: ModelConfig, cache_dir: str | None = None) -> dict:
+    """A GGUF file's quantized matrices as they are stored, under their Hugging Face names: the layers' Q4_0 /
+    Q4_1 matrices as 4-bit codes (``quantized_linear.Q4Weight``, q/k rows in Hugging Face's order) and a Q8_0
+    embedding or output matrix as ``Q8Weight``; empty for other files. Other formats are left out (they are
+    dequantized to float). Kept beside the converted copy (``quantized.safetensors``): reading a GGUF's metadata
+    takes seconds."""
     import torch
     from safetensors.torch import load_file
 
-    from tokenworks.model.quantized_linear import Q4Weight
+    from tokenworks.model.quantized_linear import Q4Weight, Q8Weight
 
     if not (path.endswith(".gguf") and os.path.isfile(path)):
         return {}
-    cached = os.path.join(_cache_folder(path, cache_dir or default_cache_dir()), "q4.safetensors")
+    cached = os.path.join(_cache_folder(path, cache_dir or default_cache_dir()), "quantized.safetensors")
     if os.path.exists(cached):
         flat = load_file(cached)
         names = {k.rsplit(".", 1)[0] for k in flat}
-        return {n: Q4Weight(flat[n + ".codes"], flat[n + ".scale"], flat[n + ".zero"]) for n in names}
-    import gguf
-
+        return {n: Q4Weight(flat[n + ".codes"], flat[n + ".scale"], flat[n + ".zero"]) if n + ".zero" in flat
+                else Q8Weight(flat[n + ".codes"], flat[n + ".scale"]) for n in names}
     reader = _gguf_reader(path)
     arch = _field(reader, "general.architecture")
-    out = {}
+    out: dict = {}
     for t in reader.tensors:
         kind = t.tensor_type.name
-        if kind not in ("Q4_0", "Q4_1") or len(t.shape) != 2:
-            continue
         name = _hf_name(t.name)
-        if not name.startswith("model.layers."):
+        if len(t.shape) != 2:
             continue
         cols, rows = int(t.shape[0]), int(t.shape[1])
+        if kind == "Q8_0" and name in ("model.embed_tokens.weight", "lm_head.weight"):
+            out[name] = Q8Weight.from_gguf(t.data, rows, cols)
+            continue
+        if kind not in ("Q4_0", "Q4_1") or not name.startswith("model.layers."):
+            continue
         w = Q4Weight.from_gguf(t.data, kind, rows, cols)
         heads = {"q_proj.weight": config.num_heads, "k_proj.weight": config.num_kv_heads}
         for suffix, n in heads.items():
@@ -290,7 +293,7 @@ def gguf_q4_weights(path: str, config: ModelConfig, cache_dir: str | None = None
                 w = w.rows(unpermute_qk(torch.arange(rows).unsqueeze(1), n).squeeze(1))
         out[name] = w
     _save_tensors({f"{n}.{part}": getattr(w, part).contiguous() for n, w in out.items()
-                   for part in ("codes", "scale", "zero")}, cached)
+                   for part in (("codes", "scale", "zero") if isinstance(w, Q4Weight) else ("codes", "scale"))}, cached)
     return out
 
 

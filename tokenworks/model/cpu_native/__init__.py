@@ -7,6 +7,7 @@ x86-64 with AVX2 and FMA. Where there is no compiler or no AVX2, or ``TOKENWORKS
 int4 kernel and decode steps layer by layer in PyTorch, as before.
 
 - ``NativeQ4``: a Q4 matrix in GGUF's block layout, ``y = x @ W.T + b`` for any number of rows.
+- ``NativeQ8``: the same for a Q8_0 matrix (the default model's tied embedding and output matrix).
 - ``NativeDecoder``: every layer of a decode-only step in one call (norms, q/k/v, RoPE, KV writes,
   attention through the block tables, the MLP), the 4-bit layers read once per step for all rows.
 
@@ -30,13 +31,17 @@ import torch
 from tokenworks.config import default_cache_dir
 
 SOURCE = os.path.join(os.path.dirname(__file__), "kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
 
 class _Q4Mat(ctypes.Structure):
     _fields_ = [("n", _I), ("k", _I), ("codes", _P), ("d", _P), ("m", _P), ("bias", _P)]
+
+
+class _Q8Mat(ctypes.Structure):
+    _fields_ = [("n", _I), ("k", _I), ("codes", _P), ("d", _P)]
 
 
 class _Layer(ctypes.Structure):
@@ -112,6 +117,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib = ctypes.CDLL(path)  # torch is imported first, so its OpenMP runtime (libgomp.so.1) is the one used
     lib.tw_q4_matmul.argtypes = [ctypes.POINTER(_Q4Mat), _P, _I, _P, ctypes.c_int]
     lib.tw_q4_matmul.restype = None
+    lib.tw_q8_matmul.argtypes = [ctypes.POINTER(_Q8Mat), _P, _I, _P, ctypes.c_int]
+    lib.tw_q8_matmul.restype = None
     lib.tw_decode_step.argtypes = [ctypes.POINTER(_Net), _I, _P, _P, _P, _P, _P, _I, _P, ctypes.c_int]
     lib.tw_decode_step.restype = ctypes.c_int
     return lib, ""
@@ -141,6 +148,26 @@ class NativeQ4:
         x = x.float().contiguous()
         y = torch.empty(x.shape[0], self.out_features)
         self.lib.tw_q4_matmul(ctypes.byref(self.mat), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
+        return y
+
+
+class NativeQ8:
+    """``y = x @ W.T`` for an 8-bit W in GGUF's Q8_0 layout (int8 values, a scale per 32), on the native kernel."""
+
+    def __init__(self, lib: ctypes.CDLL, codes: torch.Tensor, d: torch.Tensor) -> None:
+        self.lib = lib
+        self.codes, self.d = codes.contiguous(), d.float().contiguous()
+        self.out_features, self.in_features = self.codes.shape
+        self.mat = _Q8Mat(self.out_features, self.in_features, _ptr(self.codes), _ptr(self.d))
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() + self.d.numel() * 4
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().contiguous()
+        y = torch.empty(x.shape[0], self.out_features)
+        self.lib.tw_q8_matmul(ctypes.byref(self.mat), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
         return y
 
 

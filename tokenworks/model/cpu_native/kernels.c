@@ -31,6 +31,12 @@ typedef struct {
 } Q4Mat;
 
 typedef struct {
+    int64_t n, k;          /* output rows, inputs (k % 32 == 0) */
+    const int8_t *codes;   /* (n, k) GGUF Q8_0 values */
+    const float *d;        /* (n, k / 32): w = d * q */
+} Q8Mat;
+
+typedef struct {
     const float *input_norm, *post_norm, *q_norm, *k_norm; /* q/k norms: NULL unless the model has them */
     Q4Mat qkv, o, gate_up, down;
 } Layer;
@@ -101,10 +107,31 @@ static inline float min_dot(const float *m, const float *sum, int64_t groups) {
     return s;
 }
 
-/* One tile of four weight rows against every activation row, the tile's codes first widened to int16 in
-   `wide` (4 * k values, L1-resident) so that each activation row costs loads and multiply-adds only. */
-static void q4_tile_wide(const Q4Mat *w, const QAct *x, int64_t rows, float *y, int64_t ldy, int64_t n,
-                         int16_t *wide) {
+/* Four weight rows, widened to int16 in `wide` (4 * k values, L1-resident), against every activation row:
+   each row then costs loads and multiply-adds only. `m` may be NULL (no minimum: Q8_0). */
+static void wide_tile(const int16_t *wide, const float *d, const float *m, int64_t k, const QAct *x, int64_t rows,
+                      float *y, int64_t ldy, int64_t n) {
+    const int64_t G = k / GROUP;
+    for (int64_t r = 0; r < rows; r++) {
+        const int16_t *xq = x->q + r * k;
+        const float *sx = x->sx + r * G;
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t g = 0; g < G; g++) {
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP));
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP + 16));
+            for (int j = 0; j < 4; j++) {
+                const int16_t *q = wide + j * k + g * GROUP;
+                __m256i s = _mm256_add_epi32(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)q), x0),
+                                             _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(q + 16)), x1));
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d[j * G + g] * sx[g]), _mm256_cvtepi32_ps(s), acc[j]);
+            }
+        }
+        for (int j = 0; j < 4; j++)
+            y[r * ldy + n + j] = hsum(acc[j]) + (m ? min_dot(m + j * G, x->sum + r * G, G) : 0.f);
+    }
+}
+
+static void widen_q4(const Q4Mat *w, int64_t n, int16_t *wide) {
     const int64_t G = w->k / GROUP, rb = w->k / 2;
     const __m128i low = _mm_set1_epi8(0x0F);
     for (int j = 0; j < 4; j++)
@@ -114,24 +141,6 @@ static void q4_tile_wide(const Q4Mat *w, const QAct *x, int64_t rows, float *y, 
             _mm256_storeu_si256((__m256i *)dst, _mm256_cvtepu8_epi16(_mm_and_si128(b, low)));
             _mm256_storeu_si256((__m256i *)(dst + 16), _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
         }
-    const float *d = w->d + n * G;
-    for (int64_t r = 0; r < rows; r++) {
-        const int16_t *xq = x->q + r * w->k;
-        const float *sx = x->sx + r * G;
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int64_t g = 0; g < G; g++) {
-            __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP));
-            __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP + 16));
-            for (int j = 0; j < 4; j++) {
-                const int16_t *q = wide + j * w->k + g * GROUP;
-                __m256i s = _mm256_add_epi32(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)q), x0),
-                                             _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(q + 16)), x1));
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d[j * G + g] * sx[g]), _mm256_cvtepi32_ps(s), acc[j]);
-            }
-        }
-        const float *sum = x->sum + r * G;
-        for (int j = 0; j < 4; j++) y[r * ldy + n + j] = hsum(acc[j]) + min_dot(w->m + (n + j) * G, sum, G);
-    }
 }
 
 /* Rows [n0, n1) of y = x W^T (+ bias) for `rows` activation rows; y has row stride ldy. Weight rows go
@@ -144,7 +153,10 @@ static void q4_rows(const Q4Mat *w, const QAct *x, int64_t rows, float *y, int64
     if (rows >= WIDE_ROWS) {
         int16_t *wide = malloc(4 * w->k * sizeof(int16_t));
         if (wide) {
-            for (; n + 4 <= n1; n += 4) q4_tile_wide(w, x, rows, y, ldy, n, wide);
+            for (; n + 4 <= n1; n += 4) {
+                widen_q4(w, n, wide);
+                wide_tile(wide, w->d + n * G, w->m + n * G, w->k, x, rows, y, ldy, n);
+            }
             free(wide);
         }
     }
@@ -216,6 +228,43 @@ void tw_q4_matmul(const Q4Mat *w, const float *x, int64_t rows, float *y, int th
         nt = omp_get_num_threads();
 #endif
         q4_matmul_shared(w, &q, rows, y, t, nt);
+    }
+    free(q.q);
+    free(q.sx);
+    free(q.sum);
+}
+
+/* y (rows, n) = x (rows, k) W^T for a Q8_0 W, float32 in and out, on `threads` threads. */
+void tw_q8_matmul(const Q8Mat *w, const float *x, int64_t rows, float *y, int threads) {
+    int64_t G = w->k / GROUP;
+    QAct q = {malloc(rows * w->k * sizeof(int16_t)), malloc(rows * G * sizeof(float)), malloc(rows * G * sizeof(float))};
+    tw_quantize(x, rows, w->k, q.q, q.sx, q.sum);
+    #pragma omp parallel num_threads(threads)
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        int64_t a, b;
+        share(w->n, t, nt, &a, &b);
+        int16_t *wide = malloc(4 * w->k * sizeof(int16_t));
+        int64_t n = a;
+        for (; wide && n + 4 <= b; n += 4) {
+            for (int j = 0; j < 4; j++)
+                for (int64_t i = 0; i < w->k; i += 16)
+                    _mm256_storeu_si256((__m256i *)(wide + j * w->k + i),
+                                        _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w->codes + (n + j) * w->k + i))));
+            wide_tile(wide, w->d + n * G, NULL, w->k, &q, rows, y, w->n, n);
+        }
+        for (; n < b; n++)  /* the last rows (n % 4), or all of them if the buffer could not be had */
+            for (int64_t r = 0; r < rows; r++) {
+                float s = 0.f;
+                for (int64_t i = 0; i < w->k; i++)
+                    s += w->d[n * G + i / GROUP] * q.sx[r * G + i / GROUP] * (float)w->codes[n * w->k + i] * (float)q.q[r * w->k + i];
+                y[r * w->n + n] = s;
+            }
+        free(wide);
     }
     free(q.q);
     free(q.sx);
