@@ -37,7 +37,7 @@ _I = ctypes.c_int64
 
 
 class _Q4Mat(ctypes.Structure):
-    _fields_ = [("n", _I), ("k", _I), ("codes", _P), ("d", _P), ("m", _P), ("bias", _P)]
+    _fields_ = [("n", _I), ("k", _I), ("codes", _P), ("d", _P), ("m", _P), ("c", _P), ("bias", _P)]
 
 
 class _Q8Mat(ctypes.Structure):
@@ -137,12 +137,14 @@ class NativeQ4:
         self.codes, self.d, self.m = codes.contiguous(), d.float().contiguous(), m.float().contiguous()
         self.bias = None if bias is None else bias.float().contiguous()
         self.out_features, self.in_features = self.codes.shape[0], self.codes.shape[1] * 2
+        groups = self.codes.view(self.out_features, -1, 16).int()
+        self.c = (128 * self.d * ((groups & 15) + (groups >> 4)).sum(-1)).contiguous()  # see split_x in kernels.c
         self.mat = _Q4Mat(self.out_features, self.in_features, _ptr(self.codes), _ptr(self.d), _ptr(self.m),
-                          _ptr(self.bias))
+                          _ptr(self.c), _ptr(self.bias))
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.d, self.m, self.bias) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.d, self.m, self.c, self.bias) if t is not None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().contiguous()

@@ -27,6 +27,7 @@ typedef struct {
     int64_t n, k;          /* output rows, inputs (k % 32 == 0) */
     const uint8_t *codes;  /* (n, k / 2) GGUF nibbles */
     const float *d, *m;    /* (n, k / 32) */
+    const float *c;        /* (n, k / 32): 128 * d * (sum of the group's codes), see split_x */
     const float *bias;     /* (n) or NULL */
 } Q4Mat;
 
@@ -89,6 +90,55 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(a);
 }
 
+/* e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial (the Cephes expf
+   coefficients), 2^n put into the exponent bits. About 2 ulp; x below -87 gives 0 (a softmax's far tail). */
+static inline __m256 exp8(__m256 x) {
+    const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-87.3365478515625f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* y[i] = e^(x[i] - shift) for n floats; returns their sum. */
+static float exp_shifted(float *x, int64_t n, float shift) {
+    __m256 total = _mm256_setzero_ps(), sh = _mm256_set1_ps(shift);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
+        _mm256_storeu_ps(x + i, e);
+        total = _mm256_add_ps(total, e);
+    }
+    float s = hsum(total);
+    for (; i < n; i++) {
+        x[i] = expf(x[i] - shift);
+        s += x[i];
+    }
+    return s;
+}
+
+/* a[i] = SiLU(g[i]) * u[i] = g[i] / (1 + e^-g[i]) * u[i] */
+static void silu_mul(const float *g, const float *u, int64_t n, float *a) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i);
+        __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+}
+
 static inline __m256 group_dot(const uint8_t *p, __m256i x0, __m256i x1, float scale, __m256 acc) {
     const __m128i low = _mm_set1_epi8(0x0F);
     __m128i b = _mm_loadu_si128((const __m128i *)p);
@@ -143,6 +193,67 @@ static void widen_q4(const Q4Mat *w, int64_t n, int16_t *wide) {
         }
 }
 
+/* Few activation rows (a decode step's): two groups per step on maddubs, exactly. An int16 activation
+   xq = 256 xh + xl' + 128 with xh and xl' = xl - 128 signed bytes, so for codes q (0..15)
+       sum(q xq) = 256 sum(q xh) + sum(q xl') + 128 sum(q)
+   and the last term, d * sx * 128 * sum(q), is the matrix's c times sx, added with the minimums. split_x lays
+   a row's bytes out as the packed codes meet them: per pair of groups (A, B), 32 bytes [A 0..15 | B 0..15]
+   for the low nibbles and 32 bytes [A 16..31 | B 16..31] for the high ones; xh first, then xl'. */
+static void split_x(const int16_t *q, int64_t k, int8_t *out) {
+    for (int64_t p = 0; p < k / 64; p++) {
+        int8_t *h = out + p * 128, *l = h + 64;
+        for (int half = 0; half < 2; half++)          /* group A, B */
+            for (int part = 0; part < 2; part++)      /* inputs 0..15, 16..31 */
+                for (int i = 0; i < 16; i++) {
+                    int16_t v = q[p * 64 + half * 32 + part * 16 + i];
+                    h[part * 32 + half * 16 + i] = (int8_t)(v >> 8);
+                    l[part * 32 + half * 16 + i] = (int8_t)((v & 0xFF) - 128);
+                }
+    }
+}
+
+static inline __m256i pair_dot(const uint8_t *p, const int8_t *xs) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    __m256i b = _mm256_loadu_si256((const __m256i *)p);
+    __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+    __m256i a = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xs)),
+                                 _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xs + 32))));
+    __m256i c = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xs + 64))),
+                                 _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xs + 96))));
+    return _mm256_add_epi32(_mm256_madd_epi16(a, _mm256_set1_epi16(256)), _mm256_madd_epi16(c, _mm256_set1_epi16(1)));
+}
+
+/* Weight rows [n, n + nr) (nr <= 4) against activation row r, whose split bytes are xs. */
+static void pair_rows(const Q4Mat *w, const QAct *x, const int8_t *xs, int64_t r, int64_t n, int nr, float *out) {
+    const int64_t G = w->k / GROUP, rb = w->k / 2, P = G / 2;
+    const float *sx = x->sx + r * G, *sum = x->sum + r * G;
+    const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t p = 0; p < P; p++) {
+        __m256 sxp = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd((const double *)(sx + 2 * p)))), spread);
+        for (int j = 0; j < nr; j++) {
+            const float *d = w->d + (n + j) * G + 2 * p;
+            __m256 dp = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd((const double *)d))), spread);
+            __m256i s = pair_dot(w->codes + (n + j) * rb + p * 32, xs + p * 128);
+            acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(dp, sxp), _mm256_cvtepi32_ps(s), acc[j]);
+        }
+    }
+    for (int j = 0; j < nr; j++) {
+        const int64_t row = n + j;
+        float total = hsum(acc[j]);
+        if (G % 2) {  /* an odd last group: the int16 product */
+            const int64_t g = G - 1;
+            const int16_t *xq = x->q + r * w->k + g * GROUP;
+            total += hsum(group_dot(w->codes + row * rb + g * 16, _mm256_loadu_si256((const __m256i *)xq),
+                                    _mm256_loadu_si256((const __m256i *)(xq + 16)), w->d[row * G + g] * sx[g],
+                                    _mm256_setzero_ps()));
+        }
+        /* minimums times the groups' sums, and the +128 correction of the pairs (not of an odd last group) */
+        total += min_dot(w->m + row * G, sum, G) + min_dot(w->c + row * G, sx, 2 * P);
+        out[j] = total;
+    }
+}
+
 /* Rows [n0, n1) of y = x W^T (+ bias) for `rows` activation rows; y has row stride ldy. Weight rows go
    four at a time (four independent accumulators) and each tile serves every activation row while it is
    in L1; from WIDE_ROWS activation rows on, the tile's codes are widened once for all of them. */
@@ -160,40 +271,19 @@ static void q4_rows(const Q4Mat *w, const QAct *x, int64_t rows, float *y, int64
             free(wide);
         }
     }
-    for (; n + 4 <= n1; n += 4) {
-        const uint8_t *p = w->codes + n * rb;
-        const float *d = w->d + n * G;
-        for (int64_t r = 0; r < rows; r++) {
-            const int16_t *xq = x->q + r * w->k;
-            const float *sx = x->sx + r * G;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t g = 0; g < G; g++) {
-                __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP));
-                __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP + 16));
-                float s = sx[g];
-                a0 = group_dot(p + g * 16, x0, x1, d[g] * s, a0);
-                a1 = group_dot(p + rb + g * 16, x0, x1, d[G + g] * s, a1);
-                a2 = group_dot(p + 2 * rb + g * 16, x0, x1, d[2 * G + g] * s, a2);
-                a3 = group_dot(p + 3 * rb + g * 16, x0, x1, d[3 * G + g] * s, a3);
+    if (n < n1) {
+        int8_t *xs = malloc(rows * w->k * 2);
+        if (!xs) return;  /* (callers check their own allocations; this one is a few kilobytes) */
+        for (int64_t r = 0; r < rows; r++) split_x(x->q + r * w->k, w->k, xs + r * w->k * 2);
+        float out[4];
+        for (; n < n1; n += 4) {
+            int nr = n1 - n < 4 ? (int)(n1 - n) : 4;
+            for (int64_t r = 0; r < rows; r++) {
+                pair_rows(w, x, xs + r * w->k * 2, r, n, nr, out);
+                for (int j = 0; j < nr; j++) y[r * ldy + n + j] = out[j];
             }
-            const float *sum = x->sum + r * G;
-            float *out = y + r * ldy + n;
-            out[0] = hsum(a0) + min_dot(w->m + n * G, sum, G);
-            out[1] = hsum(a1) + min_dot(w->m + (n + 1) * G, sum, G);
-            out[2] = hsum(a2) + min_dot(w->m + (n + 2) * G, sum, G);
-            out[3] = hsum(a3) + min_dot(w->m + (n + 3) * G, sum, G);
         }
-    }
-    for (; n < n1; n++) {
-        for (int64_t r = 0; r < rows; r++) {
-            const int16_t *xq = x->q + r * w->k;
-            __m256 a = _mm256_setzero_ps();
-            for (int64_t g = 0; g < G; g++)
-                a = group_dot(w->codes + n * rb + g * 16, _mm256_loadu_si256((const __m256i *)(xq + g * GROUP)),
-                              _mm256_loadu_si256((const __m256i *)(xq + g * GROUP + 16)),
-                              w->d[n * G + g] * x->sx[r * G + g], a);
-            y[r * ldy + n] = hsum(a) + min_dot(w->m + n * G, x->sum + r * G, G);
-        }
+        free(xs);
     }
     if (w->bias)
         for (int64_t r = 0; r < rows; r++)
@@ -293,35 +383,99 @@ static float *kv_at(const Net *net, int64_t layer, int which, int64_t block, int
            offset * net->stride_token;
 }
 
-/* One query head of one row against its context through the block table; `scores` holds ctx floats. */
-static void attend(const Net *net, int64_t layer, const float *q, int64_t kv_head, const int32_t *table,
-                   int64_t ctx, float *scores, float *out) {
+/* The query heads [h0, h0 + nq) that share KV head `kv_head`, of one row, against its context through the
+   block table: each K and V vector is read once for all of them (a step's attention is bound by reading the
+   float32 KV). `scores` holds nq * ctx floats. The walk goes block by block (no division per token). */
+static void attend_group(const Net *net, int64_t layer, const float *q, int64_t nq, int64_t kv_head,
+                         const int32_t *table, int64_t ctx, float *scores, float *out) {
     const int64_t D = net->head_dim, bs = net->block_size;
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < ctx; t++) {
-        const float *k = kv_at(net, layer, 0, table[t / bs], t % bs) + kv_head * D;
-        float s = 0.f;
-        for (int64_t i = 0; i < D; i++) s += q[i] * k[i];
-        s *= net->scale;
-        scores[t] = s;
-        mx = s > mx ? s : mx;
+    for (int64_t b = 0, t = 0; t < ctx; b++) {
+        const float *k = kv_at(net, layer, 0, table[b], 0) + kv_head * D;
+        for (int64_t o = 0; o < bs && t < ctx; o++, t++, k += net->stride_token)
+            for (int64_t j = 0; j < nq; j++) {
+                const float *qj = q + j * D;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+                int64_t i = 0;
+                for (; i + 16 <= D; i += 16) {
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + i), _mm256_loadu_ps(k + i), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + i + 8), _mm256_loadu_ps(k + i + 8), a1);
+                }
+                float sc = hsum(_mm256_add_ps(a0, a1));
+                for (; i < D; i++) sc += qj[i] * k[i];
+                scores[j * ctx + t] = sc * net->scale;
+            }
     }
-    float total = 0.f;
-    for (int64_t t = 0; t < ctx; t++) {
-        scores[t] = expf(scores[t] - mx);
-        total += scores[t];
+    for (int64_t j = 0; j < nq; j++) {
+        float *sj = scores + j * ctx, mx = -INFINITY;
+        for (int64_t t = 0; t < ctx; t++) mx = sj[t] > mx ? sj[t] : mx;
+        const float inv = 1.f / exp_shifted(sj, ctx, mx);
+        for (int64_t t = 0; t < ctx; t++) sj[t] *= inv;
     }
-    for (int64_t i = 0; i < D; i++) out[i] = 0.f;
-    for (int64_t t = 0; t < ctx; t++) {
-        const float *v = kv_at(net, layer, 1, table[t / bs], t % bs) + kv_head * D;
-        float p = scores[t] / total;
-        for (int64_t i = 0; i < D; i++) out[i] += p * v[i];
+    /* out = P V, 32 dims of up to 3 heads at a time in registers */
+    for (int64_t j0 = 0; j0 < nq; j0 += 3) {
+        const int64_t nj = nq - j0 < 3 ? nq - j0 : 3;
+        int64_t d0 = 0;
+        for (; d0 + 32 <= D; d0 += 32) {
+            __m256 acc[3][4];
+            for (int j = 0; j < 3; j++)
+                for (int c = 0; c < 4; c++) acc[j][c] = _mm256_setzero_ps();
+            for (int64_t b = 0, t = 0; t < ctx; b++) {
+                const float *v = kv_at(net, layer, 1, table[b], 0) + kv_head * D + d0;
+                for (int64_t o = 0; o < bs && t < ctx; o++, t++, v += net->stride_token) {
+                    __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
+                           v3 = _mm256_loadu_ps(v + 24);
+                    for (int j = 0; j < nj; j++) {
+                        __m256 p = _mm256_set1_ps(scores[(j0 + j) * ctx + t]);
+                        acc[j][0] = _mm256_fmadd_ps(p, v0, acc[j][0]);
+                        acc[j][1] = _mm256_fmadd_ps(p, v1, acc[j][1]);
+                        acc[j][2] = _mm256_fmadd_ps(p, v2, acc[j][2]);
+                        acc[j][3] = _mm256_fmadd_ps(p, v3, acc[j][3]);
+                    }
+                }
+            }
+            for (int j = 0; j < nj; j++)
+                for (int c = 0; c < 4; c++) _mm256_storeu_ps(out + (j0 + j) * D + d0 + 8 * c, acc[j][c]);
+        }
+        if (d0 < D) {  /* head sizes that are not a multiple of 32 */
+            for (int j = 0; j < nj; j++)
+                for (int64_t i = d0; i < D; i++) out[(j0 + j) * D + i] = 0.f;
+            for (int64_t b = 0, t = 0; t < ctx; b++) {
+                const float *v = kv_at(net, layer, 1, table[b], 0) + kv_head * D;
+                for (int64_t o = 0; o < bs && t < ctx; o++, t++, v += net->stride_token)
+                    for (int j = 0; j < nj; j++)
+                        for (int64_t i = d0; i < D; i++) out[(j0 + j) * D + i] += scores[(j0 + j) * ctx + t] * v[i];
+            }
+        }
     }
+}
+
+/* A barrier that spins: a decode step crosses several per layer, each after a few microseconds of work, and
+   an OpenMP barrier whose threads fall asleep costs tens of microseconds to wake. */
+typedef struct {
+    volatile int count, sense;
+} SpinBarrier;
+
+static void barrier_wait(SpinBarrier *b, int nt, int *local_sense) {
+    *local_sense = !*local_sense;
+    if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == nt) {
+        b->count = 0;
+        __atomic_store_n(&b->sense, *local_sense, __ATOMIC_RELEASE);
+    } else {
+        while (__atomic_load_n(&b->sense, __ATOMIC_ACQUIRE) != *local_sense) _mm_pause();
+    }
+}
+
+/* [a, b): this thread's share of n items. */
+static void split(int64_t n, int t, int nt, int64_t *a, int64_t *b) {
+    *a = n * t / nt;
+    *b = n * (t + 1) / nt;
 }
 
 /* One decode step of `rows` sequences, every layer: h (rows, hidden) holds the tokens' embeddings and
    returns the final normed hidden states. Each row's K/V is written at its slot before attention, which
-   reads `context_lens[r]` tokens through `tables` (rows, table_width). Returns 0, or -1 if out of memory. */
+   reads `context_lens[r]` tokens through `tables` (rows, table_width). Work between two matrix products is
+   split by rows (or by row and KV head) over the threads, and the threads meet at spin barriers. Returns
+   0, or -1 if out of memory. */
 int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positions, const int32_t *slot_blocks,
                    const int32_t *slot_offsets, const int32_t *tables, int64_t table_width,
                    const int32_t *context_lens, int threads) {
@@ -337,73 +491,97 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
     float *attn = malloc(rows * nh * D * sizeof(float));
     float *gu = malloc(rows * 2 * I * sizeof(float));
     float *proj = malloc(rows * H * sizeof(float));
-    float *scores = malloc((size_t)threads * (max_ctx + 1) * sizeof(float));
+    float *scores = malloc((size_t)threads * per_kv * (max_ctx + 1) * sizeof(float));
     QAct q = {malloc(rows * kmax * sizeof(int16_t)), malloc(rows * gmax * sizeof(float)), malloc(rows * gmax * sizeof(float))};
+    SpinBarrier bar = {0, 0};
     int ok = x && qkv && attn && gu && proj && scores && q.q && q.sx && q.sum;
     if (ok) {
         #pragma omp parallel num_threads(threads)
         {
-            int t = 0, nt = 1;
+            int t = 0, nt = 1, sense = 0;
 #ifdef _OPENMP
             t = omp_get_thread_num();
             nt = omp_get_num_threads();
 #endif
+            int64_t r0, r1, i0, i1;
+            split(rows, t, nt, &r0, &r1);
             for (int64_t l = 0; l < net->num_layers; l++) {
                 const Layer *L = &net->layers[l];
-                #pragma omp for schedule(static)
-                for (int64_t r = 0; r < rows; r++) {
+                for (int64_t r = r0; r < r1; r++) {
                     rms_norm(h + r * H, L->input_norm, H, net->eps, x + r * H);
                     quantize_row(x + r * H, H, q.q + r * H, q.sx + r * (H / GROUP), q.sum + r * (H / GROUP));
                 }
+                barrier_wait(&bar, nt, &sense);
                 q4_matmul_shared(&L->qkv, &q, rows, qkv, t, nt);
-                #pragma omp barrier
-                #pragma omp for schedule(static)
-                for (int64_t r = 0; r < rows; r++) {
+                barrier_wait(&bar, nt, &sense);
+                /* per (row, KV head): q/k norms and RoPE of the group, the K/V write */
+                split(rows * nkv, t, nt, &i0, &i1);
+                for (int64_t it = i0; it < i1; it++) {
+                    int64_t r = it / nkv, kh = it % nkv;
                     float *row = qkv + r * qkv_n;
-                    const float *c = net->cos + (int64_t)positions[r] * (D / 2), *s = net->sin + (int64_t)positions[r] * (D / 2);
-                    for (int64_t j = 0; j < nh + nkv; j++) {
-                        float *v = row + j * D;
-                        if (L->q_norm) rms_norm(v, j < nh ? L->q_norm : L->k_norm, D, net->eps, v);
-                        rope(v, c, s, D / 2);
+                    const float *c = net->cos + (int64_t)positions[r] * (D / 2), *sn = net->sin + (int64_t)positions[r] * (D / 2);
+                    float *k = row + (nh + kh) * D, *v = row + (nh + nkv + kh) * D;
+                    if (L->k_norm) rms_norm(k, L->k_norm, D, net->eps, k);
+                    rope(k, c, sn, D / 2);
+                    memcpy(kv_at(net, l, 0, slot_blocks[r], slot_offsets[r]) + kh * D, k, D * sizeof(float));
+                    memcpy(kv_at(net, l, 1, slot_blocks[r], slot_offsets[r]) + kh * D, v, D * sizeof(float));
+                    for (int64_t head = kh * per_kv; head < (kh + 1) * per_kv; head++) {
+                        float *qh = row + head * D;
+                        if (L->q_norm) rms_norm(qh, L->q_norm, D, net->eps, qh);
+                        rope(qh, c, sn, D / 2);
                     }
-                    memcpy(kv_at(net, l, 0, slot_blocks[r], slot_offsets[r]), row + nh * D, nkv * D * sizeof(float));
-                    memcpy(kv_at(net, l, 1, slot_blocks[r], slot_offsets[r]), row + (nh + nkv) * D, nkv * D * sizeof(float));
                 }
-                #pragma omp for schedule(dynamic)
-                for (int64_t rh = 0; rh < rows * nh; rh++) {
-                    int64_t r = rh / nh, head = rh % nh;
-                    attend(net, l, qkv + r * qkv_n + head * D, head / per_kv, tables + r * table_width, context_lens[r],
-                           scores + (int64_t)t * (max_ctx + 1), attn + r * nh * D + head * D);
+                barrier_wait(&bar, nt, &sense);
+                /* attention per (row, query head): an even share for each thread (a KV head's group of query
+                   heads together reads K/V once, but three groups on two threads leave one waiting) */
+                split(rows * nh, t, nt, &i0, &i1);
+                for (int64_t it = i0; it < i1; it++) {
+                    int64_t r = it / nh, head = it % nh;
+                    attend_group(net, l, qkv + r * qkv_n + head * D, 1, head / per_kv, tables + r * table_width,
+                                 context_lens[r], scores + (int64_t)t * per_kv * (max_ctx + 1), attn + r * nh * D + head * D);
                 }
-                #pragma omp for schedule(static)
-                for (int64_t r = 0; r < rows; r++)
+                barrier_wait(&bar, nt, &sense);
+                for (int64_t r = r0; r < r1; r++)
                     quantize_row(attn + r * nh * D, nh * D, q.q + r * nh * D, q.sx + r * (nh * D / GROUP),
                                  q.sum + r * (nh * D / GROUP));
+                barrier_wait(&bar, nt, &sense);
                 q4_matmul_shared(&L->o, &q, rows, proj, t, nt);
-                #pragma omp barrier
-                #pragma omp for schedule(static)
-                for (int64_t r = 0; r < rows; r++) {
+                barrier_wait(&bar, nt, &sense);
+                for (int64_t r = r0; r < r1; r++) {
                     for (int64_t i = 0; i < H; i++) h[r * H + i] += proj[r * H + i];
                     rms_norm(h + r * H, L->post_norm, H, net->eps, x + r * H);
                     quantize_row(x + r * H, H, q.q + r * H, q.sx + r * (H / GROUP), q.sum + r * (H / GROUP));
                 }
+                barrier_wait(&bar, nt, &sense);
                 q4_matmul_shared(&L->gate_up, &q, rows, gu, t, nt);
-                #pragma omp barrier
-                #pragma omp for schedule(static)
-                for (int64_t r = 0; r < rows; r++) {
-                    const float *g = gu + r * 2 * I, *u = g + I;
-                    float *a = x + r * I;
-                    for (int64_t i = 0; i < I; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
-                    quantize_row(a, I, q.q + r * I, q.sx + r * (I / GROUP), q.sum + r * (I / GROUP));
+                barrier_wait(&bar, nt, &sense);
+                /* SiLU(gate) * up: split by rows, or by columns when there are fewer rows than threads */
+                if (rows >= nt) {
+                    for (int64_t r = r0; r < r1; r++) {
+                        const float *g = gu + r * 2 * I, *u = g + I;
+                        float *a = x + r * I;
+                        silu_mul(g, u, I, a);
+                        quantize_row(a, I, q.q + r * I, q.sx + r * (I / GROUP), q.sum + r * (I / GROUP));
+                    }
+                } else {
+                    int64_t g0, g1;
+                    split(I / GROUP, t, nt, &g0, &g1);
+                    for (int64_t r = 0; r < rows; r++) {
+                        const float *g = gu + r * 2 * I, *u = g + I;
+                        float *a = x + r * I;
+                        silu_mul(g + g0 * GROUP, u + g0 * GROUP, (g1 - g0) * GROUP, a + g0 * GROUP);
+                        quantize_row(a + g0 * GROUP, (g1 - g0) * GROUP, q.q + r * I + g0 * GROUP,
+                                     q.sx + r * (I / GROUP) + g0, q.sum + r * (I / GROUP) + g0);
+                    }
                 }
+                barrier_wait(&bar, nt, &sense);
                 q4_matmul_shared(&L->down, &q, rows, proj, t, nt);
-                #pragma omp barrier
-                #pragma omp for schedule(static)
-                for (int64_t r = 0; r < rows; r++)
+                barrier_wait(&bar, nt, &sense);
+                for (int64_t r = r0; r < r1; r++)
                     for (int64_t i = 0; i < H; i++) h[r * H + i] += proj[r * H + i];
+                /* the next layer's norm reads only this thread's rows: no barrier needed here */
             }
-            #pragma omp for schedule(static)
-            for (int64_t r = 0; r < rows; r++) rms_norm(h + r * H, net->final_norm, H, net->eps, h + r * H);
+            for (int64_t r = r0; r < r1; r++) rms_norm(h + r * H, net->final_norm, H, net->eps, h + r * H);
         }
     }
     free(x); free(qkv); free(attn); free(gu); free(proj); free(scores);
