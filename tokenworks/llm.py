@@ -6,6 +6,7 @@ block pool) to the mechanism (network, KV tensor, runner).
 
 from __future__ import annotations
 
+import gc
 import itertools
 import time
 from dataclasses import dataclass, fields
@@ -20,7 +21,9 @@ from tokenworks.engine.kv_cache_manager import KVCacheManager
 from tokenworks.engine.scheduler import Scheduler
 from tokenworks.model.host_kv_tier import HostKVTier, host_blocks_for_budget
 from tokenworks.model.kv_cache import KVCache, num_blocks_for_budget, torch_dtype
+from tokenworks.model import cpu_native
 from tokenworks.model.llama import LlamaModel
+from tokenworks.model.quantized_linear import Int4Linear
 from tokenworks.model.runner import ModelRunner
 from tokenworks.model.weights import (forget_parsed_files, gguf_quantized_weights, load_model_files, random_weights,
                                       resolve_model_path)
@@ -37,7 +40,7 @@ class LoadedEngine:
     runner: ModelRunner
     pool: BlockPool
     load_seconds: float
-    graphs: str = ""  # how decode steps run on CUDA (graphs captured, or why not); empty on CPU
+    graphs: str = ""  # how decode steps run: CUDA graphs captured (or why not); on CPU, the native kernels or why not
     host_tier: HostKVTier | None = None  # --kv-host-memory-gib
 
 
@@ -92,12 +95,19 @@ def _assemble(args: EngineArgs, name: str, config: ModelConfig, weights: dict, t
     runner = ModelRunner(model, kv_tensor)
     graphs = _capture_graphs(args, runner, sched_cfg.max_num_seqs, -(-sched_cfg.max_model_len // cache_cfg.block_size))
     engine = Engine(scheduler, runner, tokenizer, eos, vocab_size=config.vocab_size)
+    gc.collect()
+    gc.freeze()  # what loading made lives as long as the engine: later collections need not walk it
     return LoadedEngine(engine, name, config, runner, pool, time.perf_counter() - t0, graphs, tier)
 
 
 def _capture_graphs(args: EngineArgs, runner: ModelRunner, max_num_seqs: int, max_blocks: int) -> str:
-    """CUDA: capture the decode graphs now (part of the load time); a line saying what was done, or why not."""
+    """CUDA: capture the decode graphs now (part of the load time); a line saying what was done, or why not. CPU:
+    whether the 4-bit layers run on the native kernels (model/cpu_native) and decode steps in one call."""
     if not runner.device.startswith("cuda"):
+        if runner.native is not None:
+            return "4-bit layers and decode steps on the native CPU kernels (AVX2)"
+        if any(isinstance(layer["qkv"], Int4Linear) for layer in runner.model.layers):
+            return f"4-bit layers on PyTorch's int4 kernel (native kernels: {cpu_native.unavailable_reason()})"
         return ""
     if args.enforce_eager:
         return "decode runs eagerly (--enforce-eager)"

@@ -50,7 +50,7 @@ class Ready(msgspec.Struct, tag="ready"):
     cpus: list[int]
     load_seconds: float
     warmup_seconds: float = 0.0
-    graphs: str = ""  # CUDA: how decode steps run (LoadedEngine.graphs)
+    graphs: str = ""  # how decode steps run (LoadedEngine.graphs: CUDA graphs, or the CPU's native kernels)
     cached_block_hashes: list[int] = []  # the prefix cache now; KVEvents carry every change after this
     num_host_blocks: int = 0  # the host tier's size (--kv-host-memory-gib), 0: none
     host_block_hashes: list[int] = []  # what it holds now
