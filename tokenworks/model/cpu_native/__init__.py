@@ -37,7 +37,7 @@ _I = ctypes.c_int64
 
 
 class _Q4Mat(ctypes.Structure):
-    _fields_ = [("n", _I), ("k", _I), ("codes", _P), ("d", _P), ("m", _P), ("c", _P), ("bias", _P)]
+    _fields_ = [("n", _I), ("k", _I), ("codes", _P), ("d", _P), ("m", _P), ("bias", _P)]
 
 
 class _Q8Mat(ctypes.Structure):
@@ -134,17 +134,16 @@ class NativeQ4:
     def __init__(self, lib: ctypes.CDLL, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
                  bias: torch.Tensor | None) -> None:
         self.lib = lib
-        self.codes, self.d, self.m = codes.contiguous(), d.float().contiguous(), m.float().contiguous()
+        # d and m are GGUF's float16 values (exact: w = d q + m was computed from them in float32)
+        self.codes, self.d, self.m = codes.contiguous(), d.half().contiguous(), m.half().contiguous()
         self.bias = None if bias is None else bias.float().contiguous()
         self.out_features, self.in_features = self.codes.shape[0], self.codes.shape[1] * 2
-        groups = self.codes.view(self.out_features, -1, 16).int()
-        self.c = (128 * self.d * ((groups & 15) + (groups >> 4)).sum(-1)).contiguous()  # see split_x in kernels.c
         self.mat = _Q4Mat(self.out_features, self.in_features, _ptr(self.codes), _ptr(self.d), _ptr(self.m),
-                          _ptr(self.c), _ptr(self.bias))
+                          _ptr(self.bias))
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.d, self.m, self.c, self.bias) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.d, self.m, self.bias) if t is not None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().contiguous()
@@ -158,13 +157,13 @@ class NativeQ8:
 
     def __init__(self, lib: ctypes.CDLL, codes: torch.Tensor, d: torch.Tensor) -> None:
         self.lib = lib
-        self.codes, self.d = codes.contiguous(), d.float().contiguous()
+        self.codes, self.d = codes.contiguous(), d.half().contiguous()  # GGUF's float16 scales, exactly
         self.out_features, self.in_features = self.codes.shape
         self.mat = _Q8Mat(self.out_features, self.in_features, _ptr(self.codes), _ptr(self.d))
 
     @property
     def nbytes(self) -> int:
-        return self.codes.numel() + self.d.numel() * 4
+        return self.codes.numel() + self.d.numel() * 2
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().contiguous()

@@ -13,6 +13,7 @@
    keeps float32's quality.) */
 
 #include <immintrin.h>
+#include <sched.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -26,15 +27,14 @@
 typedef struct {
     int64_t n, k;          /* output rows, inputs (k % 32 == 0) */
     const uint8_t *codes;  /* (n, k / 2) GGUF nibbles */
-    const float *d, *m;    /* (n, k / 32) */
-    const float *c;        /* (n, k / 32): 128 * d * (sum of the group's codes), see split_x */
+    const uint16_t *d, *m; /* (n, k / 32) float16, as GGUF stores them */
     const float *bias;     /* (n) or NULL */
 } Q4Mat;
 
 typedef struct {
     int64_t n, k;          /* output rows, inputs (k % 32 == 0) */
     const int8_t *codes;   /* (n, k) GGUF Q8_0 values */
-    const float *d;        /* (n, k / 32): w = d * q */
+    const uint16_t *d;     /* (n, k / 32) float16: w = d * q */
 } Q8Mat;
 
 typedef struct {
@@ -148,20 +148,26 @@ static inline __m256 group_dot(const uint8_t *p, __m256i x0, __m256i x1, float s
     return _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(s), acc);
 }
 
-static inline float min_dot(const float *m, const float *sum, int64_t groups) {
+static inline float half(uint16_t h) { return _cvtsh_ss(h); }
+
+/* sum over groups of m (float16) times the groups' activation sums */
+static inline float min_dot(const uint16_t *m, const float *sum, int64_t groups) {
     __m256 a = _mm256_setzero_ps();
     int64_t g = 0;
-    for (; g + 8 <= groups; g += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(m + g), _mm256_loadu_ps(sum + g), a);
+    for (; g + 8 <= groups; g += 8)
+        a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + g))), _mm256_loadu_ps(sum + g), a);
     float s = hsum(a);
-    for (; g < groups; g++) s += m[g] * sum[g];
+    for (; g < groups; g++) s += half(m[g]) * sum[g];
     return s;
 }
 
 /* Four weight rows, widened to int16 in `wide` (4 * k values, L1-resident), against every activation row:
    each row then costs loads and multiply-adds only. `m` may be NULL (no minimum: Q8_0). */
-static void wide_tile(const int16_t *wide, const float *d, const float *m, int64_t k, const QAct *x, int64_t rows,
+static void wide_tile(const int16_t *wide, const uint16_t *d, const uint16_t *m, int64_t k, const QAct *x, int64_t rows,
                       float *y, int64_t ldy, int64_t n) {
     const int64_t G = k / GROUP;
+    float dt[4 * G];  /* the tile's scales as float32, converted once for all rows */
+    for (int64_t i = 0; i < 4 * G; i++) dt[i] = half(d[i]);
     for (int64_t r = 0; r < rows; r++) {
         const int16_t *xq = x->q + r * k;
         const float *sx = x->sx + r * G;
@@ -173,7 +179,7 @@ static void wide_tile(const int16_t *wide, const float *d, const float *m, int64
                 const int16_t *q = wide + j * k + g * GROUP;
                 __m256i s = _mm256_add_epi32(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)q), x0),
                                              _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(q + 16)), x1));
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d[j * G + g] * sx[g]), _mm256_cvtepi32_ps(s), acc[j]);
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dt[j * G + g] * sx[g]), _mm256_cvtepi32_ps(s), acc[j]);
             }
         }
         for (int j = 0; j < 4; j++)
@@ -193,12 +199,13 @@ static void widen_q4(const Q4Mat *w, int64_t n, int16_t *wide) {
         }
 }
 
-/* Few activation rows (a decode step's): two groups per step on maddubs, exactly. An int16 activation
-   xq = 256 xh + xl' + 128 with xh and xl' = xl - 128 signed bytes, so for codes q (0..15)
-       sum(q xq) = 256 sum(q xh) + sum(q xl') + 128 sum(q)
-   and the last term, d * sx * 128 * sum(q), is the matrix's c times sx, added with the minimums. split_x lays
-   a row's bytes out as the packed codes meet them: per pair of groups (A, B), 32 bytes [A 0..15 | B 0..15]
-   for the low nibbles and 32 bytes [A 16..31 | B 16..31] for the high ones; xh first, then xl'. */
+/* Few activation rows (a decode step's): two groups per step on maddubs, exactly. An int16 activation is
+   xq = 256 xh + xl with xh a signed and xl an unsigned byte, so for codes q (0..15)
+       sum(q xq) = 256 sum(q xh) + sum(q xl)
+   maddubs multiplies unsigned by signed bytes: the codes are the unsigned side against xh and the signed side
+   (they fit) against xl. split_x lays a row's bytes out as the packed codes meet them: per pair of groups
+   (A, B), 32 bytes [A 0..15 | B 0..15] for the low nibbles and 32 bytes [A 16..31 | B 16..31] for the high
+   ones; xh first, then xl. */
 static void split_x(const int16_t *q, int64_t k, int8_t *out) {
     for (int64_t p = 0; p < k / 64; p++) {
         int8_t *h = out + p * 128, *l = h + 64;
@@ -207,7 +214,7 @@ static void split_x(const int16_t *q, int64_t k, int8_t *out) {
                 for (int i = 0; i < 16; i++) {
                     int16_t v = q[p * 64 + half * 32 + part * 16 + i];
                     h[part * 32 + half * 16 + i] = (int8_t)(v >> 8);
-                    l[part * 32 + half * 16 + i] = (int8_t)((v & 0xFF) - 128);
+                    l[part * 32 + half * 16 + i] = (int8_t)(uint8_t)(v & 0xFF);
                 }
     }
 }
@@ -218,8 +225,8 @@ static inline __m256i pair_dot(const uint8_t *p, const int8_t *xs) {
     __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
     __m256i a = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xs)),
                                  _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xs + 32))));
-    __m256i c = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(xs + 64))),
-                                 _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xs + 96))));
+    __m256i c = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(xs + 64)), lo),
+                                 _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(xs + 96)), hi));
     return _mm256_add_epi32(_mm256_madd_epi16(a, _mm256_set1_epi16(256)), _mm256_madd_epi16(c, _mm256_set1_epi16(1)));
 }
 
@@ -232,8 +239,8 @@ static void pair_rows(const Q4Mat *w, const QAct *x, const int8_t *xs, int64_t r
     for (int64_t p = 0; p < P; p++) {
         __m256 sxp = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd((const double *)(sx + 2 * p)))), spread);
         for (int j = 0; j < nr; j++) {
-            const float *d = w->d + (n + j) * G + 2 * p;
-            __m256 dp = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd((const double *)d))), spread);
+            const uint16_t *d = w->d + (n + j) * G + 2 * p;
+            __m256 dp = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(*(const int32_t *)d))), spread);
             __m256i s = pair_dot(w->codes + (n + j) * rb + p * 32, xs + p * 128);
             acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(dp, sxp), _mm256_cvtepi32_ps(s), acc[j]);
         }
@@ -245,11 +252,10 @@ static void pair_rows(const Q4Mat *w, const QAct *x, const int8_t *xs, int64_t r
             const int64_t g = G - 1;
             const int16_t *xq = x->q + r * w->k + g * GROUP;
             total += hsum(group_dot(w->codes + row * rb + g * 16, _mm256_loadu_si256((const __m256i *)xq),
-                                    _mm256_loadu_si256((const __m256i *)(xq + 16)), w->d[row * G + g] * sx[g],
+                                    _mm256_loadu_si256((const __m256i *)(xq + 16)), half(w->d[row * G + g]) * sx[g],
                                     _mm256_setzero_ps()));
         }
-        /* minimums times the groups' sums, and the +128 correction of the pairs (not of an odd last group) */
-        total += min_dot(w->m + row * G, sum, G) + min_dot(w->c + row * G, sx, 2 * P);
+        total += min_dot(w->m + row * G, sum, G);  /* the minimums times the groups' sums */
         out[j] = total;
     }
 }
@@ -351,7 +357,7 @@ void tw_q8_matmul(const Q8Mat *w, const float *x, int64_t rows, float *y, int th
             for (int64_t r = 0; r < rows; r++) {
                 float s = 0.f;
                 for (int64_t i = 0; i < w->k; i++)
-                    s += w->d[n * G + i / GROUP] * q.sx[r * G + i / GROUP] * (float)w->codes[n * w->k + i] * (float)q.q[r * w->k + i];
+                    s += half(w->d[n * G + i / GROUP]) * q.sx[r * G + i / GROUP] * (float)w->codes[n * w->k + i] * (float)q.q[r * w->k + i];
                 y[r * w->n + n] = s;
             }
         free(wide);
@@ -450,7 +456,9 @@ static void attend_group(const Net *net, int64_t layer, const float *q, int64_t 
 }
 
 /* A barrier that spins: a decode step crosses several per layer, each after a few microseconds of work, and
-   an OpenMP barrier whose threads fall asleep costs tens of microseconds to wake. */
+   an OpenMP barrier whose threads fall asleep costs tens of microseconds to wake. A thread that has spun for
+   some tens of microseconds yields its core at each look (another process may hold the core the thread it
+   waits for needs). */
 typedef struct {
     volatile int count, sense;
 } SpinBarrier;
@@ -461,7 +469,12 @@ static void barrier_wait(SpinBarrier *b, int nt, int *local_sense) {
         b->count = 0;
         __atomic_store_n(&b->sense, *local_sense, __ATOMIC_RELEASE);
     } else {
-        while (__atomic_load_n(&b->sense, __ATOMIC_ACQUIRE) != *local_sense) _mm_pause();
+        for (int spins = 0; __atomic_load_n(&b->sense, __ATOMIC_ACQUIRE) != *local_sense; spins++) {
+            if (spins < 2000)
+                _mm_pause();
+            else
+                sched_yield();
+        }
     }
 }
 
