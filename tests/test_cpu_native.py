@@ -102,6 +102,14 @@ def test_fused_decode_step_equals_the_layer_by_layer_path(qk_norm):
         assert (kv.tensor - eager_kv).abs().max() < 1e-4 * eager_kv.abs().max()  # the same K/V written
 
 
+def test_loading_the_kernels_leaves_the_process_floating_point_mode_alone():
+    import numpy as np
+
+    assert cpu_native.library() is not None
+    tiny = np.array([1e-40], dtype=np.float32)  # a subnormal: flush-to-zero or denormals-are-zero would make it 0
+    assert (tiny * np.float32(1.0))[0] != 0 and (torch.from_numpy(tiny) * 1.0).item() != 0
+
+
 def test_switched_off_the_4bit_layers_run_on_pytorchs_kernel(monkeypatch):
     monkeypatch.setenv("TOKENWORKS_NATIVE_KERNELS", "0")
     assert cpu_native.library() is None and "TOKENWORKS_NATIVE_KERNELS" in cpu_native.unavailable_reason()

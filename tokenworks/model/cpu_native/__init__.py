@@ -31,7 +31,10 @@ import torch
 from tokenworks.config import default_cache_dir
 
 SOURCE = os.path.join(os.path.dirname(__file__), "kernels.c")
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+# Reassociation lets sums vectorize; never -ffast-math: gcc then links crtfastmath into the library, and loading
+# it would flush subnormal floats to zero for the whole process.
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
+         "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
@@ -109,6 +112,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             if done.returncode:
                 return None, f"{cc} failed: {done.stderr.strip()[-500:]}"
             os.replace(tmp, path)  # atomic: workers building at once each land a whole file
+            for stale in os.listdir(folder):  # builds of other sources (a process still using one keeps its mapping)
+                if stale.startswith("kernels-") and stale.endswith(".so") and stale != os.path.basename(path):
+                    os.unlink(os.path.join(folder, stale))
         except (OSError, subprocess.TimeoutExpired) as e:
             return None, f"building with {cc} failed: {e}"
         finally:
