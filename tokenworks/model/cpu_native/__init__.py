@@ -122,9 +122,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
                 os.unlink(tmp)
     lib = ctypes.CDLL(path)  # torch is imported first, so its OpenMP runtime (libgomp.so.1) is the one used
     lib.tw_q4_matmul.argtypes = [ctypes.POINTER(_Q4Mat), _P, _I, _P, ctypes.c_int]
-    lib.tw_q4_matmul.restype = None
+    lib.tw_q4_matmul.restype = ctypes.c_int
     lib.tw_q8_matmul.argtypes = [ctypes.POINTER(_Q8Mat), _P, _I, _P, ctypes.c_int]
-    lib.tw_q8_matmul.restype = None
+    lib.tw_q8_matmul.restype = ctypes.c_int
     lib.tw_decode_step.argtypes = [ctypes.POINTER(_Net), _I, _P, _P, _P, _P, _P, _I, _P, ctypes.c_int]
     lib.tw_decode_step.restype = ctypes.c_int
     return lib, ""
@@ -132,6 +132,14 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def _product(fn, mat, x: torch.Tensor, out_features: int) -> torch.Tensor:
+    x = x.float().contiguous()
+    y = torch.empty(x.shape[0], out_features)
+    if fn(ctypes.byref(mat), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("a native product could not allocate its buffers")
+    return y
 
 
 class NativeQ4:
@@ -152,10 +160,7 @@ class NativeQ4:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.d, self.m, self.bias) if t is not None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().contiguous()
-        y = torch.empty(x.shape[0], self.out_features)
-        self.lib.tw_q4_matmul(ctypes.byref(self.mat), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
-        return y
+        return _product(self.lib.tw_q4_matmul, self.mat, x, self.out_features)
 
 
 class NativeQ8:
@@ -172,10 +177,7 @@ class NativeQ8:
         return self.codes.numel() + self.d.numel() * 2
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().contiguous()
-        y = torch.empty(x.shape[0], self.out_features)
-        self.lib.tw_q8_matmul(ctypes.byref(self.mat), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads())
-        return y
+        return _product(self.lib.tw_q8_matmul, self.mat, x, self.out_features)
 
 
 class NativeDecoder:

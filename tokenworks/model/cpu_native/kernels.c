@@ -312,36 +312,55 @@ static void q4_matmul_shared(const Q4Mat *w, const QAct *x, int64_t rows, float 
 }
 
 /* y (rows, n) = x (rows, k) W^T + bias, float32 in and out, on `threads` threads. */
-void tw_q4_matmul(const Q4Mat *w, const float *x, int64_t rows, float *y, int threads) {
-    int64_t G = w->k / GROUP;
-    QAct q = {malloc(rows * w->k * sizeof(int16_t)), malloc(rows * G * sizeof(float)), malloc(rows * G * sizeof(float))};
-    tw_quantize(x, rows, w->k, q.q, q.sx, q.sum);
+static void thread_ids(int *t, int *nt) {
+    *t = 0;
+    *nt = 1;
+#ifdef _OPENMP
+    *t = omp_get_thread_num();
+    *nt = omp_get_num_threads();
+#endif
+}
+
+/* `rows` activation rows of k inputs, quantized; 0 if out of memory (then nothing is held). */
+static int qact_from(const float *x, int64_t rows, int64_t k, QAct *q) {
+    int64_t G = k / GROUP;
+    q->q = malloc(rows * k * sizeof(int16_t));
+    q->sx = malloc(rows * G * sizeof(float));
+    q->sum = malloc(rows * G * sizeof(float));
+    if (!(q->q && q->sx && q->sum)) {
+        free(q->q); free(q->sx); free(q->sum);
+        return 0;
+    }
+    tw_quantize(x, rows, k, q->q, q->sx, q->sum);
+    return 1;
+}
+
+static void qact_free(QAct *q) {
+    free(q->q); free(q->sx); free(q->sum);
+}
+
+int tw_q4_matmul(const Q4Mat *w, const float *x, int64_t rows, float *y, int threads) {
+    QAct q;
+    if (!qact_from(x, rows, w->k, &q)) return -1;
     #pragma omp parallel num_threads(threads)
     {
-        int t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        int t, nt;
+        thread_ids(&t, &nt);
         q4_matmul_shared(w, &q, rows, y, t, nt);
     }
-    free(q.q);
-    free(q.sx);
-    free(q.sum);
+    qact_free(&q);
+    return 0;
 }
 
 /* y (rows, n) = x (rows, k) W^T for a Q8_0 W, float32 in and out, on `threads` threads. */
-void tw_q8_matmul(const Q8Mat *w, const float *x, int64_t rows, float *y, int threads) {
-    int64_t G = w->k / GROUP;
-    QAct q = {malloc(rows * w->k * sizeof(int16_t)), malloc(rows * G * sizeof(float)), malloc(rows * G * sizeof(float))};
-    tw_quantize(x, rows, w->k, q.q, q.sx, q.sum);
+int tw_q8_matmul(const Q8Mat *w, const float *x, int64_t rows, float *y, int threads) {
+    const int64_t G = w->k / GROUP;
+    QAct q;
+    if (!qact_from(x, rows, w->k, &q)) return -1;
     #pragma omp parallel num_threads(threads)
     {
-        int t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        int t, nt;
+        thread_ids(&t, &nt);
         int64_t a, b;
         share(w->n, t, nt, &a, &b);
         int16_t *wide = malloc(4 * w->k * sizeof(int16_t));
@@ -362,9 +381,8 @@ void tw_q8_matmul(const Q8Mat *w, const float *x, int64_t rows, float *y, int th
             }
         free(wide);
     }
-    free(q.q);
-    free(q.sx);
-    free(q.sum);
+    qact_free(&q);
+    return 0;
 }
 
 /* -- the decode step --------------------------------------------------------------------------- */
@@ -511,11 +529,8 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
     if (ok) {
         #pragma omp parallel num_threads(threads)
         {
-            int t = 0, nt = 1, sense = 0;
-#ifdef _OPENMP
-            t = omp_get_thread_num();
-            nt = omp_get_num_threads();
-#endif
+            int t, nt, sense = 0;
+            thread_ids(&t, &nt);
             int64_t r0, r1, i0, i1;
             split(rows, t, nt, &r0, &r1);
             for (int64_t l = 0; l < net->num_layers; l++) {
