@@ -156,7 +156,7 @@ def test_serve_picks_its_layout_from_the_machine_and_says_why():
 
     none = Namespace(prefill_workers=None, decode_workers=None, aggregated_workers=None)
     assert serve_layout(none, None, 2)[0] == (0, 0, 1)  # a 2-core laptop: one worker on both cores
-    assert "61 ms/token" in serve_layout(none, None, 2)[1]
+    assert "ms/token aggregated" in serve_layout(none, None, 2)[1]
     assert serve_layout(none, None, 16)[0] == (1, 1, 0)
     assert serve_layout(none, [0], 2)[0] == (1, 1, 0)
     asked = Namespace(prefill_workers=2, decode_workers=None, aggregated_workers=1)
