@@ -69,8 +69,9 @@ def tiny_4bit_engine(qk_norm: bool, block_size: int = 4):
     return model, kv, ModelRunner(model, kv)
 
 
+@pytest.mark.parametrize("lens", [[1, 5, 13, 9], [13]], ids=["4-rows", "1-row"])  # 1 row: work split by columns
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3-qk-norm"])
-def test_fused_decode_step_equals_the_layer_by_layer_path(qk_norm):
+def test_fused_decode_step_equals_the_layer_by_layer_path(qk_norm, lens):
     from tokenworks.engine.scheduler_output import ScheduledRequest
     from tokenworks.sampling_params import SamplingParams
 
@@ -79,7 +80,7 @@ def test_fused_decode_step_equals_the_layer_by_layer_path(qk_norm):
     gen = torch.Generator().manual_seed(11)
     bs = kv.block_size
     params = SamplingParams(temperature=0)
-    lens = [1, 5, 13, 9]  # prompts; their blocks scattered over the pool
+    # lens: the prompts; their blocks scattered over the pool
     free = list(torch.randperm(39, generator=gen) + 1)
     seqs = []
     for i, n in enumerate(lens):

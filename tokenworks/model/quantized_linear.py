@@ -30,6 +30,11 @@ GROUP = 32  # weights per GGUF Q4 block, and the kernel's group size
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
 
 
+def _float16_field(blocks: np.ndarray, at: int) -> np.ndarray:
+    """(rows, groups) float32: the float16 at byte ``at`` of each GGUF block in (rows, groups, block bytes)."""
+    return np.ascontiguousarray(blocks[..., at : at + 2]).view(np.float16).reshape(blocks.shape[0], -1).astype(np.float32)
+
+
 @dataclass
 class Q4Weight:
     """An (N, K) weight as 4-bit codes with a scale and zero per row and group of 32 inputs."""
@@ -47,9 +52,9 @@ class Q4Weight:
         """``data``: the tensor's raw bytes as GGUF stores them, ``rows`` x (``cols`` / 32) blocks."""
         size = _BLOCK_BYTES[kind]
         blocks = np.asarray(data, dtype=np.uint8).reshape(rows, cols // GROUP, size)
-        d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16).reshape(rows, -1).astype(np.float32)
+        d = _float16_field(blocks, 0)
         if kind == "Q4_1":
-            m = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16).reshape(rows, -1).astype(np.float32)
+            m = _float16_field(blocks, 2)
             packed = blocks[..., 4:]
             zero = m + 8 * d
         else:
@@ -96,7 +101,7 @@ class Q8Weight:
     @classmethod
     def from_gguf(cls, data: np.ndarray, rows: int, cols: int) -> "Q8Weight":
         blocks = np.asarray(data, dtype=np.uint8).reshape(rows, cols // GROUP, 2 + GROUP)
-        d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16).reshape(rows, -1).astype(np.float32)
+        d = _float16_field(blocks, 0)
         codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, cols)
         return cls(torch.from_numpy(codes), torch.from_numpy(d))
 

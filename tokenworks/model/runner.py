@@ -28,6 +28,11 @@ from tokenworks.model.sampler import Sampler
 GROUP_OVERHEAD_BLOCKS = {"cpu": 16, "cuda": 256}
 
 
+def is_decode(s: ScheduledRequest) -> bool:
+    """One new token after a prefilled context."""
+    return s.num_tokens == 1 and s.start_position > 0
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, use_paged: bool | None = None) -> None:
         self.model = model
@@ -58,9 +63,8 @@ class ModelRunner:
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.block_size
-        decodes = sorted((s for s in scheduled if s.num_tokens == 1 and s.start_position > 0),
-                         key=lambda s: -s.context_len)
-        prefills = [s for s in scheduled if not (s.num_tokens == 1 and s.start_position > 0)]
+        decodes = sorted((s for s in scheduled if is_decode(s)), key=lambda s: -s.context_len)
+        prefills = [s for s in scheduled if not is_decode(s)]
         order = decodes + prefills
         ids: list[int] = []
         pos: list[int] = []
@@ -137,32 +141,25 @@ class ModelRunner:
         """The step's rows in batch order, their final hidden states, and the rows that sample."""
         graphs = self.graphs
         if graphs is not None and len(scheduled) <= graphs.max_batch and all(
-                s.num_tokens == 1 and s.start_position > 0 and -(-s.context_len // self.block_size) <= graphs.max_blocks_per_seq
-                for s in scheduled):
-            return self._replay(graphs, scheduled)
-        if self.native is not None and all(s.num_tokens == 1 and s.start_position > 0 for s in scheduled):
-            return self._native_step(self.native, scheduled)
+                is_decode(s) and -(-s.context_len // self.block_size) <= graphs.max_blocks_per_seq for s in scheduled):
+            decodes, rows = self._decode_rows(scheduled)
+            return decodes, graphs.run(**rows), [i for i, s in enumerate(decodes) if s.sample]
+        if self.native is not None and all(is_decode(s) for s in scheduled):
+            decodes, rows = self._decode_rows(scheduled)
+            hidden = self.model.embed_tokens(self._tensor(rows.pop("ids"))).float().contiguous()
+            hidden = self.native.step(hidden, **rows).to(self.model.dtype)
+            return decodes, hidden, [i for i, s in enumerate(decodes) if s.sample]
         order, ids, pos, meta, sample_rows = self.prepare(scheduled)
         return order, self.model.forward(ids, pos, self.kv, meta), sample_rows
 
-    def _native_step(self, native: cpu_native.NativeDecoder, decodes: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], torch.Tensor, list[int]]:
+    def _decode_rows(self, decodes: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], dict[str, list]]:
+        """A decode-only step's rows in the eager path's order (longest context first), and per row what a whole
+        step run at once (a CUDA graph, the native CPU step) needs: token, position, KV slot, block table."""
         bs = self.block_size
-        decodes = sorted(decodes, key=lambda s: -s.context_len)  # the eager path's row order
+        decodes = sorted(decodes, key=lambda s: -s.context_len)
         pos = [s.start_position for s in decodes]
-        hidden = self.model.embed_tokens(self._tensor([s.token_ids[0] for s in decodes])).float().contiguous()
-        hidden = native.step(hidden, positions=pos, slot_blocks=[s.block_ids[p // bs] for s, p in zip(decodes, pos)],
-                             slot_offsets=[p % bs for p in pos],
-                             tables=[s.block_ids[: -(-s.context_len // bs)] for s in decodes],
-                             context_lens=[s.context_len for s in decodes])
-        return decodes, hidden.to(self.model.dtype), [i for i, s in enumerate(decodes) if s.sample]
-
-    def _replay(self, graphs: DecodeGraphs, decodes: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], torch.Tensor, list[int]]:
-        bs = self.block_size
-        decodes = sorted(decodes, key=lambda s: -s.context_len)  # the eager path's row order
-        pos = [s.start_position for s in decodes]
-        hidden = graphs.run(
+        return decodes, dict(
             ids=[s.token_ids[0] for s in decodes], positions=pos,
             slot_blocks=[s.block_ids[p // bs] for s, p in zip(decodes, pos)], slot_offsets=[p % bs for p in pos],
             tables=[s.block_ids[: -(-s.context_len // bs)] for s in decodes],
             context_lens=[s.context_len for s in decodes])
-        return decodes, hidden, [i for i, s in enumerate(decodes) if s.sample]

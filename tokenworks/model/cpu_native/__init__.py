@@ -174,7 +174,7 @@ class NativeQ8:
 
     @property
     def nbytes(self) -> int:
-        return self.codes.numel() + self.d.numel() * 2
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.d))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _product(self.lib.tw_q8_matmul, self.mat, x, self.out_features)
@@ -186,7 +186,6 @@ class NativeDecoder:
     def __init__(self, lib: ctypes.CDLL, model, kv) -> None:
         c = model.config
         self.lib = lib
-        self.model = model
         t = kv.tensor  # (block, layer, k/v, token, head, dim)
         if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
             raise ValueError("the native decoder needs a contiguous float32 KV pool on the CPU")
@@ -209,14 +208,11 @@ class NativeDecoder:
     def step(self, hidden: torch.Tensor, positions: list[int], slot_blocks: list[int], slot_offsets: list[int],
              tables: list[list[int]], context_lens: list[int]) -> torch.Tensor:
         """``hidden``: (rows, hidden) float32 embeddings, overwritten with the final normed hidden states."""
-        rows = hidden.shape[0]
         width = max(len(t) for t in tables)
-        i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
-        table = i32([t + [0] * (width - len(t)) for t in tables])
-        args = [i32(positions), i32(slot_blocks), i32(slot_offsets), table, i32(context_lens)]
-        rc = self.lib.tw_decode_step(ctypes.byref(self.net), rows, hidden.data_ptr(), args[0].data_ptr(),
-                                     args[1].data_ptr(), args[2].data_ptr(), table.data_ptr(), width,
-                                     args[4].data_ptr(), torch.get_num_threads())
-        if rc:
+        pos, blocks, offsets, table, lens = (torch.tensor(v, dtype=torch.int32) for v in (
+            positions, slot_blocks, slot_offsets, [t + [0] * (width - len(t)) for t in tables], context_lens))
+        if self.lib.tw_decode_step(ctypes.byref(self.net), hidden.shape[0], hidden.data_ptr(), pos.data_ptr(),
+                                   blocks.data_ptr(), offsets.data_ptr(), table.data_ptr(), width, lens.data_ptr(),
+                                   torch.get_num_threads()):
             raise MemoryError("the native decode step could not allocate its buffers")
         return hidden

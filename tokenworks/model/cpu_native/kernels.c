@@ -54,14 +54,38 @@ typedef struct {
 
 /* -- activations ------------------------------------------------------------------------------- */
 
+/* Activation rows quantized per group of 32: int16 values, their scale and exact float sum, and the same
+   values split into bytes for the few-rows 4-bit product (see split_group). Rows are packed for the product
+   at hand: row r of k inputs starts at r k values, r k / 32 scales and sums, 2 r k split bytes. */
 typedef struct {
-    int16_t *q;   /* (rows, k) */
-    float *sx;    /* (rows, k / 32) */
-    float *sum;   /* (rows, k / 32) */
+    int16_t *q;    /* (rows, k) */
+    float *sx;     /* (rows, k / 32) */
+    float *sum;    /* (rows, k / 32) */
+    int8_t *split; /* (rows, 2 k) */
 } QAct;
 
-static void quantize_row(const float *x, int64_t k, int16_t *q, float *sx, float *sum) {
-    for (int64_t g = 0; g < k / GROUP; g++) {
+/* Few activation rows (a decode step's) go through the 4-bit product two groups at a time on maddubs, exactly.
+   An int16 activation is xq = 256 xh + xl with xh a signed and xl an unsigned byte, so for codes q (0..15)
+       sum(q xq) = 256 sum(q xh) + sum(q xl)
+   maddubs multiplies unsigned by signed bytes: the codes are the unsigned side against xh and the signed side
+   (they fit) against xl. The bytes are laid out as the packed codes meet them: per pair of groups (A, B), 128
+   bytes: xh of [A 0..15 | B 0..15], xh of [A 16..31 | B 16..31], then the same for xl. A group writes its own
+   half of its pair's bytes; an odd last group has no pair and is left out (the product takes it in int16). */
+static void split_group(const int16_t *q, int64_t g, int8_t *split_row) {
+    int8_t *h = split_row + g / 2 * 128 + g % 2 * 16, *l = h + 64;
+    for (int part = 0; part < 2; part++)  /* inputs 0..15, 16..31 */
+        for (int i = 0; i < 16; i++) {
+            int16_t v = q[part * 16 + i];
+            h[part * 32 + i] = (int8_t)(v >> 8);
+            l[part * 32 + i] = (int8_t)(uint8_t)(v & 0xFF);
+        }
+}
+
+/* Groups [g0, g1) of activation row r (x: that row, k inputs) into q. */
+static void quantize_groups(const float *x, int64_t k, int64_t g0, int64_t g1, const QAct *q, int64_t r) {
+    const int64_t G = k / GROUP;
+    int16_t *qr = q->q + r * k;
+    for (int64_t g = g0; g < g1; g++) {
         const float *v = x + g * GROUP;
         float amax = 0.f, s = 0.f;
         for (int i = 0; i < GROUP; i++) {
@@ -70,15 +94,11 @@ static void quantize_row(const float *x, int64_t k, int16_t *q, float *sx, float
             s += v[i];
         }
         float scale = amax / 32767.f, inv = scale > 0.f ? 1.f / scale : 0.f;
-        for (int i = 0; i < GROUP; i++) q[g * GROUP + i] = (int16_t)lrintf(v[i] * inv);
-        sx[g] = scale;
-        sum[g] = s;
+        for (int i = 0; i < GROUP; i++) qr[g * GROUP + i] = (int16_t)lrintf(v[i] * inv);
+        q->sx[r * G + g] = scale;
+        q->sum[r * G + g] = s;
+        if (g < G / 2 * 2) split_group(qr + g * GROUP, g, q->split + r * 2 * k);
     }
-}
-
-void tw_quantize(const float *x, int64_t rows, int64_t k, int16_t *q, float *sx, float *sum) {
-    for (int64_t r = 0; r < rows; r++)
-        quantize_row(x + r * k, k, q + r * k, sx + r * (k / GROUP), sum + r * (k / GROUP));
 }
 
 /* -- 4-bit matrix products --------------------------------------------------------------------- */
@@ -199,26 +219,6 @@ static void widen_q4(const Q4Mat *w, int64_t n, int16_t *wide) {
         }
 }
 
-/* Few activation rows (a decode step's): two groups per step on maddubs, exactly. An int16 activation is
-   xq = 256 xh + xl with xh a signed and xl an unsigned byte, so for codes q (0..15)
-       sum(q xq) = 256 sum(q xh) + sum(q xl)
-   maddubs multiplies unsigned by signed bytes: the codes are the unsigned side against xh and the signed side
-   (they fit) against xl. split_x lays a row's bytes out as the packed codes meet them: per pair of groups
-   (A, B), 32 bytes [A 0..15 | B 0..15] for the low nibbles and 32 bytes [A 16..31 | B 16..31] for the high
-   ones; xh first, then xl. */
-static void split_x(const int16_t *q, int64_t k, int8_t *out) {
-    for (int64_t p = 0; p < k / 64; p++) {
-        int8_t *h = out + p * 128, *l = h + 64;
-        for (int half = 0; half < 2; half++)          /* group A, B */
-            for (int part = 0; part < 2; part++)      /* inputs 0..15, 16..31 */
-                for (int i = 0; i < 16; i++) {
-                    int16_t v = q[p * 64 + half * 32 + part * 16 + i];
-                    h[part * 32 + half * 16 + i] = (int8_t)(v >> 8);
-                    l[part * 32 + half * 16 + i] = (int8_t)(uint8_t)(v & 0xFF);
-                }
-    }
-}
-
 static inline __m256i pair_dot(const uint8_t *p, const int8_t *xs) {
     const __m256i low = _mm256_set1_epi8(0x0F);
     __m256i b = _mm256_loadu_si256((const __m256i *)p);
@@ -230,7 +230,7 @@ static inline __m256i pair_dot(const uint8_t *p, const int8_t *xs) {
     return _mm256_add_epi32(_mm256_madd_epi16(a, _mm256_set1_epi16(256)), _mm256_madd_epi16(c, _mm256_set1_epi16(1)));
 }
 
-/* Weight rows [n, n + nr) (nr <= 4) against activation row r, whose split bytes are xs. */
+/* Weight rows [n, n + nr) (nr <= 4) against activation row r, whose split bytes are xs (split_group). */
 static void pair_rows(const Q4Mat *w, const QAct *x, const int8_t *xs, int64_t r, int64_t n, int nr, float *out) {
     const int64_t G = w->k / GROUP, rb = w->k / 2, P = G / 2;
     const float *sx = x->sx + r * G, *sum = x->sum + r * G;
@@ -277,19 +277,13 @@ static void q4_rows(const Q4Mat *w, const QAct *x, int64_t rows, float *y, int64
             free(wide);
         }
     }
-    if (n < n1) {
-        int8_t *xs = malloc(rows * w->k * 2);
-        if (!xs) return;  /* (callers check their own allocations; this one is a few kilobytes) */
-        for (int64_t r = 0; r < rows; r++) split_x(x->q + r * w->k, w->k, xs + r * w->k * 2);
-        float out[4];
-        for (; n < n1; n += 4) {
-            int nr = n1 - n < 4 ? (int)(n1 - n) : 4;
-            for (int64_t r = 0; r < rows; r++) {
-                pair_rows(w, x, xs + r * w->k * 2, r, n, nr, out);
-                for (int j = 0; j < nr; j++) y[r * ldy + n + j] = out[j];
-            }
+    float out[4];
+    for (; n < n1; n += 4) {
+        int nr = n1 - n < 4 ? (int)(n1 - n) : 4;
+        for (int64_t r = 0; r < rows; r++) {
+            pair_rows(w, x, x->split + r * w->k * 2, r, n, nr, out);
+            for (int j = 0; j < nr; j++) y[r * ldy + n + j] = out[j];
         }
-        free(xs);
     }
     if (w->bias)
         for (int64_t r = 0; r < rows; r++)
@@ -311,7 +305,6 @@ static void q4_matmul_shared(const Q4Mat *w, const QAct *x, int64_t rows, float 
     if (a < b) q4_rows(w, x, rows, y, w->n, a, b);
 }
 
-/* y (rows, n) = x (rows, k) W^T + bias, float32 in and out, on `threads` threads. */
 static void thread_ids(int *t, int *nt) {
     *t = 0;
     *nt = 1;
@@ -321,24 +314,29 @@ static void thread_ids(int *t, int *nt) {
 #endif
 }
 
-/* `rows` activation rows of k inputs, quantized; 0 if out of memory (then nothing is held). */
-static int qact_from(const float *x, int64_t rows, int64_t k, QAct *q) {
-    int64_t G = k / GROUP;
+static void qact_free(QAct *q) {
+    free(q->q); free(q->sx); free(q->sum); free(q->split);
+}
+
+/* Buffers for `rows` activation rows of up to k inputs; 0 if out of memory (then nothing is held). */
+static int qact_alloc(int64_t rows, int64_t k, QAct *q) {
     q->q = malloc(rows * k * sizeof(int16_t));
-    q->sx = malloc(rows * G * sizeof(float));
-    q->sum = malloc(rows * G * sizeof(float));
-    if (!(q->q && q->sx && q->sum)) {
-        free(q->q); free(q->sx); free(q->sum);
-        return 0;
-    }
-    tw_quantize(x, rows, k, q->q, q->sx, q->sum);
+    q->sx = malloc(rows * (k / GROUP) * sizeof(float));
+    q->sum = malloc(rows * (k / GROUP) * sizeof(float));
+    q->split = malloc(rows * 2 * k);
+    if (q->q && q->sx && q->sum && q->split) return 1;
+    qact_free(q);
+    return 0;
+}
+
+/* `rows` activation rows of k inputs (x, packed), quantized; 0 if out of memory. */
+static int qact_from(const float *x, int64_t rows, int64_t k, QAct *q) {
+    if (!qact_alloc(rows, k, q)) return 0;
+    for (int64_t r = 0; r < rows; r++) quantize_groups(x + r * k, k, 0, k / GROUP, q, r);
     return 1;
 }
 
-static void qact_free(QAct *q) {
-    free(q->q); free(q->sx); free(q->sum);
-}
-
+/* y (rows, n) = x (rows, k) W^T + bias, float32 in and out, on `threads` threads. */
 int tw_q4_matmul(const Q4Mat *w, const float *x, int64_t rows, float *y, int threads) {
     QAct q;
     if (!qact_from(x, rows, w->k, &q)) return -1;
@@ -407,69 +405,50 @@ static float *kv_at(const Net *net, int64_t layer, int which, int64_t block, int
            offset * net->stride_token;
 }
 
-/* The query heads [h0, h0 + nq) that share KV head `kv_head`, of one row, against its context through the
-   block table: each K and V vector is read once for all of them (a step's attention is bound by reading the
-   float32 KV). `scores` holds nq * ctx floats. The walk goes block by block (no division per token). */
-static void attend_group(const Net *net, int64_t layer, const float *q, int64_t nq, int64_t kv_head,
-                         const int32_t *table, int64_t ctx, float *scores, float *out) {
+/* One query head of one row against its context through the block table; `scores` holds ctx floats. The
+   walk goes block by block (no division per token) and the output accumulates in registers, 32 dims at a time.
+   (Reading K/V once for a KV head's group of query heads was measured: three groups on two threads leave one
+   waiting, and cutting the contexts in parts merged by log-sum-exp gained nothing here.) */
+static void attend(const Net *net, int64_t layer, const float *q, int64_t kv_head, const int32_t *table,
+                   int64_t ctx, float *scores, float *out) {
     const int64_t D = net->head_dim, bs = net->block_size;
+    float mx = -INFINITY;
     for (int64_t b = 0, t = 0; t < ctx; b++) {
         const float *k = kv_at(net, layer, 0, table[b], 0) + kv_head * D;
-        for (int64_t o = 0; o < bs && t < ctx; o++, t++, k += net->stride_token)
-            for (int64_t j = 0; j < nq; j++) {
-                const float *qj = q + j * D;
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-                int64_t i = 0;
-                for (; i + 16 <= D; i += 16) {
-                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + i), _mm256_loadu_ps(k + i), a0);
-                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + i + 8), _mm256_loadu_ps(k + i + 8), a1);
-                }
-                float sc = hsum(_mm256_add_ps(a0, a1));
-                for (; i < D; i++) sc += qj[i] * k[i];
-                scores[j * ctx + t] = sc * net->scale;
+        for (int64_t o = 0; o < bs && t < ctx; o++, t++, k += net->stride_token) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+            int64_t i = 0;
+            for (; i + 16 <= D; i += 16) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(k + i + 8), a1);
             }
-    }
-    for (int64_t j = 0; j < nq; j++) {
-        float *sj = scores + j * ctx, mx = -INFINITY;
-        for (int64_t t = 0; t < ctx; t++) mx = sj[t] > mx ? sj[t] : mx;
-        const float inv = 1.f / exp_shifted(sj, ctx, mx);
-        for (int64_t t = 0; t < ctx; t++) sj[t] *= inv;
-    }
-    /* out = P V, 32 dims of up to 3 heads at a time in registers */
-    for (int64_t j0 = 0; j0 < nq; j0 += 3) {
-        const int64_t nj = nq - j0 < 3 ? nq - j0 : 3;
-        int64_t d0 = 0;
-        for (; d0 + 32 <= D; d0 += 32) {
-            __m256 acc[3][4];
-            for (int j = 0; j < 3; j++)
-                for (int c = 0; c < 4; c++) acc[j][c] = _mm256_setzero_ps();
-            for (int64_t b = 0, t = 0; t < ctx; b++) {
-                const float *v = kv_at(net, layer, 1, table[b], 0) + kv_head * D + d0;
-                for (int64_t o = 0; o < bs && t < ctx; o++, t++, v += net->stride_token) {
-                    __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
-                           v3 = _mm256_loadu_ps(v + 24);
-                    for (int j = 0; j < nj; j++) {
-                        __m256 p = _mm256_set1_ps(scores[(j0 + j) * ctx + t]);
-                        acc[j][0] = _mm256_fmadd_ps(p, v0, acc[j][0]);
-                        acc[j][1] = _mm256_fmadd_ps(p, v1, acc[j][1]);
-                        acc[j][2] = _mm256_fmadd_ps(p, v2, acc[j][2]);
-                        acc[j][3] = _mm256_fmadd_ps(p, v3, acc[j][3]);
-                    }
-                }
-            }
-            for (int j = 0; j < nj; j++)
-                for (int c = 0; c < 4; c++) _mm256_storeu_ps(out + (j0 + j) * D + d0 + 8 * c, acc[j][c]);
+            float sc = hsum(_mm256_add_ps(a0, a1));
+            for (; i < D; i++) sc += q[i] * k[i];
+            scores[t] = sc * net->scale;
+            mx = scores[t] > mx ? scores[t] : mx;
         }
-        if (d0 < D) {  /* head sizes that are not a multiple of 32 */
-            for (int j = 0; j < nj; j++)
-                for (int64_t i = d0; i < D; i++) out[(j0 + j) * D + i] = 0.f;
-            for (int64_t b = 0, t = 0; t < ctx; b++) {
-                const float *v = kv_at(net, layer, 1, table[b], 0) + kv_head * D;
-                for (int64_t o = 0; o < bs && t < ctx; o++, t++, v += net->stride_token)
-                    for (int j = 0; j < nj; j++)
-                        for (int64_t i = d0; i < D; i++) out[(j0 + j) * D + i] += scores[(j0 + j) * ctx + t] * v[i];
+    }
+    const float inv = 1.f / exp_shifted(scores, ctx, mx);
+    int64_t d0 = 0;
+    for (; d0 + 32 <= D; d0 += 32) {
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t b = 0, t = 0; t < ctx; b++) {
+            const float *v = kv_at(net, layer, 1, table[b], 0) + kv_head * D + d0;
+            for (int64_t o = 0; o < bs && t < ctx; o++, t++, v += net->stride_token) {
+                __m256 p = _mm256_set1_ps(scores[t]);
+                for (int c = 0; c < 4; c++) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), acc[c]);
             }
         }
+        for (int c = 0; c < 4; c++) _mm256_storeu_ps(out + d0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+    }
+    if (d0 < D) {  /* head sizes that are not a multiple of 32 */
+        for (int64_t i = d0; i < D; i++) out[i] = 0.f;
+        for (int64_t b = 0, t = 0; t < ctx; b++) {
+            const float *v = kv_at(net, layer, 1, table[b], 0) + kv_head * D;
+            for (int64_t o = 0; o < bs && t < ctx; o++, t++, v += net->stride_token)
+                for (int64_t i = d0; i < D; i++) out[i] += scores[t] * v[i];
+        }
+        for (int64_t i = d0; i < D; i++) out[i] *= inv;
     }
 }
 
@@ -514,7 +493,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
     const int64_t qkv_n = (nh + 2 * nkv) * D, I = net->inter;
     int64_t kmax = H > nh * D ? H : nh * D;
     kmax = kmax > I ? kmax : I;
-    const int64_t gmax = kmax / GROUP, per_kv = nh / nkv;
+    const int64_t per_kv = nh / nkv;
     int64_t max_ctx = 0;
     for (int64_t r = 0; r < rows; r++) max_ctx = context_lens[r] > max_ctx ? context_lens[r] : max_ctx;
     float *x = malloc(rows * kmax * sizeof(float));
@@ -522,10 +501,11 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
     float *attn = malloc(rows * nh * D * sizeof(float));
     float *gu = malloc(rows * 2 * I * sizeof(float));
     float *proj = malloc(rows * H * sizeof(float));
-    float *scores = malloc((size_t)threads * per_kv * (max_ctx + 1) * sizeof(float));
-    QAct q = {malloc(rows * kmax * sizeof(int16_t)), malloc(rows * gmax * sizeof(float)), malloc(rows * gmax * sizeof(float))};
+    float *scores = malloc((size_t)threads * max_ctx * sizeof(float));
+    QAct q;
+    const int have_q = qact_alloc(rows, kmax, &q);
     SpinBarrier bar = {0, 0};
-    int ok = x && qkv && attn && gu && proj && scores && q.q && q.sx && q.sum;
+    int ok = x && qkv && attn && gu && proj && scores && have_q;
     if (ok) {
         #pragma omp parallel num_threads(threads)
         {
@@ -537,7 +517,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
                 const Layer *L = &net->layers[l];
                 for (int64_t r = r0; r < r1; r++) {
                     rms_norm(h + r * H, L->input_norm, H, net->eps, x + r * H);
-                    quantize_row(x + r * H, H, q.q + r * H, q.sx + r * (H / GROUP), q.sum + r * (H / GROUP));
+                    quantize_groups(x + r * H, H, 0, H / GROUP, &q, r);
                 }
                 barrier_wait(&bar, nt, &sense);
                 q4_matmul_shared(&L->qkv, &q, rows, qkv, t, nt);
@@ -560,25 +540,23 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
                     }
                 }
                 barrier_wait(&bar, nt, &sense);
-                /* attention per (row, query head): an even share for each thread (a KV head's group of query
-                   heads together reads K/V once, but three groups on two threads leave one waiting) */
+                /* attention per (row, query head): an even share for each thread */
                 split(rows * nh, t, nt, &i0, &i1);
                 for (int64_t it = i0; it < i1; it++) {
                     int64_t r = it / nh, head = it % nh;
-                    attend_group(net, l, qkv + r * qkv_n + head * D, 1, head / per_kv, tables + r * table_width,
-                                 context_lens[r], scores + (int64_t)t * per_kv * (max_ctx + 1), attn + r * nh * D + head * D);
+                    attend(net, l, qkv + r * qkv_n + head * D, head / per_kv, tables + r * table_width, context_lens[r],
+                           scores + (int64_t)t * max_ctx, attn + r * nh * D + head * D);
                 }
                 barrier_wait(&bar, nt, &sense);
                 for (int64_t r = r0; r < r1; r++)
-                    quantize_row(attn + r * nh * D, nh * D, q.q + r * nh * D, q.sx + r * (nh * D / GROUP),
-                                 q.sum + r * (nh * D / GROUP));
+                    quantize_groups(attn + r * nh * D, nh * D, 0, nh * D / GROUP, &q, r);
                 barrier_wait(&bar, nt, &sense);
                 q4_matmul_shared(&L->o, &q, rows, proj, t, nt);
                 barrier_wait(&bar, nt, &sense);
                 for (int64_t r = r0; r < r1; r++) {
                     for (int64_t i = 0; i < H; i++) h[r * H + i] += proj[r * H + i];
                     rms_norm(h + r * H, L->post_norm, H, net->eps, x + r * H);
-                    quantize_row(x + r * H, H, q.q + r * H, q.sx + r * (H / GROUP), q.sum + r * (H / GROUP));
+                    quantize_groups(x + r * H, H, 0, H / GROUP, &q, r);
                 }
                 barrier_wait(&bar, nt, &sense);
                 q4_matmul_shared(&L->gate_up, &q, rows, gu, t, nt);
@@ -589,7 +567,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
                         const float *g = gu + r * 2 * I, *u = g + I;
                         float *a = x + r * I;
                         silu_mul(g, u, I, a);
-                        quantize_row(a, I, q.q + r * I, q.sx + r * (I / GROUP), q.sum + r * (I / GROUP));
+                        quantize_groups(a, I, 0, I / GROUP, &q, r);
                     }
                 } else {
                     int64_t g0, g1;
@@ -598,8 +576,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
                         const float *g = gu + r * 2 * I, *u = g + I;
                         float *a = x + r * I;
                         silu_mul(g + g0 * GROUP, u + g0 * GROUP, (g1 - g0) * GROUP, a + g0 * GROUP);
-                        quantize_row(a + g0 * GROUP, (g1 - g0) * GROUP, q.q + r * I + g0 * GROUP,
-                                     q.sx + r * (I / GROUP) + g0, q.sum + r * (I / GROUP) + g0);
+                        quantize_groups(a, I, g0, g1, &q, r);
                     }
                 }
                 barrier_wait(&bar, nt, &sense);
@@ -613,6 +590,6 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
         }
     }
     free(x); free(qkv); free(attn); free(gu); free(proj); free(scores);
-    free(q.q); free(q.sx); free(q.sum);
+    if (have_q) qact_free(&q);
     return ok ? 0 : -1;
 }
