@@ -104,7 +104,7 @@ def serve_layout(ns: argparse.Namespace, gpus: list[int] | None, cores: int) -> 
         return _worker_counts(ns), "as asked"
     if gpus:
         return (1, 1, 0), (f"{len(gpus)} GPU(s): 1 prefill + 1 decode worker; on one H200 this served 0.86-0.90x "
-                           "the tokens/s of one aggregated worker at half its TTFT and ITL p99 (docs/serving.md, benchmarks/layout_single_stream.py)")
+                           "the tokens/s of one aggregated worker at half its TTFT and ITL p99 (docs/serving.md)")
     if cores < 4:
         return (0, 0, 1), (f"{cores} CPU cores: 1 aggregated worker on all of them; split in two, each phase runs on "
                            "too few cores (one stream, native kernels: 19.8 ms/token aggregated vs 22.3 ms split, docs/serving.md, benchmarks/layout_single_stream.py)")
