@@ -69,13 +69,16 @@ def tiny_4bit_engine(qk_norm: bool, block_size: int = 4):
     return model, kv, ModelRunner(model, kv)
 
 
-@pytest.mark.parametrize("lens", [[1, 5, 13, 9], [13]], ids=["4-rows", "1-row"])  # 1 row: work split by columns
+# 4 rows: attention per KV head with its query heads together; 1 row: per query head, and SwiGLU split by columns.
+# Blocks of 16 tokens: scores eight tokens at a time, and the single-token tail (29 + 3 steps).
+@pytest.mark.parametrize("lens", [[1, 5, 29, 9], [13]], ids=["4-rows", "1-row"])
+@pytest.mark.parametrize("block_size", [4, 16])
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3-qk-norm"])
-def test_fused_decode_step_equals_the_layer_by_layer_path(qk_norm, lens):
+def test_fused_decode_step_equals_the_layer_by_layer_path(qk_norm, block_size, lens):
     from tokenworks.engine.scheduler_output import ScheduledRequest
     from tokenworks.sampling_params import SamplingParams
 
-    model, kv, runner = tiny_4bit_engine(qk_norm)
+    model, kv, runner = tiny_4bit_engine(qk_norm, block_size)
     assert runner.native is not None
     gen = torch.Generator().manual_seed(11)
     bs = kv.block_size

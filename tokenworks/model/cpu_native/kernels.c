@@ -71,37 +71,17 @@ typedef struct {
    (they fit) against xl. The bytes are laid out as the packed codes meet them: per pair of groups (A, B), 128
    bytes: xh of [A 0..15 | B 0..15], xh of [A 16..31 | B 16..31], then the same for xl. A group writes its own
    half of its pair's bytes; an odd last group has no pair and is left out (the product takes it in int16). */
-static void split_group(const int16_t *q, int64_t g, int8_t *split_row) {
+static void split_group(const __m256i q[2], int64_t g, int8_t *split_row) {
     int8_t *h = split_row + g / 2 * 128 + g % 2 * 16, *l = h + 64;
-    for (int part = 0; part < 2; part++)  /* inputs 0..15, 16..31 */
-        for (int i = 0; i < 16; i++) {
-            int16_t v = q[part * 16 + i];
-            h[part * 32 + i] = (int8_t)(v >> 8);
-            l[part * 32 + i] = (int8_t)(uint8_t)(v & 0xFF);
-        }
-}
-
-/* Groups [g0, g1) of activation row r (x: that row, k inputs) into q. */
-static void quantize_groups(const float *x, int64_t k, int64_t g0, int64_t g1, const QAct *q, int64_t r) {
-    const int64_t G = k / GROUP;
-    int16_t *qr = q->q + r * k;
-    for (int64_t g = g0; g < g1; g++) {
-        const float *v = x + g * GROUP;
-        float amax = 0.f, s = 0.f;
-        for (int i = 0; i < GROUP; i++) {
-            float a = fabsf(v[i]);
-            amax = a > amax ? a : amax;
-            s += v[i];
-        }
-        float scale = amax / 32767.f, inv = scale > 0.f ? 1.f / scale : 0.f;
-        for (int i = 0; i < GROUP; i++) qr[g * GROUP + i] = (int16_t)lrintf(v[i] * inv);
-        q->sx[r * G + g] = scale;
-        q->sum[r * G + g] = s;
-        if (g < G / 2 * 2) split_group(qr + g * GROUP, g, q->split + r * 2 * k);
+    /* per 16 values: the low bytes gathered in the low half, the high bytes in the high half */
+    const __m256i pick = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                          0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    for (int part = 0; part < 2; part++) {  /* inputs 0..15, 16..31 */
+        __m256i b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(q[part], pick), 0xD8);
+        _mm_storeu_si128((__m128i *)(l + part * 32), _mm256_castsi256_si128(b));
+        _mm_storeu_si128((__m128i *)(h + part * 32), _mm256_extracti128_si256(b, 1));
     }
 }
-
-/* -- 4-bit matrix products --------------------------------------------------------------------- */
 
 static inline float hsum(__m256 v) {
     __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -109,6 +89,44 @@ static inline float hsum(__m256 v) {
     a = _mm_add_ss(a, _mm_movehdup_ps(a));
     return _mm_cvtss_f32(a);
 }
+
+static inline float hmax(__m256 v) {
+    __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_max_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
+}
+
+/* Groups [g0, g1) of activation row r (x: that row, k inputs) into q. Values round to nearest (even), as
+   lrintf does. */
+static void quantize_groups(const float *x, int64_t k, int64_t g0, int64_t g1, const QAct *q, int64_t r) {
+    const int64_t G = k / GROUP;
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    int16_t *qr = q->q + r * k;
+    for (int64_t g = g0; g < g1; g++) {
+        const float *p = x + g * GROUP;
+        __m256 v[4], mx = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(p + 8 * i);
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+            sum = _mm256_add_ps(sum, v[i]);
+        }
+        float scale = hmax(mx) / 32767.f, inv = scale > 0.f ? 1.f / scale : 0.f;
+        __m256 iv = _mm256_set1_ps(inv);
+        __m256i out[2];
+        for (int i = 0; i < 2; i++)  /* packs interleaves 128-bit lanes: the permute puts them back in order */
+            out[i] = _mm256_permute4x64_epi64(_mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[2 * i], iv)),
+                                                                 _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * i + 1], iv))), 0xD8);
+        _mm256_storeu_si256((__m256i *)(qr + g * GROUP), out[0]);
+        _mm256_storeu_si256((__m256i *)(qr + g * GROUP + 16), out[1]);
+        q->sx[r * G + g] = scale;
+        q->sum[r * G + g] = hsum(sum);
+        if (g < G / 2 * 2) split_group(out, g, q->split + r * 2 * k);
+    }
+}
+
+/* -- 4-bit matrix products --------------------------------------------------------------------- */
+
 
 /* e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial (the Cephes expf
    coefficients), 2^n put into the exponent bits. About 2 ulp; x below -87 gives 0 (a softmax's far tail). */
@@ -405,51 +423,78 @@ static float *kv_at(const Net *net, int64_t layer, int which, int64_t block, int
            offset * net->stride_token;
 }
 
-/* One query head of one row against its context through the block table; `scores` holds ctx floats. The
-   walk goes block by block (no division per token) and the output accumulates in registers, 32 dims at a time.
-   (Reading K/V once for a KV head's group of query heads was measured: three groups on two threads leave one
-   waiting, and cutting the contexts in parts merged by log-sum-exp gained nothing here.) */
-static void attend(const Net *net, int64_t layer, const float *q, int64_t kv_head, const int32_t *table,
+/* Scores of 8 consecutive tokens (k: the first one's key; `stride` floats between tokens) against q, one per
+   lane: each token's products gather in a register of their own, then one transposing reduction. */
+static inline __m256 dot8(const float *q, const float *k, int64_t stride, int64_t D) {
+    __m256 a[8];
+    for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 8) {
+        __m256 qv = _mm256_loadu_ps(q + i);
+        for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + t * stride + i), a[t]);
+    }
+    /* [t0..t3 lanes 0-3 | t0..t3 lanes 4-7] and the same for t4..t7, then the halves added */
+    __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+}
+
+static inline float dot1(const float *q, const float *k, int64_t D) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a);
+    return hsum(a);
+}
+
+/* o[0 .. 8c) += sum over n tokens of p[t] v[t] (v: the tokens' first value, `stride` floats apart); c is 1 or 4. */
+static inline __attribute__((always_inline)) void weigh_values(const float *p, const float *v, int64_t stride, int64_t n,
+                                                               const int c, float *o) {
+    __m256 acc[4];
+    for (int i = 0; i < c; i++) acc[i] = _mm256_loadu_ps(o + 8 * i);
+    for (int64_t t = 0; t < n; t++) {
+        __m256 pt = _mm256_set1_ps(p[t]);
+        for (int i = 0; i < c; i++) acc[i] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + t * stride + 8 * i), acc[i]);
+    }
+    for (int i = 0; i < c; i++) _mm256_storeu_ps(o + 8 * i, acc[i]);
+}
+
+/* nq query heads of one row (q: the first one's D values, the others following), all of KV head kv_head,
+   against the row's context through its block table; D % 8 == 0. Each block of K and V is read
+   from memory once for all nq heads (it stays in L1 between them). `scores` holds nq * ctx floats; out gets
+   nq * D. */
+static void attend(const Net *net, int64_t layer, const float *q, int64_t nq, int64_t kv_head, const int32_t *table,
                    int64_t ctx, float *scores, float *out) {
-    const int64_t D = net->head_dim, bs = net->block_size;
-    float mx = -INFINITY;
-    for (int64_t b = 0, t = 0; t < ctx; b++) {
+    const int64_t D = net->head_dim, bs = net->block_size, st = net->stride_token;
+    const __m256 scale = _mm256_set1_ps(net->scale);
+    for (int64_t b = 0, t0 = 0; t0 < ctx; b++, t0 += bs) {
         const float *k = kv_at(net, layer, 0, table[b], 0) + kv_head * D;
-        for (int64_t o = 0; o < bs && t < ctx; o++, t++, k += net->stride_token) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-            int64_t i = 0;
-            for (; i + 16 <= D; i += 16) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(k + i + 8), a1);
-            }
-            float sc = hsum(_mm256_add_ps(a0, a1));
-            for (; i < D; i++) sc += q[i] * k[i];
-            scores[t] = sc * net->scale;
-            mx = scores[t] > mx ? scores[t] : mx;
+        const int64_t n = ctx - t0 < bs ? ctx - t0 : bs;
+        for (int64_t j = 0; j < nq; j++) {
+            float *s = scores + j * ctx + t0;
+            int64_t o = 0;
+            for (; o + 8 <= n; o += 8) _mm256_storeu_ps(s + o, _mm256_mul_ps(dot8(q + j * D, k + o * st, st, D), scale));
+            for (; o < n; o++) s[o] = dot1(q + j * D, k + o * st, D) * net->scale;
         }
     }
-    const float inv = 1.f / exp_shifted(scores, ctx, mx);
-    int64_t d0 = 0;
-    for (; d0 + 32 <= D; d0 += 32) {
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int64_t b = 0, t = 0; t < ctx; b++) {
-            const float *v = kv_at(net, layer, 1, table[b], 0) + kv_head * D + d0;
-            for (int64_t o = 0; o < bs && t < ctx; o++, t++, v += net->stride_token) {
-                __m256 p = _mm256_set1_ps(scores[t]);
-                for (int c = 0; c < 4; c++) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * c), acc[c]);
-            }
-        }
-        for (int c = 0; c < 4; c++) _mm256_storeu_ps(out + d0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+    float inv[nq];
+    for (int64_t j = 0; j < nq; j++) {
+        float *s = scores + j * ctx;
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < ctx; t++) mx = s[t] > mx ? s[t] : mx;
+        inv[j] = 1.f / exp_shifted(s, ctx, mx);
     }
-    if (d0 < D) {  /* head sizes that are not a multiple of 32 */
-        for (int64_t i = d0; i < D; i++) out[i] = 0.f;
-        for (int64_t b = 0, t = 0; t < ctx; b++) {
-            const float *v = kv_at(net, layer, 1, table[b], 0) + kv_head * D;
-            for (int64_t o = 0; o < bs && t < ctx; o++, t++, v += net->stride_token)
-                for (int64_t i = d0; i < D; i++) out[i] += scores[t] * v[i];
+    memset(out, 0, nq * D * sizeof(float));
+    for (int64_t b = 0, t0 = 0; t0 < ctx; b++, t0 += bs) {
+        const float *v = kv_at(net, layer, 1, table[b], 0) + kv_head * D;
+        const int64_t n = ctx - t0 < bs ? ctx - t0 : bs;
+        for (int64_t j = 0; j < nq; j++) {
+            const float *p = scores + j * ctx + t0;
+            int64_t d0 = 0;
+            for (; d0 + 32 <= D; d0 += 32) weigh_values(p, v + d0, st, n, 4, out + j * D + d0);
+            for (; d0 < D; d0 += 8) weigh_values(p, v + d0, st, n, 1, out + j * D + d0);
         }
-        for (int64_t i = d0; i < D; i++) out[i] *= inv;
     }
+    for (int64_t j = 0; j < nq; j++)
+        for (int64_t i = 0; i < D; i += 8)
+            _mm256_storeu_ps(out + j * D + i, _mm256_mul_ps(_mm256_loadu_ps(out + j * D + i), _mm256_set1_ps(inv[j])));
 }
 
 /* A barrier that spins: a decode step crosses several per layer, each after a few microseconds of work, and
@@ -501,7 +546,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
     float *attn = malloc(rows * nh * D * sizeof(float));
     float *gu = malloc(rows * 2 * I * sizeof(float));
     float *proj = malloc(rows * H * sizeof(float));
-    float *scores = malloc((size_t)threads * max_ctx * sizeof(float));
+    float *scores = malloc((size_t)threads * per_kv * max_ctx * sizeof(float));
     QAct q;
     const int have_q = qact_alloc(rows, kmax, &q);
     SpinBarrier bar = {0, 0};
@@ -540,12 +585,14 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
                     }
                 }
                 barrier_wait(&bar, nt, &sense);
-                /* attention per (row, query head): an even share for each thread */
-                split(rows * nh, t, nt, &i0, &i1);
+                /* attention per (row, KV head) with the KV head's query heads together (K/V read once), or per
+                   (row, query head) when there are too few of those for the threads to share evenly */
+                const int64_t nq = rows * nkv >= 2 * nt ? per_kv : 1, items = rows * nh / nq;
+                split(items, t, nt, &i0, &i1);
                 for (int64_t it = i0; it < i1; it++) {
-                    int64_t r = it / nh, head = it % nh;
-                    attend(net, l, qkv + r * qkv_n + head * D, head / per_kv, tables + r * table_width, context_lens[r],
-                           scores + (int64_t)t * max_ctx, attn + r * nh * D + head * D);
+                    int64_t r = it / (nh / nq), head = it % (nh / nq) * nq;
+                    attend(net, l, qkv + r * qkv_n + head * D, nq, head / per_kv, tables + r * table_width, context_lens[r],
+                           scores + (int64_t)t * per_kv * max_ctx, attn + r * nh * D + head * D);
                 }
                 barrier_wait(&bar, nt, &sense);
                 for (int64_t r = r0; r < r1; r++)
