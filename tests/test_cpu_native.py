@@ -49,7 +49,7 @@ def test_nibbles_are_ggufs_block_layout():
     assert packed[0, 16].item() == codes[0, 32] | (codes[0, 48] << 4)
 
 
-def tiny_4bit_engine(qk_norm: bool, block_size: int = 4):
+def tiny_4bit_engine(qk_norm: bool, block_size: int = 4, head_dim: int = 32):
     """A LlamaModel of small shape whose layer matrices are random Q4 blocks, with its KV pool and runner."""
     from tokenworks.model.kv_cache import KVCache
     from tokenworks.model.llama import LlamaModel
@@ -57,7 +57,7 @@ def tiny_4bit_engine(qk_norm: bool, block_size: int = 4):
     from tokenworks.model.weights import random_weights
 
     config = ModelConfig(architecture="llama", vocab_size=300, hidden_size=64, intermediate_size=160, num_layers=3,
-                         num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+                         num_heads=4, num_kv_heads=2, head_dim=head_dim, rms_norm_eps=1e-5, rope_theta=10000.0,
                          max_position=512, tie_word_embeddings=True, qk_norm=qk_norm)
     weights = random_weights(config, torch.float32, "cpu", seed=3)
     gen = torch.Generator().manual_seed(5)
@@ -70,15 +70,16 @@ def tiny_4bit_engine(qk_norm: bool, block_size: int = 4):
 
 
 # 4 rows: attention per KV head with its query heads together; 1 row: per query head, and SwiGLU split by columns.
-# Blocks of 16 tokens: scores eight tokens at a time, and the single-token tail (29 + 3 steps).
+# Blocks of 16 tokens: scores eight tokens at a time, and the single-token tail (29 + 3 steps). Heads of 64: the
+# values weighed 64 dimensions at a time; of 32: 8 at a time.
 @pytest.mark.parametrize("lens", [[1, 5, 29, 9], [13]], ids=["4-rows", "1-row"])
-@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("block_size,head_dim", [(4, 32), (16, 64)])
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3-qk-norm"])
-def test_fused_decode_step_equals_the_layer_by_layer_path(qk_norm, block_size, lens):
+def test_fused_decode_step_equals_the_layer_by_layer_path(qk_norm, block_size, head_dim, lens):
     from tokenworks.engine.scheduler_output import ScheduledRequest
     from tokenworks.sampling_params import SamplingParams
 
-    model, kv, runner = tiny_4bit_engine(qk_norm, block_size)
+    model, kv, runner = tiny_4bit_engine(qk_norm, block_size, head_dim)
     assert runner.native is not None
     gen = torch.Generator().manual_seed(11)
     bs = kv.block_size

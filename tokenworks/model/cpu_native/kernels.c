@@ -444,10 +444,11 @@ static inline float dot1(const float *q, const float *k, int64_t D) {
     return hsum(a);
 }
 
-/* o[0 .. 8c) += sum over n tokens of p[t] v[t] (v: the tokens' first value, `stride` floats apart); c is 1 or 4. */
+/* o[0 .. 8c) += sum over n tokens of p[t] v[t] (v: the tokens' first value, `stride` floats apart); c is 1 or 8
+   (eight accumulators: the chains of dependent multiply-adds are as many as the core can overlap). */
 static inline __attribute__((always_inline)) void weigh_values(const float *p, const float *v, int64_t stride, int64_t n,
                                                                const int c, float *o) {
-    __m256 acc[4];
+    __m256 acc[8];
     for (int i = 0; i < c; i++) acc[i] = _mm256_loadu_ps(o + 8 * i);
     for (int64_t t = 0; t < n; t++) {
         __m256 pt = _mm256_set1_ps(p[t]);
@@ -488,7 +489,7 @@ static void attend(const Net *net, int64_t layer, const float *q, int64_t nq, in
         for (int64_t j = 0; j < nq; j++) {
             const float *p = scores + j * ctx + t0;
             int64_t d0 = 0;
-            for (; d0 + 32 <= D; d0 += 32) weigh_values(p, v + d0, st, n, 4, out + j * D + d0);
+            for (; d0 + 64 <= D; d0 += 64) weigh_values(p, v + d0, st, n, 8, out + j * D + d0);
             for (; d0 < D; d0 += 8) weigh_values(p, v + d0, st, n, 1, out + j * D + d0);
         }
     }
