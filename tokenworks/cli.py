@@ -135,6 +135,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     import uvicorn
 
     from tokenworks.launch.local import LocalCluster, plan_workers
+    from tokenworks.launch.ray import parse_resources
     from tokenworks.model.weights import load_tokenizer_files, resolve_model_path
     from tokenworks.router.api import create_app
     from tokenworks.router.router import Router
@@ -152,10 +153,38 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     gpus = [int(g) for g in ns.gpus.split(",")] if ns.gpus else None
     if gpus is None and ns.device.startswith("cuda"):  # --device cuda[:N] alone: every worker on that GPU
         gpus = [int(ns.device.partition(":")[2] or 0)]
-    (prefill, decode, agg), why = serve_layout(ns, gpus, len(os.sched_getaffinity(0)))
+    deployment = None
+    if ns.deployment:
+        from tokenworks.launch import deployment as deployments
+
+        deployment = deployments.load(ns.deployment)
+        if any(c is not None for c in (ns.prefill_workers, ns.decode_workers, ns.aggregated_workers)):
+            raise ValueError("--deployment gives the worker counts: drop --prefill/--decode/--aggregated-workers")
+        if deployment.local_prefill_threshold is not None:
+            ns.local_prefill_threshold = deployment.local_prefill_threshold
+        prefill, decode, agg = (deployment.count(r) for r in ("prefill", "decode", "aggregated"))
+        why = f"from {ns.deployment}: {deployment.describe()}"
+    else:
+        (prefill, decode, agg), why = serve_layout(ns, gpus, len(os.sched_getaffinity(0)))
     parts = [f"{n} {role}" for n, role in ((prefill, "prefill"), (decode, "decode"), (agg, "aggregated")) if n]
     print(f"[tokenworks] layout: {' + '.join(parts)} ({why})", file=sys.stderr)
-    specs = plan_workers(prefill, decode, agg, cpu_sets=cpu_sets, gpus=gpus)
+    on_ray = ns.ray is not None
+    specs = plan_workers(prefill, decode, agg, cpu_sets=None if on_ray else cpu_sets, gpus=gpus)
+    resources = {"prefill": parse_resources(ns.prefill_resources, "--prefill-resources"),
+                 "decode": parse_resources(ns.decode_resources, "--decode-resources"),
+                 "both": parse_resources(ns.aggregated_resources, "--aggregated-resources")}
+    if deployment is not None:  # each pool's resources and engine flags, in the order plan_workers named them
+        from tokenworks.launch.deployment import ROLE_OF
+
+        queue = {r: [] for r in ("prefill", "decode", "both")}
+        for pool in deployment.pools:
+            queue[ROLE_OF[pool.role]] += [pool] * pool.workers
+        for spec in specs:
+            pool = queue[spec.role].pop(0)
+            spec.engine = dict(pool.engine)
+            spec.resources = dict(pool.resources)
+    for spec in specs:
+        spec.resources = resources[spec.role] or spec.resources
     args = _engine_args(ns)
     prefill_budget = ns.prefill_max_num_batched_tokens or (max(4096, args.max_num_batched_tokens) if gpus
                                                            else args.max_num_batched_tokens)
@@ -182,10 +211,17 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                         internal_host=ns.internal_host, secret=secret, price_per_worker_hour=ns.price_per_worker_hour,
                         tokenizer=None, overlap_weight=ns.router_overlap_weight, routing=ns.routing)
         router.start()
-        cluster = LocalCluster(router, args, ns.kv_transport, lease_seconds=ns.lease_seconds,
-                               # prefill-only workers never run a decode step: no decode graphs to capture
-                               prefill_args=replace(args, max_num_batched_tokens=prefill_budget, enforce_eager=True),
-                               prefill_nice=ns.prefill_nice, internal_host=ns.internal_host, secret=secret)
+        launcher_args = dict(lease_seconds=ns.lease_seconds, prefill_nice=ns.prefill_nice,
+                             # prefill-only workers never run a decode step: no decode graphs to capture
+                             prefill_args=replace(args, max_num_batched_tokens=prefill_budget, enforce_eager=True),
+                             internal_host=ns.internal_host, secret=secret)
+        if on_ray:
+            from tokenworks.launch.ray import RayCluster
+
+            cluster = RayCluster(router, args, ns.kv_transport, address=ns.ray or None, **launcher_args)
+            print(f"[tokenworks] workers on a {cluster.describe()}", file=sys.stderr)
+        else:
+            cluster = LocalCluster(router, args, ns.kv_transport, **launcher_args)
 
         shown = [-1]
 
@@ -201,7 +237,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             print(file=sys.stderr)
             for spec in specs:
                 w = router.workers[spec.worker_id].ready
-                where = f"CPUs {','.join(map(str, w.cpus))}" if spec.device == "cpu" else spec.device
+                where = (f"CPUs {','.join(map(str, w.cpus))}" if spec.device == "cpu" else spec.device) if not on_ray \
+                    else cluster.where(spec.worker_id)
                 print(f"[tokenworks]   {spec.worker_id:<10} role={spec.role:<8} pid={w.pid:<8} {where}, "
                       f"{w.num_blocks} KV blocks of {w.block_size} tokens"
                       + (f", warmed up in {w.warmup_seconds:.1f} s" if w.warmup_seconds else "")
@@ -216,7 +253,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             print(f"[tokenworks] listening on http://{ns.host}:{port}/v1 (OpenAI API; /metrics, /health)",
                   file=sys.stderr, flush=True)
             supervisor = asyncio.get_running_loop().create_task(cluster.supervise(restart=not ns.no_restart))
-            app = create_app(router, tokenizer, files.name, api_key=ns.api_key or os.environ.get("TOKENWORKS_API_KEY"))
+            app = create_app(router, tokenizer, files.name, api_key=ns.api_key or os.environ.get("TOKENWORKS_API_KEY"),
+                             launcher=cluster)
             server = uvicorn.Server(uvicorn.Config(app, host=ns.host, port=ns.port, log_level="warning",
                                                    timeout_graceful_shutdown=3))
             await server.serve(sockets=[listener])
@@ -558,13 +596,14 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         prompt = W.sample_lengths(ns.input_len, 4096, ns.seed)
         output = W.sample_lengths(ns.output_len, 4096, ns.seed + 1)
     slo = _slo(ns)
-    results = []
+    results, chosen = [], []
     for rate in ns.rates:
         traffic = Traffic(rate, prompt, output, ns.burstiness, ns.seed)
         planner = Planner(profiles, catalog, traffic, slo, ns.attainment, ns.sim_requests, ns.local_prefill_threshold,
                           ns.max_units, ns.budget, progress=not ns.json)
         best = planner.search(list(profiles), ns.top, aggregated=ns.layouts in ("both", "aggregated"),
                               disaggregated=ns.layouts in ("both", "disaggregated"))
+        chosen.append(best[0] if best else None)
         results.append({"rate_req_s": rate, "mean_prompt_tokens": float(prompt.mean()),
                         "mean_output_tokens": float(output.mean()), "slo": slo.describe(),
                         "attainment_target": ns.attainment, "simulations": planner.simulations,
@@ -582,6 +621,18 @@ def cmd_plan(ns: argparse.Namespace) -> int:
                       f"p90 TTFT {1e3 * (c.ttft_p90 or 0):.0f} ms TPOT {1e3 * (c.tpot_p90 or 0):.1f} ms")
     if ns.json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    if ns.emit_deployment:
+        from tokenworks.launch import deployment as deployments
+
+        top = max(zip(ns.rates, chosen), key=lambda rc: rc[0])
+        if top[1] is None:
+            raise ValueError(f"no layout meets the SLOs at {top[0]:g} req/s: no deployment written")
+        plan = {"rate_req_s": top[0], **{k: v for k, v in top[1].to_json().items() if k not in ("pools", "layout")},
+                "layout": top[1].layout, "profiles": sorted(profiles)}
+        spec = deployments.from_candidate(top[1], catalog, slo, ns.local_prefill_threshold, plan)
+        deployments.save(spec, ns.emit_deployment)
+        print(f"[plan] wrote {ns.emit_deployment}: {spec.describe()} (tokenworks serve --deployment "
+              f"{ns.emit_deployment})", file=sys.stderr)
     return 0
 
 
@@ -653,6 +704,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $TOKENWORKS_INTERNAL_SECRET, else unsigned on loopback)")
     s.add_argument("--lease-seconds", type=float, default=30.0,
                    help="how long a prefill worker holds KV for a decode worker that never comes (default: 30)")
+    d = s.add_argument_group("deployment: where the workers run")
+    d.add_argument("--deployment", default=None, metavar="FILE",
+                   help="start the layout of a deployment file (YAML or JSON; `tokenworks plan --emit-deployment`): "
+                        "its pools' worker counts, engine flags and resources")
+    d.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="place the workers on a Ray cluster: the head's HOST:PORT, 'auto' (RAY_ADDRESS or the one "
+                        "running here), or nothing to start a Ray cluster on this machine (needs `pip install ray`)")
+    for role in ("prefill", "decode", "aggregated"):
+        d.add_argument(f"--{role}-resources", default=None, metavar="NAME=N,...",
+                       help=f"with --ray: what each {role} worker reserves on its node, e.g. CPU=2,GPU=1,{role}_node=1 "
+                            "(default: GPU=1 on CUDA, else CPU=1)")
     _engine_flags(s)
     s.set_defaults(func=cmd_serve)
 
@@ -738,6 +800,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--sim-requests", type=int, default=3000, help="requests per simulation (default: 3000)")
     pl.add_argument("--top", type=int, default=5, help="layouts to print (default: 5)")
     pl.add_argument("--json", action="store_true", help="print JSON only")
+    pl.add_argument("--emit-deployment", default=None, metavar="FILE",
+                    help="write the best layout for the highest rate as a deployment file (YAML for .yaml/.yml, else "
+                         "JSON) for `tokenworks serve --deployment FILE`")
     pl.set_defaults(func=cmd_plan, slo_itl_ms=None, concurrency=None)
 
     e = sub.add_parser("experiment", help="run a prepared comparison (disagg-vs-agg) and write one report",

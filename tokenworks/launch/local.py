@@ -6,26 +6,13 @@ prefill worker never runs on a decode worker's cores.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass
 
-from tokenworks.config import EngineArgs
-from tokenworks.router.router import Router
+from tokenworks.launch.launcher import Launcher, WorkerSpec, next_worker_id
 from tokenworks.worker.server import SECRET_ENV
-
-
-@dataclass
-class WorkerSpec:
-    worker_id: str
-    role: str  # prefill, decode, both
-    cpus: list[int] | None
-    device: str = "cpu"
 
 
 def plan_workers(prefill: int, decode: int, aggregated: int, cpus: list[int] | None = None,
@@ -36,12 +23,9 @@ def plan_workers(prefill: int, decode: int, aggregated: int, cpus: list[int] | N
         raise ValueError("start at least one decode or aggregated worker")
     if decode + aggregated == 0:
         raise ValueError("prefill workers need a decode (or aggregated) worker to hand requests to")
-    counters = {"prefill": 0, "decode": 0, "both": 0}
-    prefix = {"prefill": "prefill", "decode": "decode", "both": "agg"}
-    names = []
+    names: list[str] = []
     for r in roles:
-        names.append(f"{prefix[r]}-{counters[r]}")
-        counters[r] += 1
+        names.append(next_worker_id(r, names))
     if cpu_sets is not None:
         if len(cpu_sets) != len(roles):
             raise ValueError(f"{len(cpu_sets)} CPU sets given for {len(roles)} workers")
@@ -64,91 +48,47 @@ def plan_workers(prefill: int, decode: int, aggregated: int, cpus: list[int] | N
     return specs
 
 
-class LocalCluster:
-    def __init__(self, router: Router, engine_args: EngineArgs, kv_transport: str, kv_timeout: float = 10.0,
-                 lease_seconds: float = 30.0, prefill_nice: int = 0, internal_host: str = "127.0.0.1",
-                 secret: bytes | None = None, prefill_args: EngineArgs | None = None) -> None:
-        self.router = router
-        self.engine_args = engine_args
-        self.prefill_args = prefill_args or engine_args  # prefill-only workers (a larger step budget, say)
-        self.kv_transport = kv_transport
-        self.kv_timeout = kv_timeout
-        self.lease_seconds = lease_seconds
-        self.prefill_nice = prefill_nice
-        self.internal_host = internal_host
-        self.secret = secret
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.specs: dict[str, WorkerSpec] = {}
-        self.stopping = False
-        self.restarts: dict[str, int] = {}
+class LocalCluster(Launcher):
+    """Workers as child processes of the router, each pinned to its CPU set."""
 
-    def spawn(self, spec: WorkerSpec) -> None:
-        endpoint = f"tcp://{self.internal_host}:*"  # the worker binds a port the system picks; Ready says which
-        self.router.expect(spec.worker_id)
-        args = asdict(self.prefill_args if spec.role == "prefill" else self.engine_args)
-        args["device"] = spec.device
-        args["num_threads"] = len(spec.cpus) if spec.cpus else args.get("num_threads")
-        cmd = [sys.executable, "-m", "tokenworks.worker.server", "--worker-id", spec.worker_id, "--role", spec.role,
-               "--commands", endpoint, "--events", self.router.events_endpoint, "--engine-args", json.dumps(args),
-               "--kv-transport", self.kv_transport, "--kv-timeout", str(self.kv_timeout),
-               "--lease-seconds", str(self.lease_seconds), "--internal-host", self.internal_host]
-        if spec.cpus:
-            cmd += ["--cpus", ",".join(map(str, spec.cpus))]
-        if spec.role == "prefill" and self.prefill_nice:
-            cmd += ["--nice", str(self.prefill_nice)]
-        self.specs[spec.worker_id] = spec
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def _spawn(self, spec: WorkerSpec) -> None:
         env = dict(os.environ)
         env.pop(SECRET_ENV, None)
-        if self.secret:
-            env[SECRET_ENV] = self.secret.decode()  # the environment, not argv: argv is visible to every user
-        self.procs[spec.worker_id] = subprocess.Popen(cmd, start_new_session=True, env=env)
+        env.update(self.worker_env())
+        self.procs[spec.worker_id] = subprocess.Popen(self.worker_command(spec, self.internal_host),
+                                                      start_new_session=True, env=env)
 
-    async def start(self, specs: list[WorkerSpec], timeout: float = 120.0, progress=None) -> None:
-        for spec in specs:
-            self.spawn(spec)
-        deadline = time.monotonic() + timeout
-        while True:
-            ready = [w for w in self.procs if w in self.router.workers]
-            if progress is not None:
-                progress(len(ready), len(self.procs))
-            if len(ready) == len(self.procs):
-                return
-            for wid, p in self.procs.items():
-                if p.poll() is not None:
-                    raise RuntimeError(f"worker {wid} exited with code {p.returncode} while starting")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"workers not ready after {timeout:.0f}s")
-            await asyncio.sleep(0.1)
+    def _ended(self, worker_id: str) -> str | None:
+        p = self.procs.get(worker_id)
+        if p is None or p.poll() is None:
+            return None
+        return f"exited with code {p.returncode}"
 
-    async def supervise(self, restart: bool = True, interval: float = 0.1, backoff: float = 1.0) -> None:
-        """Watch the workers: one that exits is marked dead at once, then started again."""
-        while not self.stopping:
-            for wid, p in list(self.procs.items()):
-                if p.poll() is None or self.stopping:
-                    continue
-                self.router.mark_dead(wid)
-                if not restart:
-                    continue
-                n = self.restarts.get(wid, 0) + 1
-                self.restarts[wid] = n
-                print(f"[tokenworks] worker {wid} exited with code {p.returncode}; restarting (restart {n})",
-                      file=sys.stderr, flush=True)
-                await asyncio.sleep(min(backoff * n, 10.0))
-                if not self.stopping:
-                    self.spawn(self.specs[wid])
-            await asyncio.sleep(interval)
+    def where(self, worker_id: str) -> str:
+        spec = self.specs.get(worker_id)
+        if spec is None:
+            return ""
+        if spec.device != "cpu":
+            return f"this machine, {spec.device}"
+        return f"this machine, CPUs {','.join(map(str, spec.cpus))}" if spec.cpus else "this machine"
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Stop the workers this cluster started: SIGTERM by pid, then SIGKILL after ``grace``."""
-        self.stopping = True
-        for p in self.procs.values():
+    def _forget(self, worker_id: str) -> None:
+        self.procs.pop(worker_id, None)
+
+    def _terminate(self, worker_ids: list[str], grace: float) -> None:
+        procs = [self.procs.pop(w) for w in worker_ids if w in self.procs]
+        for p in procs:
             if p.poll() is None:
                 try:
                     p.send_signal(signal.SIGTERM)
                 except ProcessLookupError:
                     pass
         deadline = time.monotonic() + grace
-        for p in self.procs.values():
+        for p in procs:
             try:
                 p.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

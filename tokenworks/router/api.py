@@ -66,7 +66,7 @@ async def until_disconnect(awaitable, http: Request, poll: float = 0.2):
 
 
 class Gate:
-    """ASGI middleware: the API key on /v1/*, and 413 for bodies over ``limit`` bytes whether or not
+    """ASGI middleware: the API key on /v1/* and /admin/*, and 413 for bodies over ``limit`` bytes whether or not
     they declare a length."""
 
     def __init__(self, app, limit: int, expected_auth: bytes | None) -> None:
@@ -75,7 +75,7 @@ class Gate:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.expected_auth is not None and scope["path"].startswith("/v1/"):
+        if self.expected_auth is not None and scope["path"].startswith(("/v1/", "/admin/")):
             given = dict(scope.get("headers") or ()).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected_auth):
                 response = error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
@@ -107,7 +107,11 @@ class Gate:
         await self.app(scope, replay, send)
 
 
-def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
+               launcher=None) -> FastAPI:
+    """The OpenAI API over ``router``; with a ``launcher``, the admin API too (router/admin.py)."""
+    from tokenworks.router.admin import add_admin_routes
+
     app = FastAPI(title="tokenworks", version="0.1.0")
     app.state.router = router
     expected_auth = f"Bearer {api_key}".encode() if api_key else None
@@ -136,6 +140,8 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
 
     # Pure ASGI middleware (not BaseHTTPMiddleware, which hides client disconnects from the handlers).
     app.add_middleware(Gate, limit=MAX_BODY_BYTES, expected_auth=expected_auth)
+
+    add_admin_routes(app, launcher, api_key, APIError)
 
     @app.get("/health")
     async def health() -> Response:

@@ -41,6 +41,7 @@ class WorkerView:
     inflight: int = 0  # requests the router has placed here and not seen finish
     queue_depth: int = 0  # waiting on the worker, from its last stats
     alive: bool = True
+    draining: bool = False  # being removed: finishes what it holds, takes nothing new
     active_tokens: int = 0  # prompt tokens of the requests placed here and not finished (for decode: their KV)
     queued_prefill_tokens: int = 0  # tokens sent here to prefill whose first token has not come back
     rates: FirstTokenRates = field(default_factory=FirstTokenRates)  # its prefill speed under backlog
@@ -117,7 +118,7 @@ class RoutingPolicy:
 
     def place(self, workers: list[WorkerView], token_ids: list[int], peek: bool = False) -> Placement:
         """Where the request would go; ``peek``: only asking (admission), so round-robin does not move on."""
-        decoders = [w for w in workers if w.alive and w.role in ("decode", "both")]
+        decoders = [w for w in workers if w.alive and not w.draining and w.role in ("decode", "both")]
         if not decoders:
             raise LookupError("no decode-capable worker is available")
         hashes = self.block_hashes(token_ids)
@@ -125,7 +126,7 @@ class RoutingPolicy:
         best, costs = self.choose(decoders, hashes, n, peek)
         reason = "prefix" if best.hit_tokens else "load"
         uncached = n - best.hit_tokens
-        prefillers = [w for w in workers if w.alive and w.role == "prefill"]
+        prefillers = [w for w in workers if w.alive and not w.draining and w.role == "prefill"]
         if not prefillers or uncached <= self.local_prefill_threshold:
             return Placement(best.worker, None, best.hit_tokens, uncached, reason, costs)
         pre, pre_costs = self.choose(prefillers, hashes, n, peek)

@@ -296,6 +296,25 @@ class Router:
             self.metrics.worker_deaths.inc()
             self._notify_lost(lambda h: h is handle)
 
+    def drain(self, worker_id: str) -> None:
+        """Route nothing new to the worker; what it holds goes on."""
+        self.workers[worker_id].view.draining = True
+
+    def drained(self, worker_id: str) -> bool:
+        """No request placed on the worker is unfinished (nor waits to hand its prompt over to it)."""
+        v = self.workers[worker_id].view
+        return v.inflight == 0 and v.active_tokens == 0 and v.queued_prefill_tokens == 0
+
+    def remove(self, worker_id: str) -> None:
+        """Forget a drained worker (its process is being stopped)."""
+        handle = self.workers.pop(worker_id, None)
+        self._expected.discard(worker_id)
+        if handle is not None:
+            handle.sock.close(0)
+            self.kv_index.drop(worker_id)
+        if self.workers:
+            self.max_model_len = min(w.ready.max_model_len for w in self.workers.values())
+
     async def wait_for_decoder(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
