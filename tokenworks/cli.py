@@ -134,6 +134,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from tokenworks.launch.launcher import WorkersNotReady
     from tokenworks.launch.local import LocalCluster, plan_workers
     from tokenworks.launch.ray import parse_resources
     from tokenworks.model.weights import load_tokenizer_files, resolve_model_path
@@ -231,7 +232,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                 print(f"\r[tokenworks] workers ready: {ready}/{total}", end="", file=sys.stderr, flush=True)
 
         try:
-            await cluster.start(specs, progress=progress)
+            try:
+                await cluster.start(specs, progress=progress)
+            except WorkersNotReady:
+                print(file=sys.stderr)  # end the progress line
+                raise
             files, tokenizer = await loading
             router.tokenizer = tokenizer
             print(file=sys.stderr)
@@ -827,10 +832,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tokenworks.launch.launcher import WorkersNotReady
+
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, FileNotFoundError, NotImplementedError, WorkersNotReady) as e:
         print(f"tokenworks: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,6 +24,10 @@ ROLES = ("prefill", "decode", "both")
 NAME_PREFIX = {"prefill": "prefill", "decode": "decode", "both": "agg"}
 
 
+class WorkersNotReady(RuntimeError):
+    """Workers that exited while starting, or were not ready in time (the message says which and why)."""
+
+
 @dataclass
 class WorkerSpec:
     worker_id: str
@@ -76,6 +80,14 @@ class Launcher:
         """Where the worker runs, for the start-up lines."""
         return ""
 
+    def waiting_for(self, worker_id: str) -> str:
+        """What a worker that is not ready yet waits for, in words."""
+        return "its process runs but has not reported ready (loading the model?)"
+
+    def node_of(self, worker_id: str) -> str | None:
+        """The cluster node the worker runs on (None: this machine, or not placed yet)."""
+        return None
+
     # -- shared ---------------------------------------------------------------------------------------------
     def worker_command(self, spec: WorkerSpec, host: str) -> list[str]:
         """The worker's command line; ``host`` is the address it binds its own sockets to."""
@@ -115,10 +127,10 @@ class Launcher:
             for wid in worker_ids:
                 ended = self._ended(wid)
                 if ended is not None:
-                    raise RuntimeError(f"worker {wid} {ended} while starting")
+                    raise WorkersNotReady(f"worker {wid} {ended} while starting")
             if time.monotonic() > deadline:
-                missing = ", ".join(w for w in worker_ids if w not in ready)
-                raise TimeoutError(f"workers not ready after {timeout:.0f}s: {missing}")
+                missing = "; ".join(f"{w}: {self.waiting_for(w)}" for w in worker_ids if w not in ready)
+                raise WorkersNotReady(f"workers not ready after {timeout:.0f}s: {missing}")
             await asyncio.sleep(0.1)
 
     async def start(self, specs: list[WorkerSpec], timeout: float = 120.0, progress=None) -> None:
@@ -175,6 +187,7 @@ class Launcher:
         try:
             await self.wait_ready([spec.worker_id], timeout)
         except BaseException:
+            self.router.remove(spec.worker_id)
             self.specs.pop(spec.worker_id, None)
             self._terminate([spec.worker_id], 2.0)
             raise

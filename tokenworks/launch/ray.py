@@ -186,6 +186,16 @@ class RayCluster(Launcher):
                 return "Ray node unknown"
         return f"Ray node {p.info['node_id'][:12]} ({p.info['address']})"
 
+    def waiting_for(self, worker_id: str) -> str:
+        p = self.placed.get(worker_id)
+        if p is not None and p.info is None and not self.ray.wait([p.started], timeout=0)[0]:
+            spec = self.specs.get(worker_id)
+            want = ", ".join(f"{k}={v:g}" for k, v in self._options(spec).items() if k != "resources" and v) if spec else ""
+            custom = self._options(spec).get("resources", {}) if spec else {}
+            want = ", ".join([want] + [f"{k}={v:g}" for k, v in custom.items()]).strip(", ")
+            return f"no Ray node has given it {want or 'its resources'} yet (are they all taken, or offered by no node?)"
+        return super().waiting_for(worker_id)
+
     def node_of(self, worker_id: str) -> str | None:
         p = self.placed.get(worker_id)
         return None if p is None or p.info is None else p.info["node_id"]

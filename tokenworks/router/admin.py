@@ -38,7 +38,8 @@ def add_admin_routes(app: FastAPI, launcher, api_key: str | None, error) -> None
         workers = {}
         for wid, spec in launcher.specs.items():
             h = router.workers.get(wid)
-            workers[wid] = {"role": spec.role, "where": launcher.where(wid), "draining": wid in launcher.draining,
+            workers[wid] = {"role": spec.role, "where": launcher.where(wid), "node": launcher.node_of(wid),
+                            "draining": wid in launcher.draining,
                             "ready": h is not None and not h.dead, "pid": None if h is None else h.ready.pid}
         return {"workers": workers, "counts": launcher.counts()}
 
@@ -62,7 +63,7 @@ def add_admin_routes(app: FastAPI, launcher, api_key: str | None, error) -> None
                 raise error(400, "role must be prefill, decode or aggregated", "invalid_request_error", "role")
             try:
                 wid = await launcher.add(role, timeout=change.timeout)
-            except (RuntimeError, TimeoutError) as e:
+            except RuntimeError as e:
                 raise error(500, f"the new worker did not start: {e}", "server_error") from None
             return JSONResponse({"added": wid, **listing()})
         if not change.worker_id:
