@@ -147,3 +147,27 @@ def test_a_deployment_file_starts_its_counts_on_ray(ray_cluster, tmp_path):
         assert r.usage.completion_tokens >= 1
     finally:
         s.stop()
+
+
+def test_a_node_that_leaves_takes_its_worker_and_the_stream_goes_on(server, ray_cluster, llm):
+    """Last here: it removes the decode node. A third node offering `decode_node` joins first; when the decode
+    worker's node leaves, the router is told at once and the worker starts again on the new node."""
+    cluster, nodes = ray_cluster
+    joined = cluster.add_node(num_cpus=4, resources={"decode_node": 4}, object_store_memory=80 * 2**20)
+    cluster.wait_for_nodes()
+    leaving = next(n for n in cluster.worker_nodes if n.node_id == nodes["decode_node"])
+    assert admin(server)["decode-0"]["node"] == nodes["decode_node"]
+    expected = greedy_offline(llm, PROMPT, 60)
+    stream = client(server).completions.create(model="default", prompt=PROMPT, max_tokens=60, temperature=0,
+                                               stream=True, extra_body={"ignore_eos": True})
+    text, removed = "", False
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].text
+        if not removed and len(text) > 20:
+            cluster.remove_node(leaving)  # its raylet and every process of the node end
+            removed = True
+    assert removed and text == expected
+    wait_for(lambda: admin(server)["decode-0"]["node"] == joined.node_id and
+             all(w["alive"] for w in server.workers().values()), 120, "the worker on the new node")
+    assert server.metric("tokenworks:worker_deaths_total") >= 2  # the SIGKILL above, and this

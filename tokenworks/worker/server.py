@@ -238,7 +238,8 @@ class Worker:
                     self.exit_code = 3
                     self.running = False
                 if os.getppid() != self.parent_pid:
-                    print(f"[{self.worker_id}] the router is gone; exiting", file=sys.stderr)
+                    print(f"[{self.worker_id}] the process that started it (the router, or its Ray actor) is gone; exiting",
+                          file=sys.stderr)
                     self.running = False
 
     def problem(self) -> str | None:
