@@ -362,9 +362,13 @@ def main() -> int:
             lc.decode_ms(8)  # warm
             # This machine's steal time moves both engines by tens of percent within minutes: one sequence is
             # timed in alternating rounds, ours then llama.cpp's, and the ratio is the median of the rounds'.
+            # Each engine's threads spin for a while after its last step (OpenMP's, ggml's): a pause before
+            # each timing lets the other's go idle.
             rounds = []
             for _ in range(args.paired_rounds):
+                time.sleep(1.0)
                 ours_ms = decode_ms(engine, 1, args.prompt_len, args.steps, "paired")
+                time.sleep(1.0)
                 rounds.append((ours_ms, lc.decode_ms(args.steps)))
             ratio1 = statistics.median(theirs / ours_ms for ours_ms, theirs in rounds)
             lc_ms = statistics.median(theirs for _, theirs in rounds)

@@ -8,7 +8,7 @@ import torch
 
 from tokenworks.config import ModelConfig
 from tokenworks.model import cpu_native
-from tokenworks.model.quantized_linear import GROUP, Int4Linear, Q4Weight
+from tokenworks.model.quantized_linear import GROUP, Int4Linear, Int8Linear, Q4Weight, Q8Weight
 
 pytestmark = pytest.mark.skipif(cpu_native.library() is None,
                                 reason=f"native kernels unavailable here: {cpu_native.unavailable_reason()}")
@@ -38,6 +38,20 @@ def test_q4_product_equals_exact_arithmetic_on_the_gguf_values(rows):
     assert (got.double() - exact).abs().max() < 2e-4 * exact.abs().max()
     halves = lin.halves(x)
     torch.testing.assert_close(torch.cat([halves[0], halves[1]], 1), got)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 7])  # fewer than 4: codes widened as loaded; 4 and more: per tile
+def test_q8_product_equals_exact_arithmetic_on_the_gguf_values(rows):
+    gen = torch.Generator().manual_seed(100 + rows)
+    n, k = 202, 96
+    codes = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+    w = Q8Weight(codes, (torch.rand(n, k // GROUP, generator=gen) * 0.01).half().float())
+    x = torch.randn(rows, k, generator=gen) * torch.linspace(0.01, 30, k)
+    lin = Int8Linear(w)
+    exact = x.double() @ w.dequantize().double().t()
+    got = lin(x)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    assert (got.double() - exact).abs().max() < 2e-4 * exact.abs().max()
 
 
 def test_nibbles_are_ggufs_block_layout():

@@ -54,34 +54,15 @@ typedef struct {
 
 /* -- activations ------------------------------------------------------------------------------- */
 
-/* Activation rows quantized per group of 32: int16 values, their scale and exact float sum, and the same
-   values split into bytes for the few-rows 4-bit product (see split_group). Rows are packed for the product
-   at hand: row r of k inputs starts at r k values, r k / 32 scales and sums, 2 r k split bytes. */
+/* Activation rows quantized per group of 32: int16 values, their scale and exact float sum. Rows are packed
+   for the product at hand: row r of k inputs starts at r k values and r k / 32 scales and sums. */
 typedef struct {
+    int64_t k;     /* the most inputs a row may have */
     int16_t *q;    /* (rows, k) */
     float *sx;     /* (rows, k / 32) */
     float *sum;    /* (rows, k / 32) */
-    int8_t *split; /* (rows, 2 k) */
+    int16_t *wide; /* (threads, 4 k): each thread's widened weight tile (see tile_rows) */
 } QAct;
-
-/* Few activation rows (a decode step's) go through the 4-bit product two groups at a time on maddubs, exactly.
-   An int16 activation is xq = 256 xh + xl with xh a signed and xl an unsigned byte, so for codes q (0..15)
-       sum(q xq) = 256 sum(q xh) + sum(q xl)
-   maddubs multiplies unsigned by signed bytes: the codes are the unsigned side against xh and the signed side
-   (they fit) against xl. The bytes are laid out as the packed codes meet them: per pair of groups (A, B), 128
-   bytes: xh of [A 0..15 | B 0..15], xh of [A 16..31 | B 16..31], then the same for xl. A group writes its own
-   half of its pair's bytes; an odd last group has no pair and is left out (the product takes it in int16). */
-static void split_group(const __m256i q[2], int64_t g, int8_t *split_row) {
-    int8_t *h = split_row + g / 2 * 128 + g % 2 * 16, *l = h + 64;
-    /* per 16 values: the low bytes gathered in the low half, the high bytes in the high half */
-    const __m256i pick = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
-                                          0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-    for (int part = 0; part < 2; part++) {  /* inputs 0..15, 16..31 */
-        __m256i b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(q[part], pick), 0xD8);
-        _mm_storeu_si128((__m128i *)(l + part * 32), _mm256_castsi256_si128(b));
-        _mm_storeu_si128((__m128i *)(h + part * 32), _mm256_extracti128_si256(b, 1));
-    }
-}
 
 static inline float hsum(__m256 v) {
     __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -121,7 +102,6 @@ static void quantize_groups(const float *x, int64_t k, int64_t g0, int64_t g1, c
         _mm256_storeu_si256((__m256i *)(qr + g * GROUP + 16), out[1]);
         q->sx[r * G + g] = scale;
         q->sum[r * G + g] = hsum(sum);
-        if (g < G / 2 * 2) split_group(out, g, q->split + r * 2 * k);
     }
 }
 
@@ -177,16 +157,13 @@ static void silu_mul(const float *g, const float *u, int64_t n, float *a) {
     for (; i < n; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
 }
 
-static inline __m256 group_dot(const uint8_t *p, __m256i x0, __m256i x1, float scale, __m256 acc) {
-    const __m128i low = _mm_set1_epi8(0x0F);
-    __m128i b = _mm_loadu_si128((const __m128i *)p);
-    __m256i q0 = _mm256_cvtepu8_epi16(_mm_and_si128(b, low));                    /* inputs 0..15 */
-    __m256i q1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low)); /* inputs 16..31 */
-    __m256i s = _mm256_add_epi32(_mm256_madd_epi16(q0, x0), _mm256_madd_epi16(q1, x1));
-    return _mm256_fmadd_ps(_mm256_set1_ps(scale), _mm256_cvtepi32_ps(s), acc);
-}
-
 static inline float half(uint16_t h) { return _cvtsh_ss(h); }
+
+static void halves_to_floats(const uint16_t *h, int64_t n, float *f) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    for (; i < n; i++) f[i] = half(h[i]);
+}
 
 /* sum over groups of m (float16) times the groups' activation sums */
 static inline float min_dot(const uint16_t *m, const float *sum, int64_t groups) {
@@ -199,13 +176,15 @@ static inline float min_dot(const uint16_t *m, const float *sum, int64_t groups)
     return s;
 }
 
-/* Four weight rows, widened to int16 in `wide` (4 * k values, L1-resident), against every activation row:
-   each row then costs loads and multiply-adds only. `m` may be NULL (no minimum: Q8_0). */
-static void wide_tile(const int16_t *wide, const uint16_t *d, const uint16_t *m, int64_t k, const QAct *x, int64_t rows,
-                      float *y, int64_t ldy, int64_t n) {
+/* nr (<= 4) weight rows, widened to int16 in `wide` (nr * k values, L1-resident), against every activation row:
+   each row then costs loads and multiply-adds only (widening as the codes are loaded, even for one activation
+   row, measured slower: the loads' conversions compete with the multiply-adds). `m` may be NULL (Q8_0). */
+static inline __attribute__((always_inline)) void tile_rows(const int16_t *wide, const uint16_t *d, const uint16_t *m,
+                                                            int64_t k, const QAct *x, int64_t rows, float *y,
+                                                            int64_t ldy, int64_t n, const int nr) {
     const int64_t G = k / GROUP;
     float dt[4 * G];  /* the tile's scales as float32, converted once for all rows */
-    for (int64_t i = 0; i < 4 * G; i++) dt[i] = half(d[i]);
+    halves_to_floats(d, nr * G, dt);
     for (int64_t r = 0; r < rows; r++) {
         const int16_t *xq = x->q + r * k;
         const float *sx = x->sx + r * G;
@@ -213,22 +192,31 @@ static void wide_tile(const int16_t *wide, const uint16_t *d, const uint16_t *m,
         for (int64_t g = 0; g < G; g++) {
             __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP));
             __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP + 16));
-            for (int j = 0; j < 4; j++) {
+            for (int j = 0; j < nr; j++) {
                 const int16_t *q = wide + j * k + g * GROUP;
                 __m256i s = _mm256_add_epi32(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)q), x0),
                                              _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(q + 16)), x1));
                 acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dt[j * G + g] * sx[g]), _mm256_cvtepi32_ps(s), acc[j]);
             }
         }
-        for (int j = 0; j < 4; j++)
+        for (int j = 0; j < nr; j++)
             y[r * ldy + n + j] = hsum(acc[j]) + (m ? min_dot(m + j * G, x->sum + r * G, G) : 0.f);
     }
 }
 
-static void widen_q4(const Q4Mat *w, int64_t n, int16_t *wide) {
+/* Weight rows [n, n + nr) against every activation row, their codes widened (nr rows of k int16) into `wide`. */
+static void tile(const int16_t *wide, const uint16_t *d, const uint16_t *m, int64_t k, const QAct *x, int64_t rows,
+                 float *y, int64_t ldy, int64_t n, int nr) {
+    if (nr == 4)
+        tile_rows(wide, d, m, k, x, rows, y, ldy, n, 4);  /* the hot path, unrolled */
+    else
+        tile_rows(wide, d, m, k, x, rows, y, ldy, n, nr);
+}
+
+static void widen_q4(const Q4Mat *w, int64_t n, int nr, int16_t *wide) {
     const int64_t G = w->k / GROUP, rb = w->k / 2;
     const __m128i low = _mm_set1_epi8(0x0F);
-    for (int j = 0; j < 4; j++)
+    for (int j = 0; j < nr; j++)
         for (int64_t g = 0; g < G; g++) {
             __m128i b = _mm_loadu_si128((const __m128i *)(w->codes + (n + j) * rb + g * 16));
             int16_t *dst = wide + j * w->k + g * GROUP;
@@ -237,71 +225,23 @@ static void widen_q4(const Q4Mat *w, int64_t n, int16_t *wide) {
         }
 }
 
-static inline __m256i pair_dot(const uint8_t *p, const int8_t *xs) {
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    __m256i b = _mm256_loadu_si256((const __m256i *)p);
-    __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
-    __m256i a = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xs)),
-                                 _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xs + 32))));
-    __m256i c = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(xs + 64)), lo),
-                                 _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(xs + 96)), hi));
-    return _mm256_add_epi32(_mm256_madd_epi16(a, _mm256_set1_epi16(256)), _mm256_madd_epi16(c, _mm256_set1_epi16(1)));
+static void widen_q8(const Q8Mat *w, int64_t n, int nr, int16_t *wide) {
+    for (int j = 0; j < nr; j++)
+        for (int64_t i = 0; i < w->k; i += 16)
+            _mm256_storeu_si256((__m256i *)(wide + j * w->k + i),
+                                _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w->codes + (n + j) * w->k + i))));
 }
 
-/* Weight rows [n, n + nr) (nr <= 4) against activation row r, whose split bytes are xs (split_group). */
-static void pair_rows(const Q4Mat *w, const QAct *x, const int8_t *xs, int64_t r, int64_t n, int nr, float *out) {
-    const int64_t G = w->k / GROUP, rb = w->k / 2, P = G / 2;
-    const float *sx = x->sx + r * G, *sum = x->sum + r * G;
-    const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t p = 0; p < P; p++) {
-        __m256 sxp = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd((const double *)(sx + 2 * p)))), spread);
-        for (int j = 0; j < nr; j++) {
-            const uint16_t *d = w->d + (n + j) * G + 2 * p;
-            __m256 dp = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(*(const int32_t *)d))), spread);
-            __m256i s = pair_dot(w->codes + (n + j) * rb + p * 32, xs + p * 128);
-            acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(dp, sxp), _mm256_cvtepi32_ps(s), acc[j]);
-        }
-    }
-    for (int j = 0; j < nr; j++) {
-        const int64_t row = n + j;
-        float total = hsum(acc[j]);
-        if (G % 2) {  /* an odd last group: the int16 product */
-            const int64_t g = G - 1;
-            const int16_t *xq = x->q + r * w->k + g * GROUP;
-            total += hsum(group_dot(w->codes + row * rb + g * 16, _mm256_loadu_si256((const __m256i *)xq),
-                                    _mm256_loadu_si256((const __m256i *)(xq + 16)), half(w->d[row * G + g]) * sx[g],
-                                    _mm256_setzero_ps()));
-        }
-        total += min_dot(w->m + row * G, sum, G);  /* the minimums times the groups' sums */
-        out[j] = total;
-    }
-}
-
-/* Rows [n0, n1) of y = x W^T (+ bias) for `rows` activation rows; y has row stride ldy. Weight rows go
-   four at a time (four independent accumulators) and each tile serves every activation row while it is
-   in L1; from WIDE_ROWS activation rows on, the tile's codes are widened once for all of them. */
-#define WIDE_ROWS 4
-static void q4_rows(const Q4Mat *w, const QAct *x, int64_t rows, float *y, int64_t ldy, int64_t n0, int64_t n1) {
-    const int64_t G = w->k / GROUP, rb = w->k / 2;
-    int64_t n = n0;
-    if (rows >= WIDE_ROWS) {
-        int16_t *wide = malloc(4 * w->k * sizeof(int16_t));
-        if (wide) {
-            for (; n + 4 <= n1; n += 4) {
-                widen_q4(w, n, wide);
-                wide_tile(wide, w->d + n * G, w->m + n * G, w->k, x, rows, y, ldy, n);
-            }
-            free(wide);
-        }
-    }
-    float out[4];
-    for (; n < n1; n += 4) {
-        int nr = n1 - n < 4 ? (int)(n1 - n) : 4;
-        for (int64_t r = 0; r < rows; r++) {
-            pair_rows(w, x, x->split + r * w->k * 2, r, n, nr, out);
-            for (int j = 0; j < nr; j++) y[r * ldy + n + j] = out[j];
-        }
+/* Rows [n0, n1) of y = x W^T (+ bias) for `rows` activation rows; y has row stride ldy. Weight rows go four at
+   a time (four independent accumulators), widened once into `wide` (4 k int16, this thread's) and used for every
+   activation row while in L1. */
+static void q4_rows(const Q4Mat *w, const QAct *x, int64_t rows, float *y, int64_t ldy, int64_t n0, int64_t n1,
+                    int16_t *wide) {
+    const int64_t G = w->k / GROUP;
+    for (int64_t n = n0; n < n1; n += 4) {
+        const int nr = n1 - n < 4 ? (int)(n1 - n) : 4;
+        widen_q4(w, n, nr, wide);
+        tile(wide, w->d + n * G, w->m + n * G, w->k, x, rows, y, ldy, n, nr);
     }
     if (w->bias)
         for (int64_t r = 0; r < rows; r++)
@@ -316,11 +256,13 @@ static void share(int64_t n, int t, int nt, int64_t *a, int64_t *b) {
     *b = hi * 4 < n ? hi * 4 : n;
 }
 
+static int16_t *wide_of(const QAct *q, int t) { return q->wide + (int64_t)t * 4 * q->k; }
+
 /* Called inside a parallel region by every thread. */
 static void q4_matmul_shared(const Q4Mat *w, const QAct *x, int64_t rows, float *y, int t, int nt) {
     int64_t a, b;
     share(w->n, t, nt, &a, &b);
-    if (a < b) q4_rows(w, x, rows, y, w->n, a, b);
+    if (a < b) q4_rows(w, x, rows, y, w->n, a, b, wide_of(x, t));
 }
 
 static void thread_ids(int *t, int *nt) {
@@ -333,23 +275,25 @@ static void thread_ids(int *t, int *nt) {
 }
 
 static void qact_free(QAct *q) {
-    free(q->q); free(q->sx); free(q->sum); free(q->split);
+    free(q->q); free(q->sx); free(q->sum); free(q->wide);
 }
 
-/* Buffers for `rows` activation rows of up to k inputs; 0 if out of memory (then nothing is held). */
-static int qact_alloc(int64_t rows, int64_t k, QAct *q) {
+/* Buffers for `rows` activation rows of up to k inputs, and a widened tile for each of `threads` threads; 0 if
+   out of memory (then nothing is held). */
+static int qact_alloc(int64_t rows, int64_t k, int threads, QAct *q) {
+    q->k = k;
     q->q = malloc(rows * k * sizeof(int16_t));
     q->sx = malloc(rows * (k / GROUP) * sizeof(float));
     q->sum = malloc(rows * (k / GROUP) * sizeof(float));
-    q->split = malloc(rows * 2 * k);
-    if (q->q && q->sx && q->sum && q->split) return 1;
+    q->wide = malloc((size_t)threads * 4 * k * sizeof(int16_t));
+    if (q->q && q->sx && q->sum && q->wide) return 1;
     qact_free(q);
     return 0;
 }
 
 /* `rows` activation rows of k inputs (x, packed), quantized; 0 if out of memory. */
-static int qact_from(const float *x, int64_t rows, int64_t k, QAct *q) {
-    if (!qact_alloc(rows, k, q)) return 0;
+static int qact_from(const float *x, int64_t rows, int64_t k, int threads, QAct *q) {
+    if (!qact_alloc(rows, k, threads, q)) return 0;
     for (int64_t r = 0; r < rows; r++) quantize_groups(x + r * k, k, 0, k / GROUP, q, r);
     return 1;
 }
@@ -357,7 +301,7 @@ static int qact_from(const float *x, int64_t rows, int64_t k, QAct *q) {
 /* y (rows, n) = x (rows, k) W^T + bias, float32 in and out, on `threads` threads. */
 int tw_q4_matmul(const Q4Mat *w, const float *x, int64_t rows, float *y, int threads) {
     QAct q;
-    if (!qact_from(x, rows, w->k, &q)) return -1;
+    if (!qact_from(x, rows, w->k, threads, &q)) return -1;
     #pragma omp parallel num_threads(threads)
     {
         int t, nt;
@@ -372,30 +316,19 @@ int tw_q4_matmul(const Q4Mat *w, const float *x, int64_t rows, float *y, int thr
 int tw_q8_matmul(const Q8Mat *w, const float *x, int64_t rows, float *y, int threads) {
     const int64_t G = w->k / GROUP;
     QAct q;
-    if (!qact_from(x, rows, w->k, &q)) return -1;
+    if (!qact_from(x, rows, w->k, threads, &q)) return -1;
     #pragma omp parallel num_threads(threads)
     {
         int t, nt;
         thread_ids(&t, &nt);
         int64_t a, b;
         share(w->n, t, nt, &a, &b);
-        int16_t *wide = malloc(4 * w->k * sizeof(int16_t));
-        int64_t n = a;
-        for (; wide && n + 4 <= b; n += 4) {
-            for (int j = 0; j < 4; j++)
-                for (int64_t i = 0; i < w->k; i += 16)
-                    _mm256_storeu_si256((__m256i *)(wide + j * w->k + i),
-                                        _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w->codes + (n + j) * w->k + i))));
-            wide_tile(wide, w->d + n * G, NULL, w->k, &q, rows, y, w->n, n);
+        int16_t *wide = wide_of(&q, t);
+        for (int64_t n = a; n < b; n += 4) {
+            const int nr = b - n < 4 ? (int)(b - n) : 4;
+            widen_q8(w, n, nr, wide);
+            tile(wide, w->d + n * G, NULL, w->k, &q, rows, y, w->n, n, nr);
         }
-        for (; n < b; n++)  /* the last rows (n % 4), or all of them if the buffer could not be had */
-            for (int64_t r = 0; r < rows; r++) {
-                float s = 0.f;
-                for (int64_t i = 0; i < w->k; i++)
-                    s += half(w->d[n * G + i / GROUP]) * q.sx[r * G + i / GROUP] * (float)w->codes[n * w->k + i] * (float)q.q[r * w->k + i];
-                y[r * w->n + n] = s;
-            }
-        free(wide);
     }
     qact_free(&q);
     return 0;
@@ -549,7 +482,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
     float *proj = malloc(rows * H * sizeof(float));
     float *scores = malloc((size_t)threads * per_kv * max_ctx * sizeof(float));
     QAct q;
-    const int have_q = qact_alloc(rows, kmax, &q);
+    const int have_q = qact_alloc(rows, kmax, threads, &q);
     SpinBarrier bar = {0, 0};
     int ok = x && qkv && attn && gu && proj && scores && have_q;
     if (ok) {
