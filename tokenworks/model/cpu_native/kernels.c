@@ -204,11 +204,50 @@ static inline __attribute__((always_inline)) void tile_rows(const int16_t *wide,
     }
 }
 
+/* tile_rows for four 4-bit weight rows (with minimums), with the float work of a group done once for all four: the four rows' integer
+   sums are reduced into one register ([rows 0-3, lanes 0-3 | rows 0-3, lanes 4-7]) and scaled there, and the
+   minimums' term is accumulated four rows at a time beside it. */
+static void tile4(const int16_t *wide, const uint16_t *d, const uint16_t *m, int64_t k, const QAct *x, int64_t rows,
+                  float *y, int64_t ldy, int64_t n) {
+    const int64_t G = k / GROUP;
+    float dq[4 * G], mq[4 * G], tmp[4 * G];  /* per group, the four rows' scales and minimums side by side */
+    halves_to_floats(d, 4 * G, tmp);
+    for (int j = 0; j < 4; j++)
+        for (int64_t g = 0; g < G; g++) dq[4 * g + j] = tmp[j * G + g];
+    halves_to_floats(m, 4 * G, tmp);
+    for (int j = 0; j < 4; j++)
+        for (int64_t g = 0; g < G; g++) mq[4 * g + j] = tmp[j * G + g];
+    for (int64_t r = 0; r < rows; r++) {
+        const int16_t *xq = x->q + r * k;
+        const float *sx = x->sx + r * G, *sum = x->sum + r * G;
+        __m256 acc = _mm256_setzero_ps();
+        __m128 acc_m = _mm_setzero_ps();
+        for (int64_t g = 0; g < G; g++) {
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP));
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP + 16));
+            __m256i s[4];
+            for (int j = 0; j < 4; j++) {
+                const int16_t *q = wide + j * k + g * GROUP;
+                s[j] = _mm256_add_epi32(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)q), x0),
+                                        _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(q + 16)), x1));
+            }
+            __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+            __m256 scale = _mm256_mul_ps(_mm256_broadcast_ps((const __m128 *)(dq + 4 * g)), _mm256_set1_ps(sx[g]));
+            acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(h), acc);
+            acc_m = _mm_fmadd_ps(_mm_loadu_ps(mq + 4 * g), _mm_set1_ps(sum[g]), acc_m);
+        }
+        __m128 out = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)), acc_m);
+        _mm_storeu_ps(y + r * ldy + n, out);
+    }
+}
+
 /* Weight rows [n, n + nr) against every activation row, their codes widened (nr rows of k int16) into `wide`. */
 static void tile(const int16_t *wide, const uint16_t *d, const uint16_t *m, int64_t k, const QAct *x, int64_t rows,
                  float *y, int64_t ldy, int64_t n, int nr) {
-    if (nr == 4)
-        tile_rows(wide, d, m, k, x, rows, y, ldy, n, 4);  /* the hot path, unrolled */
+    if (nr == 4 && rows >= 4 && m)  /* measured: pays from a few rows on, and only with minimums (Q8_0 lost 10 %) */
+        tile4(wide, d, m, k, x, rows, y, ldy, n);
+    else if (nr == 4)
+        tile_rows(wide, d, m, k, x, rows, y, ldy, n, 4);  /* unrolled */
     else
         tile_rows(wide, d, m, k, x, rows, y, ldy, n, nr);
 }
