@@ -134,6 +134,15 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def tile_interleaved(v: torch.Tensor) -> torch.Tensor:
+    """(n, groups) float16 scales -> (ceil(n / 4), groups, 4): the kernels' tiles of four weight rows read their
+    four scales of a group side by side (a last partial tile padded with zeros)."""
+    n, groups = v.shape
+    padded = torch.zeros(-(-n // 4) * 4, groups, dtype=torch.float16)
+    padded[:n] = v
+    return padded.view(-1, 4, groups).transpose(1, 2).contiguous()
+
+
 def _product(fn, mat, x: torch.Tensor, out_features: int) -> torch.Tensor:
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], out_features)
@@ -149,7 +158,7 @@ class NativeQ4:
                  bias: torch.Tensor | None) -> None:
         self.lib = lib
         # d and m are GGUF's float16 values (exact: w = d q + m was computed from them in float32)
-        self.codes, self.d, self.m = codes.contiguous(), d.half().contiguous(), m.half().contiguous()
+        self.codes, self.d, self.m = codes.contiguous(), tile_interleaved(d.half()), tile_interleaved(m.half())
         self.bias = None if bias is None else bias.float().contiguous()
         self.out_features, self.in_features = self.codes.shape[0], self.codes.shape[1] * 2
         self.mat = _Q4Mat(self.out_features, self.in_features, _ptr(self.codes), _ptr(self.d), _ptr(self.m),
@@ -168,7 +177,7 @@ class NativeQ8:
 
     def __init__(self, lib: ctypes.CDLL, codes: torch.Tensor, d: torch.Tensor) -> None:
         self.lib = lib
-        self.codes, self.d = codes.contiguous(), d.half().contiguous()  # GGUF's float16 scales, exactly
+        self.codes, self.d = codes.contiguous(), tile_interleaved(d.half())  # GGUF's float16 scales, exactly
         self.out_features, self.in_features = self.codes.shape
         self.mat = _Q8Mat(self.out_features, self.in_features, _ptr(self.codes), _ptr(self.d))
 

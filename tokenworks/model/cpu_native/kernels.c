@@ -24,17 +24,19 @@
 
 #define GROUP 32
 
+/* Scales (and minimums) are GGUF's float16 values, laid out for tiles of four weight rows: (ceil(n / 4),
+   k / 32, 4), the four rows of a tile side by side per group (a last, partial tile padded with zeros). */
 typedef struct {
     int64_t n, k;          /* output rows, inputs (k % 32 == 0) */
     const uint8_t *codes;  /* (n, k / 2) GGUF nibbles */
-    const uint16_t *d, *m; /* (n, k / 32) float16, as GGUF stores them */
+    const uint16_t *d, *m; /* w = d * q + m, tile-interleaved */
     const float *bias;     /* (n) or NULL */
 } Q4Mat;
 
 typedef struct {
     int64_t n, k;          /* output rows, inputs (k % 32 == 0) */
     const int8_t *codes;   /* (n, k) GGUF Q8_0 values */
-    const uint16_t *d;     /* (n, k / 32) float16: w = d * q */
+    const uint16_t *d;     /* w = d * q, tile-interleaved */
 } Q8Mat;
 
 typedef struct {
@@ -165,30 +167,22 @@ static void halves_to_floats(const uint16_t *h, int64_t n, float *f) {
     for (; i < n; i++) f[i] = half(h[i]);
 }
 
-/* sum over groups of m (float16) times the groups' activation sums */
-static inline float min_dot(const uint16_t *m, const float *sum, int64_t groups) {
-    __m256 a = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 8 <= groups; g += 8)
-        a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + g))), _mm256_loadu_ps(sum + g), a);
-    float s = hsum(a);
-    for (; g < groups; g++) s += half(m[g]) * sum[g];
-    return s;
-}
-
 /* nr (<= 4) weight rows, widened to int16 in `wide` (nr * k values, L1-resident), against every activation row:
    each row then costs loads and multiply-adds only (widening as the codes are loaded, even for one activation
-   row, measured slower: the loads' conversions compete with the multiply-adds). `m` may be NULL (Q8_0). */
+   row, measured slower: the loads' conversions compete with the multiply-adds). d and m: the tile's scales and
+   minimums (tile-interleaved, 4 per group); m may be NULL (Q8_0). */
 static inline __attribute__((always_inline)) void tile_rows(const int16_t *wide, const uint16_t *d, const uint16_t *m,
                                                             int64_t k, const QAct *x, int64_t rows, float *y,
                                                             int64_t ldy, int64_t n, const int nr) {
     const int64_t G = k / GROUP;
-    float dt[4 * G];  /* the tile's scales as float32, converted once for all rows */
-    halves_to_floats(d, nr * G, dt);
+    float dt[4 * G], mt[4 * G];  /* converted once for all activation rows */
+    halves_to_floats(d, 4 * G, dt);
+    if (m) halves_to_floats(m, 4 * G, mt);
     for (int64_t r = 0; r < rows; r++) {
         const int16_t *xq = x->q + r * k;
-        const float *sx = x->sx + r * G;
+        const float *sx = x->sx + r * G, *sum = x->sum + r * G;
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        float mins[4] = {0.f, 0.f, 0.f, 0.f};
         for (int64_t g = 0; g < G; g++) {
             __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP));
             __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP + 16));
@@ -196,27 +190,20 @@ static inline __attribute__((always_inline)) void tile_rows(const int16_t *wide,
                 const int16_t *q = wide + j * k + g * GROUP;
                 __m256i s = _mm256_add_epi32(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)q), x0),
                                              _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(q + 16)), x1));
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dt[j * G + g] * sx[g]), _mm256_cvtepi32_ps(s), acc[j]);
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dt[4 * g + j] * sx[g]), _mm256_cvtepi32_ps(s), acc[j]);
+                if (m) mins[j] += mt[4 * g + j] * sum[g];
             }
         }
-        for (int j = 0; j < nr; j++)
-            y[r * ldy + n + j] = hsum(acc[j]) + (m ? min_dot(m + j * G, x->sum + r * G, G) : 0.f);
+        for (int j = 0; j < nr; j++) y[r * ldy + n + j] = hsum(acc[j]) + mins[j];
     }
 }
 
-/* tile_rows for four 4-bit weight rows (with minimums), with the float work of a group done once for all four: the four rows' integer
-   sums are reduced into one register ([rows 0-3, lanes 0-3 | rows 0-3, lanes 4-7]) and scaled there, and the
-   minimums' term is accumulated four rows at a time beside it. */
+/* tile_rows for four 4-bit weight rows (with minimums), with the float work of a group done once for all four:
+   the four rows' integer sums are reduced into one register ([rows 0-3, lanes 0-3 | rows 0-3, lanes 4-7]) and
+   scaled there, and the minimums' term is accumulated four rows at a time beside it. */
 static void tile4(const int16_t *wide, const uint16_t *d, const uint16_t *m, int64_t k, const QAct *x, int64_t rows,
                   float *y, int64_t ldy, int64_t n) {
     const int64_t G = k / GROUP;
-    float dq[4 * G], mq[4 * G], tmp[4 * G];  /* per group, the four rows' scales and minimums side by side */
-    halves_to_floats(d, 4 * G, tmp);
-    for (int j = 0; j < 4; j++)
-        for (int64_t g = 0; g < G; g++) dq[4 * g + j] = tmp[j * G + g];
-    halves_to_floats(m, 4 * G, tmp);
-    for (int j = 0; j < 4; j++)
-        for (int64_t g = 0; g < G; g++) mq[4 * g + j] = tmp[j * G + g];
     for (int64_t r = 0; r < rows; r++) {
         const int16_t *xq = x->q + r * k;
         const float *sx = x->sx + r * G, *sum = x->sum + r * G;
@@ -232,9 +219,10 @@ static void tile4(const int16_t *wide, const uint16_t *d, const uint16_t *m, int
                                         _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(q + 16)), x1));
             }
             __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
-            __m256 scale = _mm256_mul_ps(_mm256_broadcast_ps((const __m128 *)(dq + 4 * g)), _mm256_set1_ps(sx[g]));
+            __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + 4 * g)));
+            __m256 scale = _mm256_mul_ps(_mm256_set_m128(d4, d4), _mm256_set1_ps(sx[g]));
             acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(h), acc);
-            acc_m = _mm_fmadd_ps(_mm_loadu_ps(mq + 4 * g), _mm_set1_ps(sum[g]), acc_m);
+            acc_m = _mm_fmadd_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(m + 4 * g))), _mm_set1_ps(sum[g]), acc_m);
         }
         __m128 out = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)), acc_m);
         _mm_storeu_ps(y + r * ldy + n, out);
@@ -244,7 +232,7 @@ static void tile4(const int16_t *wide, const uint16_t *d, const uint16_t *m, int
 /* Weight rows [n, n + nr) against every activation row, their codes widened (nr rows of k int16) into `wide`. */
 static void tile(const int16_t *wide, const uint16_t *d, const uint16_t *m, int64_t k, const QAct *x, int64_t rows,
                  float *y, int64_t ldy, int64_t n, int nr) {
-    if (nr == 4 && rows >= 4 && m)  /* measured: pays from a few rows on, and only with minimums (Q8_0 lost 10 %) */
+    if (nr == 4 && m)  /* measured: only with minimums (Q8_0 lost 10 % that way) */
         tile4(wide, d, m, k, x, rows, y, ldy, n);
     else if (nr == 4)
         tile_rows(wide, d, m, k, x, rows, y, ldy, n, 4);  /* unrolled */
@@ -280,7 +268,7 @@ static void q4_rows(const Q4Mat *w, const QAct *x, int64_t rows, float *y, int64
     for (int64_t n = n0; n < n1; n += 4) {
         const int nr = n1 - n < 4 ? (int)(n1 - n) : 4;
         widen_q4(w, n, nr, wide);
-        tile(wide, w->d + n * G, w->m + n * G, w->k, x, rows, y, ldy, n, nr);
+        tile(wide, w->d + n * G, w->m + n * G, w->k, x, rows, y, ldy, n, nr);  /* tile n / 4 starts at 4 G (n / 4) */
     }
     if (w->bias)
         for (int64_t r = 0; r < rows; r++)
