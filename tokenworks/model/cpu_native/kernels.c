@@ -240,23 +240,36 @@ static void tile(const int16_t *wide, const uint16_t *d, const uint16_t *m, int6
         tile_rows(wide, d, m, k, x, rows, y, ldy, n, nr);
 }
 
+/* Ask for the codes about 9 KB ahead of a row being widened (`bytes` long): with one activation row the products
+   wait on memory, and the hardware's prefetcher alone left them 5-7 % slower (measured paired, 16 and 32 rows
+   ahead; 4.5 KB ahead gained less). A prefetch past the matrix's end is harmless: prefetches never fault. */
+#define PREFETCH_BYTES 9216
+static inline void prefetch_ahead(const void *row, int64_t bytes) {
+    const char *p = (const char *)row + PREFETCH_BYTES / bytes * bytes;
+    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
+}
+
 static void widen_q4(const Q4Mat *w, int64_t n, int nr, int16_t *wide) {
     const int64_t G = w->k / GROUP, rb = w->k / 2;
     const __m128i low = _mm_set1_epi8(0x0F);
-    for (int j = 0; j < nr; j++)
+    for (int j = 0; j < nr; j++) {
+        prefetch_ahead(w->codes + (n + j) * rb, rb);
         for (int64_t g = 0; g < G; g++) {
             __m128i b = _mm_loadu_si128((const __m128i *)(w->codes + (n + j) * rb + g * 16));
             int16_t *dst = wide + j * w->k + g * GROUP;
             _mm256_storeu_si256((__m256i *)dst, _mm256_cvtepu8_epi16(_mm_and_si128(b, low)));
             _mm256_storeu_si256((__m256i *)(dst + 16), _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
         }
+    }
 }
 
 static void widen_q8(const Q8Mat *w, int64_t n, int nr, int16_t *wide) {
-    for (int j = 0; j < nr; j++)
+    for (int j = 0; j < nr; j++) {
+        const int8_t *row = w->codes + (n + j) * w->k;
+        prefetch_ahead(row, w->k);
         for (int64_t i = 0; i < w->k; i += 16)
-            _mm256_storeu_si256((__m256i *)(wide + j * w->k + i),
-                                _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w->codes + (n + j) * w->k + i))));
+            _mm256_storeu_si256((__m256i *)(wide + j * w->k + i), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + i))));
+    }
 }
 
 /* Rows [n0, n1) of y = x W^T (+ bias) for `rows` activation rows; y has row stride ldy. Weight rows go four at
