@@ -22,9 +22,9 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=64, help="requests in one step at most (default: 64)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--quantization", choices=["auto", "none"], default="auto",
-                   help="auto: a GGUF file's Q4_0/Q4_1 layers run as 4-bit weights on CPU (about 2.5x fewer "
-                        "milliseconds in the layers' matmuls); none: every weight dequantized to --dtype "
-                        "(default: auto)")
+                   help="auto: a GGUF file's Q4_0/Q4_1 layers and Q8_0 embedding run as stored on CPU, on native "
+                        "kernels (the default model's decode step about 4x faster than float32 at one sequence, "
+                        "docs/engine.md); none: every weight dequantized to --dtype (default: auto)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--kv-host-memory-gib", type=float, default=0.0, metavar="GIB",
                    help="keep prefix blocks evicted from the KV pool in this much host memory and copy them back on "
