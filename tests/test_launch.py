@@ -98,6 +98,14 @@ def test_serve_refuses_an_unreachable_ray_cluster_with_one_line():
     assert r.returncode == 2 and "HOST:PORT" in r.stderr
 
 
+def test_serve_on_ray_without_ray_installed_says_how_to_install_it():
+    code = ("import sys; sys.modules['ray'] = None; from tokenworks.cli import main; "  # `import ray` now fails
+            "sys.exit(main(['serve', '--ray', '--port', '0']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "pip install 'tokenworks[ray]'" in r.stderr.strip().splitlines()[-1]
+
+
 def test_resource_flags_parse_and_refuse_nonsense():
     assert parse_resources("CPU=2,GPU=1,decode_node", "--x") == {"CPU": 2.0, "GPU": 1.0, "decode_node": 1.0}
     assert parse_resources(None, "--x") == {}

@@ -100,7 +100,11 @@ class _Placed:
 class RayCluster(Launcher):
     def __init__(self, *args, address: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        import ray
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("--ray needs Ray installed where tokenworks runs: pip install 'tokenworks[ray]' "
+                             "(or pip install ray)") from None
 
         self.ray = ray
         self.placed: dict[str, _Placed] = {}
