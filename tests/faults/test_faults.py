@@ -118,6 +118,16 @@ def test_hundred_clients_leaving_at_random_moments_leak_nothing(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+def test_a_client_that_leaves_a_non_streamed_request_frees_its_workers(server):
+    body = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True}  # tens of seconds of decoding here
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=1.5)
+    t0 = time.monotonic()
+    server.wait_idle(8)  # aborted on its workers as soon as the connection closed, not after 400 tokens
+    assert time.monotonic() - t0 < 8
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
 def test_fuzzed_bodies_never_get_a_5xx(server):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
