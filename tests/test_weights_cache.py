@@ -18,7 +18,10 @@ def test_copy_fills_in_tokenizer_first_then_the_float_weights_a_worker_needs_the
     assert sorted(os.listdir(folder)) == ["tokenizer.json", "tokenworks.json"]
     assert files.weights == {} and len(files.tensor_names) == 272
 
+    with open(os.path.join(folder, "q4.safetensors"), "wb") as f:  # what an older version left there
+        f.write(b"stale")
     q4 = gguf_quantized_weights(resolve_model_path(None), files.config, cache)  # a worker running GGUF's blocks
+    assert "q4.safetensors" not in os.listdir(folder) and "quantized.safetensors" in os.listdir(folder)
     worker = load_model_files(cache_dir=cache, skip=frozenset(q4))
     with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
         stored = set(f.keys())

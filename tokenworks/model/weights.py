@@ -267,6 +267,9 @@ def gguf_quantized_weights(path: str, config: ModelConfig, cache_dir: str | None
     if not (path.endswith(".gguf") and os.path.isfile(path)):
         return {}
     cached = os.path.join(_cache_folder(path, cache_dir or default_cache_dir()), "quantized.safetensors")
+    stale = os.path.join(os.path.dirname(cached), "q4.safetensors")  # what this file replaced (until 2026-11-27)
+    if os.path.exists(stale):
+        os.unlink(stale)
     if os.path.exists(cached):
         flat = load_file(cached)
         names = {k.rsplit(".", 1)[0] for k in flat}
