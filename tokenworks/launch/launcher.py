@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +38,32 @@ class WorkerSpec:
     device: str = "cpu"
     resources: dict[str, float] = field(default_factory=dict)  # what a cluster scheduler must reserve for it
     engine: dict = field(default_factory=dict)  # EngineArgs fields that differ from the launcher's for this worker
+
+
+def process_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment a worker process starts with: this one's, with the internal secret only as ``extra``
+    gives it (see ``Launcher.worker_env``)."""
+    env = dict(os.environ)
+    env.pop(SECRET_ENV, None)
+    env.update(extra)
+    return env
+
+
+def stop_processes(procs: list[subprocess.Popen], grace: float) -> None:
+    """SIGTERM to each process still running, then SIGKILL to those not gone within ``grace`` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def next_worker_id(role: str, taken) -> str:

@@ -7,12 +7,9 @@ prefill worker never runs on a decode worker's cores.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import time
 
-from tokenworks.launch.launcher import Launcher, WorkerSpec, next_worker_id
-from tokenworks.worker.server import SECRET_ENV
+from tokenworks.launch.launcher import Launcher, WorkerSpec, next_worker_id, process_env, stop_processes
 
 
 def plan_workers(prefill: int, decode: int, aggregated: int, cpus: list[int] | None = None,
@@ -56,11 +53,8 @@ class LocalCluster(Launcher):
         self.procs: dict[str, subprocess.Popen] = {}
 
     def _spawn(self, spec: WorkerSpec) -> None:
-        env = dict(os.environ)
-        env.pop(SECRET_ENV, None)
-        env.update(self.worker_env())
         self.procs[spec.worker_id] = subprocess.Popen(self.worker_command(spec, self.internal_host),
-                                                      start_new_session=True, env=env)
+                                                      start_new_session=True, env=process_env(self.worker_env()))
 
     def _ended(self, worker_id: str) -> str | None:
         p = self.procs.get(worker_id)
@@ -80,17 +74,4 @@ class LocalCluster(Launcher):
         self.procs.pop(worker_id, None)
 
     def _terminate(self, worker_ids: list[str], grace: float) -> None:
-        procs = [self.procs.pop(w) for w in worker_ids if w in self.procs]
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    p.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes([self.procs.pop(w) for w in worker_ids if w in self.procs], grace)

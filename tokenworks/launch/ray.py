@@ -14,14 +14,11 @@ that they can route to, with ``--internal-secret`` (every internal message signe
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import time
 
-from tokenworks.launch.launcher import Launcher, WorkerSpec
-from tokenworks.worker.server import SECRET_ENV
+from tokenworks.launch.launcher import Launcher, WorkerSpec, process_env, stop_processes
 
 NODE_ADDRESS = "{node_address}"  # in a worker's command line: replaced by its node's address on the node
 
@@ -68,25 +65,15 @@ class WorkerHost:
 
         address = ray.util.get_node_ip_address()
         cmd = [c.replace(NODE_ADDRESS, address) for c in cmd]
-        full = dict(os.environ)
-        full.pop(SECRET_ENV, None)
-        full.update(env)
-        self.proc = subprocess.Popen(cmd, start_new_session=True, env=full)
+        self.proc = subprocess.Popen(cmd, start_new_session=True, env=process_env(env))
         return {"pid": self.proc.pid, "node_id": ray.get_runtime_context().get_node_id(), "address": address}
 
     def poll(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
     def stop(self, grace: float) -> None:
-        p = self.proc
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        if self.proc is not None:
+            stop_processes([self.proc], grace)
 
 
 class _Placed:
@@ -127,10 +114,13 @@ class RayCluster(Launcher):
         nodes = [n for n in self.ray.nodes() if n.get("Alive")]
         return f"Ray cluster of {len(nodes)} node(s)" + (" (started here)" if self.started_cluster else "")
 
+    @staticmethod
+    def _resources(spec: WorkerSpec) -> dict[str, float]:
+        """What the worker reserves: its role's, else one GPU (CUDA) or one CPU."""
+        return dict(spec.resources) or ({"GPU": 1.0} if spec.device.startswith("cuda") else {"CPU": 1.0})
+
     def _options(self, spec: WorkerSpec) -> dict:
-        res = dict(spec.resources)
-        if not res:
-            res = {"GPU": 1.0} if spec.device.startswith("cuda") else {"CPU": 1.0}
+        res = self._resources(spec)
         opts = {"num_cpus": res.pop("CPU", 0.0), "num_gpus": res.pop("GPU", 0.0)}
         if res:
             opts["resources"] = res
@@ -193,11 +183,8 @@ class RayCluster(Launcher):
     def waiting_for(self, worker_id: str) -> str:
         p = self.placed.get(worker_id)
         if p is not None and p.info is None and not self.ray.wait([p.started], timeout=0)[0]:
-            spec = self.specs.get(worker_id)
-            want = ", ".join(f"{k}={v:g}" for k, v in self._options(spec).items() if k != "resources" and v) if spec else ""
-            custom = self._options(spec).get("resources", {}) if spec else {}
-            want = ", ".join([want] + [f"{k}={v:g}" for k, v in custom.items()]).strip(", ")
-            return f"no Ray node has given it {want or 'its resources'} yet (are they all taken, or offered by no node?)"
+            want = ", ".join(f"{k}={v:g}" for k, v in self._resources(self.specs[worker_id]).items())
+            return f"no Ray node has given it {want} yet (are they all taken, or offered by no node?)"
         return super().waiting_for(worker_id)
 
     def node_of(self, worker_id: str) -> str | None:

@@ -230,8 +230,11 @@ class Router:
         self.workers[ready.worker_id] = WorkerHandle(ready, sock, WorkerView(ready.worker_id, ready.role))
         self.kv_index.reset(ready.worker_id, ready.cached_block_hashes, ready.num_blocks, ready.host_block_hashes,
                             ready.num_host_blocks)
-        lens = [w.ready.max_model_len for w in self.workers.values()]
-        self.max_model_len = min(lens)
+        self._refresh_max_model_len()
+
+    def _refresh_max_model_len(self) -> None:
+        """The longest context every worker takes (0 with no worker)."""
+        self.max_model_len = min((w.ready.max_model_len for w in self.workers.values()), default=0)
 
     async def _read_events(self) -> None:
         while True:
@@ -312,8 +315,7 @@ class Router:
         if handle is not None:
             handle.sock.close(0)
             self.kv_index.drop(worker_id)
-        if self.workers:
-            self.max_model_len = min(w.ready.max_model_len for w in self.workers.values())
+        self._refresh_max_model_len()
 
     async def wait_for_decoder(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
