@@ -136,23 +136,26 @@ class Tokenizer:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
 
 
+_CONTEXT = 6  # tokens of context a detokenizer decodes with the new one
+
+
 class IncrementalDetokenizer:
     """Turns token ids, fed one at a time, into text deltas.
 
-    Decodes a short window of recent tokens and emits only the new suffix;
-    while that suffix ends in U+FFFD (an incomplete UTF-8 sequence) it waits
-    for the next token. A stop string ends the text before it, and text that
-    could still become a stop string is held back, so no stream ever shows it.
+    The `tokenizers` library's ``DecodeStream`` does the decoding (primed with
+    the prompt's last tokens, so the first token decodes with its leading
+    space; it holds back an incomplete UTF-8 character until the next token).
+    A stop string ends the text before it, and text that could still become a
+    stop string is held back, so no stream ever shows it.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], stop: Sequence[str] = (),
                  skip_special_tokens: bool = True) -> None:
-        self.tokenizer = tokenizer
+        self._hf = tokenizer._tok
+        self._skip_special = skip_special_tokens
+        self._recent = list(prompt_token_ids[-_CONTEXT:])
+        self._stream = self._new_stream()
         self.stop = tuple(stop)
-        self.skip_special_tokens = skip_special_tokens
-        self._tokens = list(prompt_token_ids[-6:])  # context so the first token decodes with its leading space
-        self._prefix_offset = 0
-        self._read_offset = len(self._tokens)
         self.text = ""  # all output text so far (stop string excluded once found)
         self._emitted = 0  # characters of self.text already returned
         self.stopped = False
@@ -160,16 +163,35 @@ class IncrementalDetokenizer:
 
     def add_token(self, token_id: int, final: bool = False) -> str:
         """Append one token; return the text that is now safe to show."""
-        if not self.stopped:
-            self._tokens.append(token_id)
-            prefix = self.tokenizer.decode(self._tokens[self._prefix_offset : self._read_offset], self.skip_special_tokens)
-            full = self.tokenizer.decode(self._tokens[self._prefix_offset :], self.skip_special_tokens)
-            if len(full) > len(prefix) and not full.endswith("\ufffd"):
-                self.text += full[len(prefix) :]
-                self._prefix_offset = self._read_offset
-                self._read_offset = len(self._tokens)
+        if self.stopped:
+            return self._take(True)
+        self._recent.append(token_id)
+        if len(self._recent) > 2 * _CONTEXT:
+            del self._recent[:-_CONTEXT]
+        try:
+            piece = self._stream.step(self._hf, token_id)
+        except Exception:  # noqa: BLE001 - the decoder found the text so far is not a prefix of the longer text
+            piece = self._hf.decode([token_id], skip_special_tokens=self._skip_special)
+            self._stream = self._new_stream()
+        if not self.stop:  # the common case: every decoded piece is shown at once
+            if piece:
+                self.text += piece
+                self._emitted = len(self.text)
+            return piece or ""
+        if piece:
+            self.text += piece
             self._check_stop()
         return self._take(final or self.stopped)
+
+    def _new_stream(self) -> decoders.DecodeStream:
+        context = self._recent[-_CONTEXT:]
+        try:
+            return decoders.DecodeStream(ids=context, skip_special_tokens=self._skip_special)
+        except TypeError:  # tokenizers < 0.22 (an older image): prime it by hand
+            stream = decoders.DecodeStream(skip_special_tokens=self._skip_special)
+            for t in context:
+                stream.step(self._hf, t)
+            return stream
 
     def flush(self) -> str:
         return self._take(True)
