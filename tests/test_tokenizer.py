@@ -64,3 +64,29 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
     w = torch.randn(3 * 8, 5)
     assert torch.equal(unpermute_qk(llama_cpp_permute(w, 3), 3), w)
+
+
+def test_streamed_text_equals_decoding_the_whole_output(tokenizer):
+    import random
+
+    rng = random.Random(7)
+    prompt = tokenizer.encode("The prompt says hi")
+    for _ in range(5):  # random ids: broken UTF-8 sequences, special tokens, odd spacing
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(300)]
+        streamed = "".join(feed(IncrementalDetokenizer(tokenizer, prompt), ids))
+        whole = tokenizer.decode(prompt[-6:] + ids)[len(tokenizer.decode(prompt[-6:])):]
+        assert streamed == whole.rstrip("\ufffd")
+
+
+def test_a_decoder_error_costs_no_text(tokenizer):
+    ids = tokenizer.encode(" one two three four")
+    detok = IncrementalDetokenizer(tokenizer, [1])
+
+    class Failing:  # the decoder finding the text so far is not a prefix of the longer text, once
+        def step(self, hf, token_id):
+            raise RuntimeError("invalid prefix")
+
+    deltas = [detok.add_token(ids[0])]
+    detok._stream = Failing()
+    deltas += [detok.add_token(t) for t in ids[1:]]
+    assert "".join(deltas) == " one two three four"
