@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Downloads into .whl/ the wheels the device image lacks (it has Python 3.12, PyTorch, Triton, transformers), for the
+# prepared device runs (benchmarks/gpu_*.sh), which install them with gpu_env.sh (not tokenizers: the image's serves
+# transformers, and the router works with older ones). Run here, once, before `run`:
+#   bash benchmarks/gpu_wheels.sh && run(command="bash benchmarks/gpu_issues.sh", carry=[".whl"], timeout_s=570)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .whl \
+  gguf msgspec pyzmq fastapi starlette uvicorn uvloop httptools pydantic pydantic-core annotated-types \
+  typing-inspection prometheus-client httpx httpcore h11 anyio sniffio pyyaml
+du -sh .whl
