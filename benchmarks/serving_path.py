@@ -4,7 +4,8 @@ For each concurrency C: the offline engine (``LLM.generate`` on C prompts at onc
 server worker (same device and threads) under a closed loop of C streams with the same prompts and output
 lengths (``ignore_eos``); prints output tokens/s of both and served/offline. Then one stream: the served
 inter-token gap (median) against the engine's batch-1 decode step. And the router process's CPU time per
-delivered token (user + system, from /proc), the cost of the HTTP/SSE path itself.
+delivered token (user + system, from /proc), the cost of the HTTP/SSE path itself, beside its floor: a bare ASGI
+app on the same uvicorn streaming one fixed event per stream per step to the same client (``bare_sse.py``).
 
     python benchmarks/serving_path.py [--model PATH] [--concurrency 1,16,64] [--output-len 32]
 """
@@ -96,17 +97,23 @@ def main() -> int:
     prompts = [r.prompt for r in synthetic(max(concurrency) + 2, "uniform:20:60", "fixed:1", seed=3)]
     off = offline(ns.model, ns.device, prompts, ns.output_len, concurrency)
     srv = served(ns.model, ns.device, prompts, ns.output_len, concurrency, ns.serve_flags.split())
-    print(f"{'streams':>7} | offline tok/s | served tok/s | served/offline | router CPU us/token")
+    from benchmarks.bare_sse import measure
+
+    floor = {c: measure(c, ns.output_len, step=0.02) for c in concurrency}
+    print(f"{'streams':>7} | offline tok/s | served tok/s | served/offline | router CPU us/token | bare uvicorn floor"
+          " | router/floor")
     for c in concurrency:
         s = srv[c]
         print(f"{c:>7} | {off[c]:13.1f} | {s['tokens_s']:12.1f} | {s['tokens_s'] / off[c]:14.2f} | "
-              f"{s['router_us_per_token']:10.0f}" + (f"   ({s['failed']} failed)" if s["failed"] else ""))
+              f"{s['router_us_per_token']:19.0f} | {floor[c]:18.0f} | {s['router_us_per_token'] / floor[c]:12.2f}"
+              + (f"   ({s['failed']} failed)" if s["failed"] else ""))
     gap = srv[concurrency[0]]["itl_median_s"]
     print(f"one stream: served token gap {gap * 1e3:.1f} ms, engine batch-1 step {off['step_s'] * 1e3:.1f} ms, "
           f"ratio {gap / off['step_s']:.2f}" + ("" if concurrency[0] == 1 else f" (at {concurrency[0]} streams)"))
     if ns.json:
         with open(ns.json, "w") as f:
-            json.dump({"offline": {str(k): v for k, v in off.items()}, "served": {str(k): v for k, v in srv.items()}},
+            json.dump({"offline": {str(k): v for k, v in off.items()}, "served": {str(k): v for k, v in srv.items()},
+                       "bare_floor_us_per_token": {str(k): v for k, v in floor.items()}},
                       f, indent=1)
     return 0
 
