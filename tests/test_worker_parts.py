@@ -161,3 +161,29 @@ def test_serve_picks_its_layout_from_the_machine_and_says_why():
     assert serve_layout(none, [0], 2)[0] == (1, 1, 0)
     asked = Namespace(prefill_workers=2, decode_workers=None, aggregated_workers=1)
     assert serve_layout(asked, None, 2) == ((2, 0, 1), "as asked")
+
+
+def test_streamed_events_spliced_from_bytes_equal_the_dict_path():
+    import json
+
+    from tokenworks.router.api import ChunkEncoder
+    from tokenworks.router.router import Delta
+
+    texts = [" hé\"llo\n\u2028 \\ end", "", "\x00\x1f tab\t"]
+    for kind in ("chat", "completions"):
+        for include_usage in (False, True):
+            enc = ChunkEncoder(kind, "cmpl-r-7-1", 1_700_000_000, 'model "q"', include_usage, want_logprobs=False)
+            for i, text in enumerate(texts):
+                for reason in (None, "length", "stop"):
+                    d = Delta([5], text, reason is not None, reason, 3, [])
+                    fast, slow = enc.chunk(i, d), enc.chunk_from_dict(i, d)
+                    assert fast == slow, (fast, slow)
+                    event = json.loads(fast.removeprefix(b"data: "))
+                    choice = event["choices"][0]
+                    assert (choice["delta"]["content"] if kind == "chat" else choice["text"]) == text
+                    assert choice["finish_reason"] == reason and choice["index"] == i
+                    assert ("usage" in event) == include_usage
+            if kind == "chat":  # the role event opens a chat stream; it takes the dict path
+                role = enc.chunk(0, None, role=True)
+                assert json.loads(role.removeprefix(b"data: "))["choices"][0]["delta"] == {"role": "assistant",
+                                                                                         "content": ""}

@@ -44,6 +44,55 @@ def sse(payload: dict) -> bytes:
     return b"data: " + _encode.encode(payload) + b"\n\n"
 
 
+def chat_logprobs(entries) -> dict[str, Any]:
+    return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode()),
+                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for _, t, lp in e.top]}
+                        for e in entries]}
+
+
+def completion_logprobs(entries) -> dict[str, Any]:
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t: lp for _, t, lp in e.top} for e in entries], "text_offset": []}
+
+
+class ChunkEncoder:
+    """The server-sent events of one streamed response. A plain token's event (no logprobs, not the chat role
+    event) is spliced from bytes encoded once per response around the token's text and finish reason: the same
+    JSON as the dict path below, at a fraction of the cost, since it is built once per token and stream."""
+
+    def __init__(self, kind: str, rid: str, created: int, model: str, include_usage: bool, want_logprobs: bool):
+        self.kind, self.want_logprobs = kind, want_logprobs
+        self.head = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                     "created": created, "model": model}
+        self.include_usage = include_usage
+        enc = _encode.encode
+        self._open = (b'data: {"id":' + enc(rid) + b',"object":' + enc(self.head["object"]) + b',"created":'
+                      + enc(created) + b',"model":' + enc(model) + b',"choices":[{"index":')
+        self._text = b',"delta":{"content":' if kind == "chat" else b',"text":'
+        self._reason = b'},"finish_reason":' if kind == "chat" else b',"finish_reason":'
+        self._close = b',"logprobs":null}]' + (b',"usage":null' if include_usage else b"") + b"}\n\n"
+
+    def chunk(self, i: int, d: Delta | None, role: bool = False) -> bytes:
+        if not role and not self.want_logprobs:
+            enc = _encode.encode
+            return b"".join((self._open, b"%d" % i, self._text, enc(d.text), self._reason, enc(d.finish_reason),
+                             self._close))
+        return self.chunk_from_dict(i, d, role)
+
+    def chunk_from_dict(self, i: int, d: Delta | None, role: bool = False) -> bytes:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": d.text}
+            c = {"index": i, "delta": delta, "finish_reason": None if role else d.finish_reason,
+                 "logprobs": chat_logprobs(d.logprobs) if (self.want_logprobs and not role) else None}
+        else:
+            c = {"index": i, "text": d.text, "finish_reason": d.finish_reason,
+                 "logprobs": completion_logprobs(d.logprobs) if self.want_logprobs else None}
+        payload = {**self.head, "choices": [c]}
+        if self.include_usage:
+            payload["usage"] = None
+        return sse(payload)
+
+
 class ClientGone(Exception):
     pass
 
@@ -274,15 +323,6 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             return APIError(e.status, str(e))
         return APIError(500, f"internal error: {type(e).__name__}", "server_error")
 
-    def chat_logprobs(entries) -> dict[str, Any]:
-        return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode()),
-                             "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for _, t, lp in e.top]}
-                            for e in entries]}
-
-    def completion_logprobs(entries) -> dict[str, Any]:
-        return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{t: lp for _, t, lp in e.top} for e in entries], "text_offset": []}
-
     async def respond(kind: str, body, prompt: list[int], params: SamplingParams, http: Request) -> Response:
         retry_after = router.admission_check(prompt, body.n)
         if retry_after is not None:
@@ -351,18 +391,7 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             await gen.aclose()
             raise translate(e) from e
 
-        def chunk(i: int, d: Delta | None, role: bool = False) -> str:
-            if kind == "chat":
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {"content": d.text}
-                c = {"index": i, "delta": delta, "finish_reason": None if role else d.finish_reason,
-                     "logprobs": chat_logprobs(d.logprobs) if (want_logprobs and not role) else None}
-            else:
-                c = {"index": i, "text": d.text, "finish_reason": d.finish_reason,
-                     "logprobs": completion_logprobs(d.logprobs) if want_logprobs else None}
-            payload = {"id": rid, "object": chunk_obj, "created": created, "model": model_name, "choices": [c]}
-            if include_usage:
-                payload["usage"] = None
-            return sse(payload)
+        chunk = ChunkEncoder(kind, rid, created, model_name, include_usage, want_logprobs).chunk
 
         async def events() -> AsyncIterator[bytes]:
             completion_tokens = 0

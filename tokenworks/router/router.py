@@ -504,7 +504,7 @@ class Router:
                     m.requests.labels(reason or "stop").inc()
                     m.e2e.observe(time.monotonic() - t0)
                 yield Delta(tokens, text, finished, reason, out.num_prompt_tokens,
-                            self._named(out.logprobs[: len(tokens)]), out.num_cached_tokens)
+                            self._named(out.logprobs[: len(tokens)]) if out.logprobs else [], out.num_cached_tokens)
                 if finished:
                     return
         finally:
