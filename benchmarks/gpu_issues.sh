@@ -4,7 +4,8 @@
 #   1. the CUDA tests: paged decode kernel, decode graphs, attention, greedy equality with transformers  (issue 11)
 #   2. benchmarks/engine.py, SmolLM2-135M's shape: decode batches vs the CUDA-graph floor and the HBM roofline,
 #      the long-context mix (one 4k request and 31 short)                                                (issue 11)
-#   3. benchmarks/serving_path.py: served vs offline at 1, 16 and 64 streams, router CPU per token       (issue 12)
+#   3. benchmarks/serving_path.py: served vs offline at 1, 16 and 64 streams, router CPU per token, and
+#      benchmarks/router_path.py: the router's CPU per token with no engine, against a bare uvicorn stream (issue 12)
 #   4. benchmarks/engine.py, Llama-3.1-8B's shape: batch-1 vs HBM roofline, 4k prefill vs matmul rate   (issue 11)
 # Every step writes into $OUT as it goes, so a call cut short still brings back what finished.
 #   bash benchmarks/gpu_wheels.sh
@@ -27,6 +28,8 @@ step "3 serving path"
 python3 benchmarks/random_chat_model.py /tmp/rand-smollm2 > /dev/null
 timeout 150 python3 benchmarks/serving_path.py --model /tmp/rand-smollm2 --device cuda --concurrency 1,16,64 \
   --output-len 128 --json "$OUT/serving_path.json" 2>&1 | grep -v "NIXL\|it/s\]\|req/s\]" | tee "$OUT/serving_path.log"
+timeout 40 python3 benchmarks/router_path.py --concurrency 64 --output-len 128 --rounds 1 2>&1 | tail -n 3 \
+  | tee "$OUT/router_path.log"
 step "4 engine, Llama-3.1-8B shape"
 left=$(( 540 - (SECONDS - start) ))
 if [ "$left" -gt 60 ]; then
