@@ -4,7 +4,7 @@ token per step (all requests in one `Outputs` message, as a worker does), and th
 The bare uvicorn floor (``bare_sse.py``) is measured in the same run. With no engine to wait on, the figures move
 far less between runs than ``serving_path.py``'s, which makes this the benchmark to A/B the router's hot path.
 
-    python benchmarks/router_path.py [--concurrency 64] [--output-len 128] [--step 0.02] [--rounds 3]
+    python benchmarks/router_path.py [--model PATH] [--concurrency 64] [--output-len 128] [--step 0.02] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def stand_in_worker(events_endpoint: str, commands_port: int, step: float) -> No
             push.send(to_router.encode(P.Stats(WORKER_ID, len(active), 0, 0, 0, 0, 100_000, 0, 0, idle=not active)))
 
 
-def serve(port: int, step: float) -> None:
+def serve(port: int, step: float, model: str | None) -> None:
     """The router and its HTTP API, as `tokenworks serve` builds them, with the stand-in worker behind it."""
     import uvicorn
 
@@ -85,7 +85,7 @@ def serve(port: int, step: float) -> None:
     from tokenworks.tokenizer import Tokenizer
     from tests.serving import free_port
 
-    files = load_tokenizer_files(None)
+    files = load_tokenizer_files(model)
     tokenizer = Tokenizer(files.tokenizer_json, files.chat_template, files.bos_token, files.eos_token,
                           files.add_bos_token)
 
@@ -123,7 +123,7 @@ def serve(port: int, step: float) -> None:
             pass
 
 
-def measure(concurrency: int, output_len: int, step: float) -> float:
+def measure(concurrency: int, output_len: int, step: float, model: str | None = None) -> float:
     """The router process's CPU microseconds per delivered token under ``concurrency`` closed-loop streams."""
     import httpx
 
@@ -134,7 +134,8 @@ def measure(concurrency: int, output_len: int, step: float) -> float:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--step", str(step)])
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--step", str(step),
+                             *(["--model", model] if model else [])])
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -169,6 +170,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--step", type=float, default=0.02, help="the stand-in worker's step, seconds (default: 0.02)")
+    ap.add_argument("--model", default=None, help="whose tokenizer the router uses (default: the built-in model)")
     ap.add_argument("--rounds", type=int, default=3, help="router and floor runs, alternated (default: 3)")
     ap.add_argument("--serve", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
     ap.add_argument("--worker", nargs=2, default=None, metavar=("EVENTS", "PORT"), help=argparse.SUPPRESS)
@@ -177,13 +179,13 @@ def main() -> int:
         stand_in_worker(ns.worker[0], int(ns.worker[1]), ns.step)
         return 0
     if ns.serve is not None:
-        serve(ns.serve, ns.step)
+        serve(ns.serve, ns.step, ns.model)
         return 0
     from benchmarks import bare_sse
 
     router, floor = [], []
     for _ in range(ns.rounds):
-        router.append(measure(ns.concurrency, ns.output_len, ns.step))
+        router.append(measure(ns.concurrency, ns.output_len, ns.step, ns.model))
         floor.append(bare_sse.measure(ns.concurrency, ns.output_len, ns.step))
     r, f = statistics.median(router), statistics.median(floor)
     print(f"{ns.concurrency} streams of {ns.output_len} tokens, step {ns.step * 1e3:.0f} ms, {ns.rounds} rounds: "
