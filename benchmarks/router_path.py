@@ -153,8 +153,8 @@ def measure(concurrency: int, output_len: int, step: float, model: str | None = 
         results, _ = asyncio.run(run_load(url, reqs, Load(concurrency=concurrency), timeout=300))
         tokens = sum(r.output_tokens for r in results)
         failed = sum(not r.ok for r in results)
-        if failed or tokens != concurrency * output_len:
-            raise RuntimeError(f"{failed} requests failed, {tokens} tokens of {concurrency * output_len}")
+        if failed or tokens != len(reqs) * output_len:
+            raise RuntimeError(f"{failed} requests failed, {tokens} tokens of {len(reqs) * output_len}")
         return (cpu_seconds(proc.pid) - cpu0) / tokens * 1e6
     finally:
         proc.terminate()
