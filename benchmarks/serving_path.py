@@ -6,8 +6,10 @@ lengths (``ignore_eos``); prints output tokens/s of both and served/offline. The
 inter-token gap (median) against the engine's batch-1 decode step. And the router process's CPU time per
 delivered token (user + system, from /proc), the cost of the HTTP/SSE path itself, beside its floor: a bare ASGI
 app on the same uvicorn streaming one fixed event per stream per step to the same client (``bare_sse.py``).
+The engine and the server take turns over several rounds and the ratios are per round (medians printed): on a
+shared machine two runs minutes apart differ by more than the ratios being checked.
 
-    python benchmarks/serving_path.py [--model PATH] [--concurrency 1,16,64] [--output-len 32]
+    python benchmarks/serving_path.py [--model PATH] [--concurrency 1,16,64] [--output-len 32] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -30,56 +32,68 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def offline(model: str | None, device: str, prompts: list[str], output_len: int, concurrency: list[int]) -> dict:
-    from tokenworks import LLM, SamplingParams
+class Offline:
+    """The engine itself, in this process: ``LLM.generate`` on C prompts at once."""
 
-    llm = LLM(model=model, device=device)
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    llm.generate(prompts[:2], params)  # first-time costs
-    out = {}
-    for c in concurrency:
+    def __init__(self, model: str | None, device: str, prompts: list[str], output_len: int) -> None:
+        from tokenworks import LLM, SamplingParams
+
+        self.llm = LLM(model=model, device=device)
+        self.prompts, self.output_len = prompts, output_len
+        self.params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+        self.llm.generate(prompts[:2], self.params)  # first-time costs
+
+    def tokens_per_s(self, c: int) -> float:
         t = time.perf_counter()
-        res = llm.generate(prompts[:c], params)
-        wall = time.perf_counter() - t
-        out[c] = sum(len(r.token_ids) for r in res) / wall
-    # The batch-1 decode step: one request, time per step after its prefill.
-    engine = llm.engine
-    engine.add_request("step-probe", prompts[0], SamplingParams(temperature=0, max_tokens=output_len + 1,
-                                                                ignore_eos=True))
-    engine.step()
-    steps = []
-    while engine.has_unfinished():
-        t = time.perf_counter()
+        res = self.llm.generate(self.prompts[:c], self.params)
+        return sum(len(r.token_ids) for r in res) / (time.perf_counter() - t)
+
+    def step_s(self) -> float:
+        """The batch-1 decode step: one request, median time per step after its prefill."""
+        from tokenworks import SamplingParams
+
+        engine = self.llm.engine
+        engine.add_request("step-probe", self.prompts[0], SamplingParams(temperature=0, max_tokens=self.output_len + 1,
+                                                                         ignore_eos=True))
         engine.step()
-        steps.append(time.perf_counter() - t)
-    out["step_s"] = statistics.median(steps)
-    return out
+        steps = []
+        while engine.has_unfinished():
+            t = time.perf_counter()
+            engine.step()
+            steps.append(time.perf_counter() - t)
+        return statistics.median(steps)
 
 
-def served(model: str | None, device: str, prompts: list[str], output_len: int, concurrency: list[int],
-           flags: list[str]) -> dict:
-    from tests.serving import Server
-    from tokenworks.bench.loadgen import Load, run_load
-    from tokenworks.bench.metrics import SLO, summarize
-    from tokenworks.bench.workloads import BenchRequest
+class Served:
+    """One aggregated worker behind the real server (a subprocess), driven by the real load generator."""
 
-    model_flags = ["--model", model] if model else []
-    server = Server("--aggregated-workers", "1", "--device", device, *model_flags, *flags, startup_timeout=300)
-    out = {}
-    try:
+    def __init__(self, model: str | None, device: str, prompts: list[str], output_len: int, flags: list[str]):
+        from tests.serving import Server
+        from tokenworks.bench.loadgen import Load, run_load
+        from tokenworks.bench.workloads import BenchRequest
+
+        model_flags = ["--model", model] if model else []
+        self.server = Server("--aggregated-workers", "1", "--device", device, *model_flags, *flags,
+                             startup_timeout=300)
+        self.prompts, self.output_len = prompts, output_len
         warm = [BenchRequest(p, output_len, input_tokens=0) for p in prompts[:2]]
-        asyncio.run(run_load(server.url, warm, Load(concurrency=2)))
-        for c in concurrency:
-            reqs = [BenchRequest(p, output_len, input_tokens=0) for p in prompts[:c]]
-            cpu0 = cpu_seconds(server.proc.pid)
-            results, wall = asyncio.run(run_load(server.url, reqs, Load(concurrency=c), timeout=600))
-            cpu = cpu_seconds(server.proc.pid) - cpu0
-            s = summarize(results, wall, SLO())
-            out[c] = {"tokens_s": s["output_token_throughput"], "itl_median_s": s["itl_s"]["median"],
-                      "router_us_per_token": cpu / max(1, s["output_tokens"]) * 1e6, "failed": s["failed"]}
-    finally:
-        server.stop()
-    return out
+        asyncio.run(run_load(self.server.url, warm, Load(concurrency=2)))
+
+    def run(self, c: int) -> dict:
+        from tokenworks.bench.loadgen import Load, run_load
+        from tokenworks.bench.metrics import SLO, summarize
+        from tokenworks.bench.workloads import BenchRequest
+
+        reqs = [BenchRequest(p, self.output_len, input_tokens=0) for p in self.prompts[:c]]
+        cpu0 = cpu_seconds(self.server.proc.pid)
+        results, wall = asyncio.run(run_load(self.server.url, reqs, Load(concurrency=c), timeout=600))
+        cpu = cpu_seconds(self.server.proc.pid) - cpu0
+        s = summarize(results, wall, SLO())
+        return {"tokens_s": s["output_token_throughput"], "itl_median_s": s["itl_s"]["median"],
+                "router_us_per_token": cpu / max(1, s["output_tokens"]) * 1e6, "failed": s["failed"]}
+
+    def stop(self) -> None:
+        self.server.stop()
 
 
 def main() -> int:
@@ -88,6 +102,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--concurrency", default="1,16,64", help="comma-separated stream counts (default: 1,16,64)")
     ap.add_argument("--output-len", type=int, default=32, help="tokens per request (default: 32)")
+    ap.add_argument("--rounds", type=int, default=3, help="engine and server runs, alternated (default: 3)")
     ap.add_argument("--serve-flags", default="", help="extra flags for the server")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ns = ap.parse_args()
@@ -95,26 +110,48 @@ def main() -> int:
 
     concurrency = [int(c) for c in ns.concurrency.split(",")]
     prompts = [r.prompt for r in synthetic(max(concurrency) + 2, "uniform:20:60", "fixed:1", seed=3)]
-    off = offline(ns.model, ns.device, prompts, ns.output_len, concurrency)
-    srv = served(ns.model, ns.device, prompts, ns.output_len, concurrency, ns.serve_flags.split())
+    # Rounds alternate the engine and the server at each concurrency (one second apart), so that a slow minute of
+    # a shared machine falls on both; the ratios are per round, their median printed.
+    off_runner = Offline(ns.model, ns.device, prompts, ns.output_len)
+    srv_runner = Served(ns.model, ns.device, prompts, ns.output_len, ns.serve_flags.split())
+    rounds: list[dict] = []
+    try:
+        for _ in range(ns.rounds):
+            r: dict = {"offline": {}, "served": {}}
+            for c in concurrency:
+                r["offline"][c] = off_runner.tokens_per_s(c)
+                time.sleep(1)
+                r["served"][c] = srv_runner.run(c)
+                time.sleep(1)
+            r["step_s"] = off_runner.step_s()
+            rounds.append(r)
+    finally:
+        srv_runner.stop()
     from benchmarks.bare_sse import measure
 
     floor = {c: measure(c, ns.output_len, step=0.02) for c in concurrency}
+    med = statistics.median
+    print(f"{len(rounds)} rounds, medians; served/offline per round in brackets")
     print(f"{'streams':>7} | offline tok/s | served tok/s | served/offline | router CPU us/token | bare uvicorn floor"
           " | router/floor")
     for c in concurrency:
-        s = srv[c]
-        print(f"{c:>7} | {off[c]:13.1f} | {s['tokens_s']:12.1f} | {s['tokens_s'] / off[c]:14.2f} | "
-              f"{s['router_us_per_token']:19.0f} | {floor[c]:18.0f} | {s['router_us_per_token'] / floor[c]:12.2f}"
-              + (f"   ({s['failed']} failed)" if s["failed"] else ""))
-    gap = srv[concurrency[0]]["itl_median_s"]
-    print(f"one stream: served token gap {gap * 1e3:.1f} ms, engine batch-1 step {off['step_s'] * 1e3:.1f} ms, "
-          f"ratio {gap / off['step_s']:.2f}" + ("" if concurrency[0] == 1 else f" (at {concurrency[0]} streams)"))
+        ratios = [r["served"][c]["tokens_s"] / r["offline"][c] for r in rounds]
+        router = med(r["served"][c]["router_us_per_token"] for r in rounds)
+        failed = sum(r["served"][c]["failed"] for r in rounds)
+        print(f"{c:>7} | {med(r['offline'][c] for r in rounds):13.1f} | "
+              f"{med(r['served'][c]['tokens_s'] for r in rounds):12.1f} | {med(ratios):14.2f} | {router:19.0f} | "
+              f"{floor[c]:18.0f} | {router / floor[c]:12.2f}   [{', '.join(f'{x:.2f}' for x in ratios)}]"
+              + (f"   ({failed} failed)" if failed else ""))
+    gaps = [r["served"][concurrency[0]]["itl_median_s"] / r["step_s"] for r in rounds]
+    print(f"one stream: served token gap {med(r['served'][concurrency[0]]['itl_median_s'] for r in rounds) * 1e3:.1f} "
+          f"ms, engine batch-1 step {med(r['step_s'] for r in rounds) * 1e3:.1f} ms, ratio {med(gaps):.2f} "
+          f"[{', '.join(f'{x:.2f}' for x in gaps)}]" + ("" if concurrency[0] == 1 else f" (at {concurrency[0]} streams)"))
     if ns.json:
         with open(ns.json, "w") as f:
-            json.dump({"offline": {str(k): v for k, v in off.items()}, "served": {str(k): v for k, v in srv.items()},
-                       "bare_floor_us_per_token": {str(k): v for k, v in floor.items()}},
-                      f, indent=1)
+            json.dump({"rounds": [{"offline": {str(k): v for k, v in r["offline"].items()},
+                                   "served": {str(k): v for k, v in r["served"].items()}, "step_s": r["step_s"]}
+                                  for r in rounds],
+                       "bare_floor_us_per_token": {str(k): v for k, v in floor.items()}}, f, indent=1)
     return 0
 
 
