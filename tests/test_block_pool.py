@@ -117,3 +117,17 @@ def test_prefix_caching_off_never_shares():
 def test_hash_chain_depends_on_parent():
     assert hash_block(None, [1, 2]) == hash_block(None, [1, 2])
     assert hash_block(hash_block(None, [1, 2]), [3, 4]) != hash_block(hash_block(None, [9, 9]), [3, 4])
+
+
+def test_block_hash_is_blake2b_of_parent_then_token_ids_little_endian():
+    # The format every process (workers, the router's KV index) must agree on, written out byte by byte.
+    import hashlib
+
+    def reference(parent, ids):
+        data = (parent or 0).to_bytes(8, "little") + b"".join(t.to_bytes(4, "little") for t in ids)
+        return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+    for parent in (None, 0, 1, 2**64 - 1):
+        for ids in ([0], [1, 2, 3], list(range(49_150, 49_166)), [2**32 - 1] * 16):
+            assert hash_block(parent, ids) == reference(parent, ids)
+    assert hash_block(None, [5, 6]) == hash_block(0, [5, 6])

@@ -24,6 +24,7 @@ replays them, so it always equals ``cached_hashes()`` here.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -33,13 +34,17 @@ REMOVED, STORED, CLEARED = 0, 1, 2  # KV event kinds of the pool
 HOST_REMOVED, HOST_STORED = 3, 4  # ... and of a host-memory tier behind it (model/host_kv_tier.py)
 
 
+_BLOCK_LAYOUTS: dict[int, struct.Struct] = {}  # tokens per block -> the bytes hashed: parent, then the token ids
+
+
 def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
-    """Chain hash of a full block: identical prefixes give identical hashes in every process."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update((parent_hash or 0).to_bytes(8, "little"))
-    for t in token_ids:
-        h.update(int(t).to_bytes(4, "little"))
-    return int.from_bytes(h.digest(), "little")
+    """Chain hash of a full block: identical prefixes give identical hashes in every process. BLAKE2b (8 bytes)
+    of the parent's hash (8 bytes, little-endian; 0 for the first block) followed by each token id (4 bytes,
+    little-endian), packed in one call."""
+    layout = _BLOCK_LAYOUTS.get(len(token_ids))
+    if layout is None:
+        layout = _BLOCK_LAYOUTS[len(token_ids)] = struct.Struct(f"<Q{len(token_ids)}I")
+    return int.from_bytes(hashlib.blake2b(layout.pack(parent_hash or 0, *token_ids), digest_size=8).digest(), "little")
 
 
 @dataclass
