@@ -26,7 +26,7 @@ timeout 110 python3 benchmarks/engine.py --shape smollm2-135m --device cuda --js
   | tee "$OUT/smollm2.log"
 step "3 serving path"
 python3 benchmarks/random_chat_model.py /tmp/rand-smollm2 > /dev/null
-timeout 150 python3 benchmarks/serving_path.py --model /tmp/rand-smollm2 --device cuda --concurrency 1,16,64 \
+timeout 200 python3 benchmarks/serving_path.py --model /tmp/rand-smollm2 --device cuda --concurrency 1,16,64 \
   --output-len 128 --rounds 2 --json "$OUT/serving_path.json" 2>&1 | grep -v "NIXL\|it/s\]\|req/s\]" | tee "$OUT/serving_path.log"
 timeout 40 python3 benchmarks/router_path.py --model /tmp/rand-smollm2 --concurrency 64 --output-len 128 --rounds 1 2>&1 | tail -n 3 \
   | tee "$OUT/router_path.log"
