@@ -73,6 +73,8 @@ def test_streamed_text_equals_decoding_the_whole_output(tokenizer):
     prompt = tokenizer.encode("The prompt says hi")
     for _ in range(5):  # random ids: broken UTF-8 sequences, special tokens, odd spacing
         ids = [rng.randrange(tokenizer.vocab_size) for _ in range(300)]
+        for k in rng.sample(range(300), 6):
+            ids[k] = rng.choice(sorted(tokenizer.special_token_ids))  # skipped in the text
         streamed = "".join(feed(IncrementalDetokenizer(tokenizer, prompt), ids))
         whole = tokenizer.decode(prompt[-6:] + ids)[len(tokenizer.decode(prompt[-6:])):]
         assert streamed == whole.rstrip("\ufffd")
