@@ -35,11 +35,11 @@ def test_overload_gets_429_at_once_and_admitted_requests_do_not_wait_past_the_li
     assert len(done) >= 5 and len(refused) >= len(results) // 2, (len(done), len(refused))
     assert max(r.error_after for r in refused) < 1.0
     # The prediction is an estimate made as load rises, and first tokens come a prefill step at a time (about 1.7 s
-    # here): requests admitted together in the moment a step frees the queue share the next steps. Measured over
-    # runs of this test on a 2-core VM (2026-11-27): the 90th percentile 1.03-1.14x the limit (5 runs), the slowest
-    # 1.1-1.56x (12 runs; 1.5x, the bound before, failed 2 of them).
+    # here). Measured on a 2-core VM (2026-11-27): with the httpx client the slowest admitted request waited
+    # 1.1-1.56x the limit over 12 runs, the client's own CPU (1.5 ms a token) slowing the server it measured; with
+    # aiohttp's (0.4 ms), 0.96-1.02x over 3 runs and the 90th percentile 0.94-0.98x.
     assert p90 < 1.3 * MAX_QUEUE_WAIT, ttfts[-5:]
-    assert ttfts[-1] < 2.0 * MAX_QUEUE_WAIT, ttfts[-5:]
+    assert ttfts[-1] < 1.5 * MAX_QUEUE_WAIT, ttfts[-5:]
     assert all(r.output_tokens == 16 for r in done)
     assert server.metric("tokenworks:requests_rejected_total", 'reason="predicted_wait"') >= len(refused) // 2
     server.wait_idle(60)

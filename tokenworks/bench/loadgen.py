@@ -7,7 +7,7 @@ import random
 import time
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 
 from tokenworks.bench.client import RequestResult, send
 from tokenworks.bench.metrics import NOT_SENT
@@ -51,9 +51,8 @@ async def run_load(base_url: str, requests: list[BenchRequest], load: Load, *, a
                    model: str | None = None, timeout: float = 300.0, max_duration: float | None = None,
                    progress=None, headers: dict | None = None) -> tuple[list[RequestResult], float]:
     """Send every request; return the results in request order and the run's wall time."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     results: list[RequestResult | None] = [None] * len(requests)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
         t0 = time.perf_counter()
         deadline = None if max_duration is None else t0 + max_duration
 
