@@ -9,5 +9,6 @@ grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/ex
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 -d .whl \
   gguf msgspec pyzmq fastapi starlette uvicorn uvloop httptools pydantic pydantic-core annotated-types \
-  typing-inspection prometheus-client httpx httpcore h11 anyio sniffio pyyaml
+  typing-inspection prometheus-client httpx httpcore h11 anyio sniffio pyyaml aiohttp aiohappyeyeballs aiosignal \
+  frozenlist multidict propcache yarl attrs idna
 du -sh .whl
