@@ -38,6 +38,10 @@ def make_app(step: float):
             await receive()
             await send({"type": "lifespan.shutdown.complete"})
             return
+        if scope["method"] != "POST":  # GET /health
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
         body = b""
         while True:
             msg = await receive()
@@ -59,36 +63,55 @@ def make_app(step: float):
     return app
 
 
-def measure(concurrency: int, output_len: int, step: float, requests_per_stream: int = 1) -> float:
-    """The bare server's CPU microseconds per delivered token under ``concurrency`` closed-loop streams."""
+def server_cpu_per_token(cmd: list[str], url: str, requests: list, concurrency: int) -> float:
+    """Start the server ``cmd`` (listening at ``url``), wait for its /health, warm it with two requests, then
+    measure its process's CPU microseconds per delivered token while ``requests`` run as ``concurrency``
+    closed-loop streams; every request must complete with all its tokens. The server is stopped after."""
+    import httpx
+
     from benchmarks.serving_path import cpu_seconds
-    from tests.serving import free_port
     from tokenworks.bench.loadgen import Load, run_load
+
+    proc = subprocess.Popen(cmd)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(cmd)} did not start")
+            time.sleep(0.1)
+        asyncio.run(run_load(url, requests[:2], Load(concurrency=2)))  # first-time costs
+        cpu0 = cpu_seconds(proc.pid)
+        results, _ = asyncio.run(run_load(url, requests, Load(concurrency=concurrency), timeout=300))
+        cpu = cpu_seconds(proc.pid) - cpu0
+        tokens, expected = sum(r.output_tokens for r in results), sum(r.max_tokens for r in requests)
+        failed = sum(not r.ok for r in results)
+        if failed or tokens != expected:
+            raise RuntimeError(f"{failed} requests failed, {tokens} tokens of {expected}")
+        return cpu / tokens * 1e6
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def measure(concurrency: int, output_len: int, step: float) -> float:
+    """The bare server's CPU microseconds per delivered token under ``concurrency`` closed-loop streams."""
+    from tests.serving import free_port
     from tokenworks.bench.workloads import BenchRequest
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--step", str(step)])
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                import httpx
-
-                httpx.post(f"http://127.0.0.1:{port}/", json={"max_tokens": 1}, timeout=2)
-                break
-            except httpx.HTTPError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the bare SSE server did not start")
-                time.sleep(0.1)
-        reqs = [BenchRequest("hello", output_len, input_tokens=0) for _ in range(concurrency * requests_per_stream)]
-        cpu0 = cpu_seconds(proc.pid)
-        results, _ = asyncio.run(run_load(f"http://127.0.0.1:{port}", reqs, Load(concurrency=concurrency),
-                                          timeout=300))
-        tokens = sum(r.output_tokens for r in results)
-        return (cpu_seconds(proc.pid) - cpu0) / max(1, tokens) * 1e6
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    return server_cpu_per_token([sys.executable, __file__, "--serve", str(port), "--step", str(step)],
+                                f"http://127.0.0.1:{port}",
+                                [BenchRequest("hello", output_len, input_tokens=0) for _ in range(concurrency)],
+                                concurrency)
 
 
 def main() -> int:

@@ -125,44 +125,14 @@ def serve(port: int, step: float, model: str | None) -> None:
 
 def measure(concurrency: int, output_len: int, step: float, model: str | None = None) -> float:
     """The router process's CPU microseconds per delivered token under ``concurrency`` closed-loop streams."""
-    import httpx
-
-    from benchmarks.serving_path import cpu_seconds
+    from benchmarks.bare_sse import server_cpu_per_token
     from tests.serving import free_port
-    from tokenworks.bench.loadgen import Load, run_load
     from tokenworks.bench.workloads import synthetic
 
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--step", str(step),
-                             *(["--model", model] if model else [])])
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the router did not start")
-            time.sleep(0.1)
-        reqs = synthetic(concurrency, "uniform:20:60", f"fixed:{output_len}", seed=3)
-        asyncio.run(run_load(url, reqs[:2], Load(concurrency=2)))  # first-time costs
-        cpu0 = cpu_seconds(proc.pid)
-        results, _ = asyncio.run(run_load(url, reqs, Load(concurrency=concurrency), timeout=300))
-        tokens = sum(r.output_tokens for r in results)
-        failed = sum(not r.ok for r in results)
-        if failed or tokens != len(reqs) * output_len:
-            raise RuntimeError(f"{failed} requests failed, {tokens} tokens of {len(reqs) * output_len}")
-        return (cpu_seconds(proc.pid) - cpu0) / tokens * 1e6
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return server_cpu_per_token([sys.executable, __file__, "--serve", str(port), "--step", str(step),
+                                 *(["--model", model] if model else [])], f"http://127.0.0.1:{port}",
+                                synthetic(concurrency, "uniform:20:60", f"fixed:{output_len}", seed=3), concurrency)
 
 
 def main() -> int:
