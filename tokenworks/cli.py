@@ -31,6 +31,10 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                         "a prefix hit instead of recomputing (default: 0, off)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run every step eagerly instead of replaying captured decode CUDA graphs")
+    g.add_argument("--overlap-schedule", choices=["auto", "on", "off"], default="auto",
+                   help="schedule and launch the next step while the device computes this one (a request that "
+                        "stops on a sampled token costs one wasted token); auto: on for CUDA, off on CPU, where "
+                        "the step runs on the host anyway (default: auto)")
 
 
 def _engine_args(ns: argparse.Namespace):
@@ -48,6 +52,7 @@ def _engine_args(ns: argparse.Namespace):
         num_threads=ns.threads,
         quantization=ns.quantization,
         enforce_eager=ns.enforce_eager,
+        overlap_schedule=ns.overlap_schedule,
         kv_host_memory_gib=ns.kv_host_memory_gib,
     )
 

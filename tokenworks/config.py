@@ -127,11 +127,21 @@ class EngineArgs:
     seed: int = 0
     quantization: str = "auto"  # auto: a GGUF's Q4_0/Q4_1 layers run as 4-bit on CPU; none: all float
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs (model/cuda_graphs.py)
+    overlap_schedule: str = "auto"  # launch step n+1 before taking step n back (engine/engine.py); auto: on CUDA
     kv_host_memory_gib: float = 0.0  # > 0: evicted prefix blocks kept in host memory (model/host_kv_tier.py)
 
     def __post_init__(self) -> None:
         if self.quantization not in ("auto", "none"):
             raise ValueError(f"quantization must be 'auto' or 'none', not {self.quantization!r}")
+        if self.overlap_schedule not in ("auto", "on", "off"):
+            raise ValueError(f"overlap_schedule must be 'auto', 'on' or 'off', not {self.overlap_schedule!r}")
+
+    @property
+    def overlap(self) -> bool:
+        """Whether the engine overlaps steps: asked for, or auto and on a GPU."""
+        if self.overlap_schedule == "auto":
+            return self.device.startswith("cuda")
+        return self.overlap_schedule == "on"
 
     def device_config(self) -> DeviceConfig:
         return DeviceConfig(device=self.device, dtype=self.dtype, num_threads=self.num_threads)

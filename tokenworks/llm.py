@@ -94,7 +94,7 @@ def _assemble(args: EngineArgs, name: str, config: ModelConfig, weights: dict, t
     scheduler = Scheduler(sched_cfg, KVCacheManager(pool, cache_cfg.block_size, tier))
     runner = ModelRunner(model, kv_tensor)
     graphs = _capture_graphs(args, runner, sched_cfg.max_num_seqs, -(-sched_cfg.max_model_len // cache_cfg.block_size))
-    engine = Engine(scheduler, runner, tokenizer, eos, vocab_size=config.vocab_size)
+    engine = Engine(scheduler, runner, tokenizer, eos, vocab_size=config.vocab_size, overlap=args.overlap)
     gc.collect()
     gc.freeze()  # what loading made lives as long as the engine: later collections need not walk it
     return LoadedEngine(engine, name, config, runner, pool, time.perf_counter() - t0, graphs, tier)

@@ -1,9 +1,20 @@
 """The engine loop: schedule, execute, update; plus text, stop strings and logprobs.
 
 ``step()`` is the whole loop body. The engine owns a Scheduler (policy) and
-a runner (mechanism, anything with ``execute(SchedulerOutput) ->
-ModelRunnerOutput``); the tokenizer only turns new tokens into text deltas
-and finds stop strings. No torch here.
+a runner (mechanism: ``execute(SchedulerOutput) -> ModelRunnerOutput``, and
+for the overlapped mode ``launch(SchedulerOutput)``, whose ``result()``
+waits); the tokenizer only turns new tokens into text deltas and finds stop
+strings. No torch here.
+
+Overlapped mode (``overlap=True``, the default on a GPU): a step schedules
+and launches step n+1, then takes step n's sampled tokens back and updates,
+so the host's work of one step runs while the device computes the next.
+Step n+1's decode inputs that step n sampled are read on the device. The
+cost: a request that stops on a sampled token (EOS, a stop token or string)
+has one more token computed and thrown away; a length limit is foreseen and
+costs nothing. Steps with repetition, presence or frequency penalties on a
+pending token, and the rare step that would have to preempt a request whose
+token is in flight, first take the step in flight back (no overlap for them).
 """
 
 from __future__ import annotations
@@ -19,8 +30,14 @@ from tokenworks.sampling_params import SamplingParams
 from tokenworks.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
+class LaunchedStep(Protocol):
+    def result(self) -> ModelRunnerOutput: ...
+
+
 class Runner(Protocol):
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    def launch(self, sched: SchedulerOutput) -> LaunchedStep: ...
 
 
 @dataclass
@@ -38,6 +55,7 @@ class Engine:
         tokenizer: Tokenizer | None,
         eos_token_ids: tuple[int, ...],
         vocab_size: int | None = None,
+        overlap: bool = False,
     ) -> None:
         self.scheduler = scheduler
         self.vocab_size = vocab_size  # prompt token ids are checked against it
@@ -46,6 +64,9 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self._tracks: dict[str, _Track] = {}
         self.num_steps = 0
+        self.overlap = overlap
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        self._stalled = False
 
     @property
     def max_model_len(self) -> int:
@@ -103,11 +124,34 @@ class Engine:
         return self.scheduler.abort(request_id) is not None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
+        if not self.overlap:
+            sched = self.scheduler.schedule()
+            return self._update(sched, self.runner.execute(sched))
+        outs = []
+        if self._in_flight is not None and (self._stalled or self._penalty_on_pending()):
+            outs = self._take_back()
         sched = self.scheduler.schedule()
-        result = self.runner.execute(sched)
+        self._stalled = sched.stalled
+        launched = self.runner.launch(sched)
+        if self._in_flight is not None:
+            outs += self._take_back()
+        if not sched.is_empty:
+            self._in_flight = (sched, launched)
+        return outs
+
+    def _penalty_on_pending(self) -> bool:
+        """Penalties read the output so far, which must then include the token in flight."""
+        return any(r.num_pending and r.sampling_params.has_penalties for r in self.scheduler.running)
+
+    def _take_back(self) -> list[RequestOutput]:
+        sched, launched = self._in_flight
+        self._in_flight = None
+        return self._update(sched, launched.result())
+
+    def _update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
         new_tokens = self.scheduler.update(sched, result)
         self.num_steps += 1
         return [self._output(request, token, result) for request, token in new_tokens]

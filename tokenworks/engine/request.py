@@ -47,7 +47,8 @@ class Request:
         self.eos_token_ids = () if sampling_params.ignore_eos else tuple(eos_token_ids)
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)  # prompt + output, appended in place
-        self.num_computed_tokens = 0
+        self.num_computed_tokens = 0  # advanced when a step is scheduled, so it counts the step in flight
+        self.num_pending = 0  # tokens sampled by a step whose result is not back yet (0 or 1)
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.status = RequestStatus.WAITING
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
@@ -86,8 +87,14 @@ class Request:
             return RequestStatus.PREFILLED
         return None
 
+    def ends_with_pending(self, max_model_len: int) -> bool:
+        """Whether the token still pending ends this request whatever its value (a length limit, or the
+        first token of a prefill-only request): then no step is scheduled after it."""
+        return (self.prefill_only or self.num_output_tokens + self.num_pending >= self.sampling_params.max_tokens
+                or self.num_tokens + self.num_pending >= max_model_len)
+
     def __repr__(self) -> str:
         return (
             f"Request({self.request_id!r}, prompt={self.num_prompt_tokens}, out={self.num_output_tokens}, "
-            f"computed={self.num_computed_tokens}, {self.status.name})"
+            f"computed={self.num_computed_tokens}, pending={self.num_pending}, {self.status.name})"
         )

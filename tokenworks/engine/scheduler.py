@@ -7,6 +7,14 @@ remaining budget is split into chunks over several steps. When the pool
 runs out, the most recently admitted running request is preempted: its
 blocks are released (they stay in the prefix cache) and it is recomputed
 later. Nothing here touches a tensor.
+
+A step's tokens count as computed from the moment it is scheduled, and a
+request that samples holds one *pending* token until ``update`` brings it
+back. So the next step can be scheduled while one is still in flight (the
+engine's overlapped mode): a pending token is a decode input
+(``PLACEHOLDER``) the runner takes from the device, a request that the
+pending token ends anyway (length, prefill-only) is not scheduled again, and
+a request whose token is pending is never preempted (``stalled`` instead).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from collections import deque
 from tokenworks.config import SchedulerConfig
 from tokenworks.engine.kv_cache_manager import KVCacheManager
 from tokenworks.engine.request import Request, RequestStatus
-from tokenworks.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenworks.engine.scheduler_output import PLACEHOLDER, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 
 
 class Scheduler:
@@ -144,19 +152,26 @@ class Scheduler:
     # -- one step ------------------------------------------------------------------------
 
     def _chunk(self, request: Request, budget: int) -> int:
-        n = min(request.num_tokens - request.num_computed_tokens, budget)
+        n = min(request.num_tokens + request.num_pending - request.num_computed_tokens, budget)
         if self.config.long_prefill_token_threshold > 0:
             n = min(n, self.config.long_prefill_token_threshold)
         return n
 
     def _scheduled(self, request: Request, n: int) -> ScheduledRequest:
+        """Schedule ``n`` tokens of ``request`` (slots already allocated) and count them as computed."""
         start = request.num_computed_tokens
+        token_ids = request.all_token_ids[start : start + n]
+        if len(token_ids) < n:  # the pending token: a one-token decode
+            token_ids.append(PLACEHOLDER)
+        sample = start + n == request.num_tokens + request.num_pending
+        request.num_computed_tokens += n
+        request.num_pending += sample
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=request.all_token_ids[start : start + n],
+            token_ids=token_ids,
             start_position=start,
             block_ids=self.kv.block_ids(request.request_id),
-            sample=start + n == request.num_tokens,
+            sample=sample,
             sampling_params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
@@ -170,6 +185,22 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
+    def _make_room(self, request: Request, n: int, out: SchedulerOutput) -> bool:
+        """Allocate slots for ``n`` tokens of a running request, preempting the most recently admitted ones
+        while the pool is short. False: no room this step (``request`` was preempted itself, or the next victim
+        has a token in flight and ``out.stalled`` is set)."""
+        while not self.kv.allocate_slots(request, n):
+            victim = self.running[-1]
+            if victim.num_pending:
+                out.stalled = True
+                return False
+            self.running.pop()
+            self._preempt(victim)
+            out.preempted_request_ids.add(victim.request_id)
+            if victim is request:
+                return False
+        return True
+
     def schedule(self) -> SchedulerOutput:
         if self.held:
             self.expire_leases()
@@ -180,21 +211,17 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            n = self._chunk(request, budget)
-            while not self.kv.allocate_slots(request, n):
-                victim = self.running.pop()
-                self._preempt(victim)
-                out.preempted_request_ids.add(victim.request_id)
-                if victim is request:
-                    break
-            else:
-                out.scheduled.append(self._scheduled(request, n))
-                budget -= n
+            if request.num_pending and request.ends_with_pending(self.config.max_model_len):
                 index += 1
                 continue
-            break
+            n = self._chunk(request, budget)
+            if not self._make_room(request, n, out):
+                break
+            out.scheduled.append(self._scheduled(request, n))
+            budget -= n
+            index += 1
 
-        while self.waiting and budget > 0 and not out.preempted_request_ids:
+        while self.waiting and budget > 0 and not out.preempted_request_ids and not out.stalled:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.waiting[0]
@@ -223,14 +250,17 @@ class Scheduler:
         new_tokens: list[tuple[Request, int]] = []
         for s in sched.scheduled:
             request = self.requests.get(s.request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            request.num_computed_tokens += s.num_tokens
-            self.kv.cache_blocks(request)
+            if request is None:
+                continue  # finished or aborted while the step ran
+            request.num_pending -= s.sample
+            if request.status != RequestStatus.RUNNING:
+                continue
             token = result.sampled_token_ids.get(s.request_id)
+            if token is not None:
+                request.append_output_token(token)
+            self.kv.cache_blocks(request)
             if token is None:
                 continue
-            request.append_output_token(token)
             new_tokens.append((request, token))
             status = request.check_stop(self.config.max_model_len)
             if status == RequestStatus.PREFILLED:

@@ -11,11 +11,15 @@ from dataclasses import dataclass, field
 
 from tokenworks.sampling_params import SamplingParams
 
+# A decode input whose token was sampled by the step still in flight (overlapped scheduling): the runner
+# takes it from that step's sampled tokens on the device.
+PLACEHOLDER = -1
+
 
 @dataclass
 class ScheduledRequest:
     request_id: str
-    token_ids: list[int]  # tokens whose KV is computed this step (a prefill chunk, or 1 for decode)
+    token_ids: list[int]  # tokens whose KV is computed this step (a prefill chunk, or 1 for decode; PLACEHOLDER)
     start_position: int  # position of token_ids[0] == num_computed_tokens before the step
     block_ids: list[int]  # the request's whole block table, covering start_position + len(token_ids)
     sample: bool  # True when this chunk reaches the last known token: sample the next one
@@ -39,6 +43,9 @@ class SchedulerOutput:
     # Requests that ended (finished, aborted) since the last step: the runner drops their state.
     finished_request_ids: set[str] = field(default_factory=set)
     preempted_request_ids: set[str] = field(default_factory=set)
+    # Overlapped scheduling: a request that needed room could only get it by preempting one whose token is
+    # still in flight; the engine takes the step in flight back before scheduling again.
+    stalled: bool = False
 
     @property
     def num_scheduled_tokens(self) -> int:

@@ -80,8 +80,11 @@ class DecodeGraphs:
         pin = torch.device(dev).type == "cuda"
         # A step's inputs travel in one host-to-device copy of a contiguous staging area: the vectors (5, rows),
         # then the block tables (rows, width); two device copies put them into the static buffers the graphs read.
-        self.host = torch.zeros(n * (5 + max_blocks_per_seq), dtype=torch.int32, pin_memory=pin)
-        self.staged = torch.zeros_like(self.host, device=dev)
+        # Two host areas, used in turn: while one step's copy may still wait behind the step before it
+        # (overlapped scheduling), the next step fills the other.
+        self.hosts = [torch.zeros(n * (5 + max_blocks_per_seq), dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self.turn = 0
+        self.staged = torch.zeros_like(self.hosts[0], device=dev)
         self.inputs = torch.zeros((5, n), dtype=torch.long, device=dev)
         self.inputs[CTX] = 1
         self.table = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=dev)
@@ -122,9 +125,10 @@ class DecodeGraphs:
             torch.cuda.synchronize(self.model.device)
         self.capture_seconds = time.perf_counter() - t0
 
-    def run(self, ids: list[int], positions: list[int], slot_blocks: list[int], slot_offsets: list[int],
+    def run(self, ids: list[int] | torch.Tensor, positions: list[int], slot_blocks: list[int], slot_offsets: list[int],
             tables: list[list[int]], context_lens: list[int]) -> torch.Tensor:
-        """One decode step of len(ids) rows (at most ``max_batch``) -> their (rows, hidden) final hidden states."""
+        """One decode step of len(ids) rows (at most ``max_batch``) -> their (rows, hidden) final hidden states.
+        ``ids`` may be a device tensor (inputs sampled by the step before, not yet on the host)."""
         rows = len(ids)
         size = self.bucket(rows)
         if size is None:
@@ -132,20 +136,26 @@ class DecodeGraphs:
         width = max(len(t) for t in tables)
         if width > self.max_blocks_per_seq:
             raise ValueError(f"a row needs {width} blocks; graphs were captured for {self.max_blocks_per_seq}")
-        vectors = torch.tensor([ids, positions, slot_blocks, slot_offsets, context_lens], dtype=torch.int32)
-        vec = self.host[: 5 * size].view(5, size)
+        on_device = isinstance(ids, torch.Tensor)
+        vectors = torch.tensor([[0] * rows if on_device else ids, positions, slot_blocks, slot_offsets, context_lens],
+                               dtype=torch.int32)
+        host = self.hosts[self.turn]
+        self.turn ^= 1
+        vec = host[: 5 * size].view(5, size)
         vec[:, rows:] = 0
         vec[CTX, rows:] = 1  # padding rows attend to their own slot
         vec[:, :rows] = vectors
-        tab = self.host[5 * size : 5 * size + size * width].view(size, width)
+        tab = host[5 * size : 5 * size + size * width].view(size, width)
         tab.zero_()
         for r, t in enumerate(tables):
             tab[r, : len(t)] = torch.tensor(t, dtype=torch.int32)
         used = 5 * size + size * width
-        self.staged[:used].copy_(self.host[:used], non_blocking=True)
+        self.staged[:used].copy_(host[:used], non_blocking=True)
         self.inputs[:, :size].copy_(self.staged[: 5 * size].view(5, size))
+        if on_device:
+            self.inputs[IDS, :rows].copy_(ids)
         # Columns past a row's context may keep stale block ids: the kernel never reads past the context.
         self.table[:size, :width].copy_(self.staged[5 * size : used].view(size, width))
-        # The host area is reused next step: by then this step's sampled tokens were read back, so the copy is done.
+        # This host area is filled again two steps on: by then this step's tokens were read back, so its copy is done.
         self.replays[size]()
         return self.outputs[size][:rows]

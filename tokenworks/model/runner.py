@@ -6,20 +6,26 @@ order. Decode attention: in groups of similar length (CPU), or all rows in one
 ``paged_decode`` call (``use_paged``: CUDA with Triton). A decode-only step
 replays a captured CUDA graph when ``capture_graphs`` has run (see
 cuda_graphs.py); any other step runs eagerly.
+
+``launch`` queues a step and returns at once; its ``result()`` waits for the
+sampled tokens. A decode input that is still ``PLACEHOLDER`` (its token was
+sampled by the step launched just before, whose result the engine has not
+taken yet) is read from that step's sampled tokens on the device.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tokenworks.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenworks.engine.scheduler_output import PLACEHOLDER, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from tokenworks.model import cpu_native
 from tokenworks.model.attention import AttentionMetadata, DecodeGroup, PrefillSeq, decode_groups
 from tokenworks.model.cuda_graphs import CudaGraphCapture, DecodeGraphs, GraphCapture
+from tokenworks.model.host_copies import to_device
 from tokenworks.model.kv_cache import KVCache
 from tokenworks.model.llama import LlamaModel
 from tokenworks.model.paged_decode import PagedDecode, context_mask, triton_available
-from tokenworks.model.sampler import Sampler
+from tokenworks.model.sampler import SampledTokens, Sampler
 
 
 # What one more decode attention group costs a step, in padded KV blocks' worth of attention: measured on
@@ -33,6 +39,22 @@ def is_decode(s: ScheduledRequest) -> bool:
     return s.num_tokens == 1 and s.start_position > 0
 
 
+class LaunchedStep:
+    """A step queued on the device; ``result()`` waits for its sampled tokens."""
+
+    def __init__(self, sampled: SampledTokens | None = None) -> None:
+        self.sampled = sampled
+        # Row of each sampling request in ``sampled.tokens``: where the next step finds its pending inputs.
+        self.rows = {s.request_id: i for i, s in enumerate(sampled.reqs)} if sampled is not None else {}
+
+    def result(self) -> ModelRunnerOutput:
+        out = ModelRunnerOutput()
+        if self.sampled is not None:
+            tokens, out.logprobs = self.sampled.result()
+            out.sampled_token_ids = {s.request_id: t for s, t in zip(self.sampled.reqs, tokens)}
+        return out
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, use_paged: bool | None = None) -> None:
         self.model = model
@@ -44,6 +66,7 @@ class ModelRunner:
         self.use_paged = triton_available(self.device) if use_paged is None else use_paged
         self.graphs: DecodeGraphs | None = None
         self.native = self._native_decoder()
+        self._last = LaunchedStep()  # the step launched last: the source of the next step's pending inputs
 
     def _native_decoder(self) -> cpu_native.NativeDecoder | None:
         """Decode steps in one native call where every layer runs on the native 4-bit kernel (CPU)."""
@@ -59,8 +82,20 @@ class ModelRunner:
         self.graphs.capture_all()
         return self.graphs
 
-    def _tensor(self, data: list[int]) -> torch.Tensor:
-        return torch.tensor(data, dtype=torch.long, device=self.device)
+    def _tensor(self, data: list) -> torch.Tensor:
+        return to_device(data, torch.long, self.device)
+
+    def _ids(self, ids: list[int], decodes: list[ScheduledRequest]) -> torch.Tensor:
+        """A step's input token ids on the device (its ``decodes`` rows first), pending ones from the last step."""
+        t = self._tensor(ids)
+        if PLACEHOLDER not in ids:
+            return t
+        rows = self._last.rows
+        src = [rows.get(s.request_id, -2) if s.token_ids[0] == PLACEHOLDER else -1 for s in decodes]
+        if -2 in src:
+            raise RuntimeError("a pending decode input whose token the last step did not sample")
+        src = self._tensor(src + [-1] * (len(ids) - len(decodes)))
+        return torch.where(src >= 0, self._last.sampled.tokens.index_select(0, src.clamp(min=0)), t)
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.block_size
@@ -85,8 +120,8 @@ class ModelRunner:
         widths = [-(-s.context_len // bs) for s in decodes]
         paged = None
         if self.use_paged and decodes:
-            table = torch.tensor([s.block_ids[:w] + [0] * (widths[0] - w) for s, w in zip(decodes, widths)],
-                                 dtype=torch.int32, device=self.device)
+            table = to_device([s.block_ids[:w] + [0] * (widths[0] - w) for s, w in zip(decodes, widths)],
+                              torch.int32, self.device)
             paged = PagedDecode(table, self._tensor([s.context_len for s in decodes]))
         for a, b in ([] if paged else decode_groups(widths, self.group_overhead)):
             width = widths[a]
@@ -114,23 +149,27 @@ class ModelRunner:
             prefills=prefill_meta,
             paged=paged,
         )
-        return order, self._tensor(ids), self._tensor(pos), meta, sample_rows
+        return order, self._ids(ids, decodes), self._tensor(pos), meta, sample_rows
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.launch(sched).result()
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+    def launch(self, sched: SchedulerOutput) -> LaunchedStep:
         self.sampler.drop(sched.finished_request_ids)
-        out = ModelRunnerOutput()
+        self._last = self._launch(sched)
+        return self._last
+
+    def _launch(self, sched: SchedulerOutput) -> LaunchedStep:
         if sched.is_empty:
-            return out
+            return LaunchedStep()
         order, hidden, sample_rows = self.forward(sched.scheduled)
         if not sample_rows:
-            return out
-        logits = self.model.logits(hidden[sample_rows])
+            return LaunchedStep()
+        if len(sample_rows) < hidden.shape[0]:
+            hidden = hidden.index_select(0, self._tensor(sample_rows))
         sampling = [s for s in order if s.sample]
-        tokens, logprobs = self.sampler.sample(logits, sampling)
-        out.sampled_token_ids = {s.request_id: t for s, t in zip(sampling, tokens)}
-        out.logprobs = logprobs
-        return out
+        return LaunchedStep(self.sampler.sample(self.model.logits(hidden), sampling))
 
     @torch.inference_mode()
     def final_logits(self, sched: SchedulerOutput) -> torch.Tensor:
@@ -144,10 +183,12 @@ class ModelRunner:
         if graphs is not None and len(scheduled) <= graphs.max_batch and all(
                 is_decode(s) and -(-s.context_len // self.block_size) <= graphs.max_blocks_per_seq for s in scheduled):
             decodes, rows = self._decode_rows(scheduled)
+            if PLACEHOLDER in rows["ids"]:
+                rows["ids"] = self._ids(rows["ids"], decodes)
             return decodes, graphs.run(**rows), [i for i, s in enumerate(decodes) if s.sample]
         if self.native is not None and all(is_decode(s) for s in scheduled):
             decodes, rows = self._decode_rows(scheduled)
-            hidden = self.model.embed_tokens(self._tensor(rows.pop("ids"))).float().contiguous()
+            hidden = self.model.embed_tokens(self._ids(rows.pop("ids"), decodes)).float().contiguous()
             hidden = self.native.step(hidden, **rows).to(self.model.dtype)
             return decodes, hidden, [i for i, s in enumerate(decodes) if s.sample]
         order, ids, pos, meta, sample_rows = self.prepare(scheduled)

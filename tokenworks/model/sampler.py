@@ -4,6 +4,11 @@ Each request that samples at random owns a ``torch.Generator`` (seeded from
 ``SamplingParams.seed`` when given), and draws from it through the
 exponential-race trick (argmax of p / Exp(1)), so its tokens depend only on
 its own logits and seed, never on its neighbours in the batch.
+
+``sample`` queues the work and the copy of its results to the host and
+returns at once (``SampledTokens``); ``SampledTokens.result()`` waits for
+them. Until then the tokens stay usable on the device as the next step's
+inputs (overlapped scheduling).
 """
 
 from __future__ import annotations
@@ -13,6 +18,32 @@ import random
 import torch
 
 from tokenworks.engine.scheduler_output import ScheduledRequest, TokenLogprobs
+from tokenworks.model.host_copies import HostCopy, to_device
+
+
+class SampledTokens:
+    """One step's sampled tokens: ``tokens`` on the device (row i for ``reqs[i]``), the host copy under way."""
+
+    def __init__(self, tokens: torch.Tensor, reqs: list[ScheduledRequest], logprob_rows: list[int],
+                 logprob_tensors: list[torch.Tensor]) -> None:
+        self.tokens = tokens
+        self.reqs = reqs
+        self.logprob_rows = logprob_rows
+        self._copy = HostCopy([tokens, *logprob_tensors])
+
+    def result(self) -> tuple[list[int], dict[str, TokenLogprobs]]:
+        """Wait for the copy; the tokens in row order, and the logprobs of the requests that asked."""
+        host = self._copy.get()
+        token_list = host[0].tolist()
+        logprobs: dict[str, TokenLogprobs] = {}
+        if self.logprob_rows:
+            chosen, top_vals, top_ids = (t.tolist() for t in host[1:])
+            for i, row in enumerate(self.logprob_rows):
+                s = self.reqs[row]
+                k = s.sampling_params.logprobs
+                logprobs[s.request_id] = TokenLogprobs(logprob=chosen[i], top_token_ids=top_ids[i][:k],
+                                                       top_logprobs=top_vals[i][:k])
+        return token_list, logprobs
 
 
 class Sampler:
@@ -49,11 +80,14 @@ class Sampler:
         return logits
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest]) -> tuple[list[int], dict[str, TokenLogprobs]]:
+    def sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest]) -> SampledTokens:
         """logits: (N, vocab) float32, one row per request in ``reqs``."""
-        n, vocab = logits.shape
+        dev = logits.device
         want_logprobs = [row for row, s in enumerate(reqs) if s.sampling_params.logprobs is not None]
-        raw_logprobs = torch.log_softmax(logits[want_logprobs], dim=-1) if want_logprobs else None
+        raw_logprobs = None
+        if want_logprobs:
+            want = to_device(want_logprobs, torch.long, dev)
+            raw_logprobs = torch.log_softmax(logits.index_select(0, want), dim=-1)
         if any(s.sampling_params.has_penalties for s in reqs):
             logits = self._apply_penalties(logits.clone(), reqs)
 
@@ -61,39 +95,35 @@ class Sampler:
         random_rows = [row for row, s in enumerate(reqs) if not s.sampling_params.greedy]
         if random_rows:
             params = [reqs[r].sampling_params for r in random_rows]
-            x = logits[random_rows] / torch.tensor([p.temperature for p in params], device=logits.device).unsqueeze(1)
+            rows = to_device(random_rows, torch.long, dev)
+            x = logits.index_select(0, rows) / to_device([p.temperature for p in params], logits.dtype, dev).unsqueeze(1)
             if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
                 x = _top_k_top_p(x, [p.top_k for p in params], [p.top_p for p in params])
             probs = torch.softmax(x, dim=-1)
             if any(p.min_p > 0 for p in params):
-                min_p = torch.tensor([p.min_p for p in params], device=logits.device).unsqueeze(1)
+                min_p = to_device([p.min_p for p in params], probs.dtype, dev).unsqueeze(1)
                 probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
             race = torch.empty_like(probs)
             for i, row in enumerate(random_rows):
                 race[i].exponential_(generator=self._generator(reqs[row]))
-            tokens[random_rows] = (probs / race).argmax(dim=-1)
+            tokens.index_copy_(0, rows, (probs / race).argmax(dim=-1))
 
-        token_list = tokens.tolist()
-        logprobs: dict[str, TokenLogprobs] = {}
-        for i, row in enumerate(want_logprobs):
-            s = reqs[row]
-            lp = raw_logprobs[i]
-            k = s.sampling_params.logprobs
-            top_vals, top_ids = lp.topk(k) if k else (lp[:0], lp[:0].long())
-            logprobs[s.request_id] = TokenLogprobs(
-                logprob=float(lp[token_list[row]]), top_token_ids=top_ids.tolist(), top_logprobs=top_vals.tolist()
-            )
-        return token_list, logprobs
+        logprob_tensors = []
+        if raw_logprobs is not None:
+            chosen = raw_logprobs.gather(1, tokens.index_select(0, want).unsqueeze(1)).squeeze(1)
+            top_vals, top_ids = raw_logprobs.topk(max(reqs[r].sampling_params.logprobs for r in want_logprobs))
+            logprob_tensors = [chosen, top_vals, top_ids]
+        return SampledTokens(tokens, reqs, want_logprobs, logprob_tensors)
 
 
 def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     vocab = x.shape[1]
     sorted_x, order = x.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=x.device).unsqueeze(0)
-    k = torch.tensor([t if t > 0 else vocab for t in top_k], device=x.device).unsqueeze(1)
+    k = to_device([t if t > 0 else vocab for t in top_k], torch.long, x.device).unsqueeze(1)
     drop = ranks >= k
     probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
-    drop |= (probs.cumsum(dim=-1) - probs) >= torch.tensor(top_p, device=x.device, dtype=x.dtype).unsqueeze(1)
+    drop |= (probs.cumsum(dim=-1) - probs) >= to_device(top_p, x.dtype, x.device).unsqueeze(1)
     drop[:, 0] = False  # always keep the most likely token
     sorted_x = sorted_x.masked_fill(drop, float("-inf"))
     return torch.empty_like(x).scatter_(1, order, sorted_x)

@@ -262,6 +262,7 @@ def profile_engine(args, plan: Plan, *, random_config=None, hardware: str | None
     else:
         loaded = build_engine(args)
     engine = loaded.engine
+    engine.overlap = False  # each step is timed alone, from its schedule to its tokens
     rec = _Recorder(engine.runner)
     engine.runner = rec
     cuda = args.device.startswith("cuda")
