@@ -239,6 +239,9 @@ def main() -> int:
     ap.add_argument("--long-context", type=int, default=None,
                     help="the long request of the 1-long-among-31-short decode case (default: 1024 CPU, 4096 CUDA; 0 skips)")
     ap.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode CUDA graphs")
+    ap.add_argument("--overlap-schedule", choices=["auto", "on", "off"], default="auto",
+                    help="the engine's overlapped scheduling (auto: on for CUDA); when on, decode is also timed "
+                         "with it off in the same run")
     ap.add_argument("--skip-floor", action="store_true", help="skip the plain-PyTorch static-cache floor")
     ap.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--paired-rounds", type=int, default=5,
@@ -275,7 +278,7 @@ def main() -> int:
                              max_num_batched_tokens=max(1024, args.prompt_len * 4, prefill_len),
                              kv_cache_memory_gib=max(1.0, 1.25 * ctx_tokens * kv_per_token / 2**30),
                              max_model_len=max(args.prompt_len, long_ctx, prefill_len) + args.steps + 16,
-                             enforce_eager=args.enforce_eager)
+                             enforce_eager=args.enforce_eager, overlap_schedule=args.overlap_schedule)
     if args.shape:
         loaded = build_random_engine(engine_args, config, args.shape)
     else:
@@ -304,8 +307,12 @@ def main() -> int:
             print(f"layer weights, 1 row: plain F.linear {t_plain:.1f} ms, split layout {t_split:.1f} ms "
                   f"({t_plain / t_split:.2f}x)", flush=True)
 
-    decode, floors = {}, {}
+    decode, floors, stepwise = {}, {}, {}
     for b in batches:
+        if engine.overlap:  # what overlapping buys: the same batch with each step waited for before the next
+            engine.overlap = False
+            stepwise[b] = decode_ms(engine, b, args.prompt_len, args.steps, "stepwise")
+            engine.overlap = True
         ms = decode_ms(engine, b, args.prompt_len, args.steps, "bench")
         ctx = args.prompt_len + args.steps // 2
         roof_ms = (weight_bytes + b * ctx * kv_per_token) / bw * 1e3
@@ -316,10 +323,14 @@ def main() -> int:
 
             floors[b] = floor_decode_ms(c, b, ctx, dtype, args.device)
             line += f"; floor {floors[b]:.2f} ms -> {ms / floors[b]:.2f}x the floor"
+        if b in stepwise:
+            line += f"; not overlapped {stepwise[b]:.2f} ms -> overlap {stepwise[b] / ms:.2f}x faster"
         rows.append((f"decode batch {b}", f"{ms:.2f} ms/step", f"{b / ms * 1e3:.0f} tok/s", line))
         print(rows[-1], flush=True)
     results["decode_ms_per_step"] = decode
     results["floor_ms_per_step"] = floors
+    results["overlap_schedule"] = engine.overlap
+    results["decode_ms_per_step_not_overlapped"] = stepwise
 
     if long_ctx:
         case = long_context_case(engine, args.prompt_len, long_ctx, args.steps)

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # One prepared device run for the open GPU issues, inside one call's 600 s (the device lends 15 minutes a session,
 # its start included), most wanted first, each step under its own timeout so that a slow step costs only itself:
-#   1. the CUDA tests: paged decode kernel, decode graphs, attention, greedy equality with transformers  (issue 11)
+#   1. the CUDA tests: paged decode kernel, decode graphs, attention, greedy equality with transformers,
+#      overlapped steps (same tokens; no launch waits for the device: sync debug mode "error"), the fused
+#      kernels against their PyTorch reference                                                            (issue 11)
 #   2. benchmarks/engine.py, SmolLM2-135M's shape: decode batches vs the CUDA-graph floor and the HBM roofline,
-#      the long-context mix (one 4k request and 31 short)                                                (issue 11)
-#   3. benchmarks/serving_path.py: served vs offline at 1, 16 and 64 streams, router CPU per token, and
-#      benchmarks/router_path.py: the router's CPU per token with no engine, against a bare uvicorn stream (issue 12)
+#      each also not overlapped (what overlapping buys), the long-context mix (one 4k request and 31 short) (issue 11)
+#   3. benchmarks/fused_ops.py: each fused kernel against the PyTorch operations it replaces, in CUDA graphs (issue 11)
 #   4. benchmarks/engine.py, Llama-3.1-8B's shape: batch-1 vs HBM roofline, 4k prefill vs matmul rate   (issue 11)
+#   5. benchmarks/serving_path.py: served vs offline at 1, 16 and 64 streams, router CPU per token, and
+#      benchmarks/router_path.py: the router's CPU per token with no engine, against a bare uvicorn stream (issue 12)
 # Every step writes into $OUT as it goes, so a call cut short still brings back what finished.
 #   bash benchmarks/gpu_wheels.sh
-#   run(command="bash benchmarks/gpu_issues.sh", carry=[".whl"], timeout_s=570)
+#   run(command="bash benchmarks/gpu_issues.sh", carry=[".whl"], timeout_s=590)
 # Figures go into docs/engine.md ("The GPU decode path") and docs/serving.md; say which card gave them.
 OUT="${OUT:-results/gpu-issues}"
 source benchmarks/gpu_env.sh
@@ -19,24 +22,24 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, triton, tokenizers; print('torch', torch.__version__, 'triton', triton.__version__,
 'tokenizers', tokenizers.__version__)" | tee -a "$OUT/gpu.txt"
 step "1 CUDA tests"
-timeout 110 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_paged_decode.py tests/test_cuda_graphs.py \
-  tests/test_attention.py tests/test_tiny_checkpoints.py --device cuda 2>&1 | tail -n 25 | tee "$OUT/tests.log"
+timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_paged_decode.py tests/test_cuda_graphs.py \
+  tests/test_attention.py tests/test_tiny_checkpoints.py tests/test_overlap.py tests/test_triton_fused.py \
+  -k "not default_model" --device cuda 2>&1 | tail -n 25 | tee "$OUT/tests.log"
 step "2 engine, SmolLM2-135M shape"
 timeout 110 python3 benchmarks/engine.py --shape smollm2-135m --device cuda --json "$OUT/smollm2.json" 2>&1 \
   | tee "$OUT/smollm2.log"
-step "3 serving path"
-python3 benchmarks/random_chat_model.py /tmp/rand-smollm2 > /dev/null
-timeout 200 python3 benchmarks/serving_path.py --model /tmp/rand-smollm2 --device cuda --concurrency 1,16,64 \
-  --output-len 128 --rounds 2 --json "$OUT/serving_path.json" 2>&1 | grep -v "NIXL\|it/s\]\|req/s\]" | tee "$OUT/serving_path.log"
-timeout 40 python3 benchmarks/router_path.py --model /tmp/rand-smollm2 --concurrency 64 --output-len 128 --rounds 1 2>&1 | tail -n 3 \
-  | tee "$OUT/router_path.log"
+step "3 fused kernels"
+timeout 45 python3 benchmarks/fused_ops.py --shape smollm2-135m --tokens 1,64 2>&1 | tee "$OUT/fused_ops.log"
 step "4 engine, Llama-3.1-8B shape"
-left=$(( 540 - (SECONDS - start) ))
-if [ "$left" -gt 60 ]; then
-  timeout "$left" python3 benchmarks/engine.py --shape llama-3.1-8b --device cuda --json "$OUT/llama8b.json" 2>&1 \
-    | tee "$OUT/llama8b.log"
-else
-  echo "skipped: ${left}s left" | tee "$OUT/llama8b.log"
-fi
+timeout 100 python3 benchmarks/engine.py --shape llama-3.1-8b --device cuda --batches 1,32 --steps 12 \
+  --skip-floor --long-context 0 --json "$OUT/llama8b.json" 2>&1 | tee "$OUT/llama8b.log"
+step "5 serving path"
+left=$(( 560 - (SECONDS - start) ))
+python3 benchmarks/random_chat_model.py /tmp/rand-smollm2 > /dev/null
+timeout $(( left > 60 ? left - 45 : 20 )) python3 benchmarks/serving_path.py --model /tmp/rand-smollm2 --device cuda \
+  --concurrency 1,16,64 --output-len 128 --rounds 1 --json "$OUT/serving_path.json" 2>&1 \
+  | grep -v "NIXL\|it/s\]\|req/s\]" | tee "$OUT/serving_path.log"
+timeout 40 python3 benchmarks/router_path.py --model /tmp/rand-smollm2 --concurrency 64 --output-len 128 --rounds 1 2>&1 \
+  | tail -n 3 | tee "$OUT/router_path.log"
 step "done"
 ls -la "$OUT"

@@ -32,7 +32,9 @@ def _engine(device: str, overlap: bool, graphs: bool = False, **args):
 
     loaded = build_random_engine(replace(ARGS, device=device, overlap_schedule="on" if overlap else "off", **args),
                                  CFG, "tiny")
-    if graphs and loaded.runner.graphs is None:  # the CPU: capture stubbed at the device boundary
+    if not graphs:
+        loaded.runner.graphs = None
+    elif loaded.runner.graphs is None:  # the CPU: capture stubbed at the device boundary
         loaded.runner.capture_graphs(8, 256 // 16, EagerCapture())
     assert loaded.engine.overlap is overlap
     return loaded
@@ -211,6 +213,29 @@ def test_prefill_only_requests_are_held_after_their_first_token_with_no_decode_s
     for rid in outs[False]:
         assert outs[True][rid].token_ids == outs[False][rid].token_ids
         assert outs[True][rid].prefilled == outs[False][rid].prefilled
+
+
+def test_launching_a_step_never_waits_for_the_device(device):
+    """CUDA: every launch (prefills, decodes with pending inputs, greedy, seeded, logprobs, graphs) runs under
+    torch's sync debug mode set to error, so any copy or read that waits for the device fails here."""
+    if not device.startswith("cuda"):
+        pytest.skip("CUDA only: on the CPU a step runs inside launch")
+    import torch
+
+    loaded = _engine(device, True, graphs=True)
+    launch = loaded.runner.launch
+
+    def strict(sched):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(sched)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    watch = _Watch(loaded)
+    watch.runner = type("Strict", (), {"launch": staticmethod(strict), "execute": loaded.runner.execute})()
+    outs = _run(loaded, _mix()[:6])
+    assert len(outs) == 6 and watch.placeholders > 20
 
 
 def test_the_default_model_overlapped_gives_the_same_text_and_stop_strings(served_llm):

@@ -127,12 +127,12 @@ class Engine:
         return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
+        outs = []
+        if self._in_flight is not None and (not self.overlap or self._stalled or self._penalty_on_pending()):
+            outs = self._take_back()  # (not overlap: ``overlap`` was just turned off)
         if not self.overlap:
             sched = self.scheduler.schedule()
-            return self._update(sched, self.runner.execute(sched))
-        outs = []
-        if self._in_flight is not None and (self._stalled or self._penalty_on_pending()):
-            outs = self._take_back()
+            return outs + self._update(sched, self.runner.execute(sched))
         sched = self.scheduler.schedule()
         self._stalled = sched.stalled
         launched = self.runner.launch(sched)

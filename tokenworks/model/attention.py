@@ -76,11 +76,6 @@ def decode_groups(widths: list[int], overhead: int) -> list[tuple[int, int]]:
     return out[::-1]
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-    k_cache[meta.slot_blocks, meta.slot_offsets] = k
-    v_cache[meta.slot_blocks, meta.slot_offsets] = v
-
-
 def paged_attention(
     q: torch.Tensor,  # (T, H, D)
     k: torch.Tensor,  # (T, H_kv, D), already written to the cache

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from tokenworks.config import ModelConfig
-from tokenworks.model.attention import AttentionMetadata, paged_attention, write_kv
+from tokenworks.model.attention import AttentionMetadata, paged_attention
+from tokenworks.model.fused import Rotary, add_rms_norm, rope_write_kv, silu_mul
 from tokenworks.model.kv_cache import KVCache
 from tokenworks.model.linear import Linear
 from tokenworks.model import cpu_native
@@ -125,23 +126,21 @@ class LlamaModel:
             return self.lm_head.rows(ids)
         return self.embed.dequantize(ids) if isinstance(self.embed, Q8Weight) else F.embedding(ids, self.embed)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: (T, H, D); cos/sin: (T, 1, D/2); HF "rotate_half" layout.
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        """(T,) token ids and positions -> (T, hidden) final hidden states (normed)."""
+        """(T,) token ids and positions -> (T, hidden) final hidden states (normed).
+
+        Each residual add runs with the norm after it, the rotary embedding with the KV write, SiLU with the
+        multiply (fused.py: one kernel each on CUDA)."""
         c = self.config
         eps = c.rms_norm_eps
         hd = c.head_dim
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        rot = Rotary(positions, self.cos, self.sin)
         h = self.embed_tokens(input_ids)
         t = h.shape[0]
+        x = F.rms_norm(h, (c.hidden_size,), self.layers[0]["input_norm"], eps) if self.layers else h
+        norms = [layer["input_norm"] for layer in self.layers[1:]] + [self.norm]
         for i, layer in enumerate(self.layers):
-            x = F.rms_norm(h, (c.hidden_size,), layer["input_norm"], eps)
             qkv = layer["qkv"](x)
             qk, v = qkv.split([c.q_size + c.kv_size, c.kv_size], dim=-1)
             qk = qk.view(t, c.num_heads + c.num_kv_heads, hd)
@@ -149,14 +148,20 @@ class LlamaModel:
             if layer["q_norm"] is not None:
                 q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
                 qk = torch.cat([F.rms_norm(q, (hd,), layer["q_norm"], eps), F.rms_norm(k, (hd,), layer["k_norm"], eps)], 1)
-            q, k = self._rope(qk, cos, sin).split([c.num_heads, c.num_kv_heads], dim=1)  # one rotation for q and k
-            write_kv(kv.k[i], kv.v[i], k, v, meta)
+            qk = rope_write_kv(qk, v, rot, kv.k[i], kv.v[i], meta.slot_blocks, meta.slot_offsets, c.num_heads)
+            q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
             o = paged_attention(q, k, v, kv.k[i], kv.v[i], meta, self.scale)
-            h = h + layer["o"](o.view(t, c.q_size))
-            x = F.rms_norm(h, (c.hidden_size,), layer["post_norm"], eps)
-            gate, up = layer["gate_up"].halves(x)
-            h = h + layer["down"](F.silu(gate) * up)
-        return F.rms_norm(h, (c.hidden_size,), self.norm, eps)
+            h, x = add_rms_norm(h, layer["o"](o.view(t, c.q_size)), layer["post_norm"], eps)
+            h, x = add_rms_norm(h, layer["down"](self._mlp(layer["gate_up"], x)), norms[i], eps)
+        return x if self.layers else F.rms_norm(h, (c.hidden_size,), self.norm, eps)
+
+    @staticmethod
+    def _mlp(gate_up, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up: from the two halves where the projection makes them apart (CPU split layout)."""
+        if isinstance(gate_up, Linear) and gate_up.split:
+            gate, up = gate_up.halves(x)
+            return F.silu(gate) * up
+        return silu_mul(gate_up(x))
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

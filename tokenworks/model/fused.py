@@ -1,0 +1,90 @@
+"""The layer's small operations, each one kernel on CUDA: fewer launches per decode step.
+
+- ``add_rms_norm``: the residual add and the next RMSNorm (the post-attention
+  norm, the next layer's input norm, the final norm);
+- ``silu_mul``: the MLP's SiLU(gate) x up on the gate/up projection's output;
+- ``rope_write_kv``: the rotary embedding of queries and keys, and the new
+  keys and values written into their KV slots.
+
+On CUDA with Triton they run as the kernels in ``triton_fused.py`` (one
+launch each where PyTorch takes two to nine); elsewhere, and as the reference
+those kernels are tested against, as the plain PyTorch below, which is what
+the layer ran before the kernels existed. ``TOKENWORKS_FUSED=0`` turns the
+kernels off (to measure what they buy).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+
+
+def fused_kernels(device: str | torch.device) -> bool:
+    """Whether the Triton kernels run for tensors on ``device``."""
+    return (torch.device(device).type == "cuda" and os.environ.get("TOKENWORKS_FUSED", "1") != "0"
+            and importlib.util.find_spec("triton") is not None)
+
+
+@dataclass
+class Rotary:
+    """A step's rotary embedding: each row's position and the model's cos/sin tables (max_position, D/2)."""
+
+    positions: torch.Tensor
+    cos_table: torch.Tensor
+    sin_table: torch.Tensor
+
+    @cached_property
+    def cos(self) -> torch.Tensor:  # (T, 1, D/2), gathered once per step for the PyTorch path
+        return self.cos_table[self.positions].unsqueeze(1)
+
+    @cached_property
+    def sin(self) -> torch.Tensor:
+        return self.sin_table[self.positions].unsqueeze(1)
+
+
+def rope(x: torch.Tensor, rot: Rotary) -> torch.Tensor:
+    """x (T, H, D) rotated in the "rotate half" layout (Hugging Face's)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * rot.cos - x2 * rot.sin, x2 * rot.cos + x1 * rot.sin), dim=-1)
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + delta, rms_norm(h + delta) * weight), both (T, hidden)."""
+    if fused_kernels(h.device) if kernel is None else kernel:
+        from tokenworks.model.triton_fused import add_rms_norm as run
+
+        return run(h, delta, weight, eps)
+    h = h + delta
+    return h, F.rms_norm(h, (h.shape[-1],), weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor, kernel: bool | None = None) -> torch.Tensor:
+    """(T, 2I) gate and up side by side -> (T, I) SiLU(gate) * up."""
+    if fused_kernels(gate_up.device) if kernel is None else kernel:
+        from tokenworks.model.triton_fused import silu_mul as run
+
+        return run(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rope_write_kv(qk: torch.Tensor, v: torch.Tensor, rot: Rotary, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_blocks: torch.Tensor, slot_offsets: torch.Tensor, num_heads: int,
+                  kernel: bool | None = None) -> torch.Tensor:
+    """qk (T, H + H_kv, D) -> the same rotated; the rotated keys and ``v`` (T, H_kv, D) written to the cache
+    slots (``slot_blocks``, ``slot_offsets``) of caches shaped (num_blocks, block_size, H_kv, D)."""
+    if fused_kernels(qk.device) if kernel is None else kernel:
+        from tokenworks.model.triton_fused import rope_write_kv as run
+
+        return run(qk, v, rot.positions, rot.cos_table, rot.sin_table, k_cache, v_cache, slot_blocks, slot_offsets,
+                   num_heads)
+    out = rope(qk, rot)
+    k_cache[slot_blocks, slot_offsets] = out[:, num_heads:]
+    v_cache[slot_blocks, slot_offsets] = v
+    return out
