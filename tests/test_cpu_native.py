@@ -54,6 +54,44 @@ def test_q8_product_equals_exact_arithmetic_on_the_gguf_values(rows):
     assert (got.double() - exact).abs().max() < 2e-4 * exact.abs().max()
 
 
+def test_products_are_the_same_bits_on_any_number_of_threads(monkeypatch):
+    """Threads take their share of weight rows in chunks and then take the chunks left in others' shares (a thread
+    that loses its core is not waited for): every output row is still computed whole by one thread, in the same
+    tiles, so the result cannot depend on which thread did it. Eight threads on this machine's cores are
+    descheduled all the time, so rows are taken from others' shares here."""
+    gen = torch.Generator().manual_seed(5)
+    q4 = Int4Linear(random_q4(1030, 96, gen), torch.randn(1030, generator=gen))
+    codes = torch.randint(-128, 128, (1030, 96), dtype=torch.int8, generator=gen)
+    q8 = Int8Linear(Q8Weight(codes, (torch.rand(1030, 3, generator=gen) * 0.01).half().float()))
+    x = torch.randn(9, 96, generator=gen)
+    outputs = {}
+    for threads in (1, 2, 3, 8):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        outputs[threads] = [lin(x) for lin in (q4, q8) for _ in range(3)]
+    for threads, out in outputs.items():
+        for got, want in zip(out, outputs[1]):
+            assert torch.equal(got, want), threads
+
+
+def test_the_decode_step_is_the_same_bits_on_any_number_of_threads(monkeypatch):
+    model, kv, runner = tiny_4bit_engine(False)
+    gen = torch.Generator().manual_seed(2)
+    rows = 6
+    tables = [[1 + 6 * r + b for b in range(6)] for r in range(rows)]
+    kv.tensor.copy_(torch.randn(kv.tensor.shape, generator=gen))
+    embed = torch.randn(rows, 64, generator=gen)
+    args = dict(positions=[3 + 3 * r for r in range(rows)], slot_blocks=[tables[r][(3 + 3 * r) // 4] for r in range(rows)],
+                slot_offsets=[(3 + 3 * r) % 4 for r in range(rows)], tables=tables,
+                context_lens=[4 + 3 * r for r in range(rows)])
+    start, outputs = kv.tensor.clone(), {}
+    for threads in (1, 2, 3, 8):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        kv.tensor.copy_(start)
+        outputs[threads] = (runner.native.step(embed.clone(), **args), kv.tensor.clone())
+    for threads, (hidden, pool) in outputs.items():
+        assert torch.equal(hidden, outputs[1][0]) and torch.equal(pool, outputs[1][1]), threads
+
+
 def test_nibbles_are_ggufs_block_layout():
     codes = torch.arange(64, dtype=torch.uint8).remainder(16).view(1, 64)
     w = Q4Weight(codes, torch.ones(1, 2), torch.zeros(1, 2))

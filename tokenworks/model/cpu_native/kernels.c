@@ -288,6 +288,8 @@ static void q4_rows(const Q4Mat *w, const QAct *x, int64_t rows, float *y, int64
             for (int64_t j = n0; j < n1; j++) y[r * ldy + j] += w->bias[j];
 }
 
+static int16_t *wide_of(const QAct *q, int t) { return q->wide + (int64_t)t * 4 * q->k; }
+
 /* The share of weight rows (multiples of 4) of thread `t` of `nt`. */
 static void share(int64_t n, int t, int nt, int64_t *a, int64_t *b) {
     int64_t tiles = (n + 3) / 4, per = tiles / nt, extra = tiles % nt;
@@ -296,13 +298,35 @@ static void share(int64_t n, int t, int nt, int64_t *a, int64_t *b) {
     *b = hi * 4 < n ? hi * 4 : n;
 }
 
-static int16_t *wide_of(const QAct *q, int t) { return q->wide + (int64_t)t * 4 * q->k; }
+/* Each thread works through its own share of a product's weight rows in order, CHUNK_ROWS at a time, and then
+   takes chunks left in the others' shares: a thread that loses its core to another process for a while (the
+   router, the client, a neighbour) has its rows done by the others instead of holding them all up at the next
+   barrier. Shares stay contiguous, so the codes stream in order and the prefetch ahead lands on the rows the
+   thread reads next. One counter of rows taken per share, on a cache line of its own. */
+#define CHUNK_ROWS 16
+#define COUNTER_STRIDE 8 /* int64s: 64 bytes */
 
-/* Called inside a parallel region by every thread. */
-static void q4_matmul_shared(const Q4Mat *w, const QAct *x, int64_t rows, float *y, int t, int nt) {
+static int claim(int64_t *taken, int64_t n, int t, int nt, int64_t *a, int64_t *b) {
+    for (int i = 0; i < nt; i++) {
+        const int owner = (t + i) % nt;
+        int64_t lo, hi;
+        share(n, owner, nt, &lo, &hi);
+        int64_t *c = taken + owner * COUNTER_STRIDE;
+        if (__atomic_load_n(c, __ATOMIC_RELAXED) >= hi - lo) continue;
+        const int64_t got = __atomic_fetch_add(c, CHUNK_ROWS, __ATOMIC_RELAXED);
+        if (got < hi - lo) {
+            *a = lo + got;
+            *b = lo + got + CHUNK_ROWS < hi ? lo + got + CHUNK_ROWS : hi;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Called inside a parallel region by every thread; `taken`: nt zeroed counters (see claim) for this product. */
+static void q4_matmul_shared(const Q4Mat *w, const QAct *x, int64_t rows, float *y, int t, int nt, int64_t *taken) {
     int64_t a, b;
-    share(w->n, t, nt, &a, &b);
-    if (a < b) q4_rows(w, x, rows, y, w->n, a, b, wide_of(x, t));
+    while (claim(taken, w->n, t, nt, &a, &b)) q4_rows(w, x, rows, y, w->n, a, b, wide_of(x, t));
 }
 
 static void thread_ids(int *t, int *nt) {
@@ -342,12 +366,15 @@ static int qact_from(const float *x, int64_t rows, int64_t k, int threads, QAct 
 int tw_q4_matmul(const Q4Mat *w, const float *x, int64_t rows, float *y, int threads) {
     QAct q;
     if (!qact_from(x, rows, w->k, threads, &q)) return -1;
+    int64_t *taken = calloc(threads * COUNTER_STRIDE, sizeof(int64_t));
+    if (!taken) { qact_free(&q); return -1; }
     #pragma omp parallel num_threads(threads)
     {
         int t, nt;
         thread_ids(&t, &nt);
-        q4_matmul_shared(w, &q, rows, y, t, nt);
+        q4_matmul_shared(w, &q, rows, y, t, nt, taken);
     }
+    free(taken);
     qact_free(&q);
     return 0;
 }
@@ -357,19 +384,22 @@ int tw_q8_matmul(const Q8Mat *w, const float *x, int64_t rows, float *y, int thr
     const int64_t G = w->k / GROUP;
     QAct q;
     if (!qact_from(x, rows, w->k, threads, &q)) return -1;
+    int64_t *taken = calloc(threads * COUNTER_STRIDE, sizeof(int64_t));
+    if (!taken) { qact_free(&q); return -1; }
     #pragma omp parallel num_threads(threads)
     {
         int t, nt;
         thread_ids(&t, &nt);
         int64_t a, b;
-        share(w->n, t, nt, &a, &b);
         int16_t *wide = wide_of(&q, t);
-        for (int64_t n = a; n < b; n += 4) {
-            const int nr = b - n < 4 ? (int)(b - n) : 4;
-            widen_q8(w, n, nr, wide);
-            tile(wide, w->d + n * G, NULL, w->k, &q, rows, y, w->n, n, nr);
-        }
+        while (claim(taken, w->n, t, nt, &a, &b))
+            for (int64_t n = a; n < b; n += 4) {
+                const int nr = b - n < 4 ? (int)(b - n) : 4;
+                widen_q8(w, n, nr, wide);
+                tile(wide, w->d + n * G, NULL, w->k, &q, rows, y, w->n, n, nr);
+            }
     }
+    free(taken);
     qact_free(&q);
     return 0;
 }
@@ -524,7 +554,9 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
     QAct q;
     const int have_q = qact_alloc(rows, kmax, threads, &q);
     SpinBarrier bar = {0, 0};
-    int ok = x && qkv && attn && gu && proj && scores && have_q;
+    const int64_t per_product = (int64_t)threads * COUNTER_STRIDE;  /* claim counters, zeroed, per product */
+    int64_t *taken = calloc(net->num_layers * 4 * per_product, sizeof(int64_t));
+    int ok = x && qkv && attn && gu && proj && scores && have_q && taken;
     if (ok) {
         #pragma omp parallel num_threads(threads)
         {
@@ -539,7 +571,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
                     quantize_groups(x + r * H, H, 0, H / GROUP, &q, r);
                 }
                 barrier_wait(&bar, nt, &sense);
-                q4_matmul_shared(&L->qkv, &q, rows, qkv, t, nt);
+                q4_matmul_shared(&L->qkv, &q, rows, qkv, t, nt, taken + (4 * l + 0) * per_product);
                 barrier_wait(&bar, nt, &sense);
                 /* per (row, KV head): q/k norms and RoPE of the group, the K/V write */
                 split(rows * nkv, t, nt, &i0, &i1);
@@ -572,7 +604,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
                 for (int64_t r = r0; r < r1; r++)
                     quantize_groups(attn + r * nh * D, nh * D, 0, nh * D / GROUP, &q, r);
                 barrier_wait(&bar, nt, &sense);
-                q4_matmul_shared(&L->o, &q, rows, proj, t, nt);
+                q4_matmul_shared(&L->o, &q, rows, proj, t, nt, taken + (4 * l + 1) * per_product);
                 barrier_wait(&bar, nt, &sense);
                 for (int64_t r = r0; r < r1; r++) {
                     for (int64_t i = 0; i < H; i++) h[r * H + i] += proj[r * H + i];
@@ -580,7 +612,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
                     quantize_groups(x + r * H, H, 0, H / GROUP, &q, r);
                 }
                 barrier_wait(&bar, nt, &sense);
-                q4_matmul_shared(&L->gate_up, &q, rows, gu, t, nt);
+                q4_matmul_shared(&L->gate_up, &q, rows, gu, t, nt, taken + (4 * l + 2) * per_product);
                 barrier_wait(&bar, nt, &sense);
                 /* SiLU(gate) * up: split by rows, or by columns when there are fewer rows than threads */
                 if (rows >= nt) {
@@ -601,7 +633,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
                     }
                 }
                 barrier_wait(&bar, nt, &sense);
-                q4_matmul_shared(&L->down, &q, rows, proj, t, nt);
+                q4_matmul_shared(&L->down, &q, rows, proj, t, nt, taken + (4 * l + 3) * per_product);
                 barrier_wait(&bar, nt, &sense);
                 for (int64_t r = r0; r < r1; r++)
                     for (int64_t i = 0; i < H; i++) h[r * H + i] += proj[r * H + i];
@@ -610,7 +642,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
             for (int64_t r = r0; r < r1; r++) rms_norm(h + r * H, net->final_norm, H, net->eps, h + r * H);
         }
     }
-    free(x); free(qkv); free(attn); free(gu); free(proj); free(scores);
+    free(x); free(qkv); free(attn); free(gu); free(proj); free(scores); free(taken);
     if (have_q) qact_free(&q);
     return ok ? 0 : -1;
 }
