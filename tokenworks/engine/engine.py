@@ -182,7 +182,7 @@ class Engine:
             logprobs=list(track.logprobs) if track.logprobs is not None else None,
             num_cached_tokens=request.num_cached_tokens,
             prefilled=prefilled,
-            kv_block_ids=self.scheduler.kv.block_ids(request.request_id) if prefilled else None,
+            kv_block_ids=list(self.scheduler.kv.block_ids(request.request_id)) if prefilled else None,
         )
 
     def _logprob(self, token: int, lp) -> Logprob:

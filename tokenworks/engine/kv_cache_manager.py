@@ -24,11 +24,15 @@ class KVCacheManager:
         self.block_size = block_size
         self.host_tier = host_tier
         self.req_blocks: dict[str, list[Block]] = {}
+        self.num_published: dict[str, int] = {}  # request id -> its leading blocks already offered to the cache
+        self._ids: dict[str, list[int]] = {}  # request id -> its block ids, a new list whenever blocks are added
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # tokens found there
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+        """The request's block table. Read-only: the same list is handed out until the request gets more blocks
+        (then a new one), so a step's copy stays as it was scheduled."""
+        return self._ids.get(request_id, [])
 
     def _block_hashes(self, request: Request, num_full_blocks: int) -> list[int]:
         hashes = request.block_hashes
@@ -93,24 +97,36 @@ class KVCacheManager:
         reviving = sum(1 for b in computed_blocks if b.ref_count == 0)
         if needed + reviving > self.pool.num_idle_blocks:
             return False
+        old = len(blocks)
         if computed_blocks:
             self.pool.touch(computed_blocks)
             blocks = blocks + list(computed_blocks)
         if needed > 0:
             blocks = blocks + self.pool.allocate(needed)
-        self.req_blocks[request.request_id] = blocks
+        rid = request.request_id
+        self.req_blocks[rid] = blocks
+        if len(blocks) > old or rid not in self._ids:
+            self._ids[rid] = self._ids.get(rid, []) + [b.block_id for b in blocks[old:]]
         return True
 
     def cache_blocks(self, request: Request) -> None:
         """Publish every full block whose KV is computed."""
         if not self.pool.enable_prefix_caching:
             return
-        blocks = self.req_blocks.get(request.request_id, [])
+        rid = request.request_id
+        blocks = self.req_blocks.get(rid, [])
         num_full = min(request.num_computed_tokens // self.block_size, len(blocks))
-        for block, h in zip(blocks[:num_full], self._block_hashes(request, num_full)):
-            self.pool.cache(block, h)
+        done = self.num_published.get(rid, 0)
+        if num_full <= done:  # most steps of a decode: no block filled since the last one
+            return
+        hashes = self._block_hashes(request, num_full)
+        for i in range(done, num_full):
+            self.pool.cache(blocks[i], hashes[i])
+        self.num_published[rid] = num_full
 
     def free(self, request: Request) -> None:
         """Release the request's blocks, tail first, so its deepest prefix is evicted first."""
+        self.num_published.pop(request.request_id, None)
+        self._ids.pop(request.request_id, None)
         blocks = self.req_blocks.pop(request.request_id, [])
         self.pool.release(reversed(blocks))

@@ -146,9 +146,8 @@ class DecodeGraphs:
         vec[CTX, rows:] = 1  # padding rows attend to their own slot
         vec[:, :rows] = vectors
         tab = host[5 * size : 5 * size + size * width].view(size, width)
-        tab.zero_()
-        for r, t in enumerate(tables):
-            tab[r, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        tab[rows:] = 0
+        tab[:rows] = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)  # one call
         used = 5 * size + size * width
         self.staged[:used].copy_(host[:used], non_blocking=True)
         self.inputs[:, :size].copy_(self.staged[: 5 * size].view(5, size))
