@@ -83,6 +83,9 @@ class CudaIpcSink(KVSink):
         remote = self.opened.get(peer.worker_id, peer.cuda_ipc)
         if not valid_block_ids(remote_block_ids, remote.shape[0]):
             raise KVTransferRefused(f"KV pull from {peer.worker_id}: block id out of range")
+        # The local blocks may have been freed by a request whose last step is still queued on the engine's stream
+        # (overlapped scheduling computes one more token for a request that stopped) and would write one slot.
+        self.stream.wait_stream(torch.cuda.default_stream(self.blocks.device))
         with torch.cuda.stream(self.stream):
             copy_blocks(remote, self.blocks, remote_block_ids, local_block_ids)
         self.stream.synchronize()

@@ -133,6 +133,8 @@ class DeviceBlocks(BlockIO):
             part = torch.frombuffer(f, dtype=torch.uint8)
             host[at : at + part.numel()].copy_(part)
             at += part.numel()
+        # As in CudaIpcSink.pull: after whatever the engine's stream holds, which may still write a freed block.
+        self.stream.wait_stream(torch.cuda.default_stream(self.device))
         with torch.cuda.stream(self.stream):
             staged = host.view(len(block_ids), -1).to(self.device, non_blocking=True)
             self.blocks.index_copy_(0, self._index(block_ids), staged)
