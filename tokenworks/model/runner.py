@@ -45,7 +45,8 @@ class LaunchedStep:
     def __init__(self, sampled: SampledTokens | None = None) -> None:
         self.sampled = sampled
         # Row of each sampling request in ``sampled.tokens``: where the next step finds its pending inputs.
-        self.rows = {s.request_id: i for i, s in enumerate(sampled.reqs)} if sampled is not None else {}
+        self.order = [s.request_id for s in sampled.reqs] if sampled is not None else []
+        self.rows = {rid: i for i, rid in enumerate(self.order)}
 
     def result(self) -> ModelRunnerOutput:
         out = ModelRunnerOutput()
@@ -87,15 +88,18 @@ class ModelRunner:
 
     def _ids(self, ids: list[int], decodes: list[ScheduledRequest]) -> torch.Tensor:
         """A step's input token ids on the device (its ``decodes`` rows first), pending ones from the last step."""
-        t = self._tensor(ids)
         if PLACEHOLDER not in ids:
-            return t
-        rows = self._last.rows
+            return self._tensor(ids)
+        last = self._last
+        if ids.count(PLACEHOLDER) == len(ids) and [s.request_id for s in decodes] == last.order:
+            return last.sampled.tokens  # steady decoding: the same requests in the same order, all pending
+        t = self._tensor(ids)
+        rows = last.rows
         src = [rows.get(s.request_id, -2) if s.token_ids[0] == PLACEHOLDER else -1 for s in decodes]
         if -2 in src:
             raise RuntimeError("a pending decode input whose token the last step did not sample")
         src = self._tensor(src + [-1] * (len(ids) - len(decodes)))
-        return torch.where(src >= 0, self._last.sampled.tokens.index_select(0, src.clamp(min=0)), t)
+        return torch.where(src >= 0, last.sampled.tokens.index_select(0, src.clamp(min=0)), t)
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         bs = self.block_size
