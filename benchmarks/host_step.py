@@ -40,6 +40,7 @@ def host_step_ms(batch: int, context: int, steps: int, overlap: bool) -> float:
         graphs.replays[size] = lambda: None
         graphs.outputs[size] = hidden[:size]
     engine = loaded.engine
+    engine.cumulative_outputs = False  # as a serving worker runs it
     for i in range(batch):  # contexts spread over [context, 2 context)
         prompt = [(7 * i + 3 * j) % 96 + 1 for j in range(context + context * i // batch)]
         engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=steps + 16, ignore_eos=True))

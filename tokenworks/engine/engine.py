@@ -65,6 +65,9 @@ class Engine:
         self._tracks: dict[str, _Track] = {}
         self.num_steps = 0
         self.overlap = overlap
+        # False: each output carries only its step's tokens and logprobs (``token_ids`` and ``text`` left empty),
+        # not copies of everything so far; a worker, which sends only what is new, turns this off.
+        self.cumulative_outputs = True
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         self._stalled = False
 
@@ -165,21 +168,27 @@ class Engine:
             if track.detok.stopped and not finished:
                 self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
                 finished = True
+        logprob = None
         if track.logprobs is not None and request.request_id in result.logprobs:
-            track.logprobs.append(self._logprob(token, result.logprobs[request.request_id]))
+            logprob = self._logprob(token, result.logprobs[request.request_id])
+            track.logprobs.append(logprob)
         prefilled = request.status == RequestStatus.PREFILLED
         if finished or prefilled:
             del self._tracks[request.request_id]
+        cumulative = self.cumulative_outputs
+        logprobs = None
+        if track.logprobs is not None:
+            logprobs = list(track.logprobs) if cumulative else ([logprob] if logprob is not None else [])
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
-            text=track.detok.text if track.detok is not None else "",
-            token_ids=list(request.output_token_ids),
+            text=track.detok.text if track.detok is not None and cumulative else "",
+            token_ids=list(request.output_token_ids) if cumulative else [],
             new_text=new_text,
             new_token_ids=[token],
             finished=finished,
             finish_reason=request.status.finish_reason,
-            logprobs=list(track.logprobs) if track.logprobs is not None else None,
+            logprobs=logprobs,
             num_cached_tokens=request.num_cached_tokens,
             prefilled=prefilled,
             kv_block_ids=list(self.scheduler.kv.block_ids(request.request_id)) if prefilled else None,

@@ -44,6 +44,7 @@ class Worker:
         args = EngineArgs(**json.loads(ns.engine_args))
         self.loaded = build_engine(args, detokenize=False)  # the router turns tokens into text
         self.engine = self.loaded.engine
+        self.engine.cumulative_outputs = False  # only each step's new tokens are sent
         self.scheduler = self.engine.scheduler
         self.scheduler.lease_seconds = ns.lease_seconds
         kv = self.loaded.runner.kv
