@@ -90,9 +90,11 @@ def test_an_unhealthy_worker_is_taken_out_of_routing_at_once():
     asyncio.run(main())
 
 
-def test_a_worker_sends_one_message_per_step_with_every_request_in_it(tmp_path):
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_a_worker_sends_one_message_per_step_with_every_request_in_it(tmp_path, overlap):
     """A real worker process: three requests decode together; each step's tokens come in one Outputs message,
-    token ids only (the router detokenizes)."""
+    token ids only (the router detokenizes); nothing after a request's last output, and the pool empty after
+    (overlapped too: the extra step in flight for a stopped request is never sent)."""
     import json
     import subprocess
     import sys
@@ -107,7 +109,8 @@ def test_a_worker_sends_one_message_per_step_with_every_request_in_it(tmp_path):
     events = ctx.socket(zmq.PULL)
     events.setsockopt(zmq.LINGER, 0)
     events_port = events.bind_to_random_port("tcp://127.0.0.1")
-    args = json.dumps({"model": str(tmp_path), "dtype": "float32", "num_blocks": 64, "block_size": 4})
+    args = json.dumps({"model": str(tmp_path), "dtype": "float32", "num_blocks": 64, "block_size": 4,
+                       "overlap_schedule": overlap})
     proc = subprocess.Popen([sys.executable, "-m", "tokenworks.worker.server", "--worker-id", "w0", "--role", "both",
                              "--commands", "tcp://127.0.0.1:*", "--events", f"tcp://127.0.0.1:{events_port}",
                              "--engine-args", args, "--kv-transport", "tcp"])
@@ -124,14 +127,18 @@ def test_a_worker_sends_one_message_per_step_with_every_request_in_it(tmp_path):
             commands.send(to_worker.encode(P.Submit(f"r{i}", [5 + i, 9, 11, 13, 17, 19], params, "full")))
         steps: list[P.Outputs] = []
         tokens = {f"r{i}": 0 for i in range(3)}
-        while sum(tokens.values()) < 15:
+        idle = None
+        while idle is None:
             assert events.poll(30_000), f"outputs stopped: {tokens}"
             msg = from_worker.decode(events.recv())
             if isinstance(msg, P.Outputs):
                 steps.append(msg)
                 for o in msg.outputs:
                     tokens[o.request_id] += len(o.new_token_ids)
+            elif isinstance(msg, P.Stats) and sum(tokens.values()) == 15 and msg.idle:
+                idle = msg
         assert tokens == {"r0": 5, "r1": 5, "r2": 5}
+        assert idle.blocks_used == 0 and idle.num_running == 0  # nothing left held or in flight
         together = [m for m in steps if {o.request_id for o in m.outputs} == set(tokens)]
         assert len(together) >= 4  # the decode steps: one message carries all three requests' tokens
         assert all(len(o.new_token_ids) == 1 for m in steps for o in m.outputs)
