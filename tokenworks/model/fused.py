@@ -6,11 +6,12 @@
 - ``rope_write_kv``: the rotary embedding of queries and keys, and the new
   keys and values written into their KV slots.
 
-On CUDA with Triton they run as the kernels in ``triton_fused.py`` (one
-launch each where PyTorch takes two to nine); elsewhere, and as the reference
-those kernels are tested against, as the plain PyTorch below, which is what
-the layer ran before the kernels existed. ``TOKENWORKS_FUSED=0`` turns the
-kernels off (to measure what they buy).
+With ``kernel=True`` they run as the Triton kernels in ``triton_fused.py``
+(one launch each where PyTorch takes two to nine); otherwise, and as the
+reference those kernels are tested against, as the plain PyTorch below, which
+is what the layer ran before the kernels existed. The model decides once, at
+load, with ``fused_kernels(device)``: on CUDA when Triton is installed, unless
+``TOKENWORKS_FUSED=0`` (to measure what they buy).
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ def rope(x: torch.Tensor, rot: Rotary) -> torch.Tensor:
 
 
 def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
-                 kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(h + delta, rms_norm(h + delta) * weight), both (T, hidden)."""
-    if fused_kernels(h.device) if kernel is None else kernel:
+    if kernel:
         from tokenworks.model.triton_fused import add_rms_norm as run
 
         return run(h, delta, weight, eps)
@@ -64,9 +65,9 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     return h, F.rms_norm(h, (h.shape[-1],), weight, eps)
 
 
-def silu_mul(gate_up: torch.Tensor, kernel: bool | None = None) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, kernel: bool = False) -> torch.Tensor:
     """(T, 2I) gate and up side by side -> (T, I) SiLU(gate) * up."""
-    if fused_kernels(gate_up.device) if kernel is None else kernel:
+    if kernel:
         from tokenworks.model.triton_fused import silu_mul as run
 
         return run(gate_up)
@@ -76,10 +77,10 @@ def silu_mul(gate_up: torch.Tensor, kernel: bool | None = None) -> torch.Tensor:
 
 def rope_write_kv(qk: torch.Tensor, v: torch.Tensor, rot: Rotary, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slot_blocks: torch.Tensor, slot_offsets: torch.Tensor, num_heads: int,
-                  kernel: bool | None = None) -> torch.Tensor:
+                  kernel: bool = False) -> torch.Tensor:
     """qk (T, H + H_kv, D) -> the same rotated; the rotated keys and ``v`` (T, H_kv, D) written to the cache
     slots (``slot_blocks``, ``slot_offsets``) of caches shaped (num_blocks, block_size, H_kv, D)."""
-    if fused_kernels(qk.device) if kernel is None else kernel:
+    if kernel:
         from tokenworks.model.triton_fused import rope_write_kv as run
 
         return run(qk, v, rot.positions, rot.cos_table, rot.sin_table, k_cache, v_cache, slot_blocks, slot_offsets,

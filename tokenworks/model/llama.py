@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from tokenworks.config import ModelConfig
 from tokenworks.model.attention import AttentionMetadata, paged_attention
+from tokenworks.model import fused
 from tokenworks.model.fused import Rotary, add_rms_norm, rope_write_kv, silu_mul
 from tokenworks.model.kv_cache import KVCache
 from tokenworks.model.linear import Linear
@@ -100,6 +101,7 @@ class LlamaModel:
         self.cos = freqs.cos().to(device=device, dtype=dtype)
         self.sin = freqs.sin().to(device=device, dtype=dtype)
         self.scale = config.head_dim**-0.5
+        self.fused = fused.fused_kernels(device)  # the layer's small operations as Triton kernels (CUDA)
 
     @property
     def num_parameters(self) -> int:
@@ -148,20 +150,20 @@ class LlamaModel:
             if layer["q_norm"] is not None:
                 q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
                 qk = torch.cat([F.rms_norm(q, (hd,), layer["q_norm"], eps), F.rms_norm(k, (hd,), layer["k_norm"], eps)], 1)
-            qk = rope_write_kv(qk, v, rot, kv.k[i], kv.v[i], meta.slot_blocks, meta.slot_offsets, c.num_heads)
+            qk = rope_write_kv(qk, v, rot, kv.k[i], kv.v[i], meta.slot_blocks, meta.slot_offsets, c.num_heads,
+                               kernel=self.fused)
             q, k = qk.split([c.num_heads, c.num_kv_heads], dim=1)
             o = paged_attention(q, k, v, kv.k[i], kv.v[i], meta, self.scale)
-            h, x = add_rms_norm(h, layer["o"](o.view(t, c.q_size)), layer["post_norm"], eps)
-            h, x = add_rms_norm(h, layer["down"](self._mlp(layer["gate_up"], x)), norms[i], eps)
+            h, x = add_rms_norm(h, layer["o"](o.view(t, c.q_size)), layer["post_norm"], eps, kernel=self.fused)
+            h, x = add_rms_norm(h, layer["down"](self._mlp(layer["gate_up"], x)), norms[i], eps, kernel=self.fused)
         return x if self.layers else F.rms_norm(h, (c.hidden_size,), self.norm, eps)
 
-    @staticmethod
-    def _mlp(gate_up, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, gate_up, x: torch.Tensor) -> torch.Tensor:
         """SiLU(gate) * up: from the two halves where the projection makes them apart (CPU split layout)."""
         if isinstance(gate_up, Linear) and gate_up.split:
             gate, up = gate_up.halves(x)
             return F.silu(gate) * up
-        return silu_mul(gate_up(x))
+        return silu_mul(gate_up(x), kernel=self.fused)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
