@@ -11,6 +11,7 @@ tested against.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -24,9 +25,15 @@ class PagedDecode:
     context_lens: torch.Tensor  # (B,) tokens each row attends to (>= 1 for rows whose output is used)
 
 
+@functools.lru_cache(maxsize=1)
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_available(device: str | torch.device) -> bool:
-    """The Triton kernel runs on CUDA when triton is installed (it ships with CUDA builds of PyTorch)."""
-    return torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None
+    """The Triton kernel runs on CUDA when triton is installed (it ships with CUDA builds of PyTorch). Asked once
+    per layer of an eager step: the module search is done once."""
+    return torch.device(device).type == "cuda" and _have_triton()
 
 
 def context_mask(context_lens: torch.Tensor, width: int, block_size: int) -> torch.Tensor:
