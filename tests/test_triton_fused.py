@@ -82,6 +82,27 @@ def test_the_model_with_every_kernel_generates_the_same_tokens(device, monkeypat
 
     greedy = [r for r in _mix() if r[2].greedy][:3]
     want = _run(_engine(device, False, graphs=True), greedy)
-    monkeypatch.setattr(fused, "fused_kernels", lambda dev: True)
+    monkeypatch.setattr(fused, "kernels_problem", lambda dev, dtype: "")
     got = _run(_engine(device, False, graphs=True), greedy)
     assert {r: o.token_ids for r, o in got.items()} == {r: o.token_ids for r, o in want.items()}
+
+
+def test_the_load_time_check_passes_working_kernels_and_names_a_broken_one(device, monkeypatch):
+    from tokenworks.model import triton_fused
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    fused.kernel_check.cache_clear()
+    assert fused.kernel_check(device, dtype) == ""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such instruction")
+
+    monkeypatch.setattr(triton_fused, "silu_mul", broken)
+    fused.kernel_check.cache_clear()
+    assert fused.kernel_check(device, dtype) == "silu_mul: RuntimeError: no such instruction"
+    monkeypatch.undo()
+    monkeypatch.setattr(triton_fused, "add_rms_norm", lambda h, d, w, eps: (h + d, h))  # a wrong result
+    fused.kernel_check.cache_clear()
+    assert fused.kernel_check(device, dtype).startswith("add_rms_norm differs from the reference by")
+    fused.kernel_check.cache_clear()
+

@@ -80,3 +80,17 @@ def test_split_count_fills_the_device_and_stays_bounded():
     assert num_splits_for(64, 8) == 1  # a full batch fills the GPU without splitting
     assert num_splits_for(4, 3) == 16 and num_splits_for(16, 3) == 8
     assert all(num_splits_for(b, h) & (num_splits_for(b, h) - 1) == 0 for b in range(1, 130) for h in (1, 3, 8))
+
+
+def test_the_load_time_check_passes_the_kernel_and_catches_a_broken_one(device, monkeypatch):
+    """The runner uses the kernel only if it matched the reference on this device when the engine loaded."""
+    from tokenworks.model import paged_decode as dispatch
+    from tokenworks.model import triton_paged_decode
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dispatch.kernel_check.cache_clear()
+    assert dispatch.kernel_check(device, dtype) == ""
+    monkeypatch.setattr(triton_paged_decode, "paged_decode", lambda q, *a, **k: q * 0)  # a wrong result
+    dispatch.kernel_check.cache_clear()
+    assert dispatch.kernel_check(device, dtype).startswith("its result differs from the reference by")
+    dispatch.kernel_check.cache_clear()

@@ -109,15 +109,23 @@ def _capture_graphs(args: EngineArgs, runner: ModelRunner, max_num_seqs: int, ma
         if any(isinstance(layer["qkv"], Int4Linear) for layer in runner.model.layers):
             return f"4-bit layers on PyTorch's int4 kernel (native kernels: {cpu_native.unavailable_reason()})"
         return ""
+    model = runner.model
+    fused = "layer operations fused (Triton)" if model.fused else f"layer operations unfused ({model.fused_problem})"
     if args.enforce_eager:
-        return "decode runs eagerly (--enforce-eager)"
+        return f"decode runs eagerly (--enforce-eager); {fused}"
     if not runner.use_paged:
-        return "decode runs eagerly: no triton for the paged decode kernel (pip install triton)"
+        why = (f"the Triton paged decode kernel failed its check ({runner.paged_problem})" if runner.paged_problem
+               else "no triton for the paged decode kernel (pip install triton)")
+        return f"decode runs eagerly: {why}; {fused}"
     free = torch.cuda.mem_get_info(runner.device)[0]
-    graphs = runner.capture_graphs(max_num_seqs, max_blocks)
+    try:
+        graphs = runner.capture_graphs(max_num_seqs, max_blocks)
+    except Exception as e:  # noqa: BLE001 - a capture that fails costs the graphs' speed, not the engine
+        runner.graphs = None
+        return f"decode runs eagerly: capturing the decode CUDA graphs failed ({type(e).__name__}: {e}); {fused}"
     used = free - torch.cuda.mem_get_info(runner.device)[0]
     return (f"decode CUDA graphs for batches {graphs.sizes[0]}..{graphs.max_batch} ({len(graphs.sizes)} sizes) "
-            f"captured in {graphs.capture_seconds:.1f}s, {used / 2**20:.0f} MiB beside the KV pool")
+            f"captured in {graphs.capture_seconds:.1f}s, {used / 2**20:.0f} MiB beside the KV pool; {fused}")
 
 
 class LLM:

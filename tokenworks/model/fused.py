@@ -10,12 +10,14 @@ With ``kernel=True`` they run as the Triton kernels in ``triton_fused.py``
 (one launch each where PyTorch takes two to nine); otherwise, and as the
 reference those kernels are tested against, as the plain PyTorch below, which
 is what the layer ran before the kernels existed. The model decides once, at
-load, with ``fused_kernels(device)``: on CUDA when Triton is installed, unless
+load, with ``kernels_problem(device, dtype)``: on CUDA when Triton is installed
+and each kernel passes a check against the reference there, unless
 ``TOKENWORKS_FUSED=0`` (to measure what they buy).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -25,10 +27,48 @@ import torch
 import torch.nn.functional as F
 
 
-def fused_kernels(device: str | torch.device) -> bool:
-    """Whether the Triton kernels run for tensors on ``device``."""
-    return (torch.device(device).type == "cuda" and os.environ.get("TOKENWORKS_FUSED", "1") != "0"
-            and importlib.util.find_spec("triton") is not None)
+def kernels_problem(device: str | torch.device, dtype: torch.dtype) -> str:
+    """Why the Triton kernels should not run for ``dtype`` tensors on ``device``; "" when they should (CUDA, Triton
+    installed, not ``TOKENWORKS_FUSED=0``, and each kernel gave the reference's result on a small case)."""
+    if torch.device(device).type != "cuda":
+        return "not on CUDA"
+    if os.environ.get("TOKENWORKS_FUSED", "1") == "0":
+        return "TOKENWORKS_FUSED=0"
+    if importlib.util.find_spec("triton") is None:
+        return "no triton"
+    return kernel_check(str(device), dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_check(device: str, dtype: torch.dtype) -> str:
+    """"" when every kernel matches the reference on small cases on ``device``, else which failed and how: run once
+    at load, so that a kernel that fails to compile or computes wrongly on some GPU costs its speed, not the engine."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+
+    h, delta, w, gate_up, qkv = rand(3, 96), rand(3, 96), rand(96), rand(3, 2 * 80), rand(3, 8 * 16)
+    table = rand(32, 8)
+    rot = Rotary(torch.tensor([0, 7, 31], device=device), table, table.flip(0).contiguous())
+    slots = (torch.tensor([1, 2, 2], device=device), torch.tensor([0, 3, 1], device=device))
+    qk, v = qkv[:, : 6 * 16].view(3, 6, 16), qkv[:, 6 * 16 :].view(3, 2, 16)
+
+    def rope_case(kernel: bool) -> list[torch.Tensor]:
+        pool = torch.zeros(4, 2, 4, 2, 16, device=device, dtype=dtype)
+        return [rope_write_kv(qk, v, rot, pool[:, 0], pool[:, 1], *slots, 4, kernel=kernel), pool]
+
+    cases = {"add_rms_norm": lambda k: list(add_rms_norm(h, delta, w, 1e-5, kernel=k)),
+             "silu_mul": lambda k: [silu_mul(gate_up, kernel=k)], "rope_write_kv": rope_case}
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, case in cases.items():
+        try:
+            err = max((a.float() - b.float()).abs().max().item() for a, b in zip(case(True), case(False)))
+        except Exception as e:  # noqa: BLE001 - any failure means: do not use them
+            return f"{name}: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        if err > tolerance:
+            return f"{name} differs from the reference by {err:.3g}"
+    return ""
 
 
 @dataclass

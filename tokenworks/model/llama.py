@@ -101,7 +101,8 @@ class LlamaModel:
         self.cos = freqs.cos().to(device=device, dtype=dtype)
         self.sin = freqs.sin().to(device=device, dtype=dtype)
         self.scale = config.head_dim**-0.5
-        self.fused = fused.fused_kernels(device)  # the layer's small operations as Triton kernels (CUDA)
+        self.fused_problem = fused.kernels_problem(device, dtype)  # "" on CUDA when the Triton kernels work
+        self.fused = not self.fused_problem  # the layer's small operations as Triton kernels
 
     @property
     def num_parameters(self) -> int:

@@ -62,6 +62,27 @@ def paged_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     return gathered_decode(q, k_cache, v_cache, block_table, mask, scale)
 
 
+@functools.lru_cache(maxsize=None)
+def kernel_check(device: str, dtype: torch.dtype) -> str:
+    """Why the Triton kernel should not be used on ``device`` ("" when it gives the reference's result on a small
+    case: GQA 3:1, scattered blocks, contexts across blocks). Run once at load, so that a kernel that fails to
+    compile or computes wrongly on some GPU costs its speed, not the engine."""
+    try:
+        from tokenworks.model.triton_paged_decode import paged_decode as kernel
+
+        g = torch.Generator().manual_seed(0)
+        kc, vc = (torch.randn(6, 16, 2, 64, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+        q = torch.randn(3, 6, 64, generator=g).to(device=device, dtype=dtype)
+        table = torch.tensor([[1, 2, 0], [3, 0, 0], [4, 5, 1]], dtype=torch.int32, device=device)
+        lens = torch.tensor([20, 5, 40], dtype=torch.int32, device=device)
+        err = (kernel(q, kc, vc, table, lens, 0.125).float()
+               - paged_decode_torch(q, kc, vc, table, lens, 0.125).float()).abs().max().item()
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    return "" if err <= tolerance else f"its result differs from the reference by {err:.3g}"
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedDecode,
                  scale: float) -> torch.Tensor:
     if triton_available(q.device):

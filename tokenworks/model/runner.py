@@ -24,7 +24,7 @@ from tokenworks.model.cuda_graphs import CudaGraphCapture, DecodeGraphs, GraphCa
 from tokenworks.model.host_copies import to_device
 from tokenworks.model.kv_cache import KVCache
 from tokenworks.model.llama import LlamaModel
-from tokenworks.model.paged_decode import PagedDecode, context_mask, triton_available
+from tokenworks.model.paged_decode import PagedDecode, context_mask, kernel_check, triton_available
 from tokenworks.model.sampler import SampledTokens, Sampler
 
 
@@ -65,6 +65,10 @@ class ModelRunner:
         self.sampler = Sampler(model.device)
         self.group_overhead = GROUP_OVERHEAD_BLOCKS.get(torch.device(self.device).type, 16)
         self.use_paged = triton_available(self.device) if use_paged is None else use_paged
+        self.paged_problem = ""  # why the Triton paged decode kernel is not used though Triton is there
+        if use_paged is None and self.use_paged:
+            self.paged_problem = kernel_check(str(self.device), model.dtype)
+            self.use_paged = not self.paged_problem
         self.graphs: DecodeGraphs | None = None
         self.native = self._native_decoder()
         self._last = LaunchedStep()  # the step launched last: the source of the next step's pending inputs
