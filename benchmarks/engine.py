@@ -18,6 +18,7 @@ long request among 31 short ones (does a step cost the sum of contexts?).
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import statistics
 import sys
@@ -279,10 +280,10 @@ def main() -> int:
                              kv_cache_memory_gib=max(1.0, 1.25 * ctx_tokens * kv_per_token / 2**30),
                              max_model_len=max(args.prompt_len, long_ctx, prefill_len) + args.steps + 16,
                              enforce_eager=args.enforce_eager, overlap_schedule=args.overlap_schedule)
-    if args.shape:
-        loaded = build_random_engine(engine_args, config, args.shape)
-    else:
-        loaded = build_engine(engine_args)
+    def load(engine_args):
+        return build_random_engine(engine_args, config, args.shape) if args.shape else build_engine(engine_args)
+
+    loaded = load(engine_args)
     engine, model = loaded.engine, loaded.runner.model
     if loaded.graphs:
         print(loaded.graphs, flush=True)
@@ -313,7 +314,18 @@ def main() -> int:
             engine.overlap = False
             stepwise[b] = decode_ms(engine, b, args.prompt_len, args.steps, "stepwise")
             engine.overlap = True
-        ms = decode_ms(engine, b, args.prompt_len, args.steps, "bench")
+        try:
+            ms = decode_ms(engine, b, args.prompt_len, args.steps, "bench")
+        except Exception as e:  # noqa: BLE001 - keep the stepwise figures and the rest of the run
+            if not engine.overlap:
+                raise
+            print(f"overlapped decode failed ({type(e).__name__}: {e}); reloading with --overlap-schedule off",
+                  flush=True)
+            results["overlap_error"] = f"{type(e).__name__}: {e}"
+            del loaded, engine, model
+            loaded = load(replace(engine_args, overlap_schedule="off"))
+            engine, model = loaded.engine, loaded.runner.model
+            ms = stepwise.pop(b)
         ctx = args.prompt_len + args.steps // 2
         roof_ms = (weight_bytes + b * ctx * kv_per_token) / bw * 1e3
         decode[b] = ms
