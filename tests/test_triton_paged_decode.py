@@ -92,5 +92,5 @@ def test_the_load_time_check_passes_the_kernel_and_catches_a_broken_one(device, 
     assert dispatch.kernel_check(device, dtype) == ""
     monkeypatch.setattr(triton_paged_decode, "paged_decode", lambda q, *a, **k: q * 0)  # a wrong result
     dispatch.kernel_check.cache_clear()
-    assert dispatch.kernel_check(device, dtype).startswith("its result differs from the reference by")
+    assert dispatch.kernel_check(device, dtype).startswith("paged_decode differs from the reference by")
     dispatch.kernel_check.cache_clear()

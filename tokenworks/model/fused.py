@@ -18,13 +18,14 @@ and each kernel passes a check against the reference there, unless
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 import torch.nn.functional as F
+
+from tokenworks.model.kernel_check import compare, have_triton
 
 
 def kernels_problem(device: str | torch.device, dtype: torch.dtype) -> str:
@@ -34,7 +35,7 @@ def kernels_problem(device: str | torch.device, dtype: torch.dtype) -> str:
         return "not on CUDA"
     if os.environ.get("TOKENWORKS_FUSED", "1") == "0":
         return "TOKENWORKS_FUSED=0"
-    if importlib.util.find_spec("triton") is None:
+    if not have_triton():
         return "no triton"
     return kernel_check(str(device), dtype)
 
@@ -60,15 +61,7 @@ def kernel_check(device: str, dtype: torch.dtype) -> str:
 
     cases = {"add_rms_norm": lambda k: list(add_rms_norm(h, delta, w, 1e-5, kernel=k)),
              "silu_mul": lambda k: [silu_mul(gate_up, kernel=k)], "rope_write_kv": rope_case}
-    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-    for name, case in cases.items():
-        try:
-            err = max((a.float() - b.float()).abs().max().item() for a, b in zip(case(True), case(False)))
-        except Exception as e:  # noqa: BLE001 - any failure means: do not use them
-            return f"{name}: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-        if err > tolerance:
-            return f"{name} differs from the reference by {err:.3g}"
-    return ""
+    return compare(cases, dtype)
 
 
 @dataclass

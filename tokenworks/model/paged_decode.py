@@ -12,11 +12,12 @@ tested against.
 from __future__ import annotations
 
 import functools
-import importlib.util
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from tokenworks.model.kernel_check import compare, have_triton
 
 
 @dataclass
@@ -25,15 +26,10 @@ class PagedDecode:
     context_lens: torch.Tensor  # (B,) tokens each row attends to (>= 1 for rows whose output is used)
 
 
-@functools.lru_cache(maxsize=1)
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def triton_available(device: str | torch.device) -> bool:
     """The Triton kernel runs on CUDA when triton is installed (it ships with CUDA builds of PyTorch). Asked once
     per layer of an eager step: the module search is done once."""
-    return torch.device(device).type == "cuda" and _have_triton()
+    return torch.device(device).type == "cuda" and have_triton()
 
 
 def context_mask(context_lens: torch.Tensor, width: int, block_size: int) -> torch.Tensor:
@@ -67,20 +63,20 @@ def kernel_check(device: str, dtype: torch.dtype) -> str:
     """Why the Triton kernel should not be used on ``device`` ("" when it gives the reference's result on a small
     case: GQA 3:1, scattered blocks, contexts across blocks). Run once at load, so that a kernel that fails to
     compile or computes wrongly on some GPU costs its speed, not the engine."""
-    try:
-        from tokenworks.model.triton_paged_decode import paged_decode as kernel
+    g = torch.Generator().manual_seed(0)
+    kc, vc = (torch.randn(6, 16, 2, 64, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    q = torch.randn(3, 6, 64, generator=g).to(device=device, dtype=dtype)
+    table = torch.tensor([[1, 2, 0], [3, 0, 0], [4, 5, 1]], dtype=torch.int32, device=device)
+    lens = torch.tensor([20, 5, 40], dtype=torch.int32, device=device)
 
-        g = torch.Generator().manual_seed(0)
-        kc, vc = (torch.randn(6, 16, 2, 64, generator=g).to(device=device, dtype=dtype) for _ in range(2))
-        q = torch.randn(3, 6, 64, generator=g).to(device=device, dtype=dtype)
-        table = torch.tensor([[1, 2, 0], [3, 0, 0], [4, 5, 1]], dtype=torch.int32, device=device)
-        lens = torch.tensor([20, 5, 40], dtype=torch.int32, device=device)
-        err = (kernel(q, kc, vc, table, lens, 0.125).float()
-               - paged_decode_torch(q, kc, vc, table, lens, 0.125).float()).abs().max().item()
-    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-    return "" if err <= tolerance else f"its result differs from the reference by {err:.3g}"
+    def case(kernel: bool) -> list[torch.Tensor]:
+        if not kernel:
+            return [paged_decode_torch(q, kc, vc, table, lens, 0.125)]
+        from tokenworks.model.triton_paged_decode import paged_decode as run
+
+        return [run(q, kc, vc, table, lens, 0.125)]
+
+    return compare({"paged_decode": case}, dtype)
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedDecode,
