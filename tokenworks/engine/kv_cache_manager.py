@@ -105,12 +105,12 @@ class KVCacheManager:
             blocks = blocks + self.pool.allocate(needed)
         rid = request.request_id
         self.req_blocks[rid] = blocks
-        if len(blocks) > old or rid not in self._ids:
+        if len(blocks) > old:
             self._ids[rid] = self._ids.get(rid, []) + [b.block_id for b in blocks[old:]]
         return True
 
     def cache_blocks(self, request: Request) -> None:
-        """Publish every full block whose KV is computed."""
+        """Publish every full block whose KV is computed (each block once: those offered before are skipped)."""
         if not self.pool.enable_prefix_caching:
             return
         rid = request.request_id

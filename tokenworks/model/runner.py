@@ -15,6 +15,8 @@ taken yet) is read from that step's sampled tokens on the device.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from tokenworks.engine.scheduler_output import PLACEHOLDER, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
@@ -44,9 +46,13 @@ class LaunchedStep:
 
     def __init__(self, sampled: SampledTokens | None = None) -> None:
         self.sampled = sampled
-        # Row of each sampling request in ``sampled.tokens``: where the next step finds its pending inputs.
+        # The sampling requests in the order of ``sampled.tokens``: where the next step finds its pending inputs.
         self.order = [s.request_id for s in sampled.reqs] if sampled is not None else []
-        self.rows = {rid: i for i, rid in enumerate(self.order)}
+
+    @functools.cached_property
+    def rows(self) -> dict[str, int]:
+        """Request id -> its row in ``sampled.tokens`` (only when the next step's rows are not in ``order``)."""
+        return {rid: i for i, rid in enumerate(self.order)}
 
     def result(self) -> ModelRunnerOutput:
         out = ModelRunnerOutput()
