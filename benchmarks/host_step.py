@@ -13,16 +13,19 @@ loop, alternated over rounds in one process (the median of the rounds').
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
-import time
 
 import torch
 
-from tokenworks.config import EngineArgs, ModelConfig
-from tokenworks.llm import build_random_engine
-from tokenworks.model.cuda_graphs import EagerCapture
-from tokenworks.sampling_params import SamplingParams
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from engine import median_time  # noqa: E402
+
+from tokenworks.config import EngineArgs, ModelConfig  # noqa: E402
+from tokenworks.llm import build_random_engine  # noqa: E402
+from tokenworks.model.cuda_graphs import EagerCapture  # noqa: E402
+from tokenworks.sampling_params import SamplingParams  # noqa: E402
 
 TINY = ModelConfig(architecture="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -46,12 +49,7 @@ def host_step_ms(batch: int, context: int, steps: int, overlap: bool) -> float:
         engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=steps + 16, ignore_eos=True))
     while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.running):
         engine.step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    return median_time(engine.step, steps, warmup=0) * 1e3
 
 
 def main() -> int:

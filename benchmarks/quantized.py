@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from engine import median_time  # noqa: E402
 
 
 def step_ms(llm, batch: int, steps: int = 12) -> float:
@@ -26,14 +27,10 @@ def step_ms(llm, batch: int, steps: int = 12) -> float:
         e.add_request(f"b{batch}-{i}-{time.time_ns()}", [(i * 31 + j) % 900 + 1 for j in range(40)], params)
     while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in e.scheduler.requests.values()):
         e.step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        e.step()
-        times.append(time.perf_counter() - t)
+    ms = median_time(e.step, steps, warmup=0) * 1e3
     for rid in list(e.scheduler.requests):
         e.abort(rid)
-    return statistics.median(times) * 1e3
+    return ms
 
 
 def main() -> int:
