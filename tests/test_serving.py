@@ -64,6 +64,10 @@ def test_stream_matches_non_stream_and_reports_usage(server, client):
     assert usage is not None and 1 <= usage.completion_tokens <= 16 and usage.prompt_tokens > 100
     reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert reasons in (["length"], ["stop"])
+    # The gaps between streamed tokens, as /metrics reports them, are gaps (well under seconds), not clock readings.
+    gaps, total = server.metric("tokenworks:inter_token_latency_seconds_count"), \
+        server.metric("tokenworks:inter_token_latency_seconds_sum")
+    assert gaps >= usage.completion_tokens - 1 and 0 < total / gaps < 5
     server.wait_idle()
 
 

@@ -10,12 +10,13 @@ from typing import Any, AsyncIterator
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenworks.router.router import Delta, RequestFailed, Router, WorkerUnavailable
 from tokenworks.router.schema import ChatCompletionRequest, CompletionRequest
+from tokenworks.router.sse import EventStream
 from tokenworks.sampling_params import SamplingParams
 from tokenworks.tokenizer import Tokenizer
 
@@ -282,11 +283,12 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
 
         return replace(params, seed=(params.seed + i) % 2**63)
 
-    async def run_choices(prompt: list[int], params: SamplingParams, n: int, prefix: str
+    async def run_choices(prompt: list[int], params: SamplingParams, n: int, prefix: str, direct=None
                           ) -> AsyncIterator[tuple[int, Delta]]:
-        """Merge the streams of n choices; cancel them all if the consumer leaves."""
+        """Merge the streams of n choices; cancel them all if the consumer leaves. With one choice, ``direct``
+        (see Router.generate) takes the deltas of steady decoding."""
         if n == 1:
-            async for d in router.generate(router.new_request_id(prefix), prompt, params):
+            async for d in router.generate(router.new_request_id(prefix), prompt, params, direct):
                 yield 0, d
             return
         queue: asyncio.Queue = asyncio.Queue()
@@ -378,8 +380,16 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        chunk = ChunkEncoder(kind, rid, created, model_name, include_usage, want_logprobs).chunk
+        completion_tokens = [0]
+        response: EventStream | None = None
+
+        def direct(d: Delta) -> None:  # a token of steady decoding, from the router's reader (router/stream.py)
+            completion_tokens[0] += len(d.token_ids)
+            response.write(chunk(0, d))
+
         # Start the first choice before answering, so that a request no worker can take gets a real status code.
-        gen = run_choices(prompt, params, body.n, rid)
+        gen = run_choices(prompt, params, body.n, rid, direct if body.n == 1 else None)
         try:
             first = await until_disconnect(gen.__anext__(), http)
         except StopAsyncIteration:
@@ -391,25 +401,21 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             await gen.aclose()
             raise translate(e) from e
 
-        chunk = ChunkEncoder(kind, rid, created, model_name, include_usage, want_logprobs).chunk
-
         async def events() -> AsyncIterator[bytes]:
-            completion_tokens = 0
             try:
                 if kind == "chat":
                     for i in range(body.n):
                         yield chunk(i, None, role=True)
-                items = gen
                 if first is not None:
                     i, d = first
-                    completion_tokens += len(d.token_ids)
+                    completion_tokens[0] += len(d.token_ids)
                     cached[0] = d.num_cached_tokens if i == 0 else cached[0]
                     yield chunk(i, d)
-                async for i, d in items:
-                    completion_tokens += len(d.token_ids)
+                async for i, d in gen:
+                    completion_tokens[0] += len(d.token_ids)
                     yield chunk(i, d)
                 if include_usage:
-                    usage = usage_of(completion_tokens)
+                    usage = usage_of(completion_tokens[0])
                     yield sse({"id": rid, "object": chunk_obj, "created": created, "model": model_name, "choices": [],
                                "usage": usage})
                 yield b"data: [DONE]\n\n"
@@ -419,7 +425,8 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             finally:
                 await gen.aclose()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        response = EventStream(events(), headers={"Cache-Control": "no-cache"})
+        return response
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: Request) -> Response:

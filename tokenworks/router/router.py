@@ -21,7 +21,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import msgspec
 import zmq
@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from tokenworks.codec import Codec
 from tokenworks.router.kv_index import KVIndex
 from tokenworks.router.policy import RoutingPolicy, WorkerView
+from tokenworks.router.stream import RequestStream
 from tokenworks.sampling_params import SamplingParams
 from tokenworks.tokenizer import IncrementalDetokenizer, Tokenizer
 from tokenworks.worker import protocol as P
@@ -124,6 +125,51 @@ class _WorkerLost:
     worker_id: str
 
 
+class _Ledger:
+    """What one attempt's outputs add up to, taken the same way by the attempt's task and by its lane: the text
+    (through the request's detokenizer, which finds stop strings), the token metrics, and the prefilling
+    worker's measured rate once the first token is in."""
+
+    __slots__ = ("router", "detok", "t0", "prefiller", "uncached", "first", "last", "stopped")
+
+    def __init__(self, router: Router, detok: IncrementalDetokenizer | None, t0: float, prefiller: WorkerView,
+                 uncached: int) -> None:
+        self.router, self.detok, self.t0, self.prefiller, self.uncached = router, detok, t0, prefiller, uncached
+        self.first = True  # no token yet
+        self.last = t0  # when the last token came
+        self.stopped = False  # a stop string ended the request here while its worker still runs it
+
+    def take(self, out: P.Output) -> Delta:
+        now = time.monotonic()
+        tokens, text = out.new_token_ids, ""
+        detok = self.detok
+        if detok is not None:
+            end = len(tokens) - 1
+            for k, t in enumerate(tokens):
+                text += detok.add_token(t, final=out.finished and k == end)
+                if detok.stopped:
+                    tokens, self.stopped = tokens[: k + 1], not out.finished
+                    break
+        if tokens:
+            router = self.router
+            m = router.metrics
+            if self.first:
+                m.ttft.observe(now - self.t0)
+                m.prompt_tokens.inc(out.num_prompt_tokens)
+                m.cached_prompt_tokens.inc(out.num_cached_tokens)
+                self.first = False
+                self.prefiller.queued_prefill_tokens -= self.uncached
+                self.prefiller.rates.done(now, max(1, out.num_prompt_tokens - out.num_cached_tokens))
+            else:
+                m.itl.observe(now - self.last)
+            self.last = now
+            m.generation_tokens.inc(len(tokens))
+            router.generated_tokens += len(tokens)
+        return Delta(tokens, text, out.finished or self.stopped, "stop" if self.stopped else out.finish_reason,
+                     out.num_prompt_tokens,
+                     self.router._named(out.logprobs[: len(tokens)]) if out.logprobs else [], out.num_cached_tokens)
+
+
 class Router:
     def __init__(self, *, block_size: int, local_prefill_threshold: int, heartbeat_timeout: float = 5.0,
                  max_inflight: int = 256, max_queue_wait: float = 30.0, max_failovers: int = 3,
@@ -144,7 +190,7 @@ class Router:
         Gauge("tokenworks:kv_index_bytes", "Approximate memory of the router's KV index",
               registry=self.metrics.registry).set_function(lambda: self.kv_index.nbytes)
         self.heartbeat_timeout = heartbeat_timeout
-        self.streams: dict[str, asyncio.Queue] = {}
+        self.streams: dict[str, RequestStream] = {}
         self._waiting_on: dict[str, WorkerHandle] = {}  # request id -> the worker its stream waits on
         self._stopped: dict[str, float] = {}  # requests a stop string ended here -> when (their late tokens count)
         self.tokenizer = tokenizer  # None: no text, token ids only
@@ -211,7 +257,7 @@ class Router:
                 del self._waiting_on[rid]
                 stream = self.streams.get(rid)
                 if stream is not None:
-                    stream.put_nowait(_WorkerLost(handle.ready.worker_id))
+                    stream.put(_WorkerLost(handle.ready.worker_id))
 
     def expect(self, worker_id: str) -> None:
         """Take the Ready of a worker this router is starting (its command endpoint comes with it)."""
@@ -260,7 +306,7 @@ class Router:
                 for out in msg.outputs:
                     stream = streams.get(out.request_id)
                     if stream is not None:
-                        stream.put_nowait(out)
+                        stream.put(out)
                     elif out.request_id in self._stopped:
                         self.metrics.tokens_after_stop.inc(len(out.new_token_ids))
                 continue
@@ -279,7 +325,7 @@ class Router:
                 continue
             stream = self.streams.get(msg.request_id)
             if stream is not None:
-                stream.put_nowait(msg)
+                stream.put(msg)
 
     async def send(self, worker: WorkerHandle, msg: P.ToWorker) -> None:
         await worker.sock.send(self._to_worker.encode(msg))
@@ -360,12 +406,14 @@ class Router:
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}-{time.time_ns() % 10**9}"
 
-    async def _next(self, stream: asyncio.Queue) -> P.Output:
-        msg = stream.get_nowait() if stream.qsize() else await stream.get()
+    async def _next(self, stream: RequestStream) -> P.Output | Delta:
+        msg = await stream.get()
         if isinstance(msg, _WorkerLost):
             raise WorkerUnavailable(f"worker {msg.worker_id} stopped answering")
         if isinstance(msg, P.Failed):
             raise RequestFailed(msg.message, msg.status)
+        if isinstance(msg, Exception):
+            raise msg
         return msg
 
     def _named(self, entries: list[P.LogprobEntry]) -> list[P.LogprobEntry]:
@@ -376,23 +424,35 @@ class Router:
         return [P.LogprobEntry(e.token_id, name(e.token_id) or "", e.logprob, [(t, name(t) or "", v) for t, _, v in e.top])
                 for e in entries]
 
-    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
+                       direct: Callable[[Delta], None] | None = None) -> AsyncIterator[Delta]:
         """Stream a request; if a worker dies under it, continue on another from the tokens already sent.
 
         A retry sends prompt + the tokens the client already has as the new prompt, with the
         remaining token budget, so the client sees one stream with nothing repeated or lost.
+
+        With ``direct``, the deltas of steady decoding are not yielded: ``direct`` gets them, called from the
+        router's reader as each worker step arrives (router/stream.py); it must not block. The rest (the first
+        token, the last, anything a failover or hand-over takes part in) is yielded as usual, in order.
         """
         if self._admitted:
             self._admitted.popleft()  # from here on this request counts through its stream
         detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop) if self.tokenizer is not None else None
         emitted: list[int] = []
         failures = 0
+
+        def delivered(delta: Delta) -> None:
+            emitted.extend(delta.token_ids)
+            delta.num_prompt_tokens = len(prompt)
+            direct(delta)
+
         while True:
             attempt_id = request_id if failures == 0 else f"{request_id}-retry{failures}"
             remaining = params.max_tokens - len(emitted)
             attempt_params = params if not emitted else replace(
                 params, max_tokens=remaining, min_tokens=max(0, params.min_tokens - len(emitted)))
-            attempt = self._attempt(attempt_id, prompt + emitted, attempt_params, detok)
+            attempt = self._attempt(attempt_id, prompt + emitted, attempt_params, detok,
+                                    delivered if direct is not None else None)
             try:
                 async for delta in attempt:
                     emitted.extend(delta.token_ids)
@@ -412,32 +472,34 @@ class Router:
                 await attempt.aclose()  # its clean-up (aborts on the workers) now, not when collected
 
     async def _attempt(self, request_id: str, prompt: list[int], params: SamplingParams,
-                       detok: IncrementalDetokenizer | None) -> AsyncIterator[Delta]:
+                       detok: IncrementalDetokenizer | None,
+                       direct: Callable[[Delta], None] | None) -> AsyncIterator[Delta]:
         try:
             placement = self.policy.place(self.view(), prompt)
         except LookupError as e:
             raise NoWorkerAvailable(str(e)) from e
         decode = self.workers[placement.decode.worker_id]
         prefill = self.workers[placement.prefill.worker_id] if placement.prefill else None
-        stream: asyncio.Queue = asyncio.Queue()
+        stream = RequestStream()
         self.streams[request_id] = stream
         holders: list[WorkerHandle] = []
-        finished = stopped = False  # stopped: a stop string ended it here while its worker still runs it
+        finished = False
         m = self.metrics
         source = decode if prefill is None else prefill
         self._waiting_on[request_id] = source
         source.view.inflight += 1
         m.running.inc()
-        t0 = last = time.monotonic()
+        t0 = time.monotonic()
         # Load the policy and admission see: the prompt's KV on the decode worker (and on the prefill worker until
         # the hand-over), the uncached tokens queued on the worker that prefills until its first token.
-        n_prompt, uncached, prefiller = len(prompt), placement.uncached_tokens, source.view
+        n_prompt, uncached = len(prompt), placement.uncached_tokens
+        ledger = _Ledger(self, detok, t0, source.view, uncached)
         decode.view.active_tokens += n_prompt
         prefill_holds = prefill is not None
         if prefill_holds:
             prefill.view.active_tokens += n_prompt
-        prefiller.queued_prefill_tokens += uncached
-        prefiller.rates.started(t0)
+        ledger.prefiller.queued_prefill_tokens += uncached
+        ledger.prefiller.rates.started(t0)
         m.routed.labels(placement.reason).inc()
         m.predicted_hit_tokens.inc(placement.cached_tokens)
         self.decisions.append({
@@ -445,7 +507,17 @@ class Router:
             "prefill": prefill.ready.worker_id if prefill else None, "reason": placement.reason,
             "prompt_tokens": n_prompt, "hit_tokens": placement.cached_tokens, "uncached_tokens": uncached,
             "costs": placement.costs})
-        first = True
+
+        def lane(out):
+            """A plain step of steady decoding, delivered from the reader's turn (router/stream.py)."""
+            if type(out) is not P.Output or out.finished or out.prefilled or out.kv_bytes or out.kv_fallback:
+                return out
+            delta = ledger.take(out)
+            if delta.finished:
+                return delta  # a stop string ended it: the task ends the request
+            direct(delta)
+            return None
+
         try:
             if prefill is None:
                 m.prefills.labels("local").inc()
@@ -456,37 +528,16 @@ class Router:
                 holders.append(prefill)
                 await self.send(prefill, P.Submit(request_id, prompt, params, "prefill"))
             while True:
-                out = await self._next(stream)
-                now = time.monotonic()
-                tokens, text = out.new_token_ids, ""
-                if detok is not None:
-                    last = len(tokens) - 1
-                    for k, t in enumerate(tokens):
-                        text += detok.add_token(t, final=out.finished and k == last)
-                        if detok.stopped:
-                            tokens, stopped = tokens[: k + 1], not out.finished
-                            break
-                reason = "stop" if stopped else out.finish_reason
-                if tokens:
-                    if first:
-                        m.ttft.observe(now - t0)
-                        m.prompt_tokens.inc(out.num_prompt_tokens)
-                        m.cached_prompt_tokens.inc(out.num_cached_tokens)
-                        first = False
-                        prefiller.queued_prefill_tokens -= uncached
-                        prefiller.rates.done(now, max(1, out.num_prompt_tokens - out.num_cached_tokens))
-                    else:
-                        m.itl.observe(now - last)
-                    last = now
-                    m.generation_tokens.inc(len(tokens))
-                    self.generated_tokens += len(tokens)
-                if out.kv_bytes or out.kv_fallback:
+                item = await self._next(stream)
+                out = item if isinstance(item, P.Output) else None  # else a Delta its lane made
+                delta = ledger.take(out) if out is not None else item
+                if out is not None and (out.kv_bytes or out.kv_fallback):
                     m.kv_bytes.inc(out.kv_bytes)
                     m.kv_seconds.observe(out.kv_seconds)
                     if out.kv_fallback:
                         m.kv_fallbacks.inc()
                         m.kv_failures.labels(out.kv_failure or "error").inc()
-                if out.prefilled and not out.finished and not stopped:
+                if out is not None and out.prefilled and not delta.finished:
                     # Hand over to the decode worker; the prefill worker frees its blocks once they are read.
                     prefill.view.inflight -= 1
                     prefill.view.active_tokens -= n_prompt
@@ -499,14 +550,15 @@ class Router:
                         request_id, prompt, params, "decode", first_token=out.new_token_ids[0],
                         kv_peer=prefill.ready.kv_peer, kv_block_ids=out.kv_block_ids,
                     ))
-                if out.finished or stopped:  # bookkeeping before the last yield: the consumer may stop there
+                if delta.finished:  # bookkeeping before the last yield: the consumer may stop there
                     finished = True
-                    m.requests.labels(reason or "stop").inc()
+                    m.requests.labels(delta.finish_reason or "stop").inc()
                     m.e2e.observe(time.monotonic() - t0)
-                yield Delta(tokens, text, finished, reason, out.num_prompt_tokens,
-                            self._named(out.logprobs[: len(tokens)]) if out.logprobs else [], out.num_cached_tokens)
+                yield delta
                 if finished:
                     return
+                if direct is not None:
+                    stream.open_lane(lane)
         finally:
             self.streams.pop(request_id, None)
             self._waiting_on.pop(request_id, None)
@@ -514,10 +566,11 @@ class Router:
             decode.view.active_tokens -= n_prompt
             if prefill_holds:
                 prefill.view.active_tokens -= n_prompt
-            if first:
-                prefiller.queued_prefill_tokens -= uncached
-                prefiller.rates.cancelled(time.monotonic())
+            if ledger.first:
+                ledger.prefiller.queued_prefill_tokens -= uncached
+                ledger.prefiller.rates.cancelled(time.monotonic())
             source.view.inflight -= 1  # the one worker counting this request now
+            stopped = ledger.stopped  # a stop string ended it here while its worker still runs it
             if stopped:
                 self._stopped[request_id] = time.monotonic()
             if not finished or stopped:

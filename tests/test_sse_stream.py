@@ -1,0 +1,193 @@
+"""The token lane (router/stream.py) and the response it writes into (router/sse.py): events written from outside the
+response's task and events of its body go out in the order given, also when the server applies back-pressure; a
+client that leaves ends the body; nothing a lane does can reach the router's reader as an exception.
+
+The ASGI server is scripted here (its ``send`` suspends when the test says, as uvicorn's does when its transport is
+paused) because real back-pressure cannot be produced on demand; the real server runs these paths in
+test_serving.py and the fault tests."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tokenworks.router.sse import EventStream
+from tokenworks.router.stream import RequestStream
+
+
+class ScriptedServer:
+    """An ASGI server's side of one response: records what is sent; ``pause()`` makes the next sends wait."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+        self.resume = asyncio.Event()
+        self.resume.set()
+        self.disconnect = asyncio.Event()
+        self.busy = False
+
+    def pause(self) -> None:
+        self.resume.clear()
+
+    async def send(self, message: dict) -> None:
+        assert not self.busy, "a send began while another was suspended (ASGI promises nothing for that)"
+        self.busy = True
+        try:
+            await self.resume.wait()  # suspends only while paused, as uvicorn's send does
+        finally:
+            self.busy = False
+        self.sent.append(message)
+
+    async def receive(self) -> dict:
+        await self.disconnect.wait()
+        return {"type": "http.disconnect"}
+
+    def bodies(self) -> list[bytes]:
+        return [m["body"] for m in self.sent if m["type"] == "http.response.body" and m.get("more_body")]
+
+
+def test_written_and_body_events_keep_their_order_through_back_pressure():
+    async def main():
+        server = ScriptedServer()
+        step = asyncio.Queue()
+
+        async def body():
+            yield b"b0"
+            await step.get()  # the test writes from outside while the body waits, as the reader does
+            yield b"b1"
+
+        response = EventStream(body())
+        task = asyncio.ensure_future(response(scope={}, receive=server.receive, send=server.send))
+        await asyncio.sleep(0.01)  # started; the body sent b0 and waits
+        response.write(b"w0")  # the server has room: on the wire at once, no task switch
+        assert server.bodies() == [b"b0", b"w0"]
+        server.pause()
+        response.write(b"w1")  # suspends in the server: finished later by a task
+        response.write(b"w2")  # waits behind it
+        step.put_nowait(None)  # the body's next event comes while the server is paused
+        await asyncio.sleep(0.01)
+        assert server.bodies() == [b"b0", b"w0"]
+        server.resume.set()
+        await asyncio.wait_for(task, 5)
+        assert server.bodies() == [b"b0", b"w0", b"w1", b"w2", b"b1"]
+        assert server.sent[0]["type"] == "http.response.start"
+        assert server.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+
+    asyncio.run(main())
+
+
+def test_events_written_before_the_response_starts_go_out_first():
+    async def main():
+        server = ScriptedServer()
+
+        async def body():
+            yield b"b0"
+
+        response = EventStream(body())
+        response.write(b"early")
+        await asyncio.wait_for(response(scope={}, receive=server.receive, send=server.send), 5)
+        assert server.bodies() == [b"early", b"b0"]
+
+    asyncio.run(main())
+
+
+def test_a_client_that_leaves_ends_the_body_and_nothing_more_is_sent():
+    async def main():
+        server = ScriptedServer()
+        ended = asyncio.Event()
+
+        async def body():
+            try:
+                yield b"b0"
+                await asyncio.Event().wait()  # a request that would run on
+                yield b"never"
+            finally:
+                ended.set()  # where the API's clean-up aborts the request on its workers
+
+        response = EventStream(body())
+        task = asyncio.ensure_future(response(scope={}, receive=server.receive, send=server.send))
+        await asyncio.sleep(0.01)
+        server.disconnect.set()
+        await asyncio.wait_for(task, 5)
+        assert ended.is_set()
+        assert server.bodies() == [b"b0"]
+        assert not any(m.get("more_body") is False for m in server.sent)
+
+    asyncio.run(main())
+
+
+def test_a_send_that_fails_under_a_write_ends_the_response_with_that_error():
+    async def main():
+        server = ScriptedServer()
+        ended = asyncio.Event()
+
+        async def broken_send(message):
+            if message.get("body") == b"bad":
+                raise RuntimeError("transport gone")
+            await server.send(message)
+
+        async def body():
+            try:
+                yield b"b0"
+                await asyncio.Event().wait()
+            finally:
+                ended.set()
+
+        response = EventStream(body())
+        task = asyncio.ensure_future(response(scope={}, receive=server.receive, send=broken_send))
+        await asyncio.sleep(0.01)
+        response.write(b"bad")  # must not raise into the writer (the router's reader)
+        with pytest.raises(RuntimeError, match="transport gone"):
+            await asyncio.wait_for(task, 5)
+        assert ended.is_set()
+
+    asyncio.run(main())
+
+
+def test_a_lane_takes_messages_only_while_open_and_gives_back_the_rest_in_order():
+    async def main():
+        stream = RequestStream()
+        taken: list = []
+
+        def lane(msg):
+            if msg == "end":
+                return "end (seen by the task)"
+            if msg == "boom":
+                raise ValueError("lane broke")
+            taken.append(msg)
+            return None
+
+        stream.put("first")  # no lane yet: for the task
+        assert await stream.get() == "first"
+        stream.open_lane(lane)
+        stream.put(1)
+        stream.put(2)
+        assert taken == [1, 2]
+        stream.put("end")  # given back: queued for the task, and the lane stays shut behind it
+        stream.put(3)
+        assert taken == [1, 2]
+        assert await stream.get() == "end (seen by the task)"
+        assert await stream.get() == 3  # the lane is shut while the task works: 3 was queued, in order
+        stream.open_lane(lane)
+        stream.put("boom")  # a lane that raises: the error goes to the task, not to whoever called put
+        err = await stream.get()
+        assert isinstance(err, ValueError) and str(err) == "lane broke"
+        stream.put(4)  # the lane was shut by its error
+        assert await stream.get() == 4 and taken == [1, 2]
+
+    asyncio.run(main())
+
+
+def test_a_waiting_task_is_woken_by_a_message_the_lane_gives_back():
+    async def main():
+        stream = RequestStream()
+        stream.open_lane(lambda msg: msg if msg == "end" else None)
+        waiter = asyncio.ensure_future(stream.get())
+        await asyncio.sleep(0)
+        stream.put("token")  # taken by the lane: the task sleeps on
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        stream.put("end")
+        assert await asyncio.wait_for(waiter, 5) == "end"
+
+    asyncio.run(main())
