@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import sys
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable
@@ -27,6 +28,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from tokenworks.codec import Codec
 from tokenworks.router.kv_index import KVIndex
@@ -76,7 +78,6 @@ class Metrics:
         self.e2e = Histogram("tokenworks:e2e_request_latency_seconds", "Request latency", registry=r,
                              buckets=_LATENCY_BUCKETS)
         self.prompt_tokens = Counter("tokenworks:prompt_tokens", "Prompt tokens processed", registry=r)
-        self.generation_tokens = Counter("tokenworks:generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter("tokenworks:requests", "Finished requests", ["finish_reason"], registry=r)
         self.running = Gauge("tokenworks:num_requests_running", "Requests in flight at the router", registry=r)
         self.prefills = Counter("tokenworks:prefills", "Prefills by where they ran", ["where"], registry=r)
@@ -103,6 +104,16 @@ class Metrics:
                                             "found in the chosen decode worker's prefix cache (its KV index)", registry=r)
         self.cached_prompt_tokens = Counter("tokenworks:prompt_tokens_cached", "Prompt tokens the prefilling worker "
                                             "found in its prefix cache", registry=r)
+
+
+class _ReadAtScrape:
+    """A counter the hot path keeps as a plain int (no lock and no call per token), read when /metrics is scraped."""
+
+    def __init__(self, name: str, documentation: str, read) -> None:
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def collect(self):
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())
 
 
 @dataclass
@@ -163,8 +174,7 @@ class _Ledger:
             else:
                 m.itl.observe(now - self.last)
             self.last = now
-            m.generation_tokens.inc(len(tokens))
-            router.generated_tokens += len(tokens)
+            router.generated_tokens += len(tokens)  # tokenworks:generation_tokens_total
         return Delta(tokens, text, out.finished or self.stopped, "stop" if self.stopped else out.finish_reason,
                      out.num_prompt_tokens,
                      self.router._named(out.logprobs[: len(tokens)]) if out.logprobs else [], out.num_cached_tokens)
@@ -177,7 +187,9 @@ class Router:
                  price_per_worker_hour: float | None = None, tokenizer: Tokenizer | None = None,
                  overlap_weight: float = 1.0, routing: str = "kv") -> None:
         self.ctx = zmq.asyncio.Context.instance()
-        self.events = self.ctx.socket(zmq.PULL)
+        # A plain socket, drained from the event loop's own poll of its descriptor (start()): one wake-up reads
+        # every message that has come, with none of an asyncio socket's per-message futures.
+        self.events = zmq.Socket(self.ctx, zmq.PULL)
         port = self.events.bind_to_random_port(f"tcp://{internal_host}")
         self.events_endpoint = f"tcp://{internal_host}:{port}"
         self.workers: dict[str, WorkerHandle] = {}
@@ -198,7 +210,6 @@ class Router:
         self._to_worker = Codec(P.ToWorker, secret)
         self._from_worker = Codec(P.FromWorker, secret)
         self.num_refused_messages = 0  # malformed, unsigned or badly signed
-        self._reader: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
         self._expected: set[str] = set()  # ids of the workers this router started
         self.max_model_len = 0
@@ -210,6 +221,8 @@ class Router:
         self.max_queue_wait = max_queue_wait
         self._admitted: deque[float] = deque()  # admission times of requests whose streams do not exist yet
         self.generated_tokens = 0
+        self.metrics.registry.register(_ReadAtScrape("tokenworks:generation_tokens", "Tokens generated",
+                                                     lambda: self.generated_tokens))
         if price_per_worker_hour is not None:
             self._cost_metrics(price_per_worker_hour)
 
@@ -239,7 +252,8 @@ class Router:
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._reader = loop.create_task(self._read_events())
+        loop.add_reader(self.events.FD, self._read_events)
+        loop.call_soon(self._read_events)  # the descriptor signals changes only: read what came before
         self._watchdog = loop.create_task(self._watch())
 
     async def _watch(self, interval: float = 0.2) -> None:
@@ -282,50 +296,62 @@ class Router:
         """The longest context every worker takes (0 with no worker)."""
         self.max_model_len = min((w.ready.max_model_len for w in self.workers.values()), default=0)
 
-    async def _read_events(self) -> None:
-        while True:
-            raw = await self.events.recv()
+    def _read_events(self, batch: int = 256) -> None:
+        """The messages the workers have sent so far (called when the socket's descriptor is readable); after
+        ``batch`` of them the loop's other work goes first and the rest are read in the next turn."""
+        for _ in range(batch):
             try:
-                msg = self._from_worker.decode(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-                self.num_refused_messages += 1
-                continue
-            if isinstance(msg, P.Ready):
-                self._register(msg)
-                continue
-            handle = self.workers.get(msg.worker_id)
+                raw = self.events.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._on_message(raw)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the router hearing its workers
+                traceback.print_exc()
+        asyncio.get_running_loop().call_soon(self._read_events)
+
+    def _on_message(self, raw: bytes) -> None:
+        try:
+            msg = self._from_worker.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            self.num_refused_messages += 1
+            return
+        if isinstance(msg, P.Ready):
+            self._register(msg)
+            return
+        handle = self.workers.get(msg.worker_id)
+        if handle is not None:
+            handle.last_seen = time.monotonic()
+        if isinstance(msg, P.Unhealthy):
+            print(f"[tokenworks] worker {msg.worker_id} is unhealthy: {msg.reason}", file=sys.stderr, flush=True)
+            self.metrics.unhealthy.labels(msg.reason.split(":")[0]).inc()
+            self.mark_dead(msg.worker_id)
+            return
+        if isinstance(msg, P.Outputs):
+            streams = self.streams
+            for out in msg.outputs:
+                stream = streams.get(out.request_id)
+                if stream is not None:
+                    stream.put(out)
+                elif out.request_id in self._stopped:
+                    self.metrics.tokens_after_stop.inc(len(out.new_token_ids))
+            return
+        if isinstance(msg, P.KVEvents):
+            self.kv_index.apply(msg.worker_id, msg.events)
+            return
+        if isinstance(msg, P.Stats):
             if handle is not None:
-                handle.last_seen = time.monotonic()
-            if isinstance(msg, P.Unhealthy):
-                print(f"[tokenworks] worker {msg.worker_id} is unhealthy: {msg.reason}", file=sys.stderr, flush=True)
-                self.metrics.unhealthy.labels(msg.reason.split(":")[0]).inc()
-                self.mark_dead(msg.worker_id)
-                continue
-            if isinstance(msg, P.Outputs):
-                streams = self.streams
-                for out in msg.outputs:
-                    stream = streams.get(out.request_id)
-                    if stream is not None:
-                        stream.put(out)
-                    elif out.request_id in self._stopped:
-                        self.metrics.tokens_after_stop.inc(len(out.new_token_ids))
-                continue
-            if isinstance(msg, P.KVEvents):
-                self.kv_index.apply(msg.worker_id, msg.events)
-                continue
-            if isinstance(msg, P.Stats):
-                if handle is not None:
-                    handle.stats = msg
-                    handle.view.queue_depth = msg.num_waiting
-                    m, w = self.metrics, msg.worker_id
-                    m.queue.labels(w).set(msg.num_waiting)
-                    m.worker_running.labels(w).set(msg.num_running)
-                    m.blocks_used.labels(w).set(msg.blocks_used)
-                    m.blocks_total.labels(w).set(msg.blocks_total)
-                continue
-            stream = self.streams.get(msg.request_id)
-            if stream is not None:
-                stream.put(msg)
+                handle.stats = msg
+                handle.view.queue_depth = msg.num_waiting
+                m, w = self.metrics, msg.worker_id
+                m.queue.labels(w).set(msg.num_waiting)
+                m.worker_running.labels(w).set(msg.num_running)
+                m.blocks_used.labels(w).set(msg.blocks_used)
+                m.blocks_total.labels(w).set(msg.blocks_total)
+            return
+        stream = self.streams.get(msg.request_id)
+        if stream is not None:
+            stream.put(msg)
 
     async def send(self, worker: WorkerHandle, msg: P.ToWorker) -> None:
         await worker.sock.send(self._to_worker.encode(msg))
