@@ -299,11 +299,11 @@ class Router:
     def _read_events(self, batch: int = 256) -> None:
         """The messages the workers have sent so far (called when the socket's descriptor is readable); after
         ``batch`` of them the loop's other work goes first and the rest are read in the next turn."""
+        events = self.events
         for _ in range(batch):
-            try:
-                raw = self.events.recv(zmq.NOBLOCK)
-            except zmq.Again:
+            if not events.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # (the descriptor also wakes us for zmq's own work)
                 return
+            raw = events.recv(zmq.NOBLOCK)
             try:
                 self._on_message(raw)
             except Exception:  # noqa: BLE001 - one bad message must not stop the router hearing its workers
