@@ -74,6 +74,7 @@ def test_an_unhealthy_worker_is_taken_out_of_routing_at_once():
             await asyncio.sleep(0.01)
         prompt = list(range(100))
         assert router.policy.place(router.view(), prompt).prefill.worker_id == "prefill-0"
+        await push.send(b"\xc1 not msgpack")  # refused and counted; the reader goes on to the next message
         await push.send(enc.encode(P.Unhealthy("prefill-0", "the KV source thread died: RuntimeError: x")))
         t0 = time.monotonic()
         while router.workers["prefill-0"].alive(router.heartbeat_timeout) and time.monotonic() - t0 < 5:
@@ -83,9 +84,9 @@ def test_an_unhealthy_worker_is_taken_out_of_routing_at_once():
         assert placement.prefill is None and placement.decode.worker_id == "decode-0"  # prefilled locally now
         text = router.metrics.registry.get_sample_value("tokenworks:worker_unhealthy_total",
                                                         {"reason": "the KV source thread died"})
-        assert text == 1.0
+        assert text == 1.0 and router.num_refused_messages == 1
         push.close(0)
-        router._reader.cancel()
+        router.close()
 
     asyncio.run(main())
 

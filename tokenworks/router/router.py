@@ -256,6 +256,15 @@ class Router:
         loop.call_soon(self._read_events)  # the descriptor signals changes only: read what came before
         self._watchdog = loop.create_task(self._watch())
 
+    def close(self) -> None:
+        """Stop hearing the workers (the reader and the watchdog) and close the router's sockets."""
+        asyncio.get_running_loop().remove_reader(self.events.FD)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self.events.close(0)
+        for h in self.workers.values():
+            h.sock.close(0)
+
     async def _watch(self, interval: float = 0.2) -> None:
         """Tell the streams waiting on a worker that died or went silent (one timer for all streams)."""
         while True:
