@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from tokenworks.router.sse import EventStream
+from tokenworks.router.sse import RAW_SEND, EventStream
 from tokenworks.router.stream import RequestStream
 
 
@@ -189,5 +189,25 @@ def test_a_waiting_task_is_woken_by_a_message_the_lane_gives_back():
         assert not waiter.done()
         stream.put("end")
         assert await asyncio.wait_for(waiter, 5) == "end"
+
+    asyncio.run(main())
+
+
+def test_body_events_go_to_the_servers_own_send_when_the_app_kept_it():
+    async def main():
+        server = ScriptedServer()
+        wrapped: list[str] = []
+
+        async def middleware_send(message):  # what Starlette's middleware does: watch, then pass on
+            wrapped.append(message["type"])
+            await server.send(message)
+
+        async def body():
+            yield b"b0"
+
+        response = EventStream(body())
+        await asyncio.wait_for(response(scope={RAW_SEND: server.send}, receive=server.receive, send=middleware_send), 5)
+        assert wrapped == ["http.response.start"]  # the middleware saw the start; the events went past it
+        assert server.bodies() == [b"b0"] and server.sent[-1]["more_body"] is False
 
     asyncio.run(main())

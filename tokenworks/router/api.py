@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenworks.router.router import Delta, RequestFailed, Router, WorkerUnavailable
 from tokenworks.router.schema import ChatCompletionRequest, CompletionRequest
-from tokenworks.router.sse import EventStream
+from tokenworks.router.sse import RAW_SEND, EventStream
 from tokenworks.sampling_params import SamplingParams
 from tokenworks.tokenizer import Tokenizer
 
@@ -160,12 +160,21 @@ class Gate:
         await self.app(scope, replay, send)
 
 
+class _App(FastAPI):
+    """FastAPI, with the server's own ``send`` kept in the scope: a stream's token events (router/sse.py) go to it
+    straight, not through the middleware's send wrappers, which only watch for the response's start."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        scope[RAW_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
 def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
                launcher=None) -> FastAPI:
     """The OpenAI API over ``router``; with a ``launcher``, the admin API too (router/admin.py)."""
     from tokenworks.router.admin import add_admin_routes
 
-    app = FastAPI(title="tokenworks", version="0.1.0")
+    app = _App(title="tokenworks", version="0.1.0")
     app.state.router = router
     expected_auth = f"Bearer {api_key}".encode() if api_key else None
 

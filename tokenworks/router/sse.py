@@ -47,6 +47,11 @@ class _Resumed:
                     return stop.value
 
 
+# Where an app may keep the server's own send in the scope, for the body's events to bypass middleware that wraps
+# ``send`` only to see the response start (Starlette's error and exception middleware). Optional.
+RAW_SEND = "tokenworks.raw_send"
+
+
 def _body(event: bytes) -> dict:
     return {"type": "http.response.body", "body": event, "more_body": True}
 
@@ -116,7 +121,7 @@ class EventStream(Response):
 
     async def __call__(self, scope, receive, send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        self._send = send
+        send = self._send = scope.get(RAW_SEND, send)
         self._streaming = streaming = asyncio.ensure_future(self._stream())
         watching = asyncio.ensure_future(self._disconnected(receive))
         try:
