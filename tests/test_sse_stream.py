@@ -211,3 +211,67 @@ def test_body_events_go_to_the_servers_own_send_when_the_app_kept_it():
         assert server.bodies() == [b"b0"] and server.sent[-1]["more_body"] is False
 
     asyncio.run(main())
+
+
+def test_real_server_back_pressure_keeps_every_written_event_in_order():
+    """Real uvicorn, a client that does not read for a while: the writes fill the socket, uvicorn pauses its
+    transport and the sends suspend (the drain path); once the client reads, every event arrives, in order."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from tests.serving import free_port
+
+    n, pad = 600, b"x" * 16_000  # ~10 MB: more than loopback's socket buffers hold
+    suspended = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await receive()
+        done = asyncio.Event()
+
+        async def body():
+            await done.wait()
+            yield b"data: end\n\n"
+
+        response = EventStream(body())
+
+        async def writer():  # as the router's reader does: plain calls from another task, one per "step"
+            await asyncio.sleep(0.05)
+            for i in range(n):
+                response.write(b"data: %d %s\n\n" % (i, pad))
+                if response._draining is not None and not suspended:
+                    suspended.append(i)
+                await asyncio.sleep(0)
+            done.set()
+
+        asyncio.ensure_future(writer())
+        await response(scope, receive, send)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(1.5)  # not reading: the server's buffers fill
+            s.settimeout(30)
+            data = bytearray()
+            while not data.endswith(b"0\r\n\r\n"):
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+        events = [line for line in bytes(data).split(b"\n") if line.startswith(b"data: ")]
+        assert suspended, "the server never applied back-pressure: the test did not test the drain path"
+        assert [e.split(b" ")[1] for e in events] == [b"%d" % i for i in range(n)] + [b"end"]
+    finally:
+        server.should_exit = True
+        thread.join(10)
