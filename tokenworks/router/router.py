@@ -10,7 +10,9 @@ holds state for it.
 Workers send token ids, one message per engine step for all their requests;
 the router fans them out to the request streams and turns tokens into text
 with one detokenizer per stream, which also finds stop strings (the request
-is then aborted on its worker, which frees its KV at its next step).
+is then aborted on its worker, which frees its KV at its next step). In
+steady decoding a stream's tokens go from the reader straight to the client
+(router/stream.py's lane); the rest goes through the request's task here.
 """
 
 from __future__ import annotations
