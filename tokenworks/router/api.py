@@ -393,12 +393,15 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
         completion_tokens = [0]
         response: EventStream | None = None
 
-        def direct(d: Delta) -> None:  # a token of steady decoding, from the router's reader (router/stream.py)
+        def counted(i: int, d: Delta) -> bytes:
             completion_tokens[0] += len(d.token_ids)
-            response.write(chunk(0, d))
+            return chunk(i, d)
+
+        def direct(d: Delta) -> None:  # a token of steady decoding, from the router's reader (router/stream.py)
+            response.write(counted(0, d))
 
         # Start the first choice before answering, so that a request no worker can take gets a real status code.
-        gen = run_choices(prompt, params, body.n, rid, direct if body.n == 1 else None)
+        gen = run_choices(prompt, params, body.n, rid, direct)
         try:
             first = await until_disconnect(gen.__anext__(), http)
         except StopAsyncIteration:
@@ -417,12 +420,10 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
                         yield chunk(i, None, role=True)
                 if first is not None:
                     i, d = first
-                    completion_tokens[0] += len(d.token_ids)
                     cached[0] = d.num_cached_tokens if i == 0 else cached[0]
-                    yield chunk(i, d)
+                    yield counted(i, d)
                 async for i, d in gen:
-                    completion_tokens[0] += len(d.token_ids)
-                    yield chunk(i, d)
+                    yield counted(i, d)
                 if include_usage:
                     usage = usage_of(completion_tokens[0])
                     yield sse({"id": rid, "object": chunk_obj, "created": created, "model": model_name, "choices": [],

@@ -478,10 +478,10 @@ class Router:
         emitted: list[int] = []
         failures = 0
 
-        def delivered(delta: Delta) -> None:
+        def kept(delta: Delta) -> Delta:  # what the client has now, and counts of the whole request's prompt
             emitted.extend(delta.token_ids)
             delta.num_prompt_tokens = len(prompt)
-            direct(delta)
+            return delta
 
         while True:
             attempt_id = request_id if failures == 0 else f"{request_id}-retry{failures}"
@@ -489,12 +489,10 @@ class Router:
             attempt_params = params if not emitted else replace(
                 params, max_tokens=remaining, min_tokens=max(0, params.min_tokens - len(emitted)))
             attempt = self._attempt(attempt_id, prompt + emitted, attempt_params, detok,
-                                    delivered if direct is not None else None)
+                                    (lambda delta: direct(kept(delta))) if direct is not None else None)
             try:
                 async for delta in attempt:
-                    emitted.extend(delta.token_ids)
-                    delta.num_prompt_tokens = len(prompt)
-                    yield delta
+                    yield kept(delta)
                     if delta.finished:
                         return
                 return
