@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -63,10 +64,16 @@ def make_app(step: float):
     return app
 
 
-def server_cpu_per_token(cmd: list[str], url: str, requests: list, concurrency: int) -> float:
+class ServerLoad(NamedTuple):
+    us_per_token: float  # the server process's CPU microseconds per delivered token
+    tokens_per_s: float  # tokens the client received per second of the run
+
+
+def server_cpu_per_token(cmd: list[str], url: str, requests: list, concurrency: int) -> ServerLoad:
     """Start the server ``cmd`` (listening at ``url``), wait for its /health, warm it with two requests, then
-    measure its process's CPU microseconds per delivered token while ``requests`` run as ``concurrency``
-    closed-loop streams; every request must complete with all its tokens. The server is stopped after."""
+    measure its process's CPU microseconds per delivered token, and the tokens delivered per second, while
+    ``requests`` run as ``concurrency`` closed-loop streams; every request must complete with all its tokens. The
+    server is stopped after."""
     import httpx
 
     from benchmarks.serving_path import cpu_seconds
@@ -85,14 +92,14 @@ def server_cpu_per_token(cmd: list[str], url: str, requests: list, concurrency: 
                 raise RuntimeError(f"{' '.join(cmd)} did not start")
             time.sleep(0.1)
         asyncio.run(run_load(url, requests[:2], Load(concurrency=2)))  # first-time costs
-        cpu0 = cpu_seconds(proc.pid)
+        cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
         results, _ = asyncio.run(run_load(url, requests, Load(concurrency=concurrency), timeout=300))
-        cpu = cpu_seconds(proc.pid) - cpu0
+        cpu, wall = cpu_seconds(proc.pid) - cpu0, time.monotonic() - t0
         tokens, expected = sum(r.output_tokens for r in results), sum(r.max_tokens for r in requests)
         failed = sum(not r.ok for r in results)
         if failed or tokens != expected:
             raise RuntimeError(f"{failed} requests failed, {tokens} tokens of {expected}")
-        return cpu / tokens * 1e6
+        return ServerLoad(cpu / tokens * 1e6, tokens / wall)
     finally:
         proc.terminate()
         try:
@@ -102,8 +109,8 @@ def server_cpu_per_token(cmd: list[str], url: str, requests: list, concurrency: 
             proc.wait()
 
 
-def measure(concurrency: int, output_len: int, step: float) -> float:
-    """The bare server's CPU microseconds per delivered token under ``concurrency`` closed-loop streams."""
+def measure(concurrency: int, output_len: int, step: float) -> ServerLoad:
+    """The bare server's CPU per delivered token, and its tokens/s, under ``concurrency`` closed-loop streams."""
     from tests.serving import free_port
     from tokenworks.bench.workloads import BenchRequest
 
@@ -127,8 +134,9 @@ def main() -> int:
         uvicorn.run(make_app(ns.step), host="127.0.0.1", port=ns.serve, log_level="warning", loop="auto",
                     http="auto")
         return 0
-    us = measure(ns.concurrency, ns.output_len, ns.step)
-    print(f"bare SSE server: {ns.concurrency} streams of {ns.output_len} tokens, {us:.0f} us CPU per token")
+    load = measure(ns.concurrency, ns.output_len, ns.step)
+    print(f"bare SSE server: {ns.concurrency} streams of {ns.output_len} tokens, {load.us_per_token:.0f} us CPU per "
+          f"token, {load.tokens_per_s:.0f} tokens/s delivered (offered {ns.concurrency / ns.step:.0f})")
     return 0
 
 

@@ -123,8 +123,9 @@ def serve(port: int, step: float, model: str | None) -> None:
             pass
 
 
-def measure(concurrency: int, output_len: int, step: float, model: str | None = None) -> float:
-    """The router process's CPU microseconds per delivered token under ``concurrency`` closed-loop streams."""
+def measure(concurrency: int, output_len: int, step: float, model: str | None = None):
+    """The router process's CPU microseconds per delivered token, and the tokens/s delivered, under
+    ``concurrency`` closed-loop streams (a ``bare_sse.ServerLoad``)."""
     from benchmarks.bare_sse import server_cpu_per_token
     from tests.serving import free_port
     from tokenworks.bench.workloads import synthetic
@@ -157,10 +158,14 @@ def main() -> int:
     for _ in range(ns.rounds):
         router.append(measure(ns.concurrency, ns.output_len, ns.step, ns.model))
         floor.append(bare_sse.measure(ns.concurrency, ns.output_len, ns.step))
-    r, f = statistics.median(router), statistics.median(floor)
-    print(f"{ns.concurrency} streams of {ns.output_len} tokens, step {ns.step * 1e3:.0f} ms, {ns.rounds} rounds: "
-          f"router CPU {r:.0f} us/token (runs {', '.join(f'{x:.0f}' for x in router)}), bare uvicorn floor {f:.0f} "
-          f"(runs {', '.join(f'{x:.0f}' for x in floor)}), router/floor {r / f:.2f}")
+    med, runs = statistics.median, lambda xs: ", ".join(f"{x:.0f}" for x in xs)
+    r, f = med(x.us_per_token for x in router), med(x.us_per_token for x in floor)
+    print(f"{ns.concurrency} streams of {ns.output_len} tokens, step {ns.step * 1e3:g} ms, {ns.rounds} rounds: "
+          f"router CPU {r:.0f} us/token (runs {runs(x.us_per_token for x in router)}), bare uvicorn floor {f:.0f} "
+          f"(runs {runs(x.us_per_token for x in floor)}), router/floor {r / f:.2f}")
+    print(f"tokens/s delivered: router {med(x.tokens_per_s for x in router):.0f} (runs "
+          f"{runs(x.tokens_per_s for x in router)}), bare floor {med(x.tokens_per_s for x in floor):.0f}; offered "
+          f"{ns.concurrency / ns.step:.0f} (one token per stream per step)")
     return 0
 
 

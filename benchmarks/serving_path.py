@@ -129,7 +129,7 @@ def main() -> int:
         srv_runner.stop()
     from benchmarks.bare_sse import measure
 
-    floor = {c: measure(c, ns.output_len, step=0.02) for c in concurrency}
+    floor = {c: measure(c, ns.output_len, step=0.02).us_per_token for c in concurrency}
     med = statistics.median
     print(f"{len(rounds)} rounds, medians; served/offline per round in brackets")
     print(f"{'streams':>7} | offline tok/s | served tok/s | served/offline | router CPU us/token | bare uvicorn floor"

@@ -275,3 +275,90 @@ def test_real_server_back_pressure_keeps_every_written_event_in_order():
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_the_router_writes_the_steps_one_reader_turn_reads_as_one_event_per_stream():
+    """A real Router and a stand-in worker on real sockets: steps that arrive one per reader turn go out one event
+    each; steps that pile up while the router is busy (its loop blocked here) go out as one event per stream, with
+    every token and its text in order, and a final step read in the same turn still comes after them."""
+    import time
+
+    import zmq
+
+    from tokenworks.codec import Codec
+    from tokenworks.model.weights import load_tokenizer_files
+    from tokenworks.router.router import Router
+    from tokenworks.sampling_params import SamplingParams
+    from tokenworks.tokenizer import Tokenizer
+    from tokenworks.worker import protocol as P
+
+    files = load_tokenizer_files(None)
+    tok = Tokenizer(files.tokenizer_json, files.chat_template, files.bos_token, files.eos_token, files.add_bos_token)
+    words = tok.encode(" one two three four five six seven eight nine", add_special_tokens=False)
+    assert len(words) == 9
+
+    async def main():
+        router = Router(block_size=16, local_prefill_threshold=16, tokenizer=tok)
+        router.start()
+        ctx = zmq.Context.instance()
+        push, commands = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+        for s in (push, commands):
+            s.setsockopt(zmq.LINGER, 0)
+        port = commands.bind_to_random_port("tcp://127.0.0.1")
+        push.connect(router.events_endpoint)
+        enc, dec = Codec(P.FromWorker), Codec(P.ToWorker)
+        router.expect("w0")
+        push.send(enc.encode(P.Ready("w0", "both", 1, "m", f"tcp://127.0.0.1:{port}", 256, 16, 100, None, [0], 0.1)))
+        while "w0" not in router.workers:
+            await asyncio.sleep(0.01)
+
+        def step(*outs: tuple[str, int, bool]) -> None:
+            push.send(enc.encode(P.Outputs("w0", [P.Output(rid, [words[k]], done, "length" if done else None, 3, 0)
+                                                  for rid, k, done in outs])))
+
+        written: dict[str, list] = {"a": [], "b": []}
+        yielded: dict[str, list] = {"a": [], "b": []}
+
+        async def run(rid: str) -> None:
+            params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+            async for d in router.generate(rid, [1, 2, 3], params, direct=lambda d: written[rid].append(d)):
+                yielded[rid].append(d)
+
+        tasks = [asyncio.ensure_future(run(rid)) for rid in "ab"]
+        submitted = set()
+        while len(submitted) < 2:
+            while not commands.poll(0):
+                await asyncio.sleep(0.01)
+            submitted.add(dec.decode(commands.recv()).request_id)
+        step(("a", 0, False), ("b", 0, False))  # first tokens: through each request's task
+        for k in (1, 2):  # one step per reader turn: one event each
+            await asyncio.sleep(0.05)
+            step(("a", k, False), ("b", k, False))
+        await asyncio.sleep(0.05)
+        assert [len(d.token_ids) for d in written["a"]] == [1, 1]
+        for k in (3, 4, 5):  # the router is busy while three steps come: one event each for all three
+            step(("a", k, False), ("b", k, False))
+        step(("b", 6, False))
+        time.sleep(0.2)  # blocks the loop, as a busy router would be
+        await asyncio.sleep(0.05)
+        assert [d.token_ids for d in written["a"][2:]] == [words[3:6]]
+        assert [d.token_ids for d in written["b"][2:]] == [words[3:7]]
+        step(("a", 6, False), ("b", 7, False))  # read in one turn with each request's last step
+        step(("a", 7, False), ("b", 8, True))
+        step(("a", 8, True))
+        time.sleep(0.2)
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        for rid in "ab":
+            deltas = yielded[rid][:1] + written[rid] + yielded[rid][1:]  # as the client gets them
+            assert [t for d in deltas for t in d.token_ids] == words
+            assert "".join(d.text for d in deltas) == " one two three four five six seven eight nine"
+            assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+            assert len(yielded[rid]) == 2  # the first token and the last went through the task
+        assert [d.token_ids for d in written["a"][3:]] == [words[6:8]]
+        assert [d.token_ids for d in written["b"][3:]] == [words[7:8]]
+        assert not router.streams
+        push.close(0)
+        commands.close(0)
+        router.close()
+
+    asyncio.run(main())

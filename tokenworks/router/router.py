@@ -12,7 +12,8 @@ the router fans them out to the request streams and turns tokens into text
 with one detokenizer per stream, which also finds stop strings (the request
 is then aborted on its worker, which frees its KV at its next step). In
 steady decoding a stream's tokens go from the reader straight to the client
-(router/stream.py's lane); the rest goes through the request's task here.
+(router/stream.py's lane), one event for the steps one reader turn reads; the
+rest goes through the request's task here.
 """
 
 from __future__ import annotations
@@ -130,6 +131,13 @@ class Delta:
     logprobs: list[P.LogprobEntry]
     num_cached_tokens: int = 0  # prompt tokens found in the worker's prefix cache
 
+    def extend(self, later: Delta) -> None:
+        """Add a later step's unfinished delta of the same request to this unfinished one."""
+        self.token_ids = self.token_ids + later.token_ids
+        self.text += later.text
+        if later.logprobs:
+            self.logprobs = self.logprobs + later.logprobs
+
 
 @dataclass
 class _WorkerLost:
@@ -205,6 +213,7 @@ class Router:
               registry=self.metrics.registry).set_function(lambda: self.kv_index.nbytes)
         self.heartbeat_timeout = heartbeat_timeout
         self.streams: dict[str, RequestStream] = {}
+        self._held: list[tuple[RequestStream, Callable[[], None]]] = []  # lanes' steps to write after this turn
         self._waiting_on: dict[str, WorkerHandle] = {}  # request id -> the worker its stream waits on
         self._stopped: dict[str, float] = {}  # requests a stop string ended here -> when (their late tokens count)
         self.tokenizer = tokenizer  # None: no text, token ids only
@@ -320,6 +329,25 @@ class Router:
             except Exception:  # noqa: BLE001 - one bad message must not stop the router hearing its workers
                 traceback.print_exc()
         asyncio.get_running_loop().call_soon(self._read_events)
+
+    def _hold(self, stream: RequestStream, write: Callable[[], None]) -> None:
+        """A lane holds a step for ``stream``: ``write`` runs once the reader's turn is over. When the router keeps
+        up, a turn reads one step and this costs one extra callback a turn; when it falls behind its workers, a
+        turn reads several steps and each stream gets one event (and one socket write) for all of them, so the
+        router's cost per token falls as its load rises, as vLLM's output collector merges the outputs a slow
+        consumer has not yet taken."""
+        held = self._held
+        if not held:
+            asyncio.get_running_loop().call_soon(self._write_held)
+        held.append((stream, write))
+
+    def _write_held(self) -> None:
+        held, self._held = self._held, []
+        for stream, write in held:
+            try:
+                write()
+            except Exception as e:  # noqa: BLE001 - the request's task raises it, as for a lane's error
+                stream.put(e)
 
     def _on_message(self, raw: bytes) -> None:
         try:
@@ -543,14 +571,30 @@ class Router:
             "prompt_tokens": n_prompt, "hit_tokens": placement.cached_tokens, "uncached_tokens": uncached,
             "costs": placement.costs})
 
+        held: Delta | None = None  # this reader turn's steps, not yet written (see Router._hold)
+
+        def write_held() -> None:
+            nonlocal held
+            delta, held = held, None
+            if delta is not None:
+                direct(delta)
+
         def lane(out):
-            """A plain step of steady decoding, delivered from the reader's turn (router/stream.py)."""
+            """A plain step of steady decoding, taken in the reader's turn (router/stream.py) and held until the
+            turn ends, so that the steps a turn reads for this request go out as one event."""
+            nonlocal held
             if type(out) is not P.Output or out.finished or out.prefilled or out.kv_bytes or out.kv_fallback:
+                write_held()  # what came before goes first
                 return out
             delta = ledger.take(out)
             if delta.finished:
+                write_held()
                 return delta  # a stop string ended it: the task ends the request
-            direct(delta)
+            if held is None:
+                held = delta
+                self._hold(stream, write_held)
+            else:
+                held.extend(delta)
             return None
 
         try:
@@ -595,6 +639,7 @@ class Router:
                 if direct is not None:
                     stream.open_lane(lane)
         finally:
+            held = None  # the client is gone or failed: nothing more for it from this attempt
             self.streams.pop(request_id, None)
             self._waiting_on.pop(request_id, None)
             m.running.dec()

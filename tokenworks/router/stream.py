@@ -8,6 +8,10 @@ loop, so a token costs no task switch (on this 2-core VM a switch per token was 
 CPU per token). The lane gives back what it does not take (an output that ends the request or carries KV transfer
 news, a failure, a stop string found in the text) and that goes to the task, in order: while the task has anything
 queued, or is busy with an item, the lane stays shut.
+
+A lane holds what it takes until the reader's turn is over (``Router._hold``): when the router keeps up with its
+workers that is one step, and when it falls behind, a turn reads several steps of each stream, which then go out
+as one event, so the cost of a token falls as the load rises.
 """
 
 from __future__ import annotations
