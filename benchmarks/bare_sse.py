@@ -69,15 +69,16 @@ class ServerLoad(NamedTuple):
     tokens_per_s: float  # tokens the client received per second of the run
 
 
-def server_cpu_per_token(cmd: list[str], url: str, requests: list, concurrency: int) -> ServerLoad:
+def server_cpu_per_token(cmd: list[str], url: str, requests: list, concurrency: int,
+                         client_processes: int = 1) -> ServerLoad:
     """Start the server ``cmd`` (listening at ``url``), wait for its /health, warm it with two requests, then
     measure its process's CPU microseconds per delivered token, and the tokens delivered per second, while
     ``requests`` run as ``concurrency`` closed-loop streams; every request must complete with all its tokens. The
-    server is stopped after."""
+    server is stopped after. ``client_processes``: see ``tokenworks.bench.loadgen.drive``."""
     import httpx
 
     from benchmarks.serving_path import cpu_seconds
-    from tokenworks.bench.loadgen import Load, run_load
+    from tokenworks.bench.loadgen import Load, drive
 
     proc = subprocess.Popen(cmd)
     try:
@@ -91,10 +92,10 @@ def server_cpu_per_token(cmd: list[str], url: str, requests: list, concurrency: 
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{' '.join(cmd)} did not start")
             time.sleep(0.1)
-        asyncio.run(run_load(url, requests[:2], Load(concurrency=2)))  # first-time costs
-        cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
-        results, _ = asyncio.run(run_load(url, requests, Load(concurrency=concurrency), timeout=300))
-        cpu, wall = cpu_seconds(proc.pid) - cpu0, time.monotonic() - t0
+        drive(url, requests[:2], Load(concurrency=2))  # first-time costs
+        cpu0 = cpu_seconds(proc.pid)
+        results, wall = drive(url, requests, Load(concurrency=concurrency), processes=client_processes, timeout=300)
+        cpu = cpu_seconds(proc.pid) - cpu0
         tokens, expected = sum(r.output_tokens for r in results), sum(r.max_tokens for r in requests)
         failed = sum(not r.ok for r in results)
         if failed or tokens != expected:
@@ -109,7 +110,7 @@ def server_cpu_per_token(cmd: list[str], url: str, requests: list, concurrency: 
             proc.wait()
 
 
-def measure(concurrency: int, output_len: int, step: float) -> ServerLoad:
+def measure(concurrency: int, output_len: int, step: float, client_processes: int = 1) -> ServerLoad:
     """The bare server's CPU per delivered token, and its tokens/s, under ``concurrency`` closed-loop streams."""
     from tests.serving import free_port
     from tokenworks.bench.workloads import BenchRequest
@@ -118,7 +119,7 @@ def measure(concurrency: int, output_len: int, step: float) -> ServerLoad:
     return server_cpu_per_token([sys.executable, __file__, "--serve", str(port), "--step", str(step)],
                                 f"http://127.0.0.1:{port}",
                                 [BenchRequest("hello", output_len, input_tokens=0) for _ in range(concurrency)],
-                                concurrency)
+                                concurrency, client_processes)
 
 
 def main() -> int:

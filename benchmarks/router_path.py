@@ -123,7 +123,7 @@ def serve(port: int, step: float, model: str | None) -> None:
             pass
 
 
-def measure(concurrency: int, output_len: int, step: float, model: str | None = None):
+def measure(concurrency: int, output_len: int, step: float, model: str | None = None, client_processes: int = 1):
     """The router process's CPU microseconds per delivered token, and the tokens/s delivered, under
     ``concurrency`` closed-loop streams (a ``bare_sse.ServerLoad``)."""
     from benchmarks.bare_sse import server_cpu_per_token
@@ -133,7 +133,8 @@ def measure(concurrency: int, output_len: int, step: float, model: str | None = 
     port = free_port()
     return server_cpu_per_token([sys.executable, __file__, "--serve", str(port), "--step", str(step),
                                  *(["--model", model] if model else [])], f"http://127.0.0.1:{port}",
-                                synthetic(concurrency, "uniform:20:60", f"fixed:{output_len}", seed=3), concurrency)
+                                synthetic(concurrency, "uniform:20:60", f"fixed:{output_len}", seed=3), concurrency,
+                                client_processes)
 
 
 def main() -> int:
@@ -143,6 +144,8 @@ def main() -> int:
     ap.add_argument("--step", type=float, default=0.02, help="the stand-in worker's step, seconds (default: 0.02)")
     ap.add_argument("--model", default=None, help="whose tokenizer the router uses (default: the built-in model)")
     ap.add_argument("--rounds", type=int, default=3, help="router and floor runs, alternated (default: 3)")
+    ap.add_argument("--client-processes", type=int, default=None,
+                    help="load generator processes (default: 1 on up to 4 cores, else up to 4)")
     ap.add_argument("--serve", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
     ap.add_argument("--worker", nargs=2, default=None, metavar=("EVENTS", "PORT"), help=argparse.SUPPRESS)
     ns = ap.parse_args()
@@ -153,11 +156,13 @@ def main() -> int:
         serve(ns.serve, ns.step, ns.model)
         return 0
     from benchmarks import bare_sse
+    from tokenworks.bench.loadgen import default_client_processes
 
+    clients = ns.client_processes or default_client_processes()
     router, floor = [], []
     for _ in range(ns.rounds):
-        router.append(measure(ns.concurrency, ns.output_len, ns.step, ns.model))
-        floor.append(bare_sse.measure(ns.concurrency, ns.output_len, ns.step))
+        router.append(measure(ns.concurrency, ns.output_len, ns.step, ns.model, clients))
+        floor.append(bare_sse.measure(ns.concurrency, ns.output_len, ns.step, clients))
     med, runs = statistics.median, lambda xs: ", ".join(f"{x:.0f}" for x in xs)
     r, f = med(x.us_per_token for x in router), med(x.us_per_token for x in floor)
     print(f"{ns.concurrency} streams of {ns.output_len} tokens, step {ns.step * 1e3:g} ms, {ns.rounds} rounds: "
@@ -165,7 +170,7 @@ def main() -> int:
           f"(runs {runs(x.us_per_token for x in floor)}), router/floor {r / f:.2f}")
     print(f"tokens/s delivered: router {med(x.tokens_per_s for x in router):.0f} (runs "
           f"{runs(x.tokens_per_s for x in router)}), bare floor {med(x.tokens_per_s for x in floor):.0f}; offered "
-          f"{ns.concurrency / ns.step:.0f} (one token per stream per step)")
+          f"{ns.concurrency / ns.step:.0f} (one token per stream per step); {clients} client process(es)")
     return 0
 
 

@@ -15,7 +15,6 @@ shared machine two runs minutes apart differ by more than the ratios being check
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
@@ -67,26 +66,27 @@ class Offline:
 class Served:
     """One aggregated worker behind the real server (a subprocess), driven by the real load generator."""
 
-    def __init__(self, model: str | None, device: str, prompts: list[str], output_len: int, flags: list[str]):
+    def __init__(self, model: str | None, device: str, prompts: list[str], output_len: int, flags: list[str],
+                 client_processes: int = 1):
         from tests.serving import Server
-        from tokenworks.bench.loadgen import Load, run_load
+        from tokenworks.bench.loadgen import Load, drive
         from tokenworks.bench.workloads import BenchRequest
 
         model_flags = ["--model", model] if model else []
         self.server = Server("--aggregated-workers", "1", "--device", device, *model_flags, *flags,
                              startup_timeout=300)
-        self.prompts, self.output_len = prompts, output_len
+        self.prompts, self.output_len, self.client_processes = prompts, output_len, client_processes
         warm = [BenchRequest(p, output_len, input_tokens=0) for p in prompts[:2]]
-        asyncio.run(run_load(self.server.url, warm, Load(concurrency=2)))
+        drive(self.server.url, warm, Load(concurrency=2))
 
     def run(self, c: int) -> dict:
-        from tokenworks.bench.loadgen import Load, run_load
+        from tokenworks.bench.loadgen import Load, drive
         from tokenworks.bench.metrics import SLO, summarize
         from tokenworks.bench.workloads import BenchRequest
 
         reqs = [BenchRequest(p, self.output_len, input_tokens=0) for p in self.prompts[:c]]
         cpu0 = cpu_seconds(self.server.proc.pid)
-        results, wall = asyncio.run(run_load(self.server.url, reqs, Load(concurrency=c), timeout=600))
+        results, wall = drive(self.server.url, reqs, Load(concurrency=c), processes=self.client_processes, timeout=600)
         cpu = cpu_seconds(self.server.proc.pid) - cpu0
         s = summarize(results, wall, SLO())
         return {"tokens_s": s["output_token_throughput"], "itl_median_s": s["itl_s"]["median"],
@@ -105,15 +105,21 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="engine and server runs, alternated (default: 3)")
     ap.add_argument("--serve-flags", default="", help="extra flags for the server")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--client-processes", type=int, default=None,
+                    help="load generator processes (default: 1 on up to 4 cores, else up to 4: one client core "
+                         "parses fewer events a second than a GPU worker can stream)")
     ns = ap.parse_args()
+    from tokenworks.bench.loadgen import default_client_processes
     from tokenworks.bench.workloads import synthetic
+
+    clients = ns.client_processes or default_client_processes()
 
     concurrency = [int(c) for c in ns.concurrency.split(",")]
     prompts = [r.prompt for r in synthetic(max(concurrency) + 2, "uniform:20:60", "fixed:1", seed=3)]
     # Rounds alternate the engine and the server at each concurrency (one second apart), so that a slow minute of
     # a shared machine falls on both; the ratios are per round, their median printed.
     off_runner = Offline(ns.model, ns.device, prompts, ns.output_len)
-    srv_runner = Served(ns.model, ns.device, prompts, ns.output_len, ns.serve_flags.split())
+    srv_runner = Served(ns.model, ns.device, prompts, ns.output_len, ns.serve_flags.split(), clients)
     rounds: list[dict] = []
     try:
         for _ in range(ns.rounds):
@@ -129,9 +135,9 @@ def main() -> int:
         srv_runner.stop()
     from benchmarks.bare_sse import measure
 
-    floor = {c: measure(c, ns.output_len, step=0.02).us_per_token for c in concurrency}
+    floor = {c: measure(c, ns.output_len, step=0.02, client_processes=clients).us_per_token for c in concurrency}
     med = statistics.median
-    print(f"{len(rounds)} rounds, medians; served/offline per round in brackets")
+    print(f"{len(rounds)} rounds, medians; served/offline per round in brackets; {clients} client process(es)")
     print(f"{'streams':>7} | offline tok/s | served tok/s | served/offline | router CPU us/token | bare uvicorn floor"
           " | router/floor")
     for c in concurrency:

@@ -9,7 +9,7 @@ import pytest
 
 from tests.stub_server import StubServer
 from tokenworks.bench import workloads as W
-from tokenworks.bench.loadgen import Load, arrival_times, run_load
+from tokenworks.bench.loadgen import Load, arrival_times, drive, run_load
 from tokenworks.bench.metrics import SLO, goodput, summarize
 
 SAMPLES = importlib.resources.files("tokenworks.bench") / "samples"
@@ -185,3 +185,24 @@ def test_requests_cut_before_sending_are_not_counted_as_misses(stub):
     assert s["not_sent"] > 0 and s["requests"] + s["not_sent"] == 40
     assert s["failed"] == 0 and s["errors"] == {}
     assert s["slo_attainment"] == 1.0  # no SLOs: every sent request that completed meets them
+
+
+@pytest.mark.parametrize("load", [Load(concurrency=4), Load(rate=40.0, seed=4)], ids=["closed", "open"])
+def test_client_processes_share_a_run_and_give_back_every_result_in_request_order(stub, load):
+    """Two real client processes: each request's result comes back under its own index (the stub counts its
+    prompt's words), every request ends once, progress is told for each, and the run is as long as one
+    process's: the same load, not twice it."""
+    reqs = [W.BenchRequest(" ".join(["w"] * (i + 1)), 3 + i % 3) for i in range(12)]
+    seen: list[int] = []
+    results, wall = drive(stub.url, reqs, load, processes=2, progress=lambda r: seen.append(r.index))
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert [r.index for r in results] == list(range(12)) and sorted(seen) == list(range(12))
+    assert [r.prompt_tokens for r in results] == [i + 1 for i in range(12)]
+    assert [r.output_tokens for r in results] == [3 + i % 3 for i in range(12)]
+    assert all(len(r.itls) == r.output_tokens - 1 for r in results)
+    if load.rate:  # each request sent at the arrival time one process would have used
+        times = arrival_times(12, 40.0, 1.0, 4)
+        assert [r.scheduled for r in results] == times
+        assert all(r.start >= t - 0.05 for r, t in zip(results, times))
+    # Closed loop, 4 streams over 12 requests of ~0.16 s: three waves; open loop: the last arrival plus one request.
+    assert 0.3 < wall < 3.0

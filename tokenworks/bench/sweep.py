@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from dataclasses import dataclass
 
 from tokenworks.bench import workloads as W
 from tokenworks.bench.client import RequestResult
-from tokenworks.bench.loadgen import Load, run_load
+from tokenworks.bench.loadgen import Load, drive
 from tokenworks.bench.metrics import SLO, summarize
 from tokenworks.bench.report import write_report, write_requests
 
@@ -55,7 +54,8 @@ def loads_from(ns) -> list[Load]:
 
 def run_session(targets: list[Target], requests: list[W.BenchRequest], loads: list[Load], slo: SLO,
                 attainment: float, out_dir: str, api: str, timeout: float, max_duration: float | None,
-                title: str, notes: list[str], quiet: bool = False, headers: dict | None = None) -> dict:
+                title: str, notes: list[str], quiet: bool = False, headers: dict | None = None,
+                client_processes: int = 1) -> dict:
     from tqdm import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
@@ -71,9 +71,9 @@ def run_session(targets: list[Target], requests: list[W.BenchRequest], loads: li
                 if not res.ok:
                     bar.set_postfix_str(f"last error: {res.error[:40]}")
 
-            results, wall = asyncio.run(run_load(target.url, requests, load, api=api, model=target.model,
-                                                 timeout=timeout, max_duration=max_duration, progress=progress,
-                                                 headers=headers))
+            results, wall = drive(target.url, requests, load, processes=client_processes, api=api,
+                                  model=target.model, timeout=timeout, max_duration=max_duration, progress=progress,
+                                  headers=headers)
             bar.close()
             summary = summarize(results, wall, slo, target.price_per_hour)
             summary["load"] = load.describe()
