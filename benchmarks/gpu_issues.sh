@@ -8,8 +8,10 @@
 #      each also not overlapped (what overlapping buys), the long-context mix (one 4k request and 31 short) (issue 11)
 #   3. benchmarks/fused_ops.py: each fused kernel against the PyTorch operations it replaces, in CUDA graphs (issue 11)
 #   4. benchmarks/engine.py, Llama-3.1-8B's shape: batch-1 vs HBM roofline, 4k prefill vs matmul rate   (issue 11)
-#   5. benchmarks/serving_path.py: served vs offline at 1, 16 and 64 streams, router CPU per token, and
-#      benchmarks/router_path.py: the router's CPU per token with no engine, against a bare uvicorn stream (issue 12)
+#   5. benchmarks/serving_path.py: served vs offline at 1, 16 and 64 streams, router CPU per token (the load
+#      generator in 4 processes on a 16-core host: one client core parses fewer events than the GPU streams), and
+#      benchmarks/router_path.py: the router's CPU per token with no engine, against a bare uvicorn stream, at 20 ms
+#      steps and at 2.5 ms (64 streams at a GPU's step: does this host's router keep up?)                 (issue 12)
 # Every step writes into $OUT as it goes, so a call cut short still brings back what finished.
 #   bash benchmarks/gpu_wheels.sh
 #   run(command="bash benchmarks/gpu_issues.sh", carry=[".whl"], timeout_s=590)
@@ -38,10 +40,12 @@ timeout 100 python3 benchmarks/engine.py --shape llama-3.1-8b --device cuda --ba
 step "5 serving path"
 left=$(( 560 - (SECONDS - start) ))
 python3 benchmarks/random_chat_model.py /tmp/rand-smollm2 > /dev/null
-timeout $(( left > 60 ? left - 45 : 20 )) python3 benchmarks/serving_path.py --model /tmp/rand-smollm2 --device cuda \
+timeout $(( left > 90 ? left - 75 : 20 )) python3 benchmarks/serving_path.py --model /tmp/rand-smollm2 --device cuda \
   --concurrency 1,16,64 --output-len 128 --rounds 1 --json "$OUT/serving_path.json" 2>&1 \
   | grep -v "NIXL\|it/s\]\|req/s\]" | tee "$OUT/serving_path.log"
-timeout 40 python3 benchmarks/router_path.py --model /tmp/rand-smollm2 --concurrency 64 --output-len 128 --rounds 1 2>&1 \
-  | tail -n 3 | tee "$OUT/router_path.log"
+for s in 0.02 0.0025; do
+  timeout 35 python3 benchmarks/router_path.py --model /tmp/rand-smollm2 --concurrency 64 --output-len 128 --rounds 1 \
+    --step $s 2>&1 | tail -n 3 | tee -a "$OUT/router_path.log"
+done
 step "done"
 ls -la "$OUT"
