@@ -21,13 +21,15 @@ import argparse
 from dataclasses import replace
 import json
 import statistics
+import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from tokenworks.model.linear import Linear
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this tree's tokenworks
+from tokenworks.model.linear import Linear  # noqa: E402
 
 
 def run_times(fn, reps: int, warmup: int = 1) -> list[float]:

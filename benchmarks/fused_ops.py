@@ -20,6 +20,7 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this tree's tokenworks
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from engine import SHAPES, shape_config  # noqa: E402
 
