@@ -261,6 +261,9 @@ def main() -> int:
     batches = [int(x) for x in (args.batches or ("1,8,32,64,128" if cuda else "1,8,32")).split(",")]
     prefill_len = args.prefill_len or (4096 if cuda else 512)
     long_ctx = (4096 if cuda else 1024) if args.long_context is None else args.long_context
+    if long_ctx and long_ctx <= 2 * args.prompt_len:
+        ap.error(f"--long-context {long_ctx} must be well over --prompt-len {args.prompt_len} (at least twice): the "
+                 "case compares one long row among short ones with all rows short and all long (0 skips it)")
     if args.random_weights:
         args.model = write_random_model(args.random_weights)
 

@@ -167,7 +167,7 @@ def main() -> int:
     r, f = med(x.us_per_token for x in router), med(x.us_per_token for x in floor)
     print(f"{ns.concurrency} streams of {ns.output_len} tokens, step {ns.step * 1e3:g} ms, {ns.rounds} rounds: "
           f"router CPU {r:.0f} us/token (runs {runs(x.us_per_token for x in router)}), bare uvicorn floor {f:.0f} "
-          f"(runs {runs(x.us_per_token for x in floor)}), router/floor {r / f:.2f}")
+          f"(runs {runs(x.us_per_token for x in floor)}), router/floor {f'{r / f:.2f}' if f else 'n/a'}")
     print(f"tokens/s delivered: router {med(x.tokens_per_s for x in router):.0f} (runs "
           f"{runs(x.tokens_per_s for x in router)}), bare floor {med(x.tokens_per_s for x in floor):.0f}; offered "
           f"{ns.concurrency / ns.step:.0f} (one token per stream per step); {clients} client process(es)")

@@ -146,7 +146,8 @@ def main() -> int:
         failed = sum(r["served"][c]["failed"] for r in rounds)
         print(f"{c:>7} | {med(r['offline'][c] for r in rounds):13.1f} | "
               f"{med(r['served'][c]['tokens_s'] for r in rounds):12.1f} | {med(ratios):14.2f} | {router:19.0f} | "
-              f"{floor[c]:18.0f} | {router / floor[c]:12.2f}   [{', '.join(f'{x:.2f}' for x in ratios)}]"
+              f"{floor[c]:18.0f} | {f'{router / floor[c]:.2f}' if floor[c] else 'n/a':>12}   "
+              f"[{', '.join(f'{x:.2f}' for x in ratios)}]"
               + (f"   ({failed} failed)" if failed else ""))
     gaps = [r["served"][concurrency[0]]["itl_median_s"] / r["step_s"] for r in rounds]
     print(f"one stream: served token gap {med(r['served'][concurrency[0]]['itl_median_s'] for r in rounds) * 1e3:.1f} "
