@@ -174,6 +174,7 @@ def test_closed_loop_goodput_names_the_concurrency_and_the_measured_rate(stub, t
     assert doc["goodput"]["server"].startswith("concurrency 3 (")
     assert doc["goodput_req_s"]["server"] == pytest.approx(best["request_throughput"])  # a rate, not "3"
     assert doc["goodput_req_s"]["server"] != 3
+    assert all(0.0 < r["client_cpu_busy"] < 1.5 for r in doc["runs"]["server"])  # measured, per load
     assert "goodput: concurrency 3 (" in capsys.readouterr().out
     assert "goodput concurrency 3 (" in (out / "report.md").read_text()
 
@@ -206,3 +207,19 @@ def test_client_processes_share_a_run_and_give_back_every_result_in_request_orde
         assert all(r.start >= t - 0.05 for r, t in zip(results, times))
     # Closed loop, 4 streams over 12 requests of ~0.16 s: three waves; open loop: the last arrival plus one request.
     assert 0.3 < wall < 3.0
+
+
+def test_a_busy_load_generator_is_reported_with_what_to_do(capsys):
+    from tokenworks.cli import _print_summary
+
+    def run_summary(busy: float) -> dict:
+        lat = {"median": 0.01, "p99": 0.02}
+        return {"load": "concurrency 64", "completed": 64, "requests": 64, "ttft_s": lat, "itl_s": lat,
+                "output_token_throughput": 9000.0, "slo_attainment": 1.0, "client_cpu_busy": busy}
+
+    doc = {"runs": {"server": [run_summary(0.4), run_summary(0.97)]}, "goodput": {"server": "concurrency 64"},
+           "report": "r.md"}
+    _print_summary(doc)
+    lines = capsys.readouterr().out.splitlines()
+    advice = [i for i, line in enumerate(lines) if "the load generator used" in line]
+    assert advice == [2] and "97% of its cores" in lines[2] and "--client-processes" in lines[2]

@@ -362,6 +362,9 @@ def _slo(ns: argparse.Namespace):
     return SLO(ttft=ms(ns.slo_ttft_ms), tpot=ms(ns.slo_tpot_ms), itl=ms(ns.slo_itl_ms), e2e=ms(ns.slo_e2e_ms))
 
 
+CLIENT_BUSY = 0.85  # a load generator busier than this may be what the figures measure
+
+
 def _print_summary(doc: dict) -> None:
     for name, runs in doc["runs"].items():
         for s in runs:
@@ -373,6 +376,9 @@ def _print_summary(doc: dict) -> None:
                   f"TTFT p50 {fmt(t['median'])} ms p99 {fmt(t['p99'])} ms  ITL p99 {fmt(i['p99'])} ms  "
                   f"{s['output_token_throughput']:.1f} tok/s" + (f" (${cost:.3g}/M tokens)" if cost else "") +
                   f"  SLO met {s['slo_attainment']:.0%}")
+            if s.get("client_cpu_busy", 0.0) > CLIENT_BUSY:
+                print(f"{'':<24} the load generator used {s['client_cpu_busy']:.0%} of its cores: these figures may "
+                      "be its limit, not the server's (more --client-processes, on cores the server does not use)")
         print(f"{name:<24} goodput: {doc['goodput'][name]}")
     print(f"report: {doc['report']}")
 

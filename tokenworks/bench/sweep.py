@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import sys
 from dataclasses import dataclass
 
@@ -52,6 +53,12 @@ def loads_from(ns) -> list[Load]:
     return [Load()]  # the trace's own timing
 
 
+def client_cpu_seconds() -> float:
+    """CPU seconds of this process and of its ended children (the client processes of ``drive``)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def run_session(targets: list[Target], requests: list[W.BenchRequest], loads: list[Load], slo: SLO,
                 attainment: float, out_dir: str, api: str, timeout: float, max_duration: float | None,
                 title: str, notes: list[str], quiet: bool = False, headers: dict | None = None,
@@ -71,11 +78,14 @@ def run_session(targets: list[Target], requests: list[W.BenchRequest], loads: li
                 if not res.ok:
                     bar.set_postfix_str(f"last error: {res.error[:40]}")
 
+            cpu0 = client_cpu_seconds()
             results, wall = drive(target.url, requests, load, processes=client_processes, api=api,
                                   model=target.model, timeout=timeout, max_duration=max_duration, progress=progress,
                                   headers=headers)
             bar.close()
             summary = summarize(results, wall, slo, target.price_per_hour)
+            # The load generator's share of its cores: near 1, the figures may be the client's limit, not the server's.
+            summary["client_cpu_busy"] = (client_cpu_seconds() - cpu0) / wall / client_processes if wall else 0.0
             summary["load"] = load.describe()
             x = load.rate or load.concurrency or (len(requests) / wall if wall else 0.0)
             runs[target.name].append((x, summary, results))
