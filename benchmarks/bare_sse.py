@@ -72,10 +72,10 @@ class ServerLoad(NamedTuple):
 def server_cpu_per_token(cmd: list[str], url: str, requests: list, concurrency: int,
                          client_processes: int = 1) -> ServerLoad:
     """Start the server ``cmd`` (listening at ``url``), wait for its /health, warm it with two requests, then
-    measure its process's CPU microseconds per delivered token (0 for a run shorter than the kernel's CPU clock tick,
-    10 ms), and the tokens delivered per second, while
-    ``requests`` run as ``concurrency`` closed-loop streams; every request must complete with all its tokens. The
-    server is stopped after. ``client_processes``: see ``tokenworks.bench.loadgen.drive``."""
+    measure its process's CPU microseconds per delivered token (0 for a run shorter than the kernel's CPU clock
+    tick, 10 ms) and the tokens delivered per second, while ``requests`` run as ``concurrency`` closed-loop
+    streams; every request must complete with all its tokens. The server is stopped after. ``client_processes``:
+    see ``tokenworks.bench.loadgen.drive``."""
     import httpx
 
     from benchmarks.serving_path import cpu_seconds

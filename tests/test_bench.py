@@ -179,9 +179,11 @@ def test_closed_loop_goodput_names_the_concurrency_and_the_measured_rate(stub, t
     assert "goodput concurrency 3 (" in (out / "report.md").read_text()
 
 
-def test_requests_cut_before_sending_are_not_counted_as_misses(stub):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_requests_cut_before_sending_are_not_counted_as_misses(stub, processes):
     reqs = [W.BenchRequest(f"q {i}", 4) for i in range(40)]
-    results, wall = run(stub.url, reqs, Load(rate=20.0, seed=2), max_duration=0.5)
+    results, wall = drive(stub.url, reqs, Load(rate=20.0, seed=2), processes=processes, max_duration=0.5)
+    assert [r.index for r in results] == list(range(40))  # the unsent too, from every client process
     s = summarize(results, wall, SLO())
     assert s["not_sent"] > 0 and s["requests"] + s["not_sent"] == 40
     assert s["failed"] == 0 and s["errors"] == {}

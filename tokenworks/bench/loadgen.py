@@ -117,7 +117,8 @@ def _runner() -> asyncio.Runner:
 def default_client_processes() -> int:
     """Client processes for a benchmark on this machine: one where cores are few (more would take them from
     the server under test), else up to 4."""
-    return 1 if (os.cpu_count() or 1) <= 4 else min(4, (os.cpu_count() or 1) // 4)
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 4 else min(4, cores // 4)
 
 
 def drive(base_url: str, requests: list[BenchRequest], load: Load, *, processes: int = 1, progress=None,
@@ -158,15 +159,16 @@ def drive(base_url: str, requests: list[BenchRequest], load: Load, *, processes:
                 if dead:
                     raise RuntimeError(f"a load generator process ended with exit code {dead[0].exitcode}")
                 continue
-            if kind == "progress":
+            if kind == "result":
+                results[payload.index] = payload
                 if progress is not None:
                     progress(payload)
             elif kind == "error":
                 raise RuntimeError(f"a load generator process failed: {payload}")
             else:
-                part_wall, part_results = payload
+                part_wall, unreported = payload
                 wall = max(wall, part_wall)
-                for r in part_results:
+                for r in unreported:
                     results[r.index] = r
                 done += 1
     finally:
@@ -180,16 +182,19 @@ def drive(base_url: str, requests: list[BenchRequest], load: Load, *, processes:
 
 def _client_process(base_url: str, requests: list[BenchRequest], indices: list[int], load: Load, kw: dict,
                     start, events) -> None:
-    """One of ``drive``'s client processes: its share of the requests, results under their indices in the run."""
+    """One of ``drive``'s client processes: its share of the requests, each result sent once, as it ends, under its
+    index in the run; at the end its wall time and the results no request ending reported (those never sent)."""
     try:
+        reported: set[int] = set()
+
         def progress(res: RequestResult) -> None:
-            events.put(("progress", dataclasses.replace(res, index=indices[res.index])))
+            reported.add(res.index)
+            events.put(("result", dataclasses.replace(res, index=indices[res.index])))
 
         start.wait(timeout=120)
         with _runner() as runner:
             results, wall = runner.run(run_load(base_url, requests, load, progress=progress, **kw))
-        for r in results:
-            r.index = indices[r.index]
-        events.put(("done", (wall, results)))
+        events.put(("done", (wall, [dataclasses.replace(r, index=indices[r.index]) for r in results
+                                     if r.index not in reported])))
     except BaseException as e:  # noqa: BLE001 - told to the parent, which raises it
         events.put(("error", f"{type(e).__name__}: {e}"))
