@@ -24,11 +24,13 @@ class StubServer:
         self.ttft, self.itl = ttft, itl
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.client_ports: set[int] = set()  # one per connection the clients opened
         app = FastAPI()
         lock = asyncio.Lock() if serial else None
 
         @app.post("/v1/completions")
         async def completions(request: Request):
+            self.client_ports.add(request.client.port)
             body = await request.json()
             prompt, n = body["prompt"], body["max_tokens"]
             if "FAIL500" in prompt:
@@ -45,6 +47,7 @@ class StubServer:
                 usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": n, "total_tokens": 0}
                 yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
                 yield "data: [DONE]\n\n"
+                await asyncio.sleep(0.005)  # the body's end in a write of its own, as the router's often is
 
             async def stream():
                 if lock is None:

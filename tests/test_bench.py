@@ -58,6 +58,18 @@ def test_goodput_from_a_server_of_known_capacity():
         s.stop()
 
 
+def test_the_client_keeps_its_connections():
+    """Each stream is read to its end, so its connection goes back to the pool: a closed loop of 3 opens 3
+    connections for 12 requests (it opened one per request when it stopped reading at [DONE])."""
+    s = StubServer(ttft=0.01, itl=0.005)
+    try:
+        results, _ = run(s.url, [W.BenchRequest(f"hello {i}", 3) for i in range(12)], Load(concurrency=3))
+        assert all(r.ok for r in results), [r.error for r in results]
+        assert len(s.client_ports) <= 3, s.client_ports
+    finally:
+        s.stop()
+
+
 def test_errors_are_reported_per_request_and_never_crash_the_run(stub):
     reqs = [W.BenchRequest("fine", 3), W.BenchRequest("FAIL500 please", 3), W.BenchRequest("CLOSE early", 5)]
     results, wall = run(stub.url, reqs, Load(concurrency=3))

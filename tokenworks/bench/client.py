@@ -9,6 +9,7 @@ this client costs about 85 (0.5 ms at one), against a bare uvicorn stream (`benc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -121,6 +122,14 @@ async def _send(client: aiohttp.ClientSession, base_url: str, api: str, model: s
                             chunks += 1
                 if done:
                     break
+            end = time.perf_counter()
+            if done:
+                # The response's end (the chunked body's last chunk) may still be on its way: read it, so that the
+                # connection goes back to the pool, as real clients' (openai's) do, instead of being closed (the
+                # server would pay a new connection for nearly every request). A failure here costs the
+                # connection only: the stream was whole.
+                with contextlib.suppress(asyncio.TimeoutError, aiohttp.ClientError):
+                    await r.content.read()
     except asyncio.TimeoutError:  # aiohttp's socket timeouts are TimeoutErrors too
         res.error = f"timed out after {timeout:.0f}s"
         return res
@@ -133,7 +142,7 @@ async def _send(client: aiohttp.ClientSession, base_url: str, api: str, model: s
     if res.ttft is None:
         res.error = "no tokens received"
         return res
-    res.e2e = time.perf_counter() - start
+    res.e2e = end - start
     if not res.output_tokens:
         res.output_tokens = chunks
     return res
