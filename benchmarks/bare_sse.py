@@ -111,15 +111,18 @@ def server_cpu_per_token(cmd: list[str], url: str, requests: list, concurrency: 
             proc.wait()
 
 
-def measure(concurrency: int, output_len: int, step: float, client_processes: int = 1) -> ServerLoad:
-    """The bare server's CPU per delivered token, and its tokens/s, under ``concurrency`` closed-loop streams."""
+def measure(concurrency: int, output_len: int, step: float, client_processes: int = 1,
+            requests: int | None = None) -> ServerLoad:
+    """The bare server's CPU per delivered token, and its tokens/s, under ``concurrency`` closed-loop streams
+    (``requests`` of them in all; default: one per stream)."""
     from tests.serving import free_port
     from tokenworks.bench.workloads import BenchRequest
 
     port = free_port()
     return server_cpu_per_token([sys.executable, __file__, "--serve", str(port), "--step", str(step)],
                                 f"http://127.0.0.1:{port}",
-                                [BenchRequest("hello", output_len, input_tokens=0) for _ in range(concurrency)],
+                                [BenchRequest("hello", output_len, input_tokens=0)
+                                 for _ in range(requests or concurrency)],
                                 concurrency, client_processes)
 
 

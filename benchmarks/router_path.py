@@ -5,6 +5,11 @@ The bare uvicorn floor (``bare_sse.py``) is measured in the same run. With no en
 far less between runs than ``serving_path.py``'s, which makes this the benchmark to A/B the router's hot path.
 
     python benchmarks/router_path.py [--model PATH] [--concurrency 64] [--output-len 128] [--step 0.02] [--rounds 3]
+    python benchmarks/router_path.py --output-len 1 --requests 2000 --step 0.002   # the cost of a request itself
+
+Each line also gives the CPU per request (the per-token figure times the output length): with one-token outputs
+that is what a request costs the router besides its tokens (parsing, tokenizing, placing, the response's start
+and end).
 """
 
 from __future__ import annotations
@@ -123,9 +128,10 @@ def serve(port: int, step: float, model: str | None) -> None:
             pass
 
 
-def measure(concurrency: int, output_len: int, step: float, model: str | None = None, client_processes: int = 1):
+def measure(concurrency: int, output_len: int, step: float, model: str | None = None, client_processes: int = 1,
+            requests: int | None = None):
     """The router process's CPU microseconds per delivered token, and the tokens/s delivered, under
-    ``concurrency`` closed-loop streams (a ``bare_sse.ServerLoad``)."""
+    ``concurrency`` closed-loop streams, ``requests`` in all (default: one per stream); a ``bare_sse.ServerLoad``."""
     from benchmarks.bare_sse import server_cpu_per_token
     from tests.serving import free_port
     from tokenworks.bench.workloads import synthetic
@@ -133,7 +139,8 @@ def measure(concurrency: int, output_len: int, step: float, model: str | None = 
     port = free_port()
     return server_cpu_per_token([sys.executable, __file__, "--serve", str(port), "--step", str(step),
                                  *(["--model", model] if model else [])], f"http://127.0.0.1:{port}",
-                                synthetic(concurrency, "uniform:20:60", f"fixed:{output_len}", seed=3), concurrency,
+                                synthetic(requests or concurrency, "uniform:20:60", f"fixed:{output_len}", seed=3),
+                                concurrency,
                                 client_processes)
 
 
@@ -144,6 +151,8 @@ def main() -> int:
     ap.add_argument("--step", type=float, default=0.02, help="the stand-in worker's step, seconds (default: 0.02)")
     ap.add_argument("--model", default=None, help="whose tokenizer the router uses (default: the built-in model)")
     ap.add_argument("--rounds", type=int, default=3, help="router and floor runs, alternated (default: 3)")
+    ap.add_argument("--requests", type=int, default=None,
+                    help="requests per run (default: one per stream); many short ones measure a request's own cost")
     ap.add_argument("--client-processes", type=int, default=None,
                     help="load generator processes (default: 1 on up to 4 cores, else up to 4)")
     ap.add_argument("--serve", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
@@ -161,13 +170,15 @@ def main() -> int:
     clients = ns.client_processes or default_client_processes()
     router, floor = [], []
     for _ in range(ns.rounds):
-        router.append(measure(ns.concurrency, ns.output_len, ns.step, ns.model, clients))
-        floor.append(bare_sse.measure(ns.concurrency, ns.output_len, ns.step, clients))
+        router.append(measure(ns.concurrency, ns.output_len, ns.step, ns.model, clients, ns.requests))
+        floor.append(bare_sse.measure(ns.concurrency, ns.output_len, ns.step, clients, ns.requests))
     med, runs = statistics.median, lambda xs: ", ".join(f"{x:.0f}" for x in xs)
     r, f = med(x.us_per_token for x in router), med(x.us_per_token for x in floor)
-    print(f"{ns.concurrency} streams of {ns.output_len} tokens, step {ns.step * 1e3:g} ms, {ns.rounds} rounds: "
-          f"router CPU {r:.0f} us/token (runs {runs(x.us_per_token for x in router)}), bare uvicorn floor {f:.0f} "
-          f"(runs {runs(x.us_per_token for x in floor)}), router/floor {f'{r / f:.2f}' if f else 'n/a'}")
+    print(f"{ns.requests or ns.concurrency} requests in {ns.concurrency} streams of {ns.output_len} tokens, step "
+          f"{ns.step * 1e3:g} ms, {ns.rounds} rounds: router CPU {r:.0f} us/token (runs "
+          f"{runs(x.us_per_token for x in router)}), bare uvicorn floor {f:.0f} (runs "
+          f"{runs(x.us_per_token for x in floor)}), router/floor {f'{r / f:.2f}' if f else 'n/a'}")
+    print(f"CPU per request: router {r * ns.output_len / 1e3:.2f} ms, bare floor {f * ns.output_len / 1e3:.2f} ms")
     print(f"tokens/s delivered: router {med(x.tokens_per_s for x in router):.0f} (runs "
           f"{runs(x.tokens_per_s for x in router)}), bare floor {med(x.tokens_per_s for x in floor):.0f}; offered "
           f"{ns.concurrency / ns.step:.0f} (one token per stream per step); {clients} client process(es)")
