@@ -173,8 +173,8 @@ def main() -> int:
     t0 = time.perf_counter()
     launches = record_launches(f"sm_{args.arch}")
     print(f"recorded in {time.perf_counter() - t0:.0f} s", flush=True)
-    expected = {v.__name__ for m in (triton_fused, triton_paged_decode) for v in vars(m).values()
-                if isinstance(v, Recorder) for v in [v.kernel]}
+    expected = {v.kernel.__name__ for m in (triton_fused, triton_paged_decode) for v in vars(m).values()
+                if isinstance(v, Recorder)}
     seen = {kernel.__name__ for kernel, _, _ in launches.values()}
     failures = [f"never launched: {name}" for name in sorted(expected - seen)]
     rows = []
