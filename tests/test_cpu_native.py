@@ -30,14 +30,62 @@ def test_q4_product_equals_exact_arithmetic_on_the_gguf_values(rows):
     x = torch.randn(rows, k, generator=gen) * torch.linspace(0.01, 30, k)  # groups of very different scales
     lin = Int4Linear(w, bias)
     assert lin.native is not None
-    scale, zero = w.scale.double().repeat_interleave(GROUP, 1), w.zero.double().repeat_interleave(GROUP, 1)
-    exact = x.double() @ ((w.codes.double() - 8) * scale + zero).t() + bias.double()  # w = d q + m, in float64
-    got = lin(x)
+    exact = x.double() @ exact_weight(w).t() + bias.double()
+    got = lin.native(x)  # the tiles, at any number of rows (the layer sends many rows to the wide product)
     assert got.shape == (rows, n) and got.dtype == torch.float32
     # int16 activations: each group's rounding is below 1/65534 of its largest value
     assert (got.double() - exact).abs().max() < 2e-4 * exact.abs().max()
     halves = lin.halves(x)
-    torch.testing.assert_close(torch.cat([halves[0], halves[1]], 1), got)
+    torch.testing.assert_close(torch.cat([halves[0], halves[1]], 1), lin(x))
+
+
+def exact_weight(w: Q4Weight) -> torch.Tensor:
+    """w = d q + m in float64, from the GGUF's values."""
+    scale, zero = w.scale.double().repeat_interleave(GROUP, 1), w.zero.double().repeat_interleave(GROUP, 1)
+    return (w.codes.double() - 8) * scale + zero
+
+
+def test_dequantized_weights_are_the_gguf_values():
+    gen = torch.Generator().manual_seed(3)
+    w = random_q4(202, 96, gen)  # 202: a last tile of two rows
+    lin = Int4Linear(w)
+    f32 = lin.native.dequantize_into(torch.empty(202, 96))
+    exact = exact_weight(w)
+    # one rounding of d q + m (a fused multiply-add) from float16 d and m
+    assert ((f32.double() - exact).abs() <= exact.abs() * 2**-24 + 1e-30).all()
+    bf16 = lin.native.dequantize_into(torch.empty(202, 96, dtype=torch.bfloat16))
+    assert torch.equal(bf16, f32.bfloat16())  # rounded to nearest, ties to even, as PyTorch rounds
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_rows_take_the_wide_product_in_either_dtype(monkeypatch, dtype):
+    """From the threshold's row count on, a product dequantizes W whole and multiplies on PyTorch's BLAS (float32:
+    as exact as the tiles; bfloat16 where the CPU has AMX: bfloat16's rounding), below it the tiles run."""
+    from tokenworks.model import quantized_linear
+
+    monkeypatch.setattr(quantized_linear, "wide_products", lambda: (dtype, 8))
+    gen = torch.Generator().manual_seed(4)
+    w, bias = random_q4(202, 96, gen), torch.randn(202, generator=gen)
+    lin = Int4Linear(w, bias)
+    for rows in (7, 8, 40):
+        x = torch.randn(rows, 96, generator=gen) * torch.linspace(0.01, 30, 96)
+        exact = x.double() @ exact_weight(w).t() + bias.double()
+        got = lin(x)
+        assert got.shape == (rows, 202) and got.dtype == torch.float32
+        error = (got.double() - exact).abs().max() / exact.abs().max()
+        if rows < 8:
+            assert torch.equal(got, lin.native(x))
+        elif dtype == torch.float32:
+            assert error < 1e-5
+        else:
+            want = torch.nn.functional.linear(x.bfloat16(), exact_weight(w).bfloat16()).float() + bias
+            assert torch.equal(got, want) and error < 2e-2
+    # the scratch matrix is reused: a smaller layer's product after a larger one's is still right
+    small_w = random_q4(36, 64, gen)
+    x = torch.randn(8, 64, generator=gen)
+    exact = x.double() @ exact_weight(small_w).t()
+    error = (Int4Linear(small_w)(x).double() - exact).abs().max() / exact.abs().max()
+    assert error < (2e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 7])  # fewer than 4: codes widened as loaded; 4 and more: per tile

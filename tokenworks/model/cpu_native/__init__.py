@@ -67,7 +67,8 @@ def unavailable_reason() -> str:
     return _reason
 
 
-def _cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -92,7 +93,7 @@ def library() -> ctypes.CDLL | None:
 def _load() -> tuple[ctypes.CDLL | None, str]:
     if platform.machine() not in ("x86_64", "AMD64"):
         return None, f"native kernels are written for x86-64 with AVX2, this is {platform.machine()}"
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if not {"avx2", "fma"} <= flags:
         return None, "the CPU lacks AVX2 or FMA"
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -127,6 +128,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.tw_q8_matmul.restype = ctypes.c_int
     lib.tw_decode_step.argtypes = [ctypes.POINTER(_Net), _I, _P, _P, _P, _P, _P, _I, _P, ctypes.c_int]
     lib.tw_decode_step.restype = ctypes.c_int
+    lib.tw_q4_dequantize.argtypes = [ctypes.POINTER(_Q4Mat), _P, ctypes.c_int, ctypes.c_int]
+    lib.tw_q4_dequantize.restype = None
     return lib, ""
 
 
@@ -170,6 +173,15 @@ class NativeQ4:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _product(self.lib.tw_q4_matmul, self.mat, x, self.out_features)
+
+    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        """W (out_features, in_features) written into ``out`` (float32 or bfloat16, contiguous): the numbers the
+        products use, d q + m, the bfloat16 ones rounded to nearest."""
+        assert out.shape == (self.out_features, self.in_features) and out.is_contiguous()
+        assert out.dtype in (torch.float32, torch.bfloat16)
+        self.lib.tw_q4_dequantize(ctypes.byref(self.mat), out.data_ptr(), int(out.dtype == torch.bfloat16),
+                                  torch.get_num_threads())
+        return out
 
 
 class NativeQ8:

@@ -379,6 +379,47 @@ int tw_q4_matmul(const Q4Mat *w, const float *x, int64_t rows, float *y, int thr
     return 0;
 }
 
+/* Eight float32 values rounded to bfloat16 (to nearest, ties to even; no NaNs here), in the low 16 bits of each lane. */
+static inline __m256i bf16_bits(__m256 v) {
+    __m256i b = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+}
+
+/* Sixteen float32 values (a, then b) stored as bfloat16. */
+static inline void store_bf16(uint16_t *dst, __m256 a, __m256 b) {
+    __m256i packed = _mm256_packus_epi32(bf16_bits(a), bf16_bits(b));  /* per 128-bit lane: a0-3 b0-3 a4-7 b4-7 */
+    _mm256_storeu_si256((__m256i *)dst, _mm256_permute4x64_epi64(packed, 0xD8));
+}
+
+/* W (n, k) written out as the numbers the products use, w = d q + m (in float32, from GGUF's float16 d and m),
+   row-major: float32 (`bf16` 0) or rounded to bfloat16 (`bf16` 1). For products of many activation rows, which a
+   BLAS (oneDNN, with AMX where the CPU has it) does faster on the whole matrix than the tiles above. */
+void tw_q4_dequantize(const Q4Mat *w, void *out, int bf16, int threads) {
+    const int64_t G = w->k / GROUP, rb = w->k / 2;
+    const __m128i low = _mm_set1_epi8(0x0F);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < w->n; r++) {
+        const uint16_t *dr = w->d + (r / 4) * 4 * G + r % 4, *mr = w->m + (r / 4) * 4 * G + r % 4;
+        for (int64_t g = 0; g < G; g++) {
+            const __m256 d = _mm256_set1_ps(half(dr[4 * g])), m = _mm256_set1_ps(half(mr[4 * g]));
+            const __m128i b = _mm_loadu_si128((const __m128i *)(w->codes + r * rb + g * 16));
+            const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+            __m256 v[4];
+            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+            for (int i = 0; i < 4; i++)
+                v[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), d, m);
+            const int64_t at = r * w->k + g * GROUP;
+            if (bf16) {
+                store_bf16((uint16_t *)out + at, v[0], v[1]);
+                store_bf16((uint16_t *)out + at + 16, v[2], v[3]);
+            } else {
+                for (int i = 0; i < 4; i++) _mm256_storeu_ps((float *)out + at + 8 * i, v[i]);
+            }
+        }
+    }
+}
+
 /* y (rows, n) = x (rows, k) W^T for a Q8_0 W, float32 in and out, on `threads` threads. */
 int tw_q8_matmul(const Q8Mat *w, const float *x, int64_t rows, float *y, int threads) {
     const int64_t G = w->k / GROUP;
