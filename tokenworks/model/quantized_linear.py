@@ -12,6 +12,12 @@ SmolLM2-135M's batch-1 step 1.7x faster on a 2-core AVX2 machine, but 0.84x
 at batch 32, where the kernel is slower than a float32 matmul
 (benchmarks/quantized.py, docs/engine.md).
 
+Where the native kernels build (``cpu_native``, the default), they run the
+layers on GGUF's blocks as stored and the int4 kernel above is the fallback.
+A product of many activation rows (a prefill chunk) then has the native
+kernel write W out whole into a scratch matrix and multiplies on PyTorch's
+BLAS instead (``wide_products``: bfloat16 where the CPU has AMX).
+
 ``Q4Weight`` is the unpacked form the loader builds (rows can be permuted and
 matrices stacked, as the model fuses q/k/v and gate/up); ``Int4Linear`` is
 the packed layer with the same call interface as ``linear.Linear``.

@@ -6,7 +6,8 @@ x86-64 with AVX2 and FMA. Where there is no compiler or no AVX2, or ``TOKENWORKS
 ``library()`` returns None and says why in ``unavailable_reason()``: the 4-bit layers then run on PyTorch's
 int4 kernel and decode steps layer by layer in PyTorch, as before.
 
-- ``NativeQ4``: a Q4 matrix in GGUF's block layout, ``y = x @ W.T + b`` for any number of rows.
+- ``NativeQ4``: a Q4 matrix in GGUF's block layout, ``y = x @ W.T + b`` for any number of rows, and W written
+  out whole in float32 or bfloat16 (``dequantize_into``) for products of many rows on PyTorch's BLAS.
 - ``NativeQ8``: the same for a Q8_0 matrix (the default model's tied embedding and output matrix).
 - ``NativeDecoder``: every layer of a decode-only step in one call (norms, q/k/v, RoPE, KV writes,
   attention through the block tables, the MLP), the 4-bit layers read once per step for all rows.
