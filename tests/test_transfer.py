@@ -73,6 +73,52 @@ def test_pull_copies_exact_blocks_and_release_arrives(kind):
         source.close()
 
 
+@pytest.mark.skipif("nixl" not in transports(), reason="nixl is not installed")
+def test_nixl_source_polls_slowly_while_no_blocks_are_held_and_still_serves(monkeypatch):
+    """A worker holding no blocks for sinks tells its source so (``expect_pulls(False)``): the source's thread then
+    polls every 50 ms instead of every 2 ms (a CPU engine beside it loses less of its cores), and a pull and its
+    release still go through."""
+    from tokenworks.transfer import nixl
+
+    polls = []
+    real_agent = nixl._agent
+
+    class Counting:
+        def __init__(self, agent):
+            self.agent = agent
+
+        def __getattr__(self, name):
+            return getattr(self.agent, name)
+
+        def get_new_notifs(self):
+            polls.append(time.monotonic())
+            return self.agent.get_new_notifs()
+
+    monkeypatch.setattr(nixl, "_agent", lambda *a, **k: (lambda got: (Counting(got[0]), *got[1:]))(real_agent(*a, **k)))
+    src, dst = torch.randn(SHAPE), torch.zeros(SHAPE)
+    source, sink = make_pair("nixl", src, dst, layout(), layout())
+    try:
+        def polls_in(seconds):
+            n = len(polls)
+            time.sleep(seconds)
+            return len(polls) - n
+
+        assert source.polling_fast  # until the worker says otherwise
+        assert polls_in(0.5) >= 40  # every 2 ms: 250 on an idle machine
+        source.expect_pulls(False)
+        time.sleep(0.06)
+        assert polls_in(0.5) <= 12  # every 50 ms: 10
+        assert sink.pull(source.peer(), "req-1", [3], [5], timeout=10) == layout().block_nbytes
+        assert torch.equal(dst[5], src[3])
+        sink.release(source.peer(), "req-1")
+        assert poll_releases(source) == ["req-1"]
+        source.expect_pulls(True)
+        assert polls_in(0.5) >= 40
+    finally:
+        sink.close()
+        source.close()
+
+
 @pytest.mark.parametrize("kind", transports())
 def test_mismatched_layout_is_refused_before_any_byte_moves(kind):
     src = torch.randn(SHAPE)

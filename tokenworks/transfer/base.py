@@ -142,6 +142,9 @@ class KVSource(abc.ABC):
         """Request ids whose blocks a sink has finished reading (non-blocking)."""
         return drain(self._releases)
 
+    def expect_pulls(self, expecting: bool) -> None:
+        """The worker says whether it holds blocks that sinks may read (a source that polls can idle when not)."""
+
     def close(self) -> None:
         pass
 

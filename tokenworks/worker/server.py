@@ -214,6 +214,7 @@ class Worker:
             if self.source is not None:
                 for rid in self.source.poll_releases():
                     self.scheduler.release_held(rid)
+                self.source.expect_pulls(bool(self.scheduler.held))
             if self.transfers is not None:
                 self.finish_pulls()
             if self.engine.has_unfinished():
@@ -221,6 +222,8 @@ class Worker:
                 outs = self.engine.step()
                 self._step_time += time.perf_counter() - t
                 self._steps += 1
+                if self.source is not None:  # before the router hears of the prefill: its sink may pull at once
+                    self.source.expect_pulls(bool(self.scheduler.held))
                 if outs:
                     self.send(P.Outputs(self.worker_id, [self.output(o) for o in outs]))
             elif self.scheduler.held:
