@@ -140,6 +140,32 @@ def test_the_decode_step_is_the_same_bits_on_any_number_of_threads(monkeypatch):
         assert torch.equal(hidden, outputs[1][0]) and torch.equal(pool, outputs[1][1]), threads
 
 
+def test_a_long_rows_attention_does_not_depend_on_the_threads_or_the_other_rows(monkeypatch):
+    """A context of 1,501 tokens is attended in six parts merged by their log-sum-exp; the parts are cut by the
+    context's length only, so the row's output is the same bits alone or beside other rows, on 1 to 8 threads."""
+    model, kv, runner = tiny_4bit_engine(False, block_size=16, num_blocks=130)
+    gen = torch.Generator().manual_seed(9)
+    kv.tensor.copy_(torch.randn(kv.tensor.shape, generator=gen))
+    long_table = [1 + b for b in range(94)]  # 1,500 + 1 tokens
+    others = [[100 + b for b in range(3)], [105 + b for b in range(17)]]  # 40 and 260 tokens
+    embed = torch.randn(3, 64, generator=gen)
+    start, outputs = kv.tensor.clone(), {}
+    for threads in (1, 2, 3, 8):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        for rows in (1, 3):
+            kv.tensor.copy_(start)
+            tables = [long_table, *others][:rows]
+            lens = [1501, 41, 261][:rows]
+            out = runner.native.step(embed[:rows].clone(), positions=[n - 1 for n in lens],
+                                     slot_blocks=[t[(n - 1) // 16] for t, n in zip(tables, lens)],
+                                     slot_offsets=[(n - 1) % 16 for n in lens], tables=tables, context_lens=lens)
+            outputs[(threads, rows)] = out[0]
+    first = outputs[(1, 1)]
+    assert first.abs().sum() > 0
+    for key, out in outputs.items():
+        assert torch.equal(out, first), key
+
+
 def test_nibbles_are_ggufs_block_layout():
     codes = torch.arange(64, dtype=torch.uint8).remainder(16).view(1, 64)
     w = Q4Weight(codes, torch.ones(1, 2), torch.zeros(1, 2))
@@ -149,7 +175,7 @@ def test_nibbles_are_ggufs_block_layout():
     assert packed[0, 16].item() == codes[0, 32] | (codes[0, 48] << 4)
 
 
-def tiny_4bit_engine(qk_norm: bool, block_size: int = 4, head_dim: int = 32):
+def tiny_4bit_engine(qk_norm: bool, block_size: int = 4, head_dim: int = 32, num_blocks: int = 40):
     """A LlamaModel of small shape whose layer matrices are random Q4 blocks, with its KV pool and runner."""
     from tokenworks.model.kv_cache import KVCache
     from tokenworks.model.llama import LlamaModel
@@ -158,34 +184,36 @@ def tiny_4bit_engine(qk_norm: bool, block_size: int = 4, head_dim: int = 32):
 
     config = ModelConfig(architecture="llama", vocab_size=300, hidden_size=64, intermediate_size=160, num_layers=3,
                          num_heads=4, num_kv_heads=2, head_dim=head_dim, rms_norm_eps=1e-5, rope_theta=10000.0,
-                         max_position=512, tie_word_embeddings=True, qk_norm=qk_norm)
+                         max_position=2048, tie_word_embeddings=True, qk_norm=qk_norm)
     weights = random_weights(config, torch.float32, "cpu", seed=3)
     gen = torch.Generator().manual_seed(5)
     for name, t in list(weights.items()):
         if name.startswith("model.layers.") and t.dim() == 2:
             weights[name] = random_q4(t.shape[0], t.shape[1], gen, spread=0.02)
     model = LlamaModel(config, weights, torch.float32, "cpu")
-    kv = KVCache(config, block_size, 40, torch.float32, "cpu")
+    kv = KVCache(config, block_size, num_blocks, torch.float32, "cpu")
     return model, kv, ModelRunner(model, kv)
 
 
 # 4 rows: attention per KV head with its query heads together; 1 row: per query head, and SwiGLU split by columns.
 # Blocks of 16 tokens: scores eight tokens at a time, and the single-token tail (29 + 3 steps). Heads of 64: the
-# values weighed 64 dimensions at a time; of 32: 8 at a time.
-@pytest.mark.parametrize("lens", [[1, 5, 29, 9], [13]], ids=["4-rows", "1-row"])
+# values weighed 64 dimensions at a time; of 32: 8 at a time. Contexts of 1,024 tokens and more: attended in parts
+# of about 256 (whole blocks), merged by their log-sum-exp; beside a short row, and alone.
+@pytest.mark.parametrize("lens", [[1, 5, 29, 9], [13], [1100, 7], [1030]], ids=["4-rows", "1-row", "long+short", "long"])
 @pytest.mark.parametrize("block_size,head_dim", [(4, 32), (16, 64)])
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3-qk-norm"])
 def test_fused_decode_step_equals_the_layer_by_layer_path(qk_norm, block_size, head_dim, lens):
     from tokenworks.engine.scheduler_output import ScheduledRequest
     from tokenworks.sampling_params import SamplingParams
 
-    model, kv, runner = tiny_4bit_engine(qk_norm, block_size, head_dim)
+    num_blocks = max(40, sum(-(-(n + 3) // block_size) for n in lens) + 8)
+    model, kv, runner = tiny_4bit_engine(qk_norm, block_size, head_dim, num_blocks)
     assert runner.native is not None
     gen = torch.Generator().manual_seed(11)
     bs = kv.block_size
     params = SamplingParams(temperature=0)
     # lens: the prompts; their blocks scattered over the pool
-    free = list(torch.randperm(39, generator=gen) + 1)
+    free = list(torch.randperm(num_blocks - 1, generator=gen) + 1)
     seqs = []
     for i, n in enumerate(lens):
         ids = torch.randint(0, 300, (n + 3,), generator=gen).tolist()

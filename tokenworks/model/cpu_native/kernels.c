@@ -502,18 +502,21 @@ static inline __attribute__((always_inline)) void weigh_values(const float *p, c
 }
 
 /* nq query heads of one row (q: the first one's D values, the others following), all of KV head kv_head,
-   against the row's context through its block table; D % 8 == 0. Each block of K and V is read
-   from memory once for all nq heads (it stays in L1 between them). `scores` holds nq * ctx floats; out gets
-   nq * D. */
-static void attend(const Net *net, int64_t layer, const float *q, int64_t nq, int64_t kv_head, const int32_t *table,
-                   int64_t ctx, float *scores, float *out) {
-    const int64_t D = net->head_dim, bs = net->block_size, st = net->stride_token;
+   against the row's tokens [t_begin, t_end) (t_begin on a block boundary) through its block table; D % 8 == 0.
+   Each block of K and V is read from memory once for all nq heads (it stays in L1 between them). `scores`
+   holds nq * (t_end - t_begin) floats; out gets nq * D. With m and l NULL the output is normalized (the whole
+   context); else it is left unnormalized, each head's largest score in m and its sum of exp(score - m) in l,
+   for merge_parts. */
+static void attend_range(const Net *net, int64_t layer, const float *q, int64_t nq, int64_t kv_head,
+                         const int32_t *table, int64_t t_begin, int64_t t_end, float *scores, float *out, float *m,
+                         float *l) {
+    const int64_t D = net->head_dim, bs = net->block_size, st = net->stride_token, len = t_end - t_begin;
     const __m256 scale = _mm256_set1_ps(net->scale);
-    for (int64_t b = 0, t0 = 0; t0 < ctx; b++, t0 += bs) {
+    for (int64_t b = t_begin / bs, t0 = t_begin; t0 < t_end; b++, t0 += bs) {
         const float *k = kv_at(net, layer, 0, table[b], 0) + kv_head * D;
-        const int64_t n = ctx - t0 < bs ? ctx - t0 : bs;
+        const int64_t n = t_end - t0 < bs ? t_end - t0 : bs;
         for (int64_t j = 0; j < nq; j++) {
-            float *s = scores + j * ctx + t0;
+            float *s = scores + j * len + (t0 - t_begin);
             int64_t o = 0;
             for (; o + 8 <= n; o += 8) _mm256_storeu_ps(s + o, _mm256_mul_ps(dot8(q + j * D, k + o * st, st, D), scale));
             for (; o < n; o++) s[o] = dot1(q + j * D, k + o * st, D) * net->scale;
@@ -521,25 +524,68 @@ static void attend(const Net *net, int64_t layer, const float *q, int64_t nq, in
     }
     float inv[nq];
     for (int64_t j = 0; j < nq; j++) {
-        float *s = scores + j * ctx;
+        float *s = scores + j * len;
         float mx = -INFINITY;
-        for (int64_t t = 0; t < ctx; t++) mx = s[t] > mx ? s[t] : mx;
-        inv[j] = 1.f / exp_shifted(s, ctx, mx);
+        for (int64_t t = 0; t < len; t++) mx = s[t] > mx ? s[t] : mx;
+        const float total = exp_shifted(s, len, mx);
+        inv[j] = 1.f / total;
+        if (m) {
+            m[j] = mx;
+            l[j] = total;
+        }
     }
     memset(out, 0, nq * D * sizeof(float));
-    for (int64_t b = 0, t0 = 0; t0 < ctx; b++, t0 += bs) {
+    for (int64_t b = t_begin / bs, t0 = t_begin; t0 < t_end; b++, t0 += bs) {
         const float *v = kv_at(net, layer, 1, table[b], 0) + kv_head * D;
-        const int64_t n = ctx - t0 < bs ? ctx - t0 : bs;
+        const int64_t n = t_end - t0 < bs ? t_end - t0 : bs;
         for (int64_t j = 0; j < nq; j++) {
-            const float *p = scores + j * ctx + t0;
+            const float *p = scores + j * len + (t0 - t_begin);
             int64_t d0 = 0;
             for (; d0 + 64 <= D; d0 += 64) weigh_values(p, v + d0, st, n, 8, out + j * D + d0);
             for (; d0 < D; d0 += 8) weigh_values(p, v + d0, st, n, 1, out + j * D + d0);
         }
     }
+    if (m) return;
     for (int64_t j = 0; j < nq; j++)
         for (int64_t i = 0; i < D; i += 8)
             _mm256_storeu_ps(out + j * D + i, _mm256_mul_ps(_mm256_loadu_ps(out + j * D + i), _mm256_set1_ps(inv[j])));
+}
+
+/* A long context is attended in parts (whole blocks), each part a work item of its own (all KV
+   heads, each with its query heads together), and the parts merged by their log-sum-exp: with one row and three
+   KV heads on two threads the heads alone could not be shared evenly, and one item per query head read each K
+   and V three times (at 4,096 tokens the step's attention was bound by re-reading them). The parts depend on the
+   context length only, so a row's result does not depend on the threads or on the other rows. */
+#define PARTS_FROM 1024 /* tokens: shorter contexts' K and V stay in L2 between a KV head's query heads */
+#define PART_TOKENS 256 /* about: parts are of equal length in whole blocks, enough of them to share evenly */
+
+static int64_t part_len_of(int64_t ctx, int64_t bs) {
+    if (ctx < PARTS_FROM) return ctx;
+    const int64_t parts = (ctx + PART_TOKENS - 1) / PART_TOKENS, per = (ctx + parts - 1) / parts;
+    return (per + bs - 1) / bs * bs;
+}
+
+static int64_t parts_of(int64_t ctx, int64_t bs) {
+    if (ctx < PARTS_FROM) return 1;
+    const int64_t per = part_len_of(ctx, bs);
+    return (ctx + per - 1) / per;
+}
+
+/* One head's output from its parts: out[d] = sum_p e^(m_p - M) o_p[d] / sum_p e^(m_p - M) l_p; the parts'
+   o `o_stride` floats apart, their m and l `ml_stride` apart. */
+static void merge_parts(const float *o, int64_t o_stride, const float *m, const float *l, int64_t ml_stride,
+                        int64_t parts, int64_t D, float *out) {
+    float top = -INFINITY, total = 0.f, w[parts];
+    for (int64_t p = 0; p < parts; p++) top = m[p * ml_stride] > top ? m[p * ml_stride] : top;
+    for (int64_t p = 0; p < parts; p++) {
+        w[p] = expf(m[p * ml_stride] - top);
+        total += w[p] * l[p * ml_stride];
+    }
+    for (int64_t d = 0; d < D; d++) {
+        float acc = 0.f;
+        for (int64_t p = 0; p < parts; p++) acc += w[p] * o[p * o_stride + d];
+        out[d] = acc / total;
+    }
 }
 
 /* A barrier that spins: a decode step crosses several per layer, each after a few microseconds of work, and
@@ -586,6 +632,23 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
     const int64_t per_kv = nh / nkv;
     int64_t max_ctx = 0;
     for (int64_t r = 0; r < rows; r++) max_ctx = context_lens[r] > max_ctx ? context_lens[r] : max_ctx;
+    /* attention's work items, row by row: a short context's query heads (grouped by KV head when there are
+       rows enough), a long one's (KV head, part) pairs; item_start and part_base: prefix sums over the rows */
+    const int64_t bs = net->block_size;
+    const int64_t nq_short = rows * nkv >= 2 * threads ? per_kv : 1;
+    int64_t *item_start = malloc((rows + 1) * sizeof(int64_t)), *part_base = malloc((rows + 1) * sizeof(int64_t));
+    if (!item_start || !part_base) {
+        free(item_start); free(part_base);
+        return -1;
+    }
+    item_start[0] = part_base[0] = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t parts = parts_of(context_lens[r], bs);
+        item_start[r + 1] = item_start[r] + (parts == 1 ? nh / nq_short : parts);
+        part_base[r + 1] = part_base[r] + (parts == 1 ? 0 : nkv * parts);
+    }
+    float *part_o = malloc((part_base[rows] * per_kv * (D + 2) + 1) * sizeof(float));
+    float *part_m = part_o + part_base[rows] * per_kv * D, *part_l = part_m + part_base[rows] * per_kv;
     float *x = malloc(rows * kmax * sizeof(float));
     float *qkv = malloc(rows * qkv_n * sizeof(float));
     float *attn = malloc(rows * nh * D * sizeof(float));
@@ -597,7 +660,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
     SpinBarrier bar = {0, 0};
     const int64_t per_product = (int64_t)threads * COUNTER_STRIDE;  /* claim counters, zeroed, per product */
     int64_t *taken = calloc(net->num_layers * 4 * per_product, sizeof(int64_t));
-    int ok = x && qkv && attn && gu && proj && scores && have_q && taken;
+    int ok = x && qkv && attn && gu && proj && scores && have_q && taken && part_o;
     if (ok) {
         #pragma omp parallel num_threads(threads)
         {
@@ -633,17 +696,39 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
                 }
                 barrier_wait(&bar, nt, &sense);
                 /* attention per (row, KV head) with the KV head's query heads together (K/V read once), or per
-                   (row, query head) when there are too few of those for the threads to share evenly */
-                const int64_t nq = rows * nkv >= 2 * nt ? per_kv : 1, items = rows * nh / nq;
-                split(items, t, nt, &i0, &i1);
-                for (int64_t it = i0; it < i1; it++) {
-                    int64_t r = it / (nh / nq), head = it % (nh / nq) * nq;
-                    attend(net, l, qkv + r * qkv_n + head * D, nq, head / per_kv, tables + r * table_width, context_lens[r],
-                           scores + (int64_t)t * per_kv * max_ctx, attn + r * nh * D + head * D);
+                   (row, query head) when there are too few of those for the threads to share evenly; a long
+                   context per (row, KV head, part), merged below */
+                split(item_start[rows], t, nt, &i0, &i1);
+                float *sc = scores + (int64_t)t * per_kv * max_ctx;
+                for (int64_t it = i0, r = 0; it < i1; it++) {
+                    while (item_start[r + 1] <= it) r++;
+                    const int64_t local = it - item_start[r], ctx = context_lens[r];
+                    const int32_t *table = tables + r * table_width;
+                    if (part_base[r + 1] == part_base[r]) {
+                        const int64_t head = local * nq_short;
+                        attend_range(net, l, qkv + r * qkv_n + head * D, nq_short, head / per_kv, table, 0, ctx, sc,
+                                     attn + r * nh * D + head * D, NULL, NULL);
+                    } else {  /* one part, every KV head: a block's K (and V) of all heads is one contiguous read */
+                        const int64_t parts = parts_of(ctx, bs), p = local, part_len = part_len_of(ctx, bs);
+                        const int64_t end = (p + 1) * part_len < ctx ? (p + 1) * part_len : ctx;
+                        for (int64_t kh = 0; kh < nkv; kh++) {
+                            const int64_t at = part_base[r] + kh * parts + p;
+                            attend_range(net, l, qkv + r * qkv_n + kh * per_kv * D, per_kv, kh, table, p * part_len,
+                                         end, sc, part_o + at * per_kv * D, part_m + at * per_kv, part_l + at * per_kv);
+                        }
+                    }
                 }
                 barrier_wait(&bar, nt, &sense);
-                for (int64_t r = r0; r < r1; r++)
+                for (int64_t r = r0; r < r1; r++) {
+                    const int64_t parts = parts_of(context_lens[r], bs);
+                    if (parts > 1)
+                        for (int64_t head = 0; head < nh; head++) {
+                            const int64_t at = part_base[r] + head / per_kv * parts, j = head % per_kv;
+                            merge_parts(part_o + at * per_kv * D + j * D, per_kv * D, part_m + at * per_kv + j,
+                                        part_l + at * per_kv + j, per_kv, parts, D, attn + r * nh * D + head * D);
+                        }
                     quantize_groups(attn + r * nh * D, nh * D, 0, nh * D / GROUP, &q, r);
+                }
                 barrier_wait(&bar, nt, &sense);
                 q4_matmul_shared(&L->o, &q, rows, proj, t, nt, taken + (4 * l + 1) * per_product);
                 barrier_wait(&bar, nt, &sense);
@@ -684,6 +769,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
         }
     }
     free(x); free(qkv); free(attn); free(gu); free(proj); free(scores); free(taken);
+    free(item_start); free(part_base); free(part_o);
     if (have_q) qact_free(&q);
     return ok ? 0 : -1;
 }
