@@ -23,9 +23,11 @@ def server():
 
 
 def test_overload_gets_429_at_once_and_admitted_requests_do_not_wait_past_the_limit(server):
-    # About 1.5 requests/s is what one 2-core worker serves with these lengths; 40/s for 8 s is over 25x that.
+    # Several times what one 2-core worker serves with these lengths: about 1.5 requests/s on an AVX2 machine
+    # (2026-11-27), where 40/s was over 25x that; on an AVX-512/AMX one (prefill 4x faster, 2026-11-28) it served
+    # over half of 320 at 40/s, so they come at 100/s.
     requests = synthetic(320, "uniform:6:180", "fixed:16", seed=3)
-    results, wall = asyncio.run(run_load(server.url, requests, Load(rate=40.0, seed=3), timeout=120))
+    results, wall = asyncio.run(run_load(server.url, requests, Load(rate=100.0, seed=3), timeout=120))
     done = [r for r in results if r.ok]
     refused = [r for r in results if not r.ok]
     ttfts = sorted(r.ttft for r in done)
