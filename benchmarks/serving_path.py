@@ -15,6 +15,7 @@ shared machine two runs minutes apart differ by more than the ratios being check
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -25,10 +26,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of one process (not its children)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of one process (all its threads, not its children), to the nanosecond: the
+    process's CPU-time clock (Linux: clock_getcpuclockid's id, ~pid << 3 | 2). /proc/PID/stat counts 10 ms ticks,
+    which at one stream of 32 tokens (about 10 ms of router CPU) read 0 or 312 µs a token."""
+    try:
+        return time.clock_gettime(ctypes.c_int(~pid << 3 | 2).value)
+    except OSError:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Offline:
