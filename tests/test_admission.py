@@ -45,3 +45,22 @@ def test_overload_gets_429_at_once_and_admitted_requests_do_not_wait_past_the_li
     assert all(r.output_tokens == 16 for r in done)
     assert server.metric("tokenworks:requests_rejected_total", 'reason="predicted_wait"') >= len(refused) // 2
     server.wait_idle(60)
+
+
+def test_requests_behind_a_full_batch_are_refused_by_the_wait_for_a_slot(server):
+    """64-token outputs: the worker's max_num_seqs (64) fill within seconds with requests that started together and
+    finish together, so a request admitted behind them waits for their end, not for the first-token rate measured
+    while slots were free (before the slot estimate: first token p90 13-14 s against the 5 s limit)."""
+    server.wait_idle(60)
+    requests = synthetic(320, "uniform:6:180", "fixed:64", seed=4)
+    results, wall = asyncio.run(run_load(server.url, requests, Load(rate=40.0, seed=4), timeout=120))
+    done = [r for r in results if r.ok]
+    refused = [r for r in results if not r.ok]
+    ttfts = sorted(r.ttft for r in done)
+    p90 = ttfts[int(0.9 * (len(ttfts) - 1))] if ttfts else 0.0
+    print(f"{len(done)} done, {len(refused)} refused; first token p90 {p90:.1f} s, slowest {max(ttfts, default=0):.1f} s")
+    assert all(r.error.startswith("HTTP 429") for r in refused), {r.error[:80] for r in refused}
+    assert len(done) >= 5 and all(r.output_tokens == 64 for r in done)
+    assert p90 < 1.3 * MAX_QUEUE_WAIT, ttfts[-5:]
+    assert ttfts[-1] < 1.5 * MAX_QUEUE_WAIT, ttfts[-5:]
+    server.wait_idle(60)

@@ -151,14 +151,17 @@ class _Ledger:
     (through the request's detokenizer, which finds stop strings), the token metrics, and the prefilling
     worker's measured rate once the first token is in."""
 
-    __slots__ = ("router", "detok", "t0", "prefiller", "uncached", "first", "last", "stopped")
+    __slots__ = ("router", "detok", "t0", "prefiller", "uncached", "first", "last", "stopped", "generated",
+                 "max_tokens")
 
     def __init__(self, router: Router, detok: IncrementalDetokenizer | None, t0: float, prefiller: WorkerView,
-                 uncached: int) -> None:
+                 uncached: int, max_tokens: int) -> None:
         self.router, self.detok, self.t0, self.prefiller, self.uncached = router, detok, t0, prefiller, uncached
         self.first = True  # no token yet
         self.last = t0  # when the last token came
         self.stopped = False  # a stop string ended the request here while its worker still runs it
+        self.generated = 0  # tokens so far
+        self.max_tokens = max_tokens
 
     def take(self, out: P.Output) -> Delta:
         now = time.monotonic()
@@ -184,6 +187,7 @@ class _Ledger:
             else:
                 m.itl.observe(now - self.last)
             self.last = now
+            self.generated += len(tokens)
             router.generated_tokens += len(tokens)  # tokenworks:generation_tokens_total
         return Delta(tokens, text, out.finished or self.stopped, "stop" if self.stopped else out.finish_reason,
                      out.num_prompt_tokens,
@@ -213,6 +217,8 @@ class Router:
               registry=self.metrics.registry).set_function(lambda: self.kv_index.nbytes)
         self.heartbeat_timeout = heartbeat_timeout
         self.streams: dict[str, RequestStream] = {}
+        self._decoding: dict[str, dict[str, _Ledger]] = {}  # decode worker -> its requests' ledgers (admission)
+        self._typical_use: float | None = None  # the share of its max_tokens a finished request used, averaged
         self._held: list[tuple[RequestStream, Callable[[], None]]] = []  # lanes' steps to write after this turn
         self._waiting_on: dict[str, WorkerHandle] = {}  # request id -> the worker its stream waits on
         self._stopped: dict[str, float] = {}  # requests a stop string ended here -> when (their late tokens count)
@@ -460,13 +466,34 @@ class Router:
             placement = None  # no worker now: generate() answers 503 or waits for one
         if placement is not None:
             w = placement.prefill or placement.decode
-            wait = w.rates.predicted_wait(w.queued_prefill_tokens, placement.uncached_tokens, now, copies=n)
+            wait = max(w.rates.predicted_wait(w.queued_prefill_tokens, placement.uncached_tokens, now, copies=n),
+                       self._slot_wait(placement.decode.worker_id, n))
             if wait > self.max_queue_wait:
                 self.metrics.rejected.labels("predicted_wait").inc()
                 return max(1.0, min(wait - self.max_queue_wait, self.max_queue_wait))
         # Counted until generate() starts and registers its stream (that happens in a task, later).
         self._admitted.extend([now] * n)
         return None
+
+    def _slot_wait(self, worker_id: str, n: int) -> float:
+        """Seconds until the decode worker has a free slot for ``n`` more requests, when its running and waiting
+        requests already fill its ``max_num_seqs``: the soonest finishes among those running (what each has left
+        of the share of its max_tokens requests typically use, all of it until one has finished), times the
+        worker's step time. 0 when a slot is free or nothing is measured yet. The first-token rates cannot see this: measured while slots were
+        free, they go on admitting behind a batch that started together and finishes together."""
+        h = self.workers.get(worker_id)
+        ledgers = self._decoding.get(worker_id)
+        if h is None or not ledgers or not h.ready.max_num_seqs or h.stats is None or h.stats.step_ms <= 0:
+            return 0.0
+        beyond = len(ledgers) + n - h.ready.max_num_seqs  # this request's place past the batch's slots
+        running = [led for led in ledgers.values() if not led.first]
+        if beyond <= 0 or not running:
+            return 0.0
+        use = 1.0 if self._typical_use is None else self._typical_use
+        left = sorted(max(1, min(led.max_tokens, max(use * led.max_tokens, led.generated + 1)) - led.generated)
+                      for led in running)
+        rounds, k = divmod(beyond - 1, len(left))
+        return (left[k] + rounds * left[-1]) * h.stats.step_ms / 1e3
 
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}-{time.time_ns() % 10**9}"
@@ -556,7 +583,9 @@ class Router:
         # Load the policy and admission see: the prompt's KV on the decode worker (and on the prefill worker until
         # the hand-over), the uncached tokens queued on the worker that prefills until its first token.
         n_prompt, uncached = len(prompt), placement.uncached_tokens
-        ledger = _Ledger(self, detok, t0, source.view, uncached)
+        ledger = _Ledger(self, detok, t0, source.view, uncached, params.max_tokens)
+        on_decoder = self._decoding.setdefault(decode.ready.worker_id, {})
+        on_decoder[request_id] = ledger
         decode.view.active_tokens += n_prompt
         prefill_holds = prefill is not None
         if prefill_holds:
@@ -640,6 +669,10 @@ class Router:
                     stream.open_lane(lane)
         finally:
             held = None  # the client is gone or failed: nothing more for it from this attempt
+            on_decoder.pop(request_id, None)
+            if finished and not ledger.stopped:  # the share of max_tokens requests use (admission's guess)
+                used = min(1.0, ledger.generated / max(1, ledger.max_tokens))
+                self._typical_use = used if self._typical_use is None else 0.9 * self._typical_use + 0.1 * used
             self.streams.pop(request_id, None)
             self._waiting_on.pop(request_id, None)
             m.running.dec()

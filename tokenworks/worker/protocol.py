@@ -54,6 +54,7 @@ class Ready(msgspec.Struct, tag="ready"):
     cached_block_hashes: list[int] = []  # the prefix cache now; KVEvents carry every change after this
     num_host_blocks: int = 0  # the host tier's size (--kv-host-memory-gib), 0: none
     host_block_hashes: list[int] = []  # what it holds now
+    max_num_seqs: int = 0  # requests its engine runs at once (admission: a request beyond them waits for a finish)
 
 
 class KVEvents(msgspec.Struct, tag="kv_events"):

@@ -113,6 +113,7 @@ class Worker:
             cached_block_hashes=self.loaded.pool.record_events(),
             num_host_blocks=0 if tier is None else tier.num_blocks,
             host_block_hashes=[] if tier is None else tier.hashes(),
+            max_num_seqs=self.scheduler.config.max_num_seqs,
         ))
 
     def send(self, msg: P.FromWorker) -> None:
