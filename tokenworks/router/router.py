@@ -479,15 +479,18 @@ class Router:
         """Seconds until the decode worker has a free slot for ``n`` more requests, when its running and waiting
         requests already fill its ``max_num_seqs``: the soonest finishes among those running (what each has left
         of the share of its max_tokens requests typically use, all of it until one has finished), times the
-        worker's step time. 0 when a slot is free or nothing is measured yet. The first-token rates cannot see this: measured while slots were
-        free, they go on admitting behind a batch that started together and finishes together."""
+        worker's step time. 0 when a slot is free or nothing is measured yet. The first-token rates cannot see
+        this: measured while slots were free, they go on admitting behind a batch that started together and
+        finishes together."""
         h = self.workers.get(worker_id)
         ledgers = self._decoding.get(worker_id)
         if h is None or not ledgers or not h.ready.max_num_seqs or h.stats is None or h.stats.step_ms <= 0:
             return 0.0
         beyond = len(ledgers) + n - h.ready.max_num_seqs  # this request's place past the batch's slots
+        if beyond <= 0:  # the common case, before looking at every running request
+            return 0.0
         running = [led for led in ledgers.values() if not led.first]
-        if beyond <= 0 or not running:
+        if not running:
             return 0.0
         use = 1.0 if self._typical_use is None else self._typical_use
         left = sorted(max(1, min(led.max_tokens, max(use * led.max_tokens, led.generated + 1)) - led.generated)
