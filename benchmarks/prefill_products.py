@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
-WAYS = {"tiles": None, "wide float32": torch.float32, "wide bfloat16": torch.bfloat16}
+# each way as what ``quantized_linear.wide_products`` returns for it: (dtype, the fewest rows that go wide)
+WAYS = {"tiles": (torch.float32, 1 << 30), "wide float32": (torch.float32, 1), "wide bfloat16": (torch.bfloat16, 1)}
 
 
 def prefill_ms(engine, length: int, serial: list[int]) -> float:
@@ -58,18 +59,15 @@ def main() -> int:
     serial = [0]
     times: dict[tuple[str, int], list[float]] = {}
     try:
-        for length in lengths:  # warm each way and length once
-            for way, dtype in WAYS.items():
-                quantized_linear.wide_products = (lambda: (torch.float32, 1 << 30)) if dtype is None else \
-                    (lambda dtype=dtype: (dtype, 1))
-                prefill_ms(llm.engine, length, serial)
-        for r in range(ns.rounds):
+        for r in range(-1, ns.rounds):  # round -1 warms each way and length, untimed
             for length in lengths:
-                for way, dtype in WAYS.items():
-                    quantized_linear.wide_products = (lambda: (torch.float32, 1 << 30)) if dtype is None else \
-                        (lambda dtype=dtype: (dtype, 1))
-                    times.setdefault((way, length), []).append(prefill_ms(llm.engine, length, serial))
-            print(f"round {r + 1}/{ns.rounds} done", flush=True)
+                for way, choice in WAYS.items():
+                    quantized_linear.wide_products = lambda choice=choice: choice
+                    ms = prefill_ms(llm.engine, length, serial)
+                    if r >= 0:
+                        times.setdefault((way, length), []).append(ms)
+            if r >= 0:
+                print(f"round {r + 1}/{ns.rounds} done", flush=True)
     finally:
         quantized_linear.wide_products = real
     for length in lengths:
