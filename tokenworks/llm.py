@@ -23,7 +23,7 @@ from tokenworks.model.host_kv_tier import HostKVTier, host_blocks_for_budget
 from tokenworks.model.kv_cache import KVCache, num_blocks_for_budget, torch_dtype
 from tokenworks.model import cpu_native
 from tokenworks.model.llama import LlamaModel
-from tokenworks.model.quantized_linear import Int4Linear, wide_products
+from tokenworks.model.quantized_linear import Int4Linear, many_rows
 from tokenworks.model.runner import ModelRunner
 from tokenworks.model.weights import (forget_parsed_files, gguf_quantized_weights, load_model_files, random_weights,
                                       resolve_model_path)
@@ -105,9 +105,7 @@ def _capture_graphs(args: EngineArgs, runner: ModelRunner, max_num_seqs: int, ma
     whether the 4-bit layers run on the native kernels (model/cpu_native) and decode steps in one call."""
     if not runner.device.startswith("cuda"):
         if runner.native is not None:
-            dtype, rows = wide_products()
-            return (f"4-bit layers and decode steps on the native CPU kernels (AVX2); products of {rows}+ rows "
-                    f"(prefill) on {str(dtype).removeprefix('torch.')} matmuls")
+            return f"4-bit layers and decode steps on the native CPU kernels (AVX2); {many_rows()}"
         if any(isinstance(layer["qkv"], Int4Linear) for layer in runner.model.layers):
             return f"4-bit layers on PyTorch's int4 kernel (native kernels: {cpu_native.unavailable_reason()})"
         return ""

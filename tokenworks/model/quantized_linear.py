@@ -14,9 +14,11 @@ at batch 32, where the kernel is slower than a float32 matmul
 
 Where the native kernels build (``cpu_native``, the default), they run the
 layers on GGUF's blocks as stored and the int4 kernel above is the fallback.
-A product of many activation rows (a prefill chunk) then has the native
+Where the CPU has AMX, products of a few rows and more (a decode batch, a
+prefill chunk) run on its tiles in the native kernel (``cpu_native/amx.c``).
+Elsewhere a product of many activation rows (a prefill chunk) has the native
 kernel write W out whole into a scratch matrix and multiplies on PyTorch's
-BLAS instead (``wide_products``: bfloat16 where the CPU has AMX).
+BLAS instead (``wide_products``).
 
 ``Q4Weight`` is the unpacked form the loader builds (rows can be permuted and
 matrices stacked, as the model fuses q/k/v and gate/up); ``Int4Linear`` is
@@ -135,6 +137,14 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
+def many_rows() -> str:
+    """How this machine's 4-bit layers multiply many activation rows (for the start-up line)."""
+    if cpu_native.amx_rows():
+        return f"products of {cpu_native.amx_rows()}+ rows (batches, prefill) on AMX tiles in bfloat16"
+    dtype, rows = wide_products()
+    return f"products of {rows}+ rows (prefill) on {str(dtype).removeprefix('torch.')} matmuls"
+
+
 def wide_products() -> tuple[torch.dtype, int]:
     """Products of many activation rows (prefill chunks) dequantize W whole into a scratch matrix and multiply on
     PyTorch's BLAS; returns (the dtype they multiply in, the fewest rows that go that way). bfloat16 where the CPU
@@ -216,9 +226,10 @@ class Int4Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None:
-            dtype, rows = wide_products()
-            if x.shape[0] >= rows:
-                return self._wide(x, dtype)
+            if self.native.panels is None or not cpu_native.amx_rows():  # many rows: AMX in the native kernel
+                dtype, rows = wide_products()
+                if x.shape[0] >= rows:
+                    return self._wide(x, dtype)
             return self.native(x).to(x.dtype)
         y = self._mm(x)
         return y if self.bias is None else y + self.bias

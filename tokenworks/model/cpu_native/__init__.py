@@ -31,7 +31,11 @@ import torch
 
 from tokenworks.config import default_cache_dir
 
-SOURCE = os.path.join(os.path.dirname(__file__), "kernels.c")
+SOURCE = os.path.join(os.path.dirname(__file__), "kernels.c")  # it includes amx.c
+SOURCES = (SOURCE, os.path.join(os.path.dirname(__file__), "amx.c"))
+# Products of this many activation rows or more run on AMX where the CPU has it (amx.c); 0 turns AMX off.
+AMX_ROWS_ENV = "TOKENWORKS_AMX_ROWS"
+AMX_ROWS = 4
 # Reassociation lets sums vectorize; never -ffast-math: gcc then links crtfastmath into the library, and loading
 # it would flush subnormal floats to zero for the whole process.
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
@@ -41,11 +45,12 @@ _I = ctypes.c_int64
 
 
 class _Q4Mat(ctypes.Structure):
-    _fields_ = [("n", _I), ("k", _I), ("codes", _P), ("d", _P), ("m", _P), ("bias", _P)]
+    _fields_ = [("n", _I), ("k", _I), ("codes", _P), ("d", _P), ("m", _P), ("bias", _P), ("panels", _P),
+                ("panel_dm", _P)]
 
 
 class _Q8Mat(ctypes.Structure):
-    _fields_ = [("n", _I), ("k", _I), ("codes", _P), ("d", _P)]
+    _fields_ = [("n", _I), ("k", _I), ("codes", _P), ("d", _P), ("panels", _P), ("panel_d", _P)]
 
 
 class _Layer(ctypes.Structure):
@@ -100,8 +105,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None, "no C compiler (cc) to build them with"
-    with open(SOURCE, "rb") as f:
-        source = f.read()
+    source = b""
+    for name in SOURCES:
+        with open(name, "rb") as f:
+            source += f.read()
     key = hashlib.sha256(source + " ".join([cc, *FLAGS, *sorted(flags)]).encode()).hexdigest()[:16]
     folder = os.path.join(default_cache_dir(), "native")
     path = os.path.join(folder, f"kernels-{key}.so")
@@ -131,7 +138,60 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.tw_decode_step.restype = ctypes.c_int
     lib.tw_q4_dequantize.argtypes = [ctypes.POINTER(_Q4Mat), _P, ctypes.c_int, ctypes.c_int]
     lib.tw_q4_dequantize.restype = None
+    lib.tw_amx_enable.argtypes = [_I]
+    lib.tw_amx_enable.restype = ctypes.c_int
     return lib, ""
+
+
+@functools.lru_cache(maxsize=1)
+def amx_available() -> bool:
+    """Whether products can run on AMX tiles here: the CPU has AMX (amx_bf16), the kernels built with it, and Linux
+    lets this process use the tile state."""
+    lib = library()
+    return lib is not None and "amx_bf16" in cpu_flags() and bool(lib.tw_amx_enable(0))
+
+
+_amx_rows: int | None = None
+
+
+def amx_rows() -> int:
+    """Products of this many activation rows or more run on AMX tiles (``amx.c``); 0 where none do (AMX
+    unavailable, or TOKENWORKS_AMX_ROWS=0). 4-bit layers made while it is 0 have no AMX panels."""
+    if _amx_rows is None:
+        set_amx_rows(int(os.environ.get(AMX_ROWS_ENV, AMX_ROWS)) if amx_available() else 0)
+    return _amx_rows
+
+
+def set_amx_rows(rows: int) -> None:
+    """From now on products of ``rows`` rows or more run on AMX (0: none do), in the layers that have their
+    panels (benchmarks and tests compare the two ways in one process)."""
+    global _amx_rows
+    if rows and not amx_available():
+        raise RuntimeError("AMX products are unavailable here")
+    if amx_available():
+        library().tw_amx_enable(max(rows, 0))
+    _amx_rows = max(rows, 0)
+
+
+def _panel_rows(t: torch.Tensor) -> torch.Tensor:
+    """(n, ...) -> (panels of 16 rows, 16, ...), a last partial panel padded with zeros."""
+    padded = torch.zeros((-(-t.shape[0] // 16) * 16, *t.shape[1:]), dtype=t.dtype)
+    padded[: t.shape[0]] = t
+    return padded.view(-1, 16, *t.shape[1:])
+
+
+def amx_panels(codes: torch.Tensor, *scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GGUF matrix's codes and scales in AMX's panel layout (amx.c). Q4 (codes (n, k / 2) bytes, d and m
+    (n, k / 32)): (panels, groups, 256) bytes, panel byte (i, c, p) of a group being GGUF's byte 2i + p of the
+    panel's weight row c (its two nibbles: inputs 2i + p and 2i + p + 16), and (panels, groups, 32) float16, the
+    16 rows' d then m. Q8_0 (codes (n, k) int8, d (n, k / 32)): (panels, groups, 512), byte (i, c, p) being input
+    2i + p of row c, and (panels, groups, 16) float16."""
+    n, groups = scales[0].shape
+    per_group = codes.shape[1] // groups  # 16 (Q4) or 32 (Q8_0) bytes
+    laid = _panel_rows(codes.view(n, groups, per_group // 2, 2)).permute(0, 2, 3, 1, 4)
+    dm = torch.stack([_panel_rows(v.half()) for v in scales], 2)  # (panels, 16, d/m, groups)
+    return (laid.reshape(-1, groups, 16 * per_group).contiguous(),
+            dm.permute(0, 3, 2, 1).reshape(-1, groups, 16 * len(scales)).contiguous())
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -165,11 +225,14 @@ class NativeQ4:
         self.codes, self.d, self.m = codes.contiguous(), tile_interleaved(d.half()), tile_interleaved(m.half())
         self.bias = None if bias is None else bias.float().contiguous()
         self.out_features, self.in_features = self.codes.shape[0], self.codes.shape[1] * 2
+        self.panels, self.panel_dm = amx_panels(self.codes, d, m) if amx_rows() else (None, None)
         self.mat = _Q4Mat(self.out_features, self.in_features, _ptr(self.codes), _ptr(self.d), _ptr(self.m),
-                          _ptr(self.bias))
+                          _ptr(self.bias), _ptr(self.panels), _ptr(self.panel_dm))
 
     @property
     def nbytes(self) -> int:
+        """Bytes a product of few rows reads (the AMX panels, a second copy of the codes, are read instead by
+        products of many)."""
         return sum(t.numel() * t.element_size() for t in (self.codes, self.d, self.m, self.bias) if t is not None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,7 +255,9 @@ class NativeQ8:
         self.lib = lib
         self.codes, self.d = codes.contiguous(), tile_interleaved(d.half())  # GGUF's float16 scales, exactly
         self.out_features, self.in_features = self.codes.shape
-        self.mat = _Q8Mat(self.out_features, self.in_features, _ptr(self.codes), _ptr(self.d))
+        self.panels, self.panel_d = amx_panels(self.codes, d) if amx_rows() else (None, None)
+        self.mat = _Q8Mat(self.out_features, self.in_features, _ptr(self.codes), _ptr(self.d), _ptr(self.panels),
+                          _ptr(self.panel_d))
 
     @property
     def nbytes(self) -> int:

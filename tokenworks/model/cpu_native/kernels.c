@@ -31,12 +31,16 @@ typedef struct {
     const uint8_t *codes;  /* (n, k / 2) GGUF nibbles */
     const uint16_t *d, *m; /* w = d * q + m, tile-interleaved */
     const float *bias;     /* (n) or NULL */
+    const uint8_t *panels; /* AMX layout (amx.c): (ceil(n / 16), k / 32, 256) codes, or NULL */
+    const uint16_t *panel_dm; /* (ceil(n / 16), k / 32, 2, 16): each panel's d, then m, per group */
 } Q4Mat;
 
 typedef struct {
     int64_t n, k;          /* output rows, inputs (k % 32 == 0) */
     const int8_t *codes;   /* (n, k) GGUF Q8_0 values */
     const uint16_t *d;     /* w = d * q, tile-interleaved */
+    const int8_t *panels;  /* AMX layout (amx.c): (ceil(n / 16), k / 32, 512) codes, or NULL */
+    const uint16_t *panel_d; /* (ceil(n / 16), k / 32, 16) */
 } Q8Mat;
 
 typedef struct {
@@ -64,7 +68,15 @@ typedef struct {
     float *sx;     /* (rows, k / 32) */
     float *sum;    /* (rows, k / 32) */
     int16_t *wide; /* (threads, 4 k): each thread's widened weight tile (see tile_rows) */
+    int amx;       /* 1: the rows are rounded to bfloat16 for AMX products (amx.c) instead, into: */
+    uint16_t *bf;  /* (rows rounded up to 16, k) */
+    uint16_t *btiles; /* (threads, 2 k / 32, 512): each thread's two dequantized panels */
 } QAct;
+
+/* AMX products from this many activation rows (0: never; set by tw_amx_enable). */
+static int64_t amx_from = 0;
+
+#include "amx.c"
 
 static inline float hsum(__m256 v) {
     __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -83,6 +95,12 @@ static inline float hmax(__m256 v) {
 /* Groups [g0, g1) of activation row r (x: that row, k inputs) into q. Values round to nearest (even), as
    lrintf does. */
 static void quantize_groups(const float *x, int64_t k, int64_t g0, int64_t g1, const QAct *q, int64_t r) {
+#if TW_AMX
+    if (q->amx) {
+        amx_round_groups(x, k, g0, g1, q->bf, r);
+        return;
+    }
+#endif
     const int64_t G = k / GROUP;
     const __m256 sign = _mm256_set1_ps(-0.f);
     int16_t *qr = q->q + r * k;
@@ -306,27 +324,44 @@ static void share(int64_t n, int t, int nt, int64_t *a, int64_t *b) {
 #define CHUNK_ROWS 16
 #define COUNTER_STRIDE 8 /* int64s: 64 bytes */
 
-static int claim(int64_t *taken, int64_t n, int t, int nt, int64_t *a, int64_t *b) {
+static int claim(int64_t *taken, int64_t n, int64_t chunk, int t, int nt, int64_t *a, int64_t *b) {
     for (int i = 0; i < nt; i++) {
         const int owner = (t + i) % nt;
         int64_t lo, hi;
         share(n, owner, nt, &lo, &hi);
         int64_t *c = taken + owner * COUNTER_STRIDE;
         if (__atomic_load_n(c, __ATOMIC_RELAXED) >= hi - lo) continue;
-        const int64_t got = __atomic_fetch_add(c, CHUNK_ROWS, __ATOMIC_RELAXED);
+        const int64_t got = __atomic_fetch_add(c, chunk, __ATOMIC_RELAXED);
         if (got < hi - lo) {
             *a = lo + got;
-            *b = lo + got + CHUNK_ROWS < hi ? lo + got + CHUNK_ROWS : hi;
+            *b = lo + got + chunk < hi ? lo + got + chunk : hi;
             return 1;
         }
     }
     return 0;
 }
 
+#if TW_AMX
+/* The AMX product of `rows` rows (x rounded to bfloat16): threads claim panels of 16 weight rows, two at a time. */
+static void amx_matmul_shared(const AmxMat *w, const QAct *x, int64_t rows, float *y, int t, int nt, int64_t *taken) {
+    const int64_t panels = (w->n + 15) / 16, mp = (rows + 15) / 16 * 16;
+    uint16_t *btiles = x->btiles + (int64_t)t * 2 * (x->k / GROUP) * 512;
+    int64_t a, b;
+    while (claim(taken, panels, 2, t, nt, &a, &b)) amx_panels(w, x->bf, mp, rows, y, w->n, a, b, btiles);
+}
+#endif
+
 /* Called inside a parallel region by every thread; `taken`: nt zeroed counters (see claim) for this product. */
 static void q4_matmul_shared(const Q4Mat *w, const QAct *x, int64_t rows, float *y, int t, int nt, int64_t *taken) {
     int64_t a, b;
-    while (claim(taken, w->n, t, nt, &a, &b)) q4_rows(w, x, rows, y, w->n, a, b, wide_of(x, t));
+#if TW_AMX
+    if (x->amx) {
+        const AmxMat m = {w->n, w->k, w->panels, w->panel_dm, w->bias, 0};
+        amx_matmul_shared(&m, x, rows, y, t, nt, taken);
+        return;
+    }
+#endif
+    while (claim(taken, w->n, CHUNK_ROWS, t, nt, &a, &b)) q4_rows(w, x, rows, y, w->n, a, b, wide_of(x, t));
 }
 
 static void thread_ids(int *t, int *nt) {
@@ -339,40 +374,81 @@ static void thread_ids(int *t, int *nt) {
 }
 
 static void qact_free(QAct *q) {
-    free(q->q); free(q->sx); free(q->sum); free(q->wide);
+    free(q->q); free(q->sx); free(q->sum); free(q->wide); free(q->bf); free(q->btiles);
 }
 
-/* Buffers for `rows` activation rows of up to k inputs, and a widened tile for each of `threads` threads; 0 if
-   out of memory (then nothing is held). */
-static int qact_alloc(int64_t rows, int64_t k, int threads, QAct *q) {
+/* Buffers for `rows` activation rows of up to k inputs, and a widened tile for each of `threads` threads (for
+   AMX products, `amx`: bfloat16 rows and a panel for each thread instead); 0 if out of memory (then nothing is
+   held). */
+static int qact_alloc(int64_t rows, int64_t k, int threads, int amx, QAct *q) {
+    memset(q, 0, sizeof *q);
     q->k = k;
-    q->q = malloc(rows * k * sizeof(int16_t));
-    q->sx = malloc(rows * (k / GROUP) * sizeof(float));
-    q->sum = malloc(rows * (k / GROUP) * sizeof(float));
-    q->wide = malloc((size_t)threads * 4 * k * sizeof(int16_t));
-    if (q->q && q->sx && q->sum && q->wide) return 1;
+    q->amx = amx;
+    if (amx) {
+        q->bf = calloc((rows + 15) / 16 * 16 * k, sizeof(uint16_t));  /* the padding rows stay zero */
+        q->btiles = aligned_alloc(64, (size_t)threads * 2 * (k / GROUP) * 512 * sizeof(uint16_t));
+        if (q->bf && q->btiles) return 1;
+    } else {
+        q->q = malloc(rows * k * sizeof(int16_t));
+        q->sx = malloc(rows * (k / GROUP) * sizeof(float));
+        q->sum = malloc(rows * (k / GROUP) * sizeof(float));
+        q->wide = malloc((size_t)threads * 4 * k * sizeof(int16_t));
+        if (q->q && q->sx && q->sum && q->wide) return 1;
+    }
     qact_free(q);
     return 0;
 }
 
-/* `rows` activation rows of k inputs (x, packed), quantized; 0 if out of memory. */
-static int qact_from(const float *x, int64_t rows, int64_t k, int threads, QAct *q) {
-    if (!qact_alloc(rows, k, threads, q)) return 0;
+/* `rows` activation rows of k inputs (x, packed), quantized (or rounded, `amx`); 0 if out of memory. */
+static int qact_from(const float *x, int64_t rows, int64_t k, int threads, int amx, QAct *q) {
+    if (!qact_alloc(rows, k, threads, amx, q)) return 0;
     for (int64_t r = 0; r < rows; r++) quantize_groups(x + r * k, k, 0, k / GROUP, q, r);
     return 1;
+}
+
+/* Products of `from` or more activation rows on AMX from now on (0: never); 1 if this CPU and build can. */
+int tw_amx_enable(int64_t from) {
+    if (!TW_AMX || !tw_amx_init()) return 0;
+    amx_from = from;
+    return 1;
+}
+
+/* Whether a product of `rows` rows runs on AMX: the CPU has it, the process may use it, W has its panels. */
+static int use_amx(const Q4Mat *w, int64_t rows) {
+    return TW_AMX && amx_from > 0 && rows >= amx_from && w->panels != NULL;
+}
+
+/* Around a parallel region's AMX products: each thread loads the tile configuration, and lets it go after. */
+static void amx_begin(int amx) {
+#if TW_AMX
+    if (amx) amx_configure();
+#else
+    (void)amx;
+#endif
+}
+
+static void amx_end(int amx) {
+#if TW_AMX
+    if (amx) _tile_release();
+#else
+    (void)amx;
+#endif
 }
 
 /* y (rows, n) = x (rows, k) W^T + bias, float32 in and out, on `threads` threads. */
 int tw_q4_matmul(const Q4Mat *w, const float *x, int64_t rows, float *y, int threads) {
     QAct q;
-    if (!qact_from(x, rows, w->k, threads, &q)) return -1;
+    const int amx = use_amx(w, rows);
+    if (!qact_from(x, rows, w->k, threads, amx, &q)) return -1;
     int64_t *taken = calloc(threads * COUNTER_STRIDE, sizeof(int64_t));
     if (!taken) { qact_free(&q); return -1; }
     #pragma omp parallel num_threads(threads)
     {
         int t, nt;
         thread_ids(&t, &nt);
+        amx_begin(amx);
         q4_matmul_shared(w, &q, rows, y, t, nt, taken);
+        amx_end(amx);
     }
     free(taken);
     qact_free(&q);
@@ -423,17 +499,26 @@ void tw_q4_dequantize(const Q4Mat *w, void *out, int bf16, int threads) {
 /* y (rows, n) = x (rows, k) W^T for a Q8_0 W, float32 in and out, on `threads` threads. */
 int tw_q8_matmul(const Q8Mat *w, const float *x, int64_t rows, float *y, int threads) {
     const int64_t G = w->k / GROUP;
+    const int amx = TW_AMX && amx_from > 0 && rows >= amx_from && w->panels != NULL;
     QAct q;
-    if (!qact_from(x, rows, w->k, threads, &q)) return -1;
+    if (!qact_from(x, rows, w->k, threads, amx, &q)) return -1;
     int64_t *taken = calloc(threads * COUNTER_STRIDE, sizeof(int64_t));
     if (!taken) { qact_free(&q); return -1; }
     #pragma omp parallel num_threads(threads)
     {
         int t, nt;
         thread_ids(&t, &nt);
+#if TW_AMX
+        if (amx) {
+            const AmxMat m = {w->n, w->k, (const uint8_t *)w->panels, w->panel_d, NULL, 1};
+            amx_configure();
+            amx_matmul_shared(&m, &q, rows, y, t, nt, taken);
+            _tile_release();
+        }
+#endif
         int64_t a, b;
         int16_t *wide = wide_of(&q, t);
-        while (claim(taken, w->n, t, nt, &a, &b))
+        while (!amx && claim(taken, w->n, CHUNK_ROWS, t, nt, &a, &b))
             for (int64_t n = a; n < b; n += 4) {
                 const int nr = b - n < 4 ? (int)(b - n) : 4;
                 widen_q8(w, n, nr, wide);
@@ -655,8 +740,14 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
     float *gu = malloc(rows * 2 * I * sizeof(float));
     float *proj = malloc(rows * H * sizeof(float));
     float *scores = malloc((size_t)threads * per_kv * max_ctx * sizeof(float));
+    int amx = 1;
+    for (int64_t l = 0; l < net->num_layers; l++) {
+        const Layer *L = &net->layers[l];
+        amx = amx && use_amx(&L->qkv, rows) && use_amx(&L->o, rows) && use_amx(&L->gate_up, rows)
+              && use_amx(&L->down, rows);
+    }
     QAct q;
-    const int have_q = qact_alloc(rows, kmax, threads, &q);
+    const int have_q = qact_alloc(rows, kmax, threads, amx, &q);
     SpinBarrier bar = {0, 0};
     const int64_t per_product = (int64_t)threads * COUNTER_STRIDE;  /* claim counters, zeroed, per product */
     int64_t *taken = calloc(net->num_layers * 4 * per_product, sizeof(int64_t));
@@ -666,6 +757,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
         {
             int t, nt, sense = 0;
             thread_ids(&t, &nt);
+            amx_begin(amx);
             int64_t r0, r1, i0, i1;
             split(rows, t, nt, &r0, &r1);
             for (int64_t l = 0; l < net->num_layers; l++) {
@@ -766,6 +858,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
                 /* the next layer's norm reads only this thread's rows: no barrier needed here */
             }
             for (int64_t r = r0; r < r1; r++) rms_norm(h + r * H, net->final_norm, H, net->eps, h + r * H);
+            amx_end(amx);
         }
     }
     free(x); free(qkv); free(attn); free(gu); free(proj); free(scores); free(taken);

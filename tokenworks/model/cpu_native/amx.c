@@ -1,0 +1,177 @@
+/* Products of many activation rows on AMX (Intel's tile matrix unit), included by kernels.c.
+
+   Where the CPU has AMX (amx_bf16: Sapphire Rapids and later) a 4-bit layer also keeps its codes in panels of
+   16 weight rows, laid out so that one group of a panel unpacks straight into the layout of a B tile: 16 rows
+   of 64 bytes, row i holding, for each of the panel's 16 weight rows c, the pair of bfloat16 weights at inputs
+   2i and 2i + 1 of the group. A GGUF Q4 byte t of row c holds inputs t and t + 16 (its two nibbles), so the
+   panel's byte (i, c, p) is simply GGUF's byte t = 2i + p of row c: its low nibbles make B rows 0-7, its high
+   nibbles rows 8-15. Each weight is dequantized as w = d q + m in float32 (one fused multiply-add, as
+   tw_q4_dequantize does) and rounded to bfloat16 (to nearest even); activations are rounded to bfloat16 too;
+   the tile unit multiplies and accumulates in float32. The numbers are those of the bfloat16 prefill products
+   (quantized_linear.wide_products), without writing W out and handing it to a BLAS.
+
+   A panel's groups are dequantized once into a thread's buffer (1 KB a group), then all activation rows run
+   through them. Activation rows are padded with zero rows to a multiple of 16. */
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define TW_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* The process may use tile data (Linux asks for it once); 1 if it may. */
+int tw_amx_init(void) {
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+/* Every tile 16 rows of 64 bytes: C tiles 0-3 (16 x 16 float32), A tiles 4 and 6 (16 rows x 32 bfloat16),
+   B tiles 5 and 7 (16 pairs of inputs x 16 weight rows). Each thread loads the configuration before its
+   products. */
+static void amx_configure(void) {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.rows[i] = 16;
+        cfg.colsb[i] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* Group g of panel p, dequantized into B-tile layout at `tile` (512 bfloat16). */
+static inline void amx_unpack_q4(const uint8_t *codes, const uint16_t *dm, uint16_t *tile) {
+    const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dm));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dm + 16)));
+    const __m512 d_lo = _mm512_permutexvar_ps(lo_idx, d), d_hi = _mm512_permutexvar_ps(hi_idx, d);
+    const __m512 m_lo = _mm512_permutexvar_ps(lo_idx, m), m_hi = _mm512_permutexvar_ps(hi_idx, m);
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int i = 0; i < 8; i++) {
+        const __m256i b = _mm256_loadu_si256((const __m256i *)(codes + 32 * i));
+        const __m256i halves[2] = {_mm256_and_si256(b, low), _mm256_and_si256(_mm256_srli_epi16(b, 4), low)};
+        for (int h = 0; h < 2; h++) {  /* low nibbles: B row i; high nibbles: B row i + 8 */
+            const __m512 first = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(halves[h]))), d_lo, m_lo);
+            const __m512 second = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(halves[h], 1))), d_hi, m_hi);
+            _mm512_storeu_si512(tile + 32 * (i + 8 * h), (__m512i)_mm512_cvtne2ps_pbh(second, first));
+        }
+    }
+}
+
+/* Group g of a Q8_0 panel (512 bytes: byte (i, c, p) is input 2i + p of weight row c), w = d q, into B-tile
+   layout at `tile`. */
+static inline void amx_unpack_q8(const int8_t *codes, const uint16_t *d16, uint16_t *tile) {
+    const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)d16));
+    const __m512 d_lo = _mm512_permutexvar_ps(lo_idx, d), d_hi = _mm512_permutexvar_ps(hi_idx, d);
+    for (int i = 0; i < 16; i++) {
+        const __m512 first = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 32 * i)))), d_lo);
+        const __m512 second = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 32 * i + 16)))), d_hi);
+        _mm512_storeu_si512(tile + 32 * i, (__m512i)_mm512_cvtne2ps_pbh(second, first));
+    }
+}
+
+/* A matrix in panels, 4-bit (Q4Mat) or 8-bit (Q8Mat), as the panel loop reads it. */
+typedef struct {
+    int64_t n, k;
+    const uint8_t *panels;   /* (ceil(n / 16), k / 32, 256 or 512) */
+    const uint16_t *scales;  /* (ceil(n / 16), k / 32, 32 (d, m) or 16 (d)) */
+    const float *bias;
+    int q8;
+} AmxMat;
+
+static inline void amx_unpack(const AmxMat *w, int64_t p, int64_t g, uint16_t *tile) {
+    const int64_t at = p * (w->k / GROUP) + g;
+    if (w->q8)
+        amx_unpack_q8((const int8_t *)w->panels + at * 512, w->scales + at * 16, tile);
+    else
+        amx_unpack_q4(w->panels + at * 256, w->scales + at * 32, tile);
+}
+
+/* C tile `c` (16 x 16 float32) stored into rows [r0, r0 + 16) and columns [n0, n0 + 16) of y, those of them that
+   exist (rows < `rows`, columns < w->n), plus the bias. */
+static void amx_store(int c, float *cbuf, const AmxMat *w, float *y, int64_t ldy, int64_t rows, int64_t r0, int64_t n0) {
+    if (r0 >= rows || n0 >= w->n) return;
+    switch (c) {  /* tile numbers are immediates */
+        case 0: _tile_stored(0, cbuf, 64); break;
+        case 1: _tile_stored(1, cbuf, 64); break;
+        case 2: _tile_stored(2, cbuf, 64); break;
+        default: _tile_stored(3, cbuf, 64); break;
+    }
+    const int64_t nr = rows - r0 < 16 ? rows - r0 : 16, nc = w->n - n0 < 16 ? w->n - n0 : 16;
+    for (int64_t r = 0; r < nr; r++) {
+        float *dst = y + (r0 + r) * ldy + n0;
+        if (nc == 16 && !w->bias)
+            _mm512_storeu_ps(dst, _mm512_load_ps(cbuf + 16 * r));
+        else
+            for (int64_t j = 0; j < nc; j++) dst[j] = cbuf[16 * r + j] + (w->bias ? w->bias[n0 + j] : 0.f);
+    }
+}
+
+/* Panels [p0, p1) of y = x W^T (+ bias): xb the activations as A tiles (amx_round_groups: mp rows, a multiple of
+   16), y (rows, n) with row stride ldy. `btiles`: this thread's buffer of 2 k / 32 tiles. Two panels and 32
+   activation rows at a time, in four C tiles (0, 1: rows 0-15 of the two panels; 2, 3: rows 16-31), the A
+   tiles 4 and 6, the B tiles 5 and 7: each tile loaded serves two products. */
+static void amx_panels(const AmxMat *w, const uint16_t *xb, int64_t mp, int64_t rows, float *y, int64_t ldy,
+                          int64_t p0, int64_t p1, uint16_t *btiles) {
+    const int64_t k = w->k, G = k / GROUP;
+    float cbuf[16 * 16] __attribute__((aligned(64)));
+    for (int64_t p = p0; p < p1; p += 2) {
+        const int two = p + 1 < p1;
+        for (int64_t j = 0; j <= two; j++)
+            for (int64_t g = 0; g < G; g++)
+                amx_unpack(w, p + j, g, btiles + (j * G + g) * 512);
+        for (int64_t mc = 0; mc < mp; mc += 32) {
+            const int tall = mp - mc >= 32;
+            const uint16_t *a0 = xb + (mc / 16) * G * 512, *a1 = a0 + G * 512;  /* A tile (m, g) at (m G + g) 512 */
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            for (int64_t g = 0; g < G; g++) {
+                _tile_loadd(5, btiles + g * 512, 64);
+                _tile_loadd(4, a0 + g * 512, 64);
+                _tile_dpbf16ps(0, 4, 5);
+                if (two) {
+                    _tile_loadd(7, btiles + (G + g) * 512, 64);
+                    _tile_dpbf16ps(1, 4, 7);
+                }
+                if (tall) {
+                    _tile_loadd(6, a1 + g * 512, 64);
+                    _tile_dpbf16ps(2, 6, 5);
+                    if (two) _tile_dpbf16ps(3, 6, 7);
+                }
+            }
+            amx_store(0, cbuf, w, y, ldy, rows, mc, 16 * p);
+            if (two) amx_store(1, cbuf, w, y, ldy, rows, mc, 16 * p + 16);
+            if (tall) amx_store(2, cbuf, w, y, ldy, rows, mc + 16, 16 * p);
+            if (tall && two) amx_store(3, cbuf, w, y, ldy, rows, mc + 16, 16 * p + 16);
+        }
+    }
+}
+
+/* Activation groups [g0, g1) of row r (x: that row, k inputs) rounded to bfloat16 into xb, laid out as A tiles:
+   rows 16 m .. 16 m + 15 of group g make the tile at (m k / 32 + g) 512, row r % 16 of it at 32 (r % 16). (Rows
+   k apart in one matrix would map 16 rows of a tile onto a few L1 sets when 2k bytes is a multiple of 1 KB.) */
+static void amx_round_groups(const float *x, int64_t k, int64_t g0, int64_t g1, uint16_t *xb, int64_t r) {
+    uint16_t *row = xb + (r / 16) * (k / GROUP) * 512 + (r % 16) * 32;
+    for (int64_t g = g0; g < g1; g++) {
+        const __m512 a = _mm512_loadu_ps(x + g * GROUP), b = _mm512_loadu_ps(x + g * GROUP + 16);
+        _mm512_storeu_si512(row + g * 512, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    }
+}
+
+#else
+#define TW_AMX 0
+int tw_amx_init(void) { return 0; }
+#endif
