@@ -1,11 +1,12 @@
-"""Prefill of the default model (its 4-bit layers on the native kernels) with its products of many rows taken three
-ways, alternated in one process: the native tiles (the baseline), and W dequantized whole and multiplied on
-PyTorch's BLAS in float32 and in bfloat16 (oneDNN; fast where the CPU has AMX). The engine picks one of the wide
-ways by the CPU (``quantized_linear.wide_products``); this measures all three on this machine.
+"""Prefill of the default model (its 4-bit layers on the native kernels) with its products of many rows taken in
+each way this machine has, alternated in one process: the native tiles (the baseline); W dequantized whole and
+multiplied on PyTorch's BLAS in float32 and in bfloat16 (oneDNN); and, where the CPU has AMX, the native kernel's
+AMX tiles (cpu_native/amx.c, bfloat16). The engine picks AMX where it is, else one of the wide ways by the CPU
+(``quantized_linear.wide_products``).
 
 Prints, per prompt length, the median time of a whole prefill (first token included) over the rounds, and each
-way's ratio to the tiles: the median of the rounds' ratios (this machine is shared; each round times the three
-ways back to back).
+way's ratio to the tiles: the median of the rounds' ratios (this machine is shared; each round times the ways
+back to back).
 
     python benchmarks/prefill_products.py [--lengths 64,512,2048] [--rounds 5]
 """
@@ -22,8 +23,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
-# each way as what ``quantized_linear.wide_products`` returns for it: (dtype, the fewest rows that go wide)
-WAYS = {"tiles": (torch.float32, 1 << 30), "wide float32": (torch.float32, 1), "wide bfloat16": (torch.bfloat16, 1)}
+# each way as (the rows from which products run on AMX, 0: never; what ``quantized_linear.wide_products`` returns
+# for it: the dtype and the fewest rows that go wide)
+WAYS = {"tiles": (0, (torch.float32, 1 << 30)), "wide float32": (0, (torch.float32, 1)),
+        "wide bfloat16": (0, (torch.bfloat16, 1)), "amx": (None, (torch.float32, 1 << 30))}
 
 
 def prefill_ms(engine, length: int, serial: list[int]) -> float:
@@ -51,18 +54,21 @@ def main() -> int:
     if cpu_native.library() is None:
         print(f"the native kernels are unavailable here ({cpu_native.unavailable_reason()}): nothing to compare")
         return 1
-    chosen = quantized_linear.wide_products()
-    amx = "amx_bf16" in cpu_native.cpu_flags()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU {'with' if amx else 'without'} AMX; "
-          f"the engine's choice here: {chosen[0]} from {chosen[1]} rows", flush=True)
+    amx_rows = cpu_native.amx_rows()
+    ways = {way: (amx_rows if amx is None else amx, wide) for way, (amx, wide) in WAYS.items()
+            if amx is not None or amx_rows}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CPU "
+          f"{'with' if 'amx_bf16' in cpu_native.cpu_flags() else 'without'} AMX; the engine's choice here: "
+          f"{quantized_linear.many_rows()}", flush=True)
     real = quantized_linear.wide_products
     serial = [0]
     times: dict[tuple[str, int], list[float]] = {}
     try:
         for r in range(-1, ns.rounds):  # round -1 warms each way and length, untimed
             for length in lengths:
-                for way, choice in WAYS.items():
-                    quantized_linear.wide_products = lambda choice=choice: choice
+                for way, (amx, wide) in ways.items():
+                    cpu_native.set_amx_rows(amx)
+                    quantized_linear.wide_products = lambda wide=wide: wide
                     ms = prefill_ms(llm.engine, length, serial)
                     if r >= 0:
                         times.setdefault((way, length), []).append(ms)
@@ -70,10 +76,11 @@ def main() -> int:
                 print(f"round {r + 1}/{ns.rounds} done", flush=True)
     finally:
         quantized_linear.wide_products = real
+        cpu_native.set_amx_rows(amx_rows)
     for length in lengths:
         base = times[("tiles", length)]
         line = [f"prefill {length:5d} tokens: tiles {statistics.median(base):8.1f} ms"]
-        for way in list(WAYS)[1:]:
+        for way in list(ways)[1:]:
             got = times[(way, length)]
             ratio = statistics.median(g / b for g, b in zip(got, base))
             line.append(f"{way} {statistics.median(got):8.1f} ms ({ratio:.2f}x)")
