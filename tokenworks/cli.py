@@ -229,22 +229,25 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         else:
             cluster = LocalCluster(router, args, ns.kv_transport, **launcher_args)
 
-        shown = [-1]
+        shown, tty = [-1], sys.stderr.isatty()
 
         def progress(ready: int, total: int) -> None:
-            if ready != shown[0]:
+            if ready != shown[0]:  # one line rewritten on a terminal; a line each in a log
                 shown[0] = ready
-                print(f"\r[tokenworks] workers ready: {ready}/{total}", end="", file=sys.stderr, flush=True)
+                line = f"[tokenworks] workers ready: {ready}/{total}"
+                print("\r" + line if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
 
         try:
             try:
                 await cluster.start(specs, progress=progress)
             except WorkersNotReady:
-                print(file=sys.stderr)  # end the progress line
+                if tty:
+                    print(file=sys.stderr)  # end the progress line
                 raise
             files, tokenizer = await loading
             router.tokenizer = tokenizer
-            print(file=sys.stderr)
+            if tty:
+                print(file=sys.stderr)
             for spec in specs:
                 w = router.workers[spec.worker_id].ready
                 where = (f"CPUs {','.join(map(str, w.cpus))}" if spec.device == "cpu" else spec.device) if not on_ray \

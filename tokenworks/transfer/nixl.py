@@ -7,6 +7,7 @@ source restarted) replaces the old agent, so stale addresses are never used.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -19,6 +20,9 @@ _RELEASE = b"release:"
 
 
 def _agent(name: str, kv_tensor: torch.Tensor, progress_thread: bool):
+    # NIXL logs each agent it makes at INFO on stdout (a worker makes several): warnings only, unless the user set
+    # NIXL_LOG_LEVEL
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
     try:
         from nixl._api import nixl_agent, nixl_agent_config
     except ImportError as e:  # pragma: no cover - depends on the machine
