@@ -586,6 +586,13 @@ static inline __attribute__((always_inline)) void weigh_values(const float *p, c
     for (int i = 0; i < c; i++) _mm256_storeu_ps(o + 8 * i, acc[i]);
 }
 
+/* Ask for one head's keys or values of a whole block (n tokens of D floats, `stride` floats apart) ahead of
+   their use: the blocks of a row lie anywhere in the pool, so the hardware's prefetcher cannot follow the walk. */
+static inline void prefetch_block(const float *x, int64_t stride, int64_t n, int64_t D) {
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t i = 0; i < D; i += 16) _mm_prefetch((const char *)(x + t * stride + i), _MM_HINT_T0);
+}
+
 /* nq query heads of one row (q: the first one's D values, the others following), all of KV head kv_head,
    against the row's tokens [t_begin, t_end) (t_begin on a block boundary) through its block table; D % 8 == 0.
    Each block of K and V is read from memory once for all nq heads (it stays in L1 between them). `scores`
@@ -600,6 +607,7 @@ static void attend_range(const Net *net, int64_t layer, const float *q, int64_t 
     for (int64_t b = t_begin / bs, t0 = t_begin; t0 < t_end; b++, t0 += bs) {
         const float *k = kv_at(net, layer, 0, table[b], 0) + kv_head * D;
         const int64_t n = t_end - t0 < bs ? t_end - t0 : bs;
+        if (t0 + bs < t_end) prefetch_block(kv_at(net, layer, 0, table[b + 1], 0) + kv_head * D, st, bs, D);
         for (int64_t j = 0; j < nq; j++) {
             float *s = scores + j * len + (t0 - t_begin);
             int64_t o = 0;
@@ -623,6 +631,7 @@ static void attend_range(const Net *net, int64_t layer, const float *q, int64_t 
     for (int64_t b = t_begin / bs, t0 = t_begin; t0 < t_end; b++, t0 += bs) {
         const float *v = kv_at(net, layer, 1, table[b], 0) + kv_head * D;
         const int64_t n = t_end - t0 < bs ? t_end - t0 : bs;
+        if (t0 + bs < t_end) prefetch_block(kv_at(net, layer, 1, table[b + 1], 0) + kv_head * D, st, bs, D);
         for (int64_t j = 0; j < nq; j++) {
             const float *p = scores + j * len + (t0 - t_begin);
             int64_t d0 = 0;
