@@ -466,8 +466,9 @@ class Router:
             placement = None  # no worker now: generate() answers 503 or waits for one
         if placement is not None:
             w = placement.prefill or placement.decode
-            wait = max(w.rates.predicted_wait(w.queued_prefill_tokens, placement.uncached_tokens, now, copies=n),
-                       self._slot_wait(placement.decode.worker_id, n))
+            # behind a full batch: a slot first, then its prefill after those queued before it
+            wait = (w.rates.predicted_wait(w.queued_prefill_tokens, placement.uncached_tokens, now, copies=n)
+                    + self._slot_wait(placement.decode.worker_id, n))
             if wait > self.max_queue_wait:
                 self.metrics.rejected.labels("predicted_wait").inc()
                 return max(1.0, min(wait - self.max_queue_wait, self.max_queue_wait))
@@ -481,7 +482,8 @@ class Router:
         of the share of its max_tokens requests typically use, all of it until one has finished), times the
         worker's step time. 0 when a slot is free or nothing is measured yet. The first-token rates cannot see
         this: measured while slots were free, they go on admitting behind a batch that started together and
-        finishes together."""
+        finishes together. Admission adds it to the first-token wait: with its slot the request still waits for
+        its prefill behind the others that got theirs with it."""
         h = self.workers.get(worker_id)
         ledgers = self._decoding.get(worker_id)
         if h is None or not ledgers or not h.ready.max_num_seqs or h.stats is None or h.stats.step_ms <= 0:
