@@ -46,6 +46,8 @@ static void amx_configure(void) {
     _tile_loadconfig(&cfg);
 }
 
+static void amx_release(void) { _tile_release(); }
+
 /* Group g of panel p, dequantized into B-tile layout at `tile` (512 bfloat16). */
 static inline void amx_unpack_q4(const uint8_t *codes, const uint16_t *dm, uint16_t *tile) {
     const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
@@ -174,4 +176,6 @@ static void amx_round_groups(const float *x, int64_t k, int64_t g0, int64_t g1, 
 #else
 #define TW_AMX 0
 int tw_amx_init(void) { return 0; }
+static void amx_configure(void) {}
+static void amx_release(void) {}
 #endif

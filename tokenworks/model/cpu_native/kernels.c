@@ -418,23 +418,6 @@ static int use_amx(const Q4Mat *w, int64_t rows) {
     return TW_AMX && amx_from > 0 && rows >= amx_from && w->panels != NULL;
 }
 
-/* Around a parallel region's AMX products: each thread loads the tile configuration, and lets it go after. */
-static void amx_begin(int amx) {
-#if TW_AMX
-    if (amx) amx_configure();
-#else
-    (void)amx;
-#endif
-}
-
-static void amx_end(int amx) {
-#if TW_AMX
-    if (amx) _tile_release();
-#else
-    (void)amx;
-#endif
-}
-
 /* y (rows, n) = x (rows, k) W^T + bias, float32 in and out, on `threads` threads. */
 int tw_q4_matmul(const Q4Mat *w, const float *x, int64_t rows, float *y, int threads) {
     QAct q;
@@ -446,9 +429,9 @@ int tw_q4_matmul(const Q4Mat *w, const float *x, int64_t rows, float *y, int thr
     {
         int t, nt;
         thread_ids(&t, &nt);
-        amx_begin(amx);
+        if (amx) amx_configure();  /* each thread loads the tile configuration, and lets it go after */
         q4_matmul_shared(w, &q, rows, y, t, nt, taken);
-        amx_end(amx);
+        if (amx) amx_release();
     }
     free(taken);
     qact_free(&q);
@@ -513,7 +496,7 @@ int tw_q8_matmul(const Q8Mat *w, const float *x, int64_t rows, float *y, int thr
             const AmxMat m = {w->n, w->k, (const uint8_t *)w->panels, w->panel_d, NULL, 1};
             amx_configure();
             amx_matmul_shared(&m, &q, rows, y, t, nt, taken);
-            _tile_release();
+            amx_release();
         }
 #endif
         int64_t a, b;
@@ -766,7 +749,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
         {
             int t, nt, sense = 0;
             thread_ids(&t, &nt);
-            amx_begin(amx);
+            if (amx) amx_configure();
             int64_t r0, r1, i0, i1;
             split(rows, t, nt, &r0, &r1);
             for (int64_t l = 0; l < net->num_layers; l++) {
@@ -867,7 +850,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
                 /* the next layer's norm reads only this thread's rows: no barrier needed here */
             }
             for (int64_t r = r0; r < r1; r++) rms_norm(h + r * H, net->final_norm, H, net->eps, h + r * H);
-            amx_end(amx);
+            if (amx) amx_release();
         }
     }
     free(x); free(qkv); free(attn); free(gu); free(proj); free(scores); free(taken);
