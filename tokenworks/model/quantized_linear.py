@@ -226,7 +226,7 @@ class Int4Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None:
-            if self.native.panels is None or not cpu_native.amx_rows():  # many rows: AMX in the native kernel
+            if self.native.panels is None or not cpu_native.amx_rows():  # no AMX: many rows on PyTorch's BLAS
                 dtype, rows = wide_products()
                 if x.shape[0] >= rows:
                     return self._wide(x, dtype)

@@ -138,6 +138,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.tw_decode_step.restype = ctypes.c_int
     lib.tw_q4_dequantize.argtypes = [ctypes.POINTER(_Q4Mat), _P, ctypes.c_int, ctypes.c_int]
     lib.tw_q4_dequantize.restype = None
+    lib.tw_amx_init.argtypes = []
+    lib.tw_amx_init.restype = ctypes.c_int
     lib.tw_amx_enable.argtypes = [_I]
     lib.tw_amx_enable.restype = ctypes.c_int
     return lib, ""
@@ -148,7 +150,7 @@ def amx_available() -> bool:
     """Whether products can run on AMX tiles here: the CPU has AMX (amx_bf16), the kernels built with it, and Linux
     lets this process use the tile state."""
     lib = library()
-    return lib is not None and "amx_bf16" in cpu_flags() and bool(lib.tw_amx_enable(0))
+    return lib is not None and "amx_bf16" in cpu_flags() and bool(lib.tw_amx_init())
 
 
 _amx_rows: int | None = None

@@ -48,14 +48,20 @@ static void amx_configure(void) {
 
 static void amx_release(void) { _tile_release(); }
 
+/* A panel's 16 float16 scales (one per weight row c) as the two halves of a B row's lanes need them: `lo` for
+   the pairs of rows 0-7 (c0, c0, c1, c1, ..., c7, c7), `hi` for rows 8-15. */
+static inline void pair_scales(const uint16_t *h16, __m512 *lo, __m512 *hi) {
+    const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h16));
+    *lo = _mm512_permutexvar_ps(lo_idx, v);
+    *hi = _mm512_permutexvar_ps(_mm512_add_epi32(lo_idx, _mm512_set1_epi32(8)), v);
+}
+
 /* Group g of panel p, dequantized into B-tile layout at `tile` (512 bfloat16). */
 static inline void amx_unpack_q4(const uint8_t *codes, const uint16_t *dm, uint16_t *tile) {
-    const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)dm));
-    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dm + 16)));
-    const __m512 d_lo = _mm512_permutexvar_ps(lo_idx, d), d_hi = _mm512_permutexvar_ps(hi_idx, d);
-    const __m512 m_lo = _mm512_permutexvar_ps(lo_idx, m), m_hi = _mm512_permutexvar_ps(hi_idx, m);
+    __m512 d_lo, d_hi, m_lo, m_hi;
+    pair_scales(dm, &d_lo, &d_hi);
+    pair_scales(dm + 16, &m_lo, &m_hi);
     const __m256i low = _mm256_set1_epi8(0x0F);
     for (int i = 0; i < 8; i++) {
         const __m256i b = _mm256_loadu_si256((const __m256i *)(codes + 32 * i));
@@ -73,10 +79,8 @@ static inline void amx_unpack_q4(const uint8_t *codes, const uint16_t *dm, uint1
 /* Group g of a Q8_0 panel (512 bytes: byte (i, c, p) is input 2i + p of weight row c), w = d q, into B-tile
    layout at `tile`. */
 static inline void amx_unpack_q8(const int8_t *codes, const uint16_t *d16, uint16_t *tile) {
-    const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)d16));
-    const __m512 d_lo = _mm512_permutexvar_ps(lo_idx, d), d_hi = _mm512_permutexvar_ps(hi_idx, d);
+    __m512 d_lo, d_hi;
+    pair_scales(d16, &d_lo, &d_hi);
     for (int i = 0; i < 16; i++) {
         const __m512 first = _mm512_mul_ps(
             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 32 * i)))), d_lo);

@@ -413,15 +413,15 @@ int tw_amx_enable(int64_t from) {
     return 1;
 }
 
-/* Whether a product of `rows` rows runs on AMX: the CPU has it, the process may use it, W has its panels. */
-static int use_amx(const Q4Mat *w, int64_t rows) {
-    return TW_AMX && amx_from > 0 && rows >= amx_from && w->panels != NULL;
+/* Whether a product of `rows` rows runs on AMX: the CPU has it, the process may use it, W has its `panels`. */
+static int use_amx(const void *panels, int64_t rows) {
+    return TW_AMX && amx_from > 0 && rows >= amx_from && panels != NULL;
 }
 
 /* y (rows, n) = x (rows, k) W^T + bias, float32 in and out, on `threads` threads. */
 int tw_q4_matmul(const Q4Mat *w, const float *x, int64_t rows, float *y, int threads) {
     QAct q;
-    const int amx = use_amx(w, rows);
+    const int amx = use_amx(w->panels, rows);
     if (!qact_from(x, rows, w->k, threads, amx, &q)) return -1;
     int64_t *taken = calloc(threads * COUNTER_STRIDE, sizeof(int64_t));
     if (!taken) { qact_free(&q); return -1; }
@@ -482,7 +482,7 @@ void tw_q4_dequantize(const Q4Mat *w, void *out, int bf16, int threads) {
 /* y (rows, n) = x (rows, k) W^T for a Q8_0 W, float32 in and out, on `threads` threads. */
 int tw_q8_matmul(const Q8Mat *w, const float *x, int64_t rows, float *y, int threads) {
     const int64_t G = w->k / GROUP;
-    const int amx = TW_AMX && amx_from > 0 && rows >= amx_from && w->panels != NULL;
+    const int amx = use_amx(w->panels, rows);
     QAct q;
     if (!qact_from(x, rows, w->k, threads, amx, &q)) return -1;
     int64_t *taken = calloc(threads * COUNTER_STRIDE, sizeof(int64_t));
@@ -491,22 +491,23 @@ int tw_q8_matmul(const Q8Mat *w, const float *x, int64_t rows, float *y, int thr
     {
         int t, nt;
         thread_ids(&t, &nt);
-#if TW_AMX
         if (amx) {
+#if TW_AMX
             const AmxMat m = {w->n, w->k, (const uint8_t *)w->panels, w->panel_d, NULL, 1};
             amx_configure();
             amx_matmul_shared(&m, &q, rows, y, t, nt, taken);
             amx_release();
-        }
 #endif
-        int64_t a, b;
-        int16_t *wide = wide_of(&q, t);
-        while (!amx && claim(taken, w->n, CHUNK_ROWS, t, nt, &a, &b))
-            for (int64_t n = a; n < b; n += 4) {
-                const int nr = b - n < 4 ? (int)(b - n) : 4;
-                widen_q8(w, n, nr, wide);
-                tile(wide, w->d + n * G, NULL, w->k, &q, rows, y, w->n, n, nr);
-            }
+        } else {
+            int64_t a, b;
+            int16_t *wide = wide_of(&q, t);
+            while (claim(taken, w->n, CHUNK_ROWS, t, nt, &a, &b))
+                for (int64_t n = a; n < b; n += 4) {
+                    const int nr = b - n < 4 ? (int)(b - n) : 4;
+                    widen_q8(w, n, nr, wide);
+                    tile(wide, w->d + n * G, NULL, w->k, &q, rows, y, w->n, n, nr);
+                }
+        }
     }
     free(taken);
     qact_free(&q);
@@ -735,8 +736,8 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
     int amx = 1;
     for (int64_t l = 0; l < net->num_layers; l++) {
         const Layer *L = &net->layers[l];
-        amx = amx && use_amx(&L->qkv, rows) && use_amx(&L->o, rows) && use_amx(&L->gate_up, rows)
-              && use_amx(&L->down, rows);
+        amx = amx && use_amx(L->qkv.panels, rows) && use_amx(L->o.panels, rows) && use_amx(L->gate_up.panels, rows)
+              && use_amx(L->down.panels, rows);
     }
     QAct q;
     const int have_q = qact_alloc(rows, kmax, threads, amx, &q);
