@@ -235,6 +235,8 @@ def main() -> int:
                     help="benchmark a model of this public shape with random weights made on the device (no file)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="what the KV pool holds (default: auto, the engine's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size")
     ap.add_argument("--prompt-len", type=int, default=128, help="context of each decoding request")
@@ -268,9 +270,9 @@ def main() -> int:
     if args.random_weights:
         args.model = write_random_model(args.random_weights)
 
-    from tokenworks.config import EngineArgs
+    from tokenworks.config import CacheConfig, EngineArgs
     from tokenworks.llm import build_engine, build_random_engine
-    from tokenworks.model.kv_cache import torch_dtype
+    from tokenworks.model.kv_cache import kv_dtype, torch_dtype
     from tokenworks.model.weights import load_model_files
 
     dtype = torch_dtype(dtype_name)
@@ -278,10 +280,11 @@ def main() -> int:
     bw = memory_bandwidth(dtype) if not cuda else None
     flops = matmul_flops(dtype, args.device)
     config = shape_config(args.shape) if args.shape else load_model_files(args.model, weights=False).config
-    elem = torch.tensor([], dtype=dtype).element_size()
-    kv_per_token = config.num_layers * 2 * config.kv_size * elem
+    kv_elem = kv_dtype(CacheConfig(dtype=args.kv_cache_dtype), dtype, args.device).itemsize
+    kv_per_token = config.num_layers * 2 * config.kv_size * kv_elem
     ctx_tokens = max(batches) * (args.prompt_len + args.steps + 16) + (32 * (long_ctx + args.steps + 16) if long_ctx else 0)
-    engine_args = EngineArgs(model=args.model, device=args.device, dtype=dtype_name, max_num_seqs=max(batches + [32]),
+    engine_args = EngineArgs(model=args.model, device=args.device, dtype=dtype_name, kv_cache_dtype=args.kv_cache_dtype,
+                             max_num_seqs=max(batches + [32]),
                              max_num_batched_tokens=max(1024, args.prompt_len * 4, prefill_len),
                              kv_cache_memory_gib=max(1.0, 1.25 * ctx_tokens * kv_per_token / 2**30),
                              max_model_len=max(args.prompt_len, long_ctx, prefill_len) + args.steps + 16,

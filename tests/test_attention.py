@@ -43,3 +43,39 @@ def test_grouped_decode_attention_gives_the_logits_of_one_padded_batch(device):
     assert len(meta.decodes) == 1
     padded = runner.final_logits(sched)
     torch.testing.assert_close(grouped, padded, rtol=1e-4, atol=1e-4)
+
+
+def test_a_float16_pool_gives_the_float32_pools_logits_within_its_rounding(device):
+    """The PyTorch path (float weights): K/V rounded into a float16 pool as they are written, widened as decode
+    groups and later prefill chunks gather them. A 180-token prompt is prefilled in two chunks (the second attends
+    to the first through the pool) and a prompt sharing its first 64 tokens starts from prefix-cache hits."""
+    from tests.test_worker_parts import tiny_engine
+
+    if device != "cpu":
+        pytest.skip("a KV pool narrower than the model runs on the CPU only")
+    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    first = [(5 * j) % 96 + 1 for j in range(180)]
+    prompts = [first, first[:64] + [3, 1, 4, 1, 5], [9, 8, 7]]
+    results = {}
+    for dtype in ("float32", "float16"):
+        loaded = tiny_engine(device, kv_cache_dtype=dtype)
+        engine, runner = loaded.engine, loaded.runner
+        assert runner.kv.tensor.dtype == getattr(torch, dtype)
+        engine.add_request("r0", prompts[0], params)
+        while engine.scheduler.requests["r0"].num_computed_tokens < len(prompts[0]):
+            engine.step()
+        for i, ids in enumerate(prompts[1:], 1):
+            engine.add_request(f"r{i}", ids, params)
+        while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.scheduler.requests.values()):
+            engine.step()
+        assert engine.scheduler.requests["r1"].num_cached_tokens == 64
+        for _ in range(3):
+            engine.step()
+        sched = engine.scheduler.schedule()
+        assert len(sched.scheduled) == 3
+        results[dtype] = (runner.final_logits(sched), runner.kv.tensor.float().clone())
+    (logits32, pool32), (logits16, pool16) = results["float32"], results["float16"]
+    assert pool16.abs().max() > 0
+    torch.testing.assert_close(pool16, pool32, rtol=2e-3, atol=2e-3)  # the same tokens' K/V, rounded
+    torch.testing.assert_close(logits16, logits32, rtol=1e-2, atol=1e-2)
+    assert not torch.equal(logits16, logits32)  # the pool really was float16

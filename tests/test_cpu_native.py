@@ -218,7 +218,8 @@ def test_nibbles_are_ggufs_block_layout():
     assert packed[0, 16].item() == codes[0, 32] | (codes[0, 48] << 4)
 
 
-def tiny_4bit_engine(qk_norm: bool, block_size: int = 4, head_dim: int = 32, num_blocks: int = 40):
+def tiny_4bit_engine(qk_norm: bool, block_size: int = 4, head_dim: int = 32, num_blocks: int = 40,
+                     kv_dtype: torch.dtype = torch.float32):
     """A LlamaModel of small shape whose layer matrices are random Q4 blocks, with its KV pool and runner."""
     from tokenworks.model.kv_cache import KVCache
     from tokenworks.model.llama import LlamaModel
@@ -234,7 +235,7 @@ def tiny_4bit_engine(qk_norm: bool, block_size: int = 4, head_dim: int = 32, num
         if name.startswith("model.layers.") and t.dim() == 2:
             weights[name] = random_q4(t.shape[0], t.shape[1], gen, spread=0.02)
     model = LlamaModel(config, weights, torch.float32, "cpu")
-    kv = KVCache(config, block_size, num_blocks, torch.float32, "cpu")
+    kv = KVCache(config, block_size, num_blocks, kv_dtype, "cpu")
     return model, kv, ModelRunner(model, kv)
 
 
@@ -249,14 +250,28 @@ def tiny_4bit_engine(qk_norm: bool, block_size: int = 4, head_dim: int = 32, num
 def test_fused_decode_step_equals_the_layer_by_layer_path(amx_rows, amx, qk_norm, block_size, head_dim, lens):
     """With AMX on, both paths multiply in bfloat16 from two rows (so the one-row cases stay on the tiles); the
     activations they round may differ in their last float32 bit, which bfloat16's rounding can turn into 2^-8."""
+    amx_rows(2 if amx else 0)
+    check_fused_decode_steps(qk_norm, block_size, head_dim, lens, 1e-2 if amx and len(lens) >= 2 else 1e-4,
+                             torch.float32)
+
+
+# A float16 pool: both paths round the new K/V to float16 (to nearest even) and widen what they read; a K value
+# whose float32 differs in its last bit between the paths may round to the neighbouring float16 (2^-11).
+@pytest.mark.parametrize("lens", [[1, 5, 29, 9], [13], [1100, 7]], ids=["4-rows", "1-row", "long+short"])
+@pytest.mark.parametrize("block_size,head_dim", [(4, 32), (16, 64)])
+def test_fused_decode_step_on_a_float16_pool_equals_the_layer_by_layer_path(amx_rows, block_size, head_dim, lens):
+    amx_rows(0)
+    check_fused_decode_steps(False, block_size, head_dim, lens, 2e-3, torch.float16)
+
+
+def check_fused_decode_steps(qk_norm: bool, block_size: int, head_dim: int, lens: list[int], tolerance: float,
+                             kv_dtype: torch.dtype) -> None:
     from tokenworks.engine.scheduler_output import ScheduledRequest
     from tokenworks.sampling_params import SamplingParams
 
-    amx_rows(2 if amx else 0)
-    tolerance = 1e-2 if amx and len(lens) >= 2 else 1e-4
-
     num_blocks = max(40, sum(-(-(n + 3) // block_size) for n in lens) + 8)
-    model, kv, runner = tiny_4bit_engine(qk_norm, block_size, head_dim, num_blocks)
+    model, kv, runner = tiny_4bit_engine(qk_norm, block_size, head_dim, num_blocks, kv_dtype)
+    assert kv.tensor.dtype == kv_dtype
     assert runner.native is not None
     gen = torch.Generator().manual_seed(11)
     bs = kv.block_size
@@ -281,7 +296,8 @@ def test_fused_decode_step_equals_the_layer_by_layer_path(amx_rows, amx, qk_norm
         order2, fused, _ = runner.forward(sched)  # decode-only: the fused native step
         assert [s.request_id for s in order2] == [s.request_id for s in order]
         assert (fused - eager).abs().max() < tolerance * eager.abs().max()
-        assert (kv.tensor - eager_kv).abs().max() < tolerance * eager_kv.abs().max()  # the same K/V written
+        written = (kv.tensor.float() - eager_kv.float()).abs().max()
+        assert written < tolerance * eager_kv.float().abs().max()  # the same K/V written
 
 
 def test_loading_the_kernels_leaves_the_process_floating_point_mode_alone():

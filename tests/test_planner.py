@@ -295,7 +295,7 @@ def tiny_profile(tmp_path_factory):
 def test_profile_command_measures_and_fits(tiny_profile):
     prof = Profile.load(str(tiny_profile))
     assert prof.hardware == "CPU-EPYC-1core" and prof.projected_from is None and prof.dtype == "float32"
-    assert prof.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4  # layers x k/v x kv heads x head dim x 4 bytes
+    assert prof.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2  # layers x k/v x kv heads x head dim x 2 bytes (float16 pool)
     assert len(prof.points["prefill"]) >= 6 and len(prof.points["decode"]) >= 6
     assert prof.prefill.held_out_error_mean is not None and prof.decode.held_out_error_mean is not None
     # The fit describes what was measured: longer prompts take longer, and it is near the points.

@@ -31,7 +31,7 @@ def _sync(index, loaded):
                 0 if tier is None else tier.num_blocks)
 
 
-@pytest.mark.parametrize("host_gib", [0.0, 0.00005])  # no host tier; one of 26 blocks (it overflows too)
+@pytest.mark.parametrize("host_gib", [0.0, 0.000025])  # no host tier; one of 13 float16 blocks (it overflows too)
 def test_events_keep_the_index_equal_to_the_pool_through_stores_evictions_aborts_and_restarts(host_gib):
     """A real engine (tiny random model, a pool small enough to evict) runs a random mix of requests with shared
     prefixes, aborts and prefix-cache resets; after every step the index, fed only the drained events, holds

@@ -11,13 +11,14 @@ import zmq.asyncio
 from tokenworks.config import EngineArgs, ModelConfig
 
 
-def tiny_engine(device: str):
+def tiny_engine(device: str, **options):
     from tokenworks.llm import build_random_engine
 
     cfg = ModelConfig(architecture="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0,
                       max_position=256, tie_word_embeddings=True)
-    args = EngineArgs(device=device, dtype="float32", num_blocks=64, max_num_batched_tokens=96, max_num_seqs=8)
+    args = EngineArgs(device=device, dtype="float32", num_blocks=64, max_num_batched_tokens=96, max_num_seqs=8,
+                      **options)
     return build_random_engine(args, cfg, "tiny")
 
 

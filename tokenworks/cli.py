@@ -13,10 +13,14 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="a .gguf file or a Hugging Face folder (default: SmolLM2-135M-Instruct)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights and KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
+                   help="the model's dtype (default: float32 on CPU, bfloat16 on CUDA)")
     g.add_argument("--kv-cache-memory-gib", type=float, default=None,
                    help="KV pool budget in GiB (default: on CPU two of the model's full contexts, at most 1/16 of the "
                         "machine's memory; 1 GiB on CUDA)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="what the KV pool holds; auto: float16 where the model computes in float32 on the CPU (half "
+                        "the memory per token and half the bytes a decode step reads; docs/engine.md), else --dtype; "
+                        "on CUDA only --dtype (default: auto)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step (default: 512)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="requests in one step at most (default: 64)")
@@ -45,6 +49,7 @@ def _engine_args(ns: argparse.Namespace):
         device=ns.device,
         dtype=ns.dtype,
         kv_cache_memory_gib=ns.kv_cache_memory_gib,
+        kv_cache_dtype=ns.kv_cache_dtype,
         block_size=ns.block_size,
         max_num_batched_tokens=ns.max_num_batched_tokens,
         max_num_seqs=ns.max_num_seqs,

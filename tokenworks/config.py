@@ -56,8 +56,11 @@ class CacheConfig:
     kv_cache_memory_gib: float | None = None  # None: from the model's context and the machine (kv_cache.py)
     enable_prefix_caching: bool = True
     num_blocks: int | None = None  # set to override the budget (tests use tiny pools)
+    dtype: str = "auto"  # of the KV pool (kv_cache.py: kv_dtype)
 
     def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"unknown KV cache dtype {self.dtype!r}; use auto, float32, bfloat16 or float16")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a positive power of two")
         if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:
@@ -116,6 +119,7 @@ class EngineArgs:
     dtype: str = "auto"
     block_size: int = 16
     kv_cache_memory_gib: float | None = None  # None: from the model's context and the machine (kv_cache.py)
+    kv_cache_dtype: str = "auto"  # auto: float16 for a float32 model on CPU, else the model's (kv_cache.py: kv_dtype)
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
     max_num_batched_tokens: int = 512
@@ -135,6 +139,11 @@ class EngineArgs:
             raise ValueError(f"quantization must be 'auto' or 'none', not {self.quantization!r}")
         if self.overlap_schedule not in ("auto", "on", "off"):
             raise ValueError(f"overlap_schedule must be 'auto', 'on' or 'off', not {self.overlap_schedule!r}")
+        model_dtype = self.device_config().resolved_dtype
+        if self.device != "cpu" and self.kv_cache_dtype not in ("auto", model_dtype):
+            # the CUDA kernels (fused RoPE + KV write, paged decode) and graphs are built for the model's dtype
+            raise ValueError(f"a {self.kv_cache_dtype} KV cache with a {model_dtype} model runs on the CPU only; "
+                             "on CUDA leave kv_cache_dtype at auto")
 
     @property
     def overlap(self) -> bool:
@@ -152,6 +161,7 @@ class EngineArgs:
             kv_cache_memory_gib=self.kv_cache_memory_gib,
             enable_prefix_caching=self.enable_prefix_caching,
             num_blocks=self.num_blocks,
+            dtype=self.kv_cache_dtype,
         )
 
     def scheduler_config(self, model: ModelConfig, num_blocks: int) -> SchedulerConfig:

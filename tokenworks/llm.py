@@ -20,7 +20,7 @@ from tokenworks.engine.engine import Engine
 from tokenworks.engine.kv_cache_manager import KVCacheManager
 from tokenworks.engine.scheduler import Scheduler
 from tokenworks.model.host_kv_tier import HostKVTier, host_blocks_for_budget
-from tokenworks.model.kv_cache import KVCache, num_blocks_for_budget, torch_dtype
+from tokenworks.model.kv_cache import KVCache, kv_dtype, num_blocks_for_budget, torch_dtype
 from tokenworks.model import cpu_native
 from tokenworks.model.llama import LlamaModel
 from tokenworks.model.quantized_linear import Int4Linear, many_rows
@@ -83,9 +83,10 @@ def _assemble(args: EngineArgs, name: str, config: ModelConfig, weights: dict, t
     model = LlamaModel(config, weights, dtype, dev.device)
     weights.clear()
     cache_cfg = args.cache_config()
-    num_blocks = num_blocks_for_budget(config, cache_cfg, dtype, dev.device)
+    cache_dtype = kv_dtype(cache_cfg, dtype, dev.device)
+    num_blocks = num_blocks_for_budget(config, cache_cfg, cache_dtype, dev.device)
     sched_cfg = args.scheduler_config(config, num_blocks)
-    kv_tensor = KVCache(config, cache_cfg.block_size, num_blocks, dtype, dev.device)
+    kv_tensor = KVCache(config, cache_cfg.block_size, num_blocks, cache_dtype, dev.device)
     pool = BlockPool(num_blocks, cache_cfg.enable_prefix_caching)
     tier = None
     if args.kv_host_memory_gib > 0 and cache_cfg.enable_prefix_caching:

@@ -119,6 +119,6 @@ def rope_write_kv(qk: torch.Tensor, v: torch.Tensor, rot: Rotary, k_cache: torch
         return run(qk, v, rot.positions, rot.cos_table, rot.sin_table, k_cache, v_cache, slot_blocks, slot_offsets,
                    num_heads)
     out = rope(qk, rot)
-    k_cache[slot_blocks, slot_offsets] = out[:, num_heads:]
-    v_cache[slot_blocks, slot_offsets] = v
+    k_cache[slot_blocks, slot_offsets] = out[:, num_heads:].to(k_cache.dtype)  # the pool's dtype may be narrower
+    v_cache[slot_blocks, slot_offsets] = v.to(v_cache.dtype)
     return out

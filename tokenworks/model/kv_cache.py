@@ -23,6 +23,16 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def kv_dtype(cache: CacheConfig, model_dtype: torch.dtype, device: str) -> torch.dtype:
+    """The pool's dtype. ``auto``: float16 where the model computes in float32 on the CPU (half the memory per
+    token and half the bytes a decode step reads, for a perplexity within 0.1 %: docs/engine.md), else the
+    model's. A pool narrower than the model is written by rounding to nearest and widened as it is read
+    (attention computes in the model's dtype); on CUDA only the model's dtype (EngineArgs checks)."""
+    if cache.dtype != "auto":
+        return _DTYPES[cache.dtype]
+    return torch.float16 if model_dtype == torch.float32 and torch.device(device).type == "cpu" else model_dtype
+
+
 def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     return model.num_layers * 2 * block_size * model.kv_size * torch.tensor([], dtype=dtype).element_size()
 

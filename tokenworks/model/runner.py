@@ -82,7 +82,7 @@ class ModelRunner:
     def _native_decoder(self) -> cpu_native.NativeDecoder | None:
         """Decode steps in one native call where every layer runs on the native 4-bit kernel (CPU)."""
         linears = [layer[n] for layer in self.model.layers for n in ("qkv", "o", "gate_up", "down")]
-        if (not all(getattr(w, "native", None) is not None for w in linears) or self.kv.tensor.dtype != torch.float32
+        if (not all(getattr(w, "native", None) is not None for w in linears) or self.kv.tensor.dtype not in cpu_native.KV_DTYPES
                 or self.model.config.head_dim % 8):
             return None
         return cpu_native.NativeDecoder(cpu_native.library(), self.model, self.kv)

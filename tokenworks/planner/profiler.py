@@ -292,8 +292,8 @@ def profile_engine(args, plan: Plan, *, random_config=None, hardware: str | None
         bar.update(1)
     bar.set_postfix_str("KV transfer")
     dtype = args.device_config().resolved_dtype
-    xfer, kind = measure_transfer(kv, args.block_size, dtype, loaded.model_name, plan.transfer_tokens, plan.reps,
-                                  transport if not cuda else "tcp")
+    xfer, kind = measure_transfer(kv, args.block_size, str(kv.tensor.dtype).removeprefix("torch."), loaded.model_name,
+                                  plan.transfer_tokens, plan.reps, transport if not cuda else "tcp")
     bar.update(1)
     bar.close()
     pre.sort()
@@ -309,7 +309,7 @@ def profile_engine(args, plan: Plan, *, random_config=None, hardware: str | None
         hardware=hardware or hardware_name(args.device),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         kv_bytes_per_token=c.num_layers * 2 * c.kv_size * elem,
-        weight_bytes=loaded.runner.model.num_parameters * elem,
+        weight_bytes=loaded.runner.model.num_parameters * loaded.runner.model.dtype.itemsize,
         prefill=prefill, decode=decode, transfer=transfer,
         max_num_batched_tokens=sched.max_num_batched_tokens, max_num_seqs=sched.max_num_seqs,
         block_size=args.block_size, kv_capacity_tokens=capacity,

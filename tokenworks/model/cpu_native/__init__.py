@@ -2,7 +2,7 @@
 
 ``kernels.c`` is built once per machine with the system's C compiler (``cc -O3 -march=native -fopenmp``, about
 a second) into the cache folder, keyed by the source, the flags and the CPU, and loaded with ctypes. It needs
-x86-64 with AVX2 and FMA. Where there is no compiler or no AVX2, or ``TOKENWORKS_NATIVE_KERNELS=0`` is set,
+x86-64 with AVX2, FMA and F16C. Where there is no compiler or no AVX2, or ``TOKENWORKS_NATIVE_KERNELS=0`` is set,
 ``library()`` returns None and says why in ``unavailable_reason()``: the 4-bit layers then run on PyTorch's
 int4 kernel and decode steps layer by layer in PyTorch, as before.
 
@@ -62,7 +62,8 @@ class _Net(ctypes.Structure):
     _fields_ = [("hidden", _I), ("num_heads", _I), ("num_kv_heads", _I), ("head_dim", _I), ("inter", _I),
                 ("num_layers", _I), ("block_size", _I), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
                 ("cos", _P), ("sin", _P), ("final_norm", _P), ("layers", ctypes.POINTER(_Layer)), ("kv", _P),
-                ("stride_block", _I), ("stride_layer", _I), ("stride_kv", _I), ("stride_token", _I)]
+                ("stride_block", _I), ("stride_layer", _I), ("stride_kv", _I), ("stride_token", _I),
+                ("kv_half", _I)]
 
 
 _reason = ""
@@ -100,8 +101,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if platform.machine() not in ("x86_64", "AMD64"):
         return None, f"native kernels are written for x86-64 with AVX2, this is {platform.machine()}"
     flags = cpu_flags()
-    if not {"avx2", "fma"} <= flags:
-        return None, "the CPU lacks AVX2 or FMA"
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return None, "the CPU lacks AVX2, FMA or F16C"
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return None, "no C compiler (cc) to build them with"
@@ -269,6 +270,10 @@ class NativeQ8:
         return _product(self.lib.tw_q8_matmul, self.mat, x, self.out_features)
 
 
+# The KV pools the native decode step reads and writes (float16: converted to and from float32 as it goes).
+KV_DTYPES = (torch.float32, torch.float16)
+
+
 class NativeDecoder:
     """Every layer of a decode-only step in one native call, for a LlamaModel whose layers are all 4-bit."""
 
@@ -276,8 +281,8 @@ class NativeDecoder:
         c = model.config
         self.lib = lib
         t = kv.tensor  # (block, layer, k/v, token, head, dim)
-        if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError("the native decoder needs a contiguous float32 KV pool on the CPU")
+        if t.dtype not in KV_DTYPES or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError("the native decoder needs a contiguous float32 or float16 KV pool on the CPU")
         self.layers = (_Layer * c.num_layers)()
         keep = []
         for i, layer in enumerate(model.layers):
@@ -292,7 +297,7 @@ class NativeDecoder:
         self.net = _Net(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.num_layers,
                         kv.block_size, c.rms_norm_eps, model.scale, _ptr(self.cos), _ptr(self.sin),
                         _ptr(self.final_norm), self.layers, t.data_ptr(), t.stride(0), t.stride(1), t.stride(2),
-                        t.stride(3))
+                        t.stride(3), int(t.dtype == torch.float16))
 
     def step(self, hidden: torch.Tensor, positions: list[int], slot_blocks: list[int], slot_offsets: list[int],
              tables: list[list[int]], context_lens: list[int]) -> torch.Tensor:

@@ -54,8 +54,9 @@ typedef struct {
     const float *cos, *sin;   /* (positions, head_dim / 2) */
     const float *final_norm;
     const Layer *layers;
-    float *kv;                /* the KV pool; a token's heads and dims contiguous */
-    int64_t stride_block, stride_layer, stride_kv, stride_token;  /* in floats */
+    void *kv;                 /* the KV pool; a token's heads and dims contiguous */
+    int64_t stride_block, stride_layer, stride_kv, stride_token;  /* in elements */
+    int64_t kv_half;          /* 1: the pool holds float16 (converted to and from float32 here), 0: float32 */
 } Net;
 
 /* -- activations ------------------------------------------------------------------------------- */
@@ -531,19 +532,37 @@ static void rope(float *x, const float *cos, const float *sin, int64_t half) {
     }
 }
 
-static float *kv_at(const Net *net, int64_t layer, int which, int64_t block, int64_t offset) {
-    return net->kv + block * net->stride_block + layer * net->stride_layer + which * net->stride_kv +
-           offset * net->stride_token;
+/* Where a token's K (which 0) or V (1) of a layer starts: a float or a float16 pointer, as net->kv_half says. */
+static void *kv_at(const Net *net, int64_t layer, int which, int64_t block, int64_t offset) {
+    return (char *)net->kv + (block * net->stride_block + layer * net->stride_layer + which * net->stride_kv +
+                              offset * net->stride_token) * (net->kv_half ? 2 : 4);
 }
 
-/* Scores of 8 consecutive tokens (k: the first one's key; `stride` floats between tokens) against q, one per
+/* Eight K or V values from element i of a pool row, as float32 (half: the pool holds float16). */
+static inline __attribute__((always_inline)) __m256 load8_kv(const void *p, int64_t i, const int half) {
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
+/* n (a multiple of 8) float32 values into the pool at p, rounded to nearest even where it holds float16. */
+static void store_kv(void *p, const float *x, int64_t n, int half) {
+    if (!half) {
+        memcpy(p, x, n * sizeof(float));
+        return;
+    }
+    for (int64_t i = 0; i < n; i += 8)
+        _mm_storeu_si128((__m128i *)((uint16_t *)p + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+}
+
+/* Scores of 8 consecutive tokens (k: the first one's key; `stride` elements between tokens) against q, one per
    lane: each token's products gather in a register of their own, then one transposing reduction. */
-static inline __m256 dot8(const float *q, const float *k, int64_t stride, int64_t D) {
+static inline __attribute__((always_inline)) __m256 dot8(const float *q, const void *k, int64_t stride, int64_t D,
+                                                         const int half) {
     __m256 a[8];
     for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();
     for (int64_t i = 0; i < D; i += 8) {
         __m256 qv = _mm256_loadu_ps(q + i);
-        for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + t * stride + i), a[t]);
+        for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(qv, load8_kv(k, t * stride + i, half), a[t]);
     }
     /* [t0..t3 lanes 0-3 | t0..t3 lanes 4-7] and the same for t4..t7, then the halves added */
     __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -551,30 +570,30 @@ static inline __m256 dot8(const float *q, const float *k, int64_t stride, int64_
     return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
 }
 
-static inline float dot1(const float *q, const float *k, int64_t D) {
+static inline __attribute__((always_inline)) float dot1(const float *q, const void *k, int64_t D, const int half) {
     __m256 a = _mm256_setzero_ps();
-    for (int64_t i = 0; i < D; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a);
+    for (int64_t i = 0; i < D; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8_kv(k, i, half), a);
     return hsum(a);
 }
 
-/* o[0 .. 8c) += sum over n tokens of p[t] v[t] (v: the tokens' first value, `stride` floats apart); c is 1 or 8
-   (eight accumulators: the chains of dependent multiply-adds are as many as the core can overlap). */
-static inline __attribute__((always_inline)) void weigh_values(const float *p, const float *v, int64_t stride, int64_t n,
-                                                               const int c, float *o) {
+/* o[0 .. 8c) += sum over n tokens of p[t] v[t] (v: the tokens' first value, `stride` elements apart); c is 1 or
+   8 (eight accumulators: the chains of dependent multiply-adds are as many as the core can overlap). */
+static inline __attribute__((always_inline)) void weigh_values(const float *p, const void *v, int64_t stride, int64_t n,
+                                                               const int c, float *o, const int half) {
     __m256 acc[8];
     for (int i = 0; i < c; i++) acc[i] = _mm256_loadu_ps(o + 8 * i);
     for (int64_t t = 0; t < n; t++) {
         __m256 pt = _mm256_set1_ps(p[t]);
-        for (int i = 0; i < c; i++) acc[i] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(v + t * stride + 8 * i), acc[i]);
+        for (int i = 0; i < c; i++) acc[i] = _mm256_fmadd_ps(pt, load8_kv(v, t * stride + 8 * i, half), acc[i]);
     }
     for (int i = 0; i < c; i++) _mm256_storeu_ps(o + 8 * i, acc[i]);
 }
 
-/* Ask for one head's keys or values of a whole block (n tokens of D floats, `stride` floats apart) ahead of
-   their use: the blocks of a row lie anywhere in the pool, so the hardware's prefetcher cannot follow the walk. */
-static inline void prefetch_block(const float *x, int64_t stride, int64_t n, int64_t D) {
+/* Ask for one head's keys or values of a whole block (n tokens of `bytes`, `stride` bytes apart) ahead of their
+   use: the blocks of a row lie anywhere in the pool, so the hardware's prefetcher cannot follow the walk. */
+static inline void prefetch_block(const void *x, int64_t stride, int64_t n, int64_t bytes) {
     for (int64_t t = 0; t < n; t++)
-        for (int64_t i = 0; i < D; i += 16) _mm_prefetch((const char *)(x + t * stride + i), _MM_HINT_T0);
+        for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch((const char *)x + t * stride + i, _MM_HINT_T0);
 }
 
 /* nq query heads of one row (q: the first one's D values, the others following), all of KV head kv_head,
@@ -582,21 +601,25 @@ static inline void prefetch_block(const float *x, int64_t stride, int64_t n, int
    Each block of K and V is read from memory once for all nq heads (it stays in L1 between them). `scores`
    holds nq * (t_end - t_begin) floats; out gets nq * D. With m and l NULL the output is normalized (the whole
    context); else it is left unnormalized, each head's largest score in m and its sum of exp(score - m) in l,
-   for merge_parts. */
-static void attend_range(const Net *net, int64_t layer, const float *q, int64_t nq, int64_t kv_head,
-                         const int32_t *table, int64_t t_begin, int64_t t_end, float *scores, float *out, float *m,
-                         float *l) {
+   for merge_parts. Written once for both pool types (half: float16), each compiled on its own. */
+static inline __attribute__((always_inline)) void attend_kv(const Net *net, int64_t layer, const float *q, int64_t nq,
+                                                            int64_t kv_head, const int32_t *table, int64_t t_begin,
+                                                            int64_t t_end, float *scores, float *out, float *m,
+                                                            float *l, const int half) {
     const int64_t D = net->head_dim, bs = net->block_size, st = net->stride_token, len = t_end - t_begin;
+    const int64_t head_at = kv_head * D * (half ? 2 : 4), row_bytes = D * (half ? 2 : 4), st_bytes = st * (half ? 2 : 4);
     const __m256 scale = _mm256_set1_ps(net->scale);
     for (int64_t b = t_begin / bs, t0 = t_begin; t0 < t_end; b++, t0 += bs) {
-        const float *k = kv_at(net, layer, 0, table[b], 0) + kv_head * D;
+        const void *k = (const char *)kv_at(net, layer, 0, table[b], 0) + head_at;
         const int64_t n = t_end - t0 < bs ? t_end - t0 : bs;
-        if (t0 + bs < t_end) prefetch_block(kv_at(net, layer, 0, table[b + 1], 0) + kv_head * D, st, bs, D);
+        if (t0 + bs < t_end)
+            prefetch_block((const char *)kv_at(net, layer, 0, table[b + 1], 0) + head_at, st_bytes, bs, row_bytes);
         for (int64_t j = 0; j < nq; j++) {
             float *s = scores + j * len + (t0 - t_begin);
             int64_t o = 0;
-            for (; o + 8 <= n; o += 8) _mm256_storeu_ps(s + o, _mm256_mul_ps(dot8(q + j * D, k + o * st, st, D), scale));
-            for (; o < n; o++) s[o] = dot1(q + j * D, k + o * st, D) * net->scale;
+            for (; o + 8 <= n; o += 8)
+                _mm256_storeu_ps(s + o, _mm256_mul_ps(dot8(q + j * D, (const char *)k + o * st_bytes, st, D, half), scale));
+            for (; o < n; o++) s[o] = dot1(q + j * D, (const char *)k + o * st_bytes, D, half) * net->scale;
         }
     }
     float inv[nq];
@@ -613,20 +636,31 @@ static void attend_range(const Net *net, int64_t layer, const float *q, int64_t 
     }
     memset(out, 0, nq * D * sizeof(float));
     for (int64_t b = t_begin / bs, t0 = t_begin; t0 < t_end; b++, t0 += bs) {
-        const float *v = kv_at(net, layer, 1, table[b], 0) + kv_head * D;
+        const void *v = (const char *)kv_at(net, layer, 1, table[b], 0) + head_at;
         const int64_t n = t_end - t0 < bs ? t_end - t0 : bs;
-        if (t0 + bs < t_end) prefetch_block(kv_at(net, layer, 1, table[b + 1], 0) + kv_head * D, st, bs, D);
+        if (t0 + bs < t_end)
+            prefetch_block((const char *)kv_at(net, layer, 1, table[b + 1], 0) + head_at, st_bytes, bs, row_bytes);
         for (int64_t j = 0; j < nq; j++) {
             const float *p = scores + j * len + (t0 - t_begin);
             int64_t d0 = 0;
-            for (; d0 + 64 <= D; d0 += 64) weigh_values(p, v + d0, st, n, 8, out + j * D + d0);
-            for (; d0 < D; d0 += 8) weigh_values(p, v + d0, st, n, 1, out + j * D + d0);
+            for (; d0 + 64 <= D; d0 += 64)
+                weigh_values(p, (const char *)v + d0 * (half ? 2 : 4), st, n, 8, out + j * D + d0, half);
+            for (; d0 < D; d0 += 8) weigh_values(p, (const char *)v + d0 * (half ? 2 : 4), st, n, 1, out + j * D + d0, half);
         }
     }
     if (m) return;
     for (int64_t j = 0; j < nq; j++)
         for (int64_t i = 0; i < D; i += 8)
             _mm256_storeu_ps(out + j * D + i, _mm256_mul_ps(_mm256_loadu_ps(out + j * D + i), _mm256_set1_ps(inv[j])));
+}
+
+static void attend_range(const Net *net, int64_t layer, const float *q, int64_t nq, int64_t kv_head,
+                         const int32_t *table, int64_t t_begin, int64_t t_end, float *scores, float *out, float *m,
+                         float *l) {
+    if (net->kv_half)
+        attend_kv(net, layer, q, nq, kv_head, table, t_begin, t_end, scores, out, m, l, 1);
+    else
+        attend_kv(net, layer, q, nq, kv_head, table, t_begin, t_end, scores, out, m, l, 0);
 }
 
 /* A long context is attended in parts (whole blocks), each part a work item of its own (all KV
@@ -771,8 +805,9 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
                     float *k = row + (nh + kh) * D, *v = row + (nh + nkv + kh) * D;
                     if (L->k_norm) rms_norm(k, L->k_norm, D, net->eps, k);
                     rope(k, c, sn, D / 2);
-                    memcpy(kv_at(net, l, 0, slot_blocks[r], slot_offsets[r]) + kh * D, k, D * sizeof(float));
-                    memcpy(kv_at(net, l, 1, slot_blocks[r], slot_offsets[r]) + kh * D, v, D * sizeof(float));
+                    const int64_t head_at = kh * D * (net->kv_half ? 2 : 4);
+                    store_kv((char *)kv_at(net, l, 0, slot_blocks[r], slot_offsets[r]) + head_at, k, D, net->kv_half);
+                    store_kv((char *)kv_at(net, l, 1, slot_blocks[r], slot_offsets[r]) + head_at, v, D, net->kv_half);
                     for (int64_t head = kh * per_kv; head < (kh + 1) * per_kv; head++) {
                         float *qh = row + head * D;
                         if (L->q_norm) rms_norm(qh, L->q_norm, D, net->eps, qh);
