@@ -83,6 +83,11 @@ class KVCache:
         return self.tensor[0].numel() * self.tensor.element_size()
 
     @property
+    def dtype_name(self) -> str:
+        """The pool's dtype as the CLI and the transfer layout spell it ("float16")."""
+        return str(self.tensor.dtype).removeprefix("torch.")
+
+    @property
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
 

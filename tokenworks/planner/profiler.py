@@ -292,7 +292,7 @@ def profile_engine(args, plan: Plan, *, random_config=None, hardware: str | None
         bar.update(1)
     bar.set_postfix_str("KV transfer")
     dtype = args.device_config().resolved_dtype
-    xfer, kind = measure_transfer(kv, args.block_size, str(kv.tensor.dtype).removeprefix("torch."), loaded.model_name,
+    xfer, kind = measure_transfer(kv, args.block_size, kv.dtype_name, loaded.model_name,
                                   plan.transfer_tokens, plan.reps, transport if not cuda else "tcp")
     bar.update(1)
     bar.close()

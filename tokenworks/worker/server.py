@@ -50,7 +50,7 @@ class Worker:
         kv = self.loaded.runner.kv
         layout = KVLayout(
             model=self.loaded.model_name,
-            dtype=str(kv.tensor.dtype).removeprefix("torch."),
+            dtype=kv.dtype_name,
             num_layers=self.loaded.model_config.num_layers,
             num_kv_heads=self.loaded.model_config.num_kv_heads,
             head_dim=self.loaded.model_config.head_dim,
