@@ -92,16 +92,31 @@ def decode_ms(engine, batch: int, prompt_len: int | list[int], steps: int, tag: 
 
     lens = prompt_len if isinstance(prompt_len, list) else [prompt_len] * batch
     ids = [f"{tag}-{batch}-{i}" for i in range(batch)]
+    # rows prefilled early decode while the later ones prefill (chunked prefill): they must not run out of tokens
+    # before the timed steps, or the step timed has fewer rows than it says
+    preemptions = engine.scheduler.num_preemptions
+    max_tokens = steps + 8 + decode_steps_while_prefilling(lens, engine.scheduler.config.max_num_batched_tokens)
     for i, rid in enumerate(ids):
         prompt = [(1000 + 37 * i + 11 * j) % 40000 + 100 for j in range(lens[i])]
-        engine.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
+        engine.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     while any(r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
     engine.step()
     t = median_time(engine.step, steps, warmup=1)
+    running = sum(r.request_id in ids for r in engine.scheduler.running)
+    preempted = engine.scheduler.num_preemptions - preemptions
+    if running != batch or preempted:
+        raise RuntimeError(f"decode {tag}: {running} of {batch} rows ran to the last timed step "
+                           f"({preempted} preemptions): the KV budget or max_model_len is short")
     for rid in ids:
         engine.abort(rid)
     return t * 1e3
+
+
+def decode_steps_while_prefilling(lens: list[int], token_budget: int) -> int:
+    """At most how many tokens a row decodes while the rows after it prefill: one a step, and the steps are at most
+    one per budget's worth of prompt tokens plus one per row (a prefill's last chunk may end a step)."""
+    return -(-sum(lens) // token_budget) + len(lens)
 
 
 def prefill_ms(engine, prompt_len: int, reps: int) -> float:
@@ -282,12 +297,16 @@ def main() -> int:
     config = shape_config(args.shape) if args.shape else load_model_files(args.model, weights=False).config
     kv_elem = kv_dtype(CacheConfig(dtype=args.kv_cache_dtype), dtype, args.device).itemsize
     kv_per_token = config.num_layers * 2 * config.kv_size * kv_elem
-    ctx_tokens = max(batches) * (args.prompt_len + args.steps + 16) + (32 * (long_ctx + args.steps + 16) if long_ctx else 0)
+    token_budget = max(1024, args.prompt_len * 4, prefill_len)
+    extra = max(decode_steps_while_prefilling([args.prompt_len] * max(batches), token_budget),
+                decode_steps_while_prefilling([long_ctx] * 32, token_budget) if long_ctx else 0)
+    ctx_tokens = (max(batches) * (args.prompt_len + args.steps + 16 + extra)
+                  + (32 * (long_ctx + args.steps + 16 + extra) if long_ctx else 0))
     engine_args = EngineArgs(model=args.model, device=args.device, dtype=dtype_name, kv_cache_dtype=args.kv_cache_dtype,
                              max_num_seqs=max(batches + [32]),
-                             max_num_batched_tokens=max(1024, args.prompt_len * 4, prefill_len),
+                             max_num_batched_tokens=token_budget,
                              kv_cache_memory_gib=max(1.0, 1.25 * ctx_tokens * kv_per_token / 2**30),
-                             max_model_len=max(args.prompt_len, long_ctx, prefill_len) + args.steps + 16,
+                             max_model_len=max(args.prompt_len, long_ctx, prefill_len) + args.steps + 16 + extra,
                              enforce_eager=args.enforce_eager, overlap_schedule=args.overlap_schedule)
     def load(engine_args):
         return build_random_engine(engine_args, config, args.shape) if args.shape else build_engine(engine_args)
