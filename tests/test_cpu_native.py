@@ -219,7 +219,7 @@ def test_nibbles_are_ggufs_block_layout():
 
 
 def tiny_4bit_engine(qk_norm: bool, block_size: int = 4, head_dim: int = 32, num_blocks: int = 40,
-                     kv_dtype: torch.dtype = torch.float32):
+                     kv_dtype: torch.dtype = torch.float32, heads: tuple[int, int] = (4, 2)):
     """A LlamaModel of small shape whose layer matrices are random Q4 blocks, with its KV pool and runner."""
     from tokenworks.model.kv_cache import KVCache
     from tokenworks.model.llama import LlamaModel
@@ -227,7 +227,7 @@ def tiny_4bit_engine(qk_norm: bool, block_size: int = 4, head_dim: int = 32, num
     from tokenworks.model.weights import random_weights
 
     config = ModelConfig(architecture="llama", vocab_size=300, hidden_size=64, intermediate_size=160, num_layers=3,
-                         num_heads=4, num_kv_heads=2, head_dim=head_dim, rms_norm_eps=1e-5, rope_theta=10000.0,
+                         num_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim, rms_norm_eps=1e-5, rope_theta=10000.0,
                          max_position=2048, tie_word_embeddings=True, qk_norm=qk_norm)
     weights = random_weights(config, torch.float32, "cpu", seed=3)
     gen = torch.Generator().manual_seed(5)
@@ -239,9 +239,9 @@ def tiny_4bit_engine(qk_norm: bool, block_size: int = 4, head_dim: int = 32, num
     return model, kv, ModelRunner(model, kv)
 
 
-# 4 rows: attention per KV head with its query heads together; 1 row: per query head, and SwiGLU split by columns.
-# Blocks of 16 tokens: scores eight tokens at a time, and the single-token tail (29 + 3 steps). Heads of 64: the
-# values weighed 64 dimensions at a time; of 32: 8 at a time. Contexts of 1,024 tokens and more: attended in parts
+# 4 rows: attention per row, every head at once; 1 row: per query head, and SwiGLU split by columns.
+# Blocks of 16 tokens: scores 8 tokens at a time (4 without AVX-512), and the single-token tail (29 + 3 steps);
+# of 4: the tail alone. Heads of 64: the values weighed 64 (32) dimensions at a time; of 32: 8 at a time (32). Contexts of 1,024 tokens and more: attended in parts
 # of about 256 (whole blocks), merged by their log-sum-exp; beside a short row, and alone.
 @pytest.mark.parametrize("lens", [[1, 5, 29, 9], [13], [1100, 7], [1030]], ids=["4-rows", "1-row", "long+short", "long"])
 @pytest.mark.parametrize("block_size,head_dim", [(4, 32), (16, 64)])
@@ -264,13 +264,24 @@ def test_fused_decode_step_on_a_float16_pool_equals_the_layer_by_layer_path(amx_
     check_fused_decode_steps(False, block_size, head_dim, lens, 2e-3, torch.float16)
 
 
+# Query heads per KV head: 3 (the default model's 9 and 3) are scored and weighed together; 4 as 3 and 1; 1 alone.
+@pytest.mark.parametrize("heads", [(9, 3), (8, 2), (4, 4)], ids=["9q-3kv", "8q-2kv", "4q-4kv"])
+@pytest.mark.parametrize("lens", [[1, 5, 29, 9], [13], [1100, 7]], ids=["4-rows", "1-row", "long+short"])
+@pytest.mark.parametrize("block_size,head_dim", [(4, 32), (16, 64)])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_fused_decode_step_with_other_groupings_of_query_heads(amx_rows, heads, lens, block_size, head_dim, kv_dtype):
+    amx_rows(0)
+    check_fused_decode_steps(False, block_size, head_dim, lens, 1e-4 if kv_dtype == torch.float32 else 2e-3, kv_dtype,
+                             heads)
+
+
 def check_fused_decode_steps(qk_norm: bool, block_size: int, head_dim: int, lens: list[int], tolerance: float,
-                             kv_dtype: torch.dtype) -> None:
+                             kv_dtype: torch.dtype, heads: tuple[int, int] = (4, 2)) -> None:
     from tokenworks.engine.scheduler_output import ScheduledRequest
     from tokenworks.sampling_params import SamplingParams
 
     num_blocks = max(40, sum(-(-(n + 3) // block_size) for n in lens) + 8)
-    model, kv, runner = tiny_4bit_engine(qk_norm, block_size, head_dim, num_blocks, kv_dtype)
+    model, kv, runner = tiny_4bit_engine(qk_norm, block_size, head_dim, num_blocks, kv_dtype, heads)
     assert kv.tensor.dtype == kv_dtype
     assert runner.native is not None
     gen = torch.Generator().manual_seed(11)

@@ -150,6 +150,20 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
+/* The largest of n floats, in vectors (a scalar running maximum waits for each compare in turn). */
+static float max_of(const float *x, int64_t n) {
+    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + i));
+        m1 = _mm256_max_ps(m1, _mm256_loadu_ps(x + i + 8));
+    }
+    for (; i + 8 <= n; i += 8) m0 = _mm256_max_ps(m0, _mm256_loadu_ps(x + i));
+    float m = hmax(_mm256_max_ps(m0, m1));
+    for (; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
 /* y[i] = e^(x[i] - shift) for n floats; returns their sum. */
 static float exp_shifted(float *x, int64_t n, float shift) {
     __m256 total = _mm256_setzero_ps(), sh = _mm256_set1_ps(shift);
@@ -554,113 +568,216 @@ static void store_kv(void *p, const float *x, int64_t n, int half) {
         _mm_storeu_si128((__m128i *)((uint16_t *)p + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
 }
 
-/* Scores of 8 consecutive tokens (k: the first one's key; `stride` elements between tokens) against q, one per
-   lane: each token's products gather in a register of their own, then one transposing reduction. */
-static inline __attribute__((always_inline)) __m256 dot8(const float *q, const void *k, int64_t stride, int64_t D,
-                                                         const int half) {
-    __m256 a[8];
-    for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < D; i += 8) {
-        __m256 qv = _mm256_loadu_ps(q + i);
-        for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(qv, load8_kv(k, t * stride + i, half), a[t]);
-    }
-    /* [t0..t3 lanes 0-3 | t0..t3 lanes 4-7] and the same for t4..t7, then the halves added */
-    __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
-}
-
 static inline __attribute__((always_inline)) float dot1(const float *q, const void *k, int64_t D, const int half) {
     __m256 a = _mm256_setzero_ps();
     for (int64_t i = 0; i < D; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8_kv(k, i, half), a);
     return hsum(a);
 }
 
-/* o[0 .. 8c) += sum over n tokens of p[t] v[t] (v: the tokens' first value, `stride` elements apart); c is 1 or
-   8 (eight accumulators: the chains of dependent multiply-adds are as many as the core can overlap). */
-static inline __attribute__((always_inline)) void weigh_values(const float *p, const void *v, int64_t stride, int64_t n,
-                                                               const int c, float *o, const int half) {
-    __m256 acc[8];
-    for (int i = 0; i < c; i++) acc[i] = _mm256_loadu_ps(o + 8 * i);
-    for (int64_t t = 0; t < n; t++) {
-        __m256 pt = _mm256_set1_ps(p[t]);
-        for (int i = 0; i < c; i++) acc[i] = _mm256_fmadd_ps(pt, load8_kv(v, t * stride + 8 * i, half), acc[i]);
+/* o[0 .. 8) += sum over n tokens of p[t] v[t] (v: the tokens' first value, `stride` elements apart): a head's
+   last values when D is not a multiple of weigh_heads' width. */
+static inline __attribute__((always_inline)) void weigh8(const float *p, const void *v, int64_t stride, int64_t n,
+                                                         float *o, const int half) {
+    __m256 acc = _mm256_loadu_ps(o);
+    for (int64_t t = 0; t < n; t++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), load8_kv(v, t * stride, half), acc);
+    _mm256_storeu_ps(o, acc);
+}
+
+/* Lines of the next block's keys or values to ask for ahead of their use (the blocks of a row lie anywhere in the
+   pool, so the hardware's prefetcher cannot follow the walk): the block's lines are rows of row_lines lines,
+   `stride` bytes apart, from x. Each product of a block asks for its share of them a few at a time between its
+   own loads: asked all at once, they fill the core's miss buffers and the products wait behind them, so the
+   memory's time and the arithmetic's add up instead of overlapping (a 32 x 512-token step's attention took
+   1.6x as long). x NULL: nothing to ask for. */
+typedef struct {
+    const char *x;
+    int64_t stride, row_lines;
+    int64_t row, col, left, per; /* the next line to ask for, how many are left, how many at each step */
+} Ahead;
+
+/* The c-th of `calls` products of a block gets an equal share of its `lines` lines, asked for over `steps`
+   steps. */
+static inline Ahead ahead_share(const char *x, int64_t stride, int64_t row_lines, int64_t lines, int64_t c,
+                                int64_t calls, int64_t steps) {
+    const int64_t a = x ? c * lines / calls : 0, b = x ? (c + 1) * lines / calls : 0;
+    Ahead p = {x, stride, row_lines, a / row_lines, a % row_lines, b - a, (b - a + steps - 1) / steps};
+    return p;
+}
+
+/* One step's lines of an Ahead. */
+static inline __attribute__((always_inline)) void ahead_part(Ahead *p) {
+    for (int64_t k = 0; k < p->per && p->left > 0; k++, p->left--) {
+        _mm_prefetch(p->x + p->row * p->stride + p->col * 64, _MM_HINT_T0);
+        if (++p->col == p->row_lines) {
+            p->col = 0;
+            p->row++;
+        }
     }
-    for (int i = 0; i < c; i++) _mm256_storeu_ps(o + 8 * i, acc[i]);
 }
 
-/* Ask for one head's keys or values of a whole block (n tokens of `bytes`, `stride` bytes apart) ahead of their
-   use: the blocks of a row lie anywhere in the pool, so the hardware's prefetcher cannot follow the walk. */
-static inline void prefetch_block(const void *x, int64_t stride, int64_t n, int64_t bytes) {
-    for (int64_t t = 0; t < n; t++)
-        for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch((const char *)x + t * stride + i, _MM_HINT_T0);
+/* The query heads of one KV head share each key and value as it is widened from the pool: up to HEADS_AT_ONCE
+   heads take every loaded K (V) vector at once, so a float16 pool's conversion is done once per KV head, not
+   once per query head. Registers bound how much is in flight: with AVX-512's 32 vector registers (used by the
+   compiler for these 256-bit operations too) 8 tokens' scores or 64 output values per head, else 4 and 32. */
+#define HEADS_AT_ONCE 3
+#ifdef __AVX512VL__
+#define SCORE_TOKENS 8
+#define VALUE_VECTORS 8
+#else
+#define SCORE_TOKENS 4
+#define VALUE_VECTORS 4
+#endif
+
+/* Sums of each of 4 vectors, in the lanes of one 128-bit vector. */
+static inline __m128 sums4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-/* nq query heads of one row (q: the first one's D values, the others following), all of KV head kv_head,
-   against the row's tokens [t_begin, t_end) (t_begin on a block boundary) through its block table; D % 8 == 0.
-   Each block of K and V is read from memory once for all nq heads (it stays in L1 between them). `scores`
-   holds nq * (t_end - t_begin) floats; out gets nq * D. With m and l NULL the output is normalized (the whole
-   context); else it is left unnormalized, each head's largest score in m and its sum of exp(score - m) in l,
-   for merge_parts. Written once for both pool types (half: float16), each compiled on its own. */
+/* Scores of SCORE_TOKENS consecutive tokens (k: the first one's key, `stride` elements between tokens) against
+   hn <= HEADS_AT_ONCE query heads (q: D floats each, one after another), times scale: head j's to s + j s_step. */
+static inline __attribute__((always_inline)) void score_heads(const float *q, const int hn, const void *k,
+                                                              int64_t stride, int64_t D, const int half, float *s,
+                                                              int64_t s_step, __m256 scale, Ahead *ahead) {
+    __m256 a[HEADS_AT_ONCE][SCORE_TOKENS];
+    for (int j = 0; j < hn; j++)
+        for (int t = 0; t < SCORE_TOKENS; t++) a[j][t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 8) {
+        ahead_part(ahead);
+        __m256 qv[HEADS_AT_ONCE];
+        for (int j = 0; j < hn; j++) qv[j] = _mm256_loadu_ps(q + j * D + i);
+        for (int t = 0; t < SCORE_TOKENS; t++) {
+            const __m256 kv = load8_kv(k, t * stride + i, half);
+            for (int j = 0; j < hn; j++) a[j][t] = _mm256_fmadd_ps(qv[j], kv, a[j][t]);
+        }
+    }
+    for (int j = 0; j < hn; j++)
+        for (int t = 0; t < SCORE_TOKENS; t += 4)
+            _mm_storeu_ps(s + j * s_step + t, _mm_mul_ps(sums4(a[j][t], a[j][t + 1], a[j][t + 2], a[j][t + 3]),
+                                                         _mm256_castps256_ps128(scale)));
+}
+
+/* o_j[0 .. 8 VALUE_VECTORS) += sum over n tokens of p_j[t] v[t] for hn <= HEADS_AT_ONCE heads (p_j: p + j p_step;
+   o_j: o + j D; v: the tokens' first value, `stride` elements apart). */
+static inline __attribute__((always_inline)) void weigh_heads(const float *p, int64_t p_step, const int hn,
+                                                              const void *v, int64_t stride, int64_t n, float *o,
+                                                              int64_t D, const int half, Ahead *ahead) {
+    __m256 acc[HEADS_AT_ONCE][VALUE_VECTORS];
+    for (int j = 0; j < hn; j++)
+        for (int c = 0; c < VALUE_VECTORS; c++) acc[j][c] = _mm256_loadu_ps(o + j * D + 8 * c);
+    for (int64_t t = 0; t < n; t++) {
+        ahead_part(ahead);
+        __m256 pt[HEADS_AT_ONCE];
+        for (int j = 0; j < hn; j++) pt[j] = _mm256_set1_ps(p[j * p_step + t]);
+        for (int c = 0; c < VALUE_VECTORS; c++) {
+            const __m256 vv = load8_kv(v, t * stride + 8 * c, half);
+            for (int j = 0; j < hn; j++) acc[j][c] = _mm256_fmadd_ps(pt[j], vv, acc[j][c]);
+        }
+    }
+    for (int j = 0; j < hn; j++)
+        for (int c = 0; c < VALUE_VECTORS; c++) _mm256_storeu_ps(o + j * D + 8 * c, acc[j][c]);
+}
+
+/* Query heads of one row against the row's tokens [t_begin, t_end) (t_begin on a block boundary) through its block
+   table; D % 8 == 0. The heads come in `groups` groups of nq, group g belonging to KV head kv_head + g (q: the
+   first head's D values, the others following in that order). Each block of K and V is read from memory once
+   for every head (it stays in L1 between them); with every KV head in the walk (groups == num_kv_heads) a block's
+   K (and V) is one contiguous run of memory read in order. `scores` holds groups * nq * (t_end - t_begin)
+   floats; head j of group g writes D floats at out + g * out_step + j * D. With m and l NULL the output is
+   normalized (the whole context); else it is left unnormalized, each head's largest score at m[g * ml_step + j]
+   and its sum of exp(score - m) in l the same, for merge_parts. Written once for both pool types (half:
+   float16), each compiled on its own. */
 static inline __attribute__((always_inline)) void attend_kv(const Net *net, int64_t layer, const float *q, int64_t nq,
-                                                            int64_t kv_head, const int32_t *table, int64_t t_begin,
-                                                            int64_t t_end, float *scores, float *out, float *m,
-                                                            float *l, const int half) {
+                                                            int64_t kv_head, int64_t groups, const int32_t *table,
+                                                            int64_t t_begin, int64_t t_end, float *scores, float *out,
+                                                            int64_t out_step, float *m, float *l, int64_t ml_step,
+                                                            const int half) {
     const int64_t D = net->head_dim, bs = net->block_size, st = net->stride_token, len = t_end - t_begin;
-    const int64_t head_at = kv_head * D * (half ? 2 : 4), row_bytes = D * (half ? 2 : 4), st_bytes = st * (half ? 2 : 4);
+    const int64_t elem = half ? 2 : 4, row_bytes = D * elem, st_bytes = st * elem, first_at = kv_head * D * elem;
+    /* the next block's lines to ask for: every head's rows as one run, or this head's slice of each row; shared
+       out over the block's products (per 8 or 4 tokens when scoring, per 64 or 32 output values when weighing) */
+    const int64_t ahead_row = groups == net->num_kv_heads ? (bs * st_bytes + 63) / 64 : (row_bytes + 63) / 64;
+    const int64_t ahead = groups == net->num_kv_heads ? ahead_row : bs * ahead_row;
+    const int64_t head_sets = groups * ((nq + HEADS_AT_ONCE - 1) / HEADS_AT_ONCE);
+    const int64_t score_calls = head_sets * (bs / SCORE_TOKENS), weigh_calls = head_sets * (D / (8 * VALUE_VECTORS));
     const __m256 scale = _mm256_set1_ps(net->scale);
     for (int64_t b = t_begin / bs, t0 = t_begin; t0 < t_end; b++, t0 += bs) {
-        const void *k = (const char *)kv_at(net, layer, 0, table[b], 0) + head_at;
+        const char *kb = (const char *)kv_at(net, layer, 0, table[b], 0) + first_at;
         const int64_t n = t_end - t0 < bs ? t_end - t0 : bs;
-        if (t0 + bs < t_end)
-            prefetch_block((const char *)kv_at(net, layer, 0, table[b + 1], 0) + head_at, st_bytes, bs, row_bytes);
-        for (int64_t j = 0; j < nq; j++) {
-            float *s = scores + j * len + (t0 - t_begin);
-            int64_t o = 0;
-            for (; o + 8 <= n; o += 8)
-                _mm256_storeu_ps(s + o, _mm256_mul_ps(dot8(q + j * D, (const char *)k + o * st_bytes, st, D, half), scale));
-            for (; o < n; o++) s[o] = dot1(q + j * D, (const char *)k + o * st_bytes, D, half) * net->scale;
+        const char *next = t0 + bs < t_end && score_calls ? (const char *)kv_at(net, layer, 0, table[b + 1], 0) + first_at
+                                                          : NULL;
+        int64_t c = 0;
+        for (int64_t g = 0; g < groups; g++) {
+            const char *k = kb + g * row_bytes;
+            for (int64_t j0 = 0; j0 < nq; j0 += HEADS_AT_ONCE) {
+                const int hn = nq - j0 < HEADS_AT_ONCE ? nq - j0 : HEADS_AT_ONCE;
+                const float *qj = q + (g * nq + j0) * D;
+                float *s = scores + (g * nq + j0) * len + (t0 - t_begin);
+                int64_t o = 0;
+                for (; o + SCORE_TOKENS <= n; o += SCORE_TOKENS) {
+                    const char *ko = k + o * st_bytes;
+                    Ahead pf = ahead_share(next, st_bytes, ahead_row, ahead, c++, score_calls, D / 8);
+                    if (hn == 3) score_heads(qj, 3, ko, st, D, half, s + o, len, scale, &pf);
+                    else if (hn == 2) score_heads(qj, 2, ko, st, D, half, s + o, len, scale, &pf);
+                    else score_heads(qj, 1, ko, st, D, half, s + o, len, scale, &pf);
+                }
+                for (; o < n; o++)
+                    for (int j = 0; j < hn; j++) s[j * len + o] = dot1(qj + j * D, k + o * st_bytes, D, half) * net->scale;
+            }
         }
     }
-    float inv[nq];
-    for (int64_t j = 0; j < nq; j++) {
-        float *s = scores + j * len;
-        float mx = -INFINITY;
-        for (int64_t t = 0; t < len; t++) mx = s[t] > mx ? s[t] : mx;
+    float inv[groups * nq];
+    for (int64_t h = 0; h < groups * nq; h++) {
+        float *s = scores + h * len;
+        const float mx = max_of(s, len);
         const float total = exp_shifted(s, len, mx);
-        inv[j] = 1.f / total;
+        inv[h] = 1.f / total;
         if (m) {
-            m[j] = mx;
-            l[j] = total;
+            m[h / nq * ml_step + h % nq] = mx;
+            l[h / nq * ml_step + h % nq] = total;
         }
+        memset(out + h / nq * out_step + h % nq * D, 0, D * sizeof(float));
     }
-    memset(out, 0, nq * D * sizeof(float));
     for (int64_t b = t_begin / bs, t0 = t_begin; t0 < t_end; b++, t0 += bs) {
-        const void *v = (const char *)kv_at(net, layer, 1, table[b], 0) + head_at;
+        const char *vb = (const char *)kv_at(net, layer, 1, table[b], 0) + first_at;
         const int64_t n = t_end - t0 < bs ? t_end - t0 : bs;
-        if (t0 + bs < t_end)
-            prefetch_block((const char *)kv_at(net, layer, 1, table[b + 1], 0) + head_at, st_bytes, bs, row_bytes);
-        for (int64_t j = 0; j < nq; j++) {
-            const float *p = scores + j * len + (t0 - t_begin);
-            int64_t d0 = 0;
-            for (; d0 + 64 <= D; d0 += 64)
-                weigh_values(p, (const char *)v + d0 * (half ? 2 : 4), st, n, 8, out + j * D + d0, half);
-            for (; d0 < D; d0 += 8) weigh_values(p, (const char *)v + d0 * (half ? 2 : 4), st, n, 1, out + j * D + d0, half);
+        const char *next = t0 + bs < t_end && weigh_calls ? (const char *)kv_at(net, layer, 1, table[b + 1], 0) + first_at
+                                                          : NULL;
+        int64_t c = 0;
+        for (int64_t g = 0; g < groups; g++) {
+            const char *v = vb + g * row_bytes;
+            for (int64_t j0 = 0; j0 < nq; j0 += HEADS_AT_ONCE) {
+                const int hn = nq - j0 < HEADS_AT_ONCE ? nq - j0 : HEADS_AT_ONCE;
+                const float *p = scores + (g * nq + j0) * len + (t0 - t_begin);
+                float *oj = out + g * out_step + j0 * D;
+                int64_t d0 = 0;
+                for (; d0 + 8 * VALUE_VECTORS <= D; d0 += 8 * VALUE_VECTORS) {
+                    const char *vd = v + d0 * elem;
+                    Ahead pf = ahead_share(next, st_bytes, ahead_row, ahead, c++, weigh_calls, n);
+                    if (hn == 3) weigh_heads(p, len, 3, vd, st, n, oj + d0, D, half, &pf);
+                    else if (hn == 2) weigh_heads(p, len, 2, vd, st, n, oj + d0, D, half, &pf);
+                    else weigh_heads(p, len, 1, vd, st, n, oj + d0, D, half, &pf);
+                }
+                for (; d0 < D; d0 += 8)
+                    for (int j = 0; j < hn; j++) weigh8(p + j * len, v + d0 * elem, st, n, oj + j * D + d0, half);
+            }
         }
     }
     if (m) return;
-    for (int64_t j = 0; j < nq; j++)
+    for (int64_t h = 0; h < groups * nq; h++) {
+        float *oh = out + h / nq * out_step + h % nq * D;
         for (int64_t i = 0; i < D; i += 8)
-            _mm256_storeu_ps(out + j * D + i, _mm256_mul_ps(_mm256_loadu_ps(out + j * D + i), _mm256_set1_ps(inv[j])));
+            _mm256_storeu_ps(oh + i, _mm256_mul_ps(_mm256_loadu_ps(oh + i), _mm256_set1_ps(inv[h])));
+    }
 }
 
-static void attend_range(const Net *net, int64_t layer, const float *q, int64_t nq, int64_t kv_head,
-                         const int32_t *table, int64_t t_begin, int64_t t_end, float *scores, float *out, float *m,
-                         float *l) {
+static void attend_range(const Net *net, int64_t layer, const float *q, int64_t nq, int64_t kv_head, int64_t groups,
+                         const int32_t *table, int64_t t_begin, int64_t t_end, float *scores, float *out,
+                         int64_t out_step, float *m, float *l, int64_t ml_step) {
     if (net->kv_half)
-        attend_kv(net, layer, q, nq, kv_head, table, t_begin, t_end, scores, out, m, l, 1);
+        attend_kv(net, layer, q, nq, kv_head, groups, table, t_begin, t_end, scores, out, out_step, m, l, ml_step, 1);
     else
-        attend_kv(net, layer, q, nq, kv_head, table, t_begin, t_end, scores, out, m, l, 0);
+        attend_kv(net, layer, q, nq, kv_head, groups, table, t_begin, t_end, scores, out, out_step, m, l, ml_step, 0);
 }
 
 /* A long context is attended in parts (whole blocks), each part a work item of its own (all KV
@@ -744,10 +861,11 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
     const int64_t per_kv = nh / nkv;
     int64_t max_ctx = 0;
     for (int64_t r = 0; r < rows; r++) max_ctx = context_lens[r] > max_ctx ? context_lens[r] : max_ctx;
-    /* attention's work items, row by row: a short context's query heads (grouped by KV head when there are
-       rows enough), a long one's (KV head, part) pairs; item_start and part_base: prefix sums over the rows */
+    /* attention's work items, row by row: a short context whole (every head) when there are rows enough, else
+       its KV heads' query heads, else its query heads one by one; a long one's parts (every head); item_start and
+       part_base: prefix sums over the rows */
     const int64_t bs = net->block_size;
-    const int64_t nq_short = rows * nkv >= 2 * threads ? per_kv : 1;
+    const int64_t item_heads = rows >= 2 * threads ? nh : rows * nkv >= 2 * threads ? per_kv : 1;
     int64_t *item_start = malloc((rows + 1) * sizeof(int64_t)), *part_base = malloc((rows + 1) * sizeof(int64_t));
     if (!item_start || !part_base) {
         free(item_start); free(part_base);
@@ -756,7 +874,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
     item_start[0] = part_base[0] = 0;
     for (int64_t r = 0; r < rows; r++) {
         const int64_t parts = parts_of(context_lens[r], bs);
-        item_start[r + 1] = item_start[r] + (parts == 1 ? nh / nq_short : parts);
+        item_start[r + 1] = item_start[r] + (parts == 1 ? nh / item_heads : parts);
         part_base[r + 1] = part_base[r] + (parts == 1 ? 0 : nkv * parts);
     }
     float *part_o = malloc((part_base[rows] * per_kv * (D + 2) + 1) * sizeof(float));
@@ -766,7 +884,7 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
     float *attn = malloc(rows * nh * D * sizeof(float));
     float *gu = malloc(rows * 2 * I * sizeof(float));
     float *proj = malloc(rows * H * sizeof(float));
-    float *scores = malloc((size_t)threads * per_kv * max_ctx * sizeof(float));
+    float *scores = malloc((size_t)threads * nh * max_ctx * sizeof(float));
     int amx = 1;
     for (int64_t l = 0; l < net->num_layers; l++) {
         const Layer *L = &net->layers[l];
@@ -815,27 +933,26 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
                     }
                 }
                 barrier_wait(&bar, nt, &sense);
-                /* attention per (row, KV head) with the KV head's query heads together (K/V read once), or per
-                   (row, query head) when there are too few of those for the threads to share evenly; a long
-                   context per (row, KV head, part), merged below */
+                /* attention per row, every head at once (each block's K and V read once, in order), or per (row, KV
+                   head) with the KV head's query heads together, or per (row, query head) when there are too few
+                   rows for the threads to share evenly; a long context per (row, part), merged below */
                 split(item_start[rows], t, nt, &i0, &i1);
-                float *sc = scores + (int64_t)t * per_kv * max_ctx;
+                float *sc = scores + (int64_t)t * nh * max_ctx;
                 for (int64_t it = i0, r = 0; it < i1; it++) {
                     while (item_start[r + 1] <= it) r++;
                     const int64_t local = it - item_start[r], ctx = context_lens[r];
                     const int32_t *table = tables + r * table_width;
                     if (part_base[r + 1] == part_base[r]) {
-                        const int64_t head = local * nq_short;
-                        attend_range(net, l, qkv + r * qkv_n + head * D, nq_short, head / per_kv, table, 0, ctx, sc,
-                                     attn + r * nh * D + head * D, NULL, NULL);
-                    } else {  /* one part, every KV head: a block's K (and V) of all heads is one contiguous read */
+                        const int64_t head = local * item_heads, whole = item_heads == nh;
+                        attend_range(net, l, qkv + r * qkv_n + head * D, whole ? per_kv : item_heads, head / per_kv,
+                                     whole ? nkv : 1, table, 0, ctx, sc, attn + r * nh * D + head * D, per_kv * D,
+                                     NULL, NULL, 0);
+                    } else {  /* one part, every head; head j of KV head g to (part_base + g parts + p) per_kv + j */
                         const int64_t parts = parts_of(ctx, bs), p = local, part_len = part_len_of(ctx, bs);
-                        const int64_t end = (p + 1) * part_len < ctx ? (p + 1) * part_len : ctx;
-                        for (int64_t kh = 0; kh < nkv; kh++) {
-                            const int64_t at = part_base[r] + kh * parts + p;
-                            attend_range(net, l, qkv + r * qkv_n + kh * per_kv * D, per_kv, kh, table, p * part_len,
-                                         end, sc, part_o + at * per_kv * D, part_m + at * per_kv, part_l + at * per_kv);
-                        }
+                        const int64_t end = (p + 1) * part_len < ctx ? (p + 1) * part_len : ctx, at = part_base[r] + p;
+                        attend_range(net, l, qkv + r * qkv_n, per_kv, 0, nkv, table, p * part_len, end, sc,
+                                     part_o + at * per_kv * D, parts * per_kv * D, part_m + at * per_kv,
+                                     part_l + at * per_kv, parts * per_kv);
                     }
                 }
                 barrier_wait(&bar, nt, &sense);
