@@ -241,9 +241,11 @@ def tiny_4bit_engine(qk_norm: bool, block_size: int = 4, head_dim: int = 32, num
 
 # 4 rows: attention per row, every head at once; 1 row: per query head, and SwiGLU split by columns.
 # Blocks of 16 tokens: scores 8 tokens at a time (4 without AVX-512), and the single-token tail (29 + 3 steps);
-# of 4: the tail alone. Heads of 64: the values weighed 64 (32) dimensions at a time; of 32: 8 at a time (32). Contexts of 1,024 tokens and more: attended in parts
-# of about 256 (whole blocks), merged by their log-sum-exp; beside a short row, and alone.
-@pytest.mark.parametrize("lens", [[1, 5, 29, 9], [13], [1100, 7], [1030]], ids=["4-rows", "1-row", "long+short", "long"])
+# of 4: the tail alone. Heads of 64: the values weighed 64 (32) dimensions at a time; of 32: 8 at a time (32).
+# Contexts of 512 tokens and more: attended in parts of about 256 (whole blocks), merged by their log-sum-exp;
+# beside a short row, and alone.
+@pytest.mark.parametrize("lens", [[1, 5, 29, 9], [13], [1100, 7], [1030], [600]],
+                         ids=["4-rows", "1-row", "long+short", "long", "two-or-three-parts"])
 @pytest.mark.parametrize("block_size,head_dim", [(4, 32), (16, 64)])
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3-qk-norm"])
 @pytest.mark.parametrize("amx", [False, pytest.param(True, marks=needs_amx)], ids=["tiles", "amx"])

@@ -785,7 +785,9 @@ static void attend_range(const Net *net, int64_t layer, const float *q, int64_t 
    KV heads on two threads the heads alone could not be shared evenly, and one item per query head read each K
    and V three times (at 4,096 tokens the step's attention was bound by re-reading them). The parts depend on the
    context length only, so a row's result does not depend on the threads or on the other rows. */
-#define PARTS_FROM 1024 /* tokens: shorter contexts' K and V stay in L2 between a KV head's query heads */
+#define PARTS_FROM 512  /* tokens: from here two parts or more (one sequence of 512-1,030 tokens: 0.92x the step
+                           time of per-query-head items, paired runs, 2026-11-29); shorter contexts' K and V stay
+                           in L2 between a KV head's query heads */
 #define PART_TOKENS 256 /* about: parts are of equal length in whole blocks, enough of them to share evenly */
 
 static int64_t part_len_of(int64_t ctx, int64_t bs) {
