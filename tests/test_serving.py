@@ -1,6 +1,7 @@
 """End to end: the real `tokenworks serve` with the real default model, through the official openai client."""
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -229,6 +230,31 @@ def test_aggregated_worker_gives_the_same_greedy_output_and_reports_cost(offline
         assert run["price_per_hour"] == 3.6
         assert run["cost_per_million_output_tokens"] == pytest.approx(3.6 * run["duration_s"] / 3600 / 16 * 1e6)
         assert "/M tokens" in r.stdout
+    finally:
+        s.stop()
+
+
+def test_sigterm_stops_every_worker_and_says_so():
+    s = Server("--aggregated-workers", "1")
+    try:
+        pids = [w["pid"] for w in s.workers().values()]
+        assert pids and all(pids)
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=15) == 0
+        out = s.output()
+        assert "[tokenworks] shutting down: stopping the workers" in out and out.rstrip().endswith("[tokenworks] stopped")
+
+        def alive(pid: int) -> bool:  # a zombie not yet reaped counts as stopped
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+            except FileNotFoundError:
+                return False
+
+        deadline = time.monotonic() + 5
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in pids), pids
     finally:
         s.stop()
 

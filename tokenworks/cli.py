@@ -278,6 +278,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             await server.serve(sockets=[listener])
             supervisor.cancel()
         finally:
+            print("[tokenworks] shutting down: stopping the workers", file=sys.stderr, flush=True)
             cluster.stopping = True
             try:
                 await asyncio.wait_for(router.shutdown_workers(), 1.0)
@@ -302,6 +303,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             runner.run(main())
     except KeyboardInterrupt:
         pass
+    print("[tokenworks] stopped", file=sys.stderr, flush=True)
     return 0
 
 
