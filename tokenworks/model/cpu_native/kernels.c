@@ -495,6 +495,32 @@ void tw_q4_dequantize(const Q4Mat *w, void *out, int bf16, int threads) {
 }
 
 /* y (rows, n) = x (rows, k) W^T for a Q8_0 W, float32 in and out, on `threads` threads. */
+/* Rows [n, n + nr) of a Q8_0 W against 1-3 activation rows, the codes widened in registers as they are loaded
+   (the tiles' scratch copy costs a store and a load per code, which one activation row does not repay). */
+static void q8_rows_direct(const Q8Mat *w, const QAct *x, int64_t rows, float *y, int64_t ldy, int64_t n, int nr) {
+    const int64_t k = w->k, G = k / GROUP;
+    for (int j = 0; j < nr; j++) prefetch_ahead(w->codes + (n + j) * k, k);
+    float dt[4 * G];
+    halves_to_floats(w->d + n * G, 4 * G, dt);
+    for (int64_t r = 0; r < rows; r++) {
+        const int16_t *xq = x->q + r * k;
+        const float *sx = x->sx + r * G;
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t g = 0; g < G; g++) {
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP));
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP + 16));
+            for (int j = 0; j < nr; j++) {
+                const int8_t *c = w->codes + (n + j) * k + g * GROUP;
+                const __m256i q0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)c));
+                const __m256i q1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c + 16)));
+                const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(q0, x0), _mm256_madd_epi16(q1, x1));
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dt[4 * g + j] * sx[g]), _mm256_cvtepi32_ps(s), acc[j]);
+            }
+        }
+        for (int j = 0; j < nr; j++) y[r * ldy + n + j] = hsum(acc[j]);
+    }
+}
+
 int tw_q8_matmul(const Q8Mat *w, const float *x, int64_t rows, float *y, int threads) {
     const int64_t G = w->k / GROUP;
     const int amx = use_amx(w->panels, rows);
@@ -519,6 +545,10 @@ int tw_q8_matmul(const Q8Mat *w, const float *x, int64_t rows, float *y, int thr
             while (claim(taken, w->n, CHUNK_ROWS, t, nt, &a, &b))
                 for (int64_t n = a; n < b; n += 4) {
                     const int nr = b - n < 4 ? (int)(b - n) : 4;
+                    if (rows < 4) {
+                        q8_rows_direct(w, &q, rows, y, w->n, n, nr);
+                        continue;
+                    }
                     widen_q8(w, n, nr, wide);
                     tile(wide, w->d + n * G, NULL, w->k, &q, rows, y, w->n, n, nr);
                 }
