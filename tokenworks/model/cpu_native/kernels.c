@@ -308,11 +308,48 @@ static void widen_q8(const Q8Mat *w, int64_t n, int nr, int16_t *wide) {
 /* Rows [n0, n1) of y = x W^T (+ bias) for `rows` activation rows; y has row stride ldy. Weight rows go four at
    a time (four independent accumulators), widened once into `wide` (4 k int16, this thread's) and used for every
    activation row while in L1. */
+/* tile4's arithmetic for 1-3 activation rows with the four weight rows' nibbles widened in registers as they are
+   loaded (the scratch copy costs a store and a load per code, which so few activation rows do not repay). */
+static void q4_tile4_direct(const Q4Mat *w, int64_t n, const QAct *x, int64_t rows, float *y, int64_t ldy) {
+    const int64_t k = w->k, G = k / GROUP, rb = k / 2;
+    const uint16_t *d = w->d + n * G, *m = w->m + n * G;
+    const __m128i low = _mm_set1_epi8(0x0F);
+    for (int j = 0; j < 4; j++) prefetch_ahead(w->codes + (n + j) * rb, rb);
+    for (int64_t r = 0; r < rows; r++) {
+        const int16_t *xq = x->q + r * k;
+        const float *sx = x->sx + r * G, *sum = x->sum + r * G;
+        __m256 acc = _mm256_setzero_ps();
+        __m128 acc_m = _mm_setzero_ps();
+        for (int64_t g = 0; g < G; g++) {
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP));
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP + 16));
+            __m256i s[4];
+            for (int j = 0; j < 4; j++) {
+                const __m128i b = _mm_loadu_si128((const __m128i *)(w->codes + (n + j) * rb + g * 16));
+                s[j] = _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(b, low)), x0),
+                                        _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low)),
+                                                          x1));
+            }
+            __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+            __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + 4 * g)));
+            __m256 scale = _mm256_mul_ps(_mm256_set_m128(d4, d4), _mm256_set1_ps(sx[g]));
+            acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(h), acc);
+            acc_m = _mm_fmadd_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(m + 4 * g))), _mm_set1_ps(sum[g]), acc_m);
+        }
+        __m128 out = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)), acc_m);
+        _mm_storeu_ps(y + r * ldy + n, out);
+    }
+}
+
 static void q4_rows(const Q4Mat *w, const QAct *x, int64_t rows, float *y, int64_t ldy, int64_t n0, int64_t n1,
                     int16_t *wide) {
     const int64_t G = w->k / GROUP;
     for (int64_t n = n0; n < n1; n += 4) {
         const int nr = n1 - n < 4 ? (int)(n1 - n) : 4;
+        if (nr == 4 && rows < 4) {
+            q4_tile4_direct(w, n, x, rows, y, ldy);
+            continue;
+        }
         widen_q4(w, n, nr, wide);
         tile(wide, w->d + n * G, w->m + n * G, w->k, x, rows, y, ldy, n, nr);  /* tile n / 4 starts at 4 G (n / 4) */
     }
