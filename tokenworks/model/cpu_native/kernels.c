@@ -233,10 +233,15 @@ static inline __attribute__((always_inline)) void tile_rows(const int16_t *wide,
 
 /* tile_rows for four 4-bit weight rows (with minimums), with the float work of a group done once for all four:
    the four rows' integer sums are reduced into one register ([rows 0-3, lanes 0-3 | rows 0-3, lanes 4-7]) and
-   scaled there, and the minimums' term is accumulated four rows at a time beside it. */
-static void tile4(const int16_t *wide, const uint16_t *d, const uint16_t *m, int64_t k, const QAct *x, int64_t rows,
-                  float *y, int64_t ldy, int64_t n) {
+   scaled there, and the minimums' term is accumulated four rows at a time beside it. The codes come widened
+   (`wide`, 4 k int16), or (direct) as the GGUF's nibbles (`codes`, rows rb bytes apart), widened in registers as
+   they are loaded: the scratch copy costs a store and a load per code, which 1-3 activation rows do not repay. */
+static inline __attribute__((always_inline)) void tile4_rows(const int16_t *wide, const uint8_t *codes, int64_t rb,
+                                                             const uint16_t *d, const uint16_t *m, int64_t k,
+                                                             const QAct *x, int64_t rows, float *y, int64_t ldy,
+                                                             int64_t n, const int direct) {
     const int64_t G = k / GROUP;
+    const __m128i low = _mm_set1_epi8(0x0F);
     for (int64_t r = 0; r < rows; r++) {
         const int16_t *xq = x->q + r * k;
         const float *sx = x->sx + r * G, *sum = x->sum + r * G;
@@ -247,9 +252,16 @@ static void tile4(const int16_t *wide, const uint16_t *d, const uint16_t *m, int
             __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP + 16));
             __m256i s[4];
             for (int j = 0; j < 4; j++) {
-                const int16_t *q = wide + j * k + g * GROUP;
-                s[j] = _mm256_add_epi32(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)q), x0),
-                                        _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(q + 16)), x1));
+                __m256i q0, q1;
+                if (direct) {
+                    const __m128i b = _mm_loadu_si128((const __m128i *)(codes + j * rb + g * 16));
+                    q0 = _mm256_cvtepu8_epi16(_mm_and_si128(b, low));
+                    q1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low));
+                } else {
+                    q0 = _mm256_loadu_si256((const __m256i *)(wide + j * k + g * GROUP));
+                    q1 = _mm256_loadu_si256((const __m256i *)(wide + j * k + g * GROUP + 16));
+                }
+                s[j] = _mm256_add_epi32(_mm256_madd_epi16(q0, x0), _mm256_madd_epi16(q1, x1));
             }
             __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
             __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + 4 * g)));
@@ -262,7 +274,11 @@ static void tile4(const int16_t *wide, const uint16_t *d, const uint16_t *m, int
     }
 }
 
-/* Weight rows [n, n + nr) against every activation row, their codes widened (nr rows of k int16) into `wide`. */
+static void tile4(const int16_t *wide, const uint16_t *d, const uint16_t *m, int64_t k, const QAct *x, int64_t rows,
+                  float *y, int64_t ldy, int64_t n) {
+    tile4_rows(wide, NULL, 0, d, m, k, x, rows, y, ldy, n, 0);
+}
+
 static void tile(const int16_t *wide, const uint16_t *d, const uint16_t *m, int64_t k, const QAct *x, int64_t rows,
                  float *y, int64_t ldy, int64_t n, int nr) {
     if (nr == 4 && m)  /* measured: only with minimums (Q8_0 lost 10 % that way) */
@@ -305,42 +321,16 @@ static void widen_q8(const Q8Mat *w, int64_t n, int nr, int16_t *wide) {
     }
 }
 
-/* Rows [n0, n1) of y = x W^T (+ bias) for `rows` activation rows; y has row stride ldy. Weight rows go four at
-   a time (four independent accumulators), widened once into `wide` (4 k int16, this thread's) and used for every
-   activation row while in L1. */
-/* tile4's arithmetic for 1-3 activation rows with the four weight rows' nibbles widened in registers as they are
-   loaded (the scratch copy costs a store and a load per code, which so few activation rows do not repay). */
+/* Four 4-bit weight rows from n against 1-3 activation rows, their nibbles widened in registers (tile4_rows). */
 static void q4_tile4_direct(const Q4Mat *w, int64_t n, const QAct *x, int64_t rows, float *y, int64_t ldy) {
-    const int64_t k = w->k, G = k / GROUP, rb = k / 2;
-    const uint16_t *d = w->d + n * G, *m = w->m + n * G;
-    const __m128i low = _mm_set1_epi8(0x0F);
+    const int64_t G = w->k / GROUP, rb = w->k / 2;
     for (int j = 0; j < 4; j++) prefetch_ahead(w->codes + (n + j) * rb, rb);
-    for (int64_t r = 0; r < rows; r++) {
-        const int16_t *xq = x->q + r * k;
-        const float *sx = x->sx + r * G, *sum = x->sum + r * G;
-        __m256 acc = _mm256_setzero_ps();
-        __m128 acc_m = _mm_setzero_ps();
-        for (int64_t g = 0; g < G; g++) {
-            __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP));
-            __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP + 16));
-            __m256i s[4];
-            for (int j = 0; j < 4; j++) {
-                const __m128i b = _mm_loadu_si128((const __m128i *)(w->codes + (n + j) * rb + g * 16));
-                s[j] = _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(b, low)), x0),
-                                        _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low)),
-                                                          x1));
-            }
-            __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
-            __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + 4 * g)));
-            __m256 scale = _mm256_mul_ps(_mm256_set_m128(d4, d4), _mm256_set1_ps(sx[g]));
-            acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(h), acc);
-            acc_m = _mm_fmadd_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(m + 4 * g))), _mm_set1_ps(sum[g]), acc_m);
-        }
-        __m128 out = _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)), acc_m);
-        _mm_storeu_ps(y + r * ldy + n, out);
-    }
+    tile4_rows(NULL, w->codes + n * rb, rb, w->d + n * G, w->m + n * G, w->k, x, rows, y, ldy, n, 1);
 }
 
+/* Rows [n0, n1) of y = x W^T (+ bias) for `rows` activation rows; y has row stride ldy. Weight rows go four at
+   a time (four independent accumulators), widened once into `wide` (4 k int16, this thread's) and used for every
+   activation row while in L1 (1-3 activation rows: widened in registers instead, q4_tile4_direct). */
 static void q4_rows(const Q4Mat *w, const QAct *x, int64_t rows, float *y, int64_t ldy, int64_t n0, int64_t n1,
                     int16_t *wide) {
     const int64_t G = w->k / GROUP;
