@@ -87,13 +87,14 @@ def test_final_position_logits_within_1e3(reference, llm):
 
     prompts, _, ref_logits = reference
     pool, kv = llm.pool, llm.engine.scheduler.kv
-    worst = 0.0
+    diffs = []  # (prompt length, max |difference|, difference of the logits' sums) per prompt
     for i, p in enumerate(prompts):
         r = Request(f"logits-{i}", p, SamplingParams(max_tokens=1))
         assert kv.allocate_slots(r, len(p))
         s = ScheduledRequest(r.request_id, p, 0, kv.block_ids(r.request_id), True, r.sampling_params, p, [])
         got = llm.loaded.runner.final_logits(SchedulerOutput(scheduled=[s]))[0]
         kv.free(r)
-        worst = max(worst, (got - ref_logits[i]).abs().max().item())
-    assert worst < 1e-3, worst
+        diffs.append((len(p), (got - ref_logits[i]).abs().max().item(), (got.double().sum() - ref_logits[i].double().sum()).item()))
+    # Every prompt's figures on failure: one prompt off points at its length's path, all of them at shared state.
+    assert max(d for _, d, _ in diffs) < 1e-3, diffs
     pool.check_integrity()
