@@ -24,6 +24,24 @@
 
 #define GROUP 32
 
+/* AVX-512 VNNI's integer dot products on 256-bit registers: byte products for 4-bit weights against 1-3 activation
+   rows (see tile4_rows), and a fused multiply-add of int16 pairs (madd2). */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define TW_VNNI 1
+#else
+#define TW_VNNI 0
+#endif
+
+/* q0 x0 + q1 x1 over int16 pairs, added into 32-bit lanes: with VNNI a multiply-add and a fused one (vpdpwssd,
+   the same wrapping arithmetic), else two multiply-adds and an add. */
+static inline __attribute__((always_inline)) __m256i madd2(__m256i q0, __m256i x0, __m256i q1, __m256i x1) {
+#if TW_VNNI
+    return _mm256_dpwssd_epi32(_mm256_madd_epi16(q0, x0), q1, x1);
+#else
+    return _mm256_add_epi32(_mm256_madd_epi16(q0, x0), _mm256_madd_epi16(q1, x1));
+#endif
+}
+
 /* Scales (and minimums) are GGUF's float16 values, laid out for tiles of four weight rows: (ceil(n / 4),
    k / 32, 4), the four rows of a tile side by side per group (a last, partial tile padded with zeros). */
 typedef struct {
@@ -69,6 +87,8 @@ typedef struct {
     float *sx;     /* (rows, k / 32) */
     float *sum;    /* (rows, k / 32) */
     int16_t *wide; /* (threads, 4 k): each thread's widened weight tile (see tile_rows) */
+    uint8_t *lo;   /* with VNNI: q's low bytes (q & 255), (rows, k), for tile4_rows' byte products */
+    int8_t *hi;    /* and its high bytes (q >> 8): q = 256 hi + lo */
     int amx;       /* 1: the rows are rounded to bfloat16 for AMX products (amx.c) instead, into: */
     uint16_t *bf;  /* (rows rounded up to 16, k) */
     uint16_t *btiles; /* (threads, 2 k / 32, 512): each thread's two dequantized panels */
@@ -121,6 +141,13 @@ static void quantize_groups(const float *x, int64_t k, int64_t g0, int64_t g1, c
                                                                  _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * i + 1], iv))), 0xD8);
         _mm256_storeu_si256((__m256i *)(qr + g * GROUP), out[0]);
         _mm256_storeu_si256((__m256i *)(qr + g * GROUP + 16), out[1]);
+#if TW_VNNI
+        const __m256i byte = _mm256_set1_epi16(0xFF);
+        __m256i lo = _mm256_packus_epi16(_mm256_and_si256(out[0], byte), _mm256_and_si256(out[1], byte));
+        __m256i hi = _mm256_packs_epi16(_mm256_srai_epi16(out[0], 8), _mm256_srai_epi16(out[1], 8));
+        _mm256_storeu_si256((__m256i *)(q->lo + r * k + g * GROUP), _mm256_permute4x64_epi64(lo, 0xD8));
+        _mm256_storeu_si256((__m256i *)(q->hi + r * k + g * GROUP), _mm256_permute4x64_epi64(hi, 0xD8));
+#endif
         q->sx[r * G + g] = scale;
         q->sum[r * G + g] = hsum(sum);
     }
@@ -231,7 +258,7 @@ static inline __attribute__((always_inline)) void tile_rows(const int16_t *wide,
                     q0 = _mm256_loadu_si256((const __m256i *)(wide + j * k + g * GROUP));
                     q1 = _mm256_loadu_si256((const __m256i *)(wide + j * k + g * GROUP + 16));
                 }
-                __m256i s = _mm256_add_epi32(_mm256_madd_epi16(q0, x0), _mm256_madd_epi16(q1, x1));
+                __m256i s = madd2(q0, x0, q1, x1);
                 acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dt[4 * g + j] * sx[g]), _mm256_cvtepi32_ps(s), acc[j]);
                 if (m) mins[j] += mt[4 * g + j] * sum[g];
             }
@@ -244,7 +271,12 @@ static inline __attribute__((always_inline)) void tile_rows(const int16_t *wide,
    the four rows' integer sums are reduced into one register ([rows 0-3, lanes 0-3 | rows 0-3, lanes 4-7]) and
    scaled there, and the minimums' term is accumulated four rows at a time beside it. The codes come widened
    (`wide`, 4 k int16), or (direct) as the GGUF's nibbles (`codes`, rows rb bytes apart), widened in registers as
-   they are loaded: the scratch copy costs a store and a load per code, which 1-3 activation rows do not repay. */
+   they are loaded: the scratch copy costs a store and a load per code, which 1-3 activation rows do not repay.
+   With VNNI the direct way does not widen at all: each activation value q is kept as its bytes too (q = 256 hi +
+   lo, QAct.lo/.hi), and a group's 32 nibbles (one 16-byte load in both halves of a register, the upper half shifted
+   by 4) are multiplied as bytes against them, q c = 256 (hi c) + lo c, with two vpdpbusd: exactly the int16
+   products' sums, without the shuffles that widening takes (2026-11-29: a step of 1 / 2 / 3 rows 0.92 / 0.87 /
+   0.89x the time). */
 static inline __attribute__((always_inline)) void tile4_rows(const int16_t *wide, const uint8_t *codes, int64_t rb,
                                                              const uint16_t *d, const uint16_t *m, int64_t k,
                                                              const QAct *x, int64_t rows, float *y, int64_t ldy,
@@ -260,6 +292,18 @@ static inline __attribute__((always_inline)) void tile4_rows(const int16_t *wide
             __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP));
             __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP + 16));
             __m256i s[4];
+#if TW_VNNI
+            if (direct) {  /* codes 0-15 | 16-31 against the activations' bytes: q c = 256 (hi c) + lo c */
+                const __m256i lo = _mm256_loadu_si256((const __m256i *)(x->lo + r * k + g * GROUP));
+                const __m256i hi = _mm256_loadu_si256((const __m256i *)(x->hi + r * k + g * GROUP));
+                const __m256i shift = _mm256_set_epi64x(4, 4, 0, 0), nibble = _mm256_set1_epi8(0x0F);
+                for (int j = 0; j < 4; j++) {
+                    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(codes + j * rb + g * 16)));
+                    const __m256i c = _mm256_and_si256(_mm256_srlv_epi64(b, shift), nibble);
+                    s[j] = _mm256_dpbusd_epi32(_mm256_slli_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), c, hi), 8), lo, c);
+                }
+            } else
+#endif
             for (int j = 0; j < 4; j++) {
                 __m256i q0, q1;
                 if (direct) {
@@ -270,7 +314,7 @@ static inline __attribute__((always_inline)) void tile4_rows(const int16_t *wide
                     q0 = _mm256_loadu_si256((const __m256i *)(wide + j * k + g * GROUP));
                     q1 = _mm256_loadu_si256((const __m256i *)(wide + j * k + g * GROUP + 16));
                 }
-                s[j] = _mm256_add_epi32(_mm256_madd_epi16(q0, x0), _mm256_madd_epi16(q1, x1));
+                s[j] = madd2(q0, x0, q1, x1);
             }
             __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
             __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + 4 * g)));
@@ -426,7 +470,7 @@ static void thread_ids(int *t, int *nt) {
 }
 
 static void qact_free(QAct *q) {
-    free(q->q); free(q->sx); free(q->sum); free(q->wide); free(q->bf); free(q->btiles);
+    free(q->q); free(q->sx); free(q->sum); free(q->wide); free(q->lo); free(q->hi); free(q->bf); free(q->btiles);
 }
 
 /* Buffers for `rows` activation rows of up to k inputs, and a widened tile for each of `threads` threads (for
@@ -445,7 +489,9 @@ static int qact_alloc(int64_t rows, int64_t k, int threads, int amx, QAct *q) {
         q->sx = malloc(rows * (k / GROUP) * sizeof(float));
         q->sum = malloc(rows * (k / GROUP) * sizeof(float));
         q->wide = malloc((size_t)threads * 4 * k * sizeof(int16_t));
-        if (q->q && q->sx && q->sum && q->wide) return 1;
+        q->lo = TW_VNNI ? malloc(rows * k) : NULL;
+        q->hi = TW_VNNI ? malloc(rows * k) : NULL;
+        if (q->q && q->sx && q->sum && q->wide && (!TW_VNNI || (q->lo && q->hi))) return 1;
     }
     qact_free(q);
     return 0;
