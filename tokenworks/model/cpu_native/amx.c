@@ -11,7 +11,11 @@
    (quantized_linear.wide_products), without writing W out and handing it to a BLAS.
 
    A panel's groups are dequantized once into a thread's buffer (1 KB a group), then all activation rows run
-   through them. Activation rows are padded with zero rows to a multiple of 16. */
+   through them. With at most 32 activation rows (decode batches: one pass) each group is instead unpacked just
+   before its products, into two pairs of tiles used in turn: the tiles are read back from L1 rather than from a
+   buffer of all the groups (96 KB for a pair of panels at k = 1,536, past L1), and the tile unit multiplies one
+   group while the vector units unpack the next (2026-11-29: a step of 4 / 8 / 16 / 32 rows 0.78 / 0.83 / 0.88 /
+   0.90x the time). Activation rows are padded with zero rows to a multiple of 16. */
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define TW_AMX 1
@@ -137,6 +141,32 @@ static void amx_panels(const AmxMat *w, const uint16_t *xb, int64_t mp, int64_t 
     float cbuf[16 * 16] __attribute__((aligned(64)));
     for (int64_t p = p0; p < p1; p += 2) {
         const int two = p + 1 < p1;
+        if (mp <= 32) {  /* one pass of the activation rows: each group unpacked just before its products */
+            const int tall = mp == 32;
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            for (int64_t g = 0; g < G; g++) {
+                uint16_t *b0 = btiles + (g & 1) * 1024, *b1 = b0 + 512;  /* two pairs of tiles, alternated */
+                amx_unpack(w, p, g, b0);
+                if (two) amx_unpack(w, p + 1, g, b1);
+                _tile_loadd(5, b0, 64);
+                _tile_loadd(4, xb + g * 512, 64);
+                _tile_dpbf16ps(0, 4, 5);
+                if (two) {
+                    _tile_loadd(7, b1, 64);
+                    _tile_dpbf16ps(1, 4, 7);
+                }
+                if (tall) {
+                    _tile_loadd(6, xb + (G + g) * 512, 64);
+                    _tile_dpbf16ps(2, 6, 5);
+                    if (two) _tile_dpbf16ps(3, 6, 7);
+                }
+            }
+            amx_store(0, cbuf, w, y, ldy, rows, 0, 16 * p);
+            if (two) amx_store(1, cbuf, w, y, ldy, rows, 0, 16 * p + 16);
+            if (tall) amx_store(2, cbuf, w, y, ldy, rows, 16, 16 * p);
+            if (tall && two) amx_store(3, cbuf, w, y, ldy, rows, 16, 16 * p + 16);
+            continue;
+        }
         for (int64_t j = 0; j <= two; j++)
             for (int64_t g = 0; g < G; g++)
                 amx_unpack(w, p + j, g, btiles + (j * G + g) * 512);
