@@ -131,6 +131,21 @@ static void amx_store(int c, float *cbuf, const AmxMat *w, float *y, int64_t ldy
     }
 }
 
+/* C tile `c` straight into y when it is a whole tile of y without bias (products of more than 32 rows; 2026-11-29:
+   products of 512-2,048 rows 0.94x the time, where the decode pass measured 1.04x and keeps amx_store's copy); 0
+   when not (then amx_store). */
+static int amx_store_whole(int c, const AmxMat *w, float *y, int64_t ldy, int64_t rows, int64_t r0, int64_t n0) {
+    if (r0 + 16 > rows || n0 + 16 > w->n || w->bias) return 0;
+    float *dst = y + r0 * ldy + n0;
+    switch (c) {  /* tile numbers are immediates */
+        case 0: _tile_stored(0, dst, ldy * 4); break;
+        case 1: _tile_stored(1, dst, ldy * 4); break;
+        case 2: _tile_stored(2, dst, ldy * 4); break;
+        default: _tile_stored(3, dst, ldy * 4); break;
+    }
+    return 1;
+}
+
 /* Panels [p0, p1) of y = x W^T (+ bias): xb the activations as A tiles (amx_round_groups: mp rows, a multiple of
    16), y (rows, n) with row stride ldy. `btiles`: this thread's buffer of 2 k / 32 tiles. Two panels and 32
    activation rows at a time, in four C tiles (0, 1: rows 0-15 of the two panels; 2, 3: rows 16-31), the A
@@ -188,10 +203,13 @@ static void amx_panels(const AmxMat *w, const uint16_t *xb, int64_t mp, int64_t 
                     if (two) _tile_dpbf16ps(3, 6, 7);
                 }
             }
-            amx_store(0, cbuf, w, y, ldy, rows, mc, 16 * p);
-            if (two) amx_store(1, cbuf, w, y, ldy, rows, mc, 16 * p + 16);
-            if (tall) amx_store(2, cbuf, w, y, ldy, rows, mc + 16, 16 * p);
-            if (tall && two) amx_store(3, cbuf, w, y, ldy, rows, mc + 16, 16 * p + 16);
+            if (!amx_store_whole(0, w, y, ldy, rows, mc, 16 * p)) amx_store(0, cbuf, w, y, ldy, rows, mc, 16 * p);
+            if (two && !amx_store_whole(1, w, y, ldy, rows, mc, 16 * p + 16))
+                amx_store(1, cbuf, w, y, ldy, rows, mc, 16 * p + 16);
+            if (tall && !amx_store_whole(2, w, y, ldy, rows, mc + 16, 16 * p))
+                amx_store(2, cbuf, w, y, ldy, rows, mc + 16, 16 * p);
+            if (tall && two && !amx_store_whole(3, w, y, ldy, rows, mc + 16, 16 * p + 16))
+                amx_store(3, cbuf, w, y, ldy, rows, mc + 16, 16 * p + 16);
         }
     }
 }
