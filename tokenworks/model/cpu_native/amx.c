@@ -111,16 +111,21 @@ static inline void amx_unpack(const AmxMat *w, int64_t p, int64_t g, uint16_t *t
         amx_unpack_q4(w->panels + at * 256, w->scales + at * 32, tile);
 }
 
+/* C tile `c` (0-3) stored at dst, rows `stride` bytes apart (tile numbers are immediates). */
+static inline __attribute__((always_inline)) void amx_store_tile(int c, void *dst, int64_t stride) {
+    switch (c) {
+        case 0: _tile_stored(0, dst, stride); break;
+        case 1: _tile_stored(1, dst, stride); break;
+        case 2: _tile_stored(2, dst, stride); break;
+        default: _tile_stored(3, dst, stride); break;
+    }
+}
+
 /* C tile `c` (16 x 16 float32) stored into rows [r0, r0 + 16) and columns [n0, n0 + 16) of y, those of them that
    exist (rows < `rows`, columns < w->n), plus the bias. */
 static void amx_store(int c, float *cbuf, const AmxMat *w, float *y, int64_t ldy, int64_t rows, int64_t r0, int64_t n0) {
     if (r0 >= rows || n0 >= w->n) return;
-    switch (c) {  /* tile numbers are immediates */
-        case 0: _tile_stored(0, cbuf, 64); break;
-        case 1: _tile_stored(1, cbuf, 64); break;
-        case 2: _tile_stored(2, cbuf, 64); break;
-        default: _tile_stored(3, cbuf, 64); break;
-    }
+    amx_store_tile(c, cbuf, 64);
     const int64_t nr = rows - r0 < 16 ? rows - r0 : 16, nc = w->n - n0 < 16 ? w->n - n0 : 16;
     for (int64_t r = 0; r < nr; r++) {
         float *dst = y + (r0 + r) * ldy + n0;
@@ -136,14 +141,26 @@ static void amx_store(int c, float *cbuf, const AmxMat *w, float *y, int64_t ldy
    when not (then amx_store). */
 static int amx_store_whole(int c, const AmxMat *w, float *y, int64_t ldy, int64_t rows, int64_t r0, int64_t n0) {
     if (r0 + 16 > rows || n0 + 16 > w->n || w->bias) return 0;
-    float *dst = y + r0 * ldy + n0;
-    switch (c) {  /* tile numbers are immediates */
-        case 0: _tile_stored(0, dst, ldy * 4); break;
-        case 1: _tile_stored(1, dst, ldy * 4); break;
-        case 2: _tile_stored(2, dst, ldy * 4); break;
-        default: _tile_stored(3, dst, ldy * 4); break;
-    }
+    amx_store_tile(c, y + r0 * ldy + n0, ldy * 4);
     return 1;
+}
+
+/* One group's products into the C tiles: B tiles b0 (and b1, `two` panels) against A tiles a0 (and a1, `tall`:
+   32 activation rows); each tile loaded serves two products. */
+static inline __attribute__((always_inline)) void amx_group(const uint16_t *b0, const uint16_t *b1, const uint16_t *a0,
+                                                            const uint16_t *a1, int two, int tall) {
+    _tile_loadd(5, b0, 64);
+    _tile_loadd(4, a0, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    if (two) {
+        _tile_loadd(7, b1, 64);
+        _tile_dpbf16ps(1, 4, 7);
+    }
+    if (tall) {
+        _tile_loadd(6, a1, 64);
+        _tile_dpbf16ps(2, 6, 5);
+        if (two) _tile_dpbf16ps(3, 6, 7);
+    }
 }
 
 /* Panels [p0, p1) of y = x W^T (+ bias): xb the activations as A tiles (amx_round_groups: mp rows, a multiple of
@@ -163,18 +180,7 @@ static void amx_panels(const AmxMat *w, const uint16_t *xb, int64_t mp, int64_t 
                 uint16_t *b0 = btiles + (g & 1) * 1024, *b1 = b0 + 512;  /* two pairs of tiles, alternated */
                 amx_unpack(w, p, g, b0);
                 if (two) amx_unpack(w, p + 1, g, b1);
-                _tile_loadd(5, b0, 64);
-                _tile_loadd(4, xb + g * 512, 64);
-                _tile_dpbf16ps(0, 4, 5);
-                if (two) {
-                    _tile_loadd(7, b1, 64);
-                    _tile_dpbf16ps(1, 4, 7);
-                }
-                if (tall) {
-                    _tile_loadd(6, xb + (G + g) * 512, 64);
-                    _tile_dpbf16ps(2, 6, 5);
-                    if (two) _tile_dpbf16ps(3, 6, 7);
-                }
+                amx_group(b0, b1, xb + g * 512, xb + (G + g) * 512, two, tall);
             }
             amx_store(0, cbuf, w, y, ldy, rows, 0, 16 * p);
             if (two) amx_store(1, cbuf, w, y, ldy, rows, 0, 16 * p + 16);
@@ -189,20 +195,8 @@ static void amx_panels(const AmxMat *w, const uint16_t *xb, int64_t mp, int64_t 
             const int tall = mp - mc >= 32;
             const uint16_t *a0 = xb + (mc / 16) * G * 512, *a1 = a0 + G * 512;  /* A tile (m, g) at (m G + g) 512 */
             _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-            for (int64_t g = 0; g < G; g++) {
-                _tile_loadd(5, btiles + g * 512, 64);
-                _tile_loadd(4, a0 + g * 512, 64);
-                _tile_dpbf16ps(0, 4, 5);
-                if (two) {
-                    _tile_loadd(7, btiles + (G + g) * 512, 64);
-                    _tile_dpbf16ps(1, 4, 7);
-                }
-                if (tall) {
-                    _tile_loadd(6, a1 + g * 512, 64);
-                    _tile_dpbf16ps(2, 6, 5);
-                    if (two) _tile_dpbf16ps(3, 6, 7);
-                }
-            }
+            for (int64_t g = 0; g < G; g++)
+                amx_group(btiles + g * 512, btiles + (G + g) * 512, a0 + g * 512, a1 + g * 512, two, tall);
             if (!amx_store_whole(0, w, y, ldy, rows, mc, 16 * p)) amx_store(0, cbuf, w, y, ldy, rows, mc, 16 * p);
             if (two && !amx_store_whole(1, w, y, ldy, rows, mc, 16 * p + 16))
                 amx_store(1, cbuf, w, y, ldy, rows, mc, 16 * p + 16);

@@ -23,6 +23,9 @@
 #endif
 
 #define GROUP 32
+/* Products of fewer activation rows than this read the codes directly (tile_rows, tile4_rows: direct), without
+   the widened scratch copy, which only more rows repay. */
+#define DIRECT_ROWS 4
 
 /* AVX-512 VNNI's integer dot products on 256-bit registers: byte products for 4-bit weights against 1-3 activation
    rows (see tile4_rows), and a fused multiply-add of int16 pairs (madd2). */
@@ -87,7 +90,8 @@ typedef struct {
     float *sx;     /* (rows, k / 32) */
     float *sum;    /* (rows, k / 32) */
     int16_t *wide; /* (threads, 4 k): each thread's widened weight tile (see tile_rows) */
-    uint8_t *lo;   /* with VNNI: q's low bytes (q & 255), (rows, k), for tile4_rows' byte products */
+    uint8_t *lo;   /* with VNNI and under DIRECT_ROWS rows, else NULL: q's low bytes (q & 255), (rows, k), for
+                      tile4_rows' byte products */
     int8_t *hi;    /* and its high bytes (q >> 8): q = 256 hi + lo */
     int amx;       /* 1: the rows are rounded to bfloat16 for AMX products (amx.c) instead, into: */
     uint16_t *bf;  /* (rows rounded up to 16, k) */
@@ -142,11 +146,13 @@ static void quantize_groups(const float *x, int64_t k, int64_t g0, int64_t g1, c
         _mm256_storeu_si256((__m256i *)(qr + g * GROUP), out[0]);
         _mm256_storeu_si256((__m256i *)(qr + g * GROUP + 16), out[1]);
 #if TW_VNNI
-        const __m256i byte = _mm256_set1_epi16(0xFF);
-        __m256i lo = _mm256_packus_epi16(_mm256_and_si256(out[0], byte), _mm256_and_si256(out[1], byte));
-        __m256i hi = _mm256_packs_epi16(_mm256_srai_epi16(out[0], 8), _mm256_srai_epi16(out[1], 8));
-        _mm256_storeu_si256((__m256i *)(q->lo + r * k + g * GROUP), _mm256_permute4x64_epi64(lo, 0xD8));
-        _mm256_storeu_si256((__m256i *)(q->hi + r * k + g * GROUP), _mm256_permute4x64_epi64(hi, 0xD8));
+        if (q->lo) {  /* the value's bytes too, for the direct products: q = 256 hi + lo */
+            const __m256i byte = _mm256_set1_epi16(0xFF);
+            __m256i lo = _mm256_packus_epi16(_mm256_and_si256(out[0], byte), _mm256_and_si256(out[1], byte));
+            __m256i hi = _mm256_packs_epi16(_mm256_srai_epi16(out[0], 8), _mm256_srai_epi16(out[1], 8));
+            _mm256_storeu_si256((__m256i *)(q->lo + r * k + g * GROUP), _mm256_permute4x64_epi64(lo, 0xD8));
+            _mm256_storeu_si256((__m256i *)(q->hi + r * k + g * GROUP), _mm256_permute4x64_epi64(hi, 0xD8));
+        }
 #endif
         q->sx[r * G + g] = scale;
         q->sum[r * G + g] = hsum(sum);
@@ -327,16 +333,11 @@ static inline __attribute__((always_inline)) void tile4_rows(const int16_t *wide
     }
 }
 
-static void tile4(const int16_t *wide, const uint16_t *d, const uint16_t *m, int64_t k, const QAct *x, int64_t rows,
-                  float *y, int64_t ldy, int64_t n) {
-    tile4_rows(wide, NULL, 0, d, m, k, x, rows, y, ldy, n, 0);
-}
-
 /* Weight rows [n, n + nr) against every activation row, their codes widened (nr rows of k int16) into `wide`. */
 static void tile(const int16_t *wide, const uint16_t *d, const uint16_t *m, int64_t k, const QAct *x, int64_t rows,
                  float *y, int64_t ldy, int64_t n, int nr) {
     if (nr == 4 && m)  /* measured: only with minimums (Q8_0 lost 10 % that way) */
-        tile4(wide, d, m, k, x, rows, y, ldy, n);
+        tile4_rows(wide, NULL, 0, d, m, k, x, rows, y, ldy, n, 0);
     else if (nr == 4)
         tile_rows(wide, NULL, d, m, k, x, rows, y, ldy, n, 4, 0);  /* unrolled */
     else
@@ -390,7 +391,7 @@ static void q4_rows(const Q4Mat *w, const QAct *x, int64_t rows, float *y, int64
     const int64_t G = w->k / GROUP;
     for (int64_t n = n0; n < n1; n += 4) {
         const int nr = n1 - n < 4 ? (int)(n1 - n) : 4;
-        if (nr == 4 && rows < 4) {
+        if (nr == 4 && rows < DIRECT_ROWS) {
             q4_tile4_direct(w, n, x, rows, y, ldy);
             continue;
         }
@@ -489,9 +490,10 @@ static int qact_alloc(int64_t rows, int64_t k, int threads, int amx, QAct *q) {
         q->sx = malloc(rows * (k / GROUP) * sizeof(float));
         q->sum = malloc(rows * (k / GROUP) * sizeof(float));
         q->wide = malloc((size_t)threads * 4 * k * sizeof(int16_t));
-        q->lo = TW_VNNI ? malloc(rows * k) : NULL;
-        q->hi = TW_VNNI ? malloc(rows * k) : NULL;
-        if (q->q && q->sx && q->sum && q->wide && (!TW_VNNI || (q->lo && q->hi))) return 1;
+        const int bytes = TW_VNNI && rows < DIRECT_ROWS;  /* only the direct products read them */
+        q->lo = bytes ? malloc(rows * k) : NULL;
+        q->hi = bytes ? malloc(rows * k) : NULL;
+        if (q->q && q->sx && q->sum && q->wide && (!bytes || (q->lo && q->hi))) return 1;
     }
     qact_free(q);
     return 0;
@@ -609,7 +611,7 @@ int tw_q8_matmul(const Q8Mat *w, const float *x, int64_t rows, float *y, int thr
             while (claim(taken, w->n, CHUNK_ROWS, t, nt, &a, &b))
                 for (int64_t n = a; n < b; n += 4) {
                     const int nr = b - n < 4 ? (int)(b - n) : 4;
-                    if (rows < 4) {
+                    if (rows < DIRECT_ROWS) {
                         q8_rows_direct(w, &q, rows, y, w->n, n, nr);
                         continue;
                     }
