@@ -1,15 +1,16 @@
 """The serving path against the engine it serves, same machine, same model, same run.
 
-For each concurrency C: the offline engine (``LLM.generate`` on C prompts at once) and one aggregated
-server worker (same device and threads) under a closed loop of C streams with the same prompts and output
-lengths (``ignore_eos``); prints output tokens/s of both and served/offline. Then one stream: the served
+For each concurrency C: the offline engine (``LLM.generate`` on C prompts at once, ``--waves`` times over
+different prompts) and one aggregated server worker (same device and threads) under a closed loop of C streams
+with the same prompts and output lengths (``ignore_eos``); prints output tokens/s of both and served/offline. (One
+wave at one stream is one request of a hundred-odd milliseconds, which a shared machine's hiccup moves by 20 %.) Then one stream: the served
 inter-token gap (median) against the engine's batch-1 decode step. And the router process's CPU time per
 delivered token (user + system, from /proc), the cost of the HTTP/SSE path itself, beside its floor: a bare ASGI
 app on the same uvicorn streaming one fixed event per stream per step to the same client (``bare_sse.py``).
 The engine and the server take turns over several rounds and the ratios are per round (medians printed): on a
 shared machine two runs minutes apart differ by more than the ratios being checked.
 
-    python benchmarks/serving_path.py [--model PATH] [--concurrency 1,16,64] [--output-len 32] [--rounds 3]
+    python benchmarks/serving_path.py [--model PATH] [--concurrency 1,16,64] [--output-len 32] [--rounds 3] [--waves 4]
 """
 
 from __future__ import annotations
@@ -48,10 +49,14 @@ class Offline:
         self.params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
         self.llm.generate(prompts[:2], self.params)  # first-time costs
 
-    def tokens_per_s(self, c: int) -> float:
-        t = time.perf_counter()
-        res = self.llm.generate(self.prompts[:c], self.params)
-        return sum(len(r.token_ids) for r in res) / (time.perf_counter() - t)
+    def tokens_per_s(self, c: int, waves: int = 1) -> float:
+        """Output tokens/s of ``waves`` batches of ``c`` prompts, one after another (the prompts of wave w:
+        ``prompts[w * c : (w + 1) * c]``, as ``Served.run`` sends them)."""
+        t, tokens = time.perf_counter(), 0
+        for w in range(waves):
+            res = self.llm.generate(self.prompts[w * c : (w + 1) * c], self.params)
+            tokens += sum(len(r.token_ids) for r in res)
+        return tokens / (time.perf_counter() - t)
 
     def step_s(self) -> float:
         """The batch-1 decode step: one request, median time per step after its prefill."""
@@ -85,12 +90,13 @@ class Served:
         warm = [BenchRequest(p, output_len, input_tokens=0) for p in prompts[:2]]
         drive(self.server.url, warm, Load(concurrency=2))
 
-    def run(self, c: int) -> dict:
+    def run(self, c: int, waves: int = 1) -> dict:
+        """A closed loop of ``c`` streams over ``waves * c`` requests (the offline run's prompts)."""
         from tokenworks.bench.loadgen import Load, drive
         from tokenworks.bench.metrics import SLO, summarize
         from tokenworks.bench.workloads import BenchRequest
 
-        reqs = [BenchRequest(p, self.output_len, input_tokens=0) for p in self.prompts[:c]]
+        reqs = [BenchRequest(p, self.output_len, input_tokens=0) for p in self.prompts[: waves * c]]
         cpu0 = cpu_seconds(self.server.proc.pid)
         results, wall = drive(self.server.url, reqs, Load(concurrency=c), processes=self.client_processes, timeout=600)
         cpu = cpu_seconds(self.server.proc.pid) - cpu0
@@ -109,6 +115,8 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,16,64", help="comma-separated stream counts (default: 1,16,64)")
     ap.add_argument("--output-len", type=int, default=32, help="tokens per request (default: 32)")
     ap.add_argument("--rounds", type=int, default=3, help="engine and server runs, alternated (default: 3)")
+    ap.add_argument("--waves", type=int, default=4,
+                    help="requests per stream in each run: the offline engine runs that many batches (default: 4)")
     ap.add_argument("--serve-flags", default="", help="extra flags for the server")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--client-processes", type=int, default=None,
@@ -121,7 +129,7 @@ def main() -> int:
     clients = ns.client_processes or default_client_processes()
 
     concurrency = [int(c) for c in ns.concurrency.split(",")]
-    prompts = [r.prompt for r in synthetic(max(concurrency) + 2, "uniform:20:60", "fixed:1", seed=3)]
+    prompts = [r.prompt for r in synthetic(max(concurrency) * ns.waves + 2, "uniform:20:60", "fixed:1", seed=3)]
     # Rounds alternate the engine and the server at each concurrency (one second apart), so that a slow minute of
     # a shared machine falls on both; the ratios are per round, their median printed.
     off_runner = Offline(ns.model, ns.device, prompts, ns.output_len)
@@ -131,9 +139,9 @@ def main() -> int:
         for _ in range(ns.rounds):
             r: dict = {"offline": {}, "served": {}}
             for c in concurrency:
-                r["offline"][c] = off_runner.tokens_per_s(c)
+                r["offline"][c] = off_runner.tokens_per_s(c, ns.waves)
                 time.sleep(1)
-                r["served"][c] = srv_runner.run(c)
+                r["served"][c] = srv_runner.run(c, ns.waves)
                 time.sleep(1)
             r["step_s"] = off_runner.step_s()
             rounds.append(r)
@@ -143,7 +151,7 @@ def main() -> int:
 
     floor = {c: measure(c, ns.output_len, step=0.02, client_processes=clients).us_per_token for c in concurrency}
     med = statistics.median
-    print(f"{len(rounds)} rounds, medians; served/offline per round in brackets; {clients} client process(es)")
+    print(f"{len(rounds)} rounds of {ns.waves} requests per stream, medians; served/offline per round in brackets; {clients} client process(es)")
     print(f"{'streams':>7} | offline tok/s | served tok/s | served/offline | router CPU us/token | bare uvicorn floor"
           " | router/floor")
     for c in concurrency:

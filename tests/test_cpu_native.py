@@ -296,7 +296,7 @@ def check_fused_decode_steps(qk_norm: bool, block_size: int, head_dim: int, lens
         ids = torch.randint(0, 300, (n + 3,), generator=gen).tolist()
         blocks = [int(free.pop()) for _ in range(-(-(n + 3) // bs))]
         seqs.append((f"r{i}", ids, blocks))
-    # prefill each prompt layer by layer (the only path for prefill)
+    # prefill each prompt (native step: the same as layer by layer, test_native_step_runs_prompt_chunks...)
     runner.forward([ScheduledRequest(r, ids[:n], 0, blocks, True, params, ids[:n], []) for (r, ids, blocks), n in zip(seqs, lens)])
     for step in range(3):  # three decode steps of all four rows: fused vs layer by layer from the same KV
         sched = [ScheduledRequest(r, [ids[n + step]], n + step, blocks, True, params, ids[: n + step + 1], [])
@@ -329,3 +329,73 @@ def test_switched_off_the_4bit_layers_run_on_pytorchs_kernel(monkeypatch):
     assert lin.native is None and lin.packed is not None
     _, _, runner = tiny_4bit_engine(False)
     assert runner.native is None
+
+
+# Prompt rows in the native step: each token attends to the tokens before it, written in the same step. Chunks
+# that start at 0 or after cached tokens, beside decode rows, and contexts from 512 tokens (attended in parts).
+@pytest.mark.parametrize("case", [
+    [(0, 13)],  # a fresh prompt
+    [(20, 9)],  # a chunk after 20 cached tokens
+    [(7, 1), (30, 1), (0, 6), (11, 17)],  # two decode rows, a prompt, a chunk
+    [(500, 24), (3, 1)],  # rows of contexts 501-524 (from 512: parts), beside a decode row
+    [(0, 40)],  # a prompt of more rows than go to the layer-by-layer path's BLAS without AMX (so: AMX only)
+], ids=["prompt", "chunk", "mixed", "long", "40-rows"])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("block_size,head_dim", [(4, 32), (16, 64)])
+@pytest.mark.parametrize("amx", [False, pytest.param(True, marks=needs_amx)], ids=["tiles", "amx"])
+def test_native_step_runs_prompt_chunks_as_the_layer_by_layer_path(amx_rows, amx, case, kv_dtype, block_size,
+                                                                    head_dim):
+    """``case``: (cached tokens, new tokens) per sequence. The layer-by-layer path attends a fresh prompt to its
+    keys and values before the pool's rounding, the native step reads them back from the pool: on a float16 pool
+    the two differ by that rounding. With AMX both paths multiply in bfloat16 from 4 rows (see the decode test)."""
+    from tokenworks.engine.scheduler_output import ScheduledRequest
+    from tokenworks.sampling_params import SamplingParams
+
+    if sum(n for _, n in case) >= 32 and not amx:
+        pytest.skip("the layer-by-layer path multiplies 32+ rows on PyTorch's BLAS: other arithmetic")
+    amx_rows(4 if amx else 0)
+    num_blocks = sum(-(-(a + n) // block_size) for a, n in case) + 4
+    model, kv, runner = tiny_4bit_engine(False, block_size, head_dim, num_blocks, kv_dtype)
+    gen = torch.Generator().manual_seed(4)
+    params = SamplingParams(temperature=0)
+    free = list(torch.randperm(num_blocks - 1, generator=gen) + 1)
+    seqs = []
+    for i, (cached, new) in enumerate(case):
+        ids = torch.randint(0, 300, (cached + new,), generator=gen).tolist()
+        blocks = [int(free.pop()) for _ in range(-(-(cached + new) // block_size))]
+        seqs.append((f"r{i}", ids, blocks, cached))
+    prefix = [ScheduledRequest(r, ids[:c], 0, blocks, False, params, ids[:c], []) for r, ids, blocks, c in seqs if c]
+    order, ids_t, pos, meta, _ = runner.prepare(prefix)
+    model.forward(ids_t, pos, kv, meta)  # the cached tokens' K/V, layer by layer
+    sched = [ScheduledRequest(r, ids[c:], c, blocks, True, params, ids, []) for r, ids, blocks, c in seqs]
+    before = kv.tensor.clone()
+    order, ids_t, pos, meta, sample_rows = runner.prepare(sched)
+    eager = model.forward(ids_t, pos, kv, meta)
+    eager_kv = kv.tensor.clone()
+    kv.tensor.copy_(before)
+    order2, native, sample_rows2 = runner.forward_native(sched)
+    assert [s.request_id for s in order2] == [s.request_id for s in order] and sample_rows2 == sample_rows
+    tolerance = 1e-2 if amx else 1e-4 if kv_dtype == torch.float32 else 3e-3
+    assert native.shape == eager.shape
+    assert ((native - eager).abs().amax(1) < tolerance * eager.abs().amax(1)).all()  # every row
+    assert (kv.tensor.float() - eager_kv.float()).abs().max() < tolerance * eager_kv.float().abs().max()
+
+
+def test_the_native_step_takes_short_prompt_rows_and_leaves_long_ones_to_pytorch():
+    from tokenworks.engine.scheduler_output import ScheduledRequest
+    from tokenworks.model.runner import NATIVE_PROMPT_CONTEXT, native_suits
+    from tokenworks.sampling_params import SamplingParams
+
+    p = SamplingParams()
+
+    def req(cached: int, new: int) -> ScheduledRequest:
+        return ScheduledRequest("r", [1] * new, cached, list(range(100)), True, p, [1] * (cached + new), [])
+
+    assert native_suits([req(600, 1), req(5000, 1)])  # decode rows only
+    assert native_suits([req(0, 512)])  # contexts 1..512: mean 256.5
+    assert native_suits([req(0, 2 * NATIVE_PROMPT_CONTEXT - 1)])  # mean exactly the limit
+    assert not native_suits([req(0, 2 * NATIVE_PROMPT_CONTEXT + 1)])
+    assert not native_suits([req(512, 512), req(3000, 1)])  # a second chunk: mean 768.5
+    assert native_suits([req(512, 16), req(0, 400)])  # the mean over all prompt rows: 245.2
+    assert native_suits([req(0, 31), req(9, 1)], max_prompt_rows=31)  # without AMX: few prompt rows only
+    assert not native_suits([req(0, 32)], max_prompt_rows=31)

@@ -5,7 +5,10 @@ groups attended together are plain slices), then prefill chunks in scheduler
 order. Decode attention: in groups of similar length (CPU), or all rows in one
 ``paged_decode`` call (``use_paged``: CUDA with Triton). A decode-only step
 replays a captured CUDA graph when ``capture_graphs`` has run (see
-cuda_graphs.py); any other step runs eagerly.
+cuda_graphs.py); any other step runs eagerly. On a CPU whose layers are all on
+the native 4-bit kernel a step runs as one native call (cpu_native), decode
+rows and prompt chunks alike, unless its prompt rows' contexts are long
+(``native_suits``).
 
 ``launch`` queues a step and returns at once; its ``result()`` waits for the
 sampled tokens. A decode input that is still ``PLACEHOLDER`` (its token was
@@ -27,6 +30,7 @@ from tokenworks.model.host_copies import to_device
 from tokenworks.model.kv_cache import KVCache
 from tokenworks.model.llama import LlamaModel
 from tokenworks.model.paged_decode import PagedDecode, context_mask, kernel_check, triton_available
+from tokenworks.model.quantized_linear import wide_products
 from tokenworks.model.sampler import SampledTokens, Sampler
 
 
@@ -39,6 +43,24 @@ GROUP_OVERHEAD_BLOCKS = {"cpu": 16, "cuda": 256}
 def is_decode(s: ScheduledRequest) -> bool:
     """One new token after a prefilled context."""
     return s.num_tokens == 1 and s.start_position > 0
+
+
+# The native CPU step attends row by row, each prompt token to its own context, where PyTorch's flash attention
+# works on tiles of rows: up to this mean context of a step's prompt rows the native step is the faster (the
+# default model, 2 cores: a fresh 512-token prompt, mean 256, 0.78x the time; a 512-token chunk after 512 cached
+# tokens, mean 768, 1.28x; see docs/engine.md).
+NATIVE_PROMPT_CONTEXT = 384
+
+
+def native_suits(scheduled: list[ScheduledRequest], max_prompt_rows: int | None = None) -> bool:
+    """Whether the native step should run this step: decode rows always, prompt rows while their contexts are
+    short enough on average (``NATIVE_PROMPT_CONTEXT``) and there are at most ``max_prompt_rows`` of them."""
+    rows = contexts = 0
+    for s in scheduled:
+        if not is_decode(s):  # rows at positions start .. context_len - 1, contexts one more
+            rows += s.num_tokens
+            contexts += s.num_tokens * (s.start_position + s.context_len + 1) // 2
+    return contexts <= NATIVE_PROMPT_CONTEXT * rows and (max_prompt_rows is None or rows <= max_prompt_rows)
 
 
 class LaunchedStep:
@@ -76,16 +98,19 @@ class ModelRunner:
             self.paged_problem = kernel_check(str(self.device), model.dtype)
             self.use_paged = not self.paged_problem
         self.graphs: DecodeGraphs | None = None
-        self.native = self._native_decoder()
+        self.native = self._native_step()
+        # Without AMX the layers multiply many rows faster on PyTorch's BLAS (quantized_linear.wide_products)
+        # than the native step's tiles: steps with that many prompt rows stay layer by layer.
+        self.native_prompt_rows = None if self.native is None or self.native.amx else wide_products()[1] - 1
         self._last = LaunchedStep()  # the step launched last: the source of the next step's pending inputs
 
-    def _native_decoder(self) -> cpu_native.NativeDecoder | None:
-        """Decode steps in one native call where every layer runs on the native 4-bit kernel (CPU)."""
+    def _native_step(self) -> cpu_native.NativeStep | None:
+        """Steps in one native call where every layer runs on the native 4-bit kernel (CPU)."""
         linears = [layer[n] for layer in self.model.layers for n in ("qkv", "o", "gate_up", "down")]
         if (not all(getattr(w, "native", None) is not None for w in linears) or self.kv.tensor.dtype not in cpu_native.KV_DTYPES
                 or self.model.config.head_dim % 8):
             return None
-        return cpu_native.NativeDecoder(cpu_native.library(), self.model, self.kv)
+        return cpu_native.NativeStep(cpu_native.library(), self.model, self.kv)
 
     def capture_graphs(self, max_num_seqs: int, max_blocks_per_seq: int, capture: GraphCapture | None = None) -> DecodeGraphs:
         """Capture decode steps of up to ``max_num_seqs`` rows (CUDA graphs unless ``capture`` says otherwise)."""
@@ -200,17 +225,44 @@ class ModelRunner:
             if PLACEHOLDER in rows["ids"]:
                 rows["ids"] = self._ids(rows["ids"], decodes)
             return decodes, graphs.run(**rows), [i for i, s in enumerate(decodes) if s.sample]
-        if self.native is not None and all(is_decode(s) for s in scheduled):
-            decodes, rows = self._decode_rows(scheduled)
-            hidden = self.model.embed_tokens(self._ids(rows.pop("ids"), decodes)).float().contiguous()
-            hidden = self.native.step(hidden, **rows).to(self.model.dtype)
-            return decodes, hidden, [i for i, s in enumerate(decodes) if s.sample]
+        if self.native is not None and native_suits(scheduled, self.native_prompt_rows):
+            return self.forward_native(scheduled)
         order, ids, pos, meta, sample_rows = self.prepare(scheduled)
         return order, self.model.forward(ids, pos, self.kv, meta), sample_rows
 
+    def forward_native(self, scheduled: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], torch.Tensor, list[int]]:
+        """``forward`` as one call of the native CPU step (``self.native``), decode rows and prompt chunks alike."""
+        order, decodes, rows, sample_rows = self._step_rows(scheduled)
+        hidden = self.model.embed_tokens(self._ids(rows.pop("ids"), decodes)).float().contiguous()
+        return order, self.native.step(hidden, **rows).to(self.model.dtype), sample_rows
+
+    def _step_rows(self, scheduled: list[ScheduledRequest]
+                   ) -> tuple[list[ScheduledRequest], list[ScheduledRequest], dict[str, list], list[int]]:
+        """A step's rows in ``prepare``'s order (decodes first, longest context first, then each prompt chunk's
+        tokens) for the native step: per row its token, position, KV slot, context length (position + 1) and
+        which sequence's block table it reads; also the decodes and the rows that sample."""
+        bs = self.block_size
+        decodes = sorted((s for s in scheduled if is_decode(s)), key=lambda s: -s.context_len)
+        order = decodes + [s for s in scheduled if not is_decode(s)]
+        ids: list[int] = []
+        pos: list[int] = []
+        which: list[int] = []
+        tables, sample_rows = [], []
+        for k, s in enumerate(order):
+            ids.extend(s.token_ids)
+            pos.extend(range(s.start_position, s.context_len))
+            which.extend([k] * s.num_tokens)
+            tables.append(s.block_ids[: -(-s.context_len // bs)])
+            if s.sample:
+                sample_rows.append(len(ids) - 1)
+        return order, decodes, dict(
+            ids=ids, positions=pos, slot_blocks=[tables[k][p // bs] for k, p in zip(which, pos)],
+            slot_offsets=[p % bs for p in pos], tables=tables, row_tables=which, context_lens=[p + 1 for p in pos]
+        ), sample_rows
+
     def _decode_rows(self, decodes: list[ScheduledRequest]) -> tuple[list[ScheduledRequest], dict[str, list]]:
-        """A decode-only step's rows in the eager path's order (longest context first), and per row what a whole
-        step run at once (a CUDA graph, the native CPU step) needs: token, position, KV slot, block table."""
+        """A decode-only step's rows in the eager path's order (longest context first), and per row what a
+        captured CUDA graph needs: token, position, KV slot, block table."""
         bs = self.block_size
         decodes = sorted(decodes, key=lambda s: -s.context_len)
         pos = [s.start_position for s in decodes]

@@ -9,8 +9,8 @@ int4 kernel and decode steps layer by layer in PyTorch, as before.
 - ``NativeQ4``: a Q4 matrix in GGUF's block layout, ``y = x @ W.T + b`` for any number of rows, and W written
   out whole in float32 or bfloat16 (``dequantize_into``) for products of many rows on PyTorch's BLAS.
 - ``NativeQ8``: the same for a Q8_0 matrix (the default model's tied embedding and output matrix).
-- ``NativeDecoder``: every layer of a decode-only step in one call (norms, q/k/v, RoPE, KV writes,
-  attention through the block tables, the MLP), the 4-bit layers read once per step for all rows.
+- ``NativeStep``: every layer of a step in one call (norms, q/k/v, RoPE, KV writes, attention through the block
+  tables, the MLP) for decode rows and prompt chunks alike, the 4-bit layers read once per step for all rows.
 
 Activations enter the 4-bit products as int16 per group of 32 (an integer dot product on AVX2);
 the weights are the GGUF's codes, scales and minimums exactly.
@@ -135,8 +135,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.tw_q4_matmul.restype = ctypes.c_int
     lib.tw_q8_matmul.argtypes = [ctypes.POINTER(_Q8Mat), _P, _I, _P, ctypes.c_int]
     lib.tw_q8_matmul.restype = ctypes.c_int
-    lib.tw_decode_step.argtypes = [ctypes.POINTER(_Net), _I, _P, _P, _P, _P, _P, _I, _P, ctypes.c_int]
-    lib.tw_decode_step.restype = ctypes.c_int
+    lib.tw_step.argtypes = [ctypes.POINTER(_Net), _I, _P, _P, _P, _P, _P, _I, _P, _P, ctypes.c_int]
+    lib.tw_step.restype = ctypes.c_int
     lib.tw_q4_dequantize.argtypes = [ctypes.POINTER(_Q4Mat), _P, ctypes.c_int, ctypes.c_int]
     lib.tw_q4_dequantize.restype = None
     lib.tw_amx_init.argtypes = []
@@ -270,23 +270,24 @@ class NativeQ8:
         return _product(self.lib.tw_q8_matmul, self.mat, x, self.out_features)
 
 
-# The KV pools the native decode step reads and writes (float16: converted to and from float32 as it goes).
+# The KV pools the native step reads and writes (float16: converted to and from float32 as it goes).
 KV_DTYPES = (torch.float32, torch.float16)
 
 
-class NativeDecoder:
-    """Every layer of a decode-only step in one native call, for a LlamaModel whose layers are all 4-bit."""
+class NativeStep:
+    """Every layer of a step in one native call, for a LlamaModel whose layers are all 4-bit."""
 
     def __init__(self, lib: ctypes.CDLL, model, kv) -> None:
         c = model.config
         self.lib = lib
         t = kv.tensor  # (block, layer, k/v, token, head, dim)
         if t.dtype not in KV_DTYPES or not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError("the native decoder needs a contiguous float32 or float16 KV pool on the CPU")
+            raise ValueError("the native step needs a contiguous float32 or float16 KV pool on the CPU")
         self.layers = (_Layer * c.num_layers)()
-        keep = []
+        keep, amx = [], True
         for i, layer in enumerate(model.layers):
             mats = [layer[n].native for n in ("qkv", "o", "gate_up", "down")]
+            amx = amx and all(m.panels is not None for m in mats)
             norms = [layer["input_norm"], layer["post_norm"], layer["q_norm"], layer["k_norm"]]
             norms = [None if n is None else n.float().contiguous() for n in norms]
             keep += norms
@@ -294,19 +295,24 @@ class NativeDecoder:
         self.cos, self.sin = model.cos.float().contiguous(), model.sin.float().contiguous()
         self.final_norm = model.norm.float().contiguous()
         self._keep = keep
+        self.amx = amx  # every layer has its AMX panels: products of many rows run on them
         self.net = _Net(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.num_layers,
                         kv.block_size, c.rms_norm_eps, model.scale, _ptr(self.cos), _ptr(self.sin),
                         _ptr(self.final_norm), self.layers, t.data_ptr(), t.stride(0), t.stride(1), t.stride(2),
                         t.stride(3), int(t.dtype == torch.float16))
 
     def step(self, hidden: torch.Tensor, positions: list[int], slot_blocks: list[int], slot_offsets: list[int],
-             tables: list[list[int]], context_lens: list[int]) -> torch.Tensor:
-        """``hidden``: (rows, hidden) float32 embeddings, overwritten with the final normed hidden states."""
+             tables: list[list[int]], context_lens: list[int], row_tables: list[int] | None = None) -> torch.Tensor:
+        """``hidden``: (rows, hidden) float32 embeddings, overwritten with the final normed hidden states. Row r
+        attends to ``context_lens[r]`` tokens (its position + 1) through ``tables[row_tables[r]]`` (default: one
+        table per row)."""
         width = max(len(t) for t in tables)
         pos, blocks, offsets, table, lens = (torch.tensor(v, dtype=torch.int32) for v in (
             positions, slot_blocks, slot_offsets, [t + [0] * (width - len(t)) for t in tables], context_lens))
-        if self.lib.tw_decode_step(ctypes.byref(self.net), hidden.shape[0], hidden.data_ptr(), pos.data_ptr(),
-                                   blocks.data_ptr(), offsets.data_ptr(), table.data_ptr(), width, lens.data_ptr(),
-                                   torch.get_num_threads()):
-            raise MemoryError("the native decode step could not allocate its buffers")
+        which = torch.arange(len(positions), dtype=torch.int32) if row_tables is None else \
+            torch.tensor(row_tables, dtype=torch.int32)
+        if self.lib.tw_step(ctypes.byref(self.net), hidden.shape[0], hidden.data_ptr(), pos.data_ptr(),
+                            blocks.data_ptr(), offsets.data_ptr(), table.data_ptr(), width, which.data_ptr(),
+                            lens.data_ptr(), torch.get_num_threads()):
+            raise MemoryError("the native step could not allocate its buffers")
         return hidden

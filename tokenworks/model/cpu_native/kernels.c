@@ -944,14 +944,17 @@ static void split(int64_t n, int t, int nt, int64_t *a, int64_t *b) {
     *b = n * (t + 1) / nt;
 }
 
-/* One decode step of `rows` sequences, every layer: h (rows, hidden) holds the tokens' embeddings and
-   returns the final normed hidden states. Each row's K/V is written at its slot before attention, which
-   reads `context_lens[r]` tokens through `tables` (rows, table_width). Work between two matrix products is
-   split by rows (or by row and KV head) over the threads, and the threads meet at spin barriers. Returns
-   0, or -1 if out of memory. */
-int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positions, const int32_t *slot_blocks,
-                   const int32_t *slot_offsets, const int32_t *tables, int64_t table_width,
-                   const int32_t *context_lens, int threads) {
+/* One step of `rows` tokens, every layer: decode rows (one token of a sequence) and prefill rows (each token of a
+   prompt's chunk) alike. h (rows, hidden) holds the tokens' embeddings and returns the final normed hidden states.
+   Each row's K/V is written at its slot before attention (all rows' before any attends, so a prompt's token sees
+   the tokens before it written in the same step), which reads `context_lens[r]` tokens (the row's position + 1)
+   through table `row_tables[r]` of `tables` (one per sequence, table_width wide). Work between two matrix
+   products is split by rows (or by row and KV head) over the threads, attention's work items are taken one at a
+   time (a prompt's rows cost more the later they come), and the threads meet at spin barriers. Returns 0, or -1
+   if out of memory. */
+int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, const int32_t *slot_blocks,
+            const int32_t *slot_offsets, const int32_t *tables, int64_t table_width, const int32_t *row_tables,
+            const int32_t *context_lens, int threads) {
     const int64_t H = net->hidden, D = net->head_dim, nh = net->num_heads, nkv = net->num_kv_heads;
     const int64_t qkv_n = (nh + 2 * nkv) * D, I = net->inter;
     int64_t kmax = H > nh * D ? H : nh * D;
@@ -993,7 +996,9 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
     const int have_q = qact_alloc(rows, kmax, threads, amx, &q);
     SpinBarrier bar = {0, 0};
     const int64_t per_product = (int64_t)threads * COUNTER_STRIDE;  /* claim counters, zeroed, per product */
-    int64_t *taken = calloc(net->num_layers * 4 * per_product, sizeof(int64_t));
+    /* and after each layer's four products', the layer's count of attention items taken */
+    int64_t *taken = calloc(net->num_layers * (4 * per_product + COUNTER_STRIDE), sizeof(int64_t));
+    int64_t *items_taken = taken + net->num_layers * 4 * per_product;
     int ok = x && qkv && attn && gu && proj && scores && have_q && taken && part_o;
     if (ok) {
         #pragma omp parallel num_threads(threads)
@@ -1034,12 +1039,12 @@ int tw_decode_step(const Net *net, int64_t rows, float *h, const int32_t *positi
                 /* attention per row, every head at once (each block's K and V read once, in order), or per (row, KV
                    head) with the KV head's query heads together, or per (row, query head) when there are too few
                    rows for the threads to share evenly; a long context per (row, part), merged below */
-                split(item_start[rows], t, nt, &i0, &i1);
                 float *sc = scores + (int64_t)t * nh * max_ctx;
-                for (int64_t it = i0, r = 0; it < i1; it++) {
-                    while (item_start[r + 1] <= it) r++;
+                for (int64_t it, r = 0;
+                     (it = __atomic_fetch_add(items_taken + l * COUNTER_STRIDE, 1, __ATOMIC_RELAXED)) < item_start[rows];) {
+                    while (item_start[r + 1] <= it) r++;  /* a thread's items come in increasing order */
                     const int64_t local = it - item_start[r], ctx = context_lens[r];
-                    const int32_t *table = tables + r * table_width;
+                    const int32_t *table = tables + (int64_t)row_tables[r] * table_width;
                     if (part_base[r + 1] == part_base[r]) {
                         const int64_t head = local * item_heads, whole = item_heads == nh;
                         attend_range(net, l, qkv + r * qkv_n + head * D, whole ? per_kv : item_heads, head / per_kv,
