@@ -4,10 +4,10 @@ For each case (a fresh prompt of N tokens, or a chunk of N tokens after C cached
 runs both ways from the same KV, alternated over rounds: ``ModelRunner.forward_native`` (every layer in one native
 call; each prompt token attends to its own context row by row) and ``prepare`` + ``LlamaModel.forward`` (layer by
 layer, PyTorch's flash attention over the chunk). Prints each side's median and native/layer-by-layer, and which
-one ``ModelRunner.forward`` picks (``runner.native_suits``: the prompt rows' mean context against
-``NATIVE_PROMPT_CONTEXT``).
+one ``ModelRunner.forward`` picks (``runner.native_suits``: the native step, but without AMX only for few prompt
+rows).
 
-    python benchmarks/native_prompt.py [--model PATH] [--cases 20,51,128,256,512,512@512,512@1024] [--rounds 5]
+    python benchmarks/native_prompt.py [--model PATH] [--cases 8,51,128,256,512,512@512,512@2048] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model path (default: the built-in default model)")
-    ap.add_argument("--cases", default="20,51,128,256,512,512@512,512@1024",
+    ap.add_argument("--cases", default="8,51,128,256,512,512@512,512@2048",
                     help="N (a fresh prompt) or N@C (N tokens after C cached), comma-separated")
     ap.add_argument("--rounds", type=int, default=5)
     ns = ap.parse_args()
@@ -32,7 +32,7 @@ def main() -> int:
 
     from tokenworks import LLM, SamplingParams
     from tokenworks.engine.scheduler_output import ScheduledRequest
-    from tokenworks.model.runner import NATIVE_PROMPT_CONTEXT, native_suits
+    from tokenworks.model.runner import native_suits
 
     runner = LLM(model=ns.model).loaded.runner
     if runner.native is None:
@@ -46,8 +46,8 @@ def main() -> int:
         _, ids, pos, meta, _ = runner.prepare(sched)
         return runner.model.forward(ids, pos, kv, meta)
 
-    print(f"native step vs layer by layer, one step, {ns.rounds} rounds (medians); NATIVE_PROMPT_CONTEXT "
-          f"{NATIVE_PROMPT_CONTEXT}, prompt rows without AMX up to {runner.native_prompt_rows or 'any'}")
+    print(f"native step vs layer by layer, one step, {ns.rounds} rounds (medians); the native step takes "
+          + (f"up to {runner.native_prompt_rows} prompt rows (no AMX)" if runner.native_prompt_rows else "every step"))
     print(f"{'case':>10} | {'mean context':>12} | {'layer by layer ms':>17} | {'native ms':>9} | {'native/lbl':>10} | picks")
     for case in ns.cases.split(","):
         n, _, cached = case.partition("@")

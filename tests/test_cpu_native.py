@@ -332,7 +332,8 @@ def test_switched_off_the_4bit_layers_run_on_pytorchs_kernel(monkeypatch):
 
 
 # Prompt rows in the native step: each token attends to the tokens before it, written in the same step. Chunks
-# that start at 0 or after cached tokens, beside decode rows, and contexts from 512 tokens (attended in parts).
+# that start at 0 or after cached tokens, beside decode rows; 8 rows or more attend by tiles (a prompt of 6 rows
+# and the decode rows row by row, contexts from 512 tokens in parts).
 @pytest.mark.parametrize("case", [
     [(0, 13)],  # a fresh prompt
     [(20, 9)],  # a chunk after 20 cached tokens
@@ -341,7 +342,7 @@ def test_switched_off_the_4bit_layers_run_on_pytorchs_kernel(monkeypatch):
     [(0, 40)],  # a prompt of more rows than go to the layer-by-layer path's BLAS without AMX (so: AMX only)
 ], ids=["prompt", "chunk", "mixed", "long", "40-rows"])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
-@pytest.mark.parametrize("block_size,head_dim", [(4, 32), (16, 64)])
+@pytest.mark.parametrize("block_size,head_dim", [(4, 32), (16, 64), (8, 24)])  # 24: a tail of 8 (AVX-512: of 16)
 @pytest.mark.parametrize("amx", [False, pytest.param(True, marks=needs_amx)], ids=["tiles", "amx"])
 def test_native_step_runs_prompt_chunks_as_the_layer_by_layer_path(amx_rows, amx, case, kv_dtype, block_size,
                                                                     head_dim):
@@ -375,15 +376,17 @@ def test_native_step_runs_prompt_chunks_as_the_layer_by_layer_path(amx_rows, amx
     kv.tensor.copy_(before)
     order2, native, sample_rows2 = runner.forward_native(sched)
     assert [s.request_id for s in order2] == [s.request_id for s in order] and sample_rows2 == sample_rows
-    tolerance = 1e-2 if amx else 1e-4 if kv_dtype == torch.float32 else 3e-3
+    tolerance = 2e-2 if amx else 1e-4 if kv_dtype == torch.float32 else 3e-3  # AMX: 2^-8 from a bit, 3 layers on
     assert native.shape == eager.shape
     assert ((native - eager).abs().amax(1) < tolerance * eager.abs().amax(1)).all()  # every row
     assert (kv.tensor.float() - eager_kv.float()).abs().max() < tolerance * eager_kv.float().abs().max()
 
 
-def test_the_native_step_takes_short_prompt_rows_and_leaves_long_ones_to_pytorch():
+def test_without_amx_only_steps_of_few_prompt_rows_are_native(amx_rows):
+    """Without AMX the layer-by-layer path multiplies many rows on PyTorch's BLAS, faster than the native tiles."""
     from tokenworks.engine.scheduler_output import ScheduledRequest
-    from tokenworks.model.runner import NATIVE_PROMPT_CONTEXT, native_suits
+    from tokenworks.model.quantized_linear import wide_products
+    from tokenworks.model.runner import native_suits
     from tokenworks.sampling_params import SamplingParams
 
     p = SamplingParams()
@@ -391,11 +394,9 @@ def test_the_native_step_takes_short_prompt_rows_and_leaves_long_ones_to_pytorch
     def req(cached: int, new: int) -> ScheduledRequest:
         return ScheduledRequest("r", [1] * new, cached, list(range(100)), True, p, [1] * (cached + new), [])
 
-    assert native_suits([req(600, 1), req(5000, 1)])  # decode rows only
-    assert native_suits([req(0, 512)])  # contexts 1..512: mean 256.5
-    assert native_suits([req(0, 2 * NATIVE_PROMPT_CONTEXT - 1)])  # mean exactly the limit
-    assert not native_suits([req(0, 2 * NATIVE_PROMPT_CONTEXT + 1)])
-    assert not native_suits([req(512, 512), req(3000, 1)])  # a second chunk: mean 768.5
-    assert native_suits([req(512, 16), req(0, 400)])  # the mean over all prompt rows: 245.2
-    assert native_suits([req(0, 31), req(9, 1)], max_prompt_rows=31)  # without AMX: few prompt rows only
+    assert native_suits([req(600, 1), req(5000, 1)]) and native_suits([req(4096, 512)])  # with AMX: every step
+    assert native_suits([req(0, 31), req(9, 1)], max_prompt_rows=31)
+    assert native_suits([req(600, 1)] * 64, max_prompt_rows=31)  # decode rows do not count
     assert not native_suits([req(0, 32)], max_prompt_rows=31)
+    _, _, runner = tiny_4bit_engine(False)  # made with the AMX products off
+    assert not runner.native.amx and runner.native_prompt_rows == wide_products()[1] - 1

@@ -7,8 +7,8 @@ order. Decode attention: in groups of similar length (CPU), or all rows in one
 replays a captured CUDA graph when ``capture_graphs`` has run (see
 cuda_graphs.py); any other step runs eagerly. On a CPU whose layers are all on
 the native 4-bit kernel a step runs as one native call (cpu_native), decode
-rows and prompt chunks alike, unless its prompt rows' contexts are long
-(``native_suits``).
+rows and prompt chunks alike (``native_suits``: without AMX only steps of few
+prompt rows).
 
 ``launch`` queues a step and returns at once; its ``result()`` waits for the
 sampled tokens. A decode input that is still ``PLACEHOLDER`` (its token was
@@ -45,22 +45,10 @@ def is_decode(s: ScheduledRequest) -> bool:
     return s.num_tokens == 1 and s.start_position > 0
 
 
-# The native CPU step attends row by row, each prompt token to its own context, where PyTorch's flash attention
-# works on tiles of rows: up to this mean context of a step's prompt rows the native step is the faster (the
-# default model, 2 cores: a fresh 512-token prompt, mean 256, 0.78x the time; a 512-token chunk after 512 cached
-# tokens, mean 768, 1.28x; see docs/engine.md).
-NATIVE_PROMPT_CONTEXT = 384
-
-
 def native_suits(scheduled: list[ScheduledRequest], max_prompt_rows: int | None = None) -> bool:
-    """Whether the native step should run this step: decode rows always, prompt rows while their contexts are
-    short enough on average (``NATIVE_PROMPT_CONTEXT``) and there are at most ``max_prompt_rows`` of them."""
-    rows = contexts = 0
-    for s in scheduled:
-        if not is_decode(s):  # rows at positions start .. context_len - 1, contexts one more
-            rows += s.num_tokens
-            contexts += s.num_tokens * (s.start_position + s.context_len + 1) // 2
-    return contexts <= NATIVE_PROMPT_CONTEXT * rows and (max_prompt_rows is None or rows <= max_prompt_rows)
+    """Whether the native step should run this step: every step, or (``max_prompt_rows``: where the layer by
+    layer path multiplies many rows faster, without AMX) those with at most that many prompt rows."""
+    return max_prompt_rows is None or sum(s.num_tokens for s in scheduled if not is_decode(s)) <= max_prompt_rows
 
 
 class LaunchedStep:

@@ -938,6 +938,166 @@ static void barrier_wait(SpinBarrier *b, int nt, int *local_sense) {
     }
 }
 
+/* -- A prompt chunk's attention by tiles ---------------------------------------------------------------------- */
+
+/* A prompt chunk's rows (TILED_FROM or more consecutive rows of one sequence at consecutive positions, each
+   seeing the keys up to its own position) attend by tiles instead of row by row. Per KV head the chunk's context
+   is first widened to float32 once for all its rows (`widen_chunk`): K in panels of 16 keys, each dimension's
+   keys side by side (4 KB read in order), and V as it is. A tile is TILE_ROWS rows' query heads of one KV head, scored against 16 keys at a
+   time with each key vector loaded once for all of them (`score_tile`), then the values weighed for three
+   query heads at a time (`weigh_tile`). Row by row, each row read its K and V again: a 512-token prompt's
+   attention cost about what its products did. The arithmetic is float32 throughout, as the row path's. */
+#define TILED_FROM 8
+#define TILE_ROWS 4
+#define TILE_KEYS 16  /* a panel of keys */
+#define WEIGH_KEYS 64 /* keys whose values are weighed for every query of a tile while they are in L1 */
+
+typedef struct {
+    int64_t row, rows, table, p0, ctxpad; /* rows row .. row + rows - 1 at positions p0 .., table row_tables[row] */
+    float *wide;                           /* per KV head: K in panels (ctxpad / 16, D, 16), then V (ctxpad, D) */
+} Chunk;
+
+/* K and V of the chunk's tokens [t0, t1) for KV head kh, widened into the chunk's slabs. */
+static void widen_chunk(const Net *net, int64_t layer, const Chunk *c, const int32_t *table, int64_t kh,
+                        int64_t t0, int64_t t1) {
+    const int64_t D = net->head_dim, bs = net->block_size, elem = net->kv_half ? 2 : 4;
+    float *kt = c->wide + kh * 2 * D * c->ctxpad, *v = kt + D * c->ctxpad;
+    for (int64_t t = t0; t < t1; t++) {
+        const char *k = (const char *)kv_at(net, layer, 0, table[t / bs], t % bs) + kh * D * elem;
+        const char *vs = (const char *)kv_at(net, layer, 1, table[t / bs], t % bs) + kh * D * elem;
+        float row[D];
+        for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(row + d, load8_kv(k, d, net->kv_half));
+        float *panel = kt + t / TILE_KEYS * D * TILE_KEYS + t % TILE_KEYS;
+        for (int64_t d = 0; d < D; d++) panel[d * TILE_KEYS] = row[d];
+        for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(v + t * D + d, load8_kv(vs, d, net->kv_half));
+    }
+}
+
+/* The tiles' vectors: 16 floats with AVX-512 (32 registers), else 8 (16 registers); TILE_QUERIES query vectors
+   are scored and WEIGH_QUERIES weighed together, as many as the registers hold with the keys or values. */
+#ifdef __AVX512F__
+typedef __m512 vecf;
+#define VW 16
+#define vzero() _mm512_setzero_ps()
+#define vload(p) _mm512_loadu_ps(p)
+#define vstore(p, v) _mm512_storeu_ps(p, v)
+#define vset1(x) _mm512_set1_ps(x)
+#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vmul(a, b) _mm512_mul_ps(a, b)
+#define TILE_QUERIES 12
+#define WEIGH_QUERIES 6
+#else
+typedef __m256 vecf;
+#define VW 8
+#define vzero() _mm256_setzero_ps()
+#define vload(p) _mm256_loadu_ps(p)
+#define vstore(p, v) _mm256_storeu_ps(p, v)
+#define vset1(x) _mm256_set1_ps(x)
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vmul(a, b) _mm256_mul_ps(a, b)
+#define TILE_QUERIES 6
+#define WEIGH_QUERIES 3
+#endif
+#define PANEL_VECS (TILE_KEYS / VW)
+
+/* s_m[0 .. 16) = scale q_m . K[t] for the 16 keys of a panel (kt: dimension by dimension) and m < mq <=
+   TILE_QUERIES query vectors, interleaved in qi (query m's dimension d at qi[d * stride + m]). */
+static inline __attribute__((always_inline)) void score_tile(const float *qi, int64_t stride, const int mq,
+                                                             const float *kt, int64_t D, float *s, int64_t s_step,
+                                                             float scale) {
+    vecf a[TILE_QUERIES][PANEL_VECS];
+    for (int m = 0; m < mq; m++)
+        for (int h = 0; h < PANEL_VECS; h++) a[m][h] = vzero();
+    for (int64_t d = 0; d < D; d++) {
+        vecf k[PANEL_VECS];
+        for (int h = 0; h < PANEL_VECS; h++) k[h] = vload(kt + d * TILE_KEYS + h * VW);
+        for (int m = 0; m < mq; m++) {
+            const vecf qb = vset1(qi[d * stride + m]);
+            for (int h = 0; h < PANEL_VECS; h++) a[m][h] = vfma(qb, k[h], a[m][h]);
+        }
+    }
+    for (int m = 0; m < mq; m++)
+        for (int h = 0; h < PANEL_VECS; h++) vstore(s + m * s_step + h * VW, vmul(a[m][h], vset1(scale)));
+}
+
+/* o_m[d0 .. d0 + VW nv) += sum over t < n of p_m[t] V[t] for m < mq <= WEIGH_QUERIES query vectors, nv <= 4. */
+static inline __attribute__((always_inline)) void weigh_tile(const float *const *p, const int mq, const float *v,
+                                                             int64_t D, int64_t d0, const int nv, int64_t n,
+                                                             float *const *o) {
+    vecf a[WEIGH_QUERIES][4];
+    for (int m = 0; m < mq; m++)
+        for (int c = 0; c < nv; c++) a[m][c] = vload(o[m] + d0 + VW * c);
+    for (int64_t t = 0; t < n; t++) {
+        vecf vv[4];
+        for (int c = 0; c < nv; c++) vv[c] = vload(v + t * D + d0 + VW * c);
+        for (int m = 0; m < mq; m++) {
+            const vecf pb = vset1(p[m][t]);
+            for (int c = 0; c < nv; c++) a[m][c] = vfma(pb, vv[c], a[m][c]);
+        }
+    }
+    for (int m = 0; m < mq; m++)
+        for (int c = 0; c < nv; c++) vstore(o[m] + d0 + VW * c, a[m][c]);
+}
+
+/* Rows [i0, i1) of chunk c (i1 - i0 <= TILE_ROWS), KV head kh: their query heads' attention output into attn
+   (rows of nh * D), from qkv (rows of qkv_n). s: TILE_ROWS * per_kv * ctxpad floats. */
+static void attend_tile(const Net *net, const Chunk *c, int64_t kh, int64_t i0, int64_t i1, const float *qkv,
+                        int64_t qkv_n, float *attn, float *s) {
+    const int64_t D = net->head_dim, nh = net->num_heads, per_kv = nh / net->num_kv_heads;
+    const float *kt = c->wide + kh * 2 * D * c->ctxpad, *v = kt + D * c->ctxpad;
+    const int64_t nq = (i1 - i0) * per_kv, n = c->p0 + i1; /* the tile's keys: up to its last row's */
+    const int64_t npad = (n + TILE_KEYS - 1) / TILE_KEYS * TILE_KEYS;
+    float qi[D * nq], inv[nq];
+    float *o[nq], *sp[nq];
+    for (int64_t i = i0; i < i1; i++)
+        for (int64_t j = 0; j < per_kv; j++) {
+            const int64_t m = (i - i0) * per_kv + j, head = kh * per_kv + j;
+            const float *q = qkv + (c->row + i) * qkv_n + head * D;
+            for (int64_t d = 0; d < D; d++) qi[d * nq + m] = q[d];
+            o[m] = attn + (c->row + i) * nh * D + head * D;
+            sp[m] = s + m * npad;
+        }
+    for (int64_t t0 = 0; t0 < npad; t0 += TILE_KEYS) /* each panel of keys for every query while in L1 */
+        for (int64_t m0 = 0; m0 < nq; m0 += TILE_QUERIES) {
+            const int mq = nq - m0 < TILE_QUERIES ? nq - m0 : TILE_QUERIES;
+            const float *panel = kt + t0 * D;
+            if (mq == TILE_QUERIES) score_tile(qi + m0, nq, TILE_QUERIES, panel, D, s + m0 * npad + t0, npad, net->scale);
+            else if (mq == 3) score_tile(qi + m0, nq, 3, panel, D, s + m0 * npad + t0, npad, net->scale);
+            else
+                for (int m = 0; m < mq; m++)
+                    score_tile(qi + m0 + m, nq, 1, panel, D, s + (m0 + m) * npad + t0, npad, net->scale);
+        }
+    for (int64_t m = 0; m < nq; m++) { /* row i sees p0 + i + 1 keys; the rest weigh 0 */
+        const int64_t seen = c->p0 + i0 + m / per_kv + 1;
+        const float mx = max_of(sp[m], seen);
+        inv[m] = 1.f / exp_shifted(sp[m], seen, mx);
+        memset(sp[m] + seen, 0, (npad - seen) * sizeof(float));
+        memset(o[m], 0, D * sizeof(float));
+    }
+    for (int64_t t0 = 0; t0 < n; t0 += WEIGH_KEYS) { /* each run of values for every query while in L1 */
+        const int64_t len = n - t0 < WEIGH_KEYS ? n - t0 : WEIGH_KEYS;
+        const float *vt = v + t0 * D;
+        for (int64_t m0 = 0; m0 < nq; m0 += WEIGH_QUERIES) {
+            const int mq = nq - m0 < WEIGH_QUERIES ? nq - m0 : WEIGH_QUERIES;
+            const float *p[WEIGH_QUERIES];
+            for (int m = 0; m < mq; m++) p[m] = sp[m0 + m] + t0;
+            int64_t d0 = 0;
+            for (; d0 + 4 * VW <= D; d0 += 4 * VW) {
+                if (mq == WEIGH_QUERIES) weigh_tile(p, WEIGH_QUERIES, vt, D, d0, 4, len, o + m0);
+                else if (mq == 3) weigh_tile(p, 3, vt, D, d0, 4, len, o + m0);
+                else for (int m = 0; m < mq; m++) weigh_tile(p + m, 1, vt, D, d0, 4, len, o + m0 + m);
+            }
+            for (; d0 + VW <= D; d0 += VW)
+                for (int m = 0; m < mq; m++) weigh_tile(p + m, 1, vt, D, d0, 1, len, o + m0 + m);
+            for (; d0 < D; d0++) /* a head of 8 (mod 16) dimensions with AVX-512: the last 8 one by one */
+                for (int m = 0; m < mq; m++)
+                    for (int64_t t = 0; t < len; t++) o[m0 + m][d0] += p[m][t] * vt[t * D + d0];
+        }
+    }
+    for (int64_t m = 0; m < nq; m++)
+        for (int64_t d = 0; d < D; d++) o[m][d] *= inv[m];
+}
+
 /* [a, b): this thread's share of n items. */
 static void split(int64_t n, int t, int nt, int64_t *a, int64_t *b) {
     *a = n * t / nt;
@@ -972,12 +1132,40 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
         free(item_start); free(part_base);
         return -1;
     }
+    /* prompt chunks of TILED_FROM rows or more attend by tiles (their rows get no row items); tile_start: prefix
+       sums of their tiles (every KV head's), after the row items */
+    Chunk *chunks = malloc((rows / TILED_FROM + 1) * sizeof(Chunk));
+    int64_t *tile_start = malloc((rows / TILED_FROM + 2) * sizeof(int64_t));
+    int64_t n_chunks = 0, wide_floats = 0, max_pad = 0;
+    if (!chunks || !tile_start) {
+        free(item_start); free(part_base); free(chunks); free(tile_start);
+        return -1;
+    }
+    tile_start[0] = 0;
+    for (int64_t r = 0, e; r < rows; r = e) {
+        for (e = r + 1; e < rows && row_tables[e] == row_tables[r] && positions[e] == positions[e - 1] + 1
+                        && context_lens[e] == positions[e] + 1; e++) ;
+        if (e - r >= TILED_FROM && context_lens[r] == positions[r] + 1) {
+            Chunk *c = &chunks[n_chunks++];
+            c->row = r, c->rows = e - r, c->table = row_tables[r], c->p0 = positions[r];
+            c->ctxpad = (c->p0 + c->rows + TILE_KEYS - 1) / TILE_KEYS * TILE_KEYS;
+            wide_floats += nkv * 2 * D * c->ctxpad;
+            max_pad = c->ctxpad > max_pad ? c->ctxpad : max_pad;
+            tile_start[n_chunks] = tile_start[n_chunks - 1] + nkv * ((c->rows + TILE_ROWS - 1) / TILE_ROWS);
+        }
+    }
+    float *wide = calloc(wide_floats + 1, sizeof(float)); /* the chunks' widened K/V; padding keys stay 0 */
+    for (int64_t i = 0, at = 0; i < n_chunks; at += nkv * 2 * D * chunks[i].ctxpad, i++) chunks[i].wide = wide + at;
+    float *tile_scores = malloc(((size_t)threads * TILE_ROWS * per_kv * max_pad + 1) * sizeof(float));
     item_start[0] = part_base[0] = 0;
-    for (int64_t r = 0; r < rows; r++) {
-        const int64_t parts = parts_of(context_lens[r], bs);
-        item_start[r + 1] = item_start[r] + (parts == 1 ? nh / item_heads : parts);
+    for (int64_t r = 0, ci = 0; r < rows; r++) {
+        const int tiled = ci < n_chunks && r >= chunks[ci].row;
+        if (tiled && r == chunks[ci].row + chunks[ci].rows - 1) ci++;
+        const int64_t parts = tiled ? 1 : parts_of(context_lens[r], bs);
+        item_start[r + 1] = item_start[r] + (tiled ? 0 : parts == 1 ? nh / item_heads : parts);
         part_base[r + 1] = part_base[r] + (parts == 1 ? 0 : nkv * parts);
     }
+    const int64_t row_items = item_start[rows], all_items = row_items + tile_start[n_chunks];
     float *part_o = malloc((part_base[rows] * per_kv * (D + 2) + 1) * sizeof(float));
     float *part_m = part_o + part_base[rows] * per_kv * D, *part_l = part_m + part_base[rows] * per_kv;
     float *x = malloc(rows * kmax * sizeof(float));
@@ -999,7 +1187,7 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
     /* and after each layer's four products', the layer's count of attention items taken */
     int64_t *taken = calloc(net->num_layers * (4 * per_product + COUNTER_STRIDE), sizeof(int64_t));
     int64_t *items_taken = taken + net->num_layers * 4 * per_product;
-    int ok = x && qkv && attn && gu && proj && scores && have_q && taken && part_o;
+    int ok = x && qkv && attn && gu && proj && scores && have_q && taken && part_o && wide && tile_scores;
     if (ok) {
         #pragma omp parallel num_threads(threads)
         {
@@ -1036,12 +1224,39 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
                     }
                 }
                 barrier_wait(&bar, nt, &sense);
+                if (n_chunks) { /* the prompt chunks' K/V widened, in runs of 64 tokens per chunk and KV head */
+                    int64_t runs = 0;
+                    for (int64_t ci = 0; ci < n_chunks; ci++) runs += nkv * ((chunks[ci].p0 + chunks[ci].rows + 63) / 64);
+                    split(runs, t, nt, &i0, &i1);
+                    for (int64_t ci = 0, at = 0; ci < n_chunks && at < i1; ci++) {
+                        const Chunk *c = &chunks[ci];
+                        const int64_t ctx = c->p0 + c->rows, per_head = (ctx + 63) / 64;
+                        for (int64_t k = 0; k < nkv * per_head; k++, at++) {
+                            if (at < i0 || at >= i1) continue;
+                            const int64_t t0 = k % per_head * 64, t1 = t0 + 64 < ctx ? t0 + 64 : ctx;
+                            widen_chunk(net, l, c, tables + c->table * table_width, k / per_head, t0, t1);
+                        }
+                    }
+                    barrier_wait(&bar, nt, &sense);
+                }
                 /* attention per row, every head at once (each block's K and V read once, in order), or per (row, KV
                    head) with the KV head's query heads together, or per (row, query head) when there are too few
                    rows for the threads to share evenly; a long context per (row, part), merged below */
                 float *sc = scores + (int64_t)t * nh * max_ctx;
-                for (int64_t it, r = 0;
-                     (it = __atomic_fetch_add(items_taken + l * COUNTER_STRIDE, 1, __ATOMIC_RELAXED)) < item_start[rows];) {
+                float *ts = tile_scores + (int64_t)t * TILE_ROWS * per_kv * max_pad;
+                for (int64_t it, r = 0, ci = 0;
+                     (it = __atomic_fetch_add(items_taken + l * COUNTER_STRIDE, 1, __ATOMIC_RELAXED)) < all_items;) {
+                    if (it >= row_items) { /* a tile: KV head by KV head (its K and V stay in L2), the chunk's
+                                              last rows (the most keys) first */
+                        const int64_t k = it - row_items;
+                        while (tile_start[ci + 1] <= k) ci++;
+                        const Chunk *c = &chunks[ci];
+                        const int64_t local = k - tile_start[ci], tiles = (c->rows + TILE_ROWS - 1) / TILE_ROWS;
+                        const int64_t tile = tiles - 1 - local % tiles, i0t = tile * TILE_ROWS;
+                        attend_tile(net, c, local / tiles, i0t, i0t + TILE_ROWS < c->rows ? i0t + TILE_ROWS : c->rows,
+                                    qkv, qkv_n, attn, ts);
+                        continue;
+                    }
                     while (item_start[r + 1] <= it) r++;  /* a thread's items come in increasing order */
                     const int64_t local = it - item_start[r], ctx = context_lens[r];
                     const int32_t *table = tables + (int64_t)row_tables[r] * table_width;
@@ -1060,8 +1275,8 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
                 }
                 barrier_wait(&bar, nt, &sense);
                 for (int64_t r = r0; r < r1; r++) {
-                    const int64_t parts = parts_of(context_lens[r], bs);
-                    if (parts > 1)
+                    const int64_t parts = (part_base[r + 1] - part_base[r]) / nkv;  /* 0 or 2+ */
+                    if (parts)
                         for (int64_t head = 0; head < nh; head++) {
                             const int64_t at = part_base[r] + head / per_kv * parts, j = head % per_kv;
                             merge_parts(part_o + at * per_kv * D + j * D, per_kv * D, part_m + at * per_kv + j,
@@ -1110,7 +1325,7 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
         }
     }
     free(x); free(qkv); free(attn); free(gu); free(proj); free(scores); free(taken);
-    free(item_start); free(part_base); free(part_o);
+    free(item_start); free(part_base); free(part_o); free(chunks); free(tile_start); free(wide); free(tile_scores);
     if (have_q) qact_free(&q);
     return ok ? 0 : -1;
 }
