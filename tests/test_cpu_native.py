@@ -1,5 +1,5 @@
 """The native CPU kernels (tokenworks/model/cpu_native): the 4-bit product against exact float64 arithmetic on
-GGUF blocks, the fused decode step against the layer-by-layer PyTorch path on small random 4-bit models, and
+GGUF blocks, the fused step (decode rows, prompt chunks) against the layer-by-layer PyTorch path on small random 4-bit models, and
 the fallback when they are switched off."""
 
 import numpy as np

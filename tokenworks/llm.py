@@ -103,10 +103,12 @@ def _assemble(args: EngineArgs, name: str, config: ModelConfig, weights: dict, t
 
 def _capture_graphs(args: EngineArgs, runner: ModelRunner, max_num_seqs: int, max_blocks: int) -> str:
     """CUDA: capture the decode graphs now (part of the load time); a line saying what was done, or why not. CPU:
-    whether the 4-bit layers run on the native kernels (model/cpu_native) and decode steps in one call."""
+    whether the 4-bit layers run on the native kernels (model/cpu_native) and steps in one call."""
     if not runner.device.startswith("cuda"):
         if runner.native is not None:
-            return f"4-bit layers and decode steps on the native CPU kernels (AVX2); {many_rows()}"
+            steps = ("steps" if runner.native_prompt_rows is None
+                     else f"decode steps and steps of up to {runner.native_prompt_rows} prompt tokens")
+            return f"4-bit layers and {steps} in one call on the native CPU kernels (AVX2); {many_rows()}"
         if any(isinstance(layer["qkv"], Int4Linear) for layer in runner.model.layers):
             return f"4-bit layers on PyTorch's int4 kernel (native kernels: {cpu_native.unavailable_reason()})"
         return ""

@@ -4,7 +4,7 @@
 a second) into the cache folder, keyed by the source, the flags and the CPU, and loaded with ctypes. It needs
 x86-64 with AVX2, FMA and F16C. Where there is no compiler or no AVX2, or ``TOKENWORKS_NATIVE_KERNELS=0`` is set,
 ``library()`` returns None and says why in ``unavailable_reason()``: the 4-bit layers then run on PyTorch's
-int4 kernel and decode steps layer by layer in PyTorch, as before.
+int4 kernel and steps layer by layer in PyTorch, as before.
 
 - ``NativeQ4``: a Q4 matrix in GGUF's block layout, ``y = x @ W.T + b`` for any number of rows, and W written
   out whole in float32 or bfloat16 (``dequantize_into``) for products of many rows on PyTorch's BLAS.
