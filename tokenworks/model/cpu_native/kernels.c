@@ -183,6 +183,27 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
+#ifdef __AVX512F__
+/* exp8 on 16 floats (the same steps and constants). */
+static inline __m512 exp16(__m512 x) {
+    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3365478515625f), _CMP_LT_OQ);
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365478515625f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mul_ps(~under, p, _mm512_castsi512_ps(e));
+}
+#endif
+
 /* The largest of n floats, in vectors (a scalar running maximum waits for each compare in turn). */
 static float max_of(const float *x, int64_t n) {
     __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0;
@@ -197,10 +218,25 @@ static float max_of(const float *x, int64_t n) {
     return m;
 }
 
-/* y[i] = e^(x[i] - shift) for n floats; returns their sum. */
-static float exp_shifted(float *x, int64_t n, float shift) {
+
+/* y[i] = e^(x[i] - shift) for n floats; returns their sum. `wide`: 16 at a time where AVX-512 is (prompt steps
+   only: 512-bit arithmetic in a decode step measured 3 % slower steps at one row, the clock it costs outweighing
+   what it saves there). */
+static inline __attribute__((always_inline)) float exp_shifted_as(float *x, int64_t n, float shift, const int wide) {
     __m256 total = _mm256_setzero_ps(), sh = _mm256_set1_ps(shift);
     int64_t i = 0;
+#ifdef __AVX512F__
+    if (wide) {
+        __m512 total16 = _mm512_setzero_ps();
+        for (; i + 16 <= n; i += 16) {
+            __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(shift)));
+            _mm512_storeu_ps(x + i, e);
+            total16 = _mm512_add_ps(total16, e);
+        }
+        total = _mm256_add_ps(_mm512_castps512_ps256(total16),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(total16), 1)));
+    }
+#endif
     for (; i + 8 <= n; i += 8) {
         __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh));
         _mm256_storeu_ps(x + i, e);
@@ -214,9 +250,19 @@ static float exp_shifted(float *x, int64_t n, float shift) {
     return s;
 }
 
-/* a[i] = SiLU(g[i]) * u[i] = g[i] / (1 + e^-g[i]) * u[i] */
-static void silu_mul(const float *g, const float *u, int64_t n, float *a) {
+static float exp_shifted(float *x, int64_t n, float shift) { return exp_shifted_as(x, n, shift, 0); }
+static float exp_shifted_wide(float *x, int64_t n, float shift) { return exp_shifted_as(x, n, shift, 1); }
+
+/* a[i] = SiLU(g[i]) * u[i] = g[i] / (1 + e^-g[i]) * u[i]; wide: as for exp_shifted_as */
+static void silu_mul(const float *g, const float *u, int64_t n, float *a, int wide) {
     int64_t i = 0;
+#ifdef __AVX512F__
+    for (; wide && i + 16 <= n; i += 16) {
+        __m512 gv = _mm512_loadu_ps(g + i);
+        __m512 den = _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
+        _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_div_ps(gv, den), _mm512_loadu_ps(u + i)));
+    }
+#endif
     for (; i + 8 <= n; i += 8) {
         __m256 gv = _mm256_loadu_ps(g + i);
         __m256 den = _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)));
@@ -948,9 +994,10 @@ static void barrier_wait(SpinBarrier *b, int nt, int *local_sense) {
    query heads at a time (`weigh_tile`). Row by row, each row read its K and V again: a 512-token prompt's
    attention cost about what its products did. The arithmetic is float32 throughout, as the row path's. */
 #define TILED_FROM 8
-#define TILE_ROWS 4
+#define TILE_ROWS 8
 #define TILE_KEYS 16  /* a panel of keys */
 #define WEIGH_KEYS 64 /* keys whose values are weighed for every query of a tile while they are in L1 */
+#define KEY_RUN 512   /* keys scored, weighed and folded into the running softmax at a time */
 
 typedef struct {
     int64_t row, rows, table, p0, ctxpad; /* rows row .. row + rows - 1 at positions p0 .., table row_tables[row] */
@@ -1040,62 +1087,81 @@ static inline __attribute__((always_inline)) void weigh_tile(const float *const 
 }
 
 /* Rows [i0, i1) of chunk c (i1 - i0 <= TILE_ROWS), KV head kh: their query heads' attention output into attn
-   (rows of nh * D), from qkv (rows of qkv_n). s: TILE_ROWS * per_kv * ctxpad floats. */
+   (rows of nh * D), from qkv (rows of qkv_n). The keys go in runs of KEY_RUN with a running maximum and sum per
+   query (flash attention's online softmax): a run's scores (s: TILE_ROWS * per_kv * KEY_RUN floats) and its
+   keys and values stay in L1/L2 however long the context. */
 static void attend_tile(const Net *net, const Chunk *c, int64_t kh, int64_t i0, int64_t i1, const float *qkv,
                         int64_t qkv_n, float *attn, float *s) {
     const int64_t D = net->head_dim, nh = net->num_heads, per_kv = nh / net->num_kv_heads;
     const float *kt = c->wide + kh * 2 * D * c->ctxpad, *v = kt + D * c->ctxpad;
     const int64_t nq = (i1 - i0) * per_kv, n = c->p0 + i1; /* the tile's keys: up to its last row's */
-    const int64_t npad = (n + TILE_KEYS - 1) / TILE_KEYS * TILE_KEYS;
-    float qi[D * nq], inv[nq];
+    float qi[D * nq], top[nq], total[nq];
     float *o[nq], *sp[nq];
+    int64_t seen[nq];
     for (int64_t i = i0; i < i1; i++)
         for (int64_t j = 0; j < per_kv; j++) {
             const int64_t m = (i - i0) * per_kv + j, head = kh * per_kv + j;
             const float *q = qkv + (c->row + i) * qkv_n + head * D;
             for (int64_t d = 0; d < D; d++) qi[d * nq + m] = q[d];
             o[m] = attn + (c->row + i) * nh * D + head * D;
-            sp[m] = s + m * npad;
+            memset(o[m], 0, D * sizeof(float));
+            sp[m] = s + m * KEY_RUN;
+            seen[m] = c->p0 + i + 1; /* row i sees the keys up to its own position */
+            top[m] = -INFINITY, total[m] = 0.f;
         }
-    for (int64_t t0 = 0; t0 < npad; t0 += TILE_KEYS) /* each panel of keys for every query while in L1 */
-        for (int64_t m0 = 0; m0 < nq; m0 += TILE_QUERIES) {
-            const int mq = nq - m0 < TILE_QUERIES ? nq - m0 : TILE_QUERIES;
-            const float *panel = kt + t0 * D;
-            if (mq == TILE_QUERIES) score_tile(qi + m0, nq, TILE_QUERIES, panel, D, s + m0 * npad + t0, npad, net->scale);
-            else if (mq == 3) score_tile(qi + m0, nq, 3, panel, D, s + m0 * npad + t0, npad, net->scale);
-            else
-                for (int m = 0; m < mq; m++)
-                    score_tile(qi + m0 + m, nq, 1, panel, D, s + (m0 + m) * npad + t0, npad, net->scale);
-        }
-    for (int64_t m = 0; m < nq; m++) { /* row i sees p0 + i + 1 keys; the rest weigh 0 */
-        const int64_t seen = c->p0 + i0 + m / per_kv + 1;
-        const float mx = max_of(sp[m], seen);
-        inv[m] = 1.f / exp_shifted(sp[m], seen, mx);
-        memset(sp[m] + seen, 0, (npad - seen) * sizeof(float));
-        memset(o[m], 0, D * sizeof(float));
-    }
-    for (int64_t t0 = 0; t0 < n; t0 += WEIGH_KEYS) { /* each run of values for every query while in L1 */
-        const int64_t len = n - t0 < WEIGH_KEYS ? n - t0 : WEIGH_KEYS;
-        const float *vt = v + t0 * D;
-        for (int64_t m0 = 0; m0 < nq; m0 += WEIGH_QUERIES) {
-            const int mq = nq - m0 < WEIGH_QUERIES ? nq - m0 : WEIGH_QUERIES;
-            const float *p[WEIGH_QUERIES];
-            for (int m = 0; m < mq; m++) p[m] = sp[m0 + m] + t0;
-            int64_t d0 = 0;
-            for (; d0 + 4 * VW <= D; d0 += 4 * VW) {
-                if (mq == WEIGH_QUERIES) weigh_tile(p, WEIGH_QUERIES, vt, D, d0, 4, len, o + m0);
-                else if (mq == 3) weigh_tile(p, 3, vt, D, d0, 4, len, o + m0);
-                else for (int m = 0; m < mq; m++) weigh_tile(p + m, 1, vt, D, d0, 4, len, o + m0 + m);
+    for (int64_t r0 = 0; r0 < n; r0 += KEY_RUN) {
+        const int64_t len = n - r0 < KEY_RUN ? n - r0 : KEY_RUN, lpad = (len + TILE_KEYS - 1) / TILE_KEYS * TILE_KEYS;
+        for (int64_t t0 = 0; t0 < lpad; t0 += TILE_KEYS) /* each panel of keys for every query while in L1 */
+            for (int64_t m0 = 0; m0 < nq; m0 += TILE_QUERIES) {
+                const int mq = nq - m0 < TILE_QUERIES ? nq - m0 : TILE_QUERIES;
+                const float *panel = kt + (r0 + t0) * D;
+                if (mq == TILE_QUERIES) score_tile(qi + m0, nq, TILE_QUERIES, panel, D, s + m0 * KEY_RUN + t0, KEY_RUN, net->scale);
+                else if (mq == 3) score_tile(qi + m0, nq, 3, panel, D, s + m0 * KEY_RUN + t0, KEY_RUN, net->scale);
+                else
+                    for (int m = 0; m < mq; m++)
+                        score_tile(qi + m0 + m, nq, 1, panel, D, s + (m0 + m) * KEY_RUN + t0, KEY_RUN, net->scale);
             }
-            for (; d0 + VW <= D; d0 += VW)
-                for (int m = 0; m < mq; m++) weigh_tile(p + m, 1, vt, D, d0, 1, len, o + m0 + m);
-            for (; d0 < D; d0++) /* a head of 8 (mod 16) dimensions with AVX-512: the last 8 one by one */
-                for (int m = 0; m < mq; m++)
-                    for (int64_t t = 0; t < len; t++) o[m0 + m][d0] += p[m][t] * vt[t * D + d0];
+        for (int64_t m = 0; m < nq; m++) { /* the run's weights, against the largest score so far */
+            const int64_t mine = seen[m] - r0 < len ? seen[m] - r0 : len; /* >= 1: a run starts below the last row */
+            if (mine <= 0) {
+                memset(sp[m], 0, len * sizeof(float));
+                continue;
+            }
+            const float run_top = max_of(sp[m], mine), now = run_top > top[m] ? run_top : top[m];
+            if (now > top[m] && total[m] > 0.f) { /* earlier runs weighed against a smaller maximum */
+                const float f = expf(top[m] - now);
+                total[m] *= f;
+                for (int64_t d = 0; d < D; d++) o[m][d] *= f;
+            }
+            top[m] = now;
+            total[m] += exp_shifted_wide(sp[m], mine, now);
+            memset(sp[m] + mine, 0, (len - mine) * sizeof(float));
+        }
+        for (int64_t t0 = 0; t0 < len; t0 += WEIGH_KEYS) { /* each run of values for every query while in L1 */
+            const int64_t wl = len - t0 < WEIGH_KEYS ? len - t0 : WEIGH_KEYS;
+            const float *vt = v + (r0 + t0) * D;
+            for (int64_t m0 = 0; m0 < nq; m0 += WEIGH_QUERIES) {
+                const int mq = nq - m0 < WEIGH_QUERIES ? nq - m0 : WEIGH_QUERIES;
+                const float *p[WEIGH_QUERIES];
+                for (int m = 0; m < mq; m++) p[m] = sp[m0 + m] + t0;
+                int64_t d0 = 0;
+                for (; d0 + 4 * VW <= D; d0 += 4 * VW) {
+                    if (mq == WEIGH_QUERIES) weigh_tile(p, WEIGH_QUERIES, vt, D, d0, 4, wl, o + m0);
+                    else if (mq == 3) weigh_tile(p, 3, vt, D, d0, 4, wl, o + m0);
+                    else for (int m = 0; m < mq; m++) weigh_tile(p + m, 1, vt, D, d0, 4, wl, o + m0 + m);
+                }
+                for (; d0 + VW <= D; d0 += VW)
+                    for (int m = 0; m < mq; m++) weigh_tile(p + m, 1, vt, D, d0, 1, wl, o + m0 + m);
+                for (; d0 < D; d0++) /* a head of 8 (mod 16) dimensions with AVX-512: the last 8 one by one */
+                    for (int m = 0; m < mq; m++)
+                        for (int64_t t = 0; t < wl; t++) o[m0 + m][d0] += p[m][t] * vt[t * D + d0];
+            }
         }
     }
-    for (int64_t m = 0; m < nq; m++)
-        for (int64_t d = 0; d < D; d++) o[m][d] *= inv[m];
+    for (int64_t m = 0; m < nq; m++) {
+        const float inv = 1.f / total[m];
+        for (int64_t d = 0; d < D; d++) o[m][d] *= inv;
+    }
 }
 
 /* [a, b): this thread's share of n items. */
@@ -1136,7 +1202,7 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
        sums of their tiles (every KV head's), after the row items */
     Chunk *chunks = malloc((rows / TILED_FROM + 1) * sizeof(Chunk));
     int64_t *tile_start = malloc((rows / TILED_FROM + 2) * sizeof(int64_t));
-    int64_t n_chunks = 0, wide_floats = 0, max_pad = 0;
+    int64_t n_chunks = 0, wide_floats = 0;
     if (!chunks || !tile_start) {
         free(item_start); free(part_base); free(chunks); free(tile_start);
         return -1;
@@ -1150,13 +1216,12 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
             c->row = r, c->rows = e - r, c->table = row_tables[r], c->p0 = positions[r];
             c->ctxpad = (c->p0 + c->rows + TILE_KEYS - 1) / TILE_KEYS * TILE_KEYS;
             wide_floats += nkv * 2 * D * c->ctxpad;
-            max_pad = c->ctxpad > max_pad ? c->ctxpad : max_pad;
             tile_start[n_chunks] = tile_start[n_chunks - 1] + nkv * ((c->rows + TILE_ROWS - 1) / TILE_ROWS);
         }
     }
     float *wide = calloc(wide_floats + 1, sizeof(float)); /* the chunks' widened K/V; padding keys stay 0 */
     for (int64_t i = 0, at = 0; i < n_chunks; at += nkv * 2 * D * chunks[i].ctxpad, i++) chunks[i].wide = wide + at;
-    float *tile_scores = malloc(((size_t)threads * TILE_ROWS * per_kv * max_pad + 1) * sizeof(float));
+    float *tile_scores = malloc(((size_t)(n_chunks ? threads : 0) * TILE_ROWS * per_kv * KEY_RUN + 1) * sizeof(float));
     item_start[0] = part_base[0] = 0;
     for (int64_t r = 0, ci = 0; r < rows; r++) {
         const int tiled = ci < n_chunks && r >= chunks[ci].row;
@@ -1243,7 +1308,7 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
                    head) with the KV head's query heads together, or per (row, query head) when there are too few
                    rows for the threads to share evenly; a long context per (row, part), merged below */
                 float *sc = scores + (int64_t)t * nh * max_ctx;
-                float *ts = tile_scores + (int64_t)t * TILE_ROWS * per_kv * max_pad;
+                float *ts = tile_scores + (int64_t)t * TILE_ROWS * per_kv * KEY_RUN;
                 for (int64_t it, r = 0, ci = 0;
                      (it = __atomic_fetch_add(items_taken + l * COUNTER_STRIDE, 1, __ATOMIC_RELAXED)) < all_items;) {
                     if (it >= row_items) { /* a tile: KV head by KV head (its K and V stay in L2), the chunk's
@@ -1300,7 +1365,7 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
                     for (int64_t r = r0; r < r1; r++) {
                         const float *g = gu + r * 2 * I, *u = g + I;
                         float *a = x + r * I;
-                        silu_mul(g, u, I, a);
+                        silu_mul(g, u, I, a, n_chunks > 0);
                         quantize_groups(a, I, 0, I / GROUP, &q, r);
                     }
                 } else {
@@ -1309,7 +1374,7 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
                     for (int64_t r = 0; r < rows; r++) {
                         const float *g = gu + r * 2 * I, *u = g + I;
                         float *a = x + r * I;
-                        silu_mul(g + g0 * GROUP, u + g0 * GROUP, (g1 - g0) * GROUP, a + g0 * GROUP);
+                        silu_mul(g + g0 * GROUP, u + g0 * GROUP, (g1 - g0) * GROUP, a + g0 * GROUP, n_chunks > 0);
                         quantize_groups(a, I, g0, g1, &q, r);
                     }
                 }
