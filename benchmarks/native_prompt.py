@@ -2,8 +2,8 @@
 
 For each case (a fresh prompt of N tokens, or a chunk of N tokens after C cached ones) one step of the default model
 runs both ways from the same KV, alternated over rounds: ``ModelRunner.forward_native`` (every layer in one native
-call; each prompt token attends to its own context row by row) and ``prepare`` + ``LlamaModel.forward`` (layer by
-layer, PyTorch's flash attention over the chunk). Prints each side's median and native/layer-by-layer, and which
+call; the chunk's tokens attend by tiles of rows, kernels.c ``attend_tile``) and ``prepare`` + ``LlamaModel.forward``
+(layer by layer, PyTorch's attention over the chunk). Prints each side's median and native/layer-by-layer, and which
 one ``ModelRunner.forward`` picks (``runner.native_suits``: the native step, but without AMX only for few prompt
 rows).
 
@@ -26,7 +26,7 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="model path (default: the built-in default model)")
     ap.add_argument("--cases", default="8,51,128,256,512,512@512,512@2048",
                     help="N (a fresh prompt) or N@C (N tokens after C cached), comma-separated")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="steps each way, alternated (default: 5)")
     ns = ap.parse_args()
     import torch
 
