@@ -340,7 +340,8 @@ def test_switched_off_the_4bit_layers_run_on_pytorchs_kernel(monkeypatch):
     [(7, 1), (30, 1), (0, 6), (11, 17)],  # two decode rows, a prompt, a chunk
     [(500, 24), (3, 1)],  # rows of contexts 501-524 (from 512: parts), beside a decode row
     [(0, 40)],  # a prompt of more rows than go to the layer-by-layer path's BLAS without AMX (so: AMX only)
-], ids=["prompt", "chunk", "mixed", "long", "40-rows"])
+    [(600, 100)],  # tiles of more rows than 8; contexts of 601-700 keys: two runs of the running softmax (AMX only)
+], ids=["prompt", "chunk", "mixed", "long", "40-rows", "100-rows"])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("block_size,head_dim", [(4, 32), (16, 64), (8, 24)])  # 24: a tail of 8 (AVX-512: of 16)
 @pytest.mark.parametrize("amx", [False, pytest.param(True, marks=needs_amx)], ids=["tiles", "amx"])
@@ -400,3 +401,26 @@ def test_without_amx_only_steps_of_few_prompt_rows_are_native(amx_rows):
     assert not native_suits([req(0, 32)], max_prompt_rows=31)
     _, _, runner = tiny_4bit_engine(False)  # made with the AMX products off
     assert not runner.native.amx and runner.native_prompt_rows == wide_products()[1] - 1
+
+
+def test_a_prompt_step_is_the_same_bits_on_any_number_of_threads(monkeypatch):
+    """The threads change how many rows a tile takes (kernels.c tile_rows_of: 8 to 32 here) and who takes which;
+    each query's scores, running softmax and weighed values are computed the same way in any tile."""
+    from tokenworks.engine.scheduler_output import ScheduledRequest
+    from tokenworks.sampling_params import SamplingParams
+
+    model, kv, runner = tiny_4bit_engine(False, 16, 64, 60)
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 300, (700,), generator=gen).tolist()
+    blocks = list(range(1, 45))
+    params = SamplingParams(temperature=0)
+    runner.forward_native([ScheduledRequest("r", ids[:600], 0, blocks, False, params, ids[:600], [])])
+    sched = [ScheduledRequest("r", ids[600:], 600, blocks, True, params, ids, [])]
+    start, outputs = kv.tensor.clone(), {}
+    for threads in (1, 2, 3, 8):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        kv.tensor.copy_(start)
+        outputs[threads] = (runner.forward_native(sched)[1], kv.tensor.clone())
+    assert outputs[1][0].abs().sum() > 0
+    for threads, (hidden, pool) in outputs.items():
+        assert torch.equal(hidden, outputs[1][0]) and torch.equal(pool, outputs[1][1]), threads
