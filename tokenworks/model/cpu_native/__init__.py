@@ -1,4 +1,4 @@
-"""Native CPU kernels: 4-bit matrix products and a fused decode step, compiled on the machine that runs them.
+"""Native CPU kernels: 4-bit matrix products and a fused step, compiled on the machine that runs them.
 
 ``kernels.c`` is built once per machine with the system's C compiler (``cc -O3 -march=native -fopenmp``, about
 a second) into the cache folder, keyed by the source, the flags and the CPU, and loaded with ctypes. It needs

@@ -1,4 +1,5 @@
-/* tokenworks' native CPU kernels: 4-bit matrix products and a whole decode step of the Llama family.
+/* tokenworks' native CPU kernels: 4-bit matrix products and a whole step (decode rows and prompt chunks) of the
+   Llama family.
 
    Built on the machine that runs it (cc -O3 -march=native -fopenmp; see __init__.py) and called through
    ctypes. AVX2 + FMA are required (the Python side checks before building).
@@ -671,7 +672,7 @@ int tw_q8_matmul(const Q8Mat *w, const float *x, int64_t rows, float *y, int thr
     return 0;
 }
 
-/* -- the decode step --------------------------------------------------------------------------- */
+/* -- the step ---------------------------------------------------------------------------------- */
 
 static void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out) {
     float s = 0.f;
@@ -961,7 +962,7 @@ static void merge_parts(const float *o, int64_t o_stride, const float *m, const 
     }
 }
 
-/* A barrier that spins: a decode step crosses several per layer, each after a few microseconds of work, and
+/* A barrier that spins: a step crosses several per layer, each after a few microseconds of work, and
    an OpenMP barrier whose threads fall asleep costs tens of microseconds to wake. A thread that has spun for
    some tens of microseconds yields its core at each look (another process may hold the core the thread it
    waits for needs). */
