@@ -334,17 +334,25 @@ def test_switched_off_the_4bit_layers_run_on_pytorchs_kernel(monkeypatch):
 # Prompt rows in the native step: each token attends to the tokens before it, written in the same step. Chunks
 # that start at 0 or after cached tokens, beside decode rows; 8 rows or more attend by tiles (a prompt of 6 rows
 # and the decode rows row by row, contexts from 512 tokens in parts).
-@pytest.mark.parametrize("case", [
-    [(0, 13)],  # a fresh prompt
-    [(20, 9)],  # a chunk after 20 cached tokens
-    [(7, 1), (30, 1), (0, 6), (11, 17)],  # two decode rows, a prompt, a chunk
-    [(500, 24), (3, 1)],  # rows of contexts 501-524 (from 512: parts), beside a decode row
-    [(0, 40)],  # a prompt of more rows than go to the layer-by-layer path's BLAS without AMX (so: AMX only)
-    [(600, 100)],  # tiles of more rows than 8; contexts of 601-700 keys: two runs of the running softmax (AMX only)
-], ids=["prompt", "chunk", "mixed", "long", "40-rows", "100-rows"])
+PROMPT_CASES = {
+    "prompt": [(0, 13)],  # a fresh prompt
+    "chunk": [(20, 9)],  # a chunk after 20 cached tokens
+    "mixed": [(7, 1), (30, 1), (0, 6), (11, 17)],  # two decode rows, a prompt, a chunk
+    "long": [(500, 24), (3, 1)],  # rows of contexts 501-524 (from 512: parts), beside a decode row
+}
+# More prompt rows than the layer-by-layer path multiplies on the native tiles without AMX (from 32 it goes to
+# PyTorch's BLAS in bfloat16: other arithmetic), so with AMX only.
+AMX_PROMPT_CASES = {
+    "40-rows": [(0, 40)],
+    "100-rows": [(600, 100)],  # tiles of more rows than 8; contexts of 601-700 keys: two runs of the running softmax
+}
+
+
+@pytest.mark.parametrize("amx,case", [pytest.param(False, c, id=f"tiles-{k}") for k, c in PROMPT_CASES.items()]
+                         + [pytest.param(True, c, id=f"amx-{k}", marks=needs_amx)
+                            for k, c in {**PROMPT_CASES, **AMX_PROMPT_CASES}.items()])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 @pytest.mark.parametrize("block_size,head_dim", [(4, 32), (16, 64), (8, 24)])  # 24: a tail of 8 (AVX-512: of 16)
-@pytest.mark.parametrize("amx", [False, pytest.param(True, marks=needs_amx)], ids=["tiles", "amx"])
 def test_native_step_runs_prompt_chunks_as_the_layer_by_layer_path(amx_rows, amx, case, kv_dtype, block_size,
                                                                     head_dim):
     """``case``: (cached tokens, new tokens) per sequence. The layer-by-layer path attends a fresh prompt to its
@@ -353,8 +361,6 @@ def test_native_step_runs_prompt_chunks_as_the_layer_by_layer_path(amx_rows, amx
     from tokenworks.engine.scheduler_output import ScheduledRequest
     from tokenworks.sampling_params import SamplingParams
 
-    if sum(n for _, n in case) >= 32 and not amx:
-        pytest.skip("the layer-by-layer path multiplies 32+ rows on PyTorch's BLAS: other arithmetic")
     amx_rows(4 if amx else 0)
     num_blocks = sum(-(-(a + n) // block_size) for a, n in case) + 4
     model, kv, runner = tiny_4bit_engine(False, block_size, head_dim, num_blocks, kv_dtype)
