@@ -301,16 +301,25 @@ def check_fused_decode_steps(qk_norm: bool, block_size: int, head_dim: int, lens
     for step in range(3):  # three decode steps of all four rows: fused vs layer by layer from the same KV
         sched = [ScheduledRequest(r, [ids[n + step]], n + step, blocks, True, params, ids[: n + step + 1], [])
                  for (r, ids, blocks), n in zip(seqs, lens)]
-        before = kv.tensor.clone()
-        order, ids_t, pos, meta, _ = runner.prepare(sched)
-        eager = model.forward(ids_t, pos, kv, meta)
-        eager_kv = kv.tensor.clone()
-        kv.tensor.copy_(before)
-        order2, fused, _ = runner.forward(sched)  # decode-only: the fused native step
-        assert [s.request_id for s in order2] == [s.request_id for s in order]
+        eager, eager_kv, fused = both_paths(runner, sched, runner.forward)  # decode-only: the fused native step
         assert (fused - eager).abs().max() < tolerance * eager.abs().max()
         written = (kv.tensor.float() - eager_kv.float()).abs().max()
         assert written < tolerance * eager_kv.float().abs().max()  # the same K/V written
+
+
+def both_paths(runner, sched, native_forward):
+    """One step from the same KV both ways: the layer-by-layer path's final hidden states and the KV pool it
+    leaves, then ``native_forward``'s hidden states (its pool is then ``runner.kv.tensor``), after checking that
+    both order the rows the same and sample the same rows."""
+    kv = runner.kv
+    before = kv.tensor.clone()
+    order, ids_t, pos, meta, sample_rows = runner.prepare(sched)
+    eager = runner.model.forward(ids_t, pos, kv, meta)
+    eager_kv = kv.tensor.clone()
+    kv.tensor.copy_(before)
+    order2, native, sample_rows2 = native_forward(sched)
+    assert [s.request_id for s in order2] == [s.request_id for s in order] and sample_rows2 == sample_rows
+    return eager, eager_kv, native
 
 
 def test_loading_the_kernels_leaves_the_process_floating_point_mode_alone():
@@ -376,13 +385,7 @@ def test_native_step_runs_prompt_chunks_as_the_layer_by_layer_path(amx_rows, amx
     order, ids_t, pos, meta, _ = runner.prepare(prefix)
     model.forward(ids_t, pos, kv, meta)  # the cached tokens' K/V, layer by layer
     sched = [ScheduledRequest(r, ids[c:], c, blocks, True, params, ids, []) for r, ids, blocks, c in seqs]
-    before = kv.tensor.clone()
-    order, ids_t, pos, meta, sample_rows = runner.prepare(sched)
-    eager = model.forward(ids_t, pos, kv, meta)
-    eager_kv = kv.tensor.clone()
-    kv.tensor.copy_(before)
-    order2, native, sample_rows2 = runner.forward_native(sched)
-    assert [s.request_id for s in order2] == [s.request_id for s in order] and sample_rows2 == sample_rows
+    eager, eager_kv, native = both_paths(runner, sched, runner.forward_native)
     tolerance = 2e-2 if amx else 1e-4 if kv_dtype == torch.float32 else 3e-3  # AMX: 2^-8 from a bit, 3 layers on
     assert native.shape == eager.shape
     assert ((native - eager).abs().amax(1) < tolerance * eager.abs().amax(1)).all()  # every row
