@@ -31,8 +31,8 @@ import torch
 
 from tokenworks.config import default_cache_dir
 
-SOURCE = os.path.join(os.path.dirname(__file__), "kernels.c")  # it includes amx.c
-SOURCES = (SOURCE, os.path.join(os.path.dirname(__file__), "amx.c"))
+SOURCE = os.path.join(os.path.dirname(__file__), "kernels.c")  # it includes amx.c and amx_attention.c
+SOURCES = (SOURCE, *(os.path.join(os.path.dirname(__file__), f) for f in ("amx.c", "amx_attention.c")))
 # Products of this many activation rows or more run on AMX where the CPU has it (amx.c); 0 turns AMX off.
 AMX_ROWS_ENV = "TOKENWORKS_AMX_ROWS"
 AMX_ROWS = 4

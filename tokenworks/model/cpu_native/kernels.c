@@ -1011,9 +1011,9 @@ typedef struct {
 
 /* Rows per tile for a chunk of `rows`: as many as TILE_ROWS while every thread still gets four tiles or more (of
    all KV heads), never fewer than TILED_FROM; a multiple of 8. */
-static int64_t tile_rows_of(int64_t rows, int64_t nkv, int threads) {
+static int64_t tile_rows_of(int64_t rows, int64_t nkv, int threads, int64_t step) {
     int64_t tr = TILE_ROWS;
-    while (tr > TILED_FROM && nkv * ((rows + tr - 1) / tr) < 4 * threads) tr -= 8;
+    while (tr > TILED_FROM && tr > step && nkv * ((rows + tr - 1) / tr) < 4 * threads) tr -= step;
     return tr;
 }
 
@@ -1177,6 +1177,8 @@ static void attend_tile(const Net *net, const Chunk *c, int64_t kh, int64_t i0, 
     }
 }
 
+#include "amx_attention.c"
+
 /* [a, b): this thread's share of n items. */
 static void split(int64_t n, int t, int nt, int64_t *a, int64_t *b) {
     *a = n * t / nt;
@@ -1211,6 +1213,13 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
         free(item_start); free(part_base);
         return -1;
     }
+    int amx = 1;
+    for (int64_t l = 0; l < net->num_layers; l++) {
+        const Layer *L = &net->layers[l];
+        amx = amx && use_amx(L->qkv.panels, rows) && use_amx(L->o.panels, rows) && use_amx(L->gate_up.panels, rows)
+              && use_amx(L->down.panels, rows);
+    }
+    const int amx_attn = TW_AMX && amx && D % 32 == 0; /* the chunks' attention on AMX tiles (amx_attention.c) */
     /* prompt chunks of TILED_FROM rows or more attend by tiles (their rows get no row items); tile_start: prefix
        sums of their tiles (every KV head's), after the row items */
     Chunk *chunks = malloc((rows / TILED_FROM + 1) * sizeof(Chunk));
@@ -1220,6 +1229,8 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
         free(item_start); free(part_base); free(chunks); free(tile_start);
         return -1;
     }
+    /* on AMX a tile's query heads fill whole A tiles of 16 rows */
+    const int64_t low_bit = per_kv & -per_kv, tile_step = amx_attn && low_bit < 2 ? 16 : 8;
     tile_start[0] = 0;
     for (int64_t r = 0, e; r < rows; r = e) {
         for (e = r + 1; e < rows && row_tables[e] == row_tables[r] && positions[e] == positions[e - 1] + 1
@@ -1227,15 +1238,15 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
         if (e - r >= TILED_FROM && context_lens[r] == positions[r] + 1) {
             Chunk *c = &chunks[n_chunks++];
             c->row = r, c->rows = e - r, c->table = row_tables[r], c->p0 = positions[r];
-            c->ctxpad = (c->p0 + c->rows + TILE_KEYS - 1) / TILE_KEYS * TILE_KEYS;
+            c->ctxpad = (c->p0 + c->rows + 31) / 32 * 32; /* whole panels of keys (16), or AMX's slices (32) */
             wide_floats += nkv * 2 * D * c->ctxpad;
-            c->tile_rows = tile_rows_of(c->rows, nkv, threads);
+            c->tile_rows = tile_rows_of(c->rows, nkv, threads, tile_step);
             tile_start[n_chunks] = tile_start[n_chunks - 1] + nkv * ((c->rows + c->tile_rows - 1) / c->tile_rows);
         }
     }
     float *wide = calloc(wide_floats + 1, sizeof(float)); /* the chunks' widened K/V; padding keys stay 0 */
     for (int64_t i = 0, at = 0; i < n_chunks; at += nkv * 2 * D * chunks[i].ctxpad, i++) chunks[i].wide = wide + at;
-    float *tile_scores = malloc(((size_t)(n_chunks ? threads : 0) * TILE_ROWS * per_kv * KEY_RUN + 1) * sizeof(float));
+
     item_start[0] = part_base[0] = 0;
     for (int64_t r = 0, ci = 0; r < rows; r++) {
         const int tiled = ci < n_chunks && r >= chunks[ci].row;
@@ -1253,12 +1264,9 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
     float *gu = malloc(rows * 2 * I * sizeof(float));
     float *proj = malloc(rows * H * sizeof(float));
     float *scores = malloc((size_t)threads * nh * max_ctx * sizeof(float));
-    int amx = 1;
-    for (int64_t l = 0; l < net->num_layers; l++) {
-        const Layer *L = &net->layers[l];
-        amx = amx && use_amx(L->qkv.panels, rows) && use_amx(L->o.panels, rows) && use_amx(L->gate_up.panels, rows)
-              && use_amx(L->down.panels, rows);
-    }
+    /* a thread's scratch for the tiles: a key run's scores (and on AMX the weights, hi and lo, as bfloat16) */
+    const size_t tile_scratch = (size_t)TILE_ROWS * per_kv * KEY_RUN * (amx_attn ? 4 : 2) / 2;
+    float *tile_scores = malloc(((n_chunks ? threads : 0) * tile_scratch + 1) * sizeof(float));
     QAct q;
     const int have_q = qact_alloc(rows, kmax, threads, amx, &q);
     SpinBarrier bar = {0, 0};
@@ -1303,17 +1311,21 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
                     }
                 }
                 barrier_wait(&bar, nt, &sense);
-                if (n_chunks) { /* the prompt chunks' K/V widened, in runs of 64 tokens per chunk and KV head */
+                if (n_chunks) { /* the prompt chunks' K/V widened, in runs of 64 tokens per chunk (and KV head, but
+                                   on AMX every head at once) */
+                    const int64_t heads = amx_attn ? 1 : nkv;
                     int64_t runs = 0;
-                    for (int64_t ci = 0; ci < n_chunks; ci++) runs += nkv * ((chunks[ci].p0 + chunks[ci].rows + 63) / 64);
+                    for (int64_t ci = 0; ci < n_chunks; ci++) runs += heads * ((chunks[ci].p0 + chunks[ci].rows + 63) / 64);
                     split(runs, t, nt, &i0, &i1);
                     for (int64_t ci = 0, at = 0; ci < n_chunks && at < i1; ci++) {
                         const Chunk *c = &chunks[ci];
+                        const int32_t *table = tables + c->table * table_width;
                         const int64_t ctx = c->p0 + c->rows, per_head = (ctx + 63) / 64;
-                        for (int64_t k = 0; k < nkv * per_head; k++, at++) {
+                        for (int64_t k = 0; k < heads * per_head; k++, at++) {
                             if (at < i0 || at >= i1) continue;
                             const int64_t t0 = k % per_head * 64, t1 = t0 + 64 < ctx ? t0 + 64 : ctx;
-                            widen_chunk(net, l, c, tables + c->table * table_width, k / per_head, t0, t1);
+                            if (amx_attn) widen_chunk_amx(net, l, c, table, t0, t1);
+                            else widen_chunk(net, l, c, table, k / per_head, t0, t1);
                         }
                     }
                     barrier_wait(&bar, nt, &sense);
@@ -1322,7 +1334,7 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
                    head) with the KV head's query heads together, or per (row, query head) when there are too few
                    rows for the threads to share evenly; a long context per (row, part), merged below */
                 float *sc = scores + (int64_t)t * nh * max_ctx;
-                float *ts = tile_scores + (int64_t)t * TILE_ROWS * per_kv * KEY_RUN;
+                float *ts = tile_scores + t * tile_scratch;
                 for (int64_t it, r = 0, ci = 0;
                      (it = __atomic_fetch_add(items_taken + l * COUNTER_STRIDE, 1, __ATOMIC_RELAXED)) < all_items;) {
                     if (it >= row_items) { /* a tile: KV head by KV head (its K and V stay in L2), the chunk's
@@ -1332,8 +1344,9 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
                         const Chunk *c = &chunks[ci];
                         const int64_t tr = c->tile_rows, local = k - tile_start[ci], tiles = (c->rows + tr - 1) / tr;
                         const int64_t tile = tiles - 1 - local % tiles, i0t = tile * tr;
-                        attend_tile(net, c, local / tiles, i0t, i0t + tr < c->rows ? i0t + tr : c->rows,
-                                    qkv, qkv_n, attn, ts);
+                        (amx_attn ? attend_tile_amx : attend_tile)(net, c, local / tiles, i0t,
+                                                                   i0t + tr < c->rows ? i0t + tr : c->rows, qkv,
+                                                                   qkv_n, attn, ts);
                         continue;
                     }
                     while (item_start[r + 1] <= it) r++;  /* a thread's items come in increasing order */
