@@ -354,7 +354,11 @@ PROMPT_CASES = {
 AMX_PROMPT_CASES = {
     "40-rows": [(0, 40)],
     "100-rows": [(600, 100)],  # tiles of more rows than 8; contexts of 601-700 keys: two runs of the running softmax
+    "300-rows": [(0, 300)],  # a fresh prompt long enough to attend on AMX tiles (kernels.c AMX_ATTENTION_FROM)
 }
+# Chunks that attend on AMX tiles (contexts of 256 tokens or more): many tiles, two runs, a 9-row chunk (27 query
+# heads of 3 per KV head: an A tile and a part)
+AMX_ATTENTION_CASES = {k: AMX_PROMPT_CASES[k] for k in ("100-rows", "300-rows")} | {"9-rows": [(250, 9)]}
 
 
 @pytest.mark.parametrize("amx,case", [pytest.param(False, c, id=f"tiles-{k}") for k, c in PROMPT_CASES.items()]
@@ -374,7 +378,7 @@ def test_native_step_runs_prompt_chunks_as_the_layer_by_layer_path(amx_rows, amx
 
 
 @needs_amx
-@pytest.mark.parametrize("case", list(AMX_PROMPT_CASES.values()), ids=list(AMX_PROMPT_CASES))
+@pytest.mark.parametrize("case", list(AMX_ATTENTION_CASES.values()), ids=list(AMX_ATTENTION_CASES))
 @pytest.mark.parametrize("heads", [(9, 3), (4, 4), (8, 2)], ids=["groups-of-3", "groups-of-1", "groups-of-4"])
 def test_amx_prompt_tiles_fill_whole_tiles_for_any_group_of_query_heads(amx_rows, case, heads):
     """A tile's query heads go 16 to an AMX tile: 3 per KV head (the default model's) gives tiles of 16 or 32 rows

@@ -1001,11 +1001,16 @@ static void barrier_wait(SpinBarrier *b, int nt, int *local_sense) {
 #define TILE_ROWS 32
 #define TILE_KEYS 16  /* a panel of keys */
 #define WEIGH_KEYS 64 /* keys whose values are weighed for every query of a tile while they are in L1 */
+/* A chunk whose context reaches this many tokens attends on AMX tiles where the products are AMX's (shorter, the
+   float32 tiles were as fast or faster: 2026-11-29, fresh prompts of 128 tokens 1.15x, 256 0.91x, 384 0.85x the
+   float32 tiles' step; 32 tokens after 128 cached 0.97x, after 256 0.94x). */
+#define AMX_ATTENTION_FROM 256
 #define KEY_RUN 512   /* keys scored, weighed and folded into the running softmax at a time */
 
 typedef struct {
     int64_t row, rows, table, p0, ctxpad; /* rows row .. row + rows - 1 at positions p0 .., table row_tables[row] */
     int64_t tile_rows;
+    int amx;                               /* attends on AMX tiles, its K/V widened as they need (amx_attention.c) */
     float *wide;                           /* per KV head: K in panels (ctxpad / 16, D, 16), then V (ctxpad, D) */
 } Chunk;
 
@@ -1219,7 +1224,8 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
         amx = amx && use_amx(L->qkv.panels, rows) && use_amx(L->o.panels, rows) && use_amx(L->gate_up.panels, rows)
               && use_amx(L->down.panels, rows);
     }
-    const int amx_attn = TW_AMX && amx && D % 32 == 0; /* the chunks' attention on AMX tiles (amx_attention.c) */
+    /* a chunk's attention on AMX tiles (amx_attention.c) where the products are and its context is long enough */
+    const int amx_attn = TW_AMX && amx && D % 32 == 0;
     /* prompt chunks of TILED_FROM rows or more attend by tiles (their rows get no row items); tile_start: prefix
        sums of their tiles (every KV head's), after the row items */
     Chunk *chunks = malloc((rows / TILED_FROM + 1) * sizeof(Chunk));
@@ -1230,7 +1236,7 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
         return -1;
     }
     /* on AMX a tile's query heads fill whole A tiles of 16 rows */
-    const int64_t low_bit = per_kv & -per_kv, tile_step = amx_attn && low_bit < 2 ? 16 : 8;
+    const int64_t low_bit = per_kv & -per_kv;
     tile_start[0] = 0;
     for (int64_t r = 0, e; r < rows; r = e) {
         for (e = r + 1; e < rows && row_tables[e] == row_tables[r] && positions[e] == positions[e - 1] + 1
@@ -1240,7 +1246,8 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
             c->row = r, c->rows = e - r, c->table = row_tables[r], c->p0 = positions[r];
             c->ctxpad = (c->p0 + c->rows + 31) / 32 * 32; /* whole panels of keys (16), or AMX's slices (32) */
             wide_floats += nkv * 2 * D * c->ctxpad;
-            c->tile_rows = tile_rows_of(c->rows, nkv, threads, tile_step);
+            c->amx = amx_attn && c->p0 + c->rows >= AMX_ATTENTION_FROM;
+            c->tile_rows = tile_rows_of(c->rows, nkv, threads, c->amx && low_bit < 2 ? 16 : 8);
             tile_start[n_chunks] = tile_start[n_chunks - 1] + nkv * ((c->rows + c->tile_rows - 1) / c->tile_rows);
         }
     }
@@ -1313,18 +1320,18 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
                 barrier_wait(&bar, nt, &sense);
                 if (n_chunks) { /* the prompt chunks' K/V widened, in runs of 64 tokens per chunk (and KV head, but
                                    on AMX every head at once) */
-                    const int64_t heads = amx_attn ? 1 : nkv;
                     int64_t runs = 0;
-                    for (int64_t ci = 0; ci < n_chunks; ci++) runs += heads * ((chunks[ci].p0 + chunks[ci].rows + 63) / 64);
+                    for (int64_t ci = 0; ci < n_chunks; ci++)
+                        runs += (chunks[ci].amx ? 1 : nkv) * ((chunks[ci].p0 + chunks[ci].rows + 63) / 64);
                     split(runs, t, nt, &i0, &i1);
                     for (int64_t ci = 0, at = 0; ci < n_chunks && at < i1; ci++) {
                         const Chunk *c = &chunks[ci];
                         const int32_t *table = tables + c->table * table_width;
                         const int64_t ctx = c->p0 + c->rows, per_head = (ctx + 63) / 64;
-                        for (int64_t k = 0; k < heads * per_head; k++, at++) {
+                        for (int64_t k = 0; k < (c->amx ? 1 : nkv) * per_head; k++, at++) {
                             if (at < i0 || at >= i1) continue;
                             const int64_t t0 = k % per_head * 64, t1 = t0 + 64 < ctx ? t0 + 64 : ctx;
-                            if (amx_attn) widen_chunk_amx(net, l, c, table, t0, t1);
+                            if (c->amx) widen_chunk_amx(net, l, c, table, t0, t1);
                             else widen_chunk(net, l, c, table, k / per_head, t0, t1);
                         }
                     }
@@ -1344,7 +1351,7 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
                         const Chunk *c = &chunks[ci];
                         const int64_t tr = c->tile_rows, local = k - tile_start[ci], tiles = (c->rows + tr - 1) / tr;
                         const int64_t tile = tiles - 1 - local % tiles, i0t = tile * tr;
-                        (amx_attn ? attend_tile_amx : attend_tile)(net, c, local / tiles, i0t,
+                        (c->amx ? attend_tile_amx : attend_tile)(net, c, local / tiles, i0t,
                                                                    i0t + tr < c->rows ? i0t + tr : c->rows, qkv,
                                                                    qkv_n, attn, ts);
                         continue;
