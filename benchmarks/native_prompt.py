@@ -2,7 +2,8 @@
 
 For each case (a fresh prompt of N tokens, or a chunk of N tokens after C cached ones) one step of the default model
 runs both ways from the same KV, alternated over rounds: ``ModelRunner.forward_native`` (every layer in one native
-call; the chunk's tokens attend by tiles of rows, kernels.c ``attend_tile``) and ``prepare`` + ``LlamaModel.forward``
+call; the chunk's tokens attend by tiles of rows, kernels.c ``attend_tile``, or on AMX tiles from 256 tokens of
+context where the CPU has AMX, ``amx_attention.c``) and ``prepare`` + ``LlamaModel.forward``
 (layer by layer, PyTorch's attention over the chunk). Prints each side's median and native/layer-by-layer, and which
 one ``ModelRunner.forward`` picks (``runner.native_suits``: the native step, but without AMX only for few prompt
 rows).

@@ -1002,8 +1002,8 @@ static void barrier_wait(SpinBarrier *b, int nt, int *local_sense) {
 #define TILE_KEYS 16  /* a panel of keys */
 #define WEIGH_KEYS 64 /* keys whose values are weighed for every query of a tile while they are in L1 */
 /* A chunk whose context reaches this many tokens attends on AMX tiles where the products are AMX's (shorter, the
-   float32 tiles were as fast or faster: 2026-11-29, fresh prompts of 128 tokens 1.15x, 256 0.91x, 384 0.85x the
-   float32 tiles' step; 32 tokens after 128 cached 0.97x, after 256 0.94x). */
+   float32 tiles were as fast or faster: 2026-11-29, fresh prompts of 128 tokens 1.14-1.16x, 256 0.90-0.91x, 384
+   0.82-0.84x the float32 tiles' step; 32 tokens after 128 cached 0.94-0.99x, after 256 0.94-0.96x). */
 #define AMX_ATTENTION_FROM 256
 #define KEY_RUN 512   /* keys scored, weighed and folded into the running softmax at a time */
 
