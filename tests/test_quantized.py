@@ -116,3 +116,38 @@ def test_the_4bit_default_model_decodes_the_float32_greedy_tokens(llm, served_ll
         top = llm.generate([prompts[i] + want[i][:j]], SamplingParams(temperature=0, max_tokens=1, logprobs=2))[0]
         (_, _, first), (_, _, second) = top.logprobs[0].top[:2]
         assert first - second < 0.05, (i, j, first, second)
+
+
+@pytest.mark.slow
+def test_the_native_step_keeps_the_layer_by_layer_quality_on_a_long_prompt(served_llm, device):
+    """The quality text three times over (about 900 tokens) as one fresh prompt, through the native step (every
+    layer in one call; where the CPU has AMX its attention on the tiles, in split bfloat16, from 256 tokens of
+    context) and through the layer-by-layer path, each from an empty pool: the same perplexity within 0.1 % and the
+    same top-1 prediction at 99 % of positions. (Measured 2026-11-29: ratio 1.0003, 99.9 %; the float32 tiles
+    before them 1.0001, 99.8 %.)"""
+    from tokenworks import SamplingParams
+    from tokenworks.engine.scheduler_output import ScheduledRequest
+
+    runner = served_llm.loaded.runner
+    if device != "cpu" or runner.native is None:
+        pytest.skip("the native step is the CPU's, with its native kernels")
+    with open(TEXT) as f:
+        ids = (served_llm.tokenizer.encode(f.read()) * 3)[:1000]
+    assert len(ids) > 600 and served_llm.pool.num_used_blocks == 0
+    blocks = list(range(1, 1 + -(-len(ids) // runner.block_size)))
+    sched = [ScheduledRequest("long", ids, 0, blocks, True, SamplingParams(temperature=0), ids, [])]
+    target = torch.tensor(ids[1:])
+    with torch.inference_mode():
+        _, ids_t, pos, meta, _ = runner.prepare(sched)
+        hidden = {"layer by layer": runner.model.forward(ids_t, pos, runner.kv, meta),
+                  "native": runner.forward_native(sched)[1]}
+    served_llm.pool.reset_prefix_cache()  # the blocks written here no longer hold what their hashes say
+    ppl, top1 = {}, {}
+    for name, h in hidden.items():
+        logits = runner.model.logits(h)[:-1].float()
+        ppl[name] = math.exp(torch.nn.functional.cross_entropy(logits, target).item())
+        top1[name] = logits.argmax(-1)
+    agreement = (top1["native"] == top1["layer by layer"]).float().mean().item()
+    print(f"perplexity layer by layer {ppl['layer by layer']:.4f}, native {ppl['native']:.4f}; top-1 {agreement:.1%}")
+    assert abs(ppl["native"] / ppl["layer by layer"] - 1) < 1e-3
+    assert agreement > 0.99
