@@ -996,7 +996,8 @@ static void barrier_wait(SpinBarrier *b, int nt, int *local_sense) {
    context is read (512 tokens after 7,680 cached: tiles of 32 rows took 0.87x the time of tiles of 8), as long as
    there are tiles enough for the threads (`tile_rows_of`). Row by row, each row read its K and V again: a
    512-token prompt's attention cost about what its products did. The arithmetic is float32 throughout, as the row
-   path's. */
+   path's. Where the products run on AMX, a chunk with AMX_ATTENTION_FROM tokens of context or more attends on the
+   tiles instead, with float32's numbers from split bfloat16 products (amx_attention.c, included below). */
 #define TILED_FROM 8
 #define TILE_ROWS 32
 #define TILE_KEYS 16  /* a panel of keys */
@@ -1011,11 +1012,13 @@ typedef struct {
     int64_t row, rows, table, p0, ctxpad; /* rows row .. row + rows - 1 at positions p0 .., table row_tables[row] */
     int64_t tile_rows;
     int amx;                               /* attends on AMX tiles, its K/V widened as they need (amx_attention.c) */
-    float *wide;                           /* per KV head: K in panels (ctxpad / 16, D, 16), then V (ctxpad, D) */
+    float *wide;                           /* per KV head: K in panels (ctxpad / 16, D, 16), then V (ctxpad, D);
+                                              on AMX the layouts of amx_attention.c, as many bytes */
 } Chunk;
 
 /* Rows per tile for a chunk of `rows`: as many as TILE_ROWS while every thread still gets four tiles or more (of
-   all KV heads), never fewer than TILED_FROM; a multiple of 8. */
+   all KV heads), never fewer than TILED_FROM; a multiple of `step` (8; on AMX 16 where the KV heads have an odd
+   number of query heads, so that a tile's query heads fill whole A tiles of 16 rows). */
 static int64_t tile_rows_of(int64_t rows, int64_t nkv, int threads, int64_t step) {
     int64_t tr = TILE_ROWS;
     while (tr > TILED_FROM && tr > step && nkv * ((rows + tr - 1) / tr) < 4 * threads) tr -= step;
@@ -1235,8 +1238,6 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
         free(item_start); free(part_base); free(chunks); free(tile_start);
         return -1;
     }
-    /* on AMX a tile's query heads fill whole A tiles of 16 rows */
-    const int64_t low_bit = per_kv & -per_kv;
     tile_start[0] = 0;
     for (int64_t r = 0, e; r < rows; r = e) {
         for (e = r + 1; e < rows && row_tables[e] == row_tables[r] && positions[e] == positions[e - 1] + 1
@@ -1247,13 +1248,12 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
             c->ctxpad = (c->p0 + c->rows + 31) / 32 * 32; /* whole panels of keys (16), or AMX's slices (32) */
             wide_floats += nkv * 2 * D * c->ctxpad;
             c->amx = amx_attn && c->p0 + c->rows >= AMX_ATTENTION_FROM;
-            c->tile_rows = tile_rows_of(c->rows, nkv, threads, c->amx && low_bit < 2 ? 16 : 8);
+            c->tile_rows = tile_rows_of(c->rows, nkv, threads, c->amx && per_kv % 2 ? 16 : 8);
             tile_start[n_chunks] = tile_start[n_chunks - 1] + nkv * ((c->rows + c->tile_rows - 1) / c->tile_rows);
         }
     }
     float *wide = calloc(wide_floats + 1, sizeof(float)); /* the chunks' widened K/V; padding keys stay 0 */
     for (int64_t i = 0, at = 0; i < n_chunks; at += nkv * 2 * D * chunks[i].ctxpad, i++) chunks[i].wide = wide + at;
-
     item_start[0] = part_base[0] = 0;
     for (int64_t r = 0, ci = 0; r < rows; r++) {
         const int tiled = ci < n_chunks && r >= chunks[ci].row;
@@ -1272,7 +1272,7 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
     float *proj = malloc(rows * H * sizeof(float));
     float *scores = malloc((size_t)threads * nh * max_ctx * sizeof(float));
     /* a thread's scratch for the tiles: a key run's scores (and on AMX the weights, hi and lo, as bfloat16) */
-    const size_t tile_scratch = (size_t)TILE_ROWS * per_kv * KEY_RUN * (amx_attn ? 4 : 2) / 2;
+    const size_t tile_scratch = (size_t)TILE_ROWS * per_kv * KEY_RUN * (amx_attn ? 2 : 1);
     float *tile_scores = malloc(((n_chunks ? threads : 0) * tile_scratch + 1) * sizeof(float));
     QAct q;
     const int have_q = qact_alloc(rows, kmax, threads, amx, &q);
