@@ -24,7 +24,6 @@
 
 #if TW_AMX
 #define AMX_KEYS 32 /* a slice of keys: one A tile of weights */
-#define AHEAD 16   /* tokens ahead whose K and V rows widen_chunk_amx asks for */
 
 static inline __m512 load16_kv(const char *p, const int half) {
     return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_ps((const float *)p);
@@ -52,11 +51,7 @@ static void widen_chunk_amx(const Net *net, int64_t layer, const Chunk *c, const
                                            23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (int64_t t = t0; t < t1; t += 2) {
         const int second = t + 1 < t1;
-        for (int64_t u = t + AHEAD; u < t + AHEAD + 2 && u < t1; u++)
-            for (int kv = 0; kv < 2; kv++) {
-                const char *p = (const char *)kv_at(net, layer, kv, table[u / bs], u % bs);
-                for (int64_t b = 0; b < nkv * D * elem; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-            }
+        for (int64_t u = t + WIDEN_AHEAD; u < t + WIDEN_AHEAD + 2 && u < t1; u++) widen_prefetch(net, layer, table, u);
         const char *k[2], *v[2];
         for (int j = 0; j <= second; j++) {
             k[j] = (const char *)kv_at(net, layer, 0, table[(t + j) / bs], (t + j) % bs);

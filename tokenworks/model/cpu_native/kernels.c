@@ -1025,19 +1025,35 @@ static int64_t tile_rows_of(int64_t rows, int64_t nkv, int threads, int64_t step
     return tr;
 }
 
-/* K and V of the chunk's tokens [t0, t1) for KV head kh, widened into the chunk's slabs. */
-static void widen_chunk(const Net *net, int64_t layer, const Chunk *c, const int32_t *table, int64_t kh,
-                        int64_t t0, int64_t t1) {
+/* The rows of K and V this many tokens ahead are asked for while a token is widened: the reads, not the stores,
+   bound widening (widen_chunk, widen_chunk_amx). */
+#define WIDEN_AHEAD 16
+
+static inline void widen_prefetch(const Net *net, int64_t layer, const int32_t *table, int64_t u) {
+    const int64_t row = net->num_kv_heads * net->head_dim * (net->kv_half ? 2 : 4);
+    for (int kv = 0; kv < 2; kv++) {
+        const char *p = (const char *)kv_at(net, layer, kv, table[u / net->block_size], u % net->block_size);
+        for (int64_t b = 0; b < row; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+    }
+}
+
+/* K and V of the chunk's tokens [t0, t1), every KV head (a token's rows read whole, in order), widened into the
+   chunk's slabs. */
+static void widen_chunk(const Net *net, int64_t layer, const Chunk *c, const int32_t *table, int64_t t0,
+                        int64_t t1) {
     const int64_t D = net->head_dim, bs = net->block_size, elem = net->kv_half ? 2 : 4;
-    float *kt = c->wide + kh * 2 * D * c->ctxpad, *v = kt + D * c->ctxpad;
     for (int64_t t = t0; t < t1; t++) {
-        const char *k = (const char *)kv_at(net, layer, 0, table[t / bs], t % bs) + kh * D * elem;
-        const char *vs = (const char *)kv_at(net, layer, 1, table[t / bs], t % bs) + kh * D * elem;
-        float row[D];
-        for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(row + d, load8_kv(k, d, net->kv_half));
-        float *panel = kt + t / TILE_KEYS * D * TILE_KEYS + t % TILE_KEYS;
-        for (int64_t d = 0; d < D; d++) panel[d * TILE_KEYS] = row[d];
-        for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(v + t * D + d, load8_kv(vs, d, net->kv_half));
+        if (t + WIDEN_AHEAD < t1) widen_prefetch(net, layer, table, t + WIDEN_AHEAD);
+        for (int64_t kh = 0; kh < net->num_kv_heads; kh++) {
+            float *kt = c->wide + kh * 2 * D * c->ctxpad, *v = kt + D * c->ctxpad;
+            const char *k = (const char *)kv_at(net, layer, 0, table[t / bs], t % bs) + kh * D * elem;
+            const char *vs = (const char *)kv_at(net, layer, 1, table[t / bs], t % bs) + kh * D * elem;
+            float row[D];
+            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(row + d, load8_kv(k, d, net->kv_half));
+            float *panel = kt + t / TILE_KEYS * D * TILE_KEYS + t % TILE_KEYS;
+            for (int64_t d = 0; d < D; d++) panel[d * TILE_KEYS] = row[d];
+            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(v + t * D + d, load8_kv(vs, d, net->kv_half));
+        }
     }
 }
 
@@ -1318,22 +1334,17 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
                     }
                 }
                 barrier_wait(&bar, nt, &sense);
-                if (n_chunks) { /* the prompt chunks' K/V widened, in runs of 64 tokens per chunk (and KV head, but
-                                   on AMX every head at once) */
+                if (n_chunks) { /* the prompt chunks' K/V widened, in runs of 64 tokens per chunk */
                     int64_t runs = 0;
-                    for (int64_t ci = 0; ci < n_chunks; ci++)
-                        runs += (chunks[ci].amx ? 1 : nkv) * ((chunks[ci].p0 + chunks[ci].rows + 63) / 64);
+                    for (int64_t ci = 0; ci < n_chunks; ci++) runs += (chunks[ci].p0 + chunks[ci].rows + 63) / 64;
                     split(runs, t, nt, &i0, &i1);
                     for (int64_t ci = 0, at = 0; ci < n_chunks && at < i1; ci++) {
                         const Chunk *c = &chunks[ci];
-                        const int32_t *table = tables + c->table * table_width;
-                        const int64_t ctx = c->p0 + c->rows, per_head = (ctx + 63) / 64;
-                        for (int64_t k = 0; k < (c->amx ? 1 : nkv) * per_head; k++, at++) {
-                            if (at < i0 || at >= i1) continue;
-                            const int64_t t0 = k % per_head * 64, t1 = t0 + 64 < ctx ? t0 + 64 : ctx;
-                            if (c->amx) widen_chunk_amx(net, l, c, table, t0, t1);
-                            else widen_chunk(net, l, c, table, k / per_head, t0, t1);
-                        }
+                        const int64_t ctx = c->p0 + c->rows;
+                        for (int64_t t0 = 0; t0 < ctx; t0 += 64, at++)
+                            if (at >= i0 && at < i1)
+                                (c->amx ? widen_chunk_amx : widen_chunk)(net, l, c, tables + c->table * table_width,
+                                                                         t0, t0 + 64 < ctx ? t0 + 64 : ctx);
                     }
                     barrier_wait(&bar, nt, &sense);
                 }
