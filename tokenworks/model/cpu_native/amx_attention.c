@@ -149,20 +149,8 @@ static void attend_tile_amx(const Net *net, const Chunk *c, int64_t kh, int64_t 
                 }
                 for (int j = 0; j < panels; j++) amx_store_tile(j, s + m0 * KEY_RUN + t0 + 16 * j, KEY_RUN * 4);
             }
-        for (int64_t m = 0; m < nq; m++) { /* the run's weights, against the largest score so far */
-            const int64_t mine = seen[m] - r0 < len ? seen[m] - r0 : len;
-            if (mine > 0) {
-                const float run_top = max_of(sp[m], mine), now = run_top > top[m] ? run_top : top[m];
-                if (now > top[m] && total[m] > 0.f) {
-                    const float f = expf(top[m] - now);
-                    total[m] *= f;
-                    for (int64_t d = 0; d < D; d++) o[m][d] *= f;
-                }
-                top[m] = now;
-                total[m] += exp_shifted_wide(sp[m], mine, now);
-            }
-            const int64_t from = mine > 0 ? mine : 0;
-            memset(sp[m] + from, 0, (lpad - from) * sizeof(float));
+        for (int64_t m = 0; m < nq; m++) { /* the run's weights, against the largest score so far, split */
+            fold_run(sp[m], seen[m] - r0 < len ? seen[m] - r0 : len, lpad, &top[m], &total[m], o[m], D);
             for (int64_t t = 0; t < lpad; t += 32) {
                 __m512i hi, lo;
                 split_bf16(_mm512_loadu_ps(sp[m] + t), _mm512_loadu_ps(sp[m] + t + 16), &hi, &lo);

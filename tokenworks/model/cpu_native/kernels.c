@@ -1121,6 +1121,25 @@ static inline __attribute__((always_inline)) void weigh_tile(const float *const 
         for (int c = 0; c < nv; c++) vstore(o[m] + d0 + VW * c, a[m][c]);
 }
 
+/* One query's key run in a tile (flash attention's online softmax): its scores s[0, mine) become weights e^(s -
+   top), top the largest score so far (the query's output o and weight sum so far rescaled when it grows), and
+   s[mine, upto) zeros: keys the query does not see, or padding. mine <= 0: the whole run is zeros. */
+static inline __attribute__((always_inline)) void fold_run(float *s, int64_t mine, int64_t upto, float *top, float *total, float *o, int64_t D) {
+    if (mine <= 0) {
+        memset(s, 0, upto * sizeof(float));
+        return;
+    }
+    const float run_top = max_of(s, mine), now = run_top > *top ? run_top : *top;
+    if (now > *top && *total > 0.f) { /* earlier runs weighed against a smaller maximum */
+        const float f = expf(*top - now);
+        *total *= f;
+        for (int64_t d = 0; d < D; d++) o[d] *= f;
+    }
+    *top = now;
+    *total += exp_shifted_wide(s, mine, now);
+    memset(s + mine, 0, (upto - mine) * sizeof(float));
+}
+
 /* Rows [i0, i1) of chunk c (i1 - i0 <= c->tile_rows), KV head kh: their query heads' attention output into attn
    (rows of nh * D), from qkv (rows of qkv_n). The keys go in runs of KEY_RUN with a running maximum and sum per
    query (flash attention's online softmax): a run's scores (s: TILE_ROWS * per_kv * KEY_RUN floats) and its
@@ -1156,22 +1175,8 @@ static void attend_tile(const Net *net, const Chunk *c, int64_t kh, int64_t i0, 
                     for (int m = 0; m < mq; m++)
                         score_tile(qi + m0 + m, nq, 1, panel, D, s + (m0 + m) * KEY_RUN + t0, KEY_RUN, net->scale);
             }
-        for (int64_t m = 0; m < nq; m++) { /* the run's weights, against the largest score so far */
-            const int64_t mine = seen[m] - r0 < len ? seen[m] - r0 : len; /* >= 1: a run starts below the last row */
-            if (mine <= 0) {
-                memset(sp[m], 0, len * sizeof(float));
-                continue;
-            }
-            const float run_top = max_of(sp[m], mine), now = run_top > top[m] ? run_top : top[m];
-            if (now > top[m] && total[m] > 0.f) { /* earlier runs weighed against a smaller maximum */
-                const float f = expf(top[m] - now);
-                total[m] *= f;
-                for (int64_t d = 0; d < D; d++) o[m][d] *= f;
-            }
-            top[m] = now;
-            total[m] += exp_shifted_wide(sp[m], mine, now);
-            memset(sp[m] + mine, 0, (len - mine) * sizeof(float));
-        }
+        for (int64_t m = 0; m < nq; m++) /* the run's weights, against the largest score so far */
+            fold_run(sp[m], seen[m] - r0 < len ? seen[m] - r0 : len, len, &top[m], &total[m], o[m], D);
         for (int64_t t0 = 0; t0 < len; t0 += WEIGH_KEYS) { /* each run of values for every query while in L1 */
             const int64_t wl = len - t0 < WEIGH_KEYS ? len - t0 : WEIGH_KEYS;
             const float *vt = v + (r0 + t0) * D;
