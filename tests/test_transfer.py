@@ -73,6 +73,33 @@ def test_pull_copies_exact_blocks_and_release_arrives(kind):
         source.close()
 
 
+def test_an_int8_pool_moves_its_values_and_scales_as_bytes():
+    """An int8 pool's blocks carry each head row's scale in their own bytes: a pull between two such pools gives
+    the destination the same values, and a float16 peer is refused."""
+    from tests.test_kv_cache import CFG
+    from tokenworks.model.kv_cache import KVCache, store_rows, widen
+    from tokenworks.transfer.tcp import TCPSink, TCPSource
+
+    src, dst = (KVCache(CFG, 4, 8, torch.int8, "cpu") for _ in range(2))
+    gen = torch.Generator().manual_seed(3)
+    for layer in range(CFG.num_layers):
+        for cache in (src.k[layer], src.v[layer]):
+            store_rows(cache, torch.tensor([2, 2, 6]), torch.tensor([0, 3, 1]), torch.randn(3, 2, 8, generator=gen))
+    lay = layout(dtype="int8", head_dim=8, block_nbytes=src.block_nbytes)
+    source, sink = TCPSource("p0", lay, src.tensor), TCPSink(lay, dst.tensor)
+    half = TCPSink(layout(dtype="float16", block_nbytes=2 * 2 * 4 * 2 * 8 * 2),
+                   torch.zeros(8, 2, 2, 4, 2, 8, dtype=torch.float16))
+    try:
+        assert sink.pull(source.peer(), "req-8", [2, 6], [5, 1], timeout=10) == 2 * src.block_nbytes
+        assert torch.equal(dst.tensor[[5, 1]], src.tensor[[2, 6]])
+        assert torch.equal(widen(dst.tensor[5], torch.float32), widen(src.tensor[2], torch.float32))
+        with pytest.raises(KVLayoutMismatch):
+            half.pull(source.peer(), "req-9", [2], [3], timeout=10)
+    finally:
+        for end in (half, sink, source):
+            end.close()
+
+
 @pytest.mark.skipif("nixl" not in transports(), reason="nixl is not installed")
 def test_nixl_source_polls_slowly_while_no_blocks_are_held_and_still_serves(monkeypatch):
     """A worker holding no blocks for sinks tells its source so (``expect_pulls(False)``): the source's thread then

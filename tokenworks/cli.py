@@ -12,15 +12,16 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default=None, help="a .gguf file or a Hugging Face folder (default: SmolLM2-135M-Instruct)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
                    help="the model's dtype (default: float32 on CPU, bfloat16 on CUDA)")
     g.add_argument("--kv-cache-memory-gib", type=float, default=None,
                    help="KV pool budget in GiB (default: on CPU two of the model's full contexts, at most 1/16 of the "
                         "machine's memory; 1 GiB on CUDA)")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
                    help="what the KV pool holds; auto: float16 where the model computes in float32 on the CPU (half "
                         "the memory per token and half the bytes a decode step reads; docs/engine.md), else --dtype; "
-                        "on CUDA only --dtype (default: auto)")
+                        "int8 (CPU): a byte per value and a scale per head row, about half float16's bytes again, "
+                        "at some quality (docs/engine.md); on CUDA only --dtype (default: auto)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step (default: 512)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="requests in one step at most (default: 64)")
@@ -259,6 +260,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                     else cluster.where(spec.worker_id)
                 print(f"[tokenworks]   {spec.worker_id:<10} role={spec.role:<8} pid={w.pid:<8} {where}, "
                       f"{w.num_blocks} KV blocks of {w.block_size} tokens"
+                      + (f" ({w.kv_peer.layout.dtype})" if w.kv_peer else "")
                       + (f", warmed up in {w.warmup_seconds:.1f} s" if w.warmup_seconds else "")
                       + (f"; {w.graphs}" if w.graphs else ""), file=sys.stderr)
             print(f"[tokenworks] model {files.name}, KV transport {ns.kv_transport}, local prefill up to "

@@ -59,8 +59,8 @@ class CacheConfig:
     dtype: str = "auto"  # of the KV pool (kv_cache.py: kv_dtype)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"unknown KV cache dtype {self.dtype!r}; use auto, float32, bfloat16 or float16")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "int8"):
+            raise ValueError(f"unknown KV cache dtype {self.dtype!r}; use auto, float32, bfloat16, float16 or int8")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError("block_size must be a positive power of two")
         if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:

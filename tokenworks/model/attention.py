@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenworks.model.kv_cache import widen
 from tokenworks.model.paged_decode import PagedDecode, gathered_decode, paged_decode
 
 
@@ -98,8 +99,8 @@ def paged_attention(
             vp = v[p.start : p.end].transpose(0, 1).unsqueeze(0)
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            kp, vp = (c.index_select(0, p.block_table).flatten(0, 1)[: p.context_len].transpose(0, 1).unsqueeze(0)
-                      .to(q.dtype) for c in (k_cache, v_cache))
+            kp, vp = (widen(c.index_select(0, p.block_table).flatten(0, 1)[: p.context_len], q.dtype)
+                      .transpose(0, 1).unsqueeze(0) for c in (k_cache, v_cache))
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, scale=scale, enable_gqa=True)
         out[p.start : p.end] = op.squeeze(0).transpose(0, 1)
     return out

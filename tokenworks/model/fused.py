@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenworks.model.kernel_check import compare, have_triton
+from tokenworks.model.kv_cache import store_rows
 
 
 def kernels_problem(device: str | torch.device, dtype: torch.dtype) -> str:
@@ -119,6 +120,6 @@ def rope_write_kv(qk: torch.Tensor, v: torch.Tensor, rot: Rotary, k_cache: torch
         return run(qk, v, rot.positions, rot.cos_table, rot.sin_table, k_cache, v_cache, slot_blocks, slot_offsets,
                    num_heads)
     out = rope(qk, rot)
-    k_cache[slot_blocks, slot_offsets] = out[:, num_heads:].to(k_cache.dtype)  # the pool's dtype may be narrower
-    v_cache[slot_blocks, slot_offsets] = v.to(v_cache.dtype)
+    store_rows(k_cache, slot_blocks, slot_offsets, out[:, num_heads:])  # the pool's dtype may be narrower
+    store_rows(v_cache, slot_blocks, slot_offsets, v)
     return out

@@ -4,6 +4,13 @@ Layout: ``(num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim)``.
 A block holds K and V of ``block_size`` tokens for every layer in one run of
 memory, so moving a request's KV to another process is one descriptor per
 block (``block_region``). Block 0 is the padding target (see BlockPool).
+
+An ``int8`` pool (CPU) holds each token's head as ``head_dim`` signed bytes
+and then its scale, a float32 in the row's last 4 bytes: a head row is
+``head_dim + 4`` bytes (``head_width``), x = scale * q with scale =
+max |x| / 127 (``store_rows``, ``widen``; the native step writes and reads
+the same bytes). Everything that moves blocks as bytes (transfers, the host
+tier) is unchanged.
 """
 
 from __future__ import annotations
@@ -16,11 +23,38 @@ import torch
 
 from tokenworks.config import CacheConfig, ModelConfig
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+SCALE_BYTES = 4  # an int8 pool's float32 scale after each head row's values
 
 
 def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
+
+
+def head_width(head_dim: int, dtype: torch.dtype) -> int:
+    """Elements of a pool's head row: its values, and on an int8 pool the scale's bytes after them."""
+    return head_dim + SCALE_BYTES if dtype == torch.int8 else head_dim
+
+
+def store_rows(cache: torch.Tensor, slot_blocks: torch.Tensor, slot_offsets: torch.Tensor, x: torch.Tensor) -> None:
+    """x (T, H_kv, D) written to the slots of ``cache`` (num_blocks, block_size, H_kv, head_width): rounded to the
+    pool's dtype (to nearest), or on an int8 pool quantized per head row, q = round(x / scale) with scale =
+    max |x| / 127 in float32 (q = 0 where the row is all zeros)."""
+    if cache.dtype != torch.int8:
+        cache[slot_blocks, slot_offsets] = x.to(cache.dtype)
+        return
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(x / torch.where(scale > 0, scale, 1.0)).clamp(-127, 127).to(torch.int8)
+    cache[slot_blocks, slot_offsets] = torch.cat([q, scale.view(torch.int8)], -1)
+
+
+def widen(rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Pool rows (..., head_width) -> their values (..., head_dim) in ``dtype``."""
+    if rows.dtype != torch.int8:
+        return rows.to(dtype)
+    q, scale = rows.split([rows.shape[-1] - SCALE_BYTES, SCALE_BYTES], -1)
+    return (q.float() * scale.contiguous().view(torch.float32)).to(dtype)
 
 
 def kv_dtype(cache: CacheConfig, model_dtype: torch.dtype, device: str) -> torch.dtype:
@@ -34,7 +68,8 @@ def kv_dtype(cache: CacheConfig, model_dtype: torch.dtype, device: str) -> torch
 
 
 def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return model.num_layers * 2 * block_size * model.kv_size * torch.tensor([], dtype=dtype).element_size()
+    return (model.num_layers * 2 * block_size * model.num_kv_heads * head_width(model.head_dim, dtype)
+            * dtype.itemsize)
 
 
 def default_kv_bytes(model: ModelConfig, dtype: torch.dtype, device: str) -> int:
@@ -66,7 +101,7 @@ class KVCache:
     def __init__(self, model: ModelConfig, block_size: int, num_blocks: int, dtype: torch.dtype, device: str) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_blocks, model.num_layers, 2, block_size, model.num_kv_heads, model.head_dim)
+        shape = (num_blocks, model.num_layers, 2, block_size, model.num_kv_heads, head_width(model.head_dim, dtype))
         if torch.device(device).type == "cpu":
             # Zeroed pages the kernel hands out untouched (calloc): a block's memory becomes resident when first
             # written, not at start, so an idle or lightly used worker does not hold its whole pool.
@@ -74,7 +109,7 @@ class KVCache:
             self.tensor = torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
         else:
             self.tensor = torch.zeros(shape, dtype=dtype, device=device)
-        # Per-layer views (num_blocks, block_size, kv_heads, head_dim); no copies.
+        # Per-layer views (num_blocks, block_size, kv_heads, head_width); no copies.
         self.k = [self.tensor[:, layer, 0] for layer in range(model.num_layers)]
         self.v = [self.tensor[:, layer, 1] for layer in range(model.num_layers)]
 

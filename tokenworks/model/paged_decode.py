@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenworks.model.kernel_check import compare, have_triton
+from tokenworks.model.kv_cache import widen
 
 
 @dataclass
@@ -45,9 +46,9 @@ def gathered_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     bs = k_cache.shape[1]
     flat = block_table.flatten().long()
     # index_select, not k_cache[bt]: 4x faster on CPU for this strided per-layer view.
-    # .to: a pool narrower than the model's dtype (--kv-cache-dtype) is widened as it is gathered
-    kd = k_cache.index_select(0, flat).view(b, width * bs, *k_cache.shape[2:]).transpose(1, 2).to(q.dtype)
-    vd = v_cache.index_select(0, flat).view(b, width * bs, *v_cache.shape[2:]).transpose(1, 2).to(q.dtype)
+    # widen: a pool narrower than the model's dtype (--kv-cache-dtype) is widened as it is gathered
+    kd = widen(k_cache.index_select(0, flat).view(b, width * bs, *k_cache.shape[2:]), q.dtype).transpose(1, 2)
+    vd = widen(v_cache.index_select(0, flat).view(b, width * bs, *v_cache.shape[2:]), q.dtype).transpose(1, 2)
     out = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.squeeze(2)
 

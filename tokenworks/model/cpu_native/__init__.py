@@ -63,7 +63,7 @@ class _Net(ctypes.Structure):
                 ("num_layers", _I), ("block_size", _I), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
                 ("cos", _P), ("sin", _P), ("final_norm", _P), ("layers", ctypes.POINTER(_Layer)), ("kv", _P),
                 ("stride_block", _I), ("stride_layer", _I), ("stride_kv", _I), ("stride_token", _I),
-                ("kv_half", _I)]
+                ("kv_kind", _I)]
 
 
 _reason = ""
@@ -271,7 +271,7 @@ class NativeQ8:
 
 
 # The KV pools the native step reads and writes (float16: converted to and from float32 as it goes).
-KV_DTYPES = (torch.float32, torch.float16)
+KV_DTYPES = (torch.float32, torch.float16, torch.int8)  # kernels.c: KV_F32, KV_F16, KV_I8
 
 
 class NativeStep:
@@ -282,7 +282,7 @@ class NativeStep:
         self.lib = lib
         t = kv.tensor  # (block, layer, k/v, token, head, dim)
         if t.dtype not in KV_DTYPES or not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError("the native step needs a contiguous float32 or float16 KV pool on the CPU")
+            raise ValueError("the native step needs a contiguous float32, float16 or int8 KV pool on the CPU")
         self.layers = (_Layer * c.num_layers)()
         keep, amx = [], True
         for i, layer in enumerate(model.layers):
@@ -299,7 +299,7 @@ class NativeStep:
         self.net = _Net(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.num_layers,
                         kv.block_size, c.rms_norm_eps, model.scale, _ptr(self.cos), _ptr(self.sin),
                         _ptr(self.final_norm), self.layers, t.data_ptr(), t.stride(0), t.stride(1), t.stride(2),
-                        t.stride(3), int(t.dtype == torch.float16))
+                        t.stride(3), KV_DTYPES.index(t.dtype))
 
     def step(self, hidden: torch.Tensor, positions: list[int], slot_blocks: list[int], slot_offsets: list[int],
              tables: list[list[int]], context_lens: list[int], row_tables: list[int] | None = None) -> torch.Tensor:

@@ -25,8 +25,11 @@
 #if TW_AMX
 #define AMX_KEYS 32 /* a slice of keys: one A tile of weights */
 
-static inline __m512 load16_kv(const char *p, const int half) {
-    return half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)) : _mm512_loadu_ps((const float *)p);
+/* 16 K or V values at p as float32, times `scale` (an int8 row's; 1 otherwise). */
+static inline __m512 load16_kv(const char *p, const int64_t kind, __m512 scale) {
+    if (kind == KV_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+    if (kind == KV_I8) return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))), scale);
+    return _mm512_loadu_ps((const float *)p);
 }
 
 static inline __m512 bf16_back(__m256i h) { /* bfloat16 widened: float32's top half */
@@ -46,7 +49,7 @@ static inline void split_bf16(__m512 a, __m512 b, __m512i *hi, __m512i *lo) {
    prefetch took the step 1.13x the time). */
 static void widen_chunk_amx(const Net *net, int64_t layer, const Chunk *c, const int32_t *table, int64_t t0,
                             int64_t t1) {
-    const int64_t D = net->head_dim, bs = net->block_size, elem = net->kv_half ? 2 : 4, nkv = net->num_kv_heads;
+    const int64_t D = net->head_dim, bs = net->block_size, kind = net->kv_kind, elem = kv_elem(kind), nkv = net->num_kv_heads;
     const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                            23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     for (int64_t t = t0; t < t1; t += 2) {
@@ -59,13 +62,14 @@ static void widen_chunk_amx(const Net *net, int64_t layer, const Chunk *c, const
         }
         for (int64_t kh = 0; kh < nkv; kh++) {
             uint16_t *kt = (uint16_t *)c->wide + kh * 4 * D * c->ctxpad, *vt = kt + 2 * D * c->ctxpad;
-            const int64_t at = kh * D * elem;
+            const int64_t at = kh * head_bytes(D, kind);
             for (int j = 0; j <= second; j++) { /* K: key t + j's dimension pairs down column (t + j) % 16 */
                 uint32_t *col = (uint32_t *)(kt + (t + j) / 16 * 32 * D) + (t + j) % 16;
+                const __m512 ks = _mm512_set1_ps(row_scale(k[j] + at, D, kind));
                 for (int64_t d = 0; d < D; d += 32) {
                     __m512i h, l;
-                    split_bf16(load16_kv(k[j] + at + d * elem, net->kv_half),
-                               load16_kv(k[j] + at + (d + 16) * elem, net->kv_half), &h, &l);
+                    split_bf16(load16_kv(k[j] + at + d * elem, kind, ks), load16_kv(k[j] + at + (d + 16) * elem, kind, ks),
+                               &h, &l);
                     uint32_t hi[16], lo[16];
                     _mm512_storeu_si512(hi, h);
                     _mm512_storeu_si512(lo, l);
@@ -77,9 +81,11 @@ static void widen_chunk_amx(const Net *net, int64_t layer, const Chunk *c, const
             }
             /* V: keys t and t + 1 interleaved into row (t % 32) / 2 of their slice's tiles */
             uint16_t *row = vt + t / AMX_KEYS * 2 * AMX_KEYS * D + (t % AMX_KEYS) / 2 * 32;
+            const __m512 vs0 = _mm512_set1_ps(row_scale(v[0] + at, D, kind));
+            const __m512 vs1 = _mm512_set1_ps(second ? row_scale(v[1] + at, D, kind) : 0.f);
             for (int64_t d = 0; d < D; d += 16) {
-                const __m512 a = load16_kv(v[0] + at + d * elem, net->kv_half);
-                const __m512 b = second ? load16_kv(v[1] + at + d * elem, net->kv_half) : _mm512_setzero_ps();
+                const __m512 a = load16_kv(v[0] + at + d * elem, kind, vs0);
+                const __m512 b = second ? load16_kv(v[1] + at + d * elem, kind, vs1) : _mm512_setzero_ps();
                 __m512i hi, lo;
                 split_bf16(a, b, &hi, &lo);
                 _mm512_storeu_si512(row + d / 16 * 1024, _mm512_permutexvar_epi16(pairs, hi));

@@ -78,7 +78,7 @@ typedef struct {
     const Layer *layers;
     void *kv;                 /* the KV pool; a token's heads and dims contiguous */
     int64_t stride_block, stride_layer, stride_kv, stride_token;  /* in elements */
-    int64_t kv_half;          /* 1: the pool holds float16 (converted to and from float32 here), 0: float32 */
+    int64_t kv_kind;          /* what the pool holds (KV_F32, KV_F16, KV_I8), converted to and from float32 here */
 } Net;
 
 /* -- activations ------------------------------------------------------------------------------- */
@@ -687,40 +687,75 @@ static void rope(float *x, const float *cos, const float *sin, int64_t half) {
     }
 }
 
-/* Where a token's K (which 0) or V (1) of a layer starts: a float or a float16 pointer, as net->kv_half says. */
-static void *kv_at(const Net *net, int64_t layer, int which, int64_t block, int64_t offset) {
-    return (char *)net->kv + (block * net->stride_block + layer * net->stride_layer + which * net->stride_kv +
-                              offset * net->stride_token) * (net->kv_half ? 2 : 4);
+/* What the KV pool holds: float32, float16, or int8 (kv_cache.py): a head row of D signed bytes x / s and then its
+   scale s = max |x| / 127 as a float32 (KV_SCALE_BYTES), so that x = s q. Code reading an int8 pool widens the
+   bytes q and applies each row's scale where it is cheapest (to a token's score, to its weight, or to the row). */
+enum { KV_F32 = 0, KV_F16 = 1, KV_I8 = 2 };
+#define KV_SCALE_BYTES 4
+
+/* Bytes of one element of the pool, and of one head row (D values, and an int8 row's scale). */
+static inline int64_t kv_elem(int kind) { return kind == KV_F32 ? 4 : kind == KV_F16 ? 2 : 1; }
+static inline int64_t head_bytes(int64_t D, int kind) { return kind == KV_I8 ? D + KV_SCALE_BYTES : D * kv_elem(kind); }
+
+/* The scale of the head row at `row` (1 unless the pool holds int8). */
+static inline float row_scale(const void *row, int64_t D, int kind) {
+    float s = 1.f;
+    if (kind == KV_I8) memcpy(&s, (const char *)row + D, sizeof s);
+    return s;
 }
 
-/* Eight K or V values from element i of a pool row, as float32 (half: the pool holds float16). */
-static inline __attribute__((always_inline)) __m256 load8_kv(const void *p, int64_t i, const int half) {
-    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+/* Where a token's K (which 0) or V (1) of a layer starts, as net->kv_kind lays the pool out. */
+static void *kv_at(const Net *net, int64_t layer, int which, int64_t block, int64_t offset) {
+    return (char *)net->kv + (block * net->stride_block + layer * net->stride_layer + which * net->stride_kv +
+                              offset * net->stride_token) * kv_elem(net->kv_kind);
+}
+
+/* Eight K or V values from element i of a pool row, as float32 (an int8 row's without its scale). */
+static inline __attribute__((always_inline)) __m256 load8_kv(const void *p, int64_t i, const int kind) {
+    if (kind == KV_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    if (kind == KV_I8)
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)p + i))));
     return _mm256_loadu_ps((const float *)p + i);
 }
 
-/* n (a multiple of 8) float32 values into the pool at p, rounded to nearest even where it holds float16. */
-static void store_kv(void *p, const float *x, int64_t n, int half) {
-    if (!half) {
+/* A head row of n (a multiple of 8) float32 values into the pool at p: as they are, rounded to the nearest float16
+   (even on a tie), or quantized as kv_cache.store_rows does (the same float32 divisions, ties to even). */
+static void store_kv(void *p, const float *x, int64_t n, int kind) {
+    if (kind == KV_F32) {
         memcpy(p, x, n * sizeof(float));
-        return;
+    } else if (kind == KV_F16) {
+        for (int64_t i = 0; i < n; i += 8)
+            _mm_storeu_si128((__m128i *)((uint16_t *)p + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    } else {
+        __m256 top = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n; i += 8) top = _mm256_max_ps(top, _mm256_andnot_ps(_mm256_set1_ps(-0.f), _mm256_loadu_ps(x + i)));
+        const float s = hmax(top) / 127.f;
+        const __m256 by = _mm256_set1_ps(s > 0.f ? s : 1.f), lim = _mm256_set1_ps(127.f);
+        int8_t *q = p;
+        for (int64_t i = 0; i < n; i += 8) {
+            const __m256 r = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), by),
+                                                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                                         _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
+            const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(_mm256_cvtps_epi32(r)),
+                                              _mm256_extracti128_si256(_mm256_cvtps_epi32(r), 1));
+            _mm_storel_epi64((__m128i *)(q + i), _mm_packs_epi16(w, w));
+        }
+        memcpy(q + n, &s, sizeof s);
     }
-    for (int64_t i = 0; i < n; i += 8)
-        _mm_storeu_si128((__m128i *)((uint16_t *)p + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
 }
 
-static inline __attribute__((always_inline)) float dot1(const float *q, const void *k, int64_t D, const int half) {
+static inline __attribute__((always_inline)) float dot1(const float *q, const void *k, int64_t D, const int kind) {
     __m256 a = _mm256_setzero_ps();
-    for (int64_t i = 0; i < D; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8_kv(k, i, half), a);
+    for (int64_t i = 0; i < D; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8_kv(k, i, kind), a);
     return hsum(a);
 }
 
 /* o[0 .. 8) += sum over n tokens of p[t] v[t] (v: the tokens' first value, `stride` elements apart): a head's
    last values when D is not a multiple of weigh_heads' width. */
 static inline __attribute__((always_inline)) void weigh8(const float *p, const void *v, int64_t stride, int64_t n,
-                                                         float *o, const int half) {
+                                                         float *o, const int kind) {
     __m256 acc = _mm256_loadu_ps(o);
-    for (int64_t t = 0; t < n; t++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), load8_kv(v, t * stride, half), acc);
+    for (int64_t t = 0; t < n; t++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), load8_kv(v, t * stride, kind), acc);
     _mm256_storeu_ps(o, acc);
 }
 
@@ -778,7 +813,7 @@ static inline __m128 sums4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
 /* Scores of SCORE_TOKENS consecutive tokens (k: the first one's key, `stride` elements between tokens) against
    hn <= HEADS_AT_ONCE query heads (q: D floats each, one after another), times scale: head j's to s + j s_step. */
 static inline __attribute__((always_inline)) void score_heads(const float *q, const int hn, const void *k,
-                                                              int64_t stride, int64_t D, const int half, float *s,
+                                                              int64_t stride, int64_t D, const int kind, float *s,
                                                               int64_t s_step, __m256 scale, Ahead *ahead) {
     __m256 a[HEADS_AT_ONCE][SCORE_TOKENS];
     for (int j = 0; j < hn; j++)
@@ -788,7 +823,7 @@ static inline __attribute__((always_inline)) void score_heads(const float *q, co
         __m256 qv[HEADS_AT_ONCE];
         for (int j = 0; j < hn; j++) qv[j] = _mm256_loadu_ps(q + j * D + i);
         for (int t = 0; t < SCORE_TOKENS; t++) {
-            const __m256 kv = load8_kv(k, t * stride + i, half);
+            const __m256 kv = load8_kv(k, t * stride + i, kind);
             for (int j = 0; j < hn; j++) a[j][t] = _mm256_fmadd_ps(qv[j], kv, a[j][t]);
         }
     }
@@ -802,7 +837,7 @@ static inline __attribute__((always_inline)) void score_heads(const float *q, co
    o_j: o + j D; v: the tokens' first value, `stride` elements apart). */
 static inline __attribute__((always_inline)) void weigh_heads(const float *p, int64_t p_step, const int hn,
                                                               const void *v, int64_t stride, int64_t n, float *o,
-                                                              int64_t D, const int half, Ahead *ahead) {
+                                                              int64_t D, const int kind, Ahead *ahead) {
     __m256 acc[HEADS_AT_ONCE][VALUE_VECTORS];
     for (int j = 0; j < hn; j++)
         for (int c = 0; c < VALUE_VECTORS; c++) acc[j][c] = _mm256_loadu_ps(o + j * D + 8 * c);
@@ -811,7 +846,7 @@ static inline __attribute__((always_inline)) void weigh_heads(const float *p, in
         __m256 pt[HEADS_AT_ONCE];
         for (int j = 0; j < hn; j++) pt[j] = _mm256_set1_ps(p[j * p_step + t]);
         for (int c = 0; c < VALUE_VECTORS; c++) {
-            const __m256 vv = load8_kv(v, t * stride + 8 * c, half);
+            const __m256 vv = load8_kv(v, t * stride + 8 * c, kind);
             for (int j = 0; j < hn; j++) acc[j][c] = _mm256_fmadd_ps(pt[j], vv, acc[j][c]);
         }
     }
@@ -826,15 +861,16 @@ static inline __attribute__((always_inline)) void weigh_heads(const float *p, in
    K (and V) is one contiguous run of memory read in order. `scores` holds groups * nq * (t_end - t_begin)
    floats; head j of group g writes D floats at out + g * out_step + j * D. With m and l NULL the output is
    normalized (the whole context); else it is left unnormalized, each head's largest score at m[g * ml_step + j]
-   and its sum of exp(score - m) in l the same, for merge_parts. Written once for both pool types (half:
-   float16), each compiled on its own. */
+   and its sum of exp(score - m) in l the same, for merge_parts. Written once for every pool type (`kind`), each
+   compiled on its own; on an int8 pool a token's K scale multiplies its scores and its V scale its weights. */
 static inline __attribute__((always_inline)) void attend_kv(const Net *net, int64_t layer, const float *q, int64_t nq,
                                                             int64_t kv_head, int64_t groups, const int32_t *table,
                                                             int64_t t_begin, int64_t t_end, float *scores, float *out,
                                                             int64_t out_step, float *m, float *l, int64_t ml_step,
-                                                            const int half) {
+                                                            const int kind) {
     const int64_t D = net->head_dim, bs = net->block_size, st = net->stride_token, len = t_end - t_begin;
-    const int64_t elem = half ? 2 : 4, row_bytes = D * elem, st_bytes = st * elem, first_at = kv_head * D * elem;
+    const int64_t elem = kv_elem(kind), row_bytes = head_bytes(D, kind), st_bytes = st * elem;
+    const int64_t first_at = kv_head * row_bytes;
     /* the next block's lines to ask for: every head's rows as one run, or this head's slice of each row; shared
        out over the block's products (per 8 or 4 tokens when scoring, per 64 or 32 output values when weighing) */
     const int64_t ahead_row = groups == net->num_kv_heads ? (bs * st_bytes + 63) / 64 : (row_bytes + 63) / 64;
@@ -858,13 +894,18 @@ static inline __attribute__((always_inline)) void attend_kv(const Net *net, int6
                 for (; o + SCORE_TOKENS <= n; o += SCORE_TOKENS) {
                     const char *ko = k + o * st_bytes;
                     Ahead pf = ahead_share(next, st_bytes, ahead_row, ahead, c++, score_calls, D / 8);
-                    if (hn == 3) score_heads(qj, 3, ko, st, D, half, s + o, len, scale, &pf);
-                    else if (hn == 2) score_heads(qj, 2, ko, st, D, half, s + o, len, scale, &pf);
-                    else score_heads(qj, 1, ko, st, D, half, s + o, len, scale, &pf);
+                    if (hn == 3) score_heads(qj, 3, ko, st, D, kind, s + o, len, scale, &pf);
+                    else if (hn == 2) score_heads(qj, 2, ko, st, D, kind, s + o, len, scale, &pf);
+                    else score_heads(qj, 1, ko, st, D, kind, s + o, len, scale, &pf);
                 }
                 for (; o < n; o++)
-                    for (int j = 0; j < hn; j++) s[j * len + o] = dot1(qj + j * D, k + o * st_bytes, D, half) * net->scale;
+                    for (int j = 0; j < hn; j++) s[j * len + o] = dot1(qj + j * D, k + o * st_bytes, D, kind) * net->scale;
             }
+            if (kind == KV_I8)
+                for (int64_t o = 0; o < n; o++) {
+                    const float ks = row_scale(k + o * st_bytes, D, kind);
+                    for (int64_t j = 0; j < nq; j++) scores[(g * nq + j) * len + (t0 - t_begin) + o] *= ks;
+                }
         }
     }
     float inv[groups * nq];
@@ -887,6 +928,11 @@ static inline __attribute__((always_inline)) void attend_kv(const Net *net, int6
         int64_t c = 0;
         for (int64_t g = 0; g < groups; g++) {
             const char *v = vb + g * row_bytes;
+            if (kind == KV_I8)
+                for (int64_t o = 0; o < n; o++) {
+                    const float vs = row_scale(v + o * st_bytes, D, kind);
+                    for (int64_t j = 0; j < nq; j++) scores[(g * nq + j) * len + (t0 - t_begin) + o] *= vs;
+                }
             for (int64_t j0 = 0; j0 < nq; j0 += HEADS_AT_ONCE) {
                 const int hn = nq - j0 < HEADS_AT_ONCE ? nq - j0 : HEADS_AT_ONCE;
                 const float *p = scores + (g * nq + j0) * len + (t0 - t_begin);
@@ -895,12 +941,12 @@ static inline __attribute__((always_inline)) void attend_kv(const Net *net, int6
                 for (; d0 + 8 * VALUE_VECTORS <= D; d0 += 8 * VALUE_VECTORS) {
                     const char *vd = v + d0 * elem;
                     Ahead pf = ahead_share(next, st_bytes, ahead_row, ahead, c++, weigh_calls, n);
-                    if (hn == 3) weigh_heads(p, len, 3, vd, st, n, oj + d0, D, half, &pf);
-                    else if (hn == 2) weigh_heads(p, len, 2, vd, st, n, oj + d0, D, half, &pf);
-                    else weigh_heads(p, len, 1, vd, st, n, oj + d0, D, half, &pf);
+                    if (hn == 3) weigh_heads(p, len, 3, vd, st, n, oj + d0, D, kind, &pf);
+                    else if (hn == 2) weigh_heads(p, len, 2, vd, st, n, oj + d0, D, kind, &pf);
+                    else weigh_heads(p, len, 1, vd, st, n, oj + d0, D, kind, &pf);
                 }
                 for (; d0 < D; d0 += 8)
-                    for (int j = 0; j < hn; j++) weigh8(p + j * len, v + d0 * elem, st, n, oj + j * D + d0, half);
+                    for (int j = 0; j < hn; j++) weigh8(p + j * len, v + d0 * elem, st, n, oj + j * D + d0, kind);
             }
         }
     }
@@ -915,10 +961,12 @@ static inline __attribute__((always_inline)) void attend_kv(const Net *net, int6
 static void attend_range(const Net *net, int64_t layer, const float *q, int64_t nq, int64_t kv_head, int64_t groups,
                          const int32_t *table, int64_t t_begin, int64_t t_end, float *scores, float *out,
                          int64_t out_step, float *m, float *l, int64_t ml_step) {
-    if (net->kv_half)
-        attend_kv(net, layer, q, nq, kv_head, groups, table, t_begin, t_end, scores, out, out_step, m, l, ml_step, 1);
+    if (net->kv_kind == KV_F16)
+        attend_kv(net, layer, q, nq, kv_head, groups, table, t_begin, t_end, scores, out, out_step, m, l, ml_step, KV_F16);
+    else if (net->kv_kind == KV_I8)
+        attend_kv(net, layer, q, nq, kv_head, groups, table, t_begin, t_end, scores, out, out_step, m, l, ml_step, KV_I8);
     else
-        attend_kv(net, layer, q, nq, kv_head, groups, table, t_begin, t_end, scores, out, out_step, m, l, ml_step, 0);
+        attend_kv(net, layer, q, nq, kv_head, groups, table, t_begin, t_end, scores, out, out_step, m, l, ml_step, KV_F32);
 }
 
 /* A long context is attended in parts (whole blocks), each part a work item of its own (all KV
@@ -1028,7 +1076,7 @@ static int64_t tile_rows_of(int64_t rows, int64_t nkv, int threads, int64_t step
 #define WIDEN_AHEAD 16
 
 static inline void widen_prefetch(const Net *net, int64_t layer, const int32_t *table, int64_t u) {
-    const int64_t row = net->num_kv_heads * net->head_dim * (net->kv_half ? 2 : 4);
+    const int64_t row = net->num_kv_heads * head_bytes(net->head_dim, net->kv_kind);
     for (int kv = 0; kv < 2; kv++) {
         const char *p = (const char *)kv_at(net, layer, kv, table[u / net->block_size], u % net->block_size);
         for (int64_t b = 0; b < row; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
@@ -1039,18 +1087,19 @@ static inline void widen_prefetch(const Net *net, int64_t layer, const int32_t *
    chunk's slabs. */
 static void widen_chunk(const Net *net, int64_t layer, const Chunk *c, const int32_t *table, int64_t t0,
                         int64_t t1) {
-    const int64_t D = net->head_dim, bs = net->block_size, elem = net->kv_half ? 2 : 4;
+    const int64_t D = net->head_dim, bs = net->block_size, kind = net->kv_kind, hb = head_bytes(D, kind);
     for (int64_t t = t0; t < t1; t++) {
         if (t + WIDEN_AHEAD < t1) widen_prefetch(net, layer, table, t + WIDEN_AHEAD);
         for (int64_t kh = 0; kh < net->num_kv_heads; kh++) {
             float *kt = c->wide + kh * 2 * D * c->ctxpad, *v = kt + D * c->ctxpad;
-            const char *k = (const char *)kv_at(net, layer, 0, table[t / bs], t % bs) + kh * D * elem;
-            const char *vs = (const char *)kv_at(net, layer, 1, table[t / bs], t % bs) + kh * D * elem;
+            const char *k = (const char *)kv_at(net, layer, 0, table[t / bs], t % bs) + kh * hb;
+            const char *vs = (const char *)kv_at(net, layer, 1, table[t / bs], t % bs) + kh * hb;
+            const __m256 ks = _mm256_set1_ps(row_scale(k, D, kind)), vsc = _mm256_set1_ps(row_scale(vs, D, kind));
             float row[D];
-            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(row + d, load8_kv(k, d, net->kv_half));
+            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(row + d, _mm256_mul_ps(load8_kv(k, d, kind), ks));
             float *panel = kt + t / TILE_KEYS * D * TILE_KEYS + t % TILE_KEYS;
             for (int64_t d = 0; d < D; d++) panel[d * TILE_KEYS] = row[d];
-            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(v + t * D + d, load8_kv(vs, d, net->kv_half));
+            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(v + t * D + d, _mm256_mul_ps(load8_kv(vs, d, kind), vsc));
         }
     }
 }
@@ -1327,9 +1376,9 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
                     float *k = row + (nh + kh) * D, *v = row + (nh + nkv + kh) * D;
                     if (L->k_norm) rms_norm(k, L->k_norm, D, net->eps, k);
                     rope(k, c, sn, D / 2);
-                    const int64_t head_at = kh * D * (net->kv_half ? 2 : 4);
-                    store_kv((char *)kv_at(net, l, 0, slot_blocks[r], slot_offsets[r]) + head_at, k, D, net->kv_half);
-                    store_kv((char *)kv_at(net, l, 1, slot_blocks[r], slot_offsets[r]) + head_at, v, D, net->kv_half);
+                    const int64_t head_at = kh * head_bytes(D, net->kv_kind);
+                    store_kv((char *)kv_at(net, l, 0, slot_blocks[r], slot_offsets[r]) + head_at, k, D, net->kv_kind);
+                    store_kv((char *)kv_at(net, l, 1, slot_blocks[r], slot_offsets[r]) + head_at, v, D, net->kv_kind);
                     for (int64_t head = kh * per_kv; head < (kh + 1) * per_kv; head++) {
                         float *qh = row + head * D;
                         if (L->q_norm) rms_norm(qh, L->q_norm, D, net->eps, qh);
