@@ -400,16 +400,19 @@ def test_native_step_runs_prompt_chunks_as_the_layer_by_layer_path(amx_rows, amx
 
 
 @needs_amx
-@pytest.mark.parametrize("case", list(AMX_ATTENTION_CASES.values()), ids=list(AMX_ATTENTION_CASES))
+@pytest.mark.parametrize("case,kv_dtype", [pytest.param(c, dt, id=f"{k}-{str(dt).removeprefix('torch.')}")
+                                           for k, c in AMX_ATTENTION_CASES.items() for dt in (torch.float32, torch.int8)
+                                           if dt != torch.int8 or all(cached for cached, _ in c)])
 @pytest.mark.parametrize("heads", [(9, 3), (4, 4), (8, 2)], ids=["groups-of-3", "groups-of-1", "groups-of-4"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_amx_prompt_tiles_fill_whole_tiles_for_any_group_of_query_heads(amx_rows, case, heads, head_dim):
+def test_amx_prompt_tiles_fill_whole_tiles_for_any_group_of_query_heads(amx_rows, case, kv_dtype, heads, head_dim):
     """A tile's query heads go 16 to an AMX tile: 3 per KV head (the default model's) gives tiles of 16 or 32 rows
     (48 or 96 query heads), 1 per KV head tiles of 16 or 32, 4 tiles of 8-32; heads of 64 and 128 dimensions (2
-    and 4 slices of a score, 1 and 2 passes of the values). (A float32 pool: on a float16 one a fresh prompt's K/V
-    rounding alone moves the 3-per-KV-head case by 7 %, with the float32 tiles as much.)"""
+    and 4 slices of a score, 1 and 2 passes of the values). A float32 pool (on a float16 one a fresh prompt's K/V
+    rounding alone moves the 3-per-KV-head case by 7 %, with the float32 tiles as much), and an int8 pool, whose
+    values the tiles take exactly (2 + 2 products and the scales; chunks after cached tokens: prompt_params)."""
     amx_rows(4)
-    check_prompt_case(case, torch.float32, 16, head_dim, heads, True)
+    check_prompt_case(case, kv_dtype, 16, head_dim, heads, True)
 
 
 def check_prompt_case(case, kv_dtype, block_size, head_dim, heads, amx):

@@ -20,7 +20,11 @@
    - V, per slice of 32 keys and 16 dimensions, two tiles (hi, lo): row i, column d holds dimension d of keys
      2i and 2i + 1 (the weighing's inner dimension is the keys').
    Each takes 2 ctxpad x D bfloat16 (ctxpad a multiple of 32; keys past the context are zeros): the float32
-   layout's bytes. */
+   layout's bytes.
+
+   An int8 pool's values are small integers, exact in bfloat16: its K and V need no lo tiles, so a score is qh kh +
+   ql kh times the key's scale and a weighed value ph vh + pl vh with each weight p first multiplied by its value's
+   scale; the same float32 numbers from 2 + 2 products instead of 4 + 3 (the scales: Chunk.scales). */
 
 #if TW_AMX
 #define AMX_KEYS 32 /* a slice of keys: one A tile of weights */
@@ -43,7 +47,8 @@ static inline void split_bf16(__m512 a, __m512 b, __m512i *hi, __m512i *lo) {
                                        _mm512_sub_ps(a, bf16_back(_mm512_castsi512_si256(*hi))));
 }
 
-/* K and V of the chunk's tokens [t0, t1) (t0 even), every KV head, bfloat16 hi and lo into the chunk's tile slabs:
+/* K and V of the chunk's tokens [t0, t1) (t0 even), every KV head, bfloat16 hi and lo into the chunk's tile slabs (an
+   int8 pool's values, exact, as hi alone, and their scales into c->scales):
    each token's row of K (and of V) is read whole and in order, the rows a few tokens ahead asked for early (the
    reads, not the stores, bound this loop: 2026-11-29, 32 tokens after 4,096 cached, one KV head at a time and no
    prefetch took the step 1.13x the time). */
@@ -52,6 +57,7 @@ static void widen_chunk_amx(const Net *net, int64_t layer, const Chunk *c, const
     const int64_t D = net->head_dim, bs = net->block_size, kind = net->kv_kind, elem = kv_elem(kind), nkv = net->num_kv_heads;
     const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                            23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512 one = _mm512_set1_ps(1.f);
     for (int64_t t = t0; t < t1; t += 2) {
         const int second = t + 1 < t1;
         for (int64_t u = t + WIDEN_AHEAD; u < t + WIDEN_AHEAD + 2 && u < t1; u++) widen_prefetch(net, layer, table, u);
@@ -65,6 +71,16 @@ static void widen_chunk_amx(const Net *net, int64_t layer, const Chunk *c, const
             const int64_t at = kh * head_bytes(D, kind);
             for (int j = 0; j <= second; j++) { /* K: key t + j's dimension pairs down column (t + j) % 16 */
                 uint32_t *col = (uint32_t *)(kt + (t + j) / 16 * 32 * D) + (t + j) % 16;
+                if (kind == KV_I8) {
+                    c->scales[kh * 2 * c->ctxpad + t + j] = row_scale(k[j] + at, D, kind);
+                    for (int64_t d = 0; d < D; d += 32) {
+                        uint32_t hi[16];
+                        _mm512_storeu_si512(hi, (__m512i)_mm512_cvtne2ps_pbh(load16_kv(k[j] + at + d + 16, kind, one),
+                                                                             load16_kv(k[j] + at + d, kind, one)));
+                        for (int i = 0; i < 16; i++) col[(d / 32 * 32 + i) * 16] = hi[i];
+                    }
+                    continue;
+                }
                 const __m512 ks = _mm512_set1_ps(row_scale(k[j] + at, D, kind));
                 for (int64_t d = 0; d < D; d += 32) {
                     __m512i h, l;
@@ -81,6 +97,17 @@ static void widen_chunk_amx(const Net *net, int64_t layer, const Chunk *c, const
             }
             /* V: keys t and t + 1 interleaved into row (t % 32) / 2 of their slice's tiles */
             uint16_t *row = vt + t / AMX_KEYS * 2 * AMX_KEYS * D + (t % AMX_KEYS) / 2 * 32;
+            if (kind == KV_I8) {
+                float *vscale = c->scales + (kh * 2 + 1) * c->ctxpad + t;
+                vscale[0] = row_scale(v[0] + at, D, kind);
+                if (second) vscale[1] = row_scale(v[1] + at, D, kind);
+                for (int64_t d = 0; d < D; d += 16) {
+                    const __m512 a = load16_kv(v[0] + at + d, kind, one);
+                    const __m512 b = second ? load16_kv(v[1] + at + d, kind, one) : _mm512_setzero_ps();
+                    _mm512_storeu_si512(row + d / 16 * 1024, _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(b, a)));
+                }
+                continue;
+            }
             const __m512 vs0 = _mm512_set1_ps(row_scale(v[0] + at, D, kind));
             const __m512 vs1 = _mm512_set1_ps(second ? row_scale(v[1] + at, D, kind) : 0.f);
             for (int64_t d = 0; d < D; d += 16) {
@@ -96,13 +123,14 @@ static void widen_chunk_amx(const Net *net, int64_t layer, const Chunk *c, const
 }
 
 /* C tile j (0-3) += the split product of the A tiles 4 (hi) and 6 (lo) and the B tiles at b (hi) and b + 512
-   (lo): ah bh + al bh + ah bl, and al bl if `all`. Tile numbers are immediates. */
-#define AMX_SPLIT_INTO(c, b, all) do { _tile_loadd(5, b, 64); _tile_dpbf16ps(c, 4, 5); _tile_dpbf16ps(c, 6, 5); \
-                                       _tile_loadd(7, (b) + 512, 64); _tile_dpbf16ps(c, 4, 7);              \
-                                       if (all) _tile_dpbf16ps(c, 6, 7); } while (0)
-#define AMX_SPLIT(j, b, all) do { switch (j) {                                                                  \
-        case 0: AMX_SPLIT_INTO(0, b, all); break; case 1: AMX_SPLIT_INTO(1, b, all); break;                     \
-        case 2: AMX_SPLIT_INTO(2, b, all); break; default: AMX_SPLIT_INTO(3, b, all); } } while (0)
+   (lo), its first `terms` of ah bh + al bh + ah bl + al bl (2: B exact in its hi tile). Tile numbers are
+   immediates. */
+#define AMX_SPLIT_INTO(c, b, terms) do { _tile_loadd(5, b, 64); _tile_dpbf16ps(c, 4, 5); _tile_dpbf16ps(c, 6, 5); \
+                                         if ((terms) > 2) { _tile_loadd(7, (b) + 512, 64); _tile_dpbf16ps(c, 4, 7); \
+                                                            if ((terms) > 3) _tile_dpbf16ps(c, 6, 7); } } while (0)
+#define AMX_SPLIT(j, b, terms) do { switch (j) {                                                                \
+        case 0: AMX_SPLIT_INTO(0, b, terms); break; case 1: AMX_SPLIT_INTO(1, b, terms); break;                 \
+        case 2: AMX_SPLIT_INTO(2, b, terms); break; default: AMX_SPLIT_INTO(3, b, terms); } } while (0)
 
 /* As attend_tile, on tiles: rows [i0, i1) of chunk c, KV head kh. s: this thread's scratch of TILE_ROWS * per_kv
    * KEY_RUN floats for a key run's scores, then twice as many bfloat16 for its weights (hi, lo). The query
@@ -119,6 +147,8 @@ static void attend_tile_amx(const Net *net, const Chunk *c, int64_t kh, int64_t 
     float *o[nq], *sp[nq];
     int64_t seen[nq];
     const __m512 scale = _mm512_set1_ps(net->scale);
+    const int exact = c->scales != NULL; /* an int8 pool's K and V: hi alone, and the scales */
+    const float *kscale = exact ? c->scales + kh * 2 * c->ctxpad : NULL, *vscale = exact ? kscale + c->ctxpad : NULL;
     for (int64_t m = 0; m < nqp; m++) {
         if (m >= nq) {
             memset(qh + m * D, 0, D * sizeof(uint16_t));
@@ -151,15 +181,24 @@ static void attend_tile_amx(const Net *net, const Chunk *c, int64_t kh, int64_t 
                 for (int64_t d = 0; d < D; d += 32) {
                     _tile_loadd(4, qh + m0 * D + d, D * 2);
                     _tile_loadd(6, ql + m0 * D + d, D * 2);
-                    for (int j = 0; j < panels; j++) AMX_SPLIT(j, kt + ((r0 + t0) / 16 + j) * 32 * D + d / 32 * 1024, 1);
+                    for (int j = 0; j < panels; j++)
+                        AMX_SPLIT(j, kt + ((r0 + t0) / 16 + j) * 32 * D + d / 32 * 1024, exact ? 2 : 4);
                 }
                 for (int j = 0; j < panels; j++) amx_store_tile(j, s + m0 * KEY_RUN + t0 + 16 * j, KEY_RUN * 4);
             }
         for (int64_t m = 0; m < nq; m++) { /* the run's weights, against the largest score so far, split */
+            if (exact)
+                for (int64_t t = 0; t < lpad; t += 16)
+                    _mm512_storeu_ps(sp[m] + t, _mm512_mul_ps(_mm512_loadu_ps(sp[m] + t), _mm512_loadu_ps(kscale + r0 + t)));
             fold_run(sp[m], seen[m] - r0 < len ? seen[m] - r0 : len, lpad, &top[m], &total[m], o[m], D);
             for (int64_t t = 0; t < lpad; t += 32) {
+                __m512 a = _mm512_loadu_ps(sp[m] + t), b = _mm512_loadu_ps(sp[m] + t + 16);
+                if (exact) {
+                    a = _mm512_mul_ps(a, _mm512_loadu_ps(vscale + r0 + t));
+                    b = _mm512_mul_ps(b, _mm512_loadu_ps(vscale + r0 + t + 16));
+                }
                 __m512i hi, lo;
-                split_bf16(_mm512_loadu_ps(sp[m] + t), _mm512_loadu_ps(sp[m] + t + 16), &hi, &lo);
+                split_bf16(a, b, &hi, &lo);
                 _mm512_storeu_si512(pb + m * KEY_RUN + t, hi);
                 _mm512_storeu_si512(pl + m * KEY_RUN + t, lo);
             }
@@ -172,7 +211,7 @@ static void attend_tile_amx(const Net *net, const Chunk *c, int64_t kh, int64_t 
                     _tile_loadd(4, pb + m0 * KEY_RUN + t, KEY_RUN * 2);
                     _tile_loadd(6, pl + m0 * KEY_RUN + t, KEY_RUN * 2);
                     const uint16_t *slice = vt + (r0 + t) / AMX_KEYS * 2 * AMX_KEYS * D + d0 / 16 * 1024;
-                    for (int j = 0; j < nd; j++) AMX_SPLIT(j, slice + j * 1024, 0);
+                    for (int j = 0; j < nd; j++) AMX_SPLIT(j, slice + j * 1024, exact ? 2 : 3);
                 }
                 for (int j = 0; j < nd; j++) {
                     amx_store_tile(j, cbuf, 64);

@@ -1060,7 +1060,14 @@ typedef struct {
     int amx;                               /* attends on AMX tiles, its K/V widened as they need (amx_attention.c) */
     float *wide;                           /* per KV head: K in panels (ctxpad / 16, D, 16), then V (ctxpad, D);
                                               on AMX the layouts of amx_attention.c, as many bytes */
+    float *scales;                         /* on AMX from an int8 pool, per KV head: its keys' scales (ctxpad), then
+                                              its values' (amx_attention.c); else NULL */
 } Chunk;
+
+/* Floats of a chunk's widened K/V (`wide`), then of its scales. */
+static inline int64_t chunk_floats(const Net *net, const Chunk *c) {
+    return net->num_kv_heads * 2 * c->ctxpad * (net->head_dim + (c->amx && net->kv_kind == KV_I8));
+}
 
 /* Rows per tile for a chunk of `rows`: as many as TILE_ROWS while every thread still gets four tiles or more (of
    all KV heads), never fewer than TILED_FROM; a multiple of `step` (8; on AMX 16 where the KV heads have an odd
@@ -1314,14 +1321,17 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
             Chunk *c = &chunks[n_chunks++];
             c->row = r, c->rows = e - r, c->table = row_tables[r], c->p0 = positions[r];
             c->ctxpad = (c->p0 + c->rows + 31) / 32 * 32; /* whole panels of keys (16), or AMX's slices (32) */
-            wide_floats += nkv * 2 * D * c->ctxpad;
             c->amx = amx_attn && c->p0 + c->rows >= AMX_ATTENTION_FROM;
+            wide_floats += chunk_floats(net, c);
             c->tile_rows = tile_rows_of(c->rows, nkv, threads, c->amx && per_kv % 2 ? 16 : 8);
             tile_start[n_chunks] = tile_start[n_chunks - 1] + nkv * ((c->rows + c->tile_rows - 1) / c->tile_rows);
         }
     }
     float *wide = calloc(wide_floats + 1, sizeof(float)); /* the chunks' widened K/V; padding keys stay 0 */
-    for (int64_t i = 0, at = 0; i < n_chunks; at += nkv * 2 * D * chunks[i].ctxpad, i++) chunks[i].wide = wide + at;
+    for (int64_t i = 0, at = 0; i < n_chunks; at += chunk_floats(net, &chunks[i]), i++) {
+        chunks[i].wide = wide + at;
+        chunks[i].scales = chunks[i].amx && net->kv_kind == KV_I8 ? chunks[i].wide + nkv * 2 * D * chunks[i].ctxpad : NULL;
+    }
     item_start[0] = part_base[0] = 0;
     for (int64_t r = 0, ci = 0; r < rows; r++) {
         const int tiled = ci < n_chunks && r >= chunks[ci].row;
