@@ -250,7 +250,7 @@ def main() -> int:
                     help="benchmark a model of this public shape with random weights made on the device (no file)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: float32 on CPU, bfloat16 on CUDA")
-    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
                     help="what the KV pool holds (default: auto, the engine's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size")
