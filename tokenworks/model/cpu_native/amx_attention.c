@@ -29,10 +29,10 @@
 #if TW_AMX
 #define AMX_KEYS 32 /* a slice of keys: one A tile of weights */
 
-/* 16 K or V values at p as float32, times `scale` (an int8 row's; 1 otherwise). */
-static inline __m512 load16_kv(const char *p, const int64_t kind, __m512 scale) {
+/* 16 K or V values at p as float32 (an int8 row's without its scale). */
+static inline __m512 load16_kv(const char *p, const int64_t kind) {
     if (kind == KV_F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
-    if (kind == KV_I8) return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))), scale);
+    if (kind == KV_I8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
     return _mm512_loadu_ps((const float *)p);
 }
 
@@ -57,7 +57,6 @@ static void widen_chunk_amx(const Net *net, int64_t layer, const Chunk *c, const
     const int64_t D = net->head_dim, bs = net->block_size, kind = net->kv_kind, elem = kv_elem(kind), nkv = net->num_kv_heads;
     const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                            23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512 one = _mm512_set1_ps(1.f);
     for (int64_t t = t0; t < t1; t += 2) {
         const int second = t + 1 < t1;
         for (int64_t u = t + WIDEN_AHEAD; u < t + WIDEN_AHEAD + 2 && u < t1; u++) widen_prefetch(net, layer, table, u);
@@ -75,17 +74,15 @@ static void widen_chunk_amx(const Net *net, int64_t layer, const Chunk *c, const
                     c->scales[kh * 2 * c->ctxpad + t + j] = row_scale(k[j] + at, D, kind);
                     for (int64_t d = 0; d < D; d += 32) {
                         uint32_t hi[16];
-                        _mm512_storeu_si512(hi, (__m512i)_mm512_cvtne2ps_pbh(load16_kv(k[j] + at + d + 16, kind, one),
-                                                                             load16_kv(k[j] + at + d, kind, one)));
+                        _mm512_storeu_si512(hi, (__m512i)_mm512_cvtne2ps_pbh(load16_kv(k[j] + at + d + 16, kind),
+                                                                             load16_kv(k[j] + at + d, kind)));
                         for (int i = 0; i < 16; i++) col[(d / 32 * 32 + i) * 16] = hi[i];
                     }
                     continue;
                 }
-                const __m512 ks = _mm512_set1_ps(row_scale(k[j] + at, D, kind));
                 for (int64_t d = 0; d < D; d += 32) {
                     __m512i h, l;
-                    split_bf16(load16_kv(k[j] + at + d * elem, kind, ks), load16_kv(k[j] + at + (d + 16) * elem, kind, ks),
-                               &h, &l);
+                    split_bf16(load16_kv(k[j] + at + d * elem, kind), load16_kv(k[j] + at + (d + 16) * elem, kind), &h, &l);
                     uint32_t hi[16], lo[16];
                     _mm512_storeu_si512(hi, h);
                     _mm512_storeu_si512(lo, l);
@@ -102,17 +99,15 @@ static void widen_chunk_amx(const Net *net, int64_t layer, const Chunk *c, const
                 vscale[0] = row_scale(v[0] + at, D, kind);
                 if (second) vscale[1] = row_scale(v[1] + at, D, kind);
                 for (int64_t d = 0; d < D; d += 16) {
-                    const __m512 a = load16_kv(v[0] + at + d, kind, one);
-                    const __m512 b = second ? load16_kv(v[1] + at + d, kind, one) : _mm512_setzero_ps();
+                    const __m512 a = load16_kv(v[0] + at + d, kind);
+                    const __m512 b = second ? load16_kv(v[1] + at + d, kind) : _mm512_setzero_ps();
                     _mm512_storeu_si512(row + d / 16 * 1024, _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(b, a)));
                 }
                 continue;
             }
-            const __m512 vs0 = _mm512_set1_ps(row_scale(v[0] + at, D, kind));
-            const __m512 vs1 = _mm512_set1_ps(second ? row_scale(v[1] + at, D, kind) : 0.f);
-            for (int64_t d = 0; d < D; d += 16) {
-                const __m512 a = load16_kv(v[0] + at + d * elem, kind, vs0);
-                const __m512 b = second ? load16_kv(v[1] + at + d * elem, kind, vs1) : _mm512_setzero_ps();
+            for (int64_t d = 0; d < D; d += 16) { /* float32 or float16: hi and lo */
+                const __m512 a = load16_kv(v[0] + at + d * elem, kind);
+                const __m512 b = second ? load16_kv(v[1] + at + d * elem, kind) : _mm512_setzero_ps();
                 __m512i hi, lo;
                 split_bf16(a, b, &hi, &lo);
                 _mm512_storeu_si512(row + d / 16 * 1024, _mm512_permutexvar_epi16(pairs, hi));

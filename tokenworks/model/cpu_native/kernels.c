@@ -854,6 +854,16 @@ static inline __attribute__((always_inline)) void weigh_heads(const float *p, in
         for (int c = 0; c < VALUE_VECTORS; c++) _mm256_storeu_ps(o + j * D + 8 * c, acc[j][c]);
 }
 
+/* s[j s_step + o] *= the scale of int8 head row o (rows: row 0, st_bytes apart) for n rows and nq heads j: a block's
+   scores by its keys' scales, or its weights by its values'. */
+static inline void times_row_scales(float *s, int64_t s_step, int64_t nq, const char *rows, int64_t st_bytes, int64_t n,
+                                    int64_t D) {
+    for (int64_t o = 0; o < n; o++) {
+        const float f = row_scale(rows + o * st_bytes, D, KV_I8);
+        for (int64_t j = 0; j < nq; j++) s[j * s_step + o] *= f;
+    }
+}
+
 /* Query heads of one row against the row's tokens [t_begin, t_end) (t_begin on a block boundary) through its block
    table; D % 8 == 0. The heads come in `groups` groups of nq, group g belonging to KV head kv_head + g (q: the
    first head's D values, the others following in that order). Each block of K and V is read from memory once
@@ -901,11 +911,7 @@ static inline __attribute__((always_inline)) void attend_kv(const Net *net, int6
                 for (; o < n; o++)
                     for (int j = 0; j < hn; j++) s[j * len + o] = dot1(qj + j * D, k + o * st_bytes, D, kind) * net->scale;
             }
-            if (kind == KV_I8)
-                for (int64_t o = 0; o < n; o++) {
-                    const float ks = row_scale(k + o * st_bytes, D, kind);
-                    for (int64_t j = 0; j < nq; j++) scores[(g * nq + j) * len + (t0 - t_begin) + o] *= ks;
-                }
+            if (kind == KV_I8) times_row_scales(scores + g * nq * len + (t0 - t_begin), len, nq, k, st_bytes, n, D);
         }
     }
     float inv[groups * nq];
@@ -928,11 +934,7 @@ static inline __attribute__((always_inline)) void attend_kv(const Net *net, int6
         int64_t c = 0;
         for (int64_t g = 0; g < groups; g++) {
             const char *v = vb + g * row_bytes;
-            if (kind == KV_I8)
-                for (int64_t o = 0; o < n; o++) {
-                    const float vs = row_scale(v + o * st_bytes, D, kind);
-                    for (int64_t j = 0; j < nq; j++) scores[(g * nq + j) * len + (t0 - t_begin) + o] *= vs;
-                }
+            if (kind == KV_I8) times_row_scales(scores + g * nq * len + (t0 - t_begin), len, nq, v, st_bytes, n, D);
             for (int64_t j0 = 0; j0 < nq; j0 += HEADS_AT_ONCE) {
                 const int hn = nq - j0 < HEADS_AT_ONCE ? nq - j0 : HEADS_AT_ONCE;
                 const float *p = scores + (g * nq + j0) * len + (t0 - t_begin);
