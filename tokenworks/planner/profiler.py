@@ -301,14 +301,12 @@ def profile_engine(args, plan: Plan, *, random_config=None, hardware: str | None
     prefill = fit_with_holdout([p[0] for p in pre], [p[1] for p in pre], [p[2] for p in pre], PREFILL_FORM)
     decode = fit_with_holdout([p[0] for p in dec], [p[1] for p in dec], [p[2] for p in dec], DECODE_FORM)
     transfer = fit_transfer([p[0] for p in xfer], [p[1] for p in xfer], kind)
-    c = loaded.model_config
-    elem = torch.tensor([], dtype=kv.tensor.dtype).element_size()
     threads = torch.get_num_threads() if not cuda else None
     return Profile(
         model=loaded.model_name, dtype=dtype, device="cuda" if cuda else "cpu",
         hardware=hardware or hardware_name(args.device),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        kv_bytes_per_token=c.num_layers * 2 * c.kv_size * elem,
+        kv_bytes_per_token=kv.block_nbytes // args.block_size,  # an int8 pool's scales included
         weight_bytes=loaded.runner.model.num_parameters * loaded.runner.model.dtype.itemsize,
         prefill=prefill, decode=decode, transfer=transfer,
         max_num_batched_tokens=sched.max_num_batched_tokens, max_num_seqs=sched.max_num_seqs,
