@@ -63,7 +63,6 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self._tracks: dict[str, _Track] = {}
-        self.num_steps = 0
         self.overlap = overlap
         # False: each output carries only its step's tokens and logprobs (``token_ids`` and ``text`` left empty),
         # not copies of everything so far; a worker, which sends only what is new, turns this off.
@@ -156,7 +155,6 @@ class Engine:
 
     def _update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
         new_tokens = self.scheduler.update(sched, result)
-        self.num_steps += 1
         return [self._output(request, token, result) for request, token in new_tokens]
 
     def _output(self, request: Request, token: int, result: ModelRunnerOutput) -> RequestOutput:

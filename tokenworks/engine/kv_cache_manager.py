@@ -26,8 +26,6 @@ class KVCacheManager:
         self.req_blocks: dict[str, list[Block]] = {}
         self.num_published: dict[str, int] = {}  # request id -> its leading blocks already offered to the cache
         self._ids: dict[str, list[int]] = {}  # request id -> its block ids, a new list whenever blocks are added
-        self.prefix_queries = 0  # tokens looked up in the prefix cache
-        self.prefix_hits = 0  # tokens found there
 
     def block_ids(self, request_id: str) -> list[int]:
         """The request's block table. Read-only: the same list is handed out until the request gets more blocks
@@ -62,8 +60,6 @@ class KVCacheManager:
             hits.append(block)
         if self.host_tier is not None and len(hits) < len(hashes):
             hits += self._restore(hashes[len(hits):], hits)
-        self.prefix_queries += request.num_tokens
-        self.prefix_hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
 
     def _restore(self, hashes: list[int], hits: list[Block]) -> list[Block]:

@@ -139,10 +139,6 @@ class Scheduler:
             self.waiting.appendleft(request)
 
     @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
-
-    @property
     def num_waiting_for_kv(self) -> int:
         return sum(1 for r in self.requests.values() if r.status == RequestStatus.WAITING_FOR_KV)
 

@@ -3,7 +3,8 @@
 Layout: ``(num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim)``.
 A block holds K and V of ``block_size`` tokens for every layer in one run of
 memory, so moving a request's KV to another process is one descriptor per
-block (``block_region``). Block 0 is the padding target (see BlockPool).
+block (``block_nbytes`` bytes, ``block_id x block_nbytes`` into the tensor).
+Block 0 is the padding target (see BlockPool).
 
 An ``int8`` pool (CPU) holds each token's head as ``head_dim`` signed bytes
 and then its scale, a float32 in the row's last 4 bytes: a head row is
@@ -125,7 +126,3 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
-
-    def block_region(self, block_id: int) -> tuple[int, int]:
-        """(address, length) of one block's bytes, all layers."""
-        return self.tensor.data_ptr() + block_id * self.block_nbytes, self.block_nbytes
