@@ -1,8 +1,8 @@
 """A stub OpenAI server whose timings the test controls: first token after `ttft`, then one token every `itl`.
 
 With `serial=True` it serves one request at a time (the others queue), so the
-capacity is known. Prompts containing FAIL500 get a 500; CLOSE closes the
-stream after two tokens without [DONE].
+capacity is known. Prompts containing FAIL500 get a 500; BUSY a 429 with
+Retry-After: 1; CLOSE closes the stream after two tokens without [DONE].
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ class StubServer:
             prompt, n = body["prompt"], body["max_tokens"]
             if "FAIL500" in prompt:
                 return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, status_code=500)
+            if "BUSY" in prompt:
+                return JSONResponse({"error": {"message": "server is at capacity; retry in 1s", "type": "rate_limit_error"}},
+                                    status_code=429, headers={"Retry-After": "1"})
 
             async def produce():
                 await asyncio.sleep(self.ttft)

@@ -10,7 +10,7 @@ import pytest
 from tests.stub_server import StubServer
 from tokenworks.bench import workloads as W
 from tokenworks.bench.loadgen import Load, arrival_times, drive, run_load
-from tokenworks.bench.metrics import SLO, goodput, summarize
+from tokenworks.bench.metrics import NOT_SENT, SLO, goodput, summarize
 
 SAMPLES = importlib.resources.files("tokenworks.bench") / "samples"
 
@@ -80,6 +80,20 @@ def test_errors_are_reported_per_request_and_never_crash_the_run(stub):
     assert s["failed"] == 2 and s["slo_attainment"] == pytest.approx(1 / 3)
     dead, _ = run("http://127.0.0.1:9", [W.BenchRequest("x", 2)], Load(concurrency=1), timeout=3)
     assert not dead[0].ok and "Connect" in dead[0].error
+
+
+def test_a_closed_loop_user_refused_with_retry_after_waits_before_its_next_request(stub):
+    """A cold server refuses past its first few requests (429, Retry-After): a closed loop that sent the next
+    request at once ran through all 40 of a run in the time the refusals took (4 served, 36 refused)."""
+    reqs = [W.BenchRequest("BUSY now", 3), W.BenchRequest("fine", 3), W.BenchRequest("fine too", 3)]
+    results, wall = run(stub.url, reqs, Load(concurrency=1))
+    assert results[0].error.startswith("HTTP 429") and results[0].retry_after == 1.0
+    assert results[1].ok and results[2].ok and results[1].retry_after is None
+    assert results[1].start - results[0].start >= 0.95  # it waited the second it was told
+    # the wait never outlasts the run's time limit: the rest are then not sent
+    cut, wall = run(stub.url, [W.BenchRequest("BUSY", 3), W.BenchRequest("fine", 3)], Load(concurrency=1),
+                    max_duration=0.3)
+    assert wall < 0.9 and not cut[1].ok and cut[1].error.startswith(NOT_SENT)
 
 
 def test_arrivals_are_seeded_and_have_the_asked_rate():

@@ -92,6 +92,42 @@ def test_an_unhealthy_worker_is_taken_out_of_routing_at_once():
     asyncio.run(main())
 
 
+def test_a_cold_worker_refuses_past_its_first_requests_with_a_short_retry_after():
+    """Before its first first token a worker takes COLD_QUEUE requests; the next is told to come back in about the
+    time that first token takes (with it comes a measured rate), not after the whole queue limit (30 s: a
+    closed-loop benchmark then lost 36 of 40 requests to a server that had started a second before)."""
+    from tokenworks.codec import Codec
+    from tokenworks.router.admission import COLD_QUEUE, COLD_RETRY_AFTER
+    from tokenworks.router.router import Router
+    from tokenworks.worker import protocol as P
+
+    async def main():
+        router = Router(block_size=16, local_prefill_threshold=16)
+        router.start()
+        ctx = zmq.asyncio.Context.instance()
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(router.events_endpoint)
+        router.expect("agg-0")
+        await push.send(Codec(P.FromWorker).encode(P.Ready("agg-0", "both", 1, "m", "tcp://127.0.0.1:9", 256, 16, 10,
+                                                           None, [0], 0.1)))
+        deadline = time.monotonic() + 5
+        while not router.workers and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        prompt = list(range(100))
+        assert router.admission_check(prompt) is None
+        rates = router.view()[0].rates
+        for _ in range(COLD_QUEUE):  # queued for a first token, none measured yet
+            rates.started(time.monotonic())
+        assert router.admission_check(prompt) == COLD_RETRY_AFTER == 1.0
+        rates.done(time.monotonic() + 0.5, 100)  # a first token: now a measured rate decides
+        assert router.admission_check(prompt) is None
+        push.close(0)
+        router.close()
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("overlap", ["off", "on"])
 def test_a_worker_sends_one_message_per_step_with_every_request_in_it(tmp_path, overlap):
     """A real worker process: three requests decode together; each step's tokens come in one Outputs message,

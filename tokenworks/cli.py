@@ -260,7 +260,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                     else cluster.where(spec.worker_id)
                 print(f"[tokenworks]   {spec.worker_id:<10} role={spec.role:<8} pid={w.pid:<8} {where}, "
                       f"{w.num_blocks} KV blocks of {w.block_size} tokens"
-                      + (f" ({w.kv_peer.layout.dtype})" if w.kv_peer else "")
+                      + (f" ({w.kv_dtype})" if w.kv_dtype else "")
                       + (f", warmed up in {w.warmup_seconds:.1f} s" if w.warmup_seconds else "")
                       + (f"; {w.graphs}" if w.graphs else ""), file=sys.stderr)
             print(f"[tokenworks] model {files.name}, KV transport {ns.kv_transport}, local prefill up to "

@@ -34,6 +34,7 @@ class RequestResult:
     output_tokens: int = 0
     error: str | None = None
     error_after: float | None = None  # seconds from sending to the error (a 429's answer time, say)
+    retry_after: float | None = None  # a refusal's Retry-After, in seconds (429 and 503 answers that give one)
     token_times: list[float] = field(default_factory=list)  # seconds from the run's start
 
     @property
@@ -84,6 +85,10 @@ async def _send(client: aiohttp.ClientSession, base_url: str, api: str, model: s
             if r.status != 200:
                 text = (await r.read()).decode(errors="replace")[:300]
                 res.error = f"HTTP {r.status}: {text}"
+                try:
+                    res.retry_after = float(r.headers["Retry-After"])
+                except (KeyError, ValueError):
+                    pass
                 return res
             pending = b""
             async for data in r.content.iter_any():

@@ -1,5 +1,9 @@
 """Open-loop (Poisson or gamma arrivals at a rate), closed-loop (fixed concurrency) and trace replay.
 
+In a closed loop each of the ``concurrency`` users sends its next request when its last one ends; one that was
+refused with a Retry-After (a server at capacity: 429) waits that long first, as a client would, instead of
+running through the rest of the requests in the time the refusals take.
+
 ``drive`` runs a load to its end from ordinary code, on uvloop where it is installed, and can spread it over
 several client processes: one client core parses about 20,000 streamed events a second on the 2-core VM this
 was written on, less than one GPU worker serving a small model produces, and a benchmark must measure the
@@ -57,6 +61,9 @@ def arrival_times(n: int, rate: float, burstiness: float, seed: int) -> list[flo
     return out
 
 
+MAX_RETRY_WAIT = 60.0  # seconds a closed-loop user waits on a refusal's Retry-After, at most
+
+
 async def run_load(base_url: str, requests: list[BenchRequest], load: Load, *, api: str = "completions",
                    model: str | None = None, timeout: float = 300.0, max_duration: float | None = None,
                    progress=None, headers: dict | None = None) -> tuple[list[RequestResult], float]:
@@ -77,12 +84,17 @@ async def run_load(base_url: str, requests: list[BenchRequest], load: Load, *, a
             for i in range(len(requests)):
                 queue.put_nowait(i)
 
-            async def worker() -> None:
+            async def worker() -> None:  # one user: the next request when the last one ends
                 while not queue.empty():
                     if deadline is not None and time.perf_counter() > deadline:
                         return
                     i = queue.get_nowait()
                     await one(i, time.perf_counter() - t0)
+                    wait = results[i].retry_after
+                    if wait:  # refused: back when told, as a client would, not at once with the next request
+                        if deadline is not None:
+                            wait = min(wait, deadline - time.perf_counter())
+                        await asyncio.sleep(max(0.0, min(wait, MAX_RETRY_WAIT)))
 
             await asyncio.gather(*(worker() for _ in range(load.concurrency)))
         else:

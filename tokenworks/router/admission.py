@@ -19,6 +19,9 @@ import math
 # would otherwise all be admitted on a guess (measured: 40/s into a cold worker, the last admitted waited 13 s
 # against a 5 s limit). The first first token, usually within a second, brings a measured rate.
 COLD_QUEUE = 4
+# What a request refused by COLD_QUEUE is told to wait (Retry-After): the first token is about that far away, and
+# with it a measured rate (a refusal's usual advice, the wait past the limit, is unbounded before that).
+COLD_RETRY_AFTER = 1.0
 
 
 class BacklogRate:

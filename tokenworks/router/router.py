@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import sys
 import time
 import traceback
@@ -34,6 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
 from tokenworks.codec import Codec
+from tokenworks.router.admission import COLD_RETRY_AFTER
 from tokenworks.router.kv_index import KVIndex
 from tokenworks.router.policy import RoutingPolicy, WorkerView
 from tokenworks.router.stream import RequestStream
@@ -471,6 +473,8 @@ class Router:
                     + self._slot_wait(placement.decode.worker_id, n))
             if wait > self.max_queue_wait:
                 self.metrics.rejected.labels("predicted_wait").inc()
+                if math.isinf(wait):  # no rate measured yet and COLD_QUEUE waiting
+                    return COLD_RETRY_AFTER
                 return max(1.0, min(wait - self.max_queue_wait, self.max_queue_wait))
         # Counted until generate() starts and registers its stream (that happens in a task, later).
         self._admitted.extend([now] * n)

@@ -55,6 +55,7 @@ class Ready(msgspec.Struct, tag="ready"):
     num_host_blocks: int = 0  # the host tier's size (--kv-host-memory-gib), 0: none
     host_block_hashes: list[int] = []  # what it holds now
     max_num_seqs: int = 0  # requests its engine runs at once (admission: a request beyond them waits for a finish)
+    kv_dtype: str = ""  # what its KV pool holds (KVCache.dtype_name: "float16", "int8", ...)
 
 
 class KVEvents(msgspec.Struct, tag="kv_events"):

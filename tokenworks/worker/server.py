@@ -113,7 +113,7 @@ class Worker:
             cached_block_hashes=self.loaded.pool.record_events(),
             num_host_blocks=0 if tier is None else tier.num_blocks,
             host_block_hashes=[] if tier is None else tier.hashes(),
-            max_num_seqs=self.scheduler.config.max_num_seqs,
+            max_num_seqs=self.scheduler.config.max_num_seqs, kv_dtype=kv.dtype_name,
         ))
 
     def send(self, msg: P.FromWorker) -> None:
