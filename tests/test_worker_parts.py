@@ -54,25 +54,35 @@ def test_warm_up_runs_prefills_and_decode_batches_and_leaves_the_pool_as_it_was(
     assert len(out) == 2 and out[0].token_ids == out[1].token_ids and out[1].num_cached_tokens == 32
 
 
-def test_an_unhealthy_worker_is_taken_out_of_routing_at_once():
+async def router_with_workers(roles: dict[str, str]):
+    """A started Router that has registered a stand-in worker (a Ready message, no process) for each id -> role,
+    and the PUSH socket those messages came on (send it more; close it and the router after)."""
     from tokenworks.codec import Codec
     from tokenworks.router.router import Router
     from tokenworks.worker import protocol as P
 
+    router = Router(block_size=16, local_prefill_threshold=16)
+    router.start()
+    push = zmq.asyncio.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(router.events_endpoint)
+    enc = Codec(P.FromWorker)
+    for wid, role in roles.items():
+        router.expect(wid)
+        await push.send(enc.encode(P.Ready(wid, role, 1, "m", "tcp://127.0.0.1:9", 256, 16, 10, None, [0], 0.1)))
+    deadline = time.monotonic() + 5
+    while len(router.workers) < len(roles) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return router, push
+
+
+def test_an_unhealthy_worker_is_taken_out_of_routing_at_once():
+    from tokenworks.codec import Codec
+    from tokenworks.worker import protocol as P
+
     async def main():
-        router = Router(block_size=16, local_prefill_threshold=16)
-        router.start()
-        ctx = zmq.asyncio.Context.instance()
-        push = ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 0)
-        push.connect(router.events_endpoint)
+        router, push = await router_with_workers({"prefill-0": "prefill", "decode-0": "decode"})
         enc = Codec(P.FromWorker)
-        for wid, role in (("prefill-0", "prefill"), ("decode-0", "decode")):
-            router.expect(wid)
-            await push.send(enc.encode(P.Ready(wid, role, 1, "m", "tcp://127.0.0.1:9", 256, 16, 10, None, [0], 0.1)))
-        deadline = time.monotonic() + 5
-        while len(router.workers) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
         prompt = list(range(100))
         assert router.policy.place(router.view(), prompt).prefill.worker_id == "prefill-0"
         await push.send(b"\xc1 not msgpack")  # refused and counted; the reader goes on to the next message
@@ -96,24 +106,10 @@ def test_a_cold_worker_refuses_past_its_first_requests_with_a_short_retry_after(
     """Before its first first token a worker takes COLD_QUEUE requests; the next is told to come back in about the
     time that first token takes (with it comes a measured rate), not after the whole queue limit (30 s: a
     closed-loop benchmark then lost 36 of 40 requests to a server that had started a second before)."""
-    from tokenworks.codec import Codec
     from tokenworks.router.admission import COLD_QUEUE, COLD_RETRY_AFTER
-    from tokenworks.router.router import Router
-    from tokenworks.worker import protocol as P
 
     async def main():
-        router = Router(block_size=16, local_prefill_threshold=16)
-        router.start()
-        ctx = zmq.asyncio.Context.instance()
-        push = ctx.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 0)
-        push.connect(router.events_endpoint)
-        router.expect("agg-0")
-        await push.send(Codec(P.FromWorker).encode(P.Ready("agg-0", "both", 1, "m", "tcp://127.0.0.1:9", 256, 16, 10,
-                                                           None, [0], 0.1)))
-        deadline = time.monotonic() + 5
-        while not router.workers and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        router, push = await router_with_workers({"agg-0": "both"})
         prompt = list(range(100))
         assert router.admission_check(prompt) is None
         rates = router.view()[0].rates
