@@ -96,6 +96,19 @@ def test_a_closed_loop_user_refused_with_retry_after_waits_before_its_next_reque
     assert wall < 0.9 and not cut[1].ok and cut[1].error.startswith(NOT_SENT)
 
 
+def test_the_summary_line_says_how_the_unfinished_requests_failed(capsys):
+    from tokenworks.bench.client import RequestResult
+    from tokenworks.cli import _print_summary
+
+    results = [RequestResult(index=i, scheduled=0.0, start=0.0, ttft=0.1, e2e=0.2, output_tokens=2)
+               for i in range(5)]
+    results[1].error = results[3].error = "HTTP 429: server is at capacity; retry in 1s"
+    results[4].error = f"{NOT_SENT}: time limit reached"
+    s = summarize(results, 1.0, SLO(ttft=10)) | {"load": "concurrency 2"}
+    _print_summary({"runs": {"server": [s]}, "goodput": {"server": "none"}, "report": "r.md"})
+    assert "done 2/4 (2 HTTP 429) (1 not sent)" in capsys.readouterr().out
+
+
 def test_arrivals_are_seeded_and_have_the_asked_rate():
     a = arrival_times(4000, rate=5.0, burstiness=1.0, seed=3)
     assert a == arrival_times(4000, rate=5.0, burstiness=1.0, seed=3)

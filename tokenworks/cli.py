@@ -383,7 +383,9 @@ def _print_summary(doc: dict) -> None:
             t, i = s["ttft_s"], s["itl_s"]
             fmt = lambda v: "-" if v is None else f"{v * 1000:.0f}"  # noqa: E731
             cost = s.get("cost_per_million_output_tokens")
+            failed = ", ".join(f"{n} {kind}" for kind, n in s.get("errors", {}).items())  # "4 HTTP 429"
             print(f"{name:<24} {s['load']:<28} done {s['completed']}/{s['requests']}"
+                  + (f" ({failed})" if failed else "")
                   + (f" ({s['not_sent']} not sent)" if s.get("not_sent") else "") + "  "
                   f"TTFT p50 {fmt(t['median'])} ms p99 {fmt(t['p99'])} ms  ITL p99 {fmt(i['p99'])} ms  "
                   f"{s['output_token_throughput']:.1f} tok/s" + (f" (${cost:.3g}/M tokens)" if cost else "") +
