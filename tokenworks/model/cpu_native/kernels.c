@@ -718,6 +718,12 @@ static inline __attribute__((always_inline)) __m256 load8_kv(const void *p, int6
     return _mm256_loadu_ps((const float *)p + i);
 }
 
+/* load8_kv times the row's scale on an int8 pool (row_scale; the other pools' values as they are). */
+static inline __attribute__((always_inline)) __m256 load8_scaled(const void *p, int64_t i, const int kind, __m256 scale) {
+    const __m256 x = load8_kv(p, i, kind);
+    return kind == KV_I8 ? _mm256_mul_ps(x, scale) : x;
+}
+
 /* A head row of n (a multiple of 8) float32 values into the pool at p: as they are, rounded to the nearest float16
    (even on a tie), or quantized as kv_cache.store_rows does (the same float32 divisions, ties to even). */
 static void store_kv(void *p, const float *x, int64_t n, int kind) {
@@ -730,14 +736,14 @@ static void store_kv(void *p, const float *x, int64_t n, int kind) {
         __m256 top = _mm256_setzero_ps();
         for (int64_t i = 0; i < n; i += 8) top = _mm256_max_ps(top, _mm256_andnot_ps(_mm256_set1_ps(-0.f), _mm256_loadu_ps(x + i)));
         const float s = hmax(top) / 127.f;
-        const __m256 by = _mm256_set1_ps(s > 0.f ? s : 1.f), lim = _mm256_set1_ps(127.f);
+        const __m256 by = _mm256_set1_ps(s > 0.f ? s : 1.f);
         int8_t *q = p;
         for (int64_t i = 0; i < n; i += 8) {
-            const __m256 r = _mm256_min_ps(_mm256_max_ps(_mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), by),
-                                                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
-                                                         _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
-            const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(_mm256_cvtps_epi32(r)),
-                                              _mm256_extracti128_si256(_mm256_cvtps_epi32(r), 1));
+            const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), by),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m256i v = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, _mm256_set1_ps(-127.f)),
+                                                               _mm256_set1_ps(127.f)));
+            const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
             _mm_storel_epi64((__m128i *)(q + i), _mm_packs_epi16(w, w));
         }
         memcpy(q + n, &s, sizeof s);
@@ -1073,9 +1079,11 @@ typedef struct {
                                               its values' (amx_attention.c); else NULL */
 } Chunk;
 
-/* Floats of a chunk's widened K/V (`wide`), then of its scales. */
+/* Whether a chunk keeps its keys' and values' scales beside its widened K/V (on AMX from an int8 pool), and the
+   floats of both. */
+static inline int chunk_scaled(const Net *net, const Chunk *c) { return c->amx && net->kv_kind == KV_I8; }
 static inline int64_t chunk_floats(const Net *net, const Chunk *c) {
-    return net->num_kv_heads * 2 * c->ctxpad * (net->head_dim + (c->amx && net->kv_kind == KV_I8));
+    return net->num_kv_heads * 2 * c->ctxpad * (net->head_dim + chunk_scaled(net, c));
 }
 
 /* Rows per tile for a chunk of `rows`: as many as TILE_ROWS while every thread still gets four tiles or more (of
@@ -1112,10 +1120,10 @@ static void widen_chunk(const Net *net, int64_t layer, const Chunk *c, const int
             const char *vs = (const char *)kv_at(net, layer, 1, table[t / bs], t % bs) + kh * hb;
             const __m256 ks = _mm256_set1_ps(row_scale(k, D, kind)), vsc = _mm256_set1_ps(row_scale(vs, D, kind));
             float row[D];
-            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(row + d, _mm256_mul_ps(load8_kv(k, d, kind), ks));
+            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(row + d, load8_scaled(k, d, kind, ks));
             float *panel = kt + t / TILE_KEYS * D * TILE_KEYS + t % TILE_KEYS;
             for (int64_t d = 0; d < D; d++) panel[d * TILE_KEYS] = row[d];
-            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(v + t * D + d, _mm256_mul_ps(load8_kv(vs, d, kind), vsc));
+            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(v + t * D + d, load8_scaled(vs, d, kind, vsc));
         }
     }
 }
@@ -1339,7 +1347,7 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
     float *wide = calloc(wide_floats + 1, sizeof(float)); /* the chunks' widened K/V; padding keys stay 0 */
     for (int64_t i = 0, at = 0; i < n_chunks; at += chunk_floats(net, &chunks[i]), i++) {
         chunks[i].wide = wide + at;
-        chunks[i].scales = chunks[i].amx && net->kv_kind == KV_I8 ? chunks[i].wide + nkv * 2 * D * chunks[i].ctxpad : NULL;
+        chunks[i].scales = chunk_scaled(net, &chunks[i]) ? chunks[i].wide + nkv * 2 * D * chunks[i].ctxpad : NULL;
     }
     item_start[0] = part_base[0] = 0;
     for (int64_t r = 0, ci = 0; r < rows; r++) {
