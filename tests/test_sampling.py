@@ -82,6 +82,28 @@ def test_penalties_discourage_repetition(llm):
     assert penalized.token_ids != plain.token_ids
 
 
+def test_logit_bias_forces_and_bans_tokens_in_a_mixed_batch(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    plain = llm.generate(PROMPT, greedy)[0]
+    forced_id = llm.tokenizer.encode(" banana")[0]
+    banned = plain.token_ids[0]
+    outs = llm.generate([PROMPT] * 4, [
+        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logit_bias={forced_id: 100}),
+        greedy,  # unbiased in the same batch: untouched
+        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logit_bias={banned: -100}, logprobs=1),
+        SamplingParams(temperature=0.8, seed=3, max_tokens=8, ignore_eos=True, logit_bias={forced_id: 100}),
+    ])
+    assert outs[0].token_ids == [forced_id] * 8 and outs[3].token_ids == [forced_id] * 8
+    assert outs[1].token_ids == plain.token_ids
+    assert banned not in outs[2].token_ids and outs[2].token_ids[0] != plain.token_ids[0]
+    # logprobs are the model's own: the banned token still tops the first position's list
+    assert outs[2].logprobs[0].top[0][0] == banned
+    assert math.isclose(outs[2].logprobs[0].top[0][2], plain.logprobs[0].logprob, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.generate(PROMPT, SamplingParams(logit_bias={llm.engine.vocab_size: 1.0}))
+    assert llm.pool.num_used_blocks == 0 and not llm.engine.has_unfinished()
+
+
 def test_streaming_deltas_add_up_to_the_text(llm):
     engine = llm.engine
     engine.add_request("stream-test", "Write three emoji: ", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
@@ -96,7 +118,8 @@ def test_streaming_deltas_add_up_to_the_text(llm):
 
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1),
-                                 dict(logprobs=100), dict(stop=[""]), dict(min_p=2.0)])
+                                 dict(logprobs=100), dict(stop=[""]), dict(min_p=2.0), dict(logit_bias={5: 101}),
+                                 dict(logit_bias={-1: 1}), dict(logit_bias={"5": 1}), dict(logit_bias=[(5,)])])
 def test_bad_params_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

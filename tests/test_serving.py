@@ -128,6 +128,16 @@ def test_completions_and_logprobs(server, client):
     assert len(models.data) == 1
 
 
+def test_logit_bias_through_the_openai_client(server, client, served_llm):
+    token = served_llm.tokenizer.encode(" harbour")[0]
+    r = client.completions.create(model="default", prompt="The capital of France is", max_tokens=4, temperature=0,
+                                  logit_bias={str(token): 100})
+    assert r.choices[0].text == " harbour" * 4
+    chat = client.chat.completions.create(model="default", messages=SHORT, max_tokens=3, temperature=0.7, seed=1,
+                                          logit_bias={str(token): 100}, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chat if c.choices) == " harbour" * 3
+
+
 @pytest.mark.parametrize("body, status", [
     (b"{not json", 400),
     (json.dumps({"messages": []}).encode(), 400),
@@ -139,6 +149,10 @@ def test_completions_and_logprobs(server, client):
     (json.dumps({"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]}).encode(), 404),
     (json.dumps({"messages": [{"role": "user", "content": "word " * 9000}]}).encode(), 400),
     (b"\xff\xfe\x00garbage", 400),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"word": 5}}).encode(), 400),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"10": 500}}).encode(), 400),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {str(10**9): 1}}).encode(), 400),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logit_bias": [1, 2]}).encode(), 400),
 ])
 def test_bad_input_gets_openai_error_and_server_stays_up(server, body, status):
     r = httpx.post(server.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"},

@@ -13,6 +13,9 @@ class SamplingParams:
     reproducible whatever else shares its batch. Stop strings are removed
     from the returned text; stop token ids and EOS end the request with
     ``finish_reason == "stop"``, ``max_tokens`` with ``"length"``.
+    ``logit_bias``: (token id, bias) pairs added to the logits before every
+    choice, greedy or sampled (OpenAI's: -100 bans a token, 100 all but
+    forces it); logprobs stay those of the model's own logits.
     """
 
     max_tokens: int = 16
@@ -29,6 +32,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return, 0 = only the sampled token
     min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -36,6 +40,9 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        _check(all(len(pair) == 2 for pair in bias), "logit_bias must map token ids to biases")
+        object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in bias))
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be an integer >= 1")
         _check(0.0 <= self.temperature <= 100.0, "temperature must be in [0, 100]")
         _check(0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]")
@@ -48,6 +55,11 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         _check(len(self.stop) <= 16, "at most 16 stop strings")
         _check(0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]")
+        _check(len(self.logit_bias) <= MAX_LOGIT_BIAS, f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens")
+        _check(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t, _ in self.logit_bias),
+               "logit_bias keys must be token ids (integers >= 0)")
+        _check(all(isinstance(b, (int, float)) and -100.0 <= b <= 100.0 for _, b in self.logit_bias),
+               "logit_bias values must be in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
@@ -56,6 +68,9 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+MAX_LOGIT_BIAS = 1024  # tokens one request may bias
 
 
 def _check(ok: bool, message: str) -> None:

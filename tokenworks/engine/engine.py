@@ -85,6 +85,11 @@ class Engine:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         return token_ids
 
+    def _check_bias(self, params: SamplingParams) -> None:
+        vocab = self.vocab_size
+        if vocab is not None and any(t >= vocab for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+
     def _track(self, request: Request, params: SamplingParams) -> _Track:
         detok = None
         if self.tokenizer is not None:
@@ -97,6 +102,7 @@ class Engine:
         self, request_id: str, prompt: str | list[int], params: SamplingParams, prefill_only: bool = False
     ) -> Request:
         """Queue a request. ``prefill_only``: stop after the first token and hold its KV for a decode worker."""
+        self._check_bias(params)
         request = Request(request_id, self._token_ids(prompt), params, self.eos_token_ids, prefill_only=prefill_only)
         self.scheduler.add_request(request)
         self._track(request, params)
@@ -111,6 +117,7 @@ class Engine:
         pull), or None when the pool has no room now (try again later). The
         caller pulls the KV, then calls ``scheduler.admit_transferred``.
         """
+        self._check_bias(params)
         request = Request(request_id, self._token_ids(prompt), params, self.eos_token_ids)
         request.append_output_token(first_token)
         first_block = self.scheduler.reserve_for_transfer(request)

@@ -1,4 +1,4 @@
-"""From logits to tokens: penalties, temperature, top-k/top-p/min-p, seeded sampling, logprobs.
+"""From logits to tokens: penalties, logit bias, temperature, top-k/top-p/min-p, seeded sampling, logprobs.
 
 Each request that samples at random owns a ``torch.Generator`` (seeded from
 ``SamplingParams.seed`` when given), and draws from it through the
@@ -83,6 +83,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest]) -> SampledTokens:
         """logits: (N, vocab) float32, one row per request in ``reqs``."""
         dev = logits.device
+        raw_logits = logits
         want_logprobs = [row for row, s in enumerate(reqs) if s.sampling_params.logprobs is not None]
         raw_logprobs = None
         if want_logprobs:
@@ -90,6 +91,9 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits.index_select(0, want), dim=-1)
         if any(s.sampling_params.has_penalties for s in reqs):
             logits = self._apply_penalties(logits.clone(), reqs)
+        biased = [row for row, s in enumerate(reqs) if s.sampling_params.logit_bias]
+        if biased:
+            logits = _add_logit_bias(logits if logits is not raw_logits else logits.clone(), reqs, biased)
 
         tokens = logits.max(dim=-1).indices  # argmax's first-of-ties, in 0.4x its time on the CPU (32 x 49,152)
         random_rows = [row for row, s in enumerate(reqs) if not s.sampling_params.greedy]
@@ -114,6 +118,14 @@ class Sampler:
             top_vals, top_ids = raw_logprobs.topk(max(reqs[r].sampling_params.logprobs for r in want_logprobs))
             logprob_tensors = [chosen, top_vals, top_ids]
         return SampledTokens(tokens, reqs, want_logprobs, logprob_tensors)
+
+
+def _add_logit_bias(logits: torch.Tensor, reqs: list[ScheduledRequest], rows: list[int]) -> torch.Tensor:
+    """Each row's (token id, bias) pairs added in place, in one scatter for the batch."""
+    at = [(row, t, b) for row in rows for t, b in reqs[row].sampling_params.logit_bias]
+    index = to_device([row * logits.shape[1] + t for row, t, _ in at], torch.long, logits.device)
+    logits.view(-1).index_add_(0, index, to_device([b for _, _, b in at], logits.dtype, logits.device))
+    return logits
 
 
 def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

@@ -333,15 +333,22 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             raise APIError(400, f"prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the context "
                                 f"of {router.max_model_len}", param="max_tokens", code="context_length_exceeded")
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        bias = []
+        for key, value in (body.logit_bias or {}).items():
+            token = int(key) if key.strip().isdigit() else -1
+            if not 0 <= token < tokenizer.vocab_size:
+                raise APIError(400, f"logit_bias keys must be token ids in [0, {tokenizer.vocab_size}); got {key!r}",
+                               param="logit_bias")
+            bias.append((token, value))
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                 min_p=body.min_p, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty, seed=body.seed, stop=tuple(stop),
-                ignore_eos=body.ignore_eos, logprobs=logprobs,
+                ignore_eos=body.ignore_eos, logprobs=logprobs, logit_bias=tuple(bias),
             )
         except ValueError as e:
-            raise APIError(400, str(e)) from e
+            raise APIError(400, str(e), param="logit_bias" if "logit_bias" in str(e) else None) from e
 
     def seeded(params: SamplingParams, i: int) -> SamplingParams:
         if i == 0 or params.seed is None:
