@@ -128,6 +128,28 @@ def test_completions_and_logprobs(server, client):
     assert len(models.data) == 1
 
 
+def test_what_the_server_does_not_do_is_refused_not_ignored(server, client):
+    """Structured output, tool calls, insertion and best_of would silently give other answers than asked: 400."""
+    def refused(call, param):
+        with pytest.raises(openai.BadRequestError) as e:
+            call()
+        assert e.value.body["param"] == param and e.value.body["code"] == "unsupported_parameter"
+
+    tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
+    chat = client.chat.completions.create
+    refused(lambda: chat(model="default", messages=SHORT, max_tokens=2, response_format={"type": "json_object"}),
+            "response_format")
+    refused(lambda: chat(model="default", messages=SHORT, max_tokens=2, tools=[tool]), "tools")
+    refused(lambda: client.completions.create(model="default", prompt="def f(", suffix="return 1", max_tokens=2),
+            "suffix")
+    refused(lambda: client.completions.create(model="default", prompt="Hi", best_of=3, max_tokens=2), "best_of")
+    # what changes nothing is served
+    ok = chat(model="default", messages=SHORT, max_tokens=2, response_format={"type": "text"}, tools=[tool],
+              tool_choice="none")
+    assert ok.choices[0].message.content
+    assert client.completions.create(model="default", prompt="Hi", best_of=2, n=2, max_tokens=2).choices
+
+
 def test_logit_bias_through_the_openai_client(server, client, served_llm):
     token = served_llm.tokenizer.encode(" harbour")[0]
     r = client.completions.create(model="default", prompt="The capital of France is", max_tokens=4, temperature=0,

@@ -321,6 +321,9 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
                            "invalid_request_error", "model", "model_not_found")
 
+    def unsupported(param: str, what: str) -> APIError:
+        return APIError(400, f"{what} is not supported by this server", param=param, code="unsupported_parameter")
+
     def sampling(body, max_tokens: int | None, prompt_len: int, logprobs: int | None) -> SamplingParams:
         room = router.max_model_len - prompt_len
         if room < 1:
@@ -506,6 +509,11 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: Request) -> Response:
         check_model(body.model)
+        kind = (body.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise unsupported("response_format", f"response_format {kind!r} (structured output)")
+        if body.tools and body.tool_choice != "none":
+            raise unsupported("tools", "tool calling")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             prompt = tokenizer.encode_chat(messages)
@@ -518,6 +526,10 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Response:
         check_model(body.model)
+        if body.suffix:
+            raise unsupported("suffix", "suffix (insertion)")
+        if body.best_of is not None and body.best_of != body.n:
+            raise unsupported("best_of", "best_of other than n")
         p = body.prompt
         if isinstance(p, list) and p and isinstance(p[0], (list, str)):
             if len(p) != 1:
