@@ -1,6 +1,7 @@
 """End to end: the real `tokenworks serve` with the real default model, through the official openai client."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -129,7 +130,7 @@ def test_completions_and_logprobs(server, client):
 
 
 def test_what_the_server_does_not_do_is_refused_not_ignored(server, client):
-    """Structured output, tool calls, insertion and best_of would silently give other answers than asked: 400."""
+    """Tool calls, insertion and best_of would silently give other answers than asked: 400."""
     def refused(call, param):
         with pytest.raises(openai.BadRequestError) as e:
             call()
@@ -137,8 +138,6 @@ def test_what_the_server_does_not_do_is_refused_not_ignored(server, client):
 
     tool = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}
     chat = client.chat.completions.create
-    refused(lambda: chat(model="default", messages=SHORT, max_tokens=2, response_format={"type": "json_object"}),
-            "response_format")
     refused(lambda: chat(model="default", messages=SHORT, max_tokens=2, tools=[tool]), "tools")
     refused(lambda: client.completions.create(model="default", prompt="def f(", suffix="return 1", max_tokens=2),
             "suffix")
@@ -148,6 +147,40 @@ def test_what_the_server_does_not_do_is_refused_not_ignored(server, client):
               tool_choice="none")
     assert ok.choices[0].message.content
     assert client.completions.create(model="default", prompt="Hi", best_of=2, n=2, max_tokens=2).choices
+
+
+def test_structured_output_through_the_openai_client(server, client):
+    """response_format json_schema with a prompt long enough to be prefilled on the prefill worker (its first
+    token chosen there, the rest on the decode worker under the same grammar), streamed json_object, vLLM's
+    guided_choice and guided_regex; bad schemas and regexes answered 400 naming the field."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+              "required": ["city", "population"], "additionalProperties": False}
+    remote_before = server.metric("tokenworks:prefills_total", 'where="remote"')
+    r = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "Cities grow around their harbours and markets. " * 20
+                                    + "Name a harbour city and its population."}],  # uncached: prefilled remotely
+        max_tokens=60, temperature=0.7, seed=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}})
+    value = json.loads(r.choices[0].message.content)
+    assert set(value) == {"city", "population"} and type(value["population"]) is int
+    assert r.choices[0].finish_reason == "stop"
+    assert server.metric("tokenworks:prefills_total", 'where="remote"') > remote_before
+    stream = client.chat.completions.create(model="default", messages=SHORT, max_tokens=60, temperature=0,
+                                            response_format={"type": "json_object"}, stream=True)
+    assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in stream if c.choices)), dict)
+    choice = client.chat.completions.create(model="default", messages=SHORT, max_tokens=8, temperature=0,
+                                            extra_body={"guided_choice": ["Paris", "Lyon", "Nice"]})
+    assert choice.choices[0].message.content in ("Paris", "Lyon", "Nice")
+    code = client.completions.create(model="default", prompt="A product code:", max_tokens=12, temperature=1.0,
+                                     extra_body={"guided_regex": "[A-Z]{2}[0-9]{3}"})
+    assert re.fullmatch("[A-Z]{2}[0-9]{3}", code.choices[0].text)
+    for body, param in ((dict(response_format={"type": "json_schema", "json_schema": {"schema": {"$ref": "#/x"}}}),
+                         "response_format"), (dict(extra_body={"guided_regex": "(unclosed"}), "guided_regex"),
+                        (dict(response_format={"type": "json_object"}, extra_body={"guided_choice": ["a"]}),
+                         "response_format")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="default", messages=SHORT, max_tokens=4, **body)
+        assert e.value.body["param"] == param, e.value.body
 
 
 def test_logit_bias_through_the_openai_client(server, client, served_llm):

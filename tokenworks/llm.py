@@ -10,7 +10,7 @@ import gc
 import itertools
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -25,6 +25,7 @@ from tokenworks.model import cpu_native
 from tokenworks.model.llama import LlamaModel
 from tokenworks.model.quantized_linear import Int4Linear, many_rows
 from tokenworks.model.runner import ModelRunner
+from tokenworks.structured_output import GrammarMasks, check_grammar
 from tokenworks.model.weights import (forget_parsed_files, gguf_quantized_weights, load_model_files, random_weights,
                                       resolve_model_path)
 from tokenworks.outputs import RequestOutput
@@ -60,7 +61,8 @@ def build_engine(args: EngineArgs, detokenize: bool = True) -> LoadedEngine:
     forget_parsed_files()
     weights, files.weights = files.weights, {}
     weights.update(quantized)
-    return _assemble(args, files.name, files.config, weights, tokenizer if detokenize else None, eos, t0)
+    return _assemble(args, files.name, files.config, weights, tokenizer if detokenize else None, eos, t0,
+                     grammar_tokenizer=tokenizer.to_json)
 
 
 def build_random_engine(args: EngineArgs, config: ModelConfig, name: str) -> LoadedEngine:
@@ -73,7 +75,8 @@ def build_random_engine(args: EngineArgs, config: ModelConfig, name: str) -> Loa
 
 
 def _assemble(args: EngineArgs, name: str, config: ModelConfig, weights: dict, tokenizer: Tokenizer | None,
-              eos: tuple[int, ...], t0: float) -> LoadedEngine:
+              eos: tuple[int, ...], t0: float, grammar_tokenizer: Callable[[], str] | None = None) -> LoadedEngine:
+    """``grammar_tokenizer``: the model's tokenizer.json, for structured output (none without it)."""
     dev = args.device_config()
     if dev.num_threads:
         torch.set_num_threads(dev.num_threads)
@@ -94,8 +97,11 @@ def _assemble(args: EngineArgs, name: str, config: ModelConfig, weights: dict, t
         pool.evict_hook = tier.save
     scheduler = Scheduler(sched_cfg, KVCacheManager(pool, cache_cfg.block_size, tier))
     runner = ModelRunner(model, kv_tensor)
+    if grammar_tokenizer is not None:
+        runner.sampler.grammars = GrammarMasks(grammar_tokenizer, eos, config.vocab_size)
     graphs = _capture_graphs(args, runner, sched_cfg.max_num_seqs, -(-sched_cfg.max_model_len // cache_cfg.block_size))
-    engine = Engine(scheduler, runner, tokenizer, eos, vocab_size=config.vocab_size, overlap=args.overlap)
+    engine = Engine(scheduler, runner, tokenizer, eos, vocab_size=config.vocab_size, overlap=args.overlap,
+                    check_grammar=check_grammar if grammar_tokenizer is not None else None)
     gc.collect()
     gc.freeze()  # what loading made lives as long as the engine: later collections need not walk it
     return LoadedEngine(engine, name, config, runner, pool, time.perf_counter() - t0, graphs, tier)

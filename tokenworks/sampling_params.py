@@ -15,7 +15,10 @@ class SamplingParams:
     ``finish_reason == "stop"``, ``max_tokens`` with ``"length"``.
     ``logit_bias``: (token id, bias) pairs added to the logits before every
     choice, greedy or sampled (OpenAI's: -100 bans a token, 100 all but
-    forces it); logprobs stay those of the model's own logits.
+    forces it); logprobs stay those of the model's own logits. ``grammar``:
+    an llguidance grammar the output must follow (structured output; make
+    one with ``tokenworks.structured_output.grammar_for``, e.g. from a
+    JSON schema).
     """
 
     max_tokens: int = 16
@@ -33,6 +36,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives to return, 0 = only the sampled token
     min_tokens: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -68,6 +72,11 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def reads_outputs(self) -> bool:
+        """Whether choosing the next token reads the tokens chosen so far (penalties, a grammar)."""
+        return self.has_penalties or self.grammar is not None
 
 
 MAX_LOGIT_BIAS = 1024  # tokens one request may bias

@@ -183,6 +183,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def to_json(self) -> str:
+        """The tokenizer as a Hugging Face tokenizer.json (structured output's grammars read it)."""
+        return self._tok.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self._segments is not None:
             ids = self._segments.encode(text)

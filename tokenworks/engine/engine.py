@@ -19,6 +19,7 @@ token is in flight, first take the step in flight back (no overlap for them).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,8 +57,12 @@ class Engine:
         eos_token_ids: tuple[int, ...],
         vocab_size: int | None = None,
         overlap: bool = False,
+        check_grammar: Callable[[str], None] | None = None,
     ) -> None:
+        """``check_grammar``: raises ValueError for a grammar (structured output) the runner's sampler cannot
+        follow; None where it follows none (no tokenizer at hand)."""
         self.scheduler = scheduler
+        self.check_grammar = check_grammar
         self.vocab_size = vocab_size  # prompt token ids are checked against it
         self.runner = runner
         self.tokenizer = tokenizer
@@ -85,10 +90,15 @@ class Engine:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         return token_ids
 
-    def _check_bias(self, params: SamplingParams) -> None:
+    def _check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: token ids against the vocabulary, a grammar against this engine."""
         vocab = self.vocab_size
         if vocab is not None and any(t >= vocab for t, _ in params.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if params.grammar is not None:
+            if self.check_grammar is None:
+                raise ValueError("structured output needs the model's tokenizer, which this engine has not")
+            self.check_grammar(params.grammar)
 
     def _track(self, request: Request, params: SamplingParams) -> _Track:
         detok = None
@@ -102,7 +112,7 @@ class Engine:
         self, request_id: str, prompt: str | list[int], params: SamplingParams, prefill_only: bool = False
     ) -> Request:
         """Queue a request. ``prefill_only``: stop after the first token and hold its KV for a decode worker."""
-        self._check_bias(params)
+        self._check_params(params)
         request = Request(request_id, self._token_ids(prompt), params, self.eos_token_ids, prefill_only=prefill_only)
         self.scheduler.add_request(request)
         self._track(request, params)
@@ -117,7 +127,7 @@ class Engine:
         pull), or None when the pool has no room now (try again later). The
         caller pulls the KV, then calls ``scheduler.admit_transferred``.
         """
-        self._check_bias(params)
+        self._check_params(params)
         request = Request(request_id, self._token_ids(prompt), params, self.eos_token_ids)
         request.append_output_token(first_token)
         first_block = self.scheduler.reserve_for_transfer(request)
@@ -137,7 +147,7 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         outs = []
-        if self._in_flight is not None and (not self.overlap or self._stalled or self._penalty_on_pending()):
+        if self._in_flight is not None and (not self.overlap or self._stalled or self._outputs_on_pending()):
             outs = self._take_back()  # (not overlap: ``overlap`` was just turned off)
         if not self.overlap:
             sched = self.scheduler.schedule()
@@ -151,9 +161,9 @@ class Engine:
             self._in_flight = (sched, launched)
         return outs
 
-    def _penalty_on_pending(self) -> bool:
-        """Penalties read the output so far, which must then include the token in flight."""
-        return any(r.num_pending and r.sampling_params.has_penalties for r in self.scheduler.running)
+    def _outputs_on_pending(self) -> bool:
+        """Penalties and grammars read the output so far, which must then include the token in flight."""
+        return any(r.num_pending and r.sampling_params.reads_outputs for r in self.scheduler.running)
 
     def _take_back(self) -> list[RequestOutput]:
         sched, launched = self._in_flight

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenworks.router.router import Delta, RequestFailed, Router, WorkerUnavailable
+from tokenworks.structured_output import check_grammar, grammar_for
 from tokenworks.router.schema import ChatCompletionRequest, CompletionRequest
 from tokenworks.router.sse import RAW_SEND, EventStream
 from tokenworks.sampling_params import SamplingParams
@@ -344,11 +345,19 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
                                param="logit_bias")
             bias.append((token, value))
         try:
+            grammar = grammar_for(body.response_format, json_schema=body.guided_json, regex=body.guided_regex,
+                                  choice=body.guided_choice, grammar=body.guided_grammar)
+            if grammar is not None:
+                check_grammar(grammar)
+        except ValueError as e:
+            fields = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+            raise APIError(400, str(e), param=next((f for f in fields if getattr(body, f) is not None), None)) from e
+        try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                 min_p=body.min_p, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty, seed=body.seed, stop=tuple(stop),
-                ignore_eos=body.ignore_eos, logprobs=logprobs, logit_bias=tuple(bias),
+                ignore_eos=body.ignore_eos, logprobs=logprobs, logit_bias=tuple(bias), grammar=grammar,
             )
         except ValueError as e:
             raise APIError(400, str(e), param="logit_bias" if "logit_bias" in str(e) else None) from e
@@ -509,9 +518,6 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: Request) -> Response:
         check_model(body.model)
-        kind = (body.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise unsupported("response_format", f"response_format {kind!r} (structured output)")
         if body.tools and body.tool_choice != "none":
             raise unsupported("tools", "tool calling")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]

@@ -44,6 +44,12 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    # structured output (model/structured_output.py): OpenAI's response_format, or one of vLLM's guided_* fields
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -79,7 +85,6 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     # declared to be refused when they ask for what this server does not do (api.py: unsupported)
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
 
