@@ -183,6 +183,39 @@ def test_structured_output_through_the_openai_client(server, client):
         assert e.value.body["param"] == param, e.value.body
 
 
+def test_batched_completion_prompts(server, client):
+    """A list of prompts (text or token ids) is answered with n choices each, choice j of prompt i at index i n + j,
+    streamed or not, each first token as the prompt alone gets it; usage counts every prompt once. (First tokens
+    only: on an AMX CPU a decode step's arithmetic depends on how many rows it has, alone 1, batched 6; prompts of
+    4+ tokens are prefilled on the same tiles either way.)"""
+    prompts = ["The capital of France is", "1, 2, 3, 4, 5,", "Once upon a time there"]
+    alone = [client.completions.create(model="default", prompt=p, max_tokens=1, temperature=0) for p in prompts]
+    r = client.completions.create(model="default", prompt=prompts, n=2, max_tokens=1, temperature=0)
+    assert sorted(c.index for c in r.choices) == list(range(6))
+    by_index = {c.index: c.text for c in r.choices}
+    for i, a in enumerate(alone):
+        assert by_index[2 * i] == by_index[2 * i + 1] == a.choices[0].text
+    assert len({a.choices[0].text for a in alone}) == 3  # distinct answers: the indices are checked
+    assert r.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone) and r.usage.completion_tokens == 6
+    ids = [[504, 3458, 314, 1812], [28, 29, 30, 31]]
+    by_ids = client.completions.create(model="default", prompt=ids, max_tokens=1, temperature=0)
+    assert [c.text for c in sorted(by_ids.choices, key=lambda c: c.index)] == [
+        client.completions.create(model="default", prompt=p, max_tokens=1, temperature=0).choices[0].text for p in ids]
+    streamed: dict[int, str] = {}
+    finished = set()
+    for chunk in client.completions.create(model="default", prompt=prompts, max_tokens=6, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+            if c.finish_reason:
+                finished.add(c.index)
+    assert finished == {0, 1, 2} and all(streamed[i].startswith(a.choices[0].text) for i, a in enumerate(alone))
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="default", prompt=["x"] * 65, max_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="default", prompt=["fine", ""], max_tokens=1)
+
+
 def test_logit_bias_through_the_openai_client(server, client, served_llm):
     token = served_llm.tokenizer.encode(" harbour")[0]
     r = client.completions.create(model="default", prompt="The capital of France is", max_tokens=4, temperature=0,

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenworks.router.router import Delta, RequestFailed, Router, WorkerUnavailable
 from tokenworks.structured_output import check_grammar, grammar_for
-from tokenworks.router.schema import ChatCompletionRequest, CompletionRequest
+from tokenworks.router.schema import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest
 from tokenworks.router.sse import RAW_SEND, EventStream
 from tokenworks.sampling_params import SamplingParams
 from tokenworks.tokenizer import Tokenizer
@@ -369,29 +369,33 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
 
         return replace(params, seed=(params.seed + i) % 2**63)
 
-    async def run_choices(prompt: list[int], params: SamplingParams, n: int, prefix: str, direct=None
+    async def run_choices(jobs: list[tuple[list[int], SamplingParams]], n: int, prefix: str, direct=None
                           ) -> AsyncIterator[tuple[int, Delta]]:
-        """Merge the streams of n choices; cancel them all if the consumer leaves. With one choice, ``direct``
-        (see Router.generate) takes the deltas of steady decoding."""
-        if n == 1:
+        """Merge the streams of n choices for each (prompt, params) job, choice j of job i at index i n + j; cancel
+        them all if the consumer leaves. With one choice in all, ``direct`` (see Router.generate) takes the
+        deltas of steady decoding."""
+        total = len(jobs) * n
+        if total == 1:
+            prompt, params = jobs[0]
             async for d in router.generate(router.new_request_id(prefix), prompt, params, direct):
                 yield 0, d
             return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int) -> None:
+            prompt, params = jobs[i // n]
             try:
-                async for d in router.generate(router.new_request_id(prefix), prompt, seeded(params, i)):
+                async for d in router.generate(router.new_request_id(prefix), prompt, seeded(params, i % n)):
                     await queue.put((i, d))
             except Exception as e:  # noqa: BLE001 - surfaced to the consumer below
                 await queue.put((i, e))
             finally:
                 await queue.put((i, None))
 
-        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+        tasks = [asyncio.create_task(pump(i)) for i in range(total)]
         try:
             done = 0
-            while done < n:
+            while done < total:
                 i, item = await queue.get()
                 if item is None:
                     done += 1
@@ -411,33 +415,39 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             return APIError(e.status, str(e))
         return APIError(500, f"internal error: {type(e).__name__}", "server_error")
 
-    async def respond(kind: str, body, prompt: list[int], params: SamplingParams, http: Request) -> Response:
-        retry_after = router.admission_check(prompt, body.n)
+    async def respond(kind: str, body, jobs: list[tuple[list[int], SamplingParams]], http: Request) -> Response:
+        """The response to ``jobs``: (prompt, params) pairs, one for a chat or a completion, one per prompt of a
+        batched completion; body.n choices each."""
+        longest = max((prompt for prompt, _ in jobs), key=len)
+        retry_after = router.admission_check(longest, body.n * len(jobs))
         if retry_after is not None:
             raise APIError(429, f"server is at capacity; retry in {retry_after:.0f}s", "rate_limit_error",
                            code="server_overloaded", headers={"Retry-After": str(max(1, round(retry_after)))})
         created = int(time.time())
+        num_choices = body.n * len(jobs)
+        params = jobs[0][1]
 
-        cached = [0]  # prompt tokens the first choice found in a prefix cache
+        cached = [0] * len(jobs)  # prompt tokens each job's first choice found in a prefix cache
+        prompt_tokens = sum(len(prompt) for prompt, _ in jobs)
 
         def usage_of(completion_tokens: int) -> dict[str, Any]:
-            return {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
-                    "total_tokens": len(prompt) + completion_tokens,
-                    "prompt_tokens_details": {"cached_tokens": cached[0]}}
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                    "prompt_tokens_details": {"cached_tokens": sum(cached)}}
 
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{router.new_request_id('r')}"
         want_logprobs = params.logprobs is not None
         obj = "chat.completion" if kind == "chat" else "text_completion"
         if not body.stream:
-            texts = [""] * body.n
-            reasons: list[str | None] = [None] * body.n
-            lps: list[list] = [[] for _ in range(body.n)]
+            texts = [""] * num_choices
+            reasons: list[str | None] = [None] * num_choices
+            lps: list[list] = [[] for _ in range(num_choices)]
             completion_tokens = 0
             async def collect() -> int:
                 tokens = 0
-                async for i, d in run_choices(prompt, params, body.n, rid):
-                    if i == 0 and d.num_cached_tokens:
-                        cached[0] = d.num_cached_tokens
+                async for i, d in run_choices(jobs, body.n, rid):
+                    if i % body.n == 0 and d.num_cached_tokens:
+                        cached[i // body.n] = d.num_cached_tokens
                     texts[i] += d.text
                     tokens += len(d.token_ids)
                     lps[i].extend(d.logprobs)
@@ -452,7 +462,7 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             except Exception as e:  # noqa: BLE001
                 raise translate(e) from e
             choices = []
-            for i in range(body.n):
+            for i in range(num_choices):
                 if kind == "chat":
                     c = {"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": reasons[i],
                          "logprobs": chat_logprobs(lps[i]) if want_logprobs else None}
@@ -478,7 +488,7 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             response.write(counted(0, d))
 
         # Start the first choice before answering, so that a request no worker can take gets a real status code.
-        gen = run_choices(prompt, params, body.n, rid, direct)
+        gen = run_choices(jobs, body.n, rid, direct)
         try:
             first = await until_disconnect(gen.__anext__(), http)
         except StopAsyncIteration:
@@ -493,13 +503,16 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
         async def events() -> AsyncIterator[bytes]:
             try:
                 if kind == "chat":
-                    for i in range(body.n):
+                    for i in range(num_choices):
                         yield chunk(i, None, role=True)
                 if first is not None:
                     i, d = first
-                    cached[0] = d.num_cached_tokens if i == 0 else cached[0]
+                    if i % body.n == 0 and d.num_cached_tokens:
+                        cached[i // body.n] = d.num_cached_tokens
                     yield counted(i, d)
                 async for i, d in gen:
+                    if i % body.n == 0 and d.num_cached_tokens:
+                        cached[i // body.n] = d.num_cached_tokens
                     yield counted(i, d)
                 if include_usage:
                     usage = usage_of(completion_tokens[0])
@@ -527,7 +540,7 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             raise APIError(400, f"could not apply the chat template: {e}", param="messages") from e
         top = body.top_logprobs if body.top_logprobs is not None else 0
         params = sampling(body, body.max_completion_tokens or body.max_tokens, len(prompt), top if body.logprobs else None)
-        return await respond("chat", body, prompt, params, http)
+        return await respond("chat", body, [(prompt, params)], http)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Response:
@@ -537,22 +550,24 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
         if body.best_of is not None and body.best_of != body.n:
             raise unsupported("best_of", "best_of other than n")
         p = body.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (list, str)):
-            if len(p) != 1:
-                raise APIError(400, "batched prompts are not supported; send one prompt per request", param="prompt")
-            p = p[0]
-        if isinstance(p, str):
-            prompt = tokenizer.encode(p)
-        else:
-            prompt = list(p)
-            if any(not (0 <= t < tokenizer.vocab_size) for t in prompt):
-                raise APIError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
-        if not prompt:
-            raise APIError(400, "prompt is empty", param="prompt")
+        batch = p if isinstance(p, list) and p and isinstance(p[0], (list, str)) else [p]
+        if len(batch) > MAX_PROMPTS:
+            raise APIError(400, f"at most {MAX_PROMPTS} prompts in one request", param="prompt")
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
-        params = sampling(body, body.max_tokens if body.max_tokens is not None else 16, len(prompt), body.logprobs)
-        return await respond("completion", body, prompt, params, http)
+        jobs = []
+        for one in batch:
+            if isinstance(one, str):
+                prompt = tokenizer.encode(one)
+            else:
+                prompt = list(one)
+                if any(not (0 <= t < tokenizer.vocab_size) for t in prompt):
+                    raise APIError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
+            if not prompt:
+                raise APIError(400, "prompt is empty", param="prompt")
+            jobs.append((prompt, sampling(body, body.max_tokens if body.max_tokens is not None else 16, len(prompt),
+                                          body.logprobs)))
+        return await respond("completion", body, jobs, http)
 
     app.fast_posts = {"/v1/chat/completions": (ChatCompletionRequest, chat),
                       "/v1/completions": (CompletionRequest, completions)}

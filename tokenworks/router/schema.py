@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 16
+MAX_PROMPTS = 64  # prompts in one /v1/completions request, each with its n choices
 
 
 class ErrorInfo(BaseModel):
