@@ -98,3 +98,29 @@ def test_final_position_logits_within_1e3(reference, llm):
     # Every prompt's figures on failure: one prompt off points at its length's path, all of them at shared state.
     assert max(d for _, d, _ in diffs) < 1e-3, diffs
     pool.check_integrity()
+
+
+def test_prompt_logprobs_equal_transformers_whole_and_chunked(hf_reference, llm):
+    """Each prompt token's log-probability given the tokens before it (the first has none), with its top
+    alternatives, against transformers' log-softmax over the whole prompt at once: computed in one chunk, and in
+    chunks of 16 tokens (a prompt over several steps, beside another request). A request asking for them is not
+    served from the prefix cache."""
+    _, model = hf_reference
+    ids = llm.tokenizer.encode(" ".join(SENTENCES))[:70]
+    with torch.inference_mode():
+        want = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+    chunked = LLM(dtype="float32", quantization="none", max_num_batched_tokens=16)
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3)
+    for engine in (llm, chunked):
+        engine.generate([ids], SamplingParams(max_tokens=1))  # the prompt now sits in the prefix cache
+        out, other = engine.generate([ids, ids[:40]], [params, SamplingParams(temperature=0, max_tokens=3)])
+        assert out.num_cached_tokens == 0 and other.prompt_logprobs is None
+        got = out.prompt_logprobs
+        assert len(got) == len(ids) and got[0] is None
+        for t in range(1, len(ids)):
+            lp = got[t]
+            assert lp.token_id == ids[t] and abs(lp.logprob - want[t - 1, ids[t]].item()) < 5e-3, t
+            top = want[t - 1].topk(3)
+            assert [i for i, _, _ in lp.top] == top.indices.tolist()
+            assert max(abs(v - w) for (_, _, v), w in zip(lp.top, top.values.tolist())) < 5e-3
+        assert engine.pool.num_used_blocks == 0

@@ -216,6 +216,32 @@ def test_batched_completion_prompts(server, client):
         client.completions.create(model="default", prompt=["fine", ""], max_tokens=1)
 
 
+def test_echo_with_prompt_logprobs_for_scoring(server, client, served_llm):
+    """echo + logprobs (how lm-eval scores a continuation): the prompt's text before the completion, and its tokens'
+    log-probabilities, the first null, as the offline engine computes them; a prompt short enough to be prefilled
+    on the decode worker and one long enough for the prefill worker. Streamed echo gives the prompt's text first."""
+    short = "The capital of France is Paris"
+    long = "Ships carried grain, wool and salt between the harbours of the old coast. " * 6  # uncached: remote
+    remote_before = server.metric("tokenworks:prefills_total", 'where="remote"')
+    for text in (short, long):
+        r = client.completions.create(model="default", prompt=text, max_tokens=1, temperature=0, logprobs=2,
+                                      echo=True)
+        c = r.choices[0]
+        ids = served_llm.tokenizer.encode(text)
+        want = served_llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2))[0]
+        assert c.text.startswith(text) and len(c.text) > len(text)
+        assert len(c.logprobs.tokens) == len(ids) + 1 and c.logprobs.token_logprobs[0] is None
+        assert c.logprobs.top_logprobs[0] is None and len(c.logprobs.top_logprobs[1]) == 2
+        for got, lp in zip(c.logprobs.token_logprobs[1:len(ids)], want.prompt_logprobs[1:]):
+            assert abs(got - lp.logprob) < 1e-3
+    assert server.metric("tokenworks:prefills_total", 'where="remote"') > remote_before
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
+        model="default", prompt=short, max_tokens=3, temperature=0, echo=True, stream=True) if chunk.choices)
+    assert streamed.startswith(short) and len(streamed) > len(short)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="default", prompt=short, max_tokens=1, logprobs=1, echo=True, stream=True)
+
+
 def test_logit_bias_through_the_openai_client(server, client, served_llm):
     token = served_llm.tokenizer.encode(" harbour")[0]
     r = client.completions.create(model="default", prompt="The capital of France is", max_tokens=4, temperature=0,

@@ -24,6 +24,9 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length" or "abort" once finished
     logprobs: list[Logprob] | None = None
+    # SamplingParams.prompt_logprobs: one per prompt token, None for the first (nothing before it to score); given
+    # once, with the request's first output token
+    prompt_logprobs: list[Logprob | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     # Disaggregated prefill: the first token is out and the prompt's KV blocks are held for a decode worker.
     prefilled: bool = False

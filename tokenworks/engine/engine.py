@@ -46,6 +46,7 @@ class _Track:
     request: Request
     detok: IncrementalDetokenizer | None
     logprobs: list[Logprob] | None
+    prompt_logprobs: list[Logprob | None] | None = None  # filled chunk by chunk; handed out with the first token
 
 
 class Engine:
@@ -104,7 +105,8 @@ class Engine:
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop)
-        track = _Track(request, detok, [] if params.logprobs is not None else None)
+        track = _Track(request, detok, [] if params.logprobs is not None else None,
+                       [None] * len(request.prompt_token_ids) if params.prompt_logprobs is not None else None)
         self._tracks[request.request_id] = track
         return track
 
@@ -171,6 +173,12 @@ class Engine:
         return self._update(sched, launched.result())
 
     def _update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
+        for rid, (first, entries) in result.prompt_logprobs.items():
+            track = self._tracks.get(rid)
+            if track is not None and track.prompt_logprobs is not None:  # (a recomputed prompt scores again)
+                prompt = track.request.prompt_token_ids
+                track.prompt_logprobs[first:first + len(entries)] = [
+                    self._logprob(prompt[first + i], lp) for i, lp in enumerate(entries)]
         new_tokens = self.scheduler.update(sched, result)
         return [self._output(request, token, result) for request, token in new_tokens]
 
@@ -194,6 +202,9 @@ class Engine:
         logprobs = None
         if track.logprobs is not None:
             logprobs = list(track.logprobs) if cumulative else ([logprob] if logprob is not None else [])
+        prompt_logprobs = None
+        if track.prompt_logprobs is not None and (cumulative or len(request.output_token_ids) == 1):
+            prompt_logprobs = list(track.prompt_logprobs)
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -204,6 +215,7 @@ class Engine:
             finished=finished,
             finish_reason=request.status.finish_reason,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             num_cached_tokens=request.num_cached_tokens,
             prefilled=prefilled,
             kv_block_ids=list(self.scheduler.kv.block_ids(request.request_id)) if prefilled else None,

@@ -48,8 +48,8 @@ class KVCacheManager:
         logits exist; the blocks are not yet referenced (``allocate_slots``
         takes the references).
         """
-        if not self.pool.enable_prefix_caching:
-            return [], 0
+        if not self.pool.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0  # (prompt logprobs need every prompt position's logits)
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[Block] = []
         hashes = self._block_hashes(request, max_blocks)

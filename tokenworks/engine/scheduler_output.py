@@ -67,3 +67,6 @@ class TokenLogprobs:
 class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)  # only requests with sample=True
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # only requests that asked
+    # requests that asked for prompt logprobs, per prompt chunk of the step: (the position of the first prompt token
+    # scored, one entry per scored token); a prompt's first token is never scored, nor the token to be sampled
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)

@@ -22,7 +22,8 @@ import functools
 
 import torch
 
-from tokenworks.engine.scheduler_output import PLACEHOLDER, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from tokenworks.engine.scheduler_output import (PLACEHOLDER, ModelRunnerOutput, ScheduledRequest, SchedulerOutput,
+                                                 TokenLogprobs)
 from tokenworks.model import cpu_native
 from tokenworks.model.attention import AttentionMetadata, DecodeGroup, PrefillSeq, decode_groups
 from tokenworks.model.cuda_graphs import CudaGraphCapture, DecodeGraphs, GraphCapture
@@ -51,11 +52,17 @@ def native_suits(scheduled: list[ScheduledRequest], max_prompt_rows: int | None 
     return max_prompt_rows is None or sum(s.num_tokens for s in scheduled if not is_decode(s)) <= max_prompt_rows
 
 
+# Prompt rows whose logits are made at a time for prompt logprobs: 128 x the vocabulary's floats (25 MB here).
+PROMPT_LOGPROB_ROWS = 128
+
+
 class LaunchedStep:
     """A step queued on the device; ``result()`` waits for its sampled tokens."""
 
-    def __init__(self, sampled: SampledTokens | None = None) -> None:
+    def __init__(self, sampled: SampledTokens | None = None,
+                 prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] | None = None) -> None:
         self.sampled = sampled
+        self.prompt_logprobs = prompt_logprobs or {}
         # The sampling requests in the order of ``sampled.tokens``: where the next step finds its pending inputs.
         self.order = [s.request_id for s in sampled.reqs] if sampled is not None else []
 
@@ -65,7 +72,7 @@ class LaunchedStep:
         return {rid: i for i, rid in enumerate(self.order)}
 
     def result(self) -> ModelRunnerOutput:
-        out = ModelRunnerOutput()
+        out = ModelRunnerOutput(prompt_logprobs=self.prompt_logprobs)
         if self.sampled is not None:
             tokens, out.logprobs = self.sampled.result()
             out.sampled_token_ids = {s.request_id: t for s, t in zip(self.sampled.reqs, tokens)}
@@ -191,12 +198,37 @@ class ModelRunner:
         if sched.is_empty:
             return LaunchedStep()
         order, hidden, sample_rows = self.forward(sched.scheduled)
+        scored = self._prompt_logprobs(order, hidden)
         if not sample_rows:
-            return LaunchedStep()
+            return LaunchedStep(prompt_logprobs=scored)
         if len(sample_rows) < hidden.shape[0]:
             hidden = hidden.index_select(0, self._tensor(sample_rows))
         sampling = [s for s in order if s.sample]
-        return LaunchedStep(self.sampler.sample(self.model.logits(hidden), sampling))
+        return LaunchedStep(self.sampler.sample(self.model.logits(hidden), sampling), scored)
+
+    def _prompt_logprobs(self, order: list[ScheduledRequest], hidden: torch.Tensor
+                         ) -> dict[str, tuple[int, list[TokenLogprobs]]]:
+        """For the prompt chunks whose requests asked for prompt logprobs: each row's log-softmax at the prompt's
+        next token (row p scores token p + 1), and its top alternatives; up to PROMPT_LOGPROB_ROWS rows' logits at
+        a time. Hidden rows follow ``order``, each request's chunk in turn."""
+        out: dict[str, tuple[int, list[TokenLogprobs]]] = {}
+        row = 0
+        for s in order:
+            k = s.sampling_params.prompt_logprobs
+            first, last = s.start_position + 1, min(s.context_len, len(s.prompt_token_ids) - 1) + 1
+            if k is not None and not is_decode(s) and last > first:  # positions first..last-1 scored
+                entries: list[TokenLogprobs] = []
+                for a in range(first, last, PROMPT_LOGPROB_ROWS):
+                    b = min(last, a + PROMPT_LOGPROB_ROWS)
+                    rows = hidden[row + a - 1 - s.start_position: row + b - 1 - s.start_position]
+                    logprobs = torch.log_softmax(self.model.logits(rows).float(), dim=-1)
+                    targets = self._tensor(s.prompt_token_ids[a:b]).long().unsqueeze(1)
+                    chosen = logprobs.gather(1, targets).squeeze(1).tolist()
+                    top_vals, top_ids = logprobs.topk(k) if k else (logprobs[:, :0], logprobs[:, :0].long())
+                    entries += [TokenLogprobs(c, i, v) for c, i, v in zip(chosen, top_ids.tolist(), top_vals.tolist())]
+                out[s.request_id] = (first, entries)
+            row += s.num_tokens
+        return out
 
     @torch.inference_mode()
     def final_logits(self, sched: SchedulerOutput) -> torch.Tensor:

@@ -55,9 +55,13 @@ def chat_logprobs(entries) -> dict[str, Any]:
                         for e in entries]}
 
 
-def completion_logprobs(entries) -> dict[str, Any]:
-    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t: lp for _, t, lp in e.top} for e in entries], "text_offset": []}
+def completion_logprobs(entries, echoed: list[tuple[str, Any]] = ()) -> dict[str, Any]:
+    """A completion choice's logprobs; ``echoed``: (token, entry or None) per prompt token first (echo: the
+    prompt's first token has none to give)."""
+    return {"tokens": [t for t, _ in echoed] + [e.token for e in entries],
+            "token_logprobs": [e and e.logprob for _, e in echoed] + [e.logprob for e in entries],
+            "top_logprobs": [e and {t: lp for _, t, lp in e.top} for _, e in echoed]
+                            + [{t: lp for _, t, lp in e.top} for e in entries], "text_offset": []}
 
 
 class ChunkEncoder:
@@ -325,7 +329,8 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
     def unsupported(param: str, what: str) -> APIError:
         return APIError(400, f"{what} is not supported by this server", param=param, code="unsupported_parameter")
 
-    def sampling(body, max_tokens: int | None, prompt_len: int, logprobs: int | None) -> SamplingParams:
+    def sampling(body, max_tokens: int | None, prompt_len: int, logprobs: int | None,
+                 prompt_logprobs: int | None = None) -> SamplingParams:
         room = router.max_model_len - prompt_len
         if room < 1:
             raise APIError(400, f"prompt has {prompt_len} tokens; this model's context is {router.max_model_len}",
@@ -358,6 +363,7 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
                 min_p=body.min_p, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty, seed=body.seed, stop=tuple(stop),
                 ignore_eos=body.ignore_eos, logprobs=logprobs, logit_bias=tuple(bias), grammar=grammar,
+                prompt_logprobs=prompt_logprobs,
             )
         except ValueError as e:
             raise APIError(400, str(e), param="logit_bias" if "logit_bias" in str(e) else None) from e
@@ -415,9 +421,11 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             return APIError(e.status, str(e))
         return APIError(500, f"internal error: {type(e).__name__}", "server_error")
 
-    async def respond(kind: str, body, jobs: list[tuple[list[int], SamplingParams]], http: Request) -> Response:
+    async def respond(kind: str, body, jobs: list[tuple[list[int], SamplingParams]], http: Request,
+                      echo: list[str] | None = None) -> Response:
         """The response to ``jobs``: (prompt, params) pairs, one for a chat or a completion, one per prompt of a
-        batched completion; body.n choices each."""
+        batched completion; body.n choices each. ``echo``: each job's prompt text, put before its choices' text
+        (with the prompt's logprobs, where asked)."""
         longest = max((prompt for prompt, _ in jobs), key=len)
         retry_after = router.admission_check(longest, body.n * len(jobs))
         if retry_after is not None:
@@ -442,6 +450,7 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             texts = [""] * num_choices
             reasons: list[str | None] = [None] * num_choices
             lps: list[list] = [[] for _ in range(num_choices)]
+            prompt_lps: list[list | None] = [None] * num_choices
             completion_tokens = 0
             async def collect() -> int:
                 tokens = 0
@@ -451,6 +460,8 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
                     texts[i] += d.text
                     tokens += len(d.token_ids)
                     lps[i].extend(d.logprobs)
+                    if d.prompt_logprobs is not None:
+                        prompt_lps[i] = d.prompt_logprobs
                     if d.finished:
                         reasons[i] = d.finish_reason
                 return tokens
@@ -467,8 +478,14 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
                     c = {"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": reasons[i],
                          "logprobs": chat_logprobs(lps[i]) if want_logprobs else None}
                 else:
-                    c = {"index": i, "text": texts[i], "finish_reason": reasons[i],
-                         "logprobs": completion_logprobs(lps[i]) if want_logprobs else None}
+                    echoed = []
+                    if echo is not None and want_logprobs:
+                        ids, got = jobs[i // body.n][0], prompt_lps[i] or []
+                        echoed = [(tokenizer.id_to_token(t) or "", got[k] if k < len(got) else None)
+                                  for k, t in enumerate(ids)]
+                    c = {"index": i, "text": (echo[i // body.n] if echo is not None else "") + texts[i],
+                         "finish_reason": reasons[i],
+                         "logprobs": completion_logprobs(lps[i], echoed) if want_logprobs else None}
                 choices.append(c)
             usage = usage_of(completion_tokens)
             return JSONResponse({"id": rid, "object": obj, "created": created, "model": model_name,
@@ -505,6 +522,8 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
                 if kind == "chat":
                     for i in range(num_choices):
                         yield chunk(i, None, role=True)
+                for i in range(num_choices if echo is not None else 0):  # the prompt first (echo, no logprobs)
+                    yield chunk(i, Delta([], echo[i // body.n], False, None, 0, []))
                 if first is not None:
                     i, d = first
                     if i % body.n == 0 and d.num_cached_tokens:
@@ -553,9 +572,9 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
         batch = p if isinstance(p, list) and p and isinstance(p[0], (list, str)) else [p]
         if len(batch) > MAX_PROMPTS:
             raise APIError(400, f"at most {MAX_PROMPTS} prompts in one request", param="prompt")
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        jobs = []
+        if body.echo and body.stream and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs is answered unstreamed: drop stream", param="echo")
+        jobs, echo = [], []
         for one in batch:
             if isinstance(one, str):
                 prompt = tokenizer.encode(one)
@@ -565,9 +584,10 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
                     raise APIError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
             if not prompt:
                 raise APIError(400, "prompt is empty", param="prompt")
+            echo.append(one if isinstance(one, str) else tokenizer.decode(prompt, skip_special_tokens=False))
             jobs.append((prompt, sampling(body, body.max_tokens if body.max_tokens is not None else 16, len(prompt),
-                                          body.logprobs)))
-        return await respond("completion", body, jobs, http)
+                                          body.logprobs, body.logprobs if body.echo else None)))
+        return await respond("completion", body, jobs, http, echo if body.echo else None)
 
     app.fast_posts = {"/v1/chat/completions": (ChatCompletionRequest, chat),
                       "/v1/completions": (CompletionRequest, completions)}

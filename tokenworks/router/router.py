@@ -132,6 +132,7 @@ class Delta:
     num_prompt_tokens: int
     logprobs: list[P.LogprobEntry]
     num_cached_tokens: int = 0  # prompt tokens found in the worker's prefix cache
+    prompt_logprobs: list[P.LogprobEntry | None] | None = None  # SamplingParams.prompt_logprobs: the first delta's
 
     def extend(self, later: Delta) -> None:
         """Add a later step's unfinished delta of the same request to this unfinished one."""
@@ -193,7 +194,9 @@ class _Ledger:
             router.generated_tokens += len(tokens)  # tokenworks:generation_tokens_total
         return Delta(tokens, text, out.finished or self.stopped, "stop" if self.stopped else out.finish_reason,
                      out.num_prompt_tokens,
-                     self.router._named(out.logprobs[: len(tokens)]) if out.logprobs else [], out.num_cached_tokens)
+                     self.router._named(out.logprobs[: len(tokens)]) if out.logprobs else [], out.num_cached_tokens,
+                     [None if e is None else self.router._named([e])[0] for e in out.prompt_logprobs]
+                     if out.prompt_logprobs else None)
 
 
 class Router:

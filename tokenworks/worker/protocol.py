@@ -82,6 +82,7 @@ class Output(msgspec.Struct, array_like=True):
     num_prompt_tokens: int
     num_cached_tokens: int
     logprobs: list[LogprobEntry] = []  # token strings left empty: the router names them
+    prompt_logprobs: list[LogprobEntry | None] = []  # SamplingParams.prompt_logprobs: with the first token only
     prefilled: bool = False  # prefill phase done; KV held under kv_block_ids
     kv_block_ids: list[int] = []
     kv_bytes: int = 0  # decode phase: bytes pulled for this request (first output only)

@@ -180,6 +180,9 @@ class Worker:
             num_cached_tokens=out.num_cached_tokens,
             logprobs=[P.LogprobEntry(l.token_id, "", l.logprob, [(t, "", v) for t, _, v in l.top])
                       for l in out.logprobs[-len(out.new_token_ids):]] if out.logprobs else [],
+            prompt_logprobs=[None if l is None else P.LogprobEntry(l.token_id, "", l.logprob,
+                                                                   [(t, "", v) for t, _, v in l.top])
+                             for l in out.prompt_logprobs] if out.prompt_logprobs else [],
             prefilled=out.prefilled, kv_block_ids=out.kv_block_ids or [],
             kv_bytes=kv_bytes, kv_seconds=kv_seconds, kv_fallback=bool(failure), kv_failure=failure,
         )
