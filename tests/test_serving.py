@@ -235,6 +235,14 @@ def test_echo_with_prompt_logprobs_for_scoring(server, client, served_llm):
         for got, lp in zip(c.logprobs.token_logprobs[1:len(ids)], want.prompt_logprobs[1:]):
             assert abs(got - lp.logprob) < 1e-3
     assert server.metric("tokenworks:prefills_total", 'where="remote"') > remote_before
+    scored = client.completions.create(model="default", prompt=[short, long], max_tokens=0, logprobs=0, echo=True)
+    for c, text in zip(sorted(scored.choices, key=lambda c: c.index), (short, long)):
+        assert c.text == text and len(c.logprobs.tokens) == len(served_llm.tokenizer.encode(text))
+        assert c.logprobs.token_logprobs[0] is None and all(v <= 0 for v in c.logprobs.token_logprobs[1:])
+    assert scored.usage.completion_tokens == 0
+    for bad in (dict(echo=False), dict(echo=True, stream=True)):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="default", prompt=short, max_tokens=0, **bad)
     streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
         model="default", prompt=short, max_tokens=3, temperature=0, echo=True, stream=True) if chunk.choices)
     assert streamed.startswith(short) and len(streamed) > len(short)

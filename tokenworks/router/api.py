@@ -422,10 +422,11 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
         return APIError(500, f"internal error: {type(e).__name__}", "server_error")
 
     async def respond(kind: str, body, jobs: list[tuple[list[int], SamplingParams]], http: Request,
-                      echo: list[str] | None = None) -> Response:
+                      echo: list[str] | None = None, score_only: bool = False) -> Response:
         """The response to ``jobs``: (prompt, params) pairs, one for a chat or a completion, one per prompt of a
         batched completion; body.n choices each. ``echo``: each job's prompt text, put before its choices' text
-        (with the prompt's logprobs, where asked)."""
+        (with the prompt's logprobs, where asked). ``score_only`` (echo with max_tokens 0, unstreamed): the one
+        token generated is left out."""
         longest = max((prompt for prompt, _ in jobs), key=len)
         retry_after = router.admission_check(longest, body.n * len(jobs))
         if retry_after is not None:
@@ -472,6 +473,8 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
                 return Response(status_code=499)
             except Exception as e:  # noqa: BLE001
                 raise translate(e) from e
+            if score_only:
+                texts, lps, completion_tokens = [""] * num_choices, [[] for _ in range(num_choices)], 0
             choices = []
             for i in range(num_choices):
                 if kind == "chat":
@@ -574,6 +577,9 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             raise APIError(400, f"at most {MAX_PROMPTS} prompts in one request", param="prompt")
         if body.echo and body.stream and body.logprobs is not None:
             raise APIError(400, "echo with logprobs is answered unstreamed: drop stream", param="echo")
+        score_only = body.max_tokens == 0
+        if score_only and (not body.echo or body.stream):
+            raise APIError(400, "max_tokens 0 scores the prompt: it needs echo, unstreamed", param="max_tokens")
         jobs, echo = [], []
         for one in batch:
             if isinstance(one, str):
@@ -585,9 +591,10 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             if not prompt:
                 raise APIError(400, "prompt is empty", param="prompt")
             echo.append(one if isinstance(one, str) else tokenizer.decode(prompt, skip_special_tokens=False))
-            jobs.append((prompt, sampling(body, body.max_tokens if body.max_tokens is not None else 16, len(prompt),
-                                          body.logprobs, body.logprobs if body.echo else None)))
-        return await respond("completion", body, jobs, http, echo if body.echo else None)
+            max_tokens = 16 if body.max_tokens is None else max(body.max_tokens, 1)
+            jobs.append((prompt, sampling(body, max_tokens, len(prompt), body.logprobs,
+                                          body.logprobs if body.echo else None)))
+        return await respond("completion", body, jobs, http, echo if body.echo else None, score_only)
 
     app.fast_posts = {"/v1/chat/completions": (ChatCompletionRequest, chat),
                       "/v1/completions": (CompletionRequest, completions)}
