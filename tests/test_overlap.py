@@ -109,7 +109,7 @@ def _mix():
             params = SamplingParams(temperature=0, max_tokens=5 + 3 * i, ignore_eos=True)
         elif kind == 1:
             params = SamplingParams(temperature=0.9, top_p=0.9, top_k=20, seed=100 + i, max_tokens=30,
-                                    stop_token_ids=[3 * i + 1, 3 * i + 2], logprobs=2)
+                                    stop_token_ids=list(range(3 * i + 1, 97, 11)), logprobs=2)
         elif kind == 2:
             params = SamplingParams(temperature=0, max_tokens=30, stop_token_ids=list(range(i, 97, 9)), min_tokens=2)
         else:

@@ -133,3 +133,39 @@ def test_bad_prompts_are_rejected_and_leak_nothing(llm):
     with pytest.raises(ValueError, match="context"):
         llm.generate([[1] * (llm.engine.max_model_len + 5)], SamplingParams())
     assert llm.pool.num_used_blocks == 0 and not llm.engine.has_unfinished()
+
+
+def test_sampled_tokens_follow_the_distribution_and_never_take_a_zero():
+    """The sampler alone (no model): 20,000 draws from one row of known probabilities land on each token in
+    proportion (within 4 standard deviations), never on a token of probability 0 (top_k cuts two off, temperature
+    0.5 squares the rest's odds); one request's tokens depend on its seed only, not on its row in the batch."""
+    import torch
+
+    from tokenworks.engine.scheduler_output import ScheduledRequest
+    from tokenworks.model.sampler import Sampler
+
+    probs = torch.tensor([0.4, 0.25, 0.2, 0.1, 0.05])
+    logits = probs.log().unsqueeze(0)  # at temperature 0.5: probs ** 2, renormalized
+    want = probs[:3] ** 2 / (probs[:3] ** 2).sum()
+    sampler = Sampler("cpu")
+    req = ScheduledRequest("r", [1], 0, [0], True, SamplingParams(temperature=0.5, top_k=3, seed=11), [1], [])
+    n = 20_000
+    counts = torch.zeros(5)
+    for _ in range(n):
+        counts[sampler.sample(logits, [req]).result()[0][0]] += 1
+    assert counts[3] == counts[4] == 0
+    sd = (n * want * (1 - want)).sqrt()
+    assert ((counts[:3] - n * want).abs() < 4 * sd).all(), (counts, n * want)
+    def tokens(rows: int) -> list[int]:  # request "s" seeded alike, first or last in a batch of `rows`
+        fresh = Sampler("cpu")
+        batch = [ScheduledRequest(f"o{i}", [1], 0, [0], True, SamplingParams(temperature=1.0, seed=i), [1], [])
+                 for i in range(rows - 1)]
+        mine = ScheduledRequest("s", [1], 0, [0], True, SamplingParams(temperature=1.0, seed=5), [1], [])
+        out = []
+        for step in range(30):
+            reqs = batch + [mine] if step % 2 else [mine] + batch
+            got, _ = fresh.sample(logits.expand(rows, 5).contiguous(), reqs).result()
+            out.append(got[reqs.index(mine)])
+        return out
+    assert tokens(1) == tokens(4)
+

@@ -32,9 +32,9 @@ def test_json_schema_greedy_and_sampled_beside_free_requests(llm):
     free = SamplingParams(temperature=0, max_tokens=20)
     alone = served_llm.chat([ASK], free)[0]
     outs = served_llm.chat([ASK] * 5, [
-        SamplingParams(temperature=0, max_tokens=80, grammar=grammar),
+        SamplingParams(temperature=0, max_tokens=150, grammar=grammar),
         free,
-        *(SamplingParams(temperature=1.0, seed=s, max_tokens=80, grammar=grammar) for s in range(3)),
+        *(SamplingParams(temperature=0.7, seed=s, max_tokens=150, grammar=grammar) for s in range(3)),
     ])
     assert outs[1].text == alone.text  # a free request in the batch is untouched
     assert not alone.text.lstrip().startswith("{")  # ... and on its own the model does not answer in JSON
