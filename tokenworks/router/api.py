@@ -17,10 +17,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenworks.router.router import Delta, RequestFailed, Router, WorkerUnavailable
-from tokenworks.structured_output import check_grammar, grammar_for
 from tokenworks.router.schema import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest
 from tokenworks.router.sse import RAW_SEND, EventStream
 from tokenworks.sampling_params import SamplingParams
+from tokenworks.structured_output import check_grammar, grammar_for
 from tokenworks.tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 8 * 2**20
