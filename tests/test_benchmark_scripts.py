@@ -76,3 +76,11 @@ def test_serving_path_compares_the_server_with_its_engine(tmp_path):
     assert all(s["failed"] == 0 and s["tokens_s"] > 0 for s in round_["served"].values())
     assert sorted(r["bare_floor_us_per_token"]) == ["1", "2"]
     assert re.search(r"one stream: served token gap [\d.]+ ms, engine batch-1 step [\d.]+ ms, ratio [\d.]+", text)
+
+
+@pytest.mark.slow
+def test_sampling_benchmark_prints_each_way_against_greedy_and_the_old_draws():
+    text = run("sampling.py", "--streams", "1", "--tokens", "4", "--rounds", "1", "--rows", "2")
+    assert re.search(r"sampled now / before: [\d.]+x", text)
+    for way in ("greedy", "sampled T=1", "sampled, JSON schema", "sampled, logit_bias x20"):
+        assert re.search(rf"  {re.escape(way)} +[\d.]+  \([\d.]+x\)", text), way
