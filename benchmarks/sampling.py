@@ -5,7 +5,8 @@ Measured in the same run on the default model (or --model):
     Exp(1) draws as -log(U) from one torch.rand a row), and the baseline it replaced (PyTorch's exponential_,
     one entry at a time: 0.85 ms a row on a 2-core AMX VM, 2026-11-29);
   - whole decode steps (LLM.generate, --tokens tokens, ignore_eos) at each of --streams: greedy, sampled at
-    temperature 1, sampled under a JSON schema (structured output), sampled with a logit_bias of 20 tokens.
+    temperature 1, sampled under a JSON schema (structured output), with a logit_bias of 20 tokens, with top_p
+    0.95, with top_k 40.
 Rounds alternate the ways; medians are printed with each way's ratio to greedy in the same round.
 
     python benchmarks/sampling.py [--streams 1,8] [--tokens 64] [--rounds 3] [--rows 8]
@@ -67,7 +68,11 @@ def step_ms(llm: LLM, streams: int, tokens: int, rounds: int) -> dict[str, list[
             "sampled, JSON schema": SamplingParams(temperature=1.0, seed=1, max_tokens=tokens, ignore_eos=True,
                                                    grammar=grammar_for(json_schema=SCHEMA)),
             "sampled, logit_bias x20": SamplingParams(temperature=1.0, seed=1, max_tokens=tokens, ignore_eos=True,
-                                                      logit_bias=bias)}
+                                                      logit_bias=bias),
+            "sampled, top_p 0.95": SamplingParams(temperature=1.0, seed=1, max_tokens=tokens, ignore_eos=True,
+                                                  top_p=0.95),
+            "sampled, top_k 40": SamplingParams(temperature=1.0, seed=1, max_tokens=tokens, ignore_eos=True,
+                                                top_k=40)}
     times: dict[str, list[float]] = {k: [] for k in ways}
     for name, p in ways.items():  # warm: the grammar's tokenizer view is built at its first request
         llm.chat([PROMPT] * streams, [p] * streams)

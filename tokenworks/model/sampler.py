@@ -144,14 +144,33 @@ def _add_logit_bias(logits: torch.Tensor, reqs: list[ScheduledRequest], rows: li
     return logits
 
 
-def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+# Top-k and top-p look at a row's TOP_CANDIDATES most likely tokens first (``topk``, not a sort of the whole row), a
+# row whose nucleus reaches past them at 8 times as many, and so on (2026-11-29, 8 rows of 49,152: a sort 12.3 ms,
+# topk of 1,024 1.6 ms, of 8,192 3.0 ms; the default model's 0.9-0.95 nuclei held 1-1,840 tokens on six prompts).
+TOP_CANDIDATES = 1024
+
+
+def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float],
+                 candidates: int = TOP_CANDIDATES) -> torch.Tensor:
+    """Logits outside each row's top-k, and past its top-p nucleus (of the distribution renormalized to the
+    top-k, where there is one), set to -inf; the most likely token always kept."""
     vocab = x.shape[1]
-    sorted_x, order = x.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=x.device).unsqueeze(0)
+    width = min(vocab, max(t if t > 0 else candidates for t in top_k))
+    vals, order = x.topk(width, dim=-1)  # descending
+    ranks = torch.arange(width, device=x.device).unsqueeze(0)
     k = to_device([t if t > 0 else vocab for t in top_k], torch.long, x.device).unsqueeze(1)
     drop = ranks >= k
-    probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
-    drop |= (probs.cumsum(dim=-1) - probs) >= to_device(top_p, x.dtype, x.device).unsqueeze(1)
+    kept = vals.masked_fill(drop, float("-inf"))
+    has_k = k < vocab
+    # the probabilities top-p reads: renormalized over the kept top-k, else over the whole row
+    norm = torch.where(has_k, kept.logsumexp(dim=-1, keepdim=True), x.logsumexp(dim=-1, keepdim=True))
+    probs = (kept - norm).exp()
+    p = to_device(top_p, x.dtype, x.device).unsqueeze(1)
+    drop |= ((probs.cumsum(dim=-1) - probs) >= p) & (p < 1.0)  # (top_p 1: a rounding past 1 drops nothing)
     drop[:, 0] = False  # always keep the most likely token
-    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
-    return torch.empty_like(x).scatter_(1, order, sorted_x)
+    out = torch.full_like(x, float("-inf")).scatter_(1, order, vals.masked_fill(drop, float("-inf")))
+    short = (~has_k & (p < 1.0) & (probs.sum(dim=-1, keepdim=True) < p)).squeeze(1)  # nucleus past the candidates
+    if width < vocab and bool(short.any()):
+        rows = short.nonzero().squeeze(1).tolist()
+        out[rows] = _top_k_top_p(x[rows], [top_k[i] for i in rows], [top_p[i] for i in rows], candidates * 8)
+    return out
