@@ -25,11 +25,11 @@ from tokenworks.model import cpu_native
 from tokenworks.model.llama import LlamaModel
 from tokenworks.model.quantized_linear import Int4Linear, many_rows
 from tokenworks.model.runner import ModelRunner
-from tokenworks.structured_output import GrammarMasks, check_grammar
 from tokenworks.model.weights import (forget_parsed_files, gguf_quantized_weights, load_model_files, random_weights,
                                       resolve_model_path)
 from tokenworks.outputs import RequestOutput
 from tokenworks.sampling_params import SamplingParams
+from tokenworks.structured_output import GrammarMasks, check_grammar
 from tokenworks.tokenizer import Tokenizer
 
 

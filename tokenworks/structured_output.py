@@ -51,7 +51,7 @@ def grammar_for(response_format: dict[str, Any] | None = None, *, json_schema: A
     if not asked:
         return None
     matcher = _llguidance().LLMatcher
-    if response_format is not None and "response_format" in asked:
+    if "response_format" in asked:
         kind = response_format.get("type")
         if kind == "json_object":
             return matcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_OPTIONS)

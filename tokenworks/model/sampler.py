@@ -95,22 +95,24 @@ class Sampler:
     def sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest]) -> SampledTokens:
         """logits: (N, vocab) float32, one row per request in ``reqs``."""
         dev = logits.device
-        raw_logits = logits
         want_logprobs = [row for row, s in enumerate(reqs) if s.sampling_params.logprobs is not None]
         raw_logprobs = None
         if want_logprobs:
             want = to_device(want_logprobs, torch.long, dev)
             raw_logprobs = torch.log_softmax(logits.index_select(0, want), dim=-1)
-        if any(s.sampling_params.has_penalties for s in reqs):
-            logits = self._apply_penalties(logits.clone(), reqs)
+        penalized = any(s.sampling_params.has_penalties for s in reqs)
         biased = [row for row, s in enumerate(reqs) if s.sampling_params.logit_bias]
-        if biased:
-            logits = _add_logit_bias(logits if logits is not raw_logits else logits.clone(), reqs, biased)
         guided = [row for row, s in enumerate(reqs) if s.sampling_params.grammar is not None]
+        if penalized or biased or guided:
+            logits = logits.clone()  # changed in place below; the model's own stay as they are
+        if penalized:
+            logits = self._apply_penalties(logits, reqs)
+        if biased:
+            logits = _add_logit_bias(logits, reqs, biased)
         if guided:
             if self.grammars is None:
                 raise RuntimeError("structured output needs the model's tokenizer, which this engine has not")
-            logits = self.grammars.apply(logits if logits is not raw_logits else logits.clone(), reqs, guided)
+            logits = self.grammars.apply(logits, reqs, guided)
 
         tokens = logits.max(dim=-1).indices  # argmax's first-of-ties, in 0.4x its time on the CPU (32 x 49,152)
         random_rows = [row for row, s in enumerate(reqs) if not s.sampling_params.greedy]

@@ -195,8 +195,7 @@ class _Ledger:
         return Delta(tokens, text, out.finished or self.stopped, "stop" if self.stopped else out.finish_reason,
                      out.num_prompt_tokens,
                      self.router._named(out.logprobs[: len(tokens)]) if out.logprobs else [], out.num_cached_tokens,
-                     [None if e is None else self.router._named([e])[0] for e in out.prompt_logprobs]
-                     if out.prompt_logprobs else None)
+                     self.router._named(out.prompt_logprobs) if out.prompt_logprobs else None)
 
 
 class Router:
@@ -520,13 +519,13 @@ class Router:
             raise msg
         return msg
 
-    def _named(self, entries: list[P.LogprobEntry]) -> list[P.LogprobEntry]:
-        """Logprob entries with their token strings (workers send ids only)."""
+    def _named(self, entries: list[P.LogprobEntry | None]) -> list[P.LogprobEntry | None]:
+        """Logprob entries with their token strings (workers send ids only); None (a prompt's first token) kept."""
         if self.tokenizer is None:
             return entries
         name = self.tokenizer.id_to_token
-        return [P.LogprobEntry(e.token_id, name(e.token_id) or "", e.logprob, [(t, name(t) or "", v) for t, _, v in e.top])
-                for e in entries]
+        return [e and P.LogprobEntry(e.token_id, name(e.token_id) or "", e.logprob,
+                                     [(t, name(t) or "", v) for t, _, v in e.top]) for e in entries]
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
                        direct: Callable[[Delta], None] | None = None) -> AsyncIterator[Delta]:

@@ -45,7 +45,7 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     user: str | None = None
     logit_bias: dict[str, float] | None = None
-    # structured output (model/structured_output.py): OpenAI's response_format, or one of vLLM's guided_* fields
+    # structured output (tokenworks/structured_output.py): OpenAI's response_format, or one of vLLM's guided_* fields
     response_format: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None

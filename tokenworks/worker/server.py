@@ -25,13 +25,18 @@ import zmq
 
 from tokenworks.codec import Codec
 from tokenworks.config import EngineArgs
-from tokenworks.outputs import RequestOutput
+from tokenworks.outputs import Logprob, RequestOutput
 from tokenworks.transfer.base import KVLayout, KVSource, host_id
 from tokenworks.worker import protocol as P
 from tokenworks.worker.pulls import PullJob, PullPool
 
 STATS_INTERVAL = 0.25
 SECRET_ENV = "TOKENWORKS_INTERNAL_SECRET"  # how the launcher hands the shared secret over (never on argv)
+
+
+def _entry(lp: Logprob) -> P.LogprobEntry:
+    """A logprob as the router receives it: ids only (token strings left empty; the router names them)."""
+    return P.LogprobEntry(lp.token_id, "", lp.logprob, [(t, "", v) for t, _, v in lp.top])
 
 
 class Worker:
@@ -178,11 +183,8 @@ class Worker:
             request_id=out.request_id, new_token_ids=out.new_token_ids, finished=out.finished,
             finish_reason=out.finish_reason, num_prompt_tokens=len(out.prompt_token_ids),
             num_cached_tokens=out.num_cached_tokens,
-            logprobs=[P.LogprobEntry(l.token_id, "", l.logprob, [(t, "", v) for t, _, v in l.top])
-                      for l in out.logprobs[-len(out.new_token_ids):]] if out.logprobs else [],
-            prompt_logprobs=[None if l is None else P.LogprobEntry(l.token_id, "", l.logprob,
-                                                                   [(t, "", v) for t, _, v in l.top])
-                             for l in out.prompt_logprobs] if out.prompt_logprobs else [],
+            logprobs=[_entry(l) for l in out.logprobs[-len(out.new_token_ids):]] if out.logprobs else [],
+            prompt_logprobs=[l and _entry(l) for l in out.prompt_logprobs] if out.prompt_logprobs else [],
             prefilled=out.prefilled, kv_block_ids=out.kv_block_ids or [],
             kv_bytes=kv_bytes, kv_seconds=kv_seconds, kv_fallback=bool(failure), kv_failure=failure,
         )
