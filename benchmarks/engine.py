@@ -331,7 +331,7 @@ def main() -> int:
           f"{model.num_parameters / 1e6:.1f} M parameters = {weight_bytes / 1e6:.0f} MB; KV {kv_per_token} B/token", flush=True)
     prefill_flops, prefill_dtype = flops, dtype_name
     if not cuda and any(isinstance(layer["qkv"], Int4Linear) for layer in model.layers):
-        # the 4-bit layers' prefill products multiply in wide_products()'s dtype (bfloat16 where the CPU has AMX):
+        # the 4-bit layers' prefill products multiply in wide_products()'s dtype (bfloat16 where the CPU has AVX512-BF16):
         # the prefill roofline is the matmul rate in that dtype
         wide = wide_products()[0]
         if wide != dtype:

@@ -71,7 +71,7 @@ def test_dequantized_weights_are_the_gguf_values():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_many_rows_take_the_wide_product_in_either_dtype(monkeypatch, dtype):
     """From the threshold's row count on, a product dequantizes W whole and multiplies on PyTorch's BLAS (float32:
-    as exact as the tiles; bfloat16 where the CPU has AMX: bfloat16's rounding), below it the tiles run."""
+    as exact as the tiles; bfloat16 where the CPU has AVX512-BF16: bfloat16's rounding), below it the tiles run."""
     from tokenworks.model import quantized_linear
 
     monkeypatch.setattr(quantized_linear, "wide_products", lambda: (dtype, 8))
@@ -387,15 +387,21 @@ def prompt_params(kv_dtypes: list[torch.dtype]) -> list:
 
 @pytest.mark.parametrize("amx,case,kv_dtype", prompt_params([torch.float32, torch.float16, torch.int8]))
 @pytest.mark.parametrize("block_size,head_dim", [(4, 32), (16, 64), (8, 24)])  # 24: a tail of 8 (AVX-512: of 16)
-def test_native_step_runs_prompt_chunks_as_the_layer_by_layer_path(amx_rows, amx, case, kv_dtype, block_size,
-                                                                    head_dim):
+def test_native_step_runs_prompt_chunks_as_the_layer_by_layer_path(amx_rows, monkeypatch, amx, case, kv_dtype,
+                                                                    block_size, head_dim):
     """``case``: (cached tokens, new tokens) per sequence. The layer-by-layer path attends a fresh prompt to its
     keys and values before the pool's rounding, the native step reads them back from the pool: on a float16 pool
     the two differ by that rounding. With AMX both paths multiply in bfloat16 from 4 rows (see the decode test),
     and the native step's tiles attend on AMX in split bfloat16 (amx_attention.c) from 256 tokens of context:
     float32's numbers, measured within 3e-4 on a row and 1.4e-3 on the K/V written three layers on (a single
-    bfloat16 product per operand pair missed by up to 9 %)."""
+    bfloat16 product per operand pair missed by up to 9 %). Without AMX the layer-by-layer path's many-row
+    products run in float32 here, where the CPU would take bfloat16 (wide_products): the step's own arithmetic is
+    what is compared."""
     amx_rows(4 if amx else 0)
+    if not amx:
+        from tokenworks.model import quantized_linear
+
+        monkeypatch.setattr(quantized_linear, "wide_products", lambda: (torch.float32, 64))
     check_prompt_case(case, kv_dtype, block_size, head_dim, (4, 2), amx)
 
 

@@ -147,11 +147,12 @@ def many_rows() -> str:
 
 def wide_products() -> tuple[torch.dtype, int]:
     """Products of many activation rows (prefill chunks) dequantize W whole into a scratch matrix and multiply on
-    PyTorch's BLAS; returns (the dtype they multiply in, the fewest rows that go that way). bfloat16 where the CPU
-    has AMX (oneDNN's bfloat16 matmul there: 0.15x the native tiles' time at 512 rows, 0.7x at 32; the default
-    model's perplexity 1.0008x float32's), else float32 (the GGUF's weights exactly; 0.4x at 512 rows, 0.83x at
-    64, on an AMX machine: docs/engine.md)."""
-    return (torch.bfloat16, 32) if "amx_bf16" in cpu_native.cpu_flags() else (torch.float32, 64)
+    PyTorch's BLAS; returns (the dtype they multiply in, the fewest rows that go that way). bfloat16 from 32 rows
+    where the CPU multiplies bfloat16 natively (AVX512-BF16, which every AMX CPU has: oneDNN's bfloat16 matmul 4x
+    float32's rate on a Zen CPU, 6x on an AMX one; prefills 0.41-0.52x the float32 way's time on the first,
+    0.27-0.38x on the second; the default model's perplexity 1.0008x float32's), else float32 from 64 (the GGUF's
+    weights exactly; 0.4x the native tiles' time at 512 rows, 0.83x at 64, on an AMX machine: docs/engine.md)."""
+    return (torch.bfloat16, 32) if "avx512_bf16" in cpu_native.cpu_flags() else (torch.float32, 64)
 
 
 class Int8Linear:
