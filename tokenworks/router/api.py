@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenworks.router.router import Delta, RequestFailed, Router, WorkerUnavailable
 from tokenworks.router.schema import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest
 from tokenworks.router.sse import RAW_SEND, EventStream
+from tokenworks.router.tools import ToolError, ToolUse, history
 from tokenworks.sampling_params import SamplingParams
 from tokenworks.structured_output import check_grammar, grammar_for
 from tokenworks.tokenizer import Tokenizer
@@ -96,7 +97,14 @@ class ChunkEncoder:
         else:
             c = {"index": i, "text": d.text, "finish_reason": d.finish_reason,
                  "logprobs": completion_logprobs(d.logprobs) if self.want_logprobs else None}
-        payload = {**self.head, "choices": [c]}
+        return self._event(c)
+
+    def delta_chunk(self, i: int, delta: dict[str, Any], finish_reason: str | None) -> bytes:
+        """A chat chunk with the given delta (tool calling's: router/tools.py)."""
+        return self._event({"index": i, "delta": delta, "finish_reason": finish_reason, "logprobs": None})
+
+    def _event(self, choice: dict[str, Any]) -> bytes:
+        payload = {**self.head, "choices": [choice]}
         if self.include_usage:
             payload["usage"] = None
         return sse(payload)
@@ -330,7 +338,7 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
         return APIError(400, f"{what} is not supported by this server", param=param, code="unsupported_parameter")
 
     def sampling(body, max_tokens: int | None, prompt_len: int, logprobs: int | None,
-                 prompt_logprobs: int | None = None) -> SamplingParams:
+                 prompt_logprobs: int | None = None, tool_grammar: str | None = None) -> SamplingParams:
         room = router.max_model_len - prompt_len
         if room < 1:
             raise APIError(400, f"prompt has {prompt_len} tokens; this model's context is {router.max_model_len}",
@@ -357,6 +365,11 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
         except ValueError as e:
             fields = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
             raise APIError(400, str(e), param=next((f for f in fields if getattr(body, f) is not None), None)) from e
+        if tool_grammar is not None:
+            if grammar is not None:
+                raise APIError(400, "a required or named tool_choice holds the reply to the tools' schemas: give no "
+                                    "response_format or guided_* with it", param="tool_choice")
+            grammar = tool_grammar
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
@@ -422,11 +435,13 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
         return APIError(500, f"internal error: {type(e).__name__}", "server_error")
 
     async def respond(kind: str, body, jobs: list[tuple[list[int], SamplingParams]], http: Request,
-                      echo: list[str] | None = None, score_only: bool = False) -> Response:
+                      echo: list[str] | None = None, score_only: bool = False, tools: ToolUse | None = None
+                      ) -> Response:
         """The response to ``jobs``: (prompt, params) pairs, one for a chat or a completion, one per prompt of a
         batched completion; body.n choices each. ``echo``: each job's prompt text, put before its choices' text
         (with the prompt's logprobs, where asked). ``score_only`` (echo with max_tokens 0, unstreamed): the one
-        token generated is left out."""
+        token generated is left out. ``tools``: a chat's tool calling, whose calls are read from each choice's
+        text."""
         longest = max((prompt for prompt, _ in jobs), key=len)
         retry_after = router.admission_check(longest, body.n * len(jobs))
         if retry_after is not None:
@@ -478,7 +493,9 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             choices = []
             for i in range(num_choices):
                 if kind == "chat":
-                    c = {"index": i, "message": {"role": "assistant", "content": texts[i]}, "finish_reason": reasons[i],
+                    message, reason = ({"role": "assistant", "content": texts[i]}, reasons[i]) if tools is None \
+                        else tools.reply(texts[i], reasons[i])
+                    c = {"index": i, "message": message, "finish_reason": reason,
                          "logprobs": chat_logprobs(lps[i]) if want_logprobs else None}
                 else:
                     echoed = []
@@ -496,19 +513,28 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        chunk = ChunkEncoder(kind, rid, created, model_name, include_usage, want_logprobs).chunk
+        encoder = ChunkEncoder(kind, rid, created, model_name, include_usage, want_logprobs)
+        chunk = encoder.chunk
         completion_tokens = [0]
         response: EventStream | None = None
+        calls = [tools.stream() for _ in range(num_choices)] if tools is not None else None
 
         def counted(i: int, d: Delta) -> bytes:
             completion_tokens[0] += len(d.token_ids)
-            return chunk(i, d)
+            if calls is None:
+                return chunk(i, d)
+            deltas, reason = calls[i].feed(d.text), None
+            if d.finished:
+                last, reason = calls[i].end(d.finish_reason)
+                deltas = deltas + last or [{}]
+            return b"".join(encoder.delta_chunk(i, delta, reason if k == len(deltas) - 1 else None)
+                            for k, delta in enumerate(deltas))
 
         def direct(d: Delta) -> None:  # a token of steady decoding, from the router's reader (router/stream.py)
             response.write(counted(0, d))
 
         # Start the first choice before answering, so that a request no worker can take gets a real status code.
-        gen = run_choices(jobs, body.n, rid, direct)
+        gen = run_choices(jobs, body.n, rid, direct if calls is None else None)
         try:
             first = await until_disconnect(gen.__anext__(), http)
         except StopAsyncIteration:
@@ -531,11 +557,13 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
                     i, d = first
                     if i % body.n == 0 and d.num_cached_tokens:
                         cached[i // body.n] = d.num_cached_tokens
-                    yield counted(i, d)
+                    if event := counted(i, d):
+                        yield event
                 async for i, d in gen:
                     if i % body.n == 0 and d.num_cached_tokens:
                         cached[i // body.n] = d.num_cached_tokens
-                    yield counted(i, d)
+                    if event := counted(i, d):
+                        yield event
                 if include_usage:
                     usage = usage_of(completion_tokens[0])
                     yield sse({"id": rid, "object": chunk_obj, "created": created, "model": model_name, "choices": [],
@@ -553,16 +581,27 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: Request) -> Response:
         check_model(body.model)
-        if body.tools and body.tool_choice != "none":
-            raise unsupported("tools", "tool calling")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        takes_tools = tokenizer.template_takes_tools
+        messages, shown = history(body.messages, takes_tools), None
         try:
-            prompt = tokenizer.encode_chat(messages)
+            tools = ToolUse.of([t.model_dump(exclude_none=True) for t in body.tools or ()],
+                               body.tool_choice if isinstance(body.tool_choice, (str, type(None)))
+                               else body.tool_choice.model_dump(), body.parallel_tool_calls)
+            tool_grammar = tools.grammar() if tools is not None else None
+        except ToolError as e:
+            raise APIError(400, str(e), param=e.param) from e
+        if tools is not None:
+            if body.stream and body.logprobs:
+                raise APIError(400, "logprobs with tool calling are answered unstreamed: drop stream", param="logprobs")
+            messages, shown = tools.prompt(messages, takes_tools)
+        try:
+            prompt = tokenizer.encode_chat(messages, tools=shown)
         except Exception as e:  # noqa: BLE001 - template errors are the caller's input
             raise APIError(400, f"could not apply the chat template: {e}", param="messages") from e
         top = body.top_logprobs if body.top_logprobs is not None else 0
-        params = sampling(body, body.max_completion_tokens or body.max_tokens, len(prompt), top if body.logprobs else None)
-        return await respond("chat", body, [(prompt, params)], http)
+        params = sampling(body, body.max_completion_tokens or body.max_tokens, len(prompt), top if body.logprobs else None,
+                          tool_grammar=tool_grammar)
+        return await respond("chat", body, [(prompt, params)], http, tools=tools)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Response:
