@@ -282,3 +282,31 @@ def test_tool_requests_that_cannot_be_served_are_refused_and_the_server_stays_up
     assert raw.status_code == 400 and raw.json()["error"]["param"].startswith("tools")
     assert chat(model="default", messages=ASK, max_tokens=2, tools=TOOLS, tool_choice="none").choices[0].message.content
     server.wait_idle()
+
+
+def test_a_template_that_renders_tools_gets_them_and_the_calls_as_they_are(tokenizer):
+    """A chat template of the kind Qwen's and Hermes' are (it reads ``tools`` and an assistant's ``tool_calls``):
+    no system message is added, the calls reach it as objects and a tool's result with its call's id."""
+    from tokenworks.router.schema import ChatMessage
+    from tokenworks.router.tools import history
+    from tokenworks.tokenizer import Tokenizer
+
+    template = ("{% if tools %}[tools:{% for t in tools %}{{ t.function.name }};{% endfor %}]{% endif %}"
+                "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+                "{% for c in m.tool_calls or [] %}(call {{ c.function.name }} {{ c.function.arguments | tojson }})"
+                "{% endfor %}{% if m.tool_call_id %}(for {{ m.tool_call_id }}){% endif %}{% endfor %}<assistant>")
+    tok = Tokenizer(tokenizer.to_json(), template, tokenizer.bos_token, tokenizer.eos_token)
+    assert tok.template_takes_tools and not tokenizer.template_takes_tools
+    messages = [ChatMessage.model_validate(m) for m in ASK + [
+        {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
+                                              "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}]]
+    use = ToolUse.of(TOOLS, "auto")
+    shown, tools = use.prompt(history(messages, True), True)
+    assert tok.apply_chat_template(shown, tools=tools) == (
+        '[tools:get_weather;get_time;]<user>What is the weather like in Paris?<assistant>(call get_time {"zone": "UTC"})'
+        "<tool>12:00(for call_1)<assistant>")
+    written = history(messages, False)  # the default model's template: the same history written as text
+    assert written[1] == {"role": "assistant", "content": f'{CALL_OPEN}\n{{"name": "get_time", "arguments": '
+                                                          f'{{"zone": "UTC"}}}}\n{CALL_CLOSE}'}
+    assert written[2] == {"role": "tool", "content": "<tool_response>\n12:00\n</tool_response>"}
