@@ -84,3 +84,13 @@ def test_sampling_benchmark_prints_each_way_against_greedy_and_the_old_draws():
     assert re.search(r"sampled now / before: [\d.]+x", text)
     for way in ("greedy", "sampled T=1", "sampled, JSON schema", "sampled, logit_bias x20"):
         assert re.search(rf"  {re.escape(way)} +[\d.]+  \([\d.]+x\)", text), way
+
+
+def test_batch_products_benchmark_prints_each_way_against_the_tiles():
+    from tokenworks.model import cpu_native
+
+    if not (cpu_native.bf16_available() or cpu_native.amx_available()):
+        pytest.skip("this CPU has neither AVX512-BF16 nor AMX: the benchmark has nothing to compare")
+    text = run("batch_products.py", "--batches", "4", "--rounds", "1", "--steps", "3", "--context", "16")
+    line = re.search(r"decode batch +4: int16 tiles +[\d.]+ ms;(.*)", text)
+    assert line and re.search(r"(avx512-bf16|amx) +[\d.]+ ms \([\d.]+x\)", line.group(1)), text

@@ -15,14 +15,30 @@ pytestmark = pytest.mark.skipif(cpu_native.library() is None,
 needs_amx = pytest.mark.skipif(not cpu_native.amx_available(), reason="this CPU (or its kernel build) has no AMX")
 
 
+needs_bf16 = pytest.mark.skipif(not cpu_native.bf16_available(), reason="this CPU (or its kernel build) has no AVX512-BF16")
+
+
 @pytest.fixture(autouse=True)
 def amx_rows():
-    """Each test starts with the AMX products off (the tiles' arithmetic, at any row count) and may turn them on
-    (``amx_rows(n)``, before making its layers: only layers made then get their panels); put back after."""
-    before = cpu_native.amx_rows()
+    """Each test starts with the AMX and AVX512-BF16 products off (the tiles' arithmetic, at any row count) and may
+    turn them on (``amx_rows(n)``, before making its layers: only layers made then get their panels;
+    ``cpu_native.set_bf16_rows(n)``); put back after."""
+    before = cpu_native.amx_rows(), cpu_native.bf16_rows()
     cpu_native.set_amx_rows(0)
+    cpu_native.set_bf16_rows(0)
     yield cpu_native.set_amx_rows
-    cpu_native.set_amx_rows(before)
+    cpu_native.set_amx_rows(before[0])
+    cpu_native.set_bf16_rows(before[1])
+
+
+# How products of many rows multiply: the int16 tiles, AMX tiles, or AVX512-BF16 dot products (both bfloat16).
+WAYS = [pytest.param("tiles"), pytest.param("amx", marks=needs_amx), pytest.param("bf16", marks=needs_bf16)]
+
+
+def use_way(amx_rows, way: str, rows: int = 4) -> None:
+    """Products of ``rows`` rows or more the ``way`` way from now on (before making the layers, for AMX)."""
+    amx_rows(rows if way == "amx" else 0)
+    cpu_native.set_bf16_rows(rows if way == "bf16" else 0)
 
 
 def random_q4(rows: int, cols: int, gen: torch.Generator, spread: float = 0.05) -> Q4Weight:
@@ -141,13 +157,44 @@ def test_amx_products_are_bfloat16_arithmetic_on_the_gguf_values(amx_rows):
                 assert (got.double() - want).abs().max() < 1e-6 * want.abs().max(), (n, k, rows)
 
 
-@pytest.mark.parametrize("amx", [False, pytest.param(True, marks=needs_amx)], ids=["tiles", "amx"])
-def test_products_are_the_same_bits_on_any_number_of_threads(monkeypatch, amx_rows, amx):
+@needs_bf16
+def test_avx512_bf16_products_are_bfloat16_arithmetic_on_the_gguf_values(amx_rows):
+    """Without AMX, from the threshold's row count on, 4-bit and 8-bit products multiply in bfloat16 on AVX512-BF16
+    (kernels.c: bf16_tile): AMX's numbers, weights d q + m (d q for Q8_0) and activations rounded to bfloat16, sums
+    in float32. A last tile of two weight rows (202), inputs of 3 and of 48 groups, a bias; row counts not a
+    multiple of the four taken at once, past one 16-row block (Q8_0 to 70; a 4-bit layer takes PyTorch's BLAS
+    from wide_products' 32). Below the threshold: the tiles' own bits."""
+    cpu_native.set_bf16_rows(4)
+    gen = torch.Generator().manual_seed(6)
+    for n, k in ((202, 96), (64, 1536)):
+        q4, bias = random_q4(n, k, gen), torch.randn(n, generator=gen)
+        codes = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
+        q8 = Q8Weight(codes, (torch.rand(n, k // GROUP, generator=gen) * 0.01).half().float())
+        lin4, lin8 = Int4Linear(q4, bias), Int8Linear(q8)
+        assert lin4.native.panels is None and lin8.native.panels is None
+        for rows in (3, 4, 5, 17, 31, 70):
+            x = torch.randn(rows, k, generator=gen) * torch.linspace(0.01, 30, k)
+            for lin, w, b in ((lin4, exact_weight(q4), bias.double()), (lin8, q8.dequantize().double(), 0)):
+                if rows == 70 and lin is lin4:
+                    continue
+                got = lin(x)
+                assert got.shape == (rows, n) and got.dtype == torch.float32
+                if rows < 4:
+                    cpu_native.set_bf16_rows(0)
+                    assert torch.equal(got, lin(x))  # the tiles
+                    cpu_native.set_bf16_rows(4)
+                    continue
+                want = x.bfloat16().double() @ w.bfloat16().double().t() + b
+                assert (got.double() - want).abs().max() < 1e-6 * want.abs().max(), (n, k, rows)
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_products_are_the_same_bits_on_any_number_of_threads(monkeypatch, amx_rows, way):
     """Threads take their share of weight rows in chunks and then take the chunks left in others' shares (a thread
     that loses its core is not waited for): every output row is still computed whole by one thread, in the same
     tiles, so the result cannot depend on which thread did it. Eight threads on this machine's cores are
     descheduled all the time, so rows are taken from others' shares here."""
-    amx_rows(4 if amx else 0)
+    use_way(amx_rows, way)
     gen = torch.Generator().manual_seed(5)
     q4 = Int4Linear(random_q4(1030, 96, gen), torch.randn(1030, generator=gen))
     codes = torch.randint(-128, 128, (1030, 96), dtype=torch.int8, generator=gen)
@@ -162,9 +209,9 @@ def test_products_are_the_same_bits_on_any_number_of_threads(monkeypatch, amx_ro
             assert torch.equal(got, want), threads
 
 
-@pytest.mark.parametrize("amx", [False, pytest.param(True, marks=needs_amx)], ids=["tiles", "amx"])
-def test_the_decode_step_is_the_same_bits_on_any_number_of_threads(monkeypatch, amx_rows, amx):
-    amx_rows(4 if amx else 0)
+@pytest.mark.parametrize("way", WAYS)
+def test_the_decode_step_is_the_same_bits_on_any_number_of_threads(monkeypatch, amx_rows, way):
+    use_way(amx_rows, way)
     model, kv, runner = tiny_4bit_engine(False)
     gen = torch.Generator().manual_seed(2)
     rows = 6
@@ -248,12 +295,13 @@ def tiny_4bit_engine(qk_norm: bool, block_size: int = 4, head_dim: int = 32, num
                          ids=["4-rows", "1-row", "long+short", "long", "two-or-three-parts"])
 @pytest.mark.parametrize("block_size,head_dim", [(4, 32), (16, 64)])
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3-qk-norm"])
-@pytest.mark.parametrize("amx", [False, pytest.param(True, marks=needs_amx)], ids=["tiles", "amx"])
-def test_fused_decode_step_equals_the_layer_by_layer_path(amx_rows, amx, qk_norm, block_size, head_dim, lens):
-    """With AMX on, both paths multiply in bfloat16 from two rows (so the one-row cases stay on the tiles); the
-    activations they round may differ in their last float32 bit, which bfloat16's rounding can turn into 2^-8."""
-    amx_rows(2 if amx else 0)
-    check_fused_decode_steps(qk_norm, block_size, head_dim, lens, 1e-2 if amx and len(lens) >= 2 else 1e-4,
+@pytest.mark.parametrize("way", WAYS)
+def test_fused_decode_step_equals_the_layer_by_layer_path(amx_rows, way, qk_norm, block_size, head_dim, lens):
+    """With AMX or AVX512-BF16 on, both paths multiply in bfloat16 from two rows (so the one-row cases stay on the
+    tiles); the activations they round may differ in their last float32 bit, which bfloat16's rounding can turn
+    into 2^-8."""
+    use_way(amx_rows, way, 2)
+    check_fused_decode_steps(qk_norm, block_size, head_dim, lens, 1e-2 if way != "tiles" and len(lens) >= 2 else 1e-4,
                              torch.float32)
 
 
@@ -378,16 +426,16 @@ def prompt_params(kv_dtypes: list[torch.dtype]) -> list:
     """(amx, case, kv_dtype) for the prompt test. On an int8 pool only chunks after cached tokens: the layer-by-layer
     path attends a fresh prompt to its K/V before the pool's quantization, and on these random models a step of
     1/127 of a row's largest can move a row's output by 9 % (both paths reading the same int8 pool agree)."""
-    ways = [(False, k, c) for k, c in PROMPT_CASES.items()] + [(True, k, c) for k, c in {**PROMPT_CASES,
-                                                                                          **AMX_PROMPT_CASES}.items()]
-    return [pytest.param(amx, c, dt, id=f"{'amx' if amx else 'tiles'}-{k}-{str(dt).removeprefix('torch.')}",
-                         marks=[needs_amx] if amx else [])
-            for amx, k, c in ways for dt in kv_dtypes if dt != torch.int8 or all(cached for cached, _ in c)]
+    ways = [("tiles", k, c) for k, c in PROMPT_CASES.items()] + [("bf16", k, c) for k, c in PROMPT_CASES.items()] \
+        + [("amx", k, c) for k, c in {**PROMPT_CASES, **AMX_PROMPT_CASES}.items()]
+    marks = {"tiles": [], "amx": [needs_amx], "bf16": [needs_bf16]}
+    return [pytest.param(way, c, dt, id=f"{way}-{k}-{str(dt).removeprefix('torch.')}", marks=marks[way])
+            for way, k, c in ways for dt in kv_dtypes if dt != torch.int8 or all(cached for cached, _ in c)]
 
 
-@pytest.mark.parametrize("amx,case,kv_dtype", prompt_params([torch.float32, torch.float16, torch.int8]))
+@pytest.mark.parametrize("way,case,kv_dtype", prompt_params([torch.float32, torch.float16, torch.int8]))
 @pytest.mark.parametrize("block_size,head_dim", [(4, 32), (16, 64), (8, 24)])  # 24: a tail of 8 (AVX-512: of 16)
-def test_native_step_runs_prompt_chunks_as_the_layer_by_layer_path(amx_rows, monkeypatch, amx, case, kv_dtype,
+def test_native_step_runs_prompt_chunks_as_the_layer_by_layer_path(amx_rows, monkeypatch, way, case, kv_dtype,
                                                                     block_size, head_dim):
     """``case``: (cached tokens, new tokens) per sequence. The layer-by-layer path attends a fresh prompt to its
     keys and values before the pool's rounding, the native step reads them back from the pool: on a float16 pool
@@ -395,14 +443,15 @@ def test_native_step_runs_prompt_chunks_as_the_layer_by_layer_path(amx_rows, mon
     and the native step's tiles attend on AMX in split bfloat16 (amx_attention.c) from 256 tokens of context:
     float32's numbers, measured within 3e-4 on a row and 1.4e-3 on the K/V written three layers on (a single
     bfloat16 product per operand pair missed by up to 9 %). Without AMX the layer-by-layer path's many-row
-    products run in float32 here, where the CPU would take bfloat16 (wide_products): the step's own arithmetic is
+    products would go to PyTorch's BLAS (wide_products): they stay on the native kernel here (in float32 on the
+    tiles; on AVX512-BF16 in bfloat16 from 4 rows, as the native step's), so that the step's own arithmetic is
     what is compared."""
-    amx_rows(4 if amx else 0)
-    if not amx:
+    use_way(amx_rows, way)
+    if way != "amx":
         from tokenworks.model import quantized_linear
 
-        monkeypatch.setattr(quantized_linear, "wide_products", lambda: (torch.float32, 64))
-    check_prompt_case(case, kv_dtype, block_size, head_dim, (4, 2), amx)
+        monkeypatch.setattr(quantized_linear, "wide_products", lambda: (torch.float32, 1 << 30))
+    check_prompt_case(case, kv_dtype, block_size, head_dim, (4, 2), way != "tiles")
 
 
 @needs_amx

@@ -44,12 +44,14 @@ def test_q4_1_blocks_decode_to_the_ggml_formula_and_the_kernel_computes_it():
     torch.testing.assert_close(torch.cat([halves[0], halves[1]], dim=1), y)
     if Int4Linear(w).native is not None:  # the native kernel: GGUF's scales as they are, int16 activations
         exact = x.double() @ torch.from_numpy(ggml).t()
-        amx = cpu_native.amx_rows()
-        cpu_native.set_amx_rows(0)  # the tiles (AMX's bfloat16 products: test_cpu_native)
+        amx, bf16 = cpu_native.amx_rows(), cpu_native.bf16_rows()
+        cpu_native.set_amx_rows(0)  # the tiles (the bfloat16 products of AMX or AVX512-BF16: test_cpu_native)
+        cpu_native.set_bf16_rows(0)
         try:
             got = Int4Linear(w)(x)
         finally:
             cpu_native.set_amx_rows(amx)
+            cpu_native.set_bf16_rows(bf16)
         assert (got.double() - exact).abs().max() < 1e-4 * exact.abs().max()
     stacked = Q4Weight.stack([w, w.rows(torch.arange(rows - 1, -1, -1))])
     assert stacked.shape == (2 * rows, cols) and torch.equal(stacked.codes[rows:], w.codes.flip(0))

@@ -13,7 +13,8 @@ int4 kernel and steps layer by layer in PyTorch, as before.
   tables, the MLP) for decode rows and prompt chunks alike, the 4-bit layers read once per step for all rows.
 
 Activations enter the 4-bit products as int16 per group of 32 (an integer dot product on AVX2);
-the weights are the GGUF's codes, scales and minimums exactly.
+the weights are the GGUF's codes, scales and minimums exactly. Products of 4 rows or more (batches) multiply in
+bfloat16 instead where the CPU can: on AMX tiles (``amx_rows``), else on AVX512-BF16 (``bf16_rows``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ SOURCES = (SOURCE, *(os.path.join(os.path.dirname(__file__), f) for f in ("amx.c
 # Products of this many activation rows or more run on AMX where the CPU has it (amx.c); 0 turns AMX off.
 AMX_ROWS_ENV = "TOKENWORKS_AMX_ROWS"
 AMX_ROWS = 4
+# Where AMX is not, products of this many rows or more multiply in bfloat16 on AVX512-BF16's dot products if the
+# CPU has them (kernels.c: bf16_tile; AMD Zen 4 and 5).
+BF16_ROWS = 4
 # Reassociation lets sums vectorize; never -ffast-math: gcc then links crtfastmath into the library, and loading
 # it would flush subnormal floats to zero for the whole process.
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
@@ -143,6 +147,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.tw_amx_init.restype = ctypes.c_int
     lib.tw_amx_enable.argtypes = [_I]
     lib.tw_amx_enable.restype = ctypes.c_int
+    lib.tw_bf16_enable.argtypes = [_I]
+    lib.tw_bf16_enable.restype = ctypes.c_int
     return lib, ""
 
 
@@ -174,6 +180,35 @@ def set_amx_rows(rows: int) -> None:
     if amx_available():
         library().tw_amx_enable(max(rows, 0))
     _amx_rows = max(rows, 0)
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_available() -> bool:
+    """Whether products can multiply in bfloat16 on AVX512-BF16's dot products here (the kernels built with it)."""
+    lib = library()
+    return lib is not None and bool(lib.tw_bf16_enable(0))
+
+
+_bf16_rows: int | None = None
+
+
+def bf16_rows() -> int:
+    """Products of this many activation rows or more that AMX does not take multiply in bfloat16 on AVX512-BF16
+    (``kernels.c: bf16_tile``); 0 where none do: no AVX512-BF16, or AMX here (its tiles take them)."""
+    if _bf16_rows is None:
+        set_bf16_rows(BF16_ROWS if bf16_available() and not amx_rows() else 0)
+    return _bf16_rows
+
+
+def set_bf16_rows(rows: int) -> None:
+    """From now on products of ``rows`` rows or more that AMX does not take run on AVX512-BF16 (0: none do);
+    benchmarks and tests compare the ways in one process."""
+    global _bf16_rows
+    if rows and not bf16_available():
+        raise RuntimeError("AVX512-BF16 products are unavailable here")
+    if bf16_available():
+        library().tw_bf16_enable(max(rows, 0))
+    _bf16_rows = max(rows, 0)
 
 
 def _panel_rows(t: torch.Tensor) -> torch.Tensor:
@@ -229,6 +264,7 @@ class NativeQ4:
         self.bias = None if bias is None else bias.float().contiguous()
         self.out_features, self.in_features = self.codes.shape[0], self.codes.shape[1] * 2
         self.panels, self.panel_dm = amx_panels(self.codes, d, m) if amx_rows() else (None, None)
+        bf16_rows()  # the products' way for many rows, set once
         self.mat = _Q4Mat(self.out_features, self.in_features, _ptr(self.codes), _ptr(self.d), _ptr(self.m),
                           _ptr(self.bias), _ptr(self.panels), _ptr(self.panel_dm))
 
@@ -259,6 +295,7 @@ class NativeQ8:
         self.codes, self.d = codes.contiguous(), tile_interleaved(d.half())  # GGUF's float16 scales, exactly
         self.out_features, self.in_features = self.codes.shape
         self.panels, self.panel_d = amx_panels(self.codes, d) if amx_rows() else (None, None)
+        bf16_rows()
         self.mat = _Q8Mat(self.out_features, self.in_features, _ptr(self.codes), _ptr(self.d), _ptr(self.panels),
                           _ptr(self.panel_d))
 

@@ -163,7 +163,7 @@ static inline __attribute__((always_inline)) void amx_group(const uint16_t *b0, 
     }
 }
 
-/* Panels [p0, p1) of y = x W^T (+ bias): xb the activations as A tiles (amx_round_groups: mp rows, a multiple of
+/* Panels [p0, p1) of y = x W^T (+ bias): xb the activations as A tiles (round_groups_bf16: mp rows, a multiple of
    16), y (rows, n) with row stride ldy. `btiles`: this thread's buffer of 2 k / 32 tiles. Two panels and 32
    activation rows at a time, in four C tiles (0, 1: rows 0-15 of the two panels; 2, 3: rows 16-31), the A
    tiles 4 and 6, the B tiles 5 and 7: each tile loaded serves two products. */
@@ -205,17 +205,6 @@ static void amx_panels(const AmxMat *w, const uint16_t *xb, int64_t mp, int64_t 
             if (tall && two && !amx_store_whole(3, w, y, ldy, rows, mc + 16, 16 * p + 16))
                 amx_store(3, cbuf, w, y, ldy, rows, mc + 16, 16 * p + 16);
         }
-    }
-}
-
-/* Activation groups [g0, g1) of row r (x: that row, k inputs) rounded to bfloat16 into xb, laid out as A tiles:
-   rows 16 m .. 16 m + 15 of group g make the tile at (m k / 32 + g) 512, row r % 16 of it at 32 (r % 16). (Rows
-   k apart in one matrix would map 16 rows of a tile onto a few L1 sets when 2k bytes is a multiple of 1 KB.) */
-static void amx_round_groups(const float *x, int64_t k, int64_t g0, int64_t g1, uint16_t *xb, int64_t r) {
-    uint16_t *row = xb + (r / 16) * (k / GROUP) * 512 + (r % 16) * 32;
-    for (int64_t g = g0; g < g1; g++) {
-        const __m512 a = _mm512_loadu_ps(x + g * GROUP), b = _mm512_loadu_ps(x + g * GROUP + 16);
-        _mm512_storeu_si512(row + g * 512, (__m512i)_mm512_cvtne2ps_pbh(b, a));
     }
 }
 
