@@ -504,7 +504,8 @@ def check_prompt_case(case, kv_dtype, block_size, head_dim, heads, amx):
 
 
 def test_without_amx_only_steps_of_few_prompt_rows_are_native(amx_rows):
-    """Without AMX the layer-by-layer path multiplies many rows on PyTorch's BLAS, faster than the native tiles."""
+    """Without AMX or AVX512-BF16 the layer-by-layer path multiplies many rows on PyTorch's BLAS, faster than the
+    native int16 tiles."""
     from tokenworks.engine.scheduler_output import ScheduledRequest
     from tokenworks.model.quantized_linear import wide_products
     from tokenworks.model.runner import native_suits
@@ -519,8 +520,11 @@ def test_without_amx_only_steps_of_few_prompt_rows_are_native(amx_rows):
     assert native_suits([req(0, 31), req(9, 1)], max_prompt_rows=31)
     assert native_suits([req(600, 1)] * 64, max_prompt_rows=31)  # decode rows do not count
     assert not native_suits([req(0, 32)], max_prompt_rows=31)
-    _, _, runner = tiny_4bit_engine(False)  # made with the AMX products off
+    _, _, runner = tiny_4bit_engine(False)  # made with the AMX and AVX512-BF16 products off
     assert not runner.native.amx and runner.native_prompt_rows == wide_products()[1] - 1
+    if cpu_native.bf16_available():  # bfloat16 products in the step: prompt chunks of any size run there
+        cpu_native.set_bf16_rows(4)
+        assert tiny_4bit_engine(False)[2].native_prompt_rows is None
 
 
 def test_a_prompt_step_is_the_same_bits_on_any_number_of_threads(monkeypatch):

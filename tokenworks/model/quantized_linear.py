@@ -141,11 +141,10 @@ def many_rows() -> str:
     """How this machine's 4-bit layers multiply many activation rows (for the start-up line)."""
     if cpu_native.amx_rows():
         return f"products of {cpu_native.amx_rows()}+ rows (batches, prefill) on AMX tiles in bfloat16"
-    dtype, rows = wide_products()
-    wide = f"products of {rows}+ rows (prefill) on {str(dtype).removeprefix('torch.')} matmuls"
     if cpu_native.bf16_rows():
-        return f"products of {cpu_native.bf16_rows()}+ rows (batches) on AVX512-BF16 in bfloat16; {wide}"
-    return wide
+        return f"products of {cpu_native.bf16_rows()}+ rows (batches, prefill) on AVX512-BF16 in bfloat16"
+    dtype, rows = wide_products()
+    return f"products of {rows}+ rows (prefill) on {str(dtype).removeprefix('torch.')} matmuls"
 
 
 def wide_products() -> tuple[torch.dtype, int]:

@@ -7,8 +7,8 @@ order. Decode attention: in groups of similar length (CPU), or all rows in one
 replays a captured CUDA graph when ``capture_graphs`` has run (see
 cuda_graphs.py); any other step runs eagerly. On a CPU whose layers are all on
 the native 4-bit kernel a step runs as one native call (cpu_native), decode
-rows and prompt chunks alike (``native_suits``: without AMX only steps of few
-prompt rows).
+rows and prompt chunks alike (``native_suits``: without AMX or AVX512-BF16 only
+steps of few prompt rows).
 
 ``launch`` queues a step and returns at once; its ``result()`` waits for the
 sampled tokens. A decode input that is still ``PLACEHOLDER`` (its token was
@@ -94,9 +94,10 @@ class ModelRunner:
             self.use_paged = not self.paged_problem
         self.graphs: DecodeGraphs | None = None
         self.native = self._native_step()
-        # Without AMX the layers multiply many rows faster on PyTorch's BLAS (quantized_linear.wide_products)
-        # than the native step's tiles: steps with that many prompt rows stay layer by layer.
-        self.native_prompt_rows = None if self.native is None or self.native.amx else wide_products()[1] - 1
+        # Without bfloat16 products in the native step (AMX or AVX512-BF16) the layers multiply many rows faster on
+        # PyTorch's BLAS (quantized_linear.wide_products) than its int16 tiles: steps with that many prompt rows
+        # stay layer by layer.
+        self.native_prompt_rows = None if self.native is None or self.native.bfloat16_rows else wide_products()[1] - 1
         self._last = LaunchedStep()  # the step launched last: the source of the next step's pending inputs
 
     def _native_step(self) -> cpu_native.NativeStep | None:

@@ -333,6 +333,9 @@ class NativeStep:
         self.final_norm = model.norm.float().contiguous()
         self._keep = keep
         self.amx = amx  # every layer has its AMX panels: products of many rows run on them
+        # products of many rows in bfloat16 here (on AMX, or AVX512-BF16): prompt chunks of any size run faster in
+        # the step than layer by layer on PyTorch's BLAS (docs/engine.md)
+        self.bfloat16_rows = amx or bool(bf16_rows())
         self.net = _Net(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size, c.num_layers,
                         kv.block_size, c.rms_norm_eps, model.scale, _ptr(self.cos), _ptr(self.sin),
                         _ptr(self.final_norm), self.layers, t.data_ptr(), t.stride(0), t.stride(1), t.stride(2),
