@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tokenworks.router.responses import ResponsesRequest, ResponseWriter
 from tokenworks.router.router import Delta, RequestFailed, Router, WorkerUnavailable
 from tokenworks.router.schema import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest
 from tokenworks.router.sse import RAW_SEND, EventStream
@@ -112,6 +113,14 @@ class ChunkEncoder:
 
 class ClientGone(Exception):
     pass
+
+
+async def _chain(first: list, rest: AsyncIterator) -> AsyncIterator:
+    """The items of ``first``, then those of ``rest``."""
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
 
 
 async def until_disconnect(awaitable, http: Request):
@@ -578,9 +587,8 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
         response = EventStream(events(), headers={"Cache-Control": "no-cache"})
         return response
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, http: Request) -> Response:
-        check_model(body.model)
+    def prepare_chat(body: ChatCompletionRequest) -> tuple[list[int], SamplingParams, ToolUse | None]:
+        """A chat request's prompt, its sampling parameters and its tool calling (None without)."""
         takes_tools = tokenizer.template_takes_tools
         messages, shown = history(body.messages, takes_tools), None
         try:
@@ -601,7 +609,100 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
         top = body.top_logprobs if body.top_logprobs is not None else 0
         params = sampling(body, body.max_completion_tokens or body.max_tokens, len(prompt), top if body.logprobs else None,
                           tool_grammar=tool_grammar)
+        return prompt, params, tools
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, http: Request) -> Response:
+        check_model(body.model)
+        prompt, params, tools = prepare_chat(body)
         return await respond("chat", body, [(prompt, params)], http, tools=tools)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, http: Request) -> Response:
+        """OpenAI's Responses API, run as a chat (router/responses.py)."""
+        check_model(body.model)
+        try:
+            chat_body = body.as_chat()
+        except ValueError as e:
+            raise APIError(400, e.args[0], param=e.args[1] if len(e.args) > 1 else None) from e
+        except Exception as e:  # noqa: BLE001 - the translated request failed validation: the caller's input
+            raise APIError(400, f"input: {e}", param="input") from e
+        prompt, params, tools = prepare_chat(chat_body)
+        retry_after = router.admission_check(prompt, 1)
+        if retry_after is not None:
+            raise APIError(429, f"server is at capacity; retry in {retry_after:.0f}s", "rate_limit_error",
+                           code="server_overloaded", headers={"Retry-After": str(max(1, round(retry_after)))})
+        writer = ResponseWriter(body, f"resp_{router.new_request_id('r')}", int(time.time()), model_name)
+        stream = tools.stream() if tools is not None else None
+        counts = {"tokens": 0, "cached": 0}
+
+        def count(d: Delta) -> None:
+            counts["tokens"] += len(d.token_ids)
+            counts["cached"] = counts["cached"] or d.num_cached_tokens
+
+        def deltas(d: Delta) -> list[dict[str, Any]]:  # chat-style, for ResponseWriter.delta
+            count(d)
+            return stream.feed(d.text) if stream is not None else ([{"content": d.text}] if d.text else [])
+
+        def usage() -> dict[str, Any]:
+            return ResponseWriter.usage(len(prompt), counts["cached"], counts["tokens"])
+
+        gen = run_choices([(prompt, params)], 1, writer.rid)
+        if not body.stream:
+            async def collect() -> tuple[str, str | None]:
+                text, reason = "", None
+                async for _, d in gen:
+                    count(d)
+                    text += d.text
+                    reason = d.finish_reason if d.finished else reason
+                return text, reason
+
+            try:
+                text, reason = await until_disconnect(collect(), http)
+            except ClientGone:
+                return Response(status_code=499)
+            except Exception as e:  # noqa: BLE001
+                raise translate(e) from e
+            message, reason = tools.reply(text, reason) if tools is not None else ({"content": text}, reason)
+            return JSONResponse(writer.whole(message, reason, usage()))
+        try:  # the first token before answering, so that a request no worker can take gets a real status code
+            first = await until_disconnect(gen.__anext__(), http)
+        except StopAsyncIteration:
+            first = None
+        except ClientGone:
+            await gen.aclose()
+            return Response(status_code=499)
+        except Exception as e:  # noqa: BLE001
+            await gen.aclose()
+            raise translate(e) from e
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                for event in writer.start():
+                    yield event
+                reason = None
+                pending = [first] if first is not None else []
+                async for item in _chain(pending, gen):
+                    _, d = item
+                    for delta in deltas(d):
+                        for event in writer.delta(delta):
+                            yield event
+                    if d.finished:
+                        reason = d.finish_reason
+                if stream is not None:
+                    last, reason = stream.end(reason)
+                    for delta in last:
+                        for event in writer.delta(delta):
+                            yield event
+                for event in writer.end(reason, usage()):
+                    yield event
+            except Exception as e:  # noqa: BLE001 - headers are gone: report in-band
+                err = translate(e)
+                yield writer.failed(err.message, err.code)
+            finally:
+                await gen.aclose()
+
+        return EventStream(events(), headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Response:
@@ -636,5 +737,6 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
         return await respond("completion", body, jobs, http, echo if body.echo else None, score_only)
 
     app.fast_posts = {"/v1/chat/completions": (ChatCompletionRequest, chat),
-                      "/v1/completions": (CompletionRequest, completions)}
+                      "/v1/completions": (CompletionRequest, completions),
+                      "/v1/responses": (ResponsesRequest, responses)}
     return app
