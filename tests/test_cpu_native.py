@@ -129,60 +129,33 @@ def test_q8_product_equals_exact_arithmetic_on_the_gguf_values(rows):
     assert (got.double() - exact).abs().max() < 2e-4 * exact.abs().max()
 
 
-@needs_amx
-def test_amx_products_are_bfloat16_arithmetic_on_the_gguf_values(amx_rows):
-    """From the threshold's row count on, 4-bit and 8-bit products run on AMX tiles: weights d q + m (d q for Q8_0)
-    rounded to bfloat16, activations rounded to bfloat16, sums in float32. Shapes with a partial last panel (202
-    weight rows: 12 panels of 16 and one of 10, an odd count), inputs of 3 and of 48 groups, a bias; row counts
-    that fill none, some and several 32-row blocks of the panel loop. Below the threshold: the tiles' own bits."""
-    amx_rows(4)
+@pytest.mark.parametrize("way", [pytest.param("amx", marks=needs_amx), pytest.param("bf16", marks=needs_bf16)])
+def test_bfloat16_products_are_bfloat16_arithmetic_on_the_gguf_values(amx_rows, way):
+    """From the threshold's row count on, 4-bit and 8-bit products run on AMX tiles, or without AMX on AVX512-BF16
+    (kernels.c: bf16_tile): weights d q + m (d q for Q8_0) rounded to bfloat16, activations rounded to bfloat16,
+    sums in float32. Shapes with a partial last panel or tile (202 weight rows: 12 panels of 16 and one of 10; 50
+    tiles of 4 and one of 2), inputs of 3 and of 48 groups, a bias; row counts that fill none, some and several of
+    the 4-row (AVX512-BF16) and 32-row (AMX) blocks (a 4-bit layer without AMX takes PyTorch's BLAS from
+    wide_products' 32 rows). Below the threshold: the tiles' own bits."""
+    use_way(amx_rows, way)
     gen = torch.Generator().manual_seed(6)
     for n, k in ((202, 96), (64, 1536)):
         q4, bias = random_q4(n, k, gen), torch.randn(n, generator=gen)
         codes = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
         q8 = Q8Weight(codes, (torch.rand(n, k // GROUP, generator=gen) * 0.01).half().float())
         lin4, lin8 = Int4Linear(q4, bias), Int8Linear(q8)
-        assert lin4.native.panels is not None and lin8.native.panels is not None
-        for rows in (3, 4, 17, 32, 70):
+        assert (lin4.native.panels is not None) == (lin8.native.panels is not None) == (way == "amx")
+        for rows in (3, 4, 5, 17, 31, 32, 70):
             x = torch.randn(rows, k, generator=gen) * torch.linspace(0.01, 30, k)
             for lin, w, b in ((lin4, exact_weight(q4), bias.double()), (lin8, q8.dequantize().double(), 0)):
-                got = lin(x)
-                assert got.shape == (rows, n) and got.dtype == torch.float32
-                if rows < 4:
-                    amx_rows(0)
-                    assert torch.equal(got, lin(x))  # the tiles
-                    amx_rows(4)
-                    continue
-                want = x.bfloat16().double() @ w.bfloat16().double().t() + b
-                assert (got.double() - want).abs().max() < 1e-6 * want.abs().max(), (n, k, rows)
-
-
-@needs_bf16
-def test_avx512_bf16_products_are_bfloat16_arithmetic_on_the_gguf_values(amx_rows):
-    """Without AMX, from the threshold's row count on, 4-bit and 8-bit products multiply in bfloat16 on AVX512-BF16
-    (kernels.c: bf16_tile): AMX's numbers, weights d q + m (d q for Q8_0) and activations rounded to bfloat16, sums
-    in float32. A last tile of two weight rows (202), inputs of 3 and of 48 groups, a bias; row counts not a
-    multiple of the four taken at once, past one 16-row block (Q8_0 to 70; a 4-bit layer takes PyTorch's BLAS
-    from wide_products' 32). Below the threshold: the tiles' own bits."""
-    cpu_native.set_bf16_rows(4)
-    gen = torch.Generator().manual_seed(6)
-    for n, k in ((202, 96), (64, 1536)):
-        q4, bias = random_q4(n, k, gen), torch.randn(n, generator=gen)
-        codes = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen)
-        q8 = Q8Weight(codes, (torch.rand(n, k // GROUP, generator=gen) * 0.01).half().float())
-        lin4, lin8 = Int4Linear(q4, bias), Int8Linear(q8)
-        assert lin4.native.panels is None and lin8.native.panels is None
-        for rows in (3, 4, 5, 17, 31, 70):
-            x = torch.randn(rows, k, generator=gen) * torch.linspace(0.01, 30, k)
-            for lin, w, b in ((lin4, exact_weight(q4), bias.double()), (lin8, q8.dequantize().double(), 0)):
-                if rows == 70 and lin is lin4:
+                if way == "bf16" and lin is lin4 and rows >= 32:
                     continue
                 got = lin(x)
                 assert got.shape == (rows, n) and got.dtype == torch.float32
                 if rows < 4:
-                    cpu_native.set_bf16_rows(0)
+                    use_way(amx_rows, "tiles")
                     assert torch.equal(got, lin(x))  # the tiles
-                    cpu_native.set_bf16_rows(4)
+                    use_way(amx_rows, way)
                     continue
                 want = x.bfloat16().double() @ w.bfloat16().double().t() + b
                 assert (got.double() - want).abs().max() < 1e-6 * want.abs().max(), (n, k, rows)

@@ -443,6 +443,27 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
             return APIError(e.status, str(e))
         return APIError(500, f"internal error: {type(e).__name__}", "server_error")
 
+    async def first_of(gen: AsyncIterator, http: Request):
+        """A stream's first item, awaited before answering so that a request no worker can take gets a real status
+        code (None if it has none). Raises ClientGone, or the failure as an APIError; ``gen`` is closed then."""
+        try:
+            return await until_disconnect(gen.__anext__(), http)
+        except StopAsyncIteration:
+            return None
+        except ClientGone:
+            await gen.aclose()
+            raise
+        except Exception as e:  # noqa: BLE001
+            await gen.aclose()
+            raise translate(e) from e
+
+    def admit(prompt: list[int], n: int) -> None:
+        """429 with Retry-After when the fleet cannot take ``n`` sequences of this prompt now."""
+        retry_after = router.admission_check(prompt, n)
+        if retry_after is not None:
+            raise APIError(429, f"server is at capacity; retry in {retry_after:.0f}s", "rate_limit_error",
+                           code="server_overloaded", headers={"Retry-After": str(max(1, round(retry_after)))})
+
     async def respond(kind: str, body, jobs: list[tuple[list[int], SamplingParams]], http: Request,
                       echo: list[str] | None = None, score_only: bool = False, tools: ToolUse | None = None
                       ) -> Response:
@@ -451,11 +472,7 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
         (with the prompt's logprobs, where asked). ``score_only`` (echo with max_tokens 0, unstreamed): the one
         token generated is left out. ``tools``: a chat's tool calling, whose calls are read from each choice's
         text."""
-        longest = max((prompt for prompt, _ in jobs), key=len)
-        retry_after = router.admission_check(longest, body.n * len(jobs))
-        if retry_after is not None:
-            raise APIError(429, f"server is at capacity; retry in {retry_after:.0f}s", "rate_limit_error",
-                           code="server_overloaded", headers={"Retry-After": str(max(1, round(retry_after)))})
+        admit(max((prompt for prompt, _ in jobs), key=len), body.n * len(jobs))
         created = int(time.time())
         num_choices = body.n * len(jobs)
         params = jobs[0][1]
@@ -542,18 +559,11 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
         def direct(d: Delta) -> None:  # a token of steady decoding, from the router's reader (router/stream.py)
             response.write(counted(0, d))
 
-        # Start the first choice before answering, so that a request no worker can take gets a real status code.
         gen = run_choices(jobs, body.n, rid, direct if calls is None else None)
         try:
-            first = await until_disconnect(gen.__anext__(), http)
-        except StopAsyncIteration:
-            first = None
+            first = await first_of(gen, http)
         except ClientGone:
-            await gen.aclose()
             return Response(status_code=499)
-        except Exception as e:  # noqa: BLE001
-            await gen.aclose()
-            raise translate(e) from e
 
         async def events() -> AsyncIterator[bytes]:
             try:
@@ -628,10 +638,7 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
         except Exception as e:  # noqa: BLE001 - the translated request failed validation: the caller's input
             raise APIError(400, f"input: {e}", param="input") from e
         prompt, params, tools = prepare_chat(chat_body)
-        retry_after = router.admission_check(prompt, 1)
-        if retry_after is not None:
-            raise APIError(429, f"server is at capacity; retry in {retry_after:.0f}s", "rate_limit_error",
-                           code="server_overloaded", headers={"Retry-After": str(max(1, round(retry_after)))})
+        admit(prompt, 1)
         writer = ResponseWriter(body, f"resp_{router.new_request_id('r')}", int(time.time()), model_name)
         stream = tools.stream() if tools is not None else None
         counts = {"tokens": 0, "cached": 0}
@@ -665,16 +672,10 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
                 raise translate(e) from e
             message, reason = tools.reply(text, reason) if tools is not None else ({"content": text}, reason)
             return JSONResponse(writer.whole(message, reason, usage()))
-        try:  # the first token before answering, so that a request no worker can take gets a real status code
-            first = await until_disconnect(gen.__anext__(), http)
-        except StopAsyncIteration:
-            first = None
+        try:
+            first = await first_of(gen, http)
         except ClientGone:
-            await gen.aclose()
             return Response(status_code=499)
-        except Exception as e:  # noqa: BLE001
-            await gen.aclose()
-            raise translate(e) from e
 
         async def events() -> AsyncIterator[bytes]:
             try:
