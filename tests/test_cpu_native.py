@@ -521,3 +521,19 @@ def test_a_prompt_step_is_the_same_bits_on_any_number_of_threads(monkeypatch):
     assert outputs[1][0].abs().sum() > 0
     for threads, (hidden, pool) in outputs.items():
         assert torch.equal(hidden, outputs[1][0]) and torch.equal(pool, outputs[1][1]), threads
+
+
+def test_the_start_up_line_says_how_the_products_run(amx_rows):
+    from tokenworks.llm import _capture_graphs
+
+    _, _, runner = tiny_4bit_engine(False)
+    line = _capture_graphs(None, runner, 4, 4)
+    assert f"native CPU kernels ({cpu_native.instruction_sets()})" in line and "AVX512-BF16" not in line
+    from tokenworks.model.quantized_linear import wide_products
+
+    dtype, rows = wide_products()
+    assert f"steps of up to {rows - 1} prompt tokens" in line
+    assert f"products of {rows}+ rows (prefill) on {str(dtype).removeprefix('torch.')} matmuls" in line
+    if cpu_native.bf16_available():
+        cpu_native.set_bf16_rows(3)
+        assert "products of 3+ rows (batches, prefill) on AVX512-BF16 in bfloat16" in _capture_graphs(None, runner, 4, 4)

@@ -116,7 +116,8 @@ def _capture_graphs(args: EngineArgs, runner: ModelRunner, max_num_seqs: int, ma
                      else f"decode steps and steps of up to {runner.native_prompt_rows} prompt tokens")
             tiles = cpu_native.amx_rows() and runner.model.config.head_dim % 32 == 0  # amx_attention.c
             attention = ", and long prompts' attention on them (split bfloat16: float32's numbers)" if tiles else ""
-            return f"4-bit layers and {steps} in one call on the native CPU kernels (AVX2); {many_rows()}{attention}"
+            return (f"4-bit layers and {steps} in one call on the native CPU kernels ({cpu_native.instruction_sets()}); "
+                    f"{many_rows()}{attention}")
         if any(isinstance(layer["qkv"], Int4Linear) for layer in runner.model.layers):
             return f"4-bit layers on PyTorch's int4 kernel (native kernels: {cpu_native.unavailable_reason()})"
         return ""

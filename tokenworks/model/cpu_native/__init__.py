@@ -81,6 +81,15 @@ def unavailable_reason() -> str:
 
 
 @functools.lru_cache(maxsize=1)
+def instruction_sets() -> str:
+    """The vector extensions the kernels are built with here, for the start-up line."""
+    flags = cpu_flags()
+    parts = ["AVX-512" if "avx512f" in flags else "AVX2"]
+    parts += [name for flag, name in (("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"), ("amx_bf16", "AMX"))
+              if flag in flags]
+    return " ".join(parts)
+
+
 def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
