@@ -55,6 +55,12 @@ def streamed(use: ToolUse, text: str, piece: int, reason: str = "stop"):
     (call_text("launch_rocket", {}), call_text("launch_rocket", {}), []),  # not an offered function: left as text
     (f"{CALL_OPEN}{{not json{CALL_CLOSE}", f"{CALL_OPEN}{{not json{CALL_CLOSE}", []),
     (call_text("get_time", {"zone": "UTC"}) + " and then some words", None, []),  # text after a call: all kept
+    ('\n{"name": "get_time", "parameters": {"zone": "UTC"}}', None, ["get_time"]),  # Llama 3's way: no tags
+    ('[{"name": "get_time", "arguments": {"zone": "UTC"}}, {"name": "now", "arguments": {}}]', None, []),  # "now"
+    ('[{"name": "get_time", "arguments": {"zone": "UTC"}}, {"name": "get_weather", "arguments": {"city": "Oslo", '
+     '"unit": "celsius"}}]', None, ["get_time", "get_weather"]),
+    ('{"answer": 42}', None, []),  # JSON, not a call: content
+    ("  [1, 2, 3] are numbers", None, []),
 ])
 def test_auto_reads_calls_whole_and_streamed_in_pieces_of_every_size(text, content, names):
     use = ToolUse.of(TOOLS, "auto")

@@ -12,14 +12,15 @@ What the model may write, by ``tool_choice``:
   (structured_output.py), so the call is valid whatever the model; finish_reason "stop", as OpenAI's;
 - "required": a JSON list of one or more calls (one, with ``parallel_tool_calls`` false), each a function's name
   and its arguments, held to the schemas likewise; finish_reason "tool_calls";
-- "auto" (the default when tools are given): free text, from which ``<tool_call>`` blocks are read after it;
-  a block whose JSON does not parse, or that names no offered function, leaves the whole text as content
-  (nothing is lost). A response_format or guided_* grammar may still shape that text;
+- "auto" (the default when tools are given): free text, from which ``<tool_call>`` blocks are read after it
+  (or, without tags, a reply that is only a call's JSON or a list of them, as Llama 3's models write); a block
+  whose JSON does not parse, or that names no offered function, leaves the whole text as content (nothing is
+  lost). A response_format or guided_* grammar may still shape that text;
 - "none": no calls, and the tools are not shown.
 
 Streamed: a named function's arguments go out as they come; "required" calls go out whole once their list is
 complete; under "auto" text streams as content until a ``<tool_call>`` begins (text that may be its start is held
-back), and the calls go out at the end.
+back; a reply that opens with JSON is held to the end), and the calls go out at the end.
 """
 
 from __future__ import annotations
@@ -102,12 +103,9 @@ def history(messages: list[Any], template_takes_tools: bool) -> list[dict[str, A
     return out
 
 
-def _call(block: str, names: dict[str, Any]) -> Call | None:
-    """A call from the JSON inside one pair of tags, or None if it is not one of the offered functions'."""
-    try:
-        value = json.loads(block)
-    except ValueError:
-        return None
+def _call(value: Any, names: dict[str, Any]) -> Call | None:
+    """A call from one decoded JSON value, or None if it is not one of the offered functions' (its arguments as
+    an object or as JSON text; Llama 3's models write them as ``parameters``)."""
     if not isinstance(value, dict) or value.get("name") not in names:
         return None
     arguments = value.get("arguments", value.get("parameters", {}))
@@ -122,20 +120,30 @@ def _call(block: str, names: dict[str, Any]) -> Call | None:
     return Call(value["name"], json.dumps(arguments, ensure_ascii=False, separators=(",", ":")))
 
 
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 def parse_calls(text: str, names: dict[str, Any]) -> tuple[str, list[Call]]:
     """(the text before the first call, the calls) from text the model wrote freely; ("the whole text", []) when
     it holds no call, or anything after its first ``<tool_call>`` is not a well-formed call (a last block may
-    lack its closing tag: the model stopped)."""
+    lack its closing tag: the model stopped). Without tags, a reply that is nothing but a call's JSON object or a
+    list of them (how Llama 3's models call) is read as those calls."""
     start = text.find(CALL_OPEN)
     if start < 0:
-        return text, []
+        value = _json(text) if text.lstrip()[:1] in ("{", "[") else None
+        calls = [_call(v, names) for v in (value if isinstance(value, list) else [value])]
+        return ("", calls) if calls and all(calls) else (text, [])
     calls, rest = [], text[start:]
     while rest.strip():
         rest = rest.lstrip()
         if not rest.startswith(CALL_OPEN):
             return text, []
         end = rest.find(CALL_CLOSE)
-        call = _call(rest[len(CALL_OPEN): end if end >= 0 else len(rest)], names)
+        call = _call(_json(rest[len(CALL_OPEN): end if end >= 0 else len(rest)]), names)
         if call is None:
             return text, []
         calls.append(call)
@@ -265,7 +273,8 @@ class ToolStream:
     def __init__(self, use: ToolUse) -> None:
         self.use = use
         self.held = ""  # text not sent yet
-        self.in_calls = False  # "auto": a <tool_call> has begun, everything from it on is held
+        self.in_calls = False  # "auto": a <tool_call> (or a reply's JSON) has begun, everything from it on is held
+        self.started = False  # "auto": the reply's first non-blank character has come
         self.named: Call | None = None  # a named function's call, once its first delta is out
 
     def feed(self, text: str) -> list[dict[str, Any]]:
@@ -281,6 +290,13 @@ class ToolStream:
         self.held += text
         if use.choice == "required" or self.in_calls:
             return []
+        if not self.started:  # a reply that opens with JSON may be a call without tags: held to the end
+            first = self.held.lstrip()[:1]
+            if not first:
+                return []
+            self.started, self.in_calls = True, first in ("{", "[")
+            if self.in_calls:
+                return []
         at = self.held.find(CALL_OPEN)
         if at >= 0:
             content, self.held, self.in_calls = self.held[:at], self.held[at:], True
