@@ -143,3 +143,35 @@ def test_function_calls_and_their_outputs_go_round(server, client):
     assert e.value.body["param"] == "previous_response_id"
     assert client.responses.create(model="default", input="Hi", max_output_tokens=2).output_text
     server.wait_idle()
+
+
+def test_a_stream_of_text_then_calls_closes_each_item_before_the_next():
+    """Streamed text and then two calls (as "auto" may give): the message item is closed before the first call's
+    item opens, each call's arguments arrive as deltas and are repeated whole at its done event, and the final
+    response lists the three items in order; every event valid for the openai client's types."""
+    from tokenworks.router.responses import ResponseWriter
+
+    body = ResponsesRequest.model_validate({"input": "Hi", "tools": FLAT_TOOLS})
+    writer = ResponseWriter(body, "resp_1", 0, "default")
+    raw = writer.start()
+    for delta in ({"content": "Let me "}, {"content": "check."},
+                  {"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                   "function": {"name": "get_time", "arguments": '{"zone":'}}]},
+                  {"tool_calls": [{"index": 0, "function": {"arguments": '"UTC"}'}}]},
+                  {"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                                   "function": {"name": "get_weather", "arguments": '{"city":"Oslo","unit":"celsius"}'}}]}):
+        raw += writer.delta(delta)
+    raw += writer.end("stop", ResponseWriter.usage(5, 0, 9))
+    events = [EVENT.validate_json(line.split(b"data: ", 1)[1]) for line in raw]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    kinds = [e.type for e in events]
+    assert kinds.index("response.output_item.done") < kinds.index("response.function_call_arguments.delta")
+    done = [e for e in events if e.type == "response.output_item.done"]
+    assert [d.item.type for d in done] == ["message", "function_call", "function_call"]
+    assert [e.arguments for e in events if e.type == "response.function_call_arguments.done"] == \
+        ['{"zone":"UTC"}', '{"city":"Oslo","unit":"celsius"}']
+    final = events[-1].response
+    assert events[-1].type == "response.completed" and final.output_text == "Let me check."
+    assert [(o.type, getattr(o, "call_id", None)) for o in final.output] == \
+        [("message", None), ("function_call", "call_a"), ("function_call", "call_b")]
+    assert final.usage.total_tokens == 14
