@@ -537,3 +537,14 @@ def test_the_start_up_line_says_how_the_products_run(amx_rows):
     if cpu_native.bf16_available():
         cpu_native.set_bf16_rows(3)
         assert "products of 3+ rows (batches, prefill) on AVX512-BF16 in bfloat16" in _capture_graphs(None, runner, 4, 4)
+
+
+def test_prefill_products_multiply_in_bfloat16_wherever_the_cpu_does(monkeypatch):
+    """AVX512-BF16 (every AMX CPU has it; so do AMD's Zen 4 and 5): bfloat16 from 32 rows; else float32 from 64."""
+    from tokenworks.model.quantized_linear import wide_products
+
+    for flags, want in (({"avx2", "avx512f", "avx512_bf16"}, (torch.bfloat16, 32)),
+                        ({"avx2", "avx512_bf16", "amx_bf16"}, (torch.bfloat16, 32)),
+                        ({"avx2", "avx512f", "avx512_vnni"}, (torch.float32, 64))):
+        monkeypatch.setattr(cpu_native, "cpu_flags", lambda flags=flags: flags)
+        assert wide_products() == want, flags
