@@ -199,21 +199,20 @@ class ToolUse:
         parameters that are not a usable JSON schema."""
         if self.choice == "auto":
             return None
-        try:
-            if self.named:
-                grammar = grammar_for(json_schema=self._parameters(self.choice))
-                check_grammar(grammar)
-                return grammar
+        if self.named:
+            schema = self._parameters(self.choice)
+        else:
             calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": self._parameters(name)},
                       "required": ["name", "arguments"], "additionalProperties": False} for name in self.functions]
             schema = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1}
             if not self.parallel:
                 schema["maxItems"] = 1
+        try:
             grammar = grammar_for(json_schema=schema)
             check_grammar(grammar)
-            return grammar
         except ValueError as e:
             raise ToolError(f"a function's parameters: {e}", "tools") from e
+        return grammar
 
     def prompt(self, messages: list[dict[str, Any]], template_takes_tools: bool
                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
@@ -230,14 +229,9 @@ class ToolUse:
 
     def _listed(self, text: str) -> list[Call]:
         """The calls of a "required" reply (a JSON list); [] if it is incomplete (cut by max_tokens)."""
-        try:
-            value = json.loads(text)
-        except ValueError:
-            return []
-        if not isinstance(value, list):
-            return []
-        return [Call(v["name"], json.dumps(v["arguments"], ensure_ascii=False, separators=(",", ":"))) for v in value
-                if isinstance(v, dict) and v.get("name") in self.functions and isinstance(v.get("arguments"), dict)]
+        value = _json(text)
+        calls = [_call(v, self.functions) for v in value] if isinstance(value, list) else []
+        return [c for c in calls if c is not None]
 
     def _calls(self, text: str) -> tuple[str | None, list[Call]]:
         """(content, calls) of a whole reply."""
