@@ -1,9 +1,10 @@
 """What choosing tokens costs beside the model: sampling at random, a grammar, logit_bias, against greedy.
 
 Measured in the same run on the default model (or --model):
-  - the sampler alone on one step's logits (--rows rows of the vocabulary): greedy, sampled as now (the race's
-    Exp(1) draws as -log(U) from one torch.rand a row), and the baseline it replaced (PyTorch's exponential_,
-    one entry at a time: 0.85 ms a row on a 2-core AMX VM, 2026-11-29);
+  - the sampler alone on one step's logits (--rows rows of the vocabulary): greedy, sampled as now (the race over
+    counter-based draws, model/race.py, on the native kernel where built), the same race in PyTorch (what CUDA
+    and CPUs without the kernels run), and the baseline it replaced (a torch.Generator per request, one torch.rand
+    a row: mt19937, 0.1 ms a row of 49,152 on a 2-core Zen 5, 2026-11-29);
   - whole decode steps (LLM.generate, --tokens tokens, ignore_eos) at each of --streams: greedy, sampled at
     temperature 1, sampled under a JSON schema (structured output), with a logit_bias of 20 tokens, with top_p
     0.95, with top_k 40.
@@ -22,6 +23,7 @@ import torch
 
 from tokenworks import LLM, SamplingParams
 from tokenworks.engine.scheduler_output import ScheduledRequest
+from tokenworks.model.race import race_torch, row_key
 from tokenworks.model.sampler import Sampler
 from tokenworks.structured_output import grammar_for
 
@@ -31,25 +33,26 @@ PROMPT = [{"role": "user", "content": "Tell a long story about a harbour town, a
 
 
 def sampler_ms(vocab: int, rows: int, reps: int) -> dict[str, float]:
-    """ms per sample() of `rows` rows: greedy, sampled now, and sampled with the exponential_ baseline."""
+    """ms per sample() of `rows` rows: greedy, sampled now, the race in PyTorch, and the generators' baseline."""
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0))
 
     def reqs(temperature: float) -> list[ScheduledRequest]:
         return [ScheduledRequest(f"r{i}", [1], 8, [0], True, SamplingParams(temperature=temperature, seed=i),
                                  [1] * 8, []) for i in range(rows)]
 
-    def exponential_baseline() -> torch.Tensor:  # the race as drawn before 2026-11-29
-        probs = torch.softmax(logits, dim=-1)
-        race = torch.empty_like(probs)
+    def generators_baseline() -> torch.Tensor:  # the race as drawn until 2026-11-29: a generator per request
+        score = torch.empty(rows, vocab)
         for i in range(rows):
-            race[i].exponential_(generator=gens[i])
-        return (probs / race).argmax(dim=-1)
+            torch.rand(vocab, generator=gens[i], out=score[i])
+        return torch.sub(logits, score.log_().neg_().log_(), out=score).argmax(dim=-1)
 
     sampler, greedy, sampled = Sampler("cpu"), reqs(0.0), reqs(1.0)
     gens = [torch.Generator().manual_seed(i) for i in range(rows)]
+    keys = [row_key(i, 8) for i in range(rows)]
     ways = {"greedy": lambda: sampler.sample(logits, greedy).result(),
             "sampled": lambda: sampler.sample(logits, sampled).result(),
-            "sampled, exponential_ (before)": exponential_baseline}
+            "sampled, race in PyTorch": lambda: race_torch(logits, keys),
+            "sampled, generators (before)": generators_baseline}
     times: dict[str, list[float]] = {k: [] for k in ways}
     for _ in range(3):
         for name, f in ways.items():
@@ -100,7 +103,7 @@ def main() -> None:
     print(f"\nthe sampler alone, {args.rows} rows, ms per step (medians of 3):")
     for name, ms in alone.items():
         print(f"  {name:34s} {ms:7.3f}  ({ms / alone['greedy']:.2f}x greedy)")
-    print(f"  sampled now / before: {alone['sampled'] / alone['sampled, exponential_ (before)']:.2f}x")
+    print(f"  sampled now / before: {alone['sampled'] / alone['sampled, generators (before)']:.2f}x")
     for streams in (int(s) for s in args.streams.split(",")):
         times = step_ms(llm, streams, args.tokens, args.rounds)
         print(f"\n{streams} stream(s), {args.tokens} tokens each, ms per step (median; ratio to greedy, median of "

@@ -136,9 +136,10 @@ def test_bad_prompts_are_rejected_and_leak_nothing(llm):
 
 
 def test_sampled_tokens_follow_the_distribution_and_never_take_a_zero():
-    """The sampler alone (no model): 20,000 draws from one row of known probabilities land on each token in
-    proportion (within 4 standard deviations), never on a token of probability 0 (top_k cuts two off, temperature
-    0.5 squares the rest's odds); one request's tokens depend on its seed only, not on its row in the batch."""
+    """The sampler alone (no model): 20,000 draws from one row of known probabilities, a token at each position,
+    land on each token in proportion (within 4 standard deviations), never on a token of probability 0 (top_k cuts
+    two off, temperature 0.5 squares the rest's odds); one request's tokens depend on its seed and positions only,
+    not on its row in the batch."""
     import torch
 
     from tokenworks.engine.scheduler_output import ScheduledRequest
@@ -148,27 +149,88 @@ def test_sampled_tokens_follow_the_distribution_and_never_take_a_zero():
     logits = probs.log().unsqueeze(0)  # at temperature 0.5: probs ** 2, renormalized
     want = probs[:3] ** 2 / (probs[:3] ** 2).sum()
     sampler = Sampler("cpu")
-    req = ScheduledRequest("r", [1], 0, [0], True, SamplingParams(temperature=0.5, top_k=3, seed=11), [1], [])
+    params = SamplingParams(temperature=0.5, top_k=3, seed=11)
     n = 20_000
     counts = torch.zeros(5)
-    for _ in range(n):
+    for position in range(n):
+        req = ScheduledRequest("r", [1], position, [0], True, params, [1], [])
         counts[sampler.sample(logits, [req]).result()[0][0]] += 1
     assert counts[3] == counts[4] == 0
     sd = (n * want * (1 - want)).sqrt()
     assert ((counts[:3] - n * want).abs() < 4 * sd).all(), (counts, n * want)
+
     def tokens(rows: int) -> list[int]:  # request "s" seeded alike, first or last in a batch of `rows`
         fresh = Sampler("cpu")
-        batch = [ScheduledRequest(f"o{i}", [1], 0, [0], True, SamplingParams(temperature=1.0, seed=i), [1], [])
-                 for i in range(rows - 1)]
-        mine = ScheduledRequest("s", [1], 0, [0], True, SamplingParams(temperature=1.0, seed=5), [1], [])
         out = []
         for step in range(30):
+            batch = [ScheduledRequest(f"o{i}", [1], step, [0], True, SamplingParams(temperature=1.0, seed=i), [1],
+                                      []) for i in range(rows - 1)]
+            mine = ScheduledRequest("s", [1], step, [0], True, SamplingParams(temperature=1.0, seed=5), [1], [])
             reqs = batch + [mine] if step % 2 else [mine] + batch
             got, _ = fresh.sample(logits.expand(rows, 5).contiguous(), reqs).result()
             out.append(got[reqs.index(mine)])
         return out
-    assert tokens(1) == tokens(4)
+    assert tokens(1) == tokens(4) and len(set(tokens(1))) > 1
 
+
+def test_a_seeded_token_depends_on_its_position_not_on_the_sampler_that_draws_it():
+    """A prefill worker samples a request's first token and a decode worker the rest, a failover or a preemption
+    samples some again: a seeded request's token at a position is the same whichever Sampler draws it, in whatever
+    order; an unseeded request draws its own seed once and keeps it; different seeds draw differently."""
+    import torch
+
+    from tokenworks.engine.scheduler_output import ScheduledRequest
+    from tokenworks.model.sampler import Sampler
+
+    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(0))
+
+    def draw(sampler: Sampler, rid: str, seed: int | None, positions) -> list[int]:
+        params = SamplingParams(temperature=1.0, seed=seed)
+        return [sampler.sample(logits, [ScheduledRequest(rid, [1], p - 1, [0], True, params, [], [])]).result()[0][0]
+                for p in positions]
+
+    whole = draw(Sampler("cpu"), "a", 7, range(40, 60))
+    assert draw(Sampler("cpu"), "b", 7, range(50, 60)) == whole[10:]  # another worker, from position 50
+    assert draw(Sampler("cpu"), "c", 7, reversed(range(40, 60))) == whole[::-1]
+    assert draw(Sampler("cpu"), "a", 8, range(40, 60)) != whole
+    sampler = Sampler("cpu")
+    unseeded = draw(sampler, "u", None, range(40, 60))
+    assert draw(sampler, "u", None, range(40, 60)) == unseeded  # the request's drawn seed is kept...
+    assert draw(sampler, "v", None, range(40, 60)) != unseeded  # ...and another request's is its own
+    sampler.drop({"u"})
+    assert draw(sampler, "u", None, range(40, 60)) != unseeded  # dropped with the request
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 5), (3, 17), (5, 1000), (33, 49152)])
+def test_the_native_race_draws_what_the_pytorch_one_draws(rows, vocab):
+    """race.c against race.py's PyTorch arithmetic: with equal logits the choice is the largest U_j, so every
+    draw must match bit for bit; with real-looking logits the native choice scores within 1e-5 of the best
+    PyTorch score (the logarithms differ in the last places); rows with -inf (cut by top-k) never win them."""
+    import random
+
+    import torch
+
+    from tokenworks.model import cpu_native
+    from tokenworks.model.race import race, race_torch, row_key, uniforms
+
+    if cpu_native.library() is None:
+        pytest.skip(f"no native kernels here: {cpu_native.unavailable_reason()}")
+    rng = random.Random(rows * vocab)
+    keys = [row_key(rng.getrandbits(63), rng.randrange(1 << 20)) for _ in range(rows)]
+    flat = torch.zeros(rows, vocab)
+    assert torch.equal(race(flat, keys), race_torch(flat, keys))
+    assert torch.equal(race(flat, keys), uniforms(keys, vocab).argmax(dim=-1))
+    x = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab)) * 4
+    x[:, vocab // 2:] = float("-inf")
+    chosen = race(x, keys)
+    u = uniforms(keys, vocab)
+    score = x - (-u.log()).log()
+    assert (chosen < max(vocab // 2, 1)).all()
+    picked = score.gather(1, chosen.unsqueeze(1)).squeeze(1)
+    assert (picked >= score.max(dim=-1).values - 1e-5).all()
+    strided = torch.zeros(rows, vocab + 7)[:, :vocab]  # a view with a row stride of its own
+    strided.copy_(x)
+    assert torch.equal(race(strided, keys), chosen)
 
 
 def test_top_k_top_p_on_candidates_keeps_what_a_full_sort_keeps():

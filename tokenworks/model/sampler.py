@@ -1,18 +1,10 @@
 """From logits to tokens: penalties, logit bias, grammars (structured output), temperature, top-k/top-p/min-p,
 seeded sampling, logprobs.
 
-Each request that samples at random owns a ``torch.Generator`` (seeded from
-``SamplingParams.seed`` when given), and draws from it through the
-exponential-race trick (argmax of p / Exp(1), taken as the argmax of the
-logits minus log Exp(1): no softmax), so its tokens depend only on its own
-logits and seed, never on its neighbours in the batch. The Exp(1)
-draws are made as -log(U) from one ``torch.rand`` a row: PyTorch's CPU
-``exponential_`` drew them one by one, 0.85 ms a row of 49,152 (6.7 ms for a
-batch of 8), the uniforms and their logarithms take about 0.17 ms. (Taking
-one uniform's place in the cumulative distribution instead, 0.21 ms for 8
-rows, made a seeded request's tokens far more sensitive to the last bits of
-its logits, which the 4-bit CPU products change with a step's row count: the
-same seed alone and in a batch of n = 3 gave different text in half the runs.)
+A row that samples at random takes its token by the exponential race over counter-based draws (``race.py``): the
+draws for a request's token at position p are a function of its seed (``SamplingParams.seed``, else one drawn for
+the request here) and p, so its tokens depend only on its own logits, seed and positions, never on its neighbours
+in the batch, on preemption, or on which worker sampled them.
 
 ``sample`` queues the work and the copy of its results to the host and
 returns at once (``SampledTokens``); ``SampledTokens.result()`` waits for
@@ -28,6 +20,7 @@ import torch
 
 from tokenworks.engine.scheduler_output import ScheduledRequest, TokenLogprobs
 from tokenworks.model.host_copies import HostCopy, to_device
+from tokenworks.model.race import race, row_key
 from tokenworks.structured_output import GrammarMasks
 
 
@@ -59,23 +52,23 @@ class SampledTokens:
 class Sampler:
     def __init__(self, device: str) -> None:
         self.device = device
-        self._generators: dict[str, torch.Generator] = {}
+        self._seeds: dict[str, int] = {}  # the requests that sample at random without a seed of their own
         self.grammars: GrammarMasks | None = None  # set where the model's tokenizer is at hand (llm.build_engine)
 
     def drop(self, request_ids: set[str]) -> None:
         for rid in request_ids:
-            self._generators.pop(rid, None)
+            self._seeds.pop(rid, None)
         if self.grammars is not None:
             self.grammars.drop(request_ids)
 
-    def _generator(self, s: ScheduledRequest) -> torch.Generator:
-        g = self._generators.get(s.request_id)
-        if g is None:
-            g = torch.Generator(device=self.device)
-            seed = s.sampling_params.seed
-            g.manual_seed(seed if seed is not None else random.getrandbits(63))
-            self._generators[s.request_id] = g
-        return g
+    def _key(self, s: ScheduledRequest) -> int:
+        """The race's key for the token this step samples for ``s`` (at position ``s.context_len``)."""
+        seed = s.sampling_params.seed
+        if seed is None:
+            seed = self._seeds.get(s.request_id)
+            if seed is None:
+                seed = self._seeds[s.request_id] = random.getrandbits(63)
+        return row_key(seed, s.context_len)
 
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[ScheduledRequest]) -> torch.Tensor:
         for row, s in enumerate(reqs):
@@ -130,10 +123,7 @@ class Sampler:
             if any(p.min_p > 0 for p in params):  # p < min_p max(p), in logits: x < max(x) + log(min_p)
                 floor = to_device([p.min_p for p in params], x.dtype, dev).log().unsqueeze(1)
                 x = x.masked_fill(x < x.max(dim=-1, keepdim=True).values + floor, float("-inf"))
-            # the race: argmax of p / E with E ~ Exp(1), which is argmax of x - log E (softmax's normalizer is
-            # the same for every token of a row): no probabilities needed
-            score = self._log_exponentials([self._generator(reqs[row]) for row in random_rows], x.shape[1], dev)
-            chosen = torch.sub(x, score, out=score).argmax(dim=-1)
+            chosen = race(x, [self._key(reqs[row]) for row in random_rows])
             tokens = chosen if every else tokens.index_copy_(0, rows, chosen)
 
         logprob_tensors = []
@@ -142,14 +132,6 @@ class Sampler:
             top_vals, top_ids = raw_logprobs.topk(max(reqs[r].sampling_params.logprobs for r in want_logprobs))
             logprob_tensors = [chosen, top_vals, top_ids]
         return SampledTokens(tokens, reqs, want_logprobs, logprob_tensors)
-
-    @staticmethod
-    def _log_exponentials(generators: list[torch.Generator], vocab: int, dev: torch.device) -> torch.Tensor:
-        """(rows, vocab) log E with E ~ Exp(1) = -log(U), U in [0, 1), row i drawn from ``generators[i]`` alone."""
-        out = torch.empty(len(generators), vocab, device=dev)
-        for i, g in enumerate(generators):
-            torch.rand(vocab, generator=g, device=dev, out=out[i])
-        return out.log_().neg_().log_()
 
 
 def _add_logit_bias(logits: torch.Tensor, reqs: list[ScheduledRequest], rows: list[int]) -> torch.Tensor:

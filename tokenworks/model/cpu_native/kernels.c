@@ -1658,3 +1658,5 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
     if (have_q) qact_free(&q);
     return ok ? 0 : -1;
 }
+
+#include "race.c"
