@@ -1,10 +1,11 @@
 """What choosing tokens costs beside the model: sampling at random, a grammar, logit_bias, against greedy.
 
 Measured in the same run on the default model (or --model):
-  - the sampler alone on one step's logits (--rows rows of the vocabulary): greedy, sampled as now (the race over
-    counter-based draws, model/race.py, on the native kernel where built), the same race in PyTorch (what CUDA
-    and CPUs without the kernels run), and the baseline it replaced (a torch.Generator per request, one torch.rand
-    a row: mt19937, 0.1 ms a row of 49,152 on a 2-core Zen 5, 2026-11-29);
+  - the sampler alone on one step's logits (--rows rows of the vocabulary): greedy, sampled and with top_p 0.95 as
+    the CPU runs them now (the race over counter-based draws, model/race.py; temperature, filters and race in
+    one native call where the kernels are built), the same two in PyTorch (what CUDA and CPUs without the kernels
+    run), and the baseline the draws replaced (a torch.Generator per request, one torch.rand a row: mt19937, 0.1
+    ms a row of 49,152 on a 2-core Zen 5, 2026-11-29);
   - whole decode steps (LLM.generate, --tokens tokens, ignore_eos) at each of --streams: greedy, sampled at
     temperature 1, sampled under a JSON schema (structured output), with a logit_bias of 20 tokens, with top_p
     0.95, with top_k 40.
@@ -23,8 +24,9 @@ import torch
 
 from tokenworks import LLM, SamplingParams
 from tokenworks.engine.scheduler_output import ScheduledRequest
+from tokenworks.model import cpu_native
 from tokenworks.model.race import race_torch, row_key
-from tokenworks.model.sampler import Sampler
+from tokenworks.model.sampler import Sampler, _filtered
 from tokenworks.structured_output import grammar_for
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "story": {"type": "string"}},
@@ -33,12 +35,14 @@ PROMPT = [{"role": "user", "content": "Tell a long story about a harbour town, a
 
 
 def sampler_ms(vocab: int, rows: int, reps: int) -> dict[str, float]:
-    """ms per sample() of `rows` rows: greedy, sampled now, the race in PyTorch, and the generators' baseline."""
-    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0))
+    """ms per sample() of `rows` rows of N(0, 3^2) logits (a 0.95 nucleus of some 4,000 tokens): greedy, sampled
+    and top_p 0.95 as the CPU runs them now (native where built), the same in PyTorch (CUDA's path), and the
+    generators' baseline."""
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 3
 
-    def reqs(temperature: float) -> list[ScheduledRequest]:
-        return [ScheduledRequest(f"r{i}", [1], 8, [0], True, SamplingParams(temperature=temperature, seed=i),
-                                 [1] * 8, []) for i in range(rows)]
+    def reqs(**params) -> list[ScheduledRequest]:
+        return [ScheduledRequest(f"r{i}", [1], 8, [0], True, SamplingParams(seed=i, **params), [1] * 8, [])
+                for i in range(rows)]
 
     def generators_baseline() -> torch.Tensor:  # the race as drawn until 2026-11-29: a generator per request
         score = torch.empty(rows, vocab)
@@ -46,12 +50,15 @@ def sampler_ms(vocab: int, rows: int, reps: int) -> dict[str, float]:
             torch.rand(vocab, generator=gens[i], out=score[i])
         return torch.sub(logits, score.log_().neg_().log_(), out=score).argmax(dim=-1)
 
-    sampler, greedy, sampled = Sampler("cpu"), reqs(0.0), reqs(1.0)
+    sampler, greedy, sampled, nucleus = Sampler("cpu"), reqs(temperature=0.0), reqs(), reqs(top_p=0.95)
     gens = [torch.Generator().manual_seed(i) for i in range(rows)]
     keys = [row_key(i, 8) for i in range(rows)]
     ways = {"greedy": lambda: sampler.sample(logits, greedy).result(),
             "sampled": lambda: sampler.sample(logits, sampled).result(),
-            "sampled, race in PyTorch": lambda: race_torch(logits, keys),
+            "sampled, top_p 0.95": lambda: sampler.sample(logits, nucleus).result(),
+            "sampled in PyTorch": lambda: race_torch(logits, keys),
+            "sampled, top_p 0.95 in PyTorch": lambda: race_torch(_filtered(logits, [p.sampling_params for p in nucleus]),
+                                                                 keys),
             "sampled, generators (before)": generators_baseline}
     times: dict[str, list[float]] = {k: [] for k in ways}
     for _ in range(3):
@@ -100,10 +107,12 @@ def main() -> None:
     vocab = llm.engine.vocab_size
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, vocabulary {vocab}")
     alone = sampler_ms(vocab, args.rows, 50)
-    print(f"\nthe sampler alone, {args.rows} rows, ms per step (medians of 3):")
+    print(f"\nthe sampler alone, {args.rows} rows, ms per step (medians of 3; "
+          f"native kernels: {'yes' if cpu_native.library() else 'no, ' + cpu_native.unavailable_reason()}):")
     for name, ms in alone.items():
         print(f"  {name:34s} {ms:7.3f}  ({ms / alone['greedy']:.2f}x greedy)")
     print(f"  sampled now / before: {alone['sampled'] / alone['sampled, generators (before)']:.2f}x")
+    print(f"  top_p 0.95 now / in PyTorch: {alone['sampled, top_p 0.95'] / alone['sampled, top_p 0.95 in PyTorch']:.2f}x")
     for streams in (int(s) for s in args.streams.split(",")):
         times = step_ms(llm, streams, args.tokens, args.rounds)
         print(f"\n{streams} stream(s), {args.tokens} tokens each, ms per step (median; ratio to greedy, median of "

@@ -11,9 +11,10 @@ draw from softmax(x), without the softmax (its normalizer is the same for every 
   worker's first token and a decode worker's next ones draw as one worker would);
 - a row costs one pass over its logits, with no state, and every row of a batch is drawn at once.
 
-``race`` runs on the native CPU kernel (``cpu_native/race.c``, the same arithmetic on vectors) where it is built,
-else in PyTorch (CUDA, or a CPU without the kernels); both give the same U_j bit for bit, and logarithms within a
-few units in the last place (``tests/test_sampling.py`` holds them to it).
+On the CPU ``race_native`` runs temperature, top-k, top-p, min-p and the race in one native call
+(``cpu_native/race.c``: the same draws on vectors, and only the tokens near the top sorted), else the sampler
+filters in PyTorch and ``race_torch`` races (CUDA, or a CPU without the kernels). Both give the same U_j bit for
+bit, and logarithms within a few units in the last place (``tests/test_sampling.py`` holds them to it).
 
 Before 2026-11-29 each request owned a ``torch.Generator`` and drew a row of uniforms from it each step: 0.1 ms a
 row of 49,152 on the CPU (mt19937), one call per row, and a decode worker's generator started again from the seed
@@ -45,17 +46,27 @@ def row_key(seed: int, position: int) -> int:
     return _mix64(_mix64(seed & _M64) ^ position)
 
 
-def race(x: torch.Tensor, keys: list[int]) -> torch.Tensor:
-    """(rows, vocab) float32 logits and a key per row -> (rows,) int64: each row's token, argmax_j (x_j - log E_j)."""
-    lib = cpu_native.library() if x.device.type == "cpu" else None
-    if lib is None:
-        return race_torch(x, keys)
+def native(x: torch.Tensor) -> bool:
+    """Whether ``race_native`` can choose for these logits: on the CPU, with the native kernels built."""
+    return x.device.type == "cpu" and cpu_native.library() is not None
+
+
+def race_native(x: torch.Tensor, keys: list[int], temperature: list[float], top_k: list[int], top_p: list[float],
+                min_p: list[float]) -> torch.Tensor:
+    """(rows, vocab) logits on the CPU and, per row, a key, a temperature (> 0), top-k (0: off), top-p (1: off) and
+    min-p (0: off) -> (rows,) int64 tokens: temperature, then the filters as ``sampler._top_k_top_p`` and min-p
+    apply them (the tokens sorted by probability: the first k kept, then those whose predecessors' probability is
+    below p, then those at least min-p times the most likely's), then the race among the tokens kept."""
     if x.dtype != torch.float32 or x.stride(1) != 1:
         x = x.float().contiguous()
-    out = torch.empty(x.shape[0], dtype=torch.int64)
-    key_array = (ctypes.c_uint64 * len(keys))(*keys)
-    lib.tw_race(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), key_array, out.data_ptr(),
-                torch.get_num_threads())
+    rows = x.shape[0]
+    out = torch.empty(rows, dtype=torch.int64)
+    floats = ctypes.c_float * rows
+    if cpu_native.library().tw_sample(
+            x.data_ptr(), rows, x.shape[1], x.stride(0), floats(*(1.0 / t for t in temperature)),
+            (ctypes.c_int64 * rows)(*(min(k, x.shape[1]) for k in top_k)), floats(*top_p), floats(*min_p), (ctypes.c_uint64 * rows)(*keys),
+            out.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("the native sampler could not allocate its buffers")
     return out
 
 

@@ -20,7 +20,8 @@ import torch
 
 from tokenworks.engine.scheduler_output import ScheduledRequest, TokenLogprobs
 from tokenworks.model.host_copies import HostCopy, to_device
-from tokenworks.model.race import race, row_key
+from tokenworks.model.race import native, race_native, race_torch, row_key
+from tokenworks.sampling_params import SamplingParams
 from tokenworks.structured_output import GrammarMasks
 
 
@@ -116,14 +117,12 @@ class Sampler:
             params = [reqs[r].sampling_params for r in random_rows]
             rows = None if every else to_device(random_rows, torch.long, dev)
             x = logits if every else logits.index_select(0, rows)
-            if any(p.temperature != 1.0 for p in params):
-                x = x / to_device([p.temperature for p in params], logits.dtype, dev).unsqueeze(1)
-            if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-                x = _top_k_top_p(x, [p.top_k for p in params], [p.top_p for p in params])
-            if any(p.min_p > 0 for p in params):  # p < min_p max(p), in logits: x < max(x) + log(min_p)
-                floor = to_device([p.min_p for p in params], x.dtype, dev).log().unsqueeze(1)
-                x = x.masked_fill(x < x.max(dim=-1, keepdim=True).values + floor, float("-inf"))
-            chosen = race(x, [self._key(reqs[row]) for row in random_rows])
+            keys = [self._key(reqs[row]) for row in random_rows]
+            if native(x):  # temperature, filters and race in one call
+                chosen = race_native(x, keys, [p.temperature for p in params], [p.top_k for p in params],
+                                     [p.top_p for p in params], [p.min_p for p in params])
+            else:
+                chosen = race_torch(_filtered(x, params), keys)
             tokens = chosen if every else tokens.index_copy_(0, rows, chosen)
 
         logprob_tensors = []
@@ -132,6 +131,24 @@ class Sampler:
             top_vals, top_ids = raw_logprobs.topk(max(reqs[r].sampling_params.logprobs for r in want_logprobs))
             logprob_tensors = [chosen, top_vals, top_ids]
         return SampledTokens(tokens, reqs, want_logprobs, logprob_tensors)
+
+
+def _filtered(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Rows of logits at their temperatures, the tokens top-k, top-p and min-p drop set to -inf."""
+    dev = x.device
+    if any(p.temperature != 1.0 for p in params):
+        x = x / to_device([p.temperature for p in params], x.dtype, dev).unsqueeze(1)
+    cut = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0]
+    if len(cut) == len(params):
+        x = _top_k_top_p(x, [p.top_k for p in params], [p.top_p for p in params])
+    elif cut:  # the other rows keep every token (_top_k_top_p keeps a row's candidates at most)
+        rows = to_device(cut, torch.long, dev)
+        x = x.index_copy(0, rows, _top_k_top_p(x.index_select(0, rows), [params[i].top_k for i in cut],
+                                                [params[i].top_p for i in cut]))
+    if any(p.min_p > 0 for p in params):  # p < min_p max(p), in logits: x < max(x) + log(min_p)
+        floor = to_device([p.min_p for p in params], x.dtype, dev).log().unsqueeze(1)
+        x = x.masked_fill(x < x.max(dim=-1, keepdim=True).values + floor, float("-inf"))
+    return x
 
 
 def _add_logit_bias(logits: torch.Tensor, reqs: list[ScheduledRequest], rows: list[int]) -> torch.Tensor:

@@ -11,7 +11,8 @@ int4 kernel and steps layer by layer in PyTorch, as before.
 - ``NativeQ8``: the same for a Q8_0 matrix (the default model's tied embedding and output matrix).
 - ``NativeStep``: every layer of a step in one call (norms, q/k/v, RoPE, KV writes, attention through the block
   tables, the MLP) for decode rows and prompt chunks alike, the 4-bit layers read once per step for all rows.
-- ``tw_race`` (``race.c``): sampling's random choice for a batch of rows (``tokenworks/model/race.py``).
+- ``tw_sample`` (``race.c``): sampling's random choice for a batch of rows, after temperature, top-k, top-p and
+  min-p (``tokenworks/model/race.py``).
 
 Activations enter the 4-bit products as int16 per group of 32 (an integer dot product on AVX2);
 the weights are the GGUF's codes, scales and minimums exactly. Products of several rows (batches, prompts) multiply
@@ -161,8 +162,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.tw_amx_enable.restype = ctypes.c_int
     lib.tw_bf16_enable.argtypes = [_I]
     lib.tw_bf16_enable.restype = ctypes.c_int
-    lib.tw_race.argtypes = [_P, _I, _I, _I, _P, _P, ctypes.c_int]
-    lib.tw_race.restype = None
+    lib.tw_sample.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
+    lib.tw_sample.restype = ctypes.c_int
     return lib, ""
 
 
