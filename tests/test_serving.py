@@ -56,6 +56,19 @@ def test_greedy_chat_matches_offline_for_local_and_remote_prefill(server, client
     server.wait_idle()
 
 
+def test_a_seeded_sample_is_the_offline_text_for_local_and_remote_prefill(server, client, served_llm):
+    """Sampling at temperature 1 with a seed: the served text equals the offline engine's, whether one worker drew
+    every token or the prefill worker drew the first and the decode worker the rest (the draws follow the seed and
+    the token's position, not a generator that each worker would start again from the seed)."""
+    remote_before = server.metric("tokenworks:prefills_total", 'where="remote"')
+    for messages in (SHORT, LONG):
+        r = client.chat.completions.create(model="default", messages=messages, max_tokens=24, temperature=1.0, seed=11)
+        want = served_llm.chat(messages, SamplingParams(temperature=1.0, seed=11, max_tokens=24))[0]
+        assert r.choices[0].message.content == want.text and r.usage.completion_tokens == len(want.token_ids)
+    assert server.metric("tokenworks:prefills_total", 'where="remote"') >= remote_before + 1
+    server.wait_idle()
+
+
 def test_stream_matches_non_stream_and_reports_usage(server, client):
     kwargs = dict(model="default", messages=LONG[:1], max_tokens=16, temperature=0)
     whole = client.chat.completions.create(**kwargs).choices[0].message.content
