@@ -205,7 +205,7 @@ class ModelRunner:
         if len(sample_rows) < hidden.shape[0]:
             hidden = hidden.index_select(0, self._tensor(sample_rows))
         sampling = [s for s in order if s.sample]
-        return LaunchedStep(self.sampler.sample(self.model.logits(hidden), sampling), scored)
+        return LaunchedStep(self.sampler.sample(self.model.logits(hidden), sampling, scratch=True), scored)
 
     def _prompt_logprobs(self, order: list[ScheduledRequest], hidden: torch.Tensor
                          ) -> dict[str, tuple[int, list[TokenLogprobs]]]:

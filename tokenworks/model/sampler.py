@@ -87,8 +87,10 @@ class Sampler:
         return logits
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest]) -> SampledTokens:
-        """logits: (N, vocab) float32, one row per request in ``reqs``."""
+    def sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest], scratch: bool = False) -> SampledTokens:
+        """logits: (N, vocab) float32, one row per request in ``reqs``. ``scratch``: the caller has no further use
+        for them, so penalties, logit_bias and grammars change them in place (a copy of 32 rows cost 1.2 ms a
+        step here, its fresh pages most of it), else a copy."""
         dev = logits.device
         want_logprobs = [row for row, s in enumerate(reqs) if s.sampling_params.logprobs is not None]
         raw_logprobs = None
@@ -99,7 +101,7 @@ class Sampler:
         biased = [row for row, s in enumerate(reqs) if s.sampling_params.logit_bias]
         guided = [row for row, s in enumerate(reqs) if s.sampling_params.grammar is not None]
         if penalized or biased or guided:
-            logits = logits.clone()  # changed in place below; the model's own stay as they are
+            logits = logits if scratch else logits.clone()  # changed in place below
         if penalized:
             logits = self._apply_penalties(logits, reqs)
         if biased:
