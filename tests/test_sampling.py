@@ -50,6 +50,36 @@ def test_stop_string_is_cut_from_the_text(llm):
     assert free.text.startswith(out.text) and len(out.text) < len(free.text)
 
 
+def test_a_worker_engine_ends_a_request_at_its_stop_string_without_making_text():
+    """A served worker's engine (``build_engine(detokenize=False)``: no text out) still ends a request with stop
+    strings at the token that completes one, finish reason "stop", its KV freed; requests without stop strings
+    are never detokenized there."""
+    from tokenworks.config import EngineArgs
+    from tokenworks.llm import build_engine
+
+    engine = build_engine(EngineArgs(), detokenize=False).engine
+    assert engine.tokenizer is None and engine.stop_tokenizer is not None
+    prompt = engine.stop_tokenizer.encode(PROMPT)
+
+    def run(rid: str, params: SamplingParams) -> tuple[list[int], str | None, str]:
+        engine.add_request(rid, prompt, params)
+        assert (engine._tracks[rid].detok is None) == (not params.stop)
+        tokens, reason = [], None
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens += out.new_token_ids
+                reason = out.finish_reason if out.finished else reason
+        return tokens, reason, engine.stop_tokenizer.decode(tokens)
+
+    free, free_reason, text = run("free", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    assert free_reason == "length" and len(free) == 30
+    stop = text.split()[len(text.split()) // 2]
+    cut, reason, cut_text = run("cut", SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True))
+    assert reason == "stop" and cut == free[: len(cut)] and len(cut) < 30
+    assert stop in cut_text and stop not in engine.stop_tokenizer.decode(cut[:-1])  # its last token completes it
+    assert engine.scheduler.kv.pool.num_used_blocks == 0
+
+
 def test_stop_token_ids(llm):
     free = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
     stop_id = free.token_ids[3]

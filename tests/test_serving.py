@@ -61,7 +61,8 @@ def test_a_seeded_sample_is_the_offline_text_for_local_and_remote_prefill(server
     every token or the prefill worker drew the first and the decode worker the rest (the draws follow the seed and
     the token's position, not a generator that each worker would start again from the seed)."""
     remote_before = server.metric("tokenworks:prefills_total", 'where="remote"')
-    for messages in (SHORT, LONG):
+    unseen = [{"role": "user", "content": "Tell me about the history of trains and stations. " * 25}]  # no cache hit
+    for messages in (SHORT, unseen):
         r = client.chat.completions.create(model="default", messages=messages, max_tokens=24, temperature=1.0, seed=11)
         want = served_llm.chat(messages, SamplingParams(temperature=1.0, seed=11, max_tokens=24))[0]
         assert r.choices[0].message.content == want.text and r.usage.completion_tokens == len(want.token_ids)
@@ -100,8 +101,9 @@ def test_stop_seed_n_and_length(server, client):
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == cut.message.content
     assert [c.choices[0].finish_reason for c in streamed if c.choices[0].finish_reason] == ["stop"]
     server.wait_idle()  # the worker freed the stopped requests' KV
-    # The router finds stop strings; what the worker computed after one is at most a step a request.
-    assert server.metric("tokenworks:tokens_after_stop_total") - after_before <= 2
+    # The worker ends a request at the token that completes its stop string (Engine.stop_tokenizer) and the router
+    # cuts the text there: no token is computed after it, however late the router would have sent its abort.
+    assert server.metric("tokenworks:tokens_after_stop_total") - after_before == 0
     length = client.chat.completions.create(**base, max_tokens=3).choices[0]
     assert length.finish_reason == "length"
     sampled = dict(model="default", messages=SHORT, temperature=1.0, max_tokens=12, seed=7)

@@ -46,8 +46,8 @@ class LoadedEngine:
 
 
 def build_engine(args: EngineArgs, detokenize: bool = True) -> LoadedEngine:
-    """The engine for ``args``; ``detokenize=False``: token ids out only, no text or stop strings (a served
-    worker: the router detokenizes)."""
+    """The engine for ``args``; ``detokenize=False``: token ids out only, no text (a served worker: the router
+    detokenizes), stop strings still watched to end their requests at once (``Engine.stop_tokenizer``)."""
     t0 = time.perf_counter()
     quantized = {}
     if args.quantization == "auto" and args.device_config().device == "cpu":  # run as stored: float copies unread
@@ -62,7 +62,7 @@ def build_engine(args: EngineArgs, detokenize: bool = True) -> LoadedEngine:
     weights, files.weights = files.weights, {}
     weights.update(quantized)
     return _assemble(args, files.name, files.config, weights, tokenizer if detokenize else None, eos, t0,
-                     grammar_tokenizer=tokenizer.to_json)
+                     grammar_tokenizer=tokenizer.to_json, stop_tokenizer=None if detokenize else tokenizer)
 
 
 def build_random_engine(args: EngineArgs, config: ModelConfig, name: str) -> LoadedEngine:
@@ -75,7 +75,8 @@ def build_random_engine(args: EngineArgs, config: ModelConfig, name: str) -> Loa
 
 
 def _assemble(args: EngineArgs, name: str, config: ModelConfig, weights: dict, tokenizer: Tokenizer | None,
-              eos: tuple[int, ...], t0: float, grammar_tokenizer: Callable[[], str] | None = None) -> LoadedEngine:
+              eos: tuple[int, ...], t0: float, grammar_tokenizer: Callable[[], str] | None = None,
+              stop_tokenizer: Tokenizer | None = None) -> LoadedEngine:
     """``grammar_tokenizer``: the model's tokenizer.json, for structured output (none without it)."""
     dev = args.device_config()
     if dev.num_threads:
@@ -101,7 +102,8 @@ def _assemble(args: EngineArgs, name: str, config: ModelConfig, weights: dict, t
         runner.sampler.grammars = GrammarMasks(grammar_tokenizer, eos, config.vocab_size)
     graphs = _capture_graphs(args, runner, sched_cfg.max_num_seqs, -(-sched_cfg.max_model_len // cache_cfg.block_size))
     engine = Engine(scheduler, runner, tokenizer, eos, vocab_size=config.vocab_size, overlap=args.overlap,
-                    check_grammar=check_grammar if grammar_tokenizer is not None else None)
+                    check_grammar=check_grammar if grammar_tokenizer is not None else None,
+                    stop_tokenizer=stop_tokenizer)
     gc.collect()
     gc.freeze()  # what loading made lives as long as the engine: later collections need not walk it
     return LoadedEngine(engine, name, config, runner, pool, time.perf_counter() - t0, graphs, tier)

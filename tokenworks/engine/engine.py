@@ -59,14 +59,19 @@ class Engine:
         vocab_size: int | None = None,
         overlap: bool = False,
         check_grammar: Callable[[str], None] | None = None,
+        stop_tokenizer: Tokenizer | None = None,
     ) -> None:
         """``check_grammar``: raises ValueError for a grammar (structured output) the runner's sampler cannot
-        follow; None where it follows none (no tokenizer at hand)."""
+        follow; None where it follows none (no tokenizer at hand). ``stop_tokenizer``: where ``tokenizer`` is None
+        (a worker: the router makes the text), the requests with stop strings are still detokenized with it, only
+        to end each at the token that completes one (its KV freed then), not when the router's abort arrives a
+        step or more later."""
         self.scheduler = scheduler
         self.check_grammar = check_grammar
         self.vocab_size = vocab_size  # prompt token ids are checked against it
         self.runner = runner
         self.tokenizer = tokenizer
+        self.stop_tokenizer = stop_tokenizer
         self.eos_token_ids = eos_token_ids
         self._tracks: dict[str, _Track] = {}
         self.overlap = overlap
@@ -103,8 +108,9 @@ class Engine:
 
     def _track(self, request: Request, params: SamplingParams) -> _Track:
         detok = None
-        if self.tokenizer is not None:
-            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.stop)
+        tokenizer = self.tokenizer or (self.stop_tokenizer if params.stop else None)
+        if tokenizer is not None:
+            detok = IncrementalDetokenizer(tokenizer, request.prompt_token_ids, params.stop)
         track = _Track(request, detok, [] if params.logprobs is not None else None,
                        [None] * len(request.prompt_token_ids) if params.prompt_logprobs is not None else None)
         self._tracks[request.request_id] = track
