@@ -30,6 +30,9 @@ def test_top_k_1_is_greedy_and_temperature_0_is_greedy(llm):
     assert tiny_p.token_ids == greedy.token_ids
     high_min_p = llm.generate(PROMPT, SamplingParams(temperature=1.0, min_p=1.0, max_tokens=12, seed=5))[0]
     assert high_min_p.token_ids == greedy.token_ids
+    # a temperature whose inverse overflows float32 is greedy too (dividing by it made every positive logit inf)
+    tiny_t = llm.generate(PROMPT, SamplingParams(temperature=1e-40, max_tokens=12, seed=5))[0]
+    assert tiny_t.token_ids == greedy.token_ids
 
 
 def test_max_tokens_and_finish_reasons(llm):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class SamplingParams:
     """How to pick each next token and when to stop.
 
-    ``temperature == 0`` means greedy. ``seed`` makes a request's sampling
+    ``temperature`` below ``GREEDY_BELOW`` (0 included) means greedy. ``seed`` makes a request's sampling
     reproducible whatever else shares its batch. Stop strings are removed
     from the returned text; stop token ids and EOS end the request with
     ``finish_reason == "stop"``, ``max_tokens`` with ``"length"``.
@@ -71,7 +71,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:
@@ -83,6 +83,10 @@ class SamplingParams:
         return self.has_penalties or self.grammar is not None
 
 
+# Temperatures under this sample greedily: dividing by them overflows float32 (1 / 1e-40 is inf, and an inf logit
+# beats the most likely one), and a temperature of 1e-5 already gives the second token e^-100000 of the first's odds
+# at a logit gap of 1.
+GREEDY_BELOW = 1e-5
 MAX_LOGIT_BIAS = 1024  # tokens one request may bias
 
 

@@ -254,6 +254,11 @@ static int64_t race_kept(const float *x, int64_t vocab, float inv_t, int64_t k, 
     int64_t kept = 0;  /* min-p: the most likely token (d = 0) is always among them */
     for (int64_t i = 0; i < n; i++)
         if (c[i].d <= bound) c[kept++] = c[i];
+    if (kept == 0) {  /* not reached for a finite inv_t; never race among nothing */
+        int64_t j = 0;
+        while (j < vocab - 1 && !(x[j] == top)) j++;
+        return j;
+    }
     return race_among(x, c, kept, inv_t, key);
 }
 
