@@ -422,3 +422,36 @@ def test_bench_tool_against_the_real_server(server, tmp_path):
     assert s["output_tokens"] == 6 * 8  # ignore_eos is honoured: exact output lengths
     assert s["ttft_s"]["median"] > 0 and s["itl_s"]["median"] > 0
     server.wait_idle()
+
+
+def test_tokenize_and_detokenize_agree_with_what_requests_are_charged(server, client):
+    """/tokenize gives the ids a completion's prompt and a chat's messages become (their counts are the usage the
+    same requests report), /detokenize gives the text back; bad input gets a 400 in the OpenAI error form."""
+    def post(path: str, body: dict) -> httpx.Response:
+        return httpx.post(server.url + path, json=body, timeout=30)
+
+    text = "The harbour at dawn, with seven ships"
+    plain = post("/tokenize", {"model": "default", "prompt": text, "return_token_strs": True}).json()
+    charged = client.completions.create(model="default", prompt=text, max_tokens=1, temperature=0).usage.prompt_tokens
+    assert plain["count"] == len(plain["tokens"]) == charged == len(plain["token_strs"]) > 3
+    assert plain["max_model_len"] > plain["count"]
+    assert post("/detokenize", {"tokens": plain["tokens"]}).json()["prompt"] == text
+
+    chat = post("/tokenize", {"messages": SHORT}).json()
+    charged = client.chat.completions.create(model="default", messages=SHORT, max_tokens=1).usage.prompt_tokens
+    assert chat["count"] == charged
+    rendered = post("/detokenize", {"tokens": chat["tokens"]}).json()["prompt"]
+    assert SHORT[0]["content"] in rendered and rendered.rstrip().endswith("assistant")  # the reply's turn opened
+    bare = post("/tokenize", {"messages": SHORT, "add_generation_prompt": False}).json()
+    assert bare["count"] < chat["count"] and chat["tokens"][: bare["count"]] == bare["tokens"]
+
+    for path, body, param in [("/tokenize", {"prompt": "a", "messages": SHORT}, None),
+                              ("/tokenize", {}, None),
+                              ("/detokenize", {"tokens": [0, 10**9]}, "tokens"),
+                              ("/detokenize", {"tokens": [-1]}, "tokens")]:
+        r = post(path, body)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (path, body, r.text)
+        assert param is None or r.json()["error"]["param"] == param
+    r = post("/tokenize", {"model": "nope", "prompt": "a"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert httpx.get(server.url + "/health", timeout=5).status_code == 200

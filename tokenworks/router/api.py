@@ -18,7 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenworks.router.responses import ResponsesRequest, ResponseWriter
 from tokenworks.router.router import Delta, RequestFailed, Router, WorkerUnavailable
-from tokenworks.router.schema import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest
+from tokenworks.router.schema import (MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                      TokenizeRequest)
 from tokenworks.router.sse import RAW_SEND, EventStream
 from tokenworks.router.tools import ToolError, ToolUse, history
 from tokenworks.sampling_params import SamplingParams
@@ -300,6 +301,32 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "tokenworks",
                                             "max_model_len": router.max_model_len}]}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        """A prompt's token ids as a completion request would send them, or chat messages' as a chat request would
+        (the template applied; tools not offered); with the model's context length, as vLLM answers."""
+        check_model(body.model)
+        if body.messages is not None:
+            try:
+                ids = tokenizer.encode_chat(history(body.messages, tokenizer.template_takes_tools),
+                                            add_generation_prompt=body.add_generation_prompt)
+            except Exception as e:  # noqa: BLE001 - template errors are the caller's input
+                raise APIError(400, f"could not apply the chat template: {e}", param="messages") from e
+        else:
+            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": router.max_model_len, "tokens": ids}
+        if body.return_token_strs:
+            out["token_strs"] = [tokenizer.id_to_token(t) for t in ids]
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        """Token ids back to text (special tokens kept, as /tokenize's ids of a chat hold them)."""
+        check_model(body.model)
+        if any(not (0 <= t < tokenizer.vocab_size) for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {tokenizer.vocab_size})", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     @app.get("/debug/workers")
     async def workers() -> dict[str, Any]:
