@@ -94,3 +94,29 @@ def test_invalid_grammars_are_refused_before_they_run(served_llm):
             served_llm.generate("Hi", SamplingParams(grammar=grammar))
     assert grammar_for({"type": "text"}) is None and grammar_for() is None
     assert served_llm.pool.num_used_blocks == 0 and not served_llm.engine.has_unfinished()
+
+
+def test_masks_block_the_same_tokens_natively_and_in_pytorch(llm, monkeypatch):
+    """GrammarMasks.apply on the native kernel and in PyTorch (CUDA's path): the same tokens blocked, for a
+    grammar at its start, part-way through, and broken (EOS alone); rows not asked for untouched."""
+    import torch
+
+    from tokenworks.engine.scheduler_output import ScheduledRequest
+    from tokenworks.model import cpu_native
+
+    if cpu_native.library() is None:
+        pytest.skip(f"no native kernels here: {cpu_native.unavailable_reason()}")
+    masks, tok = llm.engine.runner.sampler.grammars, llm.tokenizer
+    grammar = grammar_for(json_schema=PERSON)
+    outputs = [[], tok.encode('{"name":"Ada', add_special_tokens=False), tok.encode("no json", add_special_tokens=False)]
+    reqs = [ScheduledRequest(f"mask{i}", [1], 0, [0], True, SamplingParams(grammar=grammar), [1], out)
+            for i, out in enumerate(outputs)] + [ScheduledRequest("free", [1], 0, [0], True, SamplingParams(), [1], [])]
+    logits = torch.randn(4, llm.engine.vocab_size, generator=torch.Generator().manual_seed(0))
+    native = masks.apply(logits.clone(), reqs, [0, 1, 2])
+    monkeypatch.setattr(cpu_native, "library", lambda: None)
+    masks.drop({r.request_id for r in reqs})
+    torch_way = masks.apply(logits.clone(), reqs, [0, 1, 2])
+    assert torch.equal(native, torch_way) and torch.equal(native[3], logits[3])
+    allowed = [int((~row.isinf()).sum()) for row in native[:3]]
+    assert 0 < allowed[0] < 100 and allowed[1] > 1000  # '{' to start (compact JSON); most tokens inside a string
+    assert (~native[2].isinf()).nonzero().flatten().tolist() == sorted(llm.engine.eos_token_ids)

@@ -111,34 +111,58 @@ class GrammarMasks:
 
     def _matcher(self, s: ScheduledRequest):
         """The request's matcher, fed its output tokens up to now (made, or made again, when its tokens are not a
-        continuation of what it has consumed: a request moved, prefilled elsewhere or recomputed)."""
-        outputs = list(s.output_token_ids)
+        continuation of what it has consumed: a request moved, prefilled elsewhere or recomputed; checked on the
+        last CHECKED tokens it consumed, not a copy of the whole output each step)."""
+        outputs = s.output_token_ids
         entry = self._matchers.get(s.request_id)
-        if entry is None or outputs[: len(entry[1])] != entry[1]:
+        n = len(entry[1]) if entry is not None else 0
+        if entry is None or len(outputs) < n or outputs[max(0, n - CHECKED):n] != entry[1][-CHECKED:]:
             entry = (_llguidance().LLMatcher(self.tokenizer(), s.sampling_params.grammar, log_level=0), [])
             self._matchers[s.request_id] = entry
         matcher, consumed = entry
         if len(outputs) > len(consumed):
-            matcher.consume_tokens(outputs[len(consumed):])
-            consumed.extend(outputs[len(consumed):])
+            new = list(outputs[len(consumed):])
+            matcher.consume_tokens(new)
+            consumed.extend(new)
         return matcher
 
     def apply(self, logits: torch.Tensor, reqs: list[ScheduledRequest], rows: list[int]) -> torch.Tensor:
         """Logits of the tokens each row's grammar does not allow now set to -inf, in place. A matcher in error
         (which sampling only allowed tokens does not reach) or with nothing left to allow gets EOS alone. The
-        mask comes as one bit per token, unpacked by numpy (2026-11-29: 50 us a row where a byte per token
-        compared in torch took 110)."""
-        import numpy as np
+        matchers write their masks (a bit per token) straight into one tensor for the batch; the native kernels
+        apply them on the CPU (``cpu_native/grammar_mask.c``), PyTorch elsewhere. (2026-11-29, 32 rows of a JSON
+        schema on the default model: 2.8 -> 1.7 ms a decode step in cProfile, the rest the matchers' own work; 0.99
+        -> 0.30 ms alone on warm matchers. Before, each row's mask came as bytes, unpacked by numpy, and a
+        masked_fill per row.)"""
+        import ctypes
+
         import torch
 
+        from tokenworks.model import cpu_native
+
         vocab = logits.shape[1]
-        for row in rows:
-            matcher = self._matcher(reqs[row])
-            bits = None if matcher.is_error() else np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
-            if bits is not None and bits.any():
-                blocked = torch.from_numpy(np.unpackbits(bits, bitorder="little")[:vocab] == 0)
-            else:
-                blocked = torch.ones(vocab, dtype=torch.bool)
-                blocked[self._eos] = False
-            logits[row].masked_fill_(blocked.to(logits.device), float("-inf"))
-        return logits
+        words = -(-vocab // 32)
+        masks = torch.empty(len(rows), words, dtype=torch.int32)
+        for i, row in enumerate(rows):
+            matcher, mask = self._matcher(reqs[row]), masks[i]
+            if not matcher.is_error():
+                matcher.unsafe_compute_mask_ptr(mask.data_ptr(), words * 4)
+            if matcher.is_error() or not bool(mask.any()):
+                mask.zero_()
+                for t in self._eos:
+                    bit = int(mask[t >> 5]) | (1 << (t & 31))
+                    mask[t >> 5] = bit - (1 << 32) if bit >= 1 << 31 else bit
+        lib = cpu_native.library() if logits.device.type == "cpu" else None
+        if lib is not None and logits.dtype == torch.float32 and logits.stride(1) == 1:
+            for i, row in enumerate(rows):
+                lib.tw_grammar_mask(ctypes.c_void_p(logits[row].data_ptr()), 1, vocab, vocab,
+                                    ctypes.c_void_p(masks[i].data_ptr()), words)
+            return logits
+        dev = logits.device
+        bits = torch.arange(32, dtype=torch.int32, device=dev)
+        blocked = ((masks.to(dev).unsqueeze(-1) >> bits) & 1).view(len(rows), -1)[:, :vocab] == 0
+        index = torch.tensor(rows, device=dev)
+        return logits.index_copy_(0, index, logits.index_select(0, index).masked_fill_(blocked, float("-inf")))
+
+
+CHECKED = 8  # tokens a matcher's consumed output is compared on (GrammarMasks._matcher)

@@ -12,7 +12,7 @@ int4 kernel and steps layer by layer in PyTorch, as before.
 - ``NativeStep``: every layer of a step in one call (norms, q/k/v, RoPE, KV writes, attention through the block
   tables, the MLP) for decode rows and prompt chunks alike, the 4-bit layers read once per step for all rows.
 - ``tw_sample`` (``race.c``): sampling's random choice for a batch of rows, after temperature, top-k, top-p and
-  min-p (``tokenworks/model/race.py``).
+  min-p (``tokenworks/model/race.py``); ``tw_grammar_mask`` (``grammar_mask.c``): structured output's token masks.
 
 Activations enter the 4-bit products as int16 per group of 32 (an integer dot product on AVX2);
 the weights are the GGUF's codes, scales and minimums exactly. Products of several rows (batches, prompts) multiply
@@ -35,8 +35,9 @@ import torch
 
 from tokenworks.config import default_cache_dir
 
-SOURCE = os.path.join(os.path.dirname(__file__), "kernels.c")  # it includes amx.c, amx_attention.c and race.c
-SOURCES = (SOURCE, *(os.path.join(os.path.dirname(__file__), f) for f in ("amx.c", "amx_attention.c", "race.c")))
+SOURCE = os.path.join(os.path.dirname(__file__), "kernels.c")  # it includes the other .c files here
+SOURCES = (SOURCE, *(os.path.join(os.path.dirname(__file__), f)
+                     for f in ("amx.c", "amx_attention.c", "race.c", "grammar_mask.c")))
 # Products of this many activation rows or more run on AMX where the CPU has it (amx.c); 0 turns AMX off.
 AMX_ROWS_ENV = "TOKENWORKS_AMX_ROWS"
 AMX_ROWS = 4
@@ -164,6 +165,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.tw_bf16_enable.restype = ctypes.c_int
     lib.tw_sample.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int]
     lib.tw_sample.restype = ctypes.c_int
+    lib.tw_grammar_mask.argtypes = [_P, _I, _I, _I, _P, _I]
+    lib.tw_grammar_mask.restype = None
     return lib, ""
 
 

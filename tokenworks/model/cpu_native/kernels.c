@@ -1660,3 +1660,4 @@ int tw_step(const Net *net, int64_t rows, float *h, const int32_t *positions, co
 }
 
 #include "race.c"
+#include "grammar_mask.c"
