@@ -139,10 +139,11 @@ class GrammarMasks:
         import torch
 
         from tokenworks.model import cpu_native
+        from tokenworks.model.host_copies import to_device
 
         vocab = logits.shape[1]
         words = -(-vocab // 32)
-        masks = torch.empty(len(rows), words, dtype=torch.int32)
+        masks = torch.empty(len(rows), words, dtype=torch.int32, pin_memory=logits.device.type == "cuda")
         for i, row in enumerate(rows):
             matcher, mask = self._matcher(reqs[row]), masks[i]
             if not matcher.is_error():
@@ -160,8 +161,8 @@ class GrammarMasks:
             return logits
         dev = logits.device
         bits = torch.arange(32, dtype=torch.int32, device=dev)
-        blocked = ((masks.to(dev).unsqueeze(-1) >> bits) & 1).view(len(rows), -1)[:, :vocab] == 0
-        index = torch.tensor(rows, device=dev)
+        blocked = ((masks.to(dev, non_blocking=True).unsqueeze(-1) >> bits) & 1).view(len(rows), -1)[:, :vocab] == 0
+        index = to_device(rows, torch.long, dev)
         return logits.index_copy_(0, index, logits.index_select(0, index).masked_fill_(blocked, float("-inf")))
 
 

@@ -28,6 +28,7 @@ import ctypes
 import torch
 
 from tokenworks.model import cpu_native
+from tokenworks.model.host_copies import to_device
 
 _M64 = (1 << 64) - 1
 _M32 = (1 << 32) - 1
@@ -86,8 +87,8 @@ def _signed32(v: int) -> int:
 
 def uniforms(keys: list[int], vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(rows, vocab) float32 U in (0, 1), row i drawn for ``keys[i]``."""
-    halves = torch.tensor([[_signed32(k & _M32), _signed32(k >> 32)] for k in keys], dtype=torch.int32)
-    halves = halves.to(device, non_blocking=True)
+    # pinned and queued on CUDA: a copy from pageable memory would wait for the step in flight (overlap)
+    halves = to_device([[_signed32(k & _M32), _signed32(k >> 32)] for k in keys], torch.int32, device)
     j = torch.arange(vocab, dtype=torch.int32, device=device).unsqueeze(0)
     h = _mix32_(torch.bitwise_xor(j, halves[:, :1]))
     h = _mix32_(h.bitwise_xor_(halves[:, 1:]))
