@@ -81,6 +81,13 @@ def test_a_worker_engine_ends_a_request_at_its_stop_string_without_making_text()
     assert reason == "stop" and cut == free[: len(cut)] and len(cut) < 30
     assert stop in cut_text and stop not in engine.stop_tokenizer.decode(cut[:-1])  # its last token completes it
     assert engine.scheduler.kv.pool.num_used_blocks == 0
+    # A prefill worker's request whose first token completes a stop string ends there, its KV not held for a decode
+    # worker that will never come.
+    first = engine.stop_tokenizer.decode(free[:1])
+    engine.add_request("prefill", prompt, SamplingParams(temperature=0, max_tokens=30, stop=[first]), prefill_only=True)
+    outs = engine.step()
+    assert [(o.new_token_ids, o.finished, o.finish_reason, o.prefilled) for o in outs] == [(free[:1], True, "stop", False)]
+    assert not engine.scheduler.held and engine.scheduler.kv.pool.num_used_blocks == 0
 
 
 def test_stop_token_ids(llm):

@@ -56,6 +56,26 @@ def test_greedy_chat_matches_offline_for_local_and_remote_prefill(server, client
     server.wait_idle()
 
 
+def test_a_stop_string_that_the_prefill_workers_first_token_completes(server, client):
+    """The prefill worker's first token (a space, before the next number's digits) completes the stop string: the
+    request ends there, streamed or not, with empty text, its KV neither held for a decode worker nor leaked."""
+    remote_before = server.metric("tokenworks:prefills_total", 'where="remote"')
+    after_before = server.metric("tokenworks:tokens_after_stop_total")
+    for word, stream in (("Numbers", False), ("Values", True)):  # two prompts no cache holds: both prefill remotely
+        prompt = f"{word}: " + ", ".join(str(i) for i in range(100, 140)) + ","
+        kwargs = dict(model="default", prompt=prompt, max_tokens=8, temperature=0, stop=[" "])
+        if stream:
+            chunks = [c for c in client.completions.create(**kwargs, stream=True) if c.choices]
+            text, reasons = "".join(c.choices[0].text for c in chunks), [c.choices[0].finish_reason for c in chunks]
+            assert text == "" and reasons[-1] == "stop"
+        else:
+            r = client.completions.create(**kwargs)
+            assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == ("", "stop", 1)
+    assert server.metric("tokenworks:prefills_total", 'where="remote"') == remote_before + 2
+    assert server.metric("tokenworks:tokens_after_stop_total") == after_before
+    server.wait_idle()
+
+
 def test_a_seeded_sample_is_the_offline_text_for_local_and_remote_prefill(server, client, served_llm):
     """Sampling at temperature 1 with a seed: the served text equals the offline engine's, whether one worker drew
     every token or the prefill worker drew the first and the decode worker the rest (the draws follow the seed and
