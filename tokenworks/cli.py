@@ -686,8 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="start the OpenAI-compatible server with prefill and decode workers",
                        description="Start a router (OpenAI API over HTTP: /v1/chat/completions with tool calling and "
-                                   "structured output, /v1/responses, /v1/completions, /v1/models; /tokenize, /detokenize, /health, "
-                                   "/metrics) "
+                                   "structured output, /v1/responses, /v1/completions, /v1/models; /tokenize, /detokenize, "
+                                   "/health, /metrics) "
                                    "and worker processes. With no worker flags "
                                    "the layout is picked from the machine and printed with the reason: one aggregated "
                                    "worker on fewer than 4 CPU cores, else (or with --gpus) one prefill and one decode "

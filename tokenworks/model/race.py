@@ -11,6 +11,10 @@ draw from softmax(x), without the softmax (its normalizer is the same for every 
   worker's first token and a decode worker's next ones draw as one worker would);
 - a row costs one pass over its logits, with no state, and every row of a batch is drawn at once.
 
+(The race rather than one uniform's place in the cumulative distribution: the latter moves with every logit's last
+bits, which the 4-bit CPU products change with a step's row count, so a seed's text changed with its batch;
+the race's argmax moves only with the top tokens' logits.)
+
 On the CPU ``race_native`` runs temperature, top-k, top-p, min-p and the race in one native call
 (``cpu_native/race.c``: the same draws on vectors, and only the tokens near the top sorted), else the sampler
 filters in PyTorch and ``race_torch`` races (CUDA, or a CPU without the kernels). Both give the same U_j bit for
@@ -60,13 +64,13 @@ def race_native(x: torch.Tensor, keys: list[int], temperature: list[float], top_
     below p, then those at least min-p times the most likely's), then the race among the tokens kept."""
     if x.dtype != torch.float32 or x.stride(1) != 1:
         x = x.float().contiguous()
-    rows = x.shape[0]
+    rows, vocab = x.shape
     out = torch.empty(rows, dtype=torch.int64)
     floats = ctypes.c_float * rows
-    if cpu_native.library().tw_sample(
-            x.data_ptr(), rows, x.shape[1], x.stride(0), floats(*(1.0 / t for t in temperature)),
-            (ctypes.c_int64 * rows)(*(min(k, x.shape[1]) for k in top_k)), floats(*top_p), floats(*min_p), (ctypes.c_uint64 * rows)(*keys),
-            out.data_ptr(), torch.get_num_threads()):
+    ks = (ctypes.c_int64 * rows)(*(min(k, vocab) for k in top_k))
+    if cpu_native.library().tw_sample(x.data_ptr(), rows, vocab, x.stride(0), floats(*(1.0 / t for t in temperature)),
+                                      ks, floats(*top_p), floats(*min_p), (ctypes.c_uint64 * rows)(*keys),
+                                      out.data_ptr(), torch.get_num_threads()):
         raise MemoryError("the native sampler could not allocate its buffers")
     return out
 
@@ -96,6 +100,7 @@ def uniforms(keys: list[int], vocab: int, device: torch.device | str = "cpu") ->
 
 
 def race_torch(x: torch.Tensor, keys: list[int]) -> torch.Tensor:
-    """``race`` in PyTorch, on any device."""
+    """The race in PyTorch, on any device, for logits already at their temperature and filtered (tokens cut set to
+    -inf: ``sampler._filtered``): (rows,) int64 tokens."""
     u = uniforms(keys, x.shape[1], x.device)
     return torch.sub(x, u.log_().neg_().log_(), out=u).argmax(dim=-1)
