@@ -118,7 +118,8 @@ def serve_layout(ns: argparse.Namespace, gpus: list[int] | None, cores: int) -> 
                            "the tokens/s of one aggregated worker at half its TTFT and ITL p99 (docs/serving.md)")
     if cores < 4:
         return (0, 0, 1), (f"{cores} CPU cores: 1 aggregated worker on all of them; split in two, each phase runs on "
-                           "too few cores (one stream, native kernels: 19.8 ms/token aggregated vs 22.3 ms split, docs/serving.md, benchmarks/layout_single_stream.py)")
+                           "too few cores (one stream on a 2-core Zen 5: 3.6 ms/token aggregated vs 5.0 ms split; "
+                           "docs/serving.md, benchmarks/layout_single_stream.py)")
     return (1, 1, 0), (f"{cores} CPU cores: 1 prefill + 1 decode worker, the cores split between them, so prompts "
                        "never stall decoding (pass --aggregated-workers 1 for one worker on all cores)")
 
