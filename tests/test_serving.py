@@ -80,9 +80,14 @@ def test_a_seeded_sample_is_the_offline_text_for_local_and_remote_prefill(server
     """Sampling at temperature 1 with a seed: the served text equals the offline engine's, whether one worker drew
     every token or the prefill worker drew the first and the decode worker the rest (the draws follow the seed and
     the token's position, not a generator that each worker would start again from the seed)."""
+    # Prompts neither this server nor the offline engine has seen (the server's port in them): both compute them
+    # whole. A prompt computed whole on one side and mostly from the prefix cache on the other may differ in its
+    # logits' last bits (a product of many rows takes other arithmetic than one of a few on some CPUs).
+    port = server.url.rsplit(":", 1)[1]
+    short = [{"role": "user", "content": f"What is the capital of France? (ask {port})"}]
+    unseen = [{"role": "user", "content": f"Tell me about the history of trains and stations, {port}. " * 25}]
     remote_before = server.metric("tokenworks:prefills_total", 'where="remote"')
-    unseen = [{"role": "user", "content": "Tell me about the history of trains and stations. " * 25}]  # no cache hit
-    for messages in (SHORT, unseen):
+    for messages in (short, unseen):
         r = client.chat.completions.create(model="default", messages=messages, max_tokens=24, temperature=1.0, seed=11)
         want = served_llm.chat(messages, SamplingParams(temperature=1.0, seed=11, max_tokens=24))[0]
         assert r.choices[0].message.content == want.text and r.usage.completion_tokens == len(want.token_ids)
@@ -177,8 +182,8 @@ def test_what_the_server_does_not_do_is_refused_not_ignored(server, client):
             "suffix")
     refused(lambda: client.completions.create(model="default", prompt="Hi", best_of=3, max_tokens=2), "best_of")
     # what changes nothing is served
-    ok = chat(model="default", messages=SHORT, max_tokens=2, response_format={"type": "text"}, tools=[tool],
-              tool_choice="none")
+    ok = chat(model="default", messages=SHORT, max_tokens=2, temperature=0, response_format={"type": "text"},
+              tools=[tool], tool_choice="none")  # (greedy: two sampled tokens may decode to no text)
     assert ok.choices[0].message.content
     assert client.completions.create(model="default", prompt="Hi", best_of=2, n=2, max_tokens=2).choices
 

@@ -45,10 +45,12 @@ AMX_ROWS = 4
 # CPU has them (kernels.c: bf16_tile; AMD Zen 4 and 5). 2026-11-29, a Zen 5: a step of 3 rows 0.84-0.90x the time
 # of the exact byte products (1-3 rows), of 2 rows 1.08x.
 BF16_ROWS = 3
+# TOKENWORKS_NATIVE_MARCH=x86-64-v3 builds for AVX2 alone: an older machine's paths, run and tested on a newer CPU.
+MARCH_ENV = "TOKENWORKS_NATIVE_MARCH"
 # Reassociation lets sums vectorize; never -ffast-math: gcc then links crtfastmath into the library, and loading
 # it would flush subnormal floats to zero for the whole process.
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros",
-         "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+FLAGS = ["-O3", f"-march={os.environ.get(MARCH_ENV) or 'native'}", "-fno-math-errno", "-fno-trapping-math",
+         "-fassociative-math", "-fno-signed-zeros", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
