@@ -43,11 +43,12 @@ def greedy_offline(llm, prompt, n):
     return llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
 
 
-def test_decode_worker_killed_mid_stream_the_stream_goes_on(server, llm):
-    expected = greedy_offline(llm, PROMPT, 60)
+def stream_killing_its_decode_worker(server, **sampling):
+    """Stream 60 tokens of PROMPT, SIGKILL the decode worker running it once 20 characters have come; the text, the
+    usage and the pid killed, after the launcher has started the worker again."""
     c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
-    stream = c.completions.create(model="default", prompt=PROMPT, max_tokens=60, temperature=0, stream=True,
-                                  stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    stream = c.completions.create(model="default", prompt=PROMPT, max_tokens=60, stream=True,
+                                  stream_options={"include_usage": True}, extra_body={"ignore_eos": True}, **sampling)
     text, usage, killed = "", None, None
     for chunk in stream:
         if chunk.choices:
@@ -60,13 +61,32 @@ def test_decode_worker_killed_mid_stream_the_stream_goes_on(server, llm):
                 killed = busy[0]["pid"]
                 os.kill(killed, signal.SIGKILL)
     assert killed is not None, "no decode worker was seen running the request"
-    assert usage.completion_tokens == 60
-    assert text == expected.text  # one continuous stream: nothing repeated, nothing lost
-    assert server.metric("tokenworks:worker_deaths_total") >= 1
-    assert server.metric("tokenworks:request_failovers_total") >= 1
     # The launcher restarts it and the router takes it back.
     wait_for(lambda: all(w["alive"] and w["pid"] != killed for w in server.workers().values()), 60, "restart")
     server.wait_idle(20)
+    return text, usage, killed
+
+
+def test_decode_worker_killed_mid_stream_the_stream_goes_on(server, llm):
+    expected = greedy_offline(llm, PROMPT, 60)
+    deaths = server.metric("tokenworks:worker_deaths_total")
+    text, usage, _ = stream_killing_its_decode_worker(server, temperature=0)
+    assert usage.completion_tokens == 60
+    assert text == expected.text  # one continuous stream: nothing repeated, nothing lost
+    assert server.metric("tokenworks:worker_deaths_total") >= deaths + 1
+    assert server.metric("tokenworks:request_failovers_total") >= 1
+
+
+def test_a_seeded_sample_goes_on_as_drawn_after_its_decode_worker_dies(server, llm):
+    # A token's draw depends on the request's seed and its position only (model/race.py), so the worker that
+    # continues from prompt + the tokens sent draws what the dead one would have.
+    params = SamplingParams(temperature=1.0, seed=1234, max_tokens=60, ignore_eos=True)
+    expected = llm.generate(PROMPT, params)[0].text
+    failovers = server.metric("tokenworks:request_failovers_total")
+    text, usage, _ = stream_killing_its_decode_worker(server, temperature=1.0, seed=1234)
+    assert server.metric("tokenworks:request_failovers_total") >= failovers + 1
+    assert usage.completion_tokens == 60
+    assert text == expected
 
 
 def test_prefill_worker_killed_during_prefill_request_still_finishes(server, llm):
