@@ -40,6 +40,12 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                    help="schedule and launch the next step while the device computes this one (a request that "
                         "stops on a sampled token costs one wasted token); auto: on for CUDA, off on CPU, where "
                         "the step runs on the host anyway (default: auto)")
+    g.add_argument("--num-speculative-tokens", type=int, default=0, metavar="K",
+                   help="speculative decoding by prompt lookup: a greedy request's decode step also checks up to K "
+                        "draft tokens, those that followed the latest earlier occurrence of its last 2-4 tokens in "
+                        "its prompt and output, and keeps the ones the model itself chooses; the text is the "
+                        "model's greedy text (within the rounding of a many-row step), fewer steps where it "
+                        "repeats or copies (docs/engine.md); steps are then not overlapped (default: 0, off)")
 
 
 def _engine_args(ns: argparse.Namespace):
@@ -60,6 +66,7 @@ def _engine_args(ns: argparse.Namespace):
         enforce_eager=ns.enforce_eager,
         overlap_schedule=ns.overlap_schedule,
         kv_host_memory_gib=ns.kv_host_memory_gib,
+        num_speculative_tokens=ns.num_speculative_tokens,
     )
 
 

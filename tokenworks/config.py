@@ -77,10 +77,16 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_model_len: int = 4096
     long_prefill_token_threshold: int = 0  # >0: cap one request's chunk per step
+    num_speculative_tokens: int = 0  # >0: up to this many draft tokens a decode step checks (engine/ngram.py)
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1 or self.max_model_len < 2:
             raise ValueError("scheduler limits must be positive")
+        if not 0 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}]")
+
+
+MAX_SPECULATIVE_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -133,12 +139,18 @@ class EngineArgs:
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs (model/cuda_graphs.py)
     overlap_schedule: str = "auto"  # launch step n+1 before taking step n back (engine/engine.py); auto: on CUDA
     kv_host_memory_gib: float = 0.0  # > 0: evicted prefix blocks kept in host memory (model/host_kv_tier.py)
+    # > 0: decode steps check up to this many draft tokens found by prompt lookup (engine/ngram.py); steps are then
+    # not overlapped (auto turns overlap off; on is refused with it)
+    num_speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.quantization not in ("auto", "none"):
             raise ValueError(f"quantization must be 'auto' or 'none', not {self.quantization!r}")
         if self.overlap_schedule not in ("auto", "on", "off"):
             raise ValueError(f"overlap_schedule must be 'auto', 'on' or 'off', not {self.overlap_schedule!r}")
+        if self.num_speculative_tokens and self.overlap_schedule == "on":
+            raise ValueError("speculative decoding needs each step's tokens back before the next is scheduled: "
+                             "use overlap_schedule 'off' or 'auto' with num_speculative_tokens")
         model_dtype = self.device_config().resolved_dtype
         if self.device != "cpu" and self.kv_cache_dtype not in ("auto", model_dtype):
             # the CUDA kernels (fused RoPE + KV write, paged decode) and graphs are built for the model's dtype
@@ -149,7 +161,7 @@ class EngineArgs:
     def overlap(self) -> bool:
         """Whether the engine overlaps steps: asked for, or auto and on a GPU."""
         if self.overlap_schedule == "auto":
-            return self.device.startswith("cuda")
+            return self.device.startswith("cuda") and not self.num_speculative_tokens
         return self.overlap_schedule == "on"
 
     def device_config(self) -> DeviceConfig:
@@ -178,4 +190,5 @@ class EngineArgs:
             max_num_seqs=self.max_num_seqs,
             max_model_len=max_len,
             long_prefill_token_threshold=self.long_prefill_token_threshold,
+            num_speculative_tokens=self.num_speculative_tokens,
         )

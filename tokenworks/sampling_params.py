@@ -82,6 +82,14 @@ class SamplingParams:
         """Whether choosing the next token reads the tokens chosen so far (penalties, a grammar)."""
         return self.has_penalties or self.grammar is not None
 
+    @property
+    def takes_drafts(self) -> bool:
+        """Whether draft tokens may be checked for this request several in one step (speculative decoding): each
+        token is the model's own argmax (greedy; no logit_bias, penalties, grammar or min_tokens) and nothing is
+        asked per token that a draft would change (logprobs, stop strings)."""
+        return (self.greedy and not self.logit_bias and not self.reads_outputs and not self.min_tokens
+                and not self.stop and self.logprobs is None)
+
 
 # Temperatures under this sample greedily: dividing by them overflows float32 (1 / 1e-40 is inf, and an inf logit
 # beats the most likely one), and a temperature of 1e-5 already gives the second token e^-100000 of the first's odds

@@ -19,6 +19,7 @@ token is in flight, first take the step in flight back (no overlap for them).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -78,6 +79,9 @@ class Engine:
         # False: each output carries only its step's tokens and logprobs (``token_ids`` and ``text`` left empty),
         # not copies of everything so far; a worker, which sends only what is new, turns this off.
         self.cumulative_outputs = True
+        if overlap and scheduler.config.num_speculative_tokens:
+            raise ValueError("speculative decoding needs each step's tokens back before the next is scheduled: "
+                             "not with overlapped steps")
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         self._stalled = False
 
@@ -186,17 +190,21 @@ class Engine:
                 track.prompt_logprobs[first:first + len(entries)] = [
                     self._logprob(prompt[first + i], lp) for i, lp in enumerate(entries)]
         new_tokens = self.scheduler.update(sched, result)
-        return [self._output(request, token, result) for request, token in new_tokens]
+        # one output per request and step, with every token the step brought it (more than one: accepted drafts)
+        return [self._output(request, [t for _, t in pairs], result)
+                for request, pairs in itertools.groupby(new_tokens, key=lambda pair: pair[0])]
 
-    def _output(self, request: Request, token: int, result: ModelRunnerOutput) -> RequestOutput:
+    def _output(self, request: Request, tokens: list[int], result: ModelRunnerOutput) -> RequestOutput:
         track = self._tracks[request.request_id]
         finished = request.status.finished
         new_text = ""
-        if track.detok is not None:
-            new_text = track.detok.add_token(token, final=finished)
+        if track.detok is not None:  # (a request with stop strings gets no drafts: one token a step)
+            for i, token in enumerate(tokens):
+                new_text += track.detok.add_token(token, final=finished and i == len(tokens) - 1)
             if track.detok.stopped and not finished:
                 self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
                 finished = True
+        token = tokens[-1]
         logprob = None
         if track.logprobs is not None and request.request_id in result.logprobs:
             logprob = self._logprob(token, result.logprobs[request.request_id])
@@ -217,7 +225,7 @@ class Engine:
             text=track.detok.text if track.detok is not None and cumulative else "",
             token_ids=list(request.output_token_ids) if cumulative else [],
             new_text=new_text,
-            new_token_ids=[token],
+            new_token_ids=tokens,
             finished=finished,
             finish_reason=request.status.finish_reason,
             logprobs=logprobs,

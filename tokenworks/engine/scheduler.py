@@ -24,8 +24,16 @@ from collections import deque
 
 from tokenworks.config import SchedulerConfig
 from tokenworks.engine.kv_cache_manager import KVCacheManager
+from tokenworks.engine.ngram import NgramIndex
 from tokenworks.engine.request import Request, RequestStatus
 from tokenworks.engine.scheduler_output import PLACEHOLDER, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+
+
+# Speculative decoding: drafts are checked only while at most this many requests run. A draft step adds rows to the
+# step, free while a step is bound by reading the weights and costly once it is bound by arithmetic: on the default
+# model on 2 CPU cores (benchmarks/speculative.py), K = 3 per-token time 0.83x plain decoding at 2 requests, 0.94x at
+# 4, 1.04x at 8.
+DRAFT_MAX_RUNNING = 4
 
 
 class Scheduler:
@@ -40,6 +48,9 @@ class Scheduler:
         self.held: dict[str, Request] = {}  # PREFILLED requests whose blocks wait for a decode worker
         self.lease_seconds = 30.0
         self.num_expired_leases = 0
+        self._ngrams: dict[str, NgramIndex] = {}  # speculative decoding: each drafting request's prompt lookup
+        self.num_draft_tokens = 0  # drafts checked, and of them accepted, since start
+        self.num_accepted_tokens = 0
 
     # -- requests in and out ------------------------------------------------------------
 
@@ -78,6 +89,7 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = status
         self.kv.free(request)
+        self._ngrams.pop(request.request_id, None)
         del self.requests[request.request_id]
         self._finished_ids.add(request.request_id)
 
@@ -153,14 +165,29 @@ class Scheduler:
             n = min(n, self.config.long_prefill_token_threshold)
         return n
 
-    def _scheduled(self, request: Request, n: int) -> ScheduledRequest:
-        """Schedule ``n`` tokens of ``request`` (slots already allocated) and count them as computed."""
+    def _drafts(self, request: Request, budget: int) -> list[int]:
+        """Draft tokens to check after ``request``'s last token this step (speculative decoding), at most as many
+        as its length limits and the step's budget leave room for beside the token that always comes."""
+        k = self.config.num_speculative_tokens
+        if request.num_pending or request.prefill_only or not request.sampling_params.takes_drafts:
+            return []
+        k = min(k, budget - 1, request.sampling_params.max_tokens - request.num_output_tokens - 1,
+                self.config.max_model_len - request.num_tokens - 1)
+        index = self._ngrams.get(request.request_id)
+        if index is None:
+            index = self._ngrams[request.request_id] = NgramIndex()
+        return index.propose(request.all_token_ids, k)
+
+    def _scheduled(self, request: Request, n: int, drafts: list[int] = ()) -> ScheduledRequest:
+        """Schedule ``n`` tokens of ``request`` and ``drafts`` after them (slots already allocated) and count
+        them as computed."""
         start = request.num_computed_tokens
         token_ids = request.all_token_ids[start : start + n]
         if len(token_ids) < n:  # the pending token: a one-token decode
             token_ids.append(PLACEHOLDER)
         sample = start + n == request.num_tokens + request.num_pending
-        request.num_computed_tokens += n
+        token_ids += drafts
+        request.num_computed_tokens += n + len(drafts)
         request.num_pending += sample
         return ScheduledRequest(
             request_id=request.request_id,
@@ -171,6 +198,7 @@ class Scheduler:
             sampling_params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
+            num_draft_tokens=len(drafts),
         )
 
     def _preempt(self, request: Request) -> None:
@@ -204,6 +232,7 @@ class Scheduler:
         self._finished_ids = set()
         budget = self.config.max_num_batched_tokens
 
+        drafting = self.config.num_speculative_tokens and len(self.running) <= DRAFT_MAX_RUNNING
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
@@ -211,10 +240,12 @@ class Scheduler:
                 index += 1
                 continue
             n = self._chunk(request, budget)
-            if not self._make_room(request, n, out):
+            drafts = (self._drafts(request, budget)
+                      if drafting and n == 1 and request.num_tokens - request.num_computed_tokens == 1 else [])
+            if not self._make_room(request, n + len(drafts), out):
                 break
-            out.scheduled.append(self._scheduled(request, n))
-            budget -= n
+            out.scheduled.append(self._scheduled(request, n, drafts))
+            budget -= n + len(drafts)
             index += 1
 
         while self.waiting and budget > 0 and not out.preempted_request_ids and not out.stalled:
@@ -238,7 +269,8 @@ class Scheduler:
         return out
 
     def update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[tuple[Request, int]]:
-        """Advance progress after a step; return (request, new token) for each sampled request.
+        """Advance progress after a step; return (request, new token) for each token it brought, in order (one per
+        sampled request, or more where drafts were accepted).
 
         Requests that hit EOS, a stop token or a length limit are finished here;
         the caller reads ``request.status`` to learn it.
@@ -252,15 +284,39 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue
             token = result.sampled_token_ids.get(s.request_id)
-            if token is not None:
-                request.append_output_token(token)
-            self.kv.cache_blocks(request)
             if token is None:
+                self.kv.cache_blocks(request)
                 continue
-            new_tokens.append((request, token))
-            status = request.check_stop(self.config.max_model_len)
+            tokens = [token]
+            if s.num_draft_tokens:
+                tokens = self._accepted(s, result.draft_checks[s.request_id], token)
+            status = None
+            for token in tokens:
+                request.append_output_token(token)
+                new_tokens.append((request, token))
+                status = request.check_stop(self.config.max_model_len)
+                if status is not None:
+                    break
+            if s.num_draft_tokens:  # the rejected drafts' positions (and any after a stop) are not computed
+                request.num_computed_tokens = request.num_tokens - 1
+            self.kv.cache_blocks(request)
             if status == RequestStatus.PREFILLED:
                 self._hold(request)
             elif status is not None:
                 self.finish(request, status)
         return new_tokens
+
+    def _accepted(self, s: ScheduledRequest, checks: list[int], after: int) -> list[int]:
+        """A step's tokens for a request that had drafts: the drafts up to the first the model did not choose
+        itself (``checks``: its choice at each draft's position), then its choice there, or ``after`` (its choice
+        after the last draft) when it chose them all."""
+        drafts = s.token_ids[len(s.token_ids) - s.num_draft_tokens:]
+        a = 0
+        while a < len(drafts) and checks[a] == drafts[a]:
+            a += 1
+        self.num_draft_tokens += len(drafts)
+        self.num_accepted_tokens += a
+        index = self._ngrams.get(s.request_id)
+        if index is not None:
+            index.checked(a)
+        return drafts[:a] + [checks[a] if a < len(drafts) else after]

@@ -26,6 +26,7 @@ class ScheduledRequest:
     sampling_params: SamplingParams
     prompt_token_ids: list[int]  # shared with the request, read-only here (penalties)
     output_token_ids: list[int]  # shared with the request, read-only here (penalties)
+    num_draft_tokens: int = 0  # the last this many of token_ids are draft tokens to check (speculative decoding)
 
     @property
     def num_tokens(self) -> int:
@@ -66,6 +67,9 @@ class TokenLogprobs:
 @dataclass
 class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)  # only requests with sample=True
+    # requests with draft tokens: the model's own (greedy) choice at each draft's position, in order; the token after
+    # the last draft is in sampled_token_ids
+    draft_checks: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # only requests that asked
     # requests that asked for prompt logprobs, per prompt chunk of the step: (the position of the first prompt token
     # scored, one entry per scored token); a prompt's first token is never scored, nor the token to be sampled

@@ -60,9 +60,11 @@ class LaunchedStep:
     """A step queued on the device; ``result()`` waits for its sampled tokens."""
 
     def __init__(self, sampled: SampledTokens | None = None,
-                 prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] | None = None) -> None:
+                 prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] | None = None,
+                 draft_checks: tuple[list[tuple[str, int]], torch.Tensor] | None = None) -> None:
         self.sampled = sampled
         self.prompt_logprobs = prompt_logprobs or {}
+        self.draft_checks = draft_checks  # (request id, number of drafts) in order, the model's choices for them
         # The sampling requests in the order of ``sampled.tokens``: where the next step finds its pending inputs.
         self.order = [s.request_id for s in sampled.reqs] if sampled is not None else []
 
@@ -76,6 +78,12 @@ class LaunchedStep:
         if self.sampled is not None:
             tokens, out.logprobs = self.sampled.result()
             out.sampled_token_ids = {s.request_id: t for s, t in zip(self.sampled.reqs, tokens)}
+        if self.draft_checks is not None:
+            counts, chosen = self.draft_checks
+            chosen, at = chosen.tolist(), 0
+            for rid, k in counts:
+                out.draft_checks[rid] = chosen[at:at + k]
+                at += k
         return out
 
 
@@ -200,12 +208,30 @@ class ModelRunner:
             return LaunchedStep()
         order, hidden, sample_rows = self.forward(sched.scheduled)
         scored = self._prompt_logprobs(order, hidden)
+        checks = self._draft_checks(order, hidden)
         if not sample_rows:
             return LaunchedStep(prompt_logprobs=scored)
         if len(sample_rows) < hidden.shape[0]:
             hidden = hidden.index_select(0, self._tensor(sample_rows))
         sampling = [s for s in order if s.sample]
-        return LaunchedStep(self.sampler.sample(self.model.logits(hidden), sampling, scratch=True), scored)
+        return LaunchedStep(self.sampler.sample(self.model.logits(hidden), sampling, scratch=True), scored, checks)
+
+    def _draft_checks(self, order: list[ScheduledRequest], hidden: torch.Tensor
+                      ) -> tuple[list[tuple[str, int]], torch.Tensor] | None:
+        """Speculative decoding: for the requests with draft tokens, the model's greedy choice at each draft's
+        position (the rows of the token before it; the drafts' own last row samples as usual), as the sampler
+        chooses greedily (``max``'s index)."""
+        counts, rows, row = [], [], 0
+        for s in order:
+            k = s.num_draft_tokens
+            if k:
+                counts.append((s.request_id, k))
+                last = row + s.num_tokens - 1
+                rows.extend(range(last - k, last))
+            row += s.num_tokens
+        if not counts:
+            return None
+        return counts, self.model.logits(hidden.index_select(0, self._tensor(rows))).max(dim=-1).indices
 
     def _prompt_logprobs(self, order: list[ScheduledRequest], hidden: torch.Tensor
                          ) -> dict[str, tuple[int, list[TokenLogprobs]]]:
