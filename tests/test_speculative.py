@@ -7,6 +7,7 @@ rejected draft's), and nothing leaked. Checked on the policy alone with a stand-
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -204,7 +205,7 @@ def test_no_drafts_while_more_requests_run_than_drafts_pay_for():
         before = dict(world.drafted)
         world.step()
         if running > DRAFT_MAX_RUNNING:
-            assert world.drafted == {**before, **{k: before.get(k, 0) for k in world.drafted}}
+            assert all(world.drafted[rid] == before.get(rid, 0) for rid in world.drafted)
     assert world.drafted["m5"] > 0  # once the others finished
     assert [r.output_token_ids for r in rs] == [plain(PROMPTS[i % 3], 10 + 10 * i) for i in range(6)]
 
@@ -288,3 +289,36 @@ def test_the_default_model_chats_the_same_text_with_drafts(llm):
         assert spec.chat(chat, params)[0].text == llm.chat(chat, params)[0].text
     sched = spec.engine.scheduler
     assert sched.num_accepted_tokens >= 10  # (14 here: the repeated sentence most)
+
+
+def test_served_with_drafts_streams_the_offline_text_and_counts_them():
+    import openai
+
+    from tests.serving import Server
+    from tokenworks import LLM
+
+    chat = [{"role": "user", "content": "Repeat this text exactly: The quick brown fox jumps over the lazy dog. "
+                                        "Pack my box with five dozen liquor jugs."}]
+    expected = LLM(num_speculative_tokens=3).chat(chat, SamplingParams(temperature=0, max_tokens=60))[0]
+    server = Server("--aggregated-workers", "1", "--num-speculative-tokens", "3")
+    try:
+        c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        text, usage = "", None
+        for chunk in c.chat.completions.create(model="default", messages=chat, max_tokens=60, temperature=0,
+                                               stream=True, stream_options={"include_usage": True}):
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+            if chunk.usage:
+                usage = chunk.usage
+        assert text == expected.text
+        assert usage.completion_tokens == len(expected.token_ids)
+        whole = c.chat.completions.create(model="default", messages=chat, max_tokens=60, temperature=0)
+        assert whole.choices[0].message.content == expected.text
+        workers = server.wait_idle(20)
+        (w,) = workers.values()
+        assert 0 < w["accepted_draft_tokens"] <= w["draft_tokens"]
+        time.sleep(0.6)  # a heartbeat (every 0.25 s) carries the totals to the router's counters
+        assert server.metric("tokenworks:spec_decode_num_accepted_tokens_total") == w["accepted_draft_tokens"]
+        assert server.metric("tokenworks:spec_decode_num_draft_tokens_total") == w["draft_tokens"]
+    finally:
+        server.stop()

@@ -15,6 +15,10 @@ has one more token computed and thrown away; a length limit is foreseen and
 costs nothing. Steps with repetition, presence or frequency penalties on a
 pending token, and the rare step that would have to preempt a request whose
 token is in flight, first take the step in flight back (no overlap for them).
+
+Speculative decoding (the scheduler's ``num_speculative_tokens``, not with
+overlap): a step may bring a request several tokens, its accepted drafts and
+one of the model's own; they go out as one output.
 """
 
 from __future__ import annotations

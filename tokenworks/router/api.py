@@ -343,7 +343,8 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
                     "running": s.num_running, "waiting": s.num_waiting, "waiting_for_kv": s.num_waiting_for_kv,
                     "held": s.num_held, "blocks_used": s.blocks_used, "blocks_total": s.blocks_total,
                     "blocks_cached": s.blocks_cached, "expired_leases": s.expired_leases, "idle": s.idle,
-                    "host_blocks_cached": s.host_blocks_cached, "host_blocks_restored": s.host_blocks_restored}),
+                    "host_blocks_cached": s.host_blocks_cached, "host_blocks_restored": s.host_blocks_restored,
+                    "draft_tokens": s.draft_tokens, "accepted_draft_tokens": s.accepted_draft_tokens}),
             }
         return {"workers": out}
 

@@ -103,6 +103,10 @@ class Metrics:
                                     registry=r)
         self.blocks_used = Gauge("tokenworks:worker_kv_blocks_used", "KV blocks in use on a worker", ["worker"], registry=r)
         self.blocks_total = Gauge("tokenworks:worker_kv_blocks_total", "KV blocks on a worker", ["worker"], registry=r)
+        self.draft_tokens = Counter("tokenworks:spec_decode_num_draft_tokens", "Draft tokens checked by speculative "
+                                    "decoding (--num-speculative-tokens)", ["worker"], registry=r)
+        self.accepted_tokens = Counter("tokenworks:spec_decode_num_accepted_tokens", "Draft tokens the model "
+                                       "accepted", ["worker"], registry=r)
         self.routed = Counter("tokenworks:router_decisions", "Decode placements by reason: prefix (the worker holds "
                               "part of the prompt) or load (no worker does)", ["reason"], registry=r)
         self.predicted_hit_tokens = Counter("tokenworks:router_predicted_hit_tokens", "Prompt tokens the router "
@@ -390,9 +394,14 @@ class Router:
             return
         if isinstance(msg, P.Stats):
             if handle is not None:
-                handle.stats = msg
-                handle.view.queue_depth = msg.num_waiting
+                last, handle.stats = handle.stats, msg
                 m, w = self.metrics, msg.worker_id
+                for counter, now, before in ((m.draft_tokens, msg.draft_tokens, last and last.draft_tokens),
+                                             (m.accepted_tokens, msg.accepted_draft_tokens,
+                                              last and last.accepted_draft_tokens)):
+                    if now:  # totals since the worker started: the change (all of it after a restart)
+                        counter.labels(w).inc(now - before if before and now >= before else now)
+                handle.view.queue_depth = msg.num_waiting
                 m.queue.labels(w).set(msg.num_waiting)
                 m.worker_running.labels(w).set(msg.num_running)
                 m.blocks_used.labels(w).set(msg.blocks_used)

@@ -121,6 +121,8 @@ class Stats(msgspec.Struct, tag="stats"):
     busy_seconds: float = 0.0  # wall time spent in engine steps since start
     host_blocks_cached: int = 0  # blocks in the host tier
     host_blocks_restored: int = 0  # blocks copied back from it since start (prefix hits there)
+    draft_tokens: int = 0  # speculative decoding: draft tokens checked since start
+    accepted_draft_tokens: int = 0  # of them, those the model accepted
 
 
 class Unhealthy(msgspec.Struct, tag="unhealthy"):

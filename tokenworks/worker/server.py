@@ -204,6 +204,7 @@ class Worker:
             steps=self._steps, step_ms=step_ms, busy_seconds=self._step_time,
             host_blocks_cached=0 if tier is None else len(tier),
             host_blocks_restored=0 if tier is None else tier.num_restored,
+            draft_tokens=s.num_draft_tokens, accepted_draft_tokens=s.num_accepted_tokens,
         )
 
     def run(self) -> None:
