@@ -3,7 +3,7 @@
 # its start included), most wanted first, each step under its own timeout so that a slow step costs only itself:
 #   1. the CUDA tests: paged decode kernel, decode graphs, attention, greedy equality with transformers,
 #      overlapped steps (same tokens; no launch waits for the device: sync debug mode "error"), the fused
-#      kernels against their PyTorch reference                                                            (issue 11)
+#      kernels against their PyTorch reference, speculative decoding's drafts on the eager path           (issue 11)
 #   2. benchmarks/engine.py, SmolLM2-135M's shape: decode batches vs the CUDA-graph floor and the HBM roofline,
 #      each also not overlapped (what overlapping buys), the long-context mix (one 4k request and 31 short) (issue 11)
 #   3. benchmarks/fused_ops.py: each fused kernel against the PyTorch operations it replaces, in CUDA graphs (issue 11)
@@ -27,7 +27,7 @@ step "1 CUDA tests"
 # Not -x: a first run on a GPU should show every failure (whole log in tests.log, the summary printed).
 timeout 120 python3 -m pytest -q --maxfail=10 --tb=short -rfE -p no:cacheprovider tests/test_triton_paged_decode.py \
   tests/test_cuda_graphs.py tests/test_attention.py tests/test_tiny_checkpoints.py tests/test_overlap.py \
-  tests/test_triton_fused.py -k "not default_model" --device cuda > "$OUT/tests.log" 2>&1
+  tests/test_triton_fused.py tests/test_speculative.py -k "not default_model" --device cuda > "$OUT/tests.log" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 30
 step "2 engine, SmolLM2-135M shape"
 timeout 110 python3 benchmarks/engine.py --shape smollm2-135m --device cuda --json "$OUT/smollm2.json" 2>&1 \

@@ -94,3 +94,10 @@ def test_batch_products_benchmark_prints_each_way_against_the_tiles():
     text = run("batch_products.py", "--batches", "4", "--rounds", "1", "--steps", "3", "--context", "16")
     line = re.search(r"decode batch +4: int16 tiles +[\d.]+ ms;(.*)", text)
     assert line and re.search(r"(avx512-bf16|amx) +[\d.]+ ms \([\d.]+x\)", line.group(1)), text
+
+
+def test_speculative_benchmark_prints_each_task_against_plain_decoding():
+    text = run("speculative.py", "--k", "2", "--rounds", "1", "--max-tokens", "12")
+    assert re.search(r"K=2: geometric mean of the tasks' ratios to K=0: [\d.]+x", text), text
+    for task in ("repeat", "code edit", "summary", "json", "free answer"):
+        assert re.search(rf"{task} +2 +\d+ +[\d.]+ +[\d.]+x .* (same|DIFFERS)", text), task

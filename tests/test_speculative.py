@@ -291,7 +291,7 @@ def test_the_default_model_chats_the_same_text_with_drafts(llm):
     assert sched.num_accepted_tokens >= 10  # (14 here: the repeated sentence most)
 
 
-def test_served_with_drafts_streams_the_offline_text_and_counts_them():
+def test_the_default_model_served_with_drafts_streams_the_offline_text_and_counts_them():
     import openai
 
     from tests.serving import Server
