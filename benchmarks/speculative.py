@@ -1,12 +1,12 @@
 """Speculative decoding by prompt lookup (``--num-speculative-tokens``) against plain decoding, the default model,
-one request at a time (the single user of `make serve`), greedy.
+one request at a time (the single user of `make serve`), greedy or sampled with a seed.
 
 Each task is a chat request of a kind people send: text to repeat, code to edit, a summary, JSON, a free answer.
 Engines with K = 0 (the baseline) and each K asked are built in one process and take turns, task by task, over the
 rounds; printed per task and K: the median time per output token, the ratio to K = 0 in the same rounds, tokens a
-step brought, the share of drafts accepted, and whether the text equals the baseline's.
+step brought, the share of drafts accepted, and whether the text equals the baseline's (sampled: the same seed).
 
-    python benchmarks/speculative.py [--k 2,3,5] [--rounds 3] [--max-tokens 160]
+    python benchmarks/speculative.py [--k 2,3,5] [--rounds 3] [--max-tokens 160] [--temperature 0]
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def main() -> int:
     ap.add_argument("--k", default="3", help="draft tokens a step checks, comma-separated (each against K = 0)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=160)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled, seeded")
     ap.add_argument("--model", default=None, help="model path (default: the built-in default model)")
     ns = ap.parse_args()
     import torch
@@ -53,8 +54,9 @@ def main() -> int:
 
     ks = [0] + [int(k) for k in ns.k.split(",")]
     engines = {k: LLM(model=ns.model, num_speculative_tokens=k) for k in ks}
-    params = SamplingParams(temperature=0, max_tokens=ns.max_tokens)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; greedy, up to {ns.max_tokens} tokens, "
+    params = SamplingParams(temperature=ns.temperature, seed=1, max_tokens=ns.max_tokens)
+    how = f"temperature {ns.temperature}, seeded" if ns.temperature else "greedy"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {how}, up to {ns.max_tokens} tokens, "
           f"one request at a time; K = 0 is plain decoding", flush=True)
     per_token: dict[tuple[str, int], list[float]] = {}
     ratios: dict[tuple[str, int], list[float]] = {}

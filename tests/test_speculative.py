@@ -182,17 +182,21 @@ def test_drafts_never_take_a_request_past_its_token_or_context_limit(max_tokens)
 
 
 def test_only_requests_whose_tokens_a_draft_cannot_change_get_drafts():
-    world = World(4)
-    params = [SamplingParams(temperature=0.8, seed=1, max_tokens=20),  # sampled
-              SamplingParams(temperature=0, max_tokens=20, logprobs=2),
+    params = [SamplingParams(temperature=0, max_tokens=20, logprobs=2),
               SamplingParams(temperature=0, max_tokens=20, stop=("x",)),
               SamplingParams(temperature=0, max_tokens=20, presence_penalty=0.5),
+              SamplingParams(temperature=0, max_tokens=20, repetition_penalty=1.2),
+              SamplingParams(temperature=0.8, seed=1, max_tokens=20),  # (the runner draws each draft's check)
               SamplingParams(temperature=0, max_tokens=20, logit_bias={3: 1.0}),
-              SamplingParams(temperature=0, max_tokens=20, min_tokens=2),
+              SamplingParams(temperature=0, max_tokens=20, min_tokens=12),  # (checked token by token)
               SamplingParams(temperature=0, max_tokens=20)]
-    rs = [Request(f"q{i}", PROMPTS[0], p) for i, p in enumerate(params)]
-    world.run(rs)
-    assert [world.drafted[r.request_id] > 0 for r in rs] == [False] * 6 + [True]
+    drafted = []
+    for i, p in enumerate(params):  # one at a time (no drafts while more than DRAFT_MAX_RUNNING run)
+        world, r = World(4), Request(f"q{i}", PROMPTS[0], p)
+        world.run([r])
+        drafted.append(world.drafted[r.request_id] > 0)
+        assert r.output_token_ids == plain(PROMPTS[0], 20)
+    assert drafted == [False] * 4 + [True] * 4
 
 
 def test_no_drafts_while_more_requests_run_than_drafts_pay_for():
@@ -265,6 +269,20 @@ def test_a_random_model_decodes_the_same_tokens_with_drafts_in_a_mixed_batch(dev
     assert sched.num_accepted_tokens > 0 and steps_b < steps_a
     assert spec.scheduler.kv.pool.num_used_blocks == 0
     spec.scheduler.kv.pool.check_integrity()
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0])
+def test_a_seeded_sample_draws_the_same_tokens_with_drafts(device, temperature):
+    # A draft is kept exactly when the draw keyed by its position picks it, so a seeded text does not change.
+    prompts = [[(5 * i + 3 * (j % (3 + i))) % 96 + 1 for j in range(16 + 4 * i)] for i in range(3)]
+    params = [SamplingParams(temperature=temperature, seed=11 + i, max_tokens=40, ignore_eos=True, **extra)
+              for i, extra in enumerate([{}, {"top_p": 0.9}, {"top_k": 5, "logit_bias": {7: 2.0}}])]
+    base, spec = _tiny(device, 0), _tiny(device, 3)
+    a, _ = _run(base, prompts, params)
+    b, _ = _run(spec, prompts, params)
+    assert {rid: outs[-1].token_ids for rid, outs in b.items()} == {rid: outs[-1].token_ids for rid, outs in a.items()}
+    assert spec.scheduler.num_accepted_tokens > 0
+    assert spec.scheduler.kv.pool.num_used_blocks == 0
 
 
 def test_speculation_and_overlapped_steps_are_not_combined():

@@ -85,10 +85,10 @@ class SamplingParams:
     @property
     def takes_drafts(self) -> bool:
         """Whether draft tokens may be checked for this request several in one step (speculative decoding): each
-        token is the model's own argmax (greedy; no logit_bias, penalties, grammar or min_tokens) and nothing is
+        token depends on its position's logits and the position alone (greedy, or a draw keyed by seed and
+        position; logit_bias alike; not penalties or a grammar, which read the tokens before it) and nothing is
         asked per token that a draft would change (logprobs, stop strings)."""
-        return (self.greedy and not self.logit_bias and not self.reads_outputs and not self.min_tokens
-                and not self.stop and self.logprobs is None)
+        return not self.reads_outputs and not self.stop and self.logprobs is None
 
 
 # Temperatures under this sample greedily: dividing by them overflows float32 (1 / 1e-40 is inf, and an inf logit

@@ -19,6 +19,7 @@ taken yet) is read from that step's sampled tokens on the device.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import torch
 
@@ -218,20 +219,24 @@ class ModelRunner:
 
     def _draft_checks(self, order: list[ScheduledRequest], hidden: torch.Tensor
                       ) -> tuple[list[tuple[str, int]], torch.Tensor] | None:
-        """Speculative decoding: for the requests with draft tokens, the model's greedy choice at each draft's
-        position (the rows of the token before it; the drafts' own last row samples as usual), as the sampler
-        chooses greedily (``max``'s index)."""
-        counts, rows, row = [], [], 0
+        """Speculative decoding: for the requests with draft tokens, the model's own choice at each draft's position
+        (from the row of the token before it; the drafts' last row samples as usual), made by the sampler as if
+        the step ended there: greedy the argmax, sampled the draw keyed by that position (model/race.py), so a
+        draft is kept exactly when the token sampled without drafts would be that draft."""
+        counts, rows, reqs, row = [], [], [], 0
         for s in order:
             k = s.num_draft_tokens
             if k:
                 counts.append((s.request_id, k))
                 last = row + s.num_tokens - 1
                 rows.extend(range(last - k, last))
+                reqs.extend(replace(s, token_ids=s.token_ids[:s.num_tokens - k + j], num_draft_tokens=0)
+                            for j in range(k))
             row += s.num_tokens
         if not counts:
             return None
-        return counts, self.model.logits(hidden.index_select(0, self._tensor(rows))).max(dim=-1).indices
+        logits = self.model.logits(hidden.index_select(0, self._tensor(rows)))
+        return counts, self.sampler.sample(logits, reqs, scratch=True).tokens
 
     def _prompt_logprobs(self, order: list[ScheduledRequest], hidden: torch.Tensor
                          ) -> dict[str, tuple[int, list[TokenLogprobs]]]:
