@@ -41,11 +41,13 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                         "stops on a sampled token costs one wasted token); auto: on for CUDA, off on CPU, where "
                         "the step runs on the host anyway (default: auto)")
     g.add_argument("--num-speculative-tokens", type=int, default=0, metavar="K",
-                   help="speculative decoding by prompt lookup: a greedy request's decode step also checks up to K "
-                        "draft tokens, those that followed the latest earlier occurrence of its last 2-4 tokens in "
-                        "its prompt and output, and keeps the ones the model itself chooses; the text is the "
-                        "model's greedy text (within the rounding of a many-row step), fewer steps where it "
-                        "repeats or copies (docs/engine.md); steps are then not overlapped (default: 0, off)")
+                   help="speculative decoding by prompt lookup: a request's decode step also checks up to K draft "
+                        "tokens, those that followed the latest earlier occurrence of its last 2-4 tokens in its "
+                        "prompt and output, and keeps the ones the model itself chooses (greedy, or sampled: the "
+                        "same draw as without drafts); the same text (within the rounding of a many-row step) in "
+                        "fewer steps where the output repeats or copies; not for requests with penalties, a "
+                        "grammar, logprobs or stop strings, nor while more than 4 requests run (docs/engine.md); "
+                        "steps are then not overlapped (default: 0, off)")
 
 
 def _engine_args(ns: argparse.Namespace):
