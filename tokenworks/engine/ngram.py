@@ -7,17 +7,14 @@ one step and keeps the ones it would have chosen. No torch here.
 
 ``NgramIndex`` indexes a growing token list once, a position at a time: for each n in [min_n, max_n] the position
 after the latest earlier occurrence of each n-gram. A lookup tries the longest n first. A step that checks drafts
-costs more than a plain one (on the CPU about 1.6-1.9x for 1-3 drafts, docs/engine.md), so while the share of a request's drafts accepted falls under ``BREAK_EVEN`` (a running mean, half of it the last
-draft step's) it proposes none for 1, then 2, 4, ... up to ``MAX_BACKOFF`` steps between them, until enough are
-accepted again.
+costs more than a plain one (on the CPU about 1.6-1.9x for 1-3 drafts, docs/engine.md), so after a step whose
+drafts were all rejected a request proposes none for 1, then 2, 4, ... up to ``MAX_BACKOFF`` steps, until drafts
+are accepted again.
 """
 
 from __future__ import annotations
 
 MAX_BACKOFF = 16  # steps at most that a request whose drafts keep failing proposes none
-# The share of drafts that must be accepted: a step with 3 drafts costs about two plain ones on the CPU, so it must
-# bring one more token than a plain step.
-BREAK_EVEN = 1 / 3
 
 
 class NgramIndex:
@@ -27,8 +24,7 @@ class NgramIndex:
         self.min_n, self.max_n = min_n, max_n
         self._after: dict[tuple[int, ...], int] = {}  # n-gram -> the position after its latest occurrence
         self._indexed = 0  # n-grams ending before this position are in _after
-        self._gain: float | None = None  # running mean of the share of drafts accepted
-        self._misses = 0  # draft steps in a row that left the mean under BREAK_EVEN
+        self._misses = 0  # steps in a row whose drafts were all rejected
         self._skip = 0  # steps left that propose nothing
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
@@ -52,11 +48,9 @@ class NgramIndex:
                 return tokens[e:e + k]
         return []
 
-    def checked(self, drafts: int, accepted: int) -> None:
-        """After a step that checked ``drafts`` of this index's drafts: how many the model accepted."""
-        share = accepted / drafts
-        self._gain = share if self._gain is None else (self._gain + share) / 2
-        if self._gain >= BREAK_EVEN:
+    def checked(self, accepted: int) -> None:
+        """After a step that checked this index's drafts: how many the model accepted."""
+        if accepted:
             self._misses = 0
         else:
             self._skip = min(MAX_BACKOFF, 2 ** self._misses)

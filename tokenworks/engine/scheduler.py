@@ -318,5 +318,5 @@ class Scheduler:
         self.num_accepted_tokens += a
         index = self._ngrams.get(s.request_id)
         if index is not None:
-            index.checked(len(drafts), a)
+            index.checked(a)
         return drafts[:a] + [checks[a] if a < len(drafts) else after]
