@@ -168,11 +168,11 @@ class Scheduler:
     def _drafts(self, request: Request, budget: int) -> list[int]:
         """Draft tokens to check after ``request``'s last token this step (speculative decoding), at most as many
         as its length limits and the step's budget leave room for beside the token that always comes."""
-        k = self.config.num_speculative_tokens
-        if request.num_pending or request.prefill_only or not request.sampling_params.takes_drafts:
+        if (request.num_tokens - request.num_computed_tokens != 1  # not a plain decode (a chunk, or a token pending)
+                or request.prefill_only or not request.sampling_params.takes_drafts):
             return []
-        k = min(k, budget - 1, request.sampling_params.max_tokens - request.num_output_tokens - 1,
-                self.config.max_model_len - request.num_tokens - 1)
+        k = min(self.config.num_speculative_tokens, budget - 1, self.config.max_model_len - request.num_tokens - 1,
+                request.sampling_params.max_tokens - request.num_output_tokens - 1)
         index = self._ngrams.get(request.request_id)
         if index is None:
             index = self._ngrams[request.request_id] = NgramIndex()
@@ -240,8 +240,7 @@ class Scheduler:
                 index += 1
                 continue
             n = self._chunk(request, budget)
-            drafts = (self._drafts(request, budget)
-                      if drafting and n == 1 and request.num_tokens - request.num_computed_tokens == 1 else [])
+            drafts = self._drafts(request, budget) if drafting else []
             if not self._make_room(request, n + len(drafts), out):
                 break
             out.scheduled.append(self._scheduled(request, n, drafts))

@@ -67,8 +67,8 @@ class TokenLogprobs:
 @dataclass
 class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)  # only requests with sample=True
-    # requests with draft tokens: the model's own (greedy) choice at each draft's position, in order; the token after
-    # the last draft is in sampled_token_ids
+    # requests with draft tokens: the model's own choice (the sampler's) at each draft's position, in order; the token
+    # after the last draft is in sampled_token_ids
     draft_checks: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # only requests that asked
     # requests that asked for prompt logprobs, per prompt chunk of the step: (the position of the first prompt token

@@ -396,11 +396,10 @@ class Router:
             if handle is not None:
                 last, handle.stats = handle.stats, msg
                 m, w = self.metrics, msg.worker_id
-                for counter, now, before in ((m.draft_tokens, msg.draft_tokens, last and last.draft_tokens),
-                                             (m.accepted_tokens, msg.accepted_draft_tokens,
-                                              last and last.accepted_draft_tokens)):
-                    if now:  # totals since the worker started: the change (all of it after a restart)
-                        counter.labels(w).inc(now - before if before and now >= before else now)
+                if msg.draft_tokens:  # totals since the worker process started (a restarted one gets a new handle)
+                    m.draft_tokens.labels(w).inc(msg.draft_tokens - (last.draft_tokens if last else 0))
+                    m.accepted_tokens.labels(w).inc(msg.accepted_draft_tokens
+                                                    - (last.accepted_draft_tokens if last else 0))
                 handle.view.queue_depth = msg.num_waiting
                 m.queue.labels(w).set(msg.num_waiting)
                 m.worker_running.labels(w).set(msg.num_running)
