@@ -45,7 +45,7 @@ timeout $(( left > 90 ? left - 75 : 20 )) python3 benchmarks/serving_path.py --m
   | grep -v "NIXL\|it/s\]\|req/s\]" | tee "$OUT/serving_path.log"
 for s in 0.02 0.0025; do
   timeout 35 python3 benchmarks/router_path.py --model /tmp/rand-smollm2 --concurrency 64 --output-len 128 --rounds 1 \
-    --step $s 2>&1 | tail -n 3 | tee -a "$OUT/router_path.log"
+    --step $s --waves 1 2>&1 | tail -n 3 | tee -a "$OUT/router_path.log"
 done
 step "done"
 ls -la "$OUT"

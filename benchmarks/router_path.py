@@ -4,7 +4,7 @@ token per step (all requests in one `Outputs` message, as a worker does), and th
 The bare uvicorn floor (``bare_sse.py``) is measured in the same run. With no engine to wait on, the figures move
 far less between runs than ``serving_path.py``'s, which makes this the benchmark to A/B the router's hot path.
 
-    python benchmarks/router_path.py [--model PATH] [--concurrency 64] [--output-len 128] [--step 0.02] [--rounds 3]
+    python benchmarks/router_path.py [--model PATH] [--concurrency 64] [--output-len 128] [--step 0.02] [--rounds 3] [--waves 4]
     python benchmarks/router_path.py --output-len 1 --requests 2000 --step 0.002   # the cost of a request itself
 
 Each line also gives the CPU per request (the per-token figure times the output length): with one-token outputs
@@ -151,8 +151,12 @@ def main() -> int:
     ap.add_argument("--step", type=float, default=0.02, help="the stand-in worker's step, seconds (default: 0.02)")
     ap.add_argument("--model", default=None, help="whose tokenizer the router uses (default: the built-in model)")
     ap.add_argument("--rounds", type=int, default=3, help="router and floor runs, alternated (default: 3)")
+    ap.add_argument("--waves", type=int, default=4,
+                    help="requests per stream in each run (default: 4; one wave of 64 x 128 tokens is about 0.2 s of "
+                         "router CPU, and single runs of it read 16-34 us a token on one machine within minutes)")
     ap.add_argument("--requests", type=int, default=None,
-                    help="requests per run (default: one per stream); many short ones measure a request's own cost")
+                    help="requests per run (default: waves x concurrency); many short ones measure a request's own "
+                         "cost")
     ap.add_argument("--client-processes", type=int, default=None,
                     help="load generator processes (default: 1 on up to 4 cores, else up to 4)")
     ap.add_argument("--serve", type=int, default=None, metavar="PORT", help=argparse.SUPPRESS)
@@ -168,13 +172,14 @@ def main() -> int:
     from tokenworks.bench.loadgen import default_client_processes
 
     clients = ns.client_processes or default_client_processes()
+    requests = ns.requests or ns.waves * ns.concurrency
     router, floor = [], []
     for _ in range(ns.rounds):
-        router.append(measure(ns.concurrency, ns.output_len, ns.step, ns.model, clients, ns.requests))
-        floor.append(bare_sse.measure(ns.concurrency, ns.output_len, ns.step, clients, ns.requests))
+        router.append(measure(ns.concurrency, ns.output_len, ns.step, ns.model, clients, requests))
+        floor.append(bare_sse.measure(ns.concurrency, ns.output_len, ns.step, clients, requests))
     med, runs = statistics.median, lambda xs: ", ".join(f"{x:.0f}" for x in xs)
     r, f = med(x.us_per_token for x in router), med(x.us_per_token for x in floor)
-    print(f"{ns.requests or ns.concurrency} requests in {ns.concurrency} streams of {ns.output_len} tokens, step "
+    print(f"{requests} requests in {ns.concurrency} streams of {ns.output_len} tokens, step "
           f"{ns.step * 1e3:g} ms, {ns.rounds} rounds: router CPU {r:.0f} us/token (runs "
           f"{runs(x.us_per_token for x in router)}), bare uvicorn floor {f:.0f} (runs "
           f"{runs(x.us_per_token for x in floor)}), router/floor {f'{r / f:.2f}' if f else 'n/a'}")
