@@ -514,3 +514,24 @@ def test_cuda_ipc_pull_from_another_process_is_byte_exact(device):
             sink.close()
         parent.send("stop")
         proc.join(timeout=10)
+
+
+@pytest.mark.skipif("nixl" not in transports(), reason="nixl is not installed")
+@pytest.mark.parametrize("pull_first", [True, False], ids=["connected-before", "never-connected"])
+def test_a_nixl_pull_from_a_killed_source_fails_at_once_as_peer_gone(pull_first):
+    """A NIXL source whose process was SIGKILLed: the next pull fails as KVPeerGone well within its 30 s timeout
+    (measured: under 10 ms), whether the sink had read from it before or not, so the decode worker recomputes at
+    once and the failure is counted as peer_gone."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    helper = os.path.join(os.path.dirname(__file__), "nixl_dead_source.py")
+    run = subprocess.run([sys.executable, helper, "sink", *(["--pull-first"] if pull_first else [])],
+                         capture_output=True, text=True, timeout=120)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    assert lines, run.stdout[-2000:] + run.stderr[-2000:]
+    result = json.loads(lines[-1])
+    assert result["error"] == "KVPeerGone" and result["cause"] == "peer_gone", result
+    assert result["seconds"] < 5.0, result
