@@ -4,7 +4,8 @@ token per step (all requests in one `Outputs` message, as a worker does), and th
 The bare uvicorn floor (``bare_sse.py``) is measured in the same run. With no engine to wait on, the figures move
 far less between runs than ``serving_path.py``'s, which makes this the benchmark to A/B the router's hot path.
 
-    python benchmarks/router_path.py [--model PATH] [--concurrency 64] [--output-len 128] [--step 0.02] [--rounds 3] [--waves 4]
+    python benchmarks/router_path.py [--model PATH] [--concurrency 64] [--output-len 128] [--step 0.02] [--rounds 3]
+                                     [--waves 4]
     python benchmarks/router_path.py --output-len 1 --requests 2000 --step 0.002   # the cost of a request itself
 
 Each line also gives the CPU per request (the per-token figure times the output length): with one-token outputs
