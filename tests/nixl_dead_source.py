@@ -37,7 +37,8 @@ def source(path: str) -> None:
 def sink(pull_first: bool) -> None:
     from tokenworks.transfer.nixl import NixlSink
 
-    path = os.path.join(tempfile.mkdtemp(), "card")
+    folder = tempfile.TemporaryDirectory()
+    path = os.path.join(folder.name, "card")
     proc = subprocess.Popen([sys.executable, __file__, "source", path], stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
@@ -53,6 +54,7 @@ def sink(pull_first: bool) -> None:
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        folder.cleanup()
     t0 = time.monotonic()
     try:
         end.pull(peer, "after", [1, 2], [3, 4], timeout=30)
