@@ -74,7 +74,9 @@ def test_invalid_bodies_go_through_fastapi_and_keep_its_errors(tokenizer, monkey
         ("/v1/chat/completions", b"", JSON),
         ("/v1/completions", COMPLETION, {"content-type": "text/plain"}),
         ("/v1/models", b"", None)])
-    assert not_json.status_code == 400 and not_json.json()["error"]["message"].endswith("request body is not valid JSON")
+    assert not_json.status_code == 400 and not_json.json()["error"] == {
+        "message": "request body is not valid JSON: Expecting property name enclosed in double quotes (at character 1)",
+        "type": "invalid_request_error", "param": None, "code": None}
     assert bad_field.status_code == 400 and bad_field.json()["error"]["param"] == "temperature"
     assert missing.status_code == 400 and missing.json()["error"]["type"] == "invalid_request_error"
     assert form.status_code == 400  # FastAPI does not read a text/plain body as JSON
@@ -103,3 +105,49 @@ def test_a_handler_that_fails_unexpectedly_gives_a_500_in_the_openai_form(tokeni
     assert r.status_code == 500 and r.json()["error"] == {"message": "internal error: RuntimeError",
                                                           "type": "server_error", "param": None, "code": None}
     assert through == []
+
+
+LONE = b'"a\\udcff"'  # JSON's escape of a lone surrogate, which Python's reader lets through as a character
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", b'{"prompt": ' + LONE + b'}', "prompt"),
+    ("/v1/completions", b'{"prompt": "x", "stop": ["y", ' + LONE + b']}', "stop.1"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": ' + LONE + b'}]}', "messages.0.content"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {' + LONE + b': 1}}',
+     "logit_bias"),
+    ("/tokenize", b'{"prompt": ' + LONE + b'}', "prompt"),
+    ("/v1/responses", b'{"input": [{"role": "user", "content": [{"type": "input_text", "text": ' + LONE + b'}]}]}',
+     "input.0.content.0.text"),
+])
+def test_a_lone_surrogate_is_refused_naming_where_before_any_handler(tokenizer, monkeypatch, path, body, param):
+    (r,), through = call(tokenizer, monkeypatch, [(path, body, JSON)])
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and "lone UTF-16 surrogate" in r.json()["error"]["message"]
+    assert through == []
+
+
+def test_paired_surrogates_and_escaped_backslashes_pass(tokenizer, monkeypatch):
+    (pair, backslash), _ = call(tokenizer, monkeypatch, [
+        ("/v1/completions", b'{"prompt": "smile \\ud83d\\ude00", "max_tokens": 4}', JSON),
+        ("/v1/completions", b'{"prompt": "a \\\\udcff", "max_tokens": 4}', JSON)])  # a backslash, then "udcff"
+    for r in (pair, backslash):  # on to the handler, which finds no worker to serve it
+        assert r.json()["error"]["code"] == "context_length_exceeded", r.text
+
+
+@pytest.mark.parametrize("body, headers, message, param", [
+    (b'{"prompt": "x", "temperature": NaN}', JSON, "temperature: Input should be a finite number", "temperature"),
+    (b'{"prompt": "x", "logit_bias": {"5": Infinity}}', JSON, "logit_bias.5: Input should be a finite number",
+     "logit_bias.5"),
+    (b'[1, 2]', JSON, "request body must be a JSON object (content-type: application/json)", None),
+    (b'{"prompt": "\xff\xfe"}', JSON, "request body could not be read as JSON: it is not UTF-8, or is nested too "
+     "deeply", None),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}', JSON,
+     "messages.0.content: Value error, content parts of type 'image_url' are not served here, only text",
+     "messages.0.content"),
+])
+def test_bad_bodies_get_a_message_that_names_the_problem(tokenizer, monkeypatch, body, headers, message, param):
+    path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+    (r,), _ = call(tokenizer, monkeypatch, [(path, body, headers)])
+    assert r.status_code == 400 and r.json()["error"]["message"] == message, r.text
+    assert r.json()["error"]["param"] == param

@@ -314,6 +314,8 @@ def test_logit_bias_through_the_openai_client(server, client, served_llm):
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"10": 500}}).encode(), 400),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {str(10**9): 1}}).encode(), 400),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}], "logit_bias": [1, 2]}).encode(), 400),
+    (b'{"messages": [{"role": "user", "content": "a\\udcff"}]}', 400),  # a lone surrogate
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400),
 ])
 def test_bad_input_gets_openai_error_and_server_stays_up(server, body, status):
     r = httpx.post(server.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"},

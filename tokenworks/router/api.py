@@ -27,6 +27,7 @@ from tokenworks.structured_output import check_grammar, grammar_for
 from tokenworks.tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 8 * 2**20
+FASTAPI_UNREADABLE_BODY = "There was an error parsing the body"  # FastAPI's words for a body its JSON reader raised on
 log = logging.getLogger(__name__)
 
 
@@ -175,7 +176,40 @@ class Gate:
                 return await response(scope, receive, send)
             chunks.append(chunk)
             more = msg.get("more_body", False)
-        await self.app(scope, replaying(b"".join(chunks), receive), send)
+        body = b"".join(chunks)
+        if (b"\\ud" in body or b"\\uD" in body) and json_body(scope):  # a surrogate's escape: maybe a lone one
+            where = lone_surrogate(body)
+            if where is not None:
+                response = error_response(400, f"{where or 'body'}: a lone UTF-16 surrogate (a \\ud800-\\udfff escape "
+                                               "not in a pair) is not a Unicode character", "invalid_request_error",
+                                          where or None)
+                return await response(scope, receive, send)
+        await self.app(scope, replaying(body, receive), send)
+
+
+def lone_surrogate(body: bytes) -> str | None:
+    """Where a JSON body holds a string with a lone surrogate, as a dotted path ("" for the body itself), or None
+    (none, or not JSON: FastAPI says so). Python's JSON reader lets "\\udcff" through as a character that nothing
+    can encode: the tokenizer and the workers' messages would fail on it as a server error."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    todo: list[tuple[Any, str]] = [(doc, "")]
+    while todo:
+        value, path = todo.pop()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                todo.append((v, f"{path}.{k}" if path else str(k)))
+                todo.append((k, path))  # a key (logit_bias's) counts as its object's: looked at before its value
+        elif isinstance(value, list):
+            todo.extend((v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(value))
+        elif isinstance(value, str):
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return path
+    return None
 
 
 def replaying(body: bytes, receive):
@@ -270,14 +304,20 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
     async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
         first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":  # its loc is the character where reading stopped, not a field
+            return error_response(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '?')} "
+                                       f"(at character {first['loc'][-1]})", "invalid_request_error")
         loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         msg = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            msg = "request body is not valid JSON"
+        if not loc and first.get("type") in ("model_attributes_type", "dict_type"):
+            msg = "request body must be a JSON object (content-type: application/json)"
         return error_response(400, f"{loc}: {msg}" if loc else msg, "invalid_request_error", loc or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code == 400 and e.detail == FASTAPI_UNREADABLE_BODY:
+            return error_response(400, "request body could not be read as JSON: it is not UTF-8, or is nested too "
+                                       "deeply", "invalid_request_error")
         return error_response(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error")
 
     @app.exception_handler(Exception)

@@ -24,7 +24,7 @@ from tokenworks.router.schema import ChatCompletionRequest, MAX_TOOLS
 
 
 class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     input: str | list[dict[str, Any]]

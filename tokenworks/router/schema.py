@@ -27,7 +27,7 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN passes JSON's reader and every bound
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -87,6 +87,16 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's calls (router/tools.py renders them for the model)
     tool_call_id: str | None = None  # a tool's result: the call it answers
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v: Any) -> Any:
+        """Parts other than text refused by name (else the error would be the union's first: "should be a string")."""
+        for part in v if isinstance(v, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind is not None and kind != "text":
+                raise ValueError(f"content parts of type {kind!r} are not served here, only text")
+        return v
 
     def text(self) -> str:
         if self.content is None:
