@@ -125,7 +125,7 @@ def test_length_distributions_and_synthetic_workloads():
     import random
 
     rng = random.Random(0)
-    assert W.sample_length("fixed:7", rng) == 7
+    assert W.sample_length("fixed:7", rng) == 7 and W.sample_length("7", rng) == 7  # a bare N: fixed
     assert all(10 <= W.sample_length("uniform:10:20", rng) <= 20 for _ in range(100))
     assert W.synthetic(5, "fixed:30", "fixed:4", seed=1)[0].prompt == W.synthetic(5, "fixed:30", "fixed:4", seed=1)[0].prompt
     with pytest.raises(W.WorkloadError):

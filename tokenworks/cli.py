@@ -93,10 +93,12 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     engine.add_request("cli", prompt, params)
     first = None
     n = 0
+    text = ""
     while engine.has_unfinished():
         for out in engine.step():
             first = first or time.perf_counter()
             n += 1
+            text += out.new_text
             sys.stdout.write(out.new_text)
             sys.stdout.flush()
             if out.finished:
@@ -106,6 +108,10 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     tpot = (t1 - first) / (n - 1) * 1000 if n > 1 else 0.0
     print(f"[tokenworks] {n} tokens, finish_reason={reason}, TTFT {1000 * (first - t0):.0f} ms, "
           f"TPOT {tpot:.1f} ms", file=sys.stderr)
+    if not text.strip() and not ns.chat and engine.tokenizer.chat_template:
+        # an instruct model given a bare question often ends it at once: say so rather than print nothing
+        print("[tokenworks] no text: the prompt went to the model as it is; this model has a chat template, so "
+              "for an answer to a question or an instruction add --chat", file=sys.stderr)
     return 0
 
 
@@ -334,7 +340,8 @@ def _bench_flags(p: argparse.ArgumentParser, out: str = "results/bench") -> None
     w.add_argument("--file", default=None, help="ShareGPT JSON, Mooncake JSONL or Azure CSV file")
     w.add_argument("--num-requests", type=int, default=50, help="requests per load level (default: 50)")
     w.add_argument("--input-len", default="uniform:50:400",
-                   help="fixed:N | uniform:A:B | normal:MU:SIGMA | sharegpt:MEDIAN (default: uniform:50:400)")
+                   help="N (each N tokens) | fixed:N | uniform:A:B | normal:MU:SIGMA | sharegpt:MEDIAN "
+                        "(default: uniform:50:400)")
     w.add_argument("--output-len", default="uniform:16:128", help="same forms as --input-len (default: uniform:16:128)")
     w.add_argument("--num-prefixes", type=int, default=4,
                    help="shared-prefix, multi-turn: distinct system prompts (default: 4)")

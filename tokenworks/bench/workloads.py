@@ -42,7 +42,9 @@ def _words(rng: random.Random, n: int, salt: str = "") -> str:
 
 
 def sample_length(spec: str, rng: random.Random) -> int:
-    """fixed:N | uniform:A:B | normal:MU:SIGMA | sharegpt:MEDIAN (a log-normal long tail)."""
+    """N (fixed:N) | fixed:N | uniform:A:B | normal:MU:SIGMA | sharegpt:MEDIAN (a log-normal long tail)."""
+    if spec.strip().isdigit():
+        return max(1, int(spec))
     kind, _, rest = spec.partition(":")
     try:
         args = [float(x) for x in rest.split(":")] if rest else []
@@ -60,7 +62,8 @@ def sample_length(spec: str, rng: random.Random) -> int:
             return max(1, min(int(rng.lognormvariate(math.log(median), 1.0)), int(median * 20)))
     except ValueError as e:
         raise WorkloadError(f"bad length distribution {spec!r}: {e}") from None
-    raise WorkloadError(f"unknown length distribution {spec!r}; use fixed:N, uniform:A:B, normal:MU:SIGMA or sharegpt:MEDIAN")
+    raise WorkloadError(f"unknown length distribution {spec!r}; use N (fixed:N), uniform:A:B, normal:MU:SIGMA or "
+                        "sharegpt:MEDIAN")
 
 
 def sample_lengths(spec: str, n: int, seed: int):
