@@ -108,6 +108,12 @@ def test_named_and_required_replies_and_their_streams():
     assert [c["name"] for c in calls] == ["get_weather", "get_time"] and reason == "tool_calls" and content == ""
     message, reason = required.reply(text[:20], "length")  # cut short: the text, not a call
     assert message["content"] == text[:20] and "tool_calls" not in message and reason == "length"
+    cut = text[:-20]  # cut in the second call: the first, whole, is a call; the length is the reason
+    message, reason = required.reply(cut, "length")
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]] == \
+        [("get_weather", '{"city":"Rome","unit":"celsius"}')] and message["content"] is None and reason == "length"
+    content, calls, reason, _ = streamed(required, cut, 7, "length")
+    assert [c["name"] for c in calls] == ["get_weather"] and reason == "length" and content == ""
 
 
 @pytest.fixture(scope="module")

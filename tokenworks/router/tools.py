@@ -127,6 +127,22 @@ def _json(text: str) -> Any:
         return None
 
 
+def _whole_items(text: str) -> list[Any]:
+    """The items of a JSON list cut short, up to the last one read whole ([] if ``text`` is not a list's start)."""
+    text = text.strip()
+    if not text.startswith("["):
+        return []
+    items, at, read = [], 1, json.JSONDecoder()
+    while True:
+        while at < len(text) and text[at] in " \t\r\n,":
+            at += 1
+        try:
+            item, at = read.raw_decode(text, at)
+        except ValueError:
+            return items
+        items.append(item)
+
+
 def parse_calls(text: str, names: dict[str, Any]) -> tuple[str, list[Call]]:
     """(the text before the first call, the calls) from text the model wrote freely; ("the whole text", []) when
     it holds no call, or anything after its first ``<tool_call>`` is not a well-formed call (a last block may
@@ -228,9 +244,10 @@ class ToolUse:
         return [{"role": "system", "content": listing}] + messages, None
 
     def _listed(self, text: str) -> list[Call]:
-        """The calls of a "required" reply (a JSON list); [] if it is incomplete (cut by max_tokens)."""
+        """The calls of a "required" reply (a JSON list); cut by max_tokens, those whole before the cut ([] if
+        none is: the reply is then its text)."""
         value = _json(text)
-        calls = [_call(v, self.functions) for v in value] if isinstance(value, list) else []
+        calls = [_call(v, self.functions) for v in (value if isinstance(value, list) else _whole_items(text))]
         return [c for c in calls if c is not None]
 
     def _calls(self, text: str) -> tuple[str | None, list[Call]]:
