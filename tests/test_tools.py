@@ -114,6 +114,11 @@ def test_named_and_required_replies_and_their_streams():
         [("get_weather", '{"city":"Rome","unit":"celsius"}')] and message["content"] is None and reason == "length"
     content, calls, reason, _ = streamed(required, cut, 7, "length")
     assert [c["name"] for c in calls] == ["get_weather"] and reason == "length" and content == ""
+    stream = required.stream()  # streamed, a call goes out as soon as it is whole, not at the end
+    early = [d for k in range(0, len(cut), 7) for d in stream.feed(cut[k:k + 7])]
+    assert [d["tool_calls"][0]["function"]["name"] for d in early] == ["get_weather"]
+    assert early[0]["tool_calls"][0]["index"] == 0 and early[0]["tool_calls"][0]["id"].startswith("call_")
+    assert stream.end("length") == ([], "length")
 
 
 @pytest.fixture(scope="module")

@@ -127,19 +127,23 @@ def _json(text: str) -> Any:
         return None
 
 
-def _whole_items(text: str) -> list[Any]:
-    """The items of a JSON list cut short, up to the last one read whole ([] if ``text`` is not a list's start)."""
-    text = text.strip()
-    if not text.startswith("["):
-        return []
-    items, at, read = [], 1, json.JSONDecoder()
+def _whole_items(text: str, at: int = 0) -> tuple[list[Any], int]:
+    """The items of a JSON list, perhaps cut short, read whole from character ``at`` (0: the list's start), and
+    where reading stopped: ([], 0) if ``text`` is not a list's start."""
+    if at == 0:
+        body = text.lstrip()
+        if not body.startswith("["):
+            return [], 0
+        at = len(text) - len(body) + 1
+    items, read = [], json.JSONDecoder()
     while True:
+        start = at
         while at < len(text) and text[at] in " \t\r\n,":
             at += 1
         try:
             item, at = read.raw_decode(text, at)
         except ValueError:
-            return items
+            return items, start
         items.append(item)
 
 
@@ -247,7 +251,7 @@ class ToolUse:
         """The calls of a "required" reply (a JSON list); cut by max_tokens, those whole before the cut ([] if
         none is: the reply is then its text)."""
         value = _json(text)
-        calls = [_call(v, self.functions) for v in (value if isinstance(value, list) else _whole_items(text))]
+        calls = [_call(v, self.functions) for v in (value if isinstance(value, list) else _whole_items(text)[0])]
         return [c for c in calls if c is not None]
 
     def _calls(self, text: str) -> tuple[str | None, list[Call]]:
@@ -262,8 +266,8 @@ class ToolUse:
             calls = calls[:1]
         return (content if content.strip() or not calls else None), calls
 
-    def finish_reason(self, calls: list[Call], reason: str | None) -> str | None:
-        return "tool_calls" if calls and reason == "stop" and not self.named else reason
+    def finish_reason(self, called: bool, reason: str | None) -> str | None:
+        return "tool_calls" if called and reason == "stop" and not self.named else reason
 
     def reply(self, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
         """A whole choice's message and finish reason."""
@@ -271,7 +275,7 @@ class ToolUse:
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = [c.message() for c in calls]
-        return message, self.finish_reason(calls, reason)
+        return message, self.finish_reason(bool(calls), reason)
 
     def stream(self) -> ToolStream:
         return ToolStream(self)
@@ -287,6 +291,7 @@ class ToolStream:
         self.in_calls = False  # "auto": a <tool_call> (or a reply's JSON) has begun, everything from it on is held
         self.started = False  # "auto": the reply's first non-blank character has come
         self.named: Call | None = None  # a named function's call, once its first delta is out
+        self.listed, self.read_to = 0, 0  # "required": the calls sent so far, and where the list was read to
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         use = self.use
@@ -299,7 +304,14 @@ class ToolStream:
                 out.append({"tool_calls": [{"index": 0, "function": {"arguments": text}}]})
             return out
         self.held += text
-        if use.choice == "required" or self.in_calls:
+        if use.choice == "required":  # each call goes out once it is whole (the grammar keeps the list valid)
+            items, self.read_to = _whole_items(self.held, self.read_to)
+            out = []
+            for call in filter(None, (_call(v, use.functions) for v in items)):
+                out.append({"tool_calls": [call.message(self.listed)]})
+                self.listed += 1
+            return out
+        if self.in_calls:
             return []
         if not self.started:  # a reply that opens with JSON may be a call without tags: held to the end
             first = self.held.lstrip()[:1]
@@ -323,9 +335,11 @@ class ToolStream:
             return (self.feed("") if self.named is None else []), reason
         if use.choice == "auto" and not self.in_calls:
             return ([{"content": self.held}] if self.held else []), reason
+        if use.choice == "required" and self.listed:
+            return [], use.finish_reason(True, reason)  # every whole call has gone out; a cut one is dropped
         content, calls = use._calls(self.held)
         if not calls:
             return ([{"content": self.held}] if self.held else []), reason
         out = [{"content": content}] if content else []
         out += [{"tool_calls": [c.message(k)]} for k, c in enumerate(calls)]
-        return out, use.finish_reason(calls, reason)
+        return out, use.finish_reason(bool(calls), reason)
