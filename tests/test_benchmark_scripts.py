@@ -101,3 +101,12 @@ def test_speculative_benchmark_prints_each_task_against_plain_decoding():
     assert re.search(r"K=2: geometric mean of the tasks' ratios to K=0: [\d.]+x", text), text
     for task in ("repeat", "code edit", "summary", "json", "free answer"):
         assert re.search(rf"{task} +2 +\d+ +[\d.]+ +[\d.]+x .* (same|DIFFERS)", text), task
+
+
+@pytest.mark.slow
+def test_prefill_cap_benchmark_prints_each_figure_with_the_cap_against_none():
+    text = run("prefill_cap.py", "--concurrency", "2", "--rounds", "1", "--requests-per-stream", "2",
+               "--long-prompt", "60", timeout=400)
+    for case in ("2 streams", "1 x 60 words"):
+        assert re.search(rf"{case} +TTFT p50 ms [\d.]+ -> [\d.]+ \([\d.]+x\); .*ITL p99 ms [\d.]+ -> [\d.]+ "
+                         rf"\([\d.]+x\); tok/s [\d.]+ -> [\d.]+ \([\d.]+x\)", text), (case, text)

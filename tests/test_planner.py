@@ -172,6 +172,20 @@ def test_padded_decode_attention_costs_the_longest_context_for_every_request():
     assert times["padded"] == pytest.approx(2 * 0.01 + 1e-5 * (2 * 1003 + 2 * 1004))
 
 
+def test_a_prompt_beside_decodes_is_chunked_to_the_profiles_cap():
+    p = make_profile(pa=0.0, pb=0.001, pc=0.0, da=0.01, db=0.0, dc=0.0, budget=512)
+    # Request 0 (10 tokens) is prefilled alone in 0.01 s and decodes; request 1 (300 tokens) joins at that step's end.
+    work = SimWorkload([0.0, 0.001], [10, 300], [50, 2])
+    runs = {}
+    for cap in (0, 64):
+        prof = Profile.from_json({**p.to_json(), "prefill_tokens_while_decoding": cap})
+        runs[cap] = simulate(Deployment((Pool("both", 1, prof),), local_prefill_threshold=10**6), work)
+    # no cap: one step of 300 prompt tokens + 1 decode; cap 64: 64, 64, 64, 64, 44, each with request 0's decode
+    assert runs[0].ttft[1] == pytest.approx(0.01 + 0.301 - 0.001)
+    assert runs[64].ttft[1] == pytest.approx(0.01 + 4 * 0.065 + 0.045 - 0.001)
+    assert runs[64].e2e[0] < runs[0].e2e[0] - 3 * 0.01  # request 0 made 4 more tokens meanwhile
+
+
 def test_admission_limit_rejects_and_is_reported():
     p = make_profile(da=0.05)
     work = SimWorkload(np.zeros(10), [50] * 10, [100] * 10)

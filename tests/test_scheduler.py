@@ -220,3 +220,42 @@ def test_failed_transfer_recomputes_and_abort_during_transfer_waits_for_it():
     sched.admit_transferred(a, ok=True)
     assert a.status == RequestStatus.FINISHED_ABORTED and pool.num_used_blocks == 0
     pool.check_integrity()
+
+
+def test_prompts_take_at_most_the_cap_while_requests_decode_and_the_whole_budget_otherwise():
+    pool = BlockPool(40, True)
+    sched = Scheduler(SchedulerConfig(16, 8, 128, prefill_tokens_while_decoding=4), KVCacheManager(pool, 4))
+    a = req("a", 20, max_tokens=3)
+    sched.add_request(a)
+    first = run_step(sched)  # nobody decodes: the whole budget goes to the prompt
+    assert [(s.request_id, s.num_tokens) for s in first.scheduled] == [("a", 16)]
+    run_step(sched)  # a's last 4 prompt tokens; it samples its first token
+    b, c = req("b", 30, max_tokens=2, start=100), req("c", 6, max_tokens=2, start=200)
+    sched.add_request(b)
+    sched.add_request(c)
+    step = run_step(sched)  # a decodes: b's chunk is held to the cap, and c, waiting behind it, gets none
+    assert [(s.request_id, s.num_tokens) for s in step.scheduled] == [("a", 1), ("b", 4)]
+    step = run_step(sched)  # a's last token, and b's next chunk within the cap
+    assert [(s.request_id, s.num_tokens) for s in step.scheduled] == [("a", 1), ("b", 4)]
+    step = run_step(sched)  # a finished; b is mid-prompt and none decodes: the budget again (b 16 of its 22 left)
+    assert [(s.request_id, s.num_tokens) for s in step.scheduled] == [("b", 16)]
+    while sched.has_unfinished():
+        run_step(sched)
+    assert all(r.num_output_tokens == 2 for r in (b, c)) and pool.num_used_blocks == 0
+    pool.check_integrity()
+
+
+def test_a_chunk_held_back_by_the_cap_lets_the_decodes_behind_it_run():
+    pool = BlockPool(40, True)
+    sched = Scheduler(SchedulerConfig(16, 8, 128, long_prefill_token_threshold=4, prefill_tokens_while_decoding=4),
+                      KVCacheManager(pool, 4))
+    b, c, d = req("b", 10, max_tokens=2), req("c", 12, max_tokens=2, start=50), req("d", 2, max_tokens=3, start=90)
+    for r in (b, c, d):
+        sched.add_request(r)
+    first = run_step(sched)  # nobody decodes: b and c 4 each (the per-request threshold), d's whole prompt
+    assert [(s.request_id, s.num_tokens) for s in first.scheduled] == [("b", 4), ("c", 4), ("d", 2)]
+    step = run_step(sched)  # d decodes: b's chunk fills the cap, c waits a step, d behind it still decodes
+    assert [(s.request_id, s.num_tokens) for s in step.scheduled] == [("b", 4), ("d", 1)]
+    while sched.has_unfinished():
+        run_step(sched)
+    assert [r.num_output_tokens for r in (b, c, d)] == [2, 2, 3] and pool.num_used_blocks == 0

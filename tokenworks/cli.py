@@ -24,6 +24,10 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                         "at some quality (docs/engine.md); on CUDA only --dtype (default: auto)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one step (default: 512)")
+    g.add_argument("--prefill-tokens-while-decoding", type=int, default=None, metavar="TOKENS",
+                   help="prompt tokens a step takes at most while requests decode, so that a prompt arriving stalls "
+                        "the others' next token for a short step, not a whole budget's; 0: no cap (default: 128 on "
+                        "CPU, where it cut ITL p99 to 0.3x at the same throughput, docs/serving.md; no cap on CUDA)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="requests in one step at most (default: 64)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--quantization", choices=["auto", "none"], default="auto",
@@ -61,6 +65,7 @@ def _engine_args(ns: argparse.Namespace):
         kv_cache_dtype=ns.kv_cache_dtype,
         block_size=ns.block_size,
         max_num_batched_tokens=ns.max_num_batched_tokens,
+        prefill_tokens_while_decoding=ns.prefill_tokens_while_decoding,
         max_num_seqs=ns.max_num_seqs,
         enable_prefix_caching=not ns.no_prefix_caching,
         num_threads=ns.threads,

@@ -165,6 +165,11 @@ class Scheduler:
             n = min(n, self.config.long_prefill_token_threshold)
         return n
 
+    @staticmethod
+    def _decoding(request: Request) -> bool:
+        """Whether a running request's next step is one token (a decode), not a chunk of its prompt."""
+        return request.num_tokens + request.num_pending - request.num_computed_tokens <= 1
+
     def _drafts(self, request: Request, budget: int) -> list[int]:
         """Draft tokens to check after ``request``'s last token this step (speculative decoding), at most as many
         as its length limits and the step's budget leave room for beside the token that always comes."""
@@ -231,6 +236,9 @@ class Scheduler:
         out = SchedulerOutput(finished_request_ids=self._finished_ids)
         self._finished_ids = set()
         budget = self.config.max_num_batched_tokens
+        # prompt tokens (chunks of a prompt, or of a preempted request's recompute) this step may still take
+        cap = self.config.prefill_tokens_while_decoding
+        prompt_room = cap if cap and any(self._decoding(r) for r in self.running) else budget
 
         drafting = self.config.num_speculative_tokens and len(self.running) <= DRAFT_MAX_RUNNING
         index = 0
@@ -240,6 +248,12 @@ class Scheduler:
                 index += 1
                 continue
             n = self._chunk(request, budget)
+            if not self._decoding(request):
+                n = min(n, prompt_room)
+                if n == 0:  # no room for its next chunk this step; the decodes after it still go
+                    index += 1
+                    continue
+                prompt_room -= n
             drafts = self._drafts(request, budget) if drafting else []
             if not self._make_room(request, n + len(drafts), out):
                 break
@@ -252,11 +266,12 @@ class Scheduler:
                 break
             request = self.waiting[0]
             computed_blocks, num_cached = self.kv.get_computed_blocks(request)
-            n = min(request.num_tokens - num_cached, budget)
+            n = min(request.num_tokens - num_cached, budget, prompt_room)
             if self.config.long_prefill_token_threshold > 0:
                 n = min(n, self.config.long_prefill_token_threshold)
-            if not self.kv.allocate_slots(request, n, computed_blocks):
+            if n <= 0 or not self.kv.allocate_slots(request, n, computed_blocks):
                 break
+            prompt_room -= n
             self.waiting.popleft()
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = num_cached

@@ -115,6 +115,9 @@ class Profile:
     # How a decode step's attention cost grows: "sum" of the contexts (paged kernels), or "padded": every
     # request as long as the longest in the batch (tokenworks' runner gathers decode KV into a padded batch).
     decode_attention: str = "sum"
+    # prompt tokens a step takes at most while requests decode (SchedulerConfig); 0: the whole budget (profiles
+    # measured before the cap existed)
+    prefill_tokens_while_decoding: int = 0
     threads: int | None = None
     projected_from: str | None = None  # None: measured; else what it was projected from and how
     points: dict = field(default_factory=dict, compare=False)  # raw measurements, for plots and refits

@@ -13,7 +13,8 @@ What it models, as the server does it:
   link (``fixed_s + bytes / bytes_per_s``, transfers into one worker queue);
 - decode and aggregated workers: continuous batching up to ``max_num_seqs``
   and the KV capacity, requests join at step boundaries; a step that also
-  prefills (local prefill) is timed with the prefill fit over all its tokens.
+  prefills (local prefill) is timed with the prefill fit over all its tokens, and takes at most the profile's
+  ``prefill_tokens_while_decoding`` prompt tokens while the worker has requests decoding.
 
 Step times come from each pool's ``Profile``. Between two changes of a
 decode batch the step times form an arithmetic series (each step adds one
@@ -392,7 +393,10 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                 join(d, r, need)
         if d.local:
             prof = d.profile
-            chunks, tokens, attn = form_chunks(d.local, prof.max_num_batched_tokens - d.B, prof.max_num_seqs - d.B)
+            room = prof.max_num_batched_tokens - d.B
+            if d.B and prof.prefill_tokens_while_decoding:  # the engine's cap on prompt tokens beside decodes
+                room = min(room, prof.prefill_tokens_while_decoding)
+            chunks, tokens, attn = form_chunks(d.local, room, prof.max_num_seqs - d.B)
             if chunks:
                 x = ctx0(d) + d.B  # the decodes' attention feature in the coming step
                 dur = d.pg[tokens + d.B] + d.pc * (attn + x)
