@@ -12,7 +12,7 @@ import pytest
 
 from tokenworks.bench.metrics import SLO
 from tokenworks.planner.catalog import load_catalog, project
-from tokenworks.planner.planner import Planner, Traffic
+from tokenworks.planner.planner import Planner, Traffic, profiles_for
 from tokenworks.planner.profile import Fit, Profile, TransferModel, fit_linear3, fit_with_holdout
 from tokenworks.planner.simulator import Deployment, Pool, SimWorkload, met_slo, simulate, summarize_sim
 
@@ -106,6 +106,24 @@ def test_projection_refuses_a_model_that_does_not_fit():
     big = Profile.from_json({**make_profile().to_json(), "weight_bytes": 40 * 10**9})
     with pytest.raises(ValueError, match="does not fit"):
         project(big, cat, "L4-24GB")
+
+
+def test_a_quantized_cpu_profile_projects_its_weights_by_parameters_and_to_its_own_class_by_default():
+    cat = load_catalog()
+    # the default model's figures: 97 MB read a step (4-bit layers), 134.5 M parameters, float32 compute on CPU
+    cpu = Profile.from_json({**make_profile("CPU-EPYC-1core", units=2).to_json(), "device": "cpu", "dtype": "float32",
+                             "weight_bytes": 96_576_768, "parameters": 134_515_008})
+    on_l4 = project(cpu, cat, "L4-24GB")  # bfloat16 there: the parameters' bytes, not 4-bit's bytes halved
+    assert on_l4.weight_bytes == 134_515_008 * 2 and on_l4.dtype == "bfloat16"
+    assert project(cpu, cat, "CPU-EPYC-1core", units=4).weight_bytes == 96_576_768  # the same class keeps them
+    profiles, notes = profiles_for([cpu], cat, None)
+    assert sorted(profiles) == ["CPU-EPYC-1core"]
+    assert len(notes) == 1 and "L4-24GB" in notes[0] and "--hardware" in notes[0]
+    profiles, notes = profiles_for([cpu], cat, ["CPU-EPYC-1core", "L4-24GB"])  # named: projected, with a warning
+    assert sorted(profiles) == ["CPU-EPYC-1core", "L4-24GB"] and profiles["L4-24GB"].projected_from
+    assert len(notes) == 1 and notes[0].startswith("L4-24GB projected by roofline from a cpu profile")
+    gpu_profiles, gpu_notes = profiles_for([make_profile("H100-SXM-80GB")], cat, None)  # GPU to GPU: all GPUs
+    assert "A100-SXM-80GB" in gpu_profiles and "CPU-EPYC-1core" not in gpu_profiles and len(gpu_notes) == 1
 
 
 # --- simulator ----------------------------------------------------------------------------------------
@@ -309,6 +327,7 @@ def tiny_profile(tmp_path_factory):
 def test_profile_command_measures_and_fits(tiny_profile):
     prof = Profile.load(str(tiny_profile))
     assert prof.hardware == "CPU-EPYC-1core" and prof.projected_from is None and prof.dtype == "float32"
+    assert prof.parameters > 0 and prof.prefill_tokens_while_decoding == 128  # the engine's CPU default
     assert prof.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2  # layers x k/v x kv heads x head dim x 2 bytes (float16 pool)
     assert len(prof.points["prefill"]) >= 6 and len(prof.points["decode"]) >= 6
     assert prof.prefill.held_out_error_mean is not None and prof.decode.held_out_error_mean is not None

@@ -96,7 +96,12 @@ def project(profile: Profile, catalog: Catalog, to_kind: str, units: int = 1, dt
     weights_s = profile.weight_bytes / (src.memory_bandwidth_GBps * 1e9 * src_units)
     prefill = p.scaled(memory, compute, compute, keep=p.base(0.0) - weights_s)
     decode = d.scaled(memory, compute, memory, keep=d.base(0.0) - weights_s)
-    weight_bytes = int(profile.weight_bytes * byte_ratio)
+    if dtype == profile.dtype:
+        weight_bytes = profile.weight_bytes
+    elif profile.parameters:  # e.g. a CPU profile of 4-bit layers projected to a GPU that runs the model in bf16
+        weight_bytes = profile.parameters * DTYPE_BYTES[dtype]
+    else:
+        weight_bytes = int(profile.weight_bytes * byte_ratio)
     kv_per_token = max(1, int(profile.kv_bytes_per_token * byte_ratio))
     free = dst.memory_GiB * units * 2**30 * memory_fraction - weight_bytes
     if free <= 0:

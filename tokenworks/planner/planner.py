@@ -268,11 +268,23 @@ class Planner:
 def profiles_for(base: list[Profile], catalog: Catalog, kinds: list[str] | None, units: int = 1,
                  ) -> tuple[dict[str, Profile], list[str]]:
     """One profile per kind: a measured one where given, else projected from the first measured profile
-    whose hardware is in the catalog. Kinds the model does not fit are left out, with a note."""
+    whose hardware is in the catalog. Kinds the model does not fit are left out, with a note. Unless ``kinds``
+    names them, kinds of another device class than every measured profile's (a GPU from CPU profiles) are left
+    out too: a step's software overhead is the measured host's, so such a projection is far off (docs/planner.md:
+    an H200 projected from this CPU at 33 ms a decode step, measured 12.4 ms)."""
     measured = {p.hardware: p for p in base}
     source = next((p for p in base if p.hardware in catalog), None)
     out, notes = {}, []
-    for kind in kinds or list(catalog.kinds):
+    classes = {catalog[p.hardware].device for p in base if p.hardware in catalog}
+    todo = kinds or list(catalog.kinds)
+    if not kinds and classes:
+        other = [k for k in todo if k not in measured and catalog[k].device not in classes]
+        todo = [k for k in todo if k not in other]
+        if other:
+            notes.append(f"{', '.join(other)} left out: the profiles were measured on {' and '.join(sorted(classes))} "
+                         "only, and a projection to another device class keeps the measured host's per-step "
+                         "overhead (far off); profile one of them, or name kinds with --hardware to project anyway")
+    for kind in todo:
         if kind in measured:
             out[kind] = measured[kind]
             continue
@@ -283,4 +295,8 @@ def profiles_for(base: list[Profile], catalog: Catalog, kinds: list[str] | None,
             out[kind] = project(source, catalog, kind, units)
         except ValueError as e:
             notes.append(f"{kind} left out: {e}")
+            continue
+        if classes and catalog[kind].device not in classes:
+            notes.append(f"{kind} projected by roofline from a {catalog[source.hardware].device} profile: the "
+                         "step's software overhead is another host's, so its figures are likely far off")
     return out, notes

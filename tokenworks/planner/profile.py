@@ -103,7 +103,7 @@ class Profile:
     hardware: str  # a catalog name, or a description of the host
     date: str  # ISO 8601, when measured
     kv_bytes_per_token: int
-    weight_bytes: int
+    weight_bytes: int  # what a decode step reads of the weights, as stored (a 4-bit layer's packed bytes)
     prefill: Fit
     decode: Fit
     transfer: TransferModel
@@ -118,6 +118,7 @@ class Profile:
     # prompt tokens a step takes at most while requests decode (SchedulerConfig); 0: the whole budget (profiles
     # measured before the cap existed)
     prefill_tokens_while_decoding: int = 0
+    parameters: int = 0  # the model's parameter count (0: not recorded), for its weights' size in another dtype
     threads: int | None = None
     projected_from: str | None = None  # None: measured; else what it was projected from and how
     points: dict = field(default_factory=dict, compare=False)  # raw measurements, for plots and refits

@@ -307,7 +307,8 @@ def profile_engine(args, plan: Plan, *, random_config=None, hardware: str | None
         hardware=hardware or hardware_name(args.device),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         kv_bytes_per_token=kv.block_nbytes // args.block_size,  # an int8 pool's scales included
-        weight_bytes=loaded.runner.model.num_parameters * loaded.runner.model.dtype.itemsize,
+        # what a step reads (4-bit layers their packed bytes), which projection's weight term needs
+        weight_bytes=loaded.runner.model.step_weight_bytes, parameters=loaded.runner.model.num_parameters,
         prefill=prefill, decode=decode, transfer=transfer,
         max_num_batched_tokens=sched.max_num_batched_tokens, max_num_seqs=sched.max_num_seqs,
         prefill_tokens_while_decoding=sched.prefill_tokens_while_decoding,
