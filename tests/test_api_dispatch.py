@@ -151,3 +151,14 @@ def test_bad_bodies_get_a_message_that_names_the_problem(tokenizer, monkeypatch,
     (r,), _ = call(tokenizer, monkeypatch, [(path, body, headers)])
     assert r.status_code == 400 and r.json()["error"]["message"] == message, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_an_unknown_path_names_the_api_there_is_and_top_logprobs_asks_for_logprobs(tokenizer, monkeypatch):
+    (embeddings, lone_top), _ = call(tokenizer, monkeypatch, [
+        ("/v1/embeddings", b'{"input": "hi"}', JSON),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}', JSON)])
+    assert embeddings.status_code == 404
+    assert embeddings.json()["error"]["message"].startswith("/v1/embeddings is not served here; the OpenAI API here "
+                                                             "is /v1/chat/completions, /v1/completions")
+    assert lone_top.status_code == 400 and lone_top.json()["error"]["param"] == "top_logprobs"
+    assert "top_logprobs needs logprobs set to true" in lone_top.json()["error"]["message"]

@@ -137,6 +137,13 @@ class ChatCompletionRequest(_Common):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, v: int | None, info: Any) -> int | None:
+        if v and not info.data.get("logprobs"):  # OpenAI's and vLLM's rule: else the ask would be dropped unseen
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return v
+
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
