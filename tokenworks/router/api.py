@@ -27,7 +27,6 @@ from tokenworks.structured_output import check_grammar, grammar_for
 from tokenworks.tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 8 * 2**20
-OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models")
 FASTAPI_UNREADABLE_BODY = "There was an error parsing the body"  # FastAPI's words for a body its JSON reader raised on
 log = logging.getLogger(__name__)
 
@@ -317,8 +316,9 @@ def create_app(router: Router, tokenizer: Tokenizer, model_name: str, api_key: s
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         if e.status_code == 404 and e.detail == "Not Found":  # routing found no such path
+            served = sorted({r.path for r in app.routes if getattr(r, "path", "").startswith("/v1/")})
             return error_response(404, f"{request.url.path} is not served here; the OpenAI API here is "
-                                       f"{', '.join(OPENAI_ROUTES)}", "invalid_request_error")
+                                       f"{', '.join(served)}", "invalid_request_error")
         if e.status_code == 400 and e.detail == FASTAPI_UNREADABLE_BODY:
             return error_response(400, "request body could not be read as JSON: it is not UTF-8, or is nested too "
                                        "deeply", "invalid_request_error")
