@@ -42,9 +42,10 @@ SOURCES = (SOURCE, *(os.path.join(os.path.dirname(__file__), f)
 AMX_ROWS_ENV = "TOKENWORKS_AMX_ROWS"
 AMX_ROWS = 4
 # Where AMX is not, products of this many rows or more multiply in bfloat16 on AVX512-BF16's dot products if the
-# CPU has them (kernels.c: bf16_tile; AMD Zen 4 and 5). 2026-11-29, a Zen 5: a step of 3 rows 0.84-0.90x the time
-# of the exact byte products (1-3 rows), of 2 rows 1.08x.
-BF16_ROWS = 3
+# CPU has them (kernels.c: bf16_tile; AMD Zen 4 and 5). On a Zen 5: a step of 4 rows 0.91x the time of the exact
+# byte products (kernels.c: tile4_bytes), of 3 rows 1.07x (2026-11-30, since the byte products unpack a group's
+# weights once for all their rows; before, 3 rows took 0.84-0.90x).
+BF16_ROWS = 4
 # TOKENWORKS_NATIVE_MARCH=x86-64-v3 builds for AVX2 alone: an older machine's paths, run and tested on a newer CPU.
 MARCH_ENV = "TOKENWORKS_NATIVE_MARCH"
 # Reassociation lets sums vectorize; never -ffast-math: gcc then links crtfastmath into the library, and loading

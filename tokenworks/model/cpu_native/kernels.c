@@ -350,11 +350,7 @@ static inline __attribute__((always_inline)) void tile_rows(const int16_t *wide,
    scaled there, and the minimums' term is accumulated four rows at a time beside it. The codes come widened
    (`wide`, 4 k int16), or (direct) as the GGUF's nibbles (`codes`, rows rb bytes apart), widened in registers as
    they are loaded: the scratch copy costs a store and a load per code, which 1-3 activation rows do not repay.
-   With VNNI the direct way does not widen at all: each activation value q is kept as its bytes too (q = 256 hi +
-   lo, QAct.lo/.hi), and a group's 32 nibbles (one 16-byte load in both halves of a register, the upper half shifted
-   by 4) are multiplied as bytes against them, q c = 256 (hi c) + lo c, with two vpdpbusd: exactly the int16
-   products' sums, without the shuffles that widening takes (2026-11-29: a step of 1 / 2 / 3 rows 0.92 / 0.87 /
-   0.89x the time). */
+   (With VNNI, 1-3 rows take tile4_bytes instead.) */
 static inline __attribute__((always_inline)) void tile4_rows(const int16_t *wide, const uint8_t *codes, int64_t rb,
                                                              const uint16_t *d, const uint16_t *m, int64_t k,
                                                              const QAct *x, int64_t rows, float *y, int64_t ldy,
@@ -370,18 +366,6 @@ static inline __attribute__((always_inline)) void tile4_rows(const int16_t *wide
             __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP));
             __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + g * GROUP + 16));
             __m256i s[4];
-#if TW_VNNI
-            if (direct) {  /* codes 0-15 | 16-31 against the activations' bytes: q c = 256 (hi c) + lo c */
-                const __m256i lo = _mm256_loadu_si256((const __m256i *)(x->lo + r * k + g * GROUP));
-                const __m256i hi = _mm256_loadu_si256((const __m256i *)(x->hi + r * k + g * GROUP));
-                const __m256i shift = _mm256_set_epi64x(4, 4, 0, 0), nibble = _mm256_set1_epi8(0x0F);
-                for (int j = 0; j < 4; j++) {
-                    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(codes + j * rb + g * 16)));
-                    const __m256i c = _mm256_and_si256(_mm256_srlv_epi64(b, shift), nibble);
-                    s[j] = _mm256_dpbusd_epi32(_mm256_slli_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), c, hi), 8), lo, c);
-                }
-            } else
-#endif
             for (int j = 0; j < 4; j++) {
                 __m256i q0, q1;
                 if (direct) {
@@ -404,6 +388,75 @@ static inline __attribute__((always_inline)) void tile4_rows(const int16_t *wide
         _mm_storeu_ps(y + r * ldy + n, out);
     }
 }
+
+#if TW_VNNI
+/* tile4_rows' direct way with VNNI, without widening at all: each activation value q is kept as its bytes too (q =
+   256 hi + lo, QAct.lo/.hi), and a group's 32 nibbles (one 16-byte load in both halves of a register, the upper
+   half shifted by 4) are multiplied as bytes against them, q c = 256 (hi c) + lo c, with two vpdpbusd: exactly the
+   int16 products' sums, without the shuffles that widening takes (2026-11-29: a step of 1 / 2 / 3 rows 0.92 / 0.87
+   / 0.89x the time). The groups are the outer loop and the 1-3 activation rows the inner one, so a group's nibbles
+   are unpacked once for all the rows (2026-11-30, a Zen 5: a step of 2 / 3 rows 0.88-0.90 / 0.87-0.90x the time of
+   rows outside, 1 row the same). A row's result must not depend on its neighbours, yet each row count is compiled
+   on its own and the flags allow reassociation, which ordered a row's multiplications and last additions one way
+   for one row count and another for another (1 ulp apart): the scale and the halves' sum pass through `pin`, which
+   the compiler cannot see into, so every row count computes d sx, its products and its sums in the same order. */
+static inline __attribute__((always_inline)) __m256 pin(__m256 v) {
+    __asm__("" : "+x"(v));
+    return v;
+}
+static inline __attribute__((always_inline)) __m128 pin128(__m128 v) {
+    __asm__("" : "+x"(v));
+    return v;
+}
+static inline __attribute__((always_inline)) void tile4_bytes(const uint8_t *codes, int64_t rb, const uint16_t *d,
+                                                              const uint16_t *m, int64_t k, const QAct *x,
+                                                              const int rows, float *y, int64_t ldy, int64_t n) {
+    const int64_t G = k / GROUP;
+    const __m256i shift = _mm256_set_epi64x(4, 4, 0, 0), nibble = _mm256_set1_epi8(0x0F);
+    __m256 acc[3];
+    __m128 acc_m[3];
+    for (int r = 0; r < rows; r++) {
+        acc[r] = _mm256_setzero_ps();
+        acc_m[r] = _mm_setzero_ps();
+    }
+    for (int64_t g = 0; g < G; g++) {
+        __m256i c[4];
+        for (int j = 0; j < 4; j++) {
+            const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(codes + j * rb + g * 16)));
+            c[j] = _mm256_and_si256(_mm256_srlv_epi64(b, shift), nibble);
+        }
+        const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(d + 4 * g)));
+        const __m128 m4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(m + 4 * g)));
+        const __m256 d8 = _mm256_set_m128(d4, d4);
+        for (int r = 0; r < rows; r++) {
+            const __m256i lo = _mm256_loadu_si256((const __m256i *)(x->lo + r * k + g * GROUP));
+            const __m256i hi = _mm256_loadu_si256((const __m256i *)(x->hi + r * k + g * GROUP));
+            __m256i s[4];
+            for (int j = 0; j < 4; j++)
+                s[j] = _mm256_dpbusd_epi32(_mm256_slli_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), c[j], hi), 8), lo, c[j]);
+            const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+            const __m256 scale = pin(_mm256_mul_ps(d8, _mm256_set1_ps(x->sx[r * G + g])));
+            acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(h), acc[r]);
+            acc_m[r] = _mm_fmadd_ps(m4, _mm_set1_ps(x->sum[r * G + g]), acc_m[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        const __m128 halves = pin128(_mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1)));
+        _mm_storeu_ps(y + r * ldy + n, _mm_add_ps(halves, acc_m[r]));
+    }
+}
+
+/* tile4_bytes for a constant number of rows (unrolled). */
+#define TILE4_BYTES(R)                                                                                               \
+    static __attribute__((noinline)) void tile4_bytes##R(                         \
+        const uint8_t *codes, int64_t rb, const uint16_t *d, const uint16_t *m, int64_t k, const QAct *x, float *y, \
+        int64_t ldy, int64_t n) {                                                                                    \
+        tile4_bytes(codes, rb, d, m, k, x, R, y, ldy, n);                                                            \
+    }
+TILE4_BYTES(1)
+TILE4_BYTES(2)
+TILE4_BYTES(3)
+#endif
 
 /* Weight rows [n, n + nr) against every activation row, their codes widened (nr rows of k int16) into `wide`. */
 static void tile(const int16_t *wide, const uint16_t *d, const uint16_t *m, int64_t k, const QAct *x, int64_t rows,
@@ -452,7 +505,15 @@ static void widen_q8(const Q8Mat *w, int64_t n, int nr, int16_t *wide) {
 static void q4_tile4_direct(const Q4Mat *w, int64_t n, const QAct *x, int64_t rows, float *y, int64_t ldy) {
     const int64_t G = w->k / GROUP, rb = w->k / 2;
     for (int j = 0; j < 4; j++) prefetch_ahead(w->codes + (n + j) * rb, rb);
+#if TW_VNNI
+    const uint8_t *c = w->codes + n * rb;
+    const uint16_t *d = w->d + n * G, *m = w->m + n * G;
+    if (rows == 1) tile4_bytes1(c, rb, d, m, w->k, x, y, ldy, n);
+    else if (rows == 2) tile4_bytes2(c, rb, d, m, w->k, x, y, ldy, n);
+    else if (rows == 3) tile4_bytes3(c, rb, d, m, w->k, x, y, ldy, n);  /* (a product may have no rows) */
+#else
     tile4_rows(NULL, w->codes + n * rb, rb, w->d + n * G, w->m + n * G, w->k, x, rows, y, ldy, n, 1);
+#endif
 }
 
 /* Rows [n0, n1) of y = x W^T (+ bias) for `rows` activation rows; y has row stride ldy. Weight rows go four at
