@@ -541,12 +541,15 @@ static void q4_rows(const Q4Mat *w, const QAct *x, int64_t rows, float *y, int64
 
 /* Four weight rows from n (nr of them; the rest of the tile zeros) dequantized into `wide` as bfloat16, row-major
    (4 k): w = d q + m for Q4 (`codes` GGUF's nibbles, k / 2 bytes a row), d q for Q8_0 (`codes8`, k bytes a row;
-   m NULL), in float32 with one fused multiply-add and rounded to nearest even: the numbers AMX's panels and
-   tw_q4_dequantize give. d and m: the tile's, interleaved 4 per group. */
+   m NULL), in float32 (one fused multiply-add; Q8_0 a multiply) and rounded to nearest even: the numbers AMX's
+   panels and tw_q4_dequantize give. A 4-bit group's 16 possible values are made once and each code looks its value
+   up (vpermw), instead of converting and scaling 32 codes (2026-11-30, a Zen 5: decode steps of 4 / 8 / 16 rows
+   0.96x the time, the same bits). d and m: the tile's, interleaved 4 per group. */
 static void dequantize_tile_bf16(const uint8_t *codes, const int8_t *codes8, const uint16_t *d, const uint16_t *m,
                                  int64_t k, int nr, uint16_t *wide) {
     const int64_t G = k / GROUP;
-    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m256i nibble = _mm256_set1_epi16(0x0F);
     for (int j = 0; j < 4; j++) {
         uint16_t *row = wide + j * k;
         if (j >= nr) {
@@ -555,18 +558,19 @@ static void dequantize_tile_bf16(const uint8_t *codes, const int8_t *codes8, con
         }
         for (int64_t g = 0; g < G; g++) {
             const __m512 dd = _mm512_set1_ps(half(d[4 * g + j])), mm = _mm512_set1_ps(m ? half(m[4 * g + j]) : 0.f);
-            __m512i a, b;
             if (codes8) {
                 const int8_t *c = codes8 + j * k + g * GROUP;
-                a = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c));
-                b = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + 16)));
-            } else {
-                const __m128i c = _mm_loadu_si128((const __m128i *)(codes + j * (k / 2) + g * 16));
-                a = _mm512_cvtepu8_epi32(_mm_and_si128(c, low));
-                b = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(c, 4), low));
+                const __m512 va = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c))), dd);
+                const __m512 vb = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + 16)))), dd);
+                _mm512_storeu_si512(row + g * GROUP, (__m512i)_mm512_cvtne2ps_pbh(vb, va));
+                continue;
             }
-            const __m512 va = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), dd, mm), vb = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b), dd, mm);
-            _mm512_storeu_si512(row + g * GROUP, (__m512i)_mm512_cvtne2ps_pbh(vb, va));
+            /* 4-bit: the group's 16 possible weights d q + m, rounded to bfloat16, looked up by code (vpermw) */
+            const __m512i table = _mm512_zextsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(iota, dd, mm)));
+            const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(codes + j * (k / 2) + g * 16)));
+            const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(c, nibble)),
+                                                   _mm256_srli_epi16(c, 4), 1);  /* inputs 0-15 | 16-31 */
+            _mm512_storeu_si512(row + g * GROUP, _mm512_permutexvar_epi16(idx, table));
         }
     }
 }
