@@ -445,17 +445,6 @@ static inline __attribute__((always_inline)) void tile4_bytes(const uint8_t *cod
         _mm_storeu_ps(y + r * ldy + n, _mm_add_ps(halves, acc_m[r]));
     }
 }
-
-/* tile4_bytes for a constant number of rows (unrolled). */
-#define TILE4_BYTES(R)                                                                                               \
-    static __attribute__((noinline)) void tile4_bytes##R(                         \
-        const uint8_t *codes, int64_t rb, const uint16_t *d, const uint16_t *m, int64_t k, const QAct *x, float *y, \
-        int64_t ldy, int64_t n) {                                                                                    \
-        tile4_bytes(codes, rb, d, m, k, x, R, y, ldy, n);                                                            \
-    }
-TILE4_BYTES(1)
-TILE4_BYTES(2)
-TILE4_BYTES(3)
 #endif
 
 /* Weight rows [n, n + nr) against every activation row, their codes widened (nr rows of k int16) into `wide`. */
@@ -508,9 +497,9 @@ static void q4_tile4_direct(const Q4Mat *w, int64_t n, const QAct *x, int64_t ro
 #if TW_VNNI
     const uint8_t *c = w->codes + n * rb;
     const uint16_t *d = w->d + n * G, *m = w->m + n * G;
-    if (rows == 1) tile4_bytes1(c, rb, d, m, w->k, x, y, ldy, n);
-    else if (rows == 2) tile4_bytes2(c, rb, d, m, w->k, x, y, ldy, n);
-    else if (rows == 3) tile4_bytes3(c, rb, d, m, w->k, x, y, ldy, n);  /* (a product may have no rows) */
+    if (rows == 1) tile4_bytes(c, rb, d, m, w->k, x, 1, y, ldy, n);  /* constant row counts: unrolled */
+    else if (rows == 2) tile4_bytes(c, rb, d, m, w->k, x, 2, y, ldy, n);
+    else if (rows == 3) tile4_bytes(c, rb, d, m, w->k, x, 3, y, ldy, n);  /* (a product may have no rows) */
 #else
     tile4_rows(NULL, w->codes + n * rb, rb, w->d + n * G, w->m + n * G, w->k, x, rows, y, ldy, n, 1);
 #endif
