@@ -3,7 +3,8 @@
 For each concurrency C: the offline engine (``LLM.generate`` on C prompts at once, ``--waves`` times over
 different prompts) and one aggregated server worker (same device and threads) under a closed loop of C streams
 with the same prompts and output lengths (``ignore_eos``); prints output tokens/s of both and served/offline. (One
-wave at one stream is one request of a hundred-odd milliseconds, which a shared machine's hiccup moves by 20 %.) Then one stream: the served
+wave at one stream is one request of a hundred-odd milliseconds, which a shared machine's hiccup moves by 20 %: so
+each run sends at least ``--min-requests``, in more waves where C is small.) Then one stream: the served
 inter-token gap (median) against the engine's batch-1 decode step. And the router process's CPU time per
 delivered token (user + system, from /proc), the cost of the HTTP/SSE path itself, beside its floor: a bare ASGI
 app on the same uvicorn streaming one fixed event per stream per step to the same client (``bare_sse.py``).
@@ -11,6 +12,7 @@ The engine and the server take turns over several rounds and the ratios are per 
 shared machine two runs minutes apart differ by more than the ratios being checked.
 
     python benchmarks/serving_path.py [--model PATH] [--concurrency 1,16,64] [--output-len 32] [--rounds 3] [--waves 4]
+                                        [--min-requests 16]
 """
 
 from __future__ import annotations
@@ -117,6 +119,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="engine and server runs, alternated (default: 3)")
     ap.add_argument("--waves", type=int, default=4,
                     help="requests per stream in each run: the offline engine runs that many batches (default: 4)")
+    ap.add_argument("--min-requests", type=int, default=16,
+                    help="at least this many requests a run, in more waves at small concurrencies: at one stream four "
+                         "requests are half a second, which a shared machine's hiccup moves by 20 %% (default: 16)")
     ap.add_argument("--serve-flags", default="", help="extra flags for the server")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--client-processes", type=int, default=None,
@@ -129,7 +134,8 @@ def main() -> int:
     clients = ns.client_processes or default_client_processes()
 
     concurrency = [int(c) for c in ns.concurrency.split(",")]
-    prompts = [r.prompt for r in synthetic(max(concurrency) * ns.waves + 2, "uniform:20:60", "fixed:1", seed=3)]
+    waves = {c: max(ns.waves, -(-ns.min_requests // c)) for c in concurrency}
+    prompts = [r.prompt for r in synthetic(max(c * w for c, w in waves.items()) + 2, "uniform:20:60", "fixed:1", seed=3)]
     # Rounds alternate the engine and the server at each concurrency (one second apart), so that a slow minute of
     # a shared machine falls on both; the ratios are per round, their median printed.
     off_runner = Offline(ns.model, ns.device, prompts, ns.output_len)
@@ -139,9 +145,9 @@ def main() -> int:
         for _ in range(ns.rounds):
             r: dict = {"offline": {}, "served": {}}
             for c in concurrency:
-                r["offline"][c] = off_runner.tokens_per_s(c, ns.waves)
+                r["offline"][c] = off_runner.tokens_per_s(c, waves[c])
                 time.sleep(1)
-                r["served"][c] = srv_runner.run(c, ns.waves)
+                r["served"][c] = srv_runner.run(c, waves[c])
                 time.sleep(1)
             r["step_s"] = off_runner.step_s()
             rounds.append(r)
@@ -151,7 +157,7 @@ def main() -> int:
 
     floor = {c: measure(c, ns.output_len, step=0.02, client_processes=clients).us_per_token for c in concurrency}
     med = statistics.median
-    print(f"{len(rounds)} rounds of {ns.waves} requests per stream, medians; served/offline per round in brackets; {clients} client process(es)")
+    print(f"{len(rounds)} rounds of {', '.join(f'{waves[c] * c}' for c in concurrency)} requests, medians; served/offline per round in brackets; {clients} client process(es)")
     print(f"{'streams':>7} | offline tok/s | served tok/s | served/offline | router CPU us/token | bare uvicorn floor"
           " | router/floor")
     for c in concurrency:

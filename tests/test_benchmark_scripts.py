@@ -75,6 +75,7 @@ def test_serving_path_compares_the_server_with_its_engine(tmp_path):
     assert sorted(round_["offline"]) == ["1", "2"] and all(v > 0 for v in round_["offline"].values())
     assert all(s["failed"] == 0 and s["tokens_s"] > 0 for s in round_["served"].values())
     assert sorted(r["bare_floor_us_per_token"]) == ["1", "2"]
+    assert "1 rounds of 16, 16 requests" in text  # --min-requests: 16 waves at one stream, 8 at two
     assert re.search(r"one stream: served token gap [\d.]+ ms, engine batch-1 step [\d.]+ ms, ratio [\d.]+", text)
 
 
