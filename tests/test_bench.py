@@ -167,6 +167,8 @@ def test_sample_files_parse():
     # Requests sharing hash ids [1, 2] share their first 2 blocks of text.
     firsts = [r.prompt.split()[:1025] for i, r in enumerate(mc) if i % 3 == 0]
     assert all(f == firsts[0] for f in firsts)
+    # the simulator's prefix caching reads the ids of the whole blocks in each prompt (1,049 tokens: 2 of 512)
+    assert (mc[0].prefix_blocks, mc[0].block_tokens, mc[1].prefix_blocks) == ((1, 2), 512, (11,))
     az, problems = W.azure_csv(str(SAMPLES / "azure.csv"))
     assert len(az) == 12 and not problems and az[1].arrival > 0
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,6 +206,74 @@ def test_a_prompt_beside_decodes_is_chunked_to_the_profiles_cap():
     assert runs[64].e2e[0] < runs[0].e2e[0] - 3 * 0.01  # request 0 made 4 more tokens meanwhile
 
 
+def _flat(pa=0.02, pb=0.001, pc=0.0, capacity=10**6, **kw) -> Profile:
+    """Prefill pa + pb a token (+ pc a token x context), decode 10 ms a step: hits are visible in TTFT to the token."""
+    p = make_profile(pa=pa, pb=pb, pc=pc, da=0.01, db=0.0, dc=0.0, bw=1e9, capacity=capacity, **kw)
+    return Profile.from_json({**p.to_json(), "kv_bytes_per_token": 1000})
+
+
+def test_a_prompts_cached_blocks_are_not_prefilled_again():
+    # three 40-token prompts of 16-token blocks, far apart: the second starts as the first does, the third has the
+    # first's second block id after another first block (another prefix: a chain, not a set of ids)
+    work = SimWorkload([0.0, 10.0, 20.0], [40, 40, 40], [2, 2, 2], [(1, 2), (1, 2), (9, 2)], block_tokens=16)
+    r = simulate(Deployment((Pool("both", 1, _flat()),)), work)
+    assert r.ttft.tolist() == pytest.approx([0.02 + 0.040, 0.02 + 0.008, 0.02 + 0.040])
+    assert r.stats["cached_prompt_tokens"] == 32
+    plain = simulate(Deployment((Pool("both", 1, _flat()),)), SimWorkload([0.0, 10.0, 20.0], [40] * 3, [2] * 3))
+    assert plain.ttft.tolist() == pytest.approx([0.06] * 3) and plain.stats["cached_prompt_tokens"] == 0
+    # a whole prompt in cache still computes its last token
+    whole = simulate(Deployment((Pool("both", 1, _flat()),)), SimWorkload([0.0, 10.0], [32, 32], [2, 2],
+                                                                             [(1, 2), (1, 2)], block_tokens=16))
+    assert whole.ttft[1] == pytest.approx(0.02 + 0.001) and whole.stats["cached_prompt_tokens"] == 31
+    # a block id is a block only after the ids before it: (9, 2)'s second block is not (1, 2)'s
+    chain = simulate(Deployment((Pool("both", 1, _flat()),)), SimWorkload([0.0, 10.0, 20.0], [40] * 3, [2] * 3,
+                                                                             [(1,), (9, 2), (1, 2)], block_tokens=16))
+    assert chain.stats["cached_prompt_tokens"] == 16
+
+
+def test_disaggregated_hits_prefill_less_and_pull_only_what_the_decode_worker_lacks():
+    work = SimWorkload([0.0, 10.0], [40, 40], [3, 3], [(1, 2), (1, 2)], block_tokens=16)
+    p = _flat(pc=1e-5)  # the new tokens' attention still reads the cached context: 8 x 40
+    pools = (Pool("prefill", 2, p), Pool("decode", 1, p))
+    r = simulate(Deployment(pools, local_prefill_threshold=4), work)
+    assert r.stats["remote_prefills"] == 2 and r.stats["cached_prompt_tokens"] == 32
+    assert r.ttft[1] == pytest.approx(0.028 + 1e-5 * 8 * 40)
+    assert r.stats["kv_bytes"] == 40 * 1000 + 8 * 1000  # the second pulls the 8 tokens its decode worker lacks
+    # what the decode worker lacks is within the threshold: it prefills there, from its cached blocks
+    r = simulate(Deployment(pools, local_prefill_threshold=8), work)
+    assert r.stats["remote_prefills"] == 1 and r.stats["local_prefills"] == 1
+    assert r.ttft[1] == pytest.approx(0.028 + 1e-5 * 8 * 40) and r.stats["kv_bytes"] == 40 * 1000
+
+
+def test_the_prefix_cache_evicts_the_least_recently_used_blocks_within_kv_capacity():
+    def hits(order):
+        blocks = {"A": (1, 2), "B": (3, 4), "C": (5, 6)}
+        work = SimWorkload([10.0 * i for i in range(len(order))], [40] * len(order), [2] * len(order),
+                           [blocks[x] for x in order], block_tokens=16)
+        r = simulate(Deployment((Pool("both", 1, _flat(capacity=64)),)), work)  # room for 4 blocks
+        return [round((0.06 - t) / 0.001) for t in r.ttft]  # cached tokens per request
+
+    assert hits("ABCA") == [0, 0, 0, 0]  # C pushed out A, the oldest
+    assert hits("ABACA") == [0, 0, 32, 0, 32]  # A used again is newer than B: C pushed out B
+
+
+def test_prefix_routing_keeps_a_prefix_on_the_worker_that_holds_it():
+    n = 40
+    ids = [(7, 8) if i % 2 else (3, 4) for i in range(n)]
+    work = SimWorkload([1.0 * i for i in range(n)], [48] * n, [4] * n, ids, block_tokens=16)
+    r = simulate(Deployment((Pool("both", 4, _flat()),)), work)
+    assert r.stats["cached_prompt_tokens"] == (n - 2) * 32  # each prefix prefilled once, on one worker
+    # idle workers, one holding the prefix: it goes there (the worker with fewer requests would be the first)
+    spread = SimWorkload([0.0, 0.001, 5.0], [48] * 3, [2] * 3, [(3, 4), (7, 8), (7, 8)], block_tokens=16)
+    assert simulate(Deployment((Pool("both", 2, _flat()),)), spread).stats["cached_prompt_tokens"] == 32
+    # the worker holding the prefix but busy with a long prompt loses to an idle one that must prefill it all
+    busy = SimWorkload([0.0, 1.0, 1.001], [48, 2000, 48], [2, 2, 2], [(3, 4), (1,), (3, 4)], block_tokens=16)
+    r = simulate(Deployment((Pool("both", 2, _flat(budget=4096)),)), busy)
+    assert r.ttft[2] == pytest.approx(0.068) and r.stats["cached_prompt_tokens"] == 0
+    sharded = simulate(Deployment((Pool("both", 4, _flat()),)), work, shards=2)
+    assert sharded.stats["shards"] == 2 and sharded.stats["cached_prompt_tokens"] == (n - 2) * 32
+
+
 def test_admission_limit_rejects_and_is_reported():
     p = make_profile(da=0.05)
     work = SimWorkload(np.zeros(10), [50] * 10, [100] * 10)
@@ -352,6 +422,31 @@ def test_simulate_command_writes_the_bench_report(tiny_profile, tmp_path):
     assert (out / "latency_cdf.png").exists() and "events/s" in r.stdout
     bad = _cli("simulate", "--profile", str(tiny_profile), "--concurrency", "4", "--out", str(out), timeout=60)
     assert bad.returncode == 2 and "--rates" in bad.stderr
+
+
+def test_simulate_and_plan_model_prefix_caching_from_a_mooncake_trace(tiny_profile, tmp_path):
+    sample = str(Path(__file__).parent.parent / "tokenworks/bench/samples/mooncake.jsonl")
+    r = _cli("simulate", "--profile", str(tiny_profile), "--workload", "mooncake", "--file", sample,
+             "--out", str(tmp_path / "mc"), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = re.search(r"prefix cache: ([\d,]+) of ([\d,]+) prompt tokens", r.stdout)
+    (run,) = json.loads((tmp_path / "mc" / "summary.json").read_text())["runs"]["simulated"]
+    assert m and int(m.group(1).replace(",", "")) == run["simulated"]["cached_prompt_tokens"] > 0, r.stdout
+    assert "prefix caching from the trace's blocks of 512 tokens" in (tmp_path / "mc" / "report.md").read_text()
+    plain = _cli("simulate", "--profile", str(tiny_profile), "--num-requests", "5", "--rates", "1",
+                 "--out", str(tmp_path / "syn"), timeout=120)
+    assert plain.returncode == 0 and "prefix cache" not in plain.stdout
+    assert "no prefix caching" in (tmp_path / "syn" / "report.md").read_text()
+    plan = _cli("plan", "--profile", str(tiny_profile), "--workload", "mooncake", "--file", sample, "--rates", "0.5",
+                "--hardware", "CPU-EPYC-1core", "--slo-ttft-ms", "60000", "--sim-requests", "100", "--json", timeout=180)
+    assert plan.returncode == 0 and json.loads(plan.stdout)["prefix_caching"] is True, plan.stderr[-3000:]
+
+
+def test_the_planners_traffic_shares_prefixes_within_a_pass_over_its_sample_only():
+    traffic = Traffic(1.0, np.array([40, 40]), np.array([2, 2]), prefix_blocks=[(1, 2), (1, 2)], block_tokens=16)
+    work = traffic.workload(4, rate=0.01)  # 100 s apart: nothing queues
+    r = simulate(Deployment((Pool("both", 1, _flat()),)), work)
+    assert r.stats["cached_prompt_tokens"] == 2 * 32  # the second of each pass hits; the third (a new pass) does not
 
 
 def test_plan_command_prints_json(tiny_profile):

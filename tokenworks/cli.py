@@ -545,8 +545,10 @@ def cmd_profile(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _sim_workload(ns: argparse.Namespace) -> tuple[list[tuple[int, int]], list[list[float]], list[str], list[float]]:
-    """(prompt, output) lengths and, per load, arrival times: the same seeded workload ``bench`` would send."""
+def _sim_workload(ns: argparse.Namespace) -> tuple[list[tuple[int, int]], list[list[float]], list[str], list[float],
+                                                   tuple[list, int] | None]:
+    """(prompt, output) lengths and, per load, arrival times: the same seeded workload ``bench`` would send; and
+    the prompts' shared blocks, (ids per request, tokens a block), where the workload states them (Mooncake)."""
     from tokenworks.bench import workloads as W
     from tokenworks.bench.loadgen import arrival_times
     from tokenworks.bench.sweep import build_workload, loads_from
@@ -556,20 +558,22 @@ def _sim_workload(ns: argparse.Namespace) -> tuple[list[tuple[int, int]], list[l
     if ns.workload == "synthetic" and ns.num_requests > 100_000:  # lengths only, drawn at once
         lengths = list(zip(W.sample_lengths(ns.input_len, ns.num_requests, ns.seed).tolist(),
                            W.sample_lengths(ns.output_len, ns.num_requests, ns.seed + 1).tolist()))
-        trace_times = None
+        trace_times = prefix = None
     else:
         requests, problems = build_workload(ns)
         for p in problems:
             print(f"tokenworks simulate: {ns.file}:{p.line}: skipped ({p.message})", file=sys.stderr)
         lengths = [(r.input_tokens, r.max_tokens) for r in requests]
         trace_times = [r.arrival for r in requests] if requests and requests[0].arrival is not None else None
+        block_tokens = max((r.block_tokens for r in requests), default=0)
+        prefix = ([r.prefix_blocks for r in requests], block_tokens) if block_tokens else None
     loads = loads_from(ns)  # as bench: one per rate, or the trace's own timing
     if loads[0].rate:
         arrivals = [arrival_times(len(lengths), load.rate, load.burstiness, load.seed) for load in loads]
-        return lengths, arrivals, [load.describe() for load in loads], [load.rate for load in loads]
+        return lengths, arrivals, [load.describe() for load in loads], [load.rate for load in loads], prefix
     if trace_times is None:
         raise ValueError(f"--workload {ns.workload} has no arrival times of its own: give --rates")
-    return lengths, [trace_times], [loads[0].describe()], [len(lengths) / max(trace_times[-1], 1e-9)]
+    return lengths, [trace_times], [loads[0].describe()], [len(lengths) / max(trace_times[-1], 1e-9)], prefix
 
 
 def _deployment(ns: argparse.Namespace):
@@ -605,19 +609,24 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     from tokenworks.planner.simulator import simulate_session
 
     dep = _deployment(ns)
-    lengths, arrivals, labels, xs = _sim_workload(ns)
+    lengths, arrivals, labels, xs, prefix = _sim_workload(ns)
     if ns.price_per_hour is not None:  # the whole fleet's price, as in bench
         dep = replace(dep, pools=tuple(replace(p, price_per_hour=ns.price_per_hour / dep.num_workers) for p in dep.pools))
+    caching = (f"prefix caching from the trace's blocks of {prefix[1]} tokens" if prefix else
+               "no prefix caching (the workload does not say which prompts share blocks)")
     doc = simulate_session({ns.name: dep}, lengths, arrivals, labels, xs, _slo(ns), ns.attainment, ns.out,
                            f"tokenworks simulate: {ns.workload} on {dep.describe()}",
                            [f"{len(lengths)} requests per load, seed {ns.seed}; simulated, not measured",
-                            f"deployment: {dep.describe()}, local prefill up to {dep.local_prefill_threshold} tokens"])
+                            f"deployment: {dep.describe()}, local prefill up to {dep.local_prefill_threshold} tokens",
+                            caching], prefix=prefix)
     _print_summary(doc)
     for runs in doc["runs"].values():
         for s in runs:
             sim = s["simulated"]
             print(f"simulated {s['requests']} requests, {sim['events']} events in {sim['wall_s']:.2f} s "
-                  f"({sim['events'] / max(sim['wall_s'], 1e-9):,.0f} events/s)")
+                  f"({sim['events'] / max(sim['wall_s'], 1e-9):,.0f} events/s)"
+                  + (f"; prefix cache: {sim['cached_prompt_tokens']:,} of {s['input_tokens']:,} prompt tokens "
+                     f"({sim['cached_prompt_tokens'] / max(1, s['input_tokens']):.0%})" if prefix else ""))
     return 0
 
 
@@ -646,13 +655,16 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         reqs, _ = build_workload(ns)
         prompt = np.array([r.input_tokens for r in reqs])
         output = np.array([r.max_tokens for r in reqs])
+        block_tokens = max((r.block_tokens for r in reqs), default=0)
+        prefix = [r.prefix_blocks for r in reqs] if block_tokens else None
     else:
         prompt = W.sample_lengths(ns.input_len, 4096, ns.seed)
         output = W.sample_lengths(ns.output_len, 4096, ns.seed + 1)
+        prefix, block_tokens = None, 0
     slo = _slo(ns)
     results, chosen = [], []
     for rate in ns.rates:
-        traffic = Traffic(rate, prompt, output, ns.burstiness, ns.seed)
+        traffic = Traffic(rate, prompt, output, ns.burstiness, ns.seed, prefix, block_tokens)
         planner = Planner(profiles, catalog, traffic, slo, ns.attainment, ns.sim_requests, ns.local_prefill_threshold,
                           ns.max_units, ns.budget, progress=not ns.json)
         best = planner.search(list(profiles), ns.top, aggregated=ns.layouts in ("both", "aggregated"),
@@ -661,11 +673,13 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         results.append({"rate_req_s": rate, "mean_prompt_tokens": float(prompt.mean()),
                         "mean_output_tokens": float(output.mean()), "slo": slo.describe(),
                         "attainment_target": ns.attainment, "simulations": planner.simulations,
+                        "prefix_caching": prefix is not None,
                         "profiles": {k: {"projected_from": p.projected_from, "date": p.date} for k, p in profiles.items()},
                         "candidates": [c.to_json() for c in best]})
         if not ns.json:
             print(f"\n{rate:g} req/s, prompts {prompt.mean():.0f} / outputs {output.mean():.0f} tokens on average, "
-                  f"SLO {slo.describe()} for {ns.attainment:.0%} of requests ({planner.simulations} simulations):")
+                  f"SLO {slo.describe()} for {ns.attainment:.0%} of requests ({planner.simulations} simulations"
+                  + (f"; prefix caching from the trace's blocks of {block_tokens} tokens" if prefix else "") + "):")
             if not best:
                 print("  no layout meets the SLOs within the limits")
             for k, c in enumerate(best, 1):

@@ -30,6 +30,10 @@ class BenchRequest:
     max_tokens: int
     arrival: float | None = None  # seconds from the start (traces); None: the load generator decides
     input_tokens: int = 0  # what the workload meant to send (estimate)
+    # traces that say which prompts share a prefix (Mooncake's hash_ids): the ids of the prompt's whole blocks of
+    # ``block_tokens`` tokens, equal ids after equal ids meaning equal text; the simulator's prefix caching reads them
+    prefix_blocks: tuple[int, ...] = ()
+    block_tokens: int = 0
 
 
 class WorkloadError(ValueError):
@@ -211,7 +215,8 @@ def mooncake_jsonl(path: str, n: int | None = None, time_scale: float = 1.0, blo
             t0 = ts if t0 is None else t0
             bt = max(1, int(block_tokens * length_scale))
             keep = [h for h in hashes][: max(0, inp // bt)]
-            out.append(BenchRequest(_trace_prompt(inp, keep, bt, f"m{lineno}"), outp, (ts - t0) * time_scale, inp))
+            out.append(BenchRequest(_trace_prompt(inp, keep, bt, f"m{lineno}"), outp, (ts - t0) * time_scale, inp,
+                                    prefix_blocks=tuple(keep), block_tokens=bt))
             if n and len(out) >= n:
                 break
     return out, problems

@@ -44,6 +44,8 @@ class Traffic:
     output_len: np.ndarray
     burstiness: float = 1.0
     seed: int = 0
+    prefix_blocks: list | None = None  # per sample, its prompt's shared blocks (SimWorkload.prefix_blocks), or None
+    block_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.rate <= 0:
@@ -56,7 +58,11 @@ class Traffic:
         rng = np.random.default_rng(self.seed)
         gaps = rng.gamma(self.burstiness, 1.0 / (rate * self.burstiness), n)
         idx = np.arange(n) % len(self.prompt_len)
-        return SimWorkload(np.concatenate([[0.0], np.cumsum(gaps[:-1])]), self.prompt_len[idx], self.output_len[idx])
+        blocks = None
+        if self.prefix_blocks is not None:  # each pass over the sample is new traffic: it shares nothing with the last
+            blocks = [tuple((i // len(self.prompt_len), b) for b in self.prefix_blocks[j]) for i, j in enumerate(idx)]
+        return SimWorkload(np.concatenate([[0.0], np.cumsum(gaps[:-1])]), self.prompt_len[idx], self.output_len[idx],
+                           blocks, self.block_tokens)
 
     @property
     def mean_output(self) -> float:

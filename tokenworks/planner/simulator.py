@@ -7,6 +7,17 @@ What it models, as the server does it:
   ``local_prefill_threshold`` tokens, or every prompt when there is no
   prefill pool, is prefilled on the decode worker), the prefill worker with
   the fewest requests;
+- prefix caching, where the workload says which prompts share a prefix
+  (``SimWorkload.prefix_blocks``, from a Mooncake trace's ``hash_ids``): each
+  worker that prefills keeps the blocks of the prompts it prefilled or
+  received, least recently used evicted first, up to its KV capacity; a
+  prompt's leading blocks found there are not prefilled again (their
+  attention still counts), and a decode worker pulls only the blocks it
+  lacks. The router then places as ``--routing kv`` does (router/policy.py):
+  the decode worker, then the prefill worker, where (prompt tokens queued
+  there + this prompt's tokens not cached there) / its prefill rate is
+  least, equal costs to fewer requests in flight; local prefill when what
+  the decode worker lacks is at most the threshold;
 - prefill workers: FCFS, chunked prefill within ``max_num_batched_tokens``,
   the first token at the end of the step that finishes the prompt;
 - KV transfer from prefill to decode worker over the decode worker's inbound
@@ -22,7 +33,9 @@ token of context per request), so the simulator jumps from one change to
 the next in closed form instead of stepping: events are per request, not
 per token, which is what lets it run an hour of a thousand-worker fleet.
 
-Not modelled: prefix caching (prompts are taken as uncached), preemption
+Not modelled: prefix sharing the workload does not state (synthetic and
+ShareGPT prompts are taken as uncached), blocks held by running requests
+counting against the cache (it may use the whole KV capacity), preemption
 (a request reserves its whole prompt + output of KV when it joins), worker
 failures, the router's predicted-wait admission, sampling stop strings.
 """
@@ -32,7 +45,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -88,11 +101,17 @@ class Deployment:
 
 @dataclass
 class SimWorkload:
-    """Arrival times (s), prompt and output lengths (tokens), one entry per request."""
+    """Arrival times (s), prompt and output lengths (tokens), one entry per request.
+
+    ``prefix_blocks``, where prompts share prefixes: per request the ids of its prompt's whole blocks of
+    ``block_tokens`` tokens, in order; two prompts share their first k blocks when their first k ids are equal
+    (Mooncake's ``hash_ids``). None: no prompt shares anything (no prefix caching)."""
 
     arrival: np.ndarray
     prompt_len: np.ndarray
     output_len: np.ndarray
+    prefix_blocks: list | None = None
+    block_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.arrival = np.asarray(self.arrival, dtype=float)
@@ -100,10 +119,35 @@ class SimWorkload:
         self.output_len = np.maximum(1, np.asarray(self.output_len, dtype=np.int64))
         if not (len(self.arrival) == len(self.prompt_len) == len(self.output_len)):
             raise ValueError("arrival, prompt_len and output_len must have one entry per request")
+        if self.prefix_blocks is not None:
+            if len(self.prefix_blocks) != len(self.arrival):
+                raise ValueError("prefix_blocks must have one entry per request")
+            if self.block_tokens < 1:
+                raise ValueError("prefix_blocks needs block_tokens >= 1")
+            self.prefix_blocks = [tuple(b) for b in self.prefix_blocks]
         if len(self.arrival) and np.any(np.diff(self.arrival) < 0):
             order = np.argsort(self.arrival, kind="stable")
             self.arrival, self.prompt_len, self.output_len = (self.arrival[order], self.prompt_len[order],
                                                               self.output_len[order])
+            if self.prefix_blocks is not None:
+                self.prefix_blocks = [self.prefix_blocks[i] for i in order]
+
+    def subset(self, idx: np.ndarray) -> "SimWorkload":
+        """The requests at ``idx`` (in order)."""
+        blocks = None if self.prefix_blocks is None else [self.prefix_blocks[i] for i in idx]
+        return SimWorkload(self.arrival[idx], self.prompt_len[idx], self.output_len[idx], blocks, self.block_tokens)
+
+    def chains(self) -> list[tuple[int, ...]]:
+        """Per request, one key per whole block of its prompt that names the prefix through that block (so an id
+        met after other ids is another block), at most prompt length // block_tokens of them."""
+        out = []
+        for ids, n in zip(self.prefix_blocks or [], self.prompt_len.tolist()):
+            h, keys = 0, []
+            for b in ids[: n // self.block_tokens]:
+                h = hash((h, b))
+                keys.append(h)
+            out.append(tuple(keys))
+        return out
 
     def __len__(self) -> int:
         return len(self.arrival)
@@ -165,6 +209,35 @@ class _LeastLoaded:
             heapq.heapify(self.heap)
 
 
+class _PrefixCache:
+    """One worker's cached prompt blocks (chain keys), the least recently used evicted first."""
+
+    __slots__ = ("blocks", "capacity")
+
+    def __init__(self, capacity_blocks: int) -> None:
+        self.blocks: OrderedDict = OrderedDict()
+        self.capacity = max(0, capacity_blocks)
+
+    def held(self, keys: tuple) -> int:
+        """How many of the leading blocks are here."""
+        blocks, n = self.blocks, 0
+        for k in keys:
+            if k not in blocks:
+                break
+            n += 1
+        return n
+
+    def store(self, keys: tuple) -> None:
+        blocks = self.blocks
+        for k in keys:
+            if k in blocks:
+                blocks.move_to_end(k)
+            else:
+                blocks[k] = None
+        while len(blocks) > self.capacity:
+            blocks.popitem(last=False)
+
+
 def _steps_until(alpha: float, beta: float, dt: float) -> int:
     """Fewest whole steps (>= 1) whose total time reaches dt when step j takes alpha + beta*j."""
     if dt <= 0:
@@ -185,7 +258,7 @@ def _plus(values: list[float], extra: float) -> list[float]:
 
 
 class _Prefiller:
-    __slots__ = ("profile", "queue", "busy", "step", "pg", "pc", "budget", "max_seqs")
+    __slots__ = ("profile", "queue", "busy", "step", "pg", "pc", "budget", "max_seqs", "queued", "rate", "cache")
 
     def __init__(self, profile: Profile, step_overhead: float = 0.0) -> None:
         self.profile = profile
@@ -196,11 +269,15 @@ class _Prefiller:
         self.queue: deque = deque()  # [request, tokens done]
         self.busy = False
         self.step: list = []  # (entry, chunk) of the step in flight
+        self.queued = 0  # prompt tokens queued here, not yet prefilled (prefix routing's cost)
+        self.rate = _prefill_rate(profile, self.pg)
+        self.cache: _PrefixCache | None = None
 
 
 class _Decoder:
     __slots__ = ("profile", "S", "t", "B", "K", "finish", "pending", "local", "kv_free", "version", "plan_k",
-                 "event_t", "step", "link_free", "g", "c", "pg", "pc", "kv_per_token", "inv_bw", "fixed_s", "padded", "offs")
+                 "event_t", "step", "link_free", "g", "c", "pg", "pc", "kv_per_token", "inv_bw", "fixed_s", "padded", "offs",
+                 "queued", "rate", "cache")
 
     def __init__(self, profile: Profile, step_overhead: float = 0.0, token_overhead: float = 0.0) -> None:
         self.profile = profile
@@ -227,6 +304,15 @@ class _Decoder:
         self.kv_per_token = profile.kv_bytes_per_token
         self.inv_bw = 1.0 / profile.transfer.bytes_per_s
         self.fixed_s = profile.transfer.fixed_s
+        self.queued = 0  # prompt tokens queued here for local prefill
+        self.rate = _prefill_rate(profile, self.pg)
+        self.cache: _PrefixCache | None = None
+
+
+def _prefill_rate(profile: Profile, pg: list[float]) -> float:
+    """Prompt tokens a second in full chunks, less attention: the router's measured rate under backlog."""
+    n = profile.max_num_batched_tokens
+    return n / pg[n] if pg[n] > 0 else math.inf
 
 
 def simulate(dep: Deployment, work: SimWorkload, max_jump: int | None = None, shards: int = 1) -> SimResult:
@@ -258,10 +344,12 @@ def _simulate_sharded(dep: Deployment, work: SimWorkload, max_jump: int | None, 
 
     wall0 = time.perf_counter()
     which = np.random.default_rng(12345).integers(0, shards, len(work))
+    if work.prefix_blocks is not None:  # prompts that start alike stay in one shard, where routing can meet them
+        for i, ids in enumerate(work.prefix_blocks):
+            if ids:
+                which[i] = hash(ids[0]) % shards
     parts = [np.flatnonzero(which == k) for k in range(shards)]
-    jobs = [(_shard_deployment(dep, k, shards),
-             SimWorkload(work.arrival[idx], work.prompt_len[idx], work.output_len[idx]), max_jump)
-            for k, idx in enumerate(parts)]
+    jobs = [(_shard_deployment(dep, k, shards), work.subset(idx), max_jump) for k, idx in enumerate(parts)]
     with mp.get_context("fork").Pool(shards) as pool:
         results = pool.map(_run_shard, jobs)
     ttft = np.full(len(work), np.nan)
@@ -299,6 +387,13 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
              else decoders.append(_Decoder(pool.profile, dep.step_overhead_s, dep.token_overhead_s)))
     p_load = _LeastLoaded(len(prefillers))
     d_load = _LeastLoaded(len(decoders))
+    keys = work.chains() if work.prefix_blocks is not None else None
+    bt = work.block_tokens
+    if keys is not None:
+        for w in (*prefillers, *decoders):
+            w.cache = _PrefixCache(w.profile.kv_capacity_tokens // bt)
+    dhit = [0] * n  # prompt tokens the decode worker held when the request arrived (not pulled)
+    cached_tokens = 0
     threshold = dep.local_prefill_threshold
     max_inflight = dep.max_inflight or n + 1
     overhead = dep.overhead_s
@@ -358,6 +453,16 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             budget -= take
         return chunks, tokens, attn
 
+    def route(workers: list, loads: _LeastLoaded, ks: tuple, length: int) -> tuple[int, int]:
+        """(worker, tokens of the prompt it holds) where (queued + uncached) / rate is least, as --routing kv."""
+        best, pick, hit_of = None, 0, 0
+        for i, w in enumerate(workers):
+            hit = min(w.cache.held(ks) * bt, length - 1) if ks else 0
+            key = ((w.queued + length - hit) / w.rate, loads.load[i], i)
+            if best is None or key < best:
+                best, pick, hit_of = key, i, hit
+        return pick, hit_of
+
     def first_token(r: int, now: float) -> bool:
         """Request r's first token came out at ``now``; True when that was its only token (it is done)."""
         nonlocal inflight
@@ -391,6 +496,8 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                     break  # waits for a finish to free KV
                 pop(pending)
                 join(d, r, need)
+                if keys is not None:
+                    d.cache.store(keys[r])  # the pulled blocks, and those it had
         if d.local:
             prof = d.profile
             room = prof.max_num_batched_tokens - d.B
@@ -446,16 +553,19 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                 p = prefillers[idx]
                 for entry, take in p.step:
                     entry[1] += take
+                    p.queued -= take
                 queue = p.queue
                 while queue and queue[0][1] >= plen[queue[0][0]]:
                     r = queue.popleft()[0]
                     p_load.remove(idx)
+                    if keys is not None:
+                        p.cache.store(keys[r])
                     if first_token(r, now):
                         continue
-                    # the KV crosses to the decode worker chosen at arrival, over its inbound link
+                    # the KV the decode worker chosen at arrival lacks crosses to it, over its inbound link
                     dk = home[r]
                     dd = decoders[dk]
-                    nbytes = plen[r] * dd.kv_per_token
+                    nbytes = (plen[r] - dhit[r]) * dd.kv_per_token
                     start = max(now, dd.link_free)
                     dd.link_free = start + nbytes * dd.inv_bw
                     ready = dd.link_free + dd.fixed_s
@@ -480,10 +590,13 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             if d.step:
                 for entry, take in d.step:
                     entry[1] += take
+                    d.queued -= take
                 d.step = []
                 local = d.local
                 while local and local[0][1] >= plen[local[0][0]]:
                     r = local.popleft()[0]
+                    if keys is not None:
+                        d.cache.store(keys[r])
                     if first_token(r, now):
                         continue
                     join(d, r, plen[r] + olen[r])  # joins the batch it was prefilled beside
@@ -511,29 +624,41 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             num_rejected += 1
             continue
         inflight += 1
-        dk = d_load.pick()
+        length = plen[r]
+        if keys is None:
+            dk, hit = d_load.pick(), 0
+        else:
+            dk, hit = route(decoders, d_load, keys[r], length)
         d_load.add(dk)
         home[r] = dk
-        if not prefillers or plen[r] <= threshold:
+        if not prefillers or length - hit <= threshold:
             local_prefills += 1
+            cached_tokens += hit
             d = decoders[dk]
-            d.local.append([r, 0])
+            d.local.append([r, hit])
+            d.queued += length - hit
             wake(d, dk, now, now)
         else:
             remote_prefills += 1
-            pk = p_load.pick()
+            dhit[r] = hit
+            if keys is None:
+                pk, hit = p_load.pick(), 0
+            else:
+                pk, hit = route(prefillers, p_load, keys[r], length)
+            cached_tokens += hit
             p_load.add(pk)
             p = prefillers[pk]
-            p.queue.append([r, 0])
+            p.queue.append([r, hit])
+            p.queued += length - hit
             if not p.busy:  # an idle prefill worker's queue held nothing before this prompt
-                take = min(plen[r], p.budget)
+                take = min(length - hit, p.budget)
                 p.step = [(p.queue[0], take)]
                 p.busy = True
                 seq += 1
-                push(heap, (now + p.pg[take] + p.pc * take * take, seq, PREFILL, pk, 0))
+                push(heap, (now + p.pg[take] + p.pc * take * (hit + take), seq, PREFILL, pk, 0))
 
     stats = {"local_prefills": local_prefills, "remote_prefills": remote_prefills, "kv_bytes": kv_bytes,
-             "rejected": num_rejected}
+             "rejected": num_rejected, "cached_prompt_tokens": cached_tokens}
     ttft = np.asarray(first, dtype=float)
     e2e = np.asarray(last, dtype=float)
     done_at = e2e + work.arrival
@@ -591,9 +716,11 @@ def as_request_results(result: SimResult) -> list:
 
 def simulate_session(deployments: dict[str, Deployment], requests: list[tuple[int, int]],
                      arrivals: list[list[float]], labels: list[str], xs: list[float], slo, attainment: float,
-                     out_dir: str, title: str, notes: list[str], max_detail: int = 200_000) -> dict:
+                     out_dir: str, title: str, notes: list[str], max_detail: int = 200_000,
+                     prefix: tuple[list, int] | None = None) -> dict:
     """Simulate each deployment at each load and write the report ``tokenworks bench`` writes
-    (summary.json, report.md, plots; per-request JSONL when there are at most ``max_detail`` requests)."""
+    (summary.json, report.md, plots; per-request JSONL when there are at most ``max_detail`` requests).
+    ``prefix``: the requests' shared blocks and tokens a block (``SimWorkload.prefix_blocks``), or None."""
     import os
 
     from tokenworks.bench.report import write_report, write_requests
@@ -605,7 +732,9 @@ def simulate_session(deployments: dict[str, Deployment], requests: list[tuple[in
     for name, dep in deployments.items():
         runs[name] = []
         for k, (times, label, x) in enumerate(zip(arrivals, labels, xs)):
-            result = simulate(dep, SimWorkload(times, prompt[: len(times)], output[: len(times)]))
+            blocks = prefix[0][: len(times)] if prefix else None
+            result = simulate(dep, SimWorkload(times, prompt[: len(times)], output[: len(times)], blocks,
+                                               prefix[1] if prefix else 0))
             s = summarize_sim(result, slo, dep.price_per_hour)
             s["load"] = label
             s["deployment"] = dep.describe()
