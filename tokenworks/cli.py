@@ -823,7 +823,10 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("simulate", help="simulate a deployment on a workload from measured profiles; bench's report",
                         description="Simulate a deployment (prefill, decode and aggregated pools, router, KV "
                                     "transfers) step by step from profiles written by 'tokenworks profile', on the "
-                                    "same seeded workloads as 'tokenworks bench', and write the same report.")
+                                    "same seeded workloads as 'tokenworks bench', and write the same report. A "
+                                    "Mooncake trace's hash_ids turn on prefix caching (workers' LRU block caches, "
+                                    "routing to the cheapest (queued + uncached) worker); other workloads are "
+                                    "taken as uncached.")
     sm.add_argument("--profile", required=True, help="profile of one worker (from tokenworks profile)")
     sm.add_argument("--aggregated-profile", default=None, help="profile for the aggregated workers (default: --profile)")
     sm.add_argument("--hardware", default=None, help="project the profiles to this catalog kind first")
@@ -860,7 +863,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--output-len", default="uniform:16:128", help="output lengths (default: uniform:16:128)")
     pl.add_argument("--workload", default="synthetic", choices=["synthetic", "mooncake", "azure", "sharegpt"],
                     help="with --file: take the lengths from a trace")
-    pl.add_argument("--file", default=None, help="trace file for the length distribution")
+    pl.add_argument("--file", default=None, help="trace file for the length distribution (a Mooncake trace's "
+                                                 "hash_ids: prefix caching modelled too)")
     pl.add_argument("--num-requests", type=int, default=None, help="trace lines to read (default: all)")
     pl.add_argument("--time-scale", type=float, default=1.0, help=argparse.SUPPRESS)
     pl.add_argument("--length-scale", type=float, default=1.0, help="traces: multiply token counts")
