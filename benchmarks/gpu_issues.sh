@@ -41,7 +41,7 @@ step "5 serving path"
 left=$(( 560 - (SECONDS - start) ))
 python3 benchmarks/random_chat_model.py /tmp/rand-smollm2 > /dev/null
 timeout $(( left > 90 ? left - 75 : 20 )) python3 benchmarks/serving_path.py --model /tmp/rand-smollm2 --device cuda \
-  --concurrency 1,16,64 --output-len 128 --rounds 1 --json "$OUT/serving_path.json" 2>&1 \
+  --concurrency 1,16,64 --output-len 128 --rounds 1 --min-requests 4 --json "$OUT/serving_path.json" 2>&1 \
   | grep -v "NIXL\|it/s\]\|req/s\]" | tee "$OUT/serving_path.log"
 for s in 0.02 0.0025; do
   timeout 35 python3 benchmarks/router_path.py --model /tmp/rand-smollm2 --concurrency 64 --output-len 128 --rounds 1 \
