@@ -159,11 +159,13 @@ class Scheduler:
 
     # -- one step ------------------------------------------------------------------------
 
+    def _capped(self, n: int) -> int:
+        """At most ``long_prefill_token_threshold`` tokens of one request's prompt a step (0: no cap)."""
+        cap = self.config.long_prefill_token_threshold
+        return min(n, cap) if cap > 0 else n
+
     def _chunk(self, request: Request, budget: int) -> int:
-        n = min(request.num_tokens + request.num_pending - request.num_computed_tokens, budget)
-        if self.config.long_prefill_token_threshold > 0:
-            n = min(n, self.config.long_prefill_token_threshold)
-        return n
+        return self._capped(min(request.num_tokens + request.num_pending - request.num_computed_tokens, budget))
 
     @staticmethod
     def _decoding(request: Request) -> bool:
@@ -266,9 +268,7 @@ class Scheduler:
                 break
             request = self.waiting[0]
             computed_blocks, num_cached = self.kv.get_computed_blocks(request)
-            n = min(request.num_tokens - num_cached, budget, prompt_room)
-            if self.config.long_prefill_token_threshold > 0:
-                n = min(n, self.config.long_prefill_token_threshold)
+            n = self._capped(min(request.num_tokens - num_cached, budget, prompt_room))
             if n <= 0 or not self.kv.allocate_slots(request, n, computed_blocks):
                 break
             prompt_room -= n
