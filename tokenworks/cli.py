@@ -565,8 +565,7 @@ def _sim_workload(ns: argparse.Namespace) -> tuple[list[tuple[int, int]], list[l
             print(f"tokenworks simulate: {ns.file}:{p.line}: skipped ({p.message})", file=sys.stderr)
         lengths = [(r.input_tokens, r.max_tokens) for r in requests]
         trace_times = [r.arrival for r in requests] if requests and requests[0].arrival is not None else None
-        block_tokens = max((r.block_tokens for r in requests), default=0)
-        prefix = ([r.prefix_blocks for r in requests], block_tokens) if block_tokens else None
+        prefix = W.shared_blocks(requests)
     loads = loads_from(ns)  # as bench: one per rate, or the trace's own timing
     if loads[0].rate:
         arrivals = [arrival_times(len(lengths), load.rate, load.burstiness, load.seed) for load in loads]
@@ -655,16 +654,15 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         reqs, _ = build_workload(ns)
         prompt = np.array([r.input_tokens for r in reqs])
         output = np.array([r.max_tokens for r in reqs])
-        block_tokens = max((r.block_tokens for r in reqs), default=0)
-        prefix = [r.prefix_blocks for r in reqs] if block_tokens else None
+        prefix = W.shared_blocks(reqs)
     else:
         prompt = W.sample_lengths(ns.input_len, 4096, ns.seed)
         output = W.sample_lengths(ns.output_len, 4096, ns.seed + 1)
-        prefix, block_tokens = None, 0
+        prefix = None
     slo = _slo(ns)
     results, chosen = [], []
     for rate in ns.rates:
-        traffic = Traffic(rate, prompt, output, ns.burstiness, ns.seed, prefix, block_tokens)
+        traffic = Traffic(rate, prompt, output, ns.burstiness, ns.seed, *(prefix or (None, 0)))
         planner = Planner(profiles, catalog, traffic, slo, ns.attainment, ns.sim_requests, ns.local_prefill_threshold,
                           ns.max_units, ns.budget, progress=not ns.json)
         best = planner.search(list(profiles), ns.top, aggregated=ns.layouts in ("both", "aggregated"),
@@ -679,7 +677,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         if not ns.json:
             print(f"\n{rate:g} req/s, prompts {prompt.mean():.0f} / outputs {output.mean():.0f} tokens on average, "
                   f"SLO {slo.describe()} for {ns.attainment:.0%} of requests ({planner.simulations} simulations"
-                  + (f"; prefix caching from the trace's blocks of {block_tokens} tokens" if prefix else "") + "):")
+                  + (f"; prefix caching from the trace's blocks of {prefix[1]} tokens" if prefix else "") + "):")
             if not best:
                 print("  no layout meets the SLOs within the limits")
             for k, c in enumerate(best, 1):

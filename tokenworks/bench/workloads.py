@@ -183,6 +183,13 @@ class TraceProblem:
     message: str
 
 
+def shared_blocks(requests: list[BenchRequest]) -> tuple[list[tuple[int, ...]], int] | None:
+    """The requests' shared prompt blocks and the tokens a block, for the simulator's prefix caching
+    (``SimWorkload.prefix_blocks``); None where the workload states none."""
+    block_tokens = max((r.block_tokens for r in requests), default=0)
+    return ([r.prefix_blocks for r in requests], block_tokens) if block_tokens else None
+
+
 def _trace_prompt(length: int, hash_ids: list[int], block_tokens: int, salt: str) -> str:
     """Blocks with equal hash ids get equal text, so the trace's prefix sharing is kept."""
     parts = []
