@@ -29,7 +29,7 @@ def test_gpu_issues_script_still_calls_these_benchmarks_with_these_flags():
     assert "benchmarks/engine.py --shape llama-3.1-8b --device cuda --batches 1,32 --steps 12" in text
     assert "--skip-floor --long-context 0 --json" in text
     assert "benchmarks/serving_path.py --model /tmp/rand-smollm2 --device cuda" in text
-    assert "--concurrency 1,16,64 --output-len 128 --rounds 1 --json" in text
+    assert "--concurrency 1,16,64 --output-len 128 --rounds 1 --min-requests 4 --json" in text
     assert "benchmarks/router_path.py --model /tmp/rand-smollm2 --concurrency 64 --output-len 128 --rounds 1" in text
 
 
