@@ -158,6 +158,68 @@ def test_multi_turn_conversations_resend_their_history():
                      output_len="fixed:3", seed=0)
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenworks.model.weights import load_tokenizer_files
+    from tokenworks.tokenizer import Tokenizer
+
+    f = load_tokenizer_files(None)
+    return Tokenizer(f.tokenizer_json, f.chat_template, f.bos_token, f.eos_token, f.add_bos_token)
+
+
+def _leading_equal(a, b) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _check_blocks_match_the_text(reqs, tok):
+    """The ids a workload states for the simulator say what the default model's tokenizer sees: a request's
+    estimated length is its token count, it lists one id per whole block, and two prompts' leading equal ids are
+    their leading equal whole blocks of tokens (no more; one fewer where the framing after a system prompt, such as
+    the " q" of every question, happens to complete a block)."""
+    ids = [tok.encode(r.prompt) for r in reqs]
+    bt = W.BLOCK_TOKENS
+    for r, t in zip(reqs, ids):
+        assert r.block_tokens == bt and r.input_tokens == len(t) and len(r.prefix_blocks) == len(t) // bt
+    shared = 0
+    for i, (a, ta) in enumerate(zip(reqs, ids)):
+        for b, tb in zip(reqs[i + 1:], ids[i + 1:]):
+            same = _leading_equal(a.prefix_blocks, b.prefix_blocks)
+            real = min(_leading_equal(ta, tb) // bt, len(a.prefix_blocks), len(b.prefix_blocks))
+            assert real - 1 <= same <= real
+            shared += same > 0
+    return shared
+
+
+def test_shared_prefix_prompts_state_the_blocks_they_share(tokenizer):
+    reqs = W.shared_prefix(24, num_prefixes=3, prefix_len=70, suffix_len="uniform:1:40", output_len="fixed:3",
+                           seed=4)
+    assert _check_blocks_match_the_text(reqs, tokenizer) > 0
+    heads = {r.prompt.split()[0]: r.prefix_blocks[:4] for r in reqs}  # 72 tokens of system prompt: 4 whole blocks
+    assert len(heads) == 3 and len({h for h in heads.values()}) == 3
+    for r in reqs:
+        assert r.prefix_blocks[:4] == heads[r.prompt.split()[0]]
+    tails = [b for r in reqs for b in r.prefix_blocks[4:]]
+    assert tails and len(tails) == len(set(tails))  # each suffix's blocks are its own
+    assert W.shared_blocks(reqs) == ([r.prefix_blocks for r in reqs], W.BLOCK_TOKENS)
+    assert W.shared_blocks(W.synthetic(3, "fixed:40", "fixed:3", seed=0)) is None  # nothing shared, nothing stated
+
+
+def test_multi_turn_prompts_state_the_blocks_of_their_conversation(tokenizer):
+    reqs = W.multi_turn(30, turns=3, session_rate=1.0, think_time=2.0, num_prefixes=2, prefix_len=40,
+                        user_len="uniform:5:30", output_len="uniform:10:40", seed=3)
+    _check_blocks_match_the_text(reqs, tokenizer)
+    sessions: dict[str, list] = {}
+    for r in reqs:
+        sessions.setdefault(r.prompt.split("\nUser: ")[1].split()[0][:-2], []).append(r)
+    for turns in sessions.values():
+        for a, b in zip(turns, turns[1:]):  # a later turn holds every whole block of the earlier one
+            assert b.prefix_blocks[: len(a.prefix_blocks)] == a.prefix_blocks
+            assert len(b.prefix_blocks) > len(a.prefix_blocks)
+
+
 def test_sample_files_parse():
     sg = W.sharegpt_file(str(SAMPLES / "sharegpt.json"), None, seed=0)
     assert len(sg) == 8 and all(r.prompt and r.max_tokens >= 1 for r in sg)

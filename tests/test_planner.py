@@ -424,7 +424,7 @@ def test_simulate_command_writes_the_bench_report(tiny_profile, tmp_path):
     assert bad.returncode == 2 and "--rates" in bad.stderr
 
 
-def test_simulate_and_plan_model_prefix_caching_from_a_mooncake_trace(tiny_profile, tmp_path):
+def test_simulate_and_plan_model_prefix_caching_from_the_workloads_blocks(tiny_profile, tmp_path):
     sample = str(Path(__file__).parent.parent / "tokenworks/bench/samples/mooncake.jsonl")
     r = _cli("simulate", "--profile", str(tiny_profile), "--workload", "mooncake", "--file", sample,
              "--out", str(tmp_path / "mc"), timeout=120)
@@ -432,7 +432,15 @@ def test_simulate_and_plan_model_prefix_caching_from_a_mooncake_trace(tiny_profi
     m = re.search(r"prefix cache: ([\d,]+) of ([\d,]+) prompt tokens", r.stdout)
     (run,) = json.loads((tmp_path / "mc" / "summary.json").read_text())["runs"]["simulated"]
     assert m and int(m.group(1).replace(",", "")) == run["simulated"]["cached_prompt_tokens"] > 0, r.stdout
-    assert "prefix caching from the trace's blocks of 512 tokens" in (tmp_path / "mc" / "report.md").read_text()
+    assert "prefix caching from the workload's blocks of 512 tokens" in (tmp_path / "mc" / "report.md").read_text()
+    chat = _cli("simulate", "--profile", str(tiny_profile), "--workload", "multi-turn", "--num-requests", "24",
+                "--turns", "4", "--num-prefixes", "2", "--prefix-len", "200", "--input-len", "uniform:10:40",
+                "--output-len", "fixed:8", "--out", str(tmp_path / "chat"), timeout=120)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "chat" / "summary.json").read_text())["runs"]["simulated"]
+    # later turns resend their conversation and sessions share two system prompts: most of the prompt is cached
+    assert run["simulated"]["cached_prompt_tokens"] > 0.6 * run["input_tokens"], chat.stdout
+    assert "prefix caching from the workload's blocks of 16 tokens" in (tmp_path / "chat" / "report.md").read_text()
     plain = _cli("simulate", "--profile", str(tiny_profile), "--num-requests", "5", "--rates", "1",
                  "--out", str(tmp_path / "syn"), timeout=120)
     assert plain.returncode == 0 and "prefix cache" not in plain.stdout

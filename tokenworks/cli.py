@@ -548,7 +548,8 @@ def cmd_profile(ns: argparse.Namespace) -> int:
 def _sim_workload(ns: argparse.Namespace) -> tuple[list[tuple[int, int]], list[list[float]], list[str], list[float],
                                                    tuple[list, int] | None]:
     """(prompt, output) lengths and, per load, arrival times: the same seeded workload ``bench`` would send; and
-    the prompts' shared blocks, (ids per request, tokens a block), where the workload states them (Mooncake)."""
+    the prompts' shared blocks, (ids per request, tokens a block), where the workload states them (Mooncake's
+    hash_ids; shared-prefix's and multi-turn's system prompts and conversations)."""
     from tokenworks.bench import workloads as W
     from tokenworks.bench.loadgen import arrival_times
     from tokenworks.bench.sweep import build_workload, loads_from
@@ -611,7 +612,7 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     lengths, arrivals, labels, xs, prefix = _sim_workload(ns)
     if ns.price_per_hour is not None:  # the whole fleet's price, as in bench
         dep = replace(dep, pools=tuple(replace(p, price_per_hour=ns.price_per_hour / dep.num_workers) for p in dep.pools))
-    caching = (f"prefix caching from the trace's blocks of {prefix[1]} tokens" if prefix else
+    caching = (f"prefix caching from the workload's blocks of {prefix[1]} tokens" if prefix else
                "no prefix caching (the workload does not say which prompts share blocks)")
     doc = simulate_session({ns.name: dep}, lengths, arrivals, labels, xs, _slo(ns), ns.attainment, ns.out,
                            f"tokenworks simulate: {ns.workload} on {dep.describe()}",
@@ -821,10 +822,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("simulate", help="simulate a deployment on a workload from measured profiles; bench's report",
                         description="Simulate a deployment (prefill, decode and aggregated pools, router, KV "
                                     "transfers) step by step from profiles written by 'tokenworks profile', on the "
-                                    "same seeded workloads as 'tokenworks bench', and write the same report. A "
-                                    "Mooncake trace's hash_ids turn on prefix caching (workers' LRU block caches, "
-                                    "routing to the cheapest (queued + uncached) worker); other workloads are "
-                                    "taken as uncached.")
+                                    "same seeded workloads as 'tokenworks bench', and write the same report. Where "
+                                    "prompts share blocks (a Mooncake trace's hash_ids; the system prompts of "
+                                    "shared-prefix and the conversations of multi-turn) the prefix cache is "
+                                    "modelled (workers' LRU block caches, routing to the cheapest (queued + "
+                                    "uncached) worker); the other workloads share nothing.")
     sm.add_argument("--profile", required=True, help="profile of one worker (from tokenworks profile)")
     sm.add_argument("--aggregated-profile", default=None, help="profile for the aggregated workers (default: --profile)")
     sm.add_argument("--hardware", default=None, help="project the profiles to this catalog kind first")

@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import random
+import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -30,8 +31,9 @@ class BenchRequest:
     max_tokens: int
     arrival: float | None = None  # seconds from the start (traces); None: the load generator decides
     input_tokens: int = 0  # what the workload meant to send (estimate)
-    # traces that say which prompts share a prefix (Mooncake's hash_ids): the ids of the prompt's whole blocks of
-    # ``block_tokens`` tokens, equal ids after equal ids meaning equal text; the simulator's prefix caching reads them
+    # workloads that say which prompts share a prefix (Mooncake's hash_ids; shared-prefix, multi-turn): the ids of
+    # the prompt's whole blocks of ``block_tokens`` tokens, equal ids after equal ids meaning equal text; the
+    # simulator's prefix caching reads them
     prefix_blocks: tuple[int, ...] = ()
     block_tokens: int = 0
 
@@ -40,9 +42,36 @@ class WorkloadError(ValueError):
     pass
 
 
+# Prompts' token counts are estimates for a byte-level BPE that splits digits (SmolLM2's, measured): a word of
+# WORDS is one token, a salt such as "s12t3" one per run of letters and one per digit, the multi-turn framing
+# "\nUser:" three and "\nAssistant:" four
+USER_TOKENS, ASSISTANT_TOKENS = 3, 4
+# the prompt blocks the synthetic workloads state for the simulator's prefix caching: the engine's default
+# KV block size (EngineConfig.block_size), in tokens as estimated
+BLOCK_TOKENS = 16
+
+
 def _words(rng: random.Random, n: int, salt: str = "") -> str:
     head = f"{salt} " if salt else ""
     return head + " ".join(rng.choice(WORDS) for _ in range(max(1, n)))
+
+
+def _salt_tokens(salt: str) -> int:
+    return len(re.findall(r"[a-z]+|[0-9]", salt))
+
+
+class _BlockIds:
+    """Fresh block ids for the prompts a synthetic workload builds (``BenchRequest.prefix_blocks``)."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def extend(self, ids: list[int], tokens: int) -> tuple[int, ...]:
+        """``ids`` (shared with other prompts, in place) grown with fresh ids to the whole blocks of ``tokens``."""
+        while len(ids) < tokens // BLOCK_TOKENS:
+            ids.append(self._next)
+            self._next += 1
+        return tuple(ids[: tokens // BLOCK_TOKENS])
 
 
 def sample_length(spec: str, rng: random.Random) -> int:
@@ -96,19 +125,26 @@ def synthetic(n: int, input_len: str, output_len: str, seed: int) -> list[BenchR
     out = []
     for i in range(n):
         k = sample_length(input_len, rng)
-        out.append(BenchRequest(_words(rng, k, salt=f"q{i}"), sample_length(output_len, rng), input_tokens=k))
+        out.append(BenchRequest(_words(rng, k, salt=f"q{i}"), sample_length(output_len, rng),
+                                input_tokens=k + _salt_tokens(f"q{i}")))
     return out
 
 
 def shared_prefix(n: int, num_prefixes: int, prefix_len: int, suffix_len: str, output_len: str, seed: int) -> list[BenchRequest]:
+    """Prompts that each start with one of ``num_prefixes`` system prompts of ``prefix_len`` words."""
     rng = random.Random(seed)
+    blocks = _BlockIds()
     prefixes = [_words(rng, prefix_len, salt=f"system{k}") for k in range(num_prefixes)]
+    heads = [prefix_len + _salt_tokens(f"system{k}") for k in range(num_prefixes)]
+    head_ids = [list(blocks.extend([], t)) for t in heads]
     out = []
     for i in range(n):
         k = sample_length(suffix_len, rng)
-        p = prefixes[rng.randrange(num_prefixes)]
-        out.append(BenchRequest(p + " " + _words(rng, k, salt=f"q{i}"), sample_length(output_len, rng),
-                                input_tokens=prefix_len + k))
+        j = rng.randrange(num_prefixes)
+        tokens = heads[j] + _salt_tokens(f"q{i}") + k
+        out.append(BenchRequest(prefixes[j] + " " + _words(rng, k, salt=f"q{i}"), sample_length(output_len, rng),
+                                input_tokens=tokens, prefix_blocks=blocks.extend(list(head_ids[j]), tokens),
+                                block_tokens=BLOCK_TOKENS))
     return out
 
 
@@ -121,20 +157,26 @@ def multi_turn(n: int, turns: int, session_rate: float, think_time: float, num_p
     if turns < 1 or session_rate <= 0 or think_time < 0:
         raise WorkloadError("multi-turn needs --turns >= 1, --session-rate > 0 and --think-time >= 0")
     rng = random.Random(seed)
+    blocks = _BlockIds()
     systems = [_words(rng, prefix_len, salt=f"system{k}") for k in range(num_prefixes)]
+    heads = [prefix_len + _salt_tokens(f"system{k}") for k in range(num_prefixes)]
+    head_ids = [list(blocks.extend([], t)) for t in heads]
     out: list[BenchRequest] = []
     start, session = 0.0, 0
     while len(out) < n:
-        history = systems[rng.randrange(num_prefixes)]
-        tokens = prefix_len
+        j = rng.randrange(num_prefixes)
+        history, tokens, ids = systems[j], heads[j], list(head_ids[j])  # ids: the conversation's blocks so far
         for turn in range(turns):
             k = sample_length(user_len, rng)
-            history += f"\nUser: {_words(rng, k, salt=f's{session}t{turn}')}\nAssistant:"
-            tokens += k + 4
+            salt = f"s{session}t{turn}"
+            history += f"\nUser: {_words(rng, k, salt=salt)}\nAssistant:"
+            tokens += USER_TOKENS + _salt_tokens(salt) + k + ASSISTANT_TOKENS
             answer = sample_length(output_len, rng)
-            out.append(BenchRequest(history, answer, arrival=start + turn * think_time, input_tokens=tokens))
-            history += " " + _words(rng, answer, salt=f"a{session}t{turn}")
-            tokens += answer
+            out.append(BenchRequest(history, answer, arrival=start + turn * think_time, input_tokens=tokens,
+                                    prefix_blocks=blocks.extend(ids, tokens), block_tokens=BLOCK_TOKENS))
+            salt = f"a{session}t{turn}"
+            history += " " + _words(rng, answer, salt=salt)
+            tokens += _salt_tokens(salt) + answer
         session += 1
         start += rng.expovariate(session_rate)
     out.sort(key=lambda r: r.arrival)
@@ -149,7 +191,8 @@ def mixed(n: int, seed: int, long_fraction: float = 0.15, short_input: str = "un
     for i in range(n):
         spec = long_input if rng.random() < long_fraction else short_input
         k = sample_length(spec, rng)
-        out.append(BenchRequest(_words(rng, k, salt=f"q{i}"), sample_length(output_len, rng), input_tokens=k))
+        out.append(BenchRequest(_words(rng, k, salt=f"q{i}"), sample_length(output_len, rng),
+                                input_tokens=k + _salt_tokens(f"q{i}")))
     return out
 
 
