@@ -394,6 +394,27 @@ def tiny_profile(tmp_path_factory):
     return out
 
 
+def test_a_decode_point_keeps_its_batch_while_the_rest_prefill_beside_decodes():
+    """16 prompts of 256 tokens, 128 prompt tokens a step once some decode (the CPU default): the first ones keep
+    decoding for the ~30 steps the others take to prefill, and the point is timed at batch 16."""
+    from tokenworks.config import EngineArgs, ModelConfig
+    from tokenworks.llm import build_random_engine
+    from tokenworks.planner.profiler import _Prompts, _Recorder, measure_decode
+
+    cfg = ModelConfig(architecture="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position=1024, tie_word_embeddings=True)
+    args = EngineArgs(device="cpu", dtype="float32", num_blocks=400, max_num_batched_tokens=512, max_num_seqs=32,
+                      prefill_tokens_while_decoding=128)
+    engine = build_random_engine(args, cfg, "tiny").engine
+    engine.overlap = False
+    rec = _Recorder(engine.runner)
+    engine.runner = rec
+    batch, ctx, seconds = measure_decode(engine, rec, _Prompts(cfg.vocab_size), 16, 256, 12, lambda: None)
+    assert batch == 16 and ctx > 16 * 256 and seconds > 0
+    assert not engine.has_unfinished()
+
+
 def test_profile_command_measures_and_fits(tiny_profile):
     prof = Profile.load(str(tiny_profile))
     assert prof.hardware == "CPU-EPYC-1core" and prof.projected_from is None and prof.dtype == "float32"

@@ -109,15 +109,22 @@ def measure_prefill(engine, rec: _Recorder, prompts: _Prompts, n: int, length: i
     return [(t, a, statistics.median(v)) for (t, a), v in by_shape.items()]
 
 
+def decode_point_tokens(sched, batch: int, context: int, steps: int) -> int:
+    """Tokens each request of a decode point generates. The requests prefilled first decode while the others
+    prefill, at most ``prefill_tokens_while_decoding`` prompt tokens a step beside them: enough that none ends
+    before the timing does."""
+    budget = sched.max_num_batched_tokens
+    room = min(budget, sched.prefill_tokens_while_decoding or budget)
+    return steps + 4 + batch * -(-context // room) + batch
+
+
 def measure_decode(engine, rec: _Recorder, prompts: _Prompts, batch: int, context: int, steps: int, sync,
                    ) -> tuple[int, int, float]:
     """One point (batch, mean context sum, median seconds) of decode steps at this batch and context."""
     from tokenworks.sampling_params import SamplingParams
 
     ids = [f"d{prompts.k}-{i}" for i in range(batch)]
-    budget = engine.scheduler.config.max_num_batched_tokens
-    # Requests prefilled first decode while the others prefill: enough tokens that none ends before the timing.
-    max_tokens = steps + 4 + batch * context // budget + batch
+    max_tokens = decode_point_tokens(engine.scheduler.config, batch, context, steps)
     for rid in ids:
         engine.add_request(rid, prompts(context), SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_tokens - 1 for r in engine.scheduler.running):
@@ -274,7 +281,7 @@ def profile_engine(args, plan: Plan, *, random_config=None, hardware: str | None
     sched = engine.scheduler.config
     prefill_plan = [(n, length) for n, length in plan.prefill if n * length <= capacity // 2 and length < max_len]
     def room(b: int, c: int) -> int:  # context a decoding request may reach
-        return c + plan.decode_steps + 4 + b * c // sched.max_num_batched_tokens + b
+        return c + decode_point_tokens(sched, b, c, plan.decode_steps)
 
     decode_plan = [(b, c) for b, c in plan.decode
                    if b * room(b, c) <= capacity * 0.8 and b <= sched.max_num_seqs and room(b, c) < max_len]
