@@ -255,6 +255,11 @@ def test_the_prefix_cache_evicts_the_least_recently_used_blocks_within_kv_capaci
 
     assert hits("ABCA") == [0, 0, 0, 0]  # C pushed out A, the oldest
     assert hits("ABACA") == [0, 0, 32, 0, 32]  # A used again is newer than B: C pushed out B
+    # a prompt's blocks leave tail first, as the engine releases them: B's three push out A's last two, and A's
+    # first block, the one other prompts would share, is still there
+    work = SimWorkload([0.0, 10.0, 20.0], [56] * 3, [2] * 3, [(1, 2, 3), (4, 5, 6), (1, 2, 3)], block_tokens=16)
+    r = simulate(Deployment((Pool("both", 1, _flat(capacity=64)),)), work)
+    assert r.stats["cached_prompt_tokens"] == 16 and r.ttft[2] == pytest.approx(0.02 + 0.001 * 40)
 
 
 def test_prefix_routing_keeps_a_prefix_on_the_worker_that_holds_it():

@@ -228,8 +228,10 @@ class _PrefixCache:
         return n
 
     def store(self, keys: tuple) -> None:
+        """A prompt's blocks, released tail first as the engine's are (kv_cache_manager.free): its deepest block is
+        evicted first and its head, which other prompts share, last."""
         blocks = self.blocks
-        for k in keys:
+        for k in reversed(keys):
             if k in blocks:
                 blocks.move_to_end(k)
             else:
