@@ -229,6 +229,10 @@ def test_a_prompts_cached_blocks_are_not_prefilled_again():
     chain = simulate(Deployment((Pool("both", 1, _flat()),)), SimWorkload([0.0, 10.0, 20.0], [40] * 3, [2] * 3,
                                                                              [(1,), (9, 2), (1, 2)], block_tokens=16))
     assert chain.stats["cached_prompt_tokens"] == 16
+    # an engine measured with --no-prefix-caching: its workers reuse nothing
+    off = Profile.from_json({**_flat().to_json(), "prefix_caching": False})
+    r = simulate(Deployment((Pool("both", 1, off),)), work)
+    assert r.stats["cached_prompt_tokens"] == 0 and r.ttft.tolist() == pytest.approx([0.06] * 3)
 
 
 def test_disaggregated_hits_prefill_less_and_pull_only_what_the_decode_worker_lacks():
@@ -420,10 +424,29 @@ def test_a_decode_point_keeps_its_batch_while_the_rest_prefill_beside_decodes():
     assert not engine.has_unfinished()
 
 
+def test_a_profile_says_whether_its_engine_caches_prefixes():
+    from tokenworks.config import EngineArgs, ModelConfig
+    from tokenworks.planner.profiler import Plan, profile_engine
+
+    cfg = ModelConfig(architecture="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position=512, tie_word_embeddings=True)
+    plan = Plan(prefill=((1, 16), (1, 32), (2, 16), (1, 64), (3, 16), (1, 48)), decode=((1, 16), (2, 16), (4, 32),
+                (3, 24), (1, 40), (2, 48)), decode_steps=2, reps=1, transfer_tokens=(16,))
+    for caching in (True, False):
+        args = EngineArgs(device="cpu", dtype="float32", num_blocks=64, max_num_batched_tokens=128, max_num_seqs=8,
+                          enable_prefix_caching=caching)
+        prof = profile_engine(args, plan, random_config=cfg, transport="tcp", progress=False)
+        assert prof.prefix_caching is caching and ("no prefix caching" in prof.describe()) is not caching
+
+
 def test_profile_command_measures_and_fits(tiny_profile):
     prof = Profile.load(str(tiny_profile))
     assert prof.hardware == "CPU-EPYC-1core" and prof.projected_from is None and prof.dtype == "float32"
     assert prof.parameters > 0 and prof.prefill_tokens_while_decoding == 128  # the engine's CPU default
+    assert prof.prefix_caching is True  # the engine's default; a profile without the field (older) reads as True
+    old = {k: v for k, v in prof.to_json().items() if k != "prefix_caching"}
+    assert Profile.from_json(old).prefix_caching is True
     assert prof.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2  # layers x k/v x kv heads x head dim x 2 bytes (float16 pool)
     assert len(prof.points["prefill"]) >= 6 and len(prof.points["decode"]) >= 6
     assert prof.prefill.held_out_error_mean is not None and prof.decode.held_out_error_mean is not None
@@ -467,6 +490,12 @@ def test_simulate_and_plan_model_prefix_caching_from_the_workloads_blocks(tiny_p
     # later turns resend their conversation and sessions share two system prompts: most of the prompt is cached
     assert run["simulated"]["cached_prompt_tokens"] > 0.6 * run["input_tokens"], chat.stdout
     assert "prefix caching from the workload's blocks of 16 tokens" in (tmp_path / "chat" / "report.md").read_text()
+    off = tmp_path / "off.json"  # the same engine measured with --no-prefix-caching
+    off.write_text(json.dumps({**json.loads(tiny_profile.read_text()), "prefix_caching": False}))
+    r = _cli("simulate", "--profile", str(off), "--workload", "mooncake", "--file", sample,
+             "--out", str(tmp_path / "off"), timeout=120)
+    assert r.returncode == 0 and "prefix cache: 0 of" in r.stdout, r.stderr[-3000:]
+    assert "--no-prefix-caching" in (tmp_path / "off" / "report.md").read_text()
     plain = _cli("simulate", "--profile", str(tiny_profile), "--num-requests", "5", "--rates", "1",
                  "--out", str(tmp_path / "syn"), timeout=120)
     assert plain.returncode == 0 and "prefix cache" not in plain.stdout

@@ -603,6 +603,15 @@ def _deployment(ns: argparse.Namespace):
                       step_overhead_s=ns.step_overhead_ms / 1000.0, token_overhead_s=ns.token_overhead_ms / 1000.0)
 
 
+def _caching_note(prefix: tuple | None, profiles) -> str:
+    """How the simulation treats the workload's shared blocks ("" where it states none)."""
+    if not prefix:
+        return ""
+    if not any(p.prefix_caching for p in profiles):
+        return "no prefix caching (the profiles' engines ran with --no-prefix-caching), although prompts share blocks"
+    return f"prefix caching from the workload's blocks of {prefix[1]} tokens"
+
+
 def cmd_simulate(ns: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -612,8 +621,8 @@ def cmd_simulate(ns: argparse.Namespace) -> int:
     lengths, arrivals, labels, xs, prefix = _sim_workload(ns)
     if ns.price_per_hour is not None:  # the whole fleet's price, as in bench
         dep = replace(dep, pools=tuple(replace(p, price_per_hour=ns.price_per_hour / dep.num_workers) for p in dep.pools))
-    caching = (f"prefix caching from the workload's blocks of {prefix[1]} tokens" if prefix else
-               "no prefix caching (the workload does not say which prompts share blocks)")
+    caching = _caching_note(prefix, [pool.profile for pool in dep.pools]) or \
+        "no prefix caching (the workload does not say which prompts share blocks)"
     doc = simulate_session({ns.name: dep}, lengths, arrivals, labels, xs, _slo(ns), ns.attainment, ns.out,
                            f"tokenworks simulate: {ns.workload} on {dep.describe()}",
                            [f"{len(lengths)} requests per load, seed {ns.seed}; simulated, not measured",
@@ -672,13 +681,13 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         results.append({"rate_req_s": rate, "mean_prompt_tokens": float(prompt.mean()),
                         "mean_output_tokens": float(output.mean()), "slo": slo.describe(),
                         "attainment_target": ns.attainment, "simulations": planner.simulations,
-                        "prefix_caching": prefix is not None,
+                        "prefix_caching": prefix is not None and any(p.prefix_caching for p in profiles.values()),
                         "profiles": {k: {"projected_from": p.projected_from, "date": p.date} for k, p in profiles.items()},
                         "candidates": [c.to_json() for c in best]})
         if not ns.json:
             print(f"\n{rate:g} req/s, prompts {prompt.mean():.0f} / outputs {output.mean():.0f} tokens on average, "
                   f"SLO {slo.describe()} for {ns.attainment:.0%} of requests ({planner.simulations} simulations"
-                  + (f"; prefix caching from the trace's blocks of {prefix[1]} tokens" if prefix else "") + "):")
+                  + (f"; {_caching_note(prefix, profiles.values())}" if prefix else "") + "):")
             if not best:
                 print("  no layout meets the SLOs within the limits")
             for k, c in enumerate(best, 1):

@@ -118,6 +118,7 @@ class Profile:
     # prompt tokens a step takes at most while requests decode (SchedulerConfig); 0: the whole budget (profiles
     # measured before the cap existed)
     prefill_tokens_while_decoding: int = 0
+    prefix_caching: bool = True  # False: the engine was measured with --no-prefix-caching; its workers cache nothing
     parameters: int = 0  # the model's parameter count (0: not recorded), for its weights' size in another dtype
     threads: int | None = None
     projected_from: str | None = None  # None: measured; else what it was projected from and how
@@ -165,7 +166,8 @@ class Profile:
                 f"  prefill step = {_base(p, 'token')} + {p.c * 1e9:.3f} ns x tokens*context{_err(p)}\n"
                 f"  decode step  = {_base(d, 'request')} + {d.c * 1e9:.3f} ns x context{_err(d)}\n"
                 f"  KV transfer  = {t.fixed_s * 1e3:.2f} ms + bytes / {t.bytes_per_s / 1e9:.2f} GB/s ({t.transport}); "
-                f"{self.kv_bytes_per_token} B/token; {self.kv_capacity_tokens} tokens of KV per worker")
+                f"{self.kv_bytes_per_token} B/token; {self.kv_capacity_tokens} tokens of KV per worker"
+                + ("" if self.prefix_caching else "; no prefix caching"))
 
 
 @functools.lru_cache(maxsize=64)

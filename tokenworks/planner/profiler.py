@@ -319,6 +319,7 @@ def profile_engine(args, plan: Plan, *, random_config=None, hardware: str | None
         prefill=prefill, decode=decode, transfer=transfer,
         max_num_batched_tokens=sched.max_num_batched_tokens, max_num_seqs=sched.max_num_seqs,
         prefill_tokens_while_decoding=sched.prefill_tokens_while_decoding,
+        prefix_caching=args.enable_prefix_caching,
         block_size=args.block_size, kv_capacity_tokens=capacity,
         units=(len(os.sched_getaffinity(0)) if not cuda else 1), threads=threads,
         # model/runner.py attends decodes in groups of similar length: the step follows the sum of contexts

@@ -393,7 +393,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
     bt = work.block_tokens
     if keys is not None:
         for w in (*prefillers, *decoders):
-            w.cache = _PrefixCache(w.profile.kv_capacity_tokens // bt)
+            w.cache = _PrefixCache(w.profile.kv_capacity_tokens // bt if w.profile.prefix_caching else 0)
     dhit = [0] * n  # prompt tokens the decode worker held when the request arrived (not pulled)
     cached_tokens = 0
     threshold = dep.local_prefill_threshold
