@@ -438,6 +438,7 @@ def test_a_profile_says_whether_its_engine_caches_prefixes():
                           enable_prefix_caching=caching)
         prof = profile_engine(args, plan, random_config=cfg, transport="tcp", progress=False)
         assert prof.prefix_caching is caching and ("no prefix caching" in prof.describe()) is not caching
+        assert not prof.quick and prof.warning("p.json") == ""
 
 
 def test_profile_command_measures_and_fits(tiny_profile):
@@ -445,6 +446,7 @@ def test_profile_command_measures_and_fits(tiny_profile):
     assert prof.hardware == "CPU-EPYC-1core" and prof.projected_from is None and prof.dtype == "float32"
     assert prof.parameters > 0 and prof.prefill_tokens_while_decoding == 128  # the engine's CPU default
     assert prof.prefix_caching is True  # the engine's default; a profile without the field (older) reads as True
+    assert prof.quick is True and "--quick" in prof.warning("p.json")  # simulate and plan print it
     old = {k: v for k, v in prof.to_json().items() if k != "prefix_caching"}
     assert Profile.from_json(old).prefix_caching is True
     assert prof.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2  # layers x k/v x kv heads x head dim x 2 bytes (float16 pool)
@@ -481,6 +483,7 @@ def test_simulate_and_plan_model_prefix_caching_from_the_workloads_blocks(tiny_p
     m = re.search(r"prefix cache: ([\d,]+) of ([\d,]+) prompt tokens", r.stdout)
     (run,) = json.loads((tmp_path / "mc" / "summary.json").read_text())["runs"]["simulated"]
     assert m and int(m.group(1).replace(",", "")) == run["simulated"]["cached_prompt_tokens"] > 0, r.stdout
+    assert "warning: " in r.stderr and "profile --quick" in r.stderr  # the tiny profile is a quick one
     assert "prefix caching from the workload's blocks of 512 tokens" in (tmp_path / "mc" / "report.md").read_text()
     chat = _cli("simulate", "--profile", str(tiny_profile), "--workload", "multi-turn", "--num-requests", "24",
                 "--turns", "4", "--num-prefixes", "2", "--prefix-len", "200", "--input-len", "uniform:10:40",
@@ -503,6 +506,7 @@ def test_simulate_and_plan_model_prefix_caching_from_the_workloads_blocks(tiny_p
     plan = _cli("plan", "--profile", str(tiny_profile), "--workload", "mooncake", "--file", sample, "--rates", "0.5",
                 "--hardware", "CPU-EPYC-1core", "--slo-ttft-ms", "60000", "--sim-requests", "100", "--json", timeout=180)
     assert plan.returncode == 0 and json.loads(plan.stdout)["prefix_caching"] is True, plan.stderr[-3000:]
+    assert "[plan] warning: " in plan.stderr and "profile --quick" in plan.stderr
 
 
 def test_the_planners_traffic_shares_prefixes_within_a_pass_over_its_sample_only():

@@ -585,6 +585,8 @@ def _deployment(ns: argparse.Namespace):
 
     def load(path: str) -> Profile:
         prof = Profile.load(path)
+        if prof.warning(path):
+            print(f"tokenworks simulate: warning: {prof.warning(path)}", file=sys.stderr)
         return project(prof, catalog, ns.hardware, ns.units) if ns.hardware else prof
 
     base = load(ns.profile)
@@ -651,6 +653,9 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 
     catalog = load_catalog(ns.catalog)
     base = [Profile.load(p) for p in ns.profile]
+    for path, prof in zip(ns.profile, base):
+        if prof.warning(path):
+            print(f"[plan] warning: {prof.warning(path)}", file=sys.stderr)
     kinds = ns.hardware.split(",") if ns.hardware else None
     profiles, notes = profiles_for(base, catalog, kinds, ns.units)
     for note in notes:

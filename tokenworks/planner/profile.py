@@ -119,6 +119,7 @@ class Profile:
     # measured before the cap existed)
     prefill_tokens_while_decoding: int = 0
     prefix_caching: bool = True  # False: the engine was measured with --no-prefix-caching; its workers cache nothing
+    quick: bool = False  # measured with ``profile --quick``: a few points, for tests (see ``warning``)
     parameters: int = 0  # the model's parameter count (0: not recorded), for its weights' size in another dtype
     threads: int | None = None
     projected_from: str | None = None  # None: measured; else what it was projected from and how
@@ -158,6 +159,13 @@ class Profile:
                 return cls.from_json(json.load(f))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not JSON ({e})") from None
+
+    def warning(self, path: str) -> str:
+        """What a user should know before simulating with this profile ("" when nothing)."""
+        if self.quick:
+            return (f"{path} was measured with 'tokenworks profile --quick' (a few points, for tests): its step "
+                    "times can be 30 % off or more; measure without --quick for a plan")
+        return ""
 
     def describe(self) -> str:
         p, d, t = self.prefill, self.decode, self.transfer

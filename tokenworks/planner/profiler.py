@@ -33,12 +33,13 @@ class Plan:
     decode_steps: int
     reps: int
     transfer_tokens: tuple[int, ...]
+    for_tests: bool = False  # the few points of ``Plan.quick()``: for tests, not for plans
 
     @classmethod
     def quick(cls) -> "Plan":
         return cls(prefill=((1, 16), (1, 64), (1, 200), (2, 100), (1, 700), (4, 32), (1, 300), (3, 60)),
                    decode=((1, 32), (4, 32), (8, 200), (1, 300), (16, 64), (2, 150), (12, 100), (6, 250)),
-                   decode_steps=4, reps=1, transfer_tokens=(16, 256))
+                   decode_steps=4, reps=1, transfer_tokens=(16, 256), for_tests=True)
 
     @classmethod
     def thorough(cls, max_batch: int = 64, decode_tokens: int = 16384, contexts: tuple[int, ...] = (32, 256, 1024)
@@ -319,7 +320,7 @@ def profile_engine(args, plan: Plan, *, random_config=None, hardware: str | None
         prefill=prefill, decode=decode, transfer=transfer,
         max_num_batched_tokens=sched.max_num_batched_tokens, max_num_seqs=sched.max_num_seqs,
         prefill_tokens_while_decoding=sched.prefill_tokens_while_decoding,
-        prefix_caching=args.enable_prefix_caching,
+        prefix_caching=args.enable_prefix_caching, quick=plan.for_tests,
         block_size=args.block_size, kv_capacity_tokens=capacity,
         units=(len(os.sched_getaffinity(0)) if not cuda else 1), threads=threads,
         # model/runner.py attends decodes in groups of similar length: the step follows the sum of contexts
