@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from tokenworks.transfer.base import KVLayout, KVLayoutMismatch, KVTransferError, check_layout
+from tokenworks.transfer.base import KVLayout, KVLayoutMismatch, KVPeer, KVTransferError, check_layout
 
 SHAPE = (12, 2, 2, 4, 2, 8)  # blocks, layers, k/v, block_size, kv heads, head_dim
 
@@ -418,6 +418,46 @@ def test_concurrent_pulls_complete_independently_of_a_silent_peer():
         proc.wait()
 
 
+def test_a_source_declared_dead_fails_its_waiting_pulls_at_once_and_not_those_sent_after():
+    """A source that hangs (accepts, never answers) would hold a pull for --kv-timeout; the router's notice that
+    it is dead ends the pull at once as peer_gone. A pull submitted after a notice goes ahead: a source that was
+    only paused comes back under the same card."""
+    from tokenworks.transfer.tcp import TCPSink, TCPSource
+    from tokenworks.worker.pulls import PullPool
+
+    proc, silent = silent_source()
+    src, dst = torch.randn(SHAPE), torch.zeros(SHAPE)
+    source = TCPSource("p0", layout(), src)
+    pool = PullPool(lambda: TCPSink(layout(), dst), timeout=20.0, block_nbytes=layout().block_nbytes)
+
+    def wait_for(rid, limit):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < limit:
+            for job in pool.finished():
+                if job.request.request_id == rid:
+                    return job, time.monotonic() - t0
+            time.sleep(0.01)
+        raise AssertionError(f"{rid} not finished in {limit} s")
+
+    try:
+        pool.submit(pull_job("hung", silent, [1, 2], [1, 2]))
+        time.sleep(0.3)  # the pull is waiting on the silent source
+        pool.peer_gone(silent.card)
+        job, took = wait_for("hung", 5)
+        assert not job.ok and job.cause == "peer_gone" and "declared dead" in job.error and took < 1.0
+        pool.peer_gone(source.peer().card)  # a pause the router took for a death...
+        time.sleep(0.01)
+        pool.submit(pull_job("after", source.peer(), [3], [5]))  # ...then the source is heard again
+        job, _ = wait_for("after", 5)
+        assert job.ok and torch.equal(dst[5], src[3])
+        assert pool.problem() is None and pool.inflight_bytes == 0
+    finally:
+        pool.close()
+        source.close()
+        proc.kill()
+        proc.wait()
+
+
 def test_in_flight_bytes_are_bounded():
     import threading
 
@@ -427,7 +467,7 @@ def test_in_flight_bytes_are_bounded():
     peak, lock, gate = [0, 0], threading.Lock(), threading.Event()
 
     class Counting(KVSink):
-        def pull(self, peer, request_id, remote, local, timeout):
+        def pull(self, peer, request_id, remote, local, timeout, gone=lambda: False):
             with lock:
                 peak[0] += len(local)
                 peak[1] = max(peak[1], peak[0])
@@ -441,9 +481,10 @@ def test_in_flight_bytes_are_bounded():
 
     # 4 threads, room for 3 blocks in flight: pulls of 2 blocks go one at a time; one of 5 goes alone.
     pool = PullPool(Counting, timeout=1.0, block_nbytes=1, max_inflight_bytes=3)
+    peer = KVPeer("tcp", "p0", layout(), endpoint="tcp://127.0.0.1:9")
     try:
         for i, n in enumerate([2, 2, 2, 5]):
-            pool.submit(pull_job(f"r{i}", None, list(range(n)), list(range(n))))
+            pool.submit(pull_job(f"r{i}", peer, list(range(n)), list(range(n))))
         time.sleep(0.3)
         gate.set()
         got = []
@@ -471,11 +512,11 @@ def test_a_dead_pull_thread_is_reported():
     pool = PullPool(Dying, timeout=1.0, block_nbytes=1, num_threads=1)
     try:
         assert pool.problem() is None
-        pool.submit(pull_job("r", None, [1], [1]))
+        pool.submit(pull_job("r", KVPeer("tcp", "p0", layout(), endpoint="tcp://127.0.0.1:9"), [1], [1]))
         deadline = time.monotonic() + 2
         while pool.problem() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert "died" in pool.problem()
+        assert "died" in pool.problem() and "thread killed" in pool.problem()
     finally:
         pool.close()
 

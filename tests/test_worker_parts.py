@@ -102,6 +102,69 @@ def test_an_unhealthy_worker_is_taken_out_of_routing_at_once():
     asyncio.run(main())
 
 
+def test_the_workers_that_pull_kv_are_told_once_when_a_source_dies():
+    """A KV source the router counts dead (it said it is unhealthy, or went silent past the heartbeat timeout):
+    each decode and aggregated worker gets one PeerGone with its card (so its pulls from it fail now, not at
+    --kv-timeout); prefill workers get none. A source heard again and then silent again is told again."""
+    from tokenworks.codec import Codec
+    from tokenworks.router.router import Router
+    from tokenworks.transfer.base import KVLayout, KVPeer
+    from tokenworks.worker import protocol as P
+
+    async def main():
+        router = Router(block_size=16, local_prefill_threshold=16, heartbeat_timeout=0.6)
+        router.start()
+        ctx = zmq.asyncio.Context.instance()
+        push = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(router.events_endpoint)
+        enc, dec = Codec(P.FromWorker), Codec(P.ToWorker)
+        inboxes = {}
+        layout = KVLayout("m", "float32", 2, 2, 8, 16, 2048)
+        for wid, role in {"prefill-0": "prefill", "prefill-1": "prefill", "decode-0": "decode",
+                          "agg-0": "both"}.items():
+            inbox = inboxes[wid] = ctx.socket(zmq.PULL)
+            port = inbox.bind_to_random_port("tcp://127.0.0.1")
+            peer = KVPeer("tcp", wid, layout, endpoint=f"tcp://127.0.0.1:{40000 + len(inboxes)}")
+            router.expect(wid)
+            await push.send(enc.encode(P.Ready(wid, role, 1, "m", f"tcp://127.0.0.1:{port}", 256, 16, 10, peer,
+                                               [0], 0.1)))
+        while len(router.workers) < 4:
+            await asyncio.sleep(0.01)
+        beating = {"decode-0", "agg-0", "prefill-1"}
+        got = {wid: [] for wid in inboxes}
+
+        async def run_for(seconds):  # heartbeats (Stats) from ``beating`` every 0.1 s; notices into ``got``
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < seconds:
+                for wid in beating:
+                    await push.send(enc.encode(P.Stats(wid, 0, 0, 0, 0, 0, 10, 0, 0, True)))
+                for wid, inbox in inboxes.items():
+                    while await inbox.poll(0):
+                        got[wid].append(dec.decode(await inbox.recv()))
+                await asyncio.sleep(0.1)
+
+        card = {w: h.ready.kv_peer.card for w, h in router.workers.items()}
+        await push.send(enc.encode(P.Unhealthy("prefill-0", "the KV source thread died: RuntimeError: x")))
+        await run_for(1.5)
+        assert got["decode-0"] == [P.PeerGone("prefill-0", card["prefill-0"])] == got["agg-0"]
+        assert got["prefill-0"] == [] == got["prefill-1"]
+        beating.discard("prefill-1")  # silent past the heartbeat timeout: told once
+        await run_for(1.5)
+        beating.add("prefill-1")  # heard again (a pause), then silent again: told again
+        await run_for(0.5)
+        beating.discard("prefill-1")
+        await run_for(1.5)
+        gone_1 = P.PeerGone("prefill-1", card["prefill-1"])
+        assert got["decode-0"][1:] == [gone_1, gone_1] == got["agg-0"][1:]
+        assert got["prefill-0"] == []
+        for s in (push, *inboxes.values()):
+            s.close(0)
+        router.close()
+
+    asyncio.run(main())
+
+
 def test_a_cold_worker_refuses_past_its_first_requests_with_a_short_retry_after():
     """Before its first first token a worker takes COLD_QUEUE requests; the next is told to come back in about the
     time that first token takes (with it comes a measured rate), not after the whole queue limit (30 s: a
@@ -188,6 +251,68 @@ def test_a_worker_sends_one_message_per_step_with_every_request_in_it(tmp_path, 
             proc.wait()
         commands.close(0)
         events.close(0)
+
+
+def test_a_worker_pulling_from_a_hung_source_recomputes_when_told_it_is_gone(tmp_path):
+    """A real worker process pulls a prompt's KV from a source that accepts and never answers (a stopped
+    process); with --kv-timeout 60 it would wait a minute. The router's PeerGone ends the pull at once: the
+    worker recomputes the prompt and the request finishes, its first output saying why."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_tiny_checkpoints import build
+    from tests.test_transfer import silent_source
+    from tokenworks.codec import Codec
+    from tokenworks.sampling_params import SamplingParams
+    from tokenworks.transfer.base import KVPeer
+    from tokenworks.worker import protocol as P
+
+    build("llama3-rope", tmp_path)
+    hung, card = silent_source()
+    ctx = zmq.Context.instance()
+    events = ctx.socket(zmq.PULL)
+    events.setsockopt(zmq.LINGER, 0)
+    events_port = events.bind_to_random_port("tcp://127.0.0.1")
+    args = json.dumps({"model": str(tmp_path), "dtype": "float32", "num_blocks": 64, "block_size": 4})
+    proc = subprocess.Popen([sys.executable, "-m", "tokenworks.worker.server", "--worker-id", "w0", "--role", "both",
+                             "--commands", "tcp://127.0.0.1:*", "--events", f"tcp://127.0.0.1:{events_port}",
+                             "--engine-args", args, "--kv-transport", "tcp", "--kv-timeout", "60"])
+    commands = ctx.socket(zmq.PUSH)
+    commands.setsockopt(zmq.LINGER, 0)
+    to_worker, from_worker = Codec(P.ToWorker), Codec(P.FromWorker)
+    try:
+        assert events.poll(120_000), "the worker never reported ready"
+        ready = from_worker.decode(events.recv())
+        commands.connect(ready.commands_endpoint)
+        peer = KVPeer("tcp", "p-hung", ready.kv_peer.layout, endpoint=card.endpoint)  # the worker's own layout
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        commands.send(to_worker.encode(P.Submit("r0", [5, 9, 11, 13, 17, 19, 23, 29, 31], params, "decode",
+                                                first_token=7, kv_peer=peer, kv_block_ids=[1, 2, 3])))
+        time.sleep(1.0)  # the pull waits on the hung source
+        commands.send(to_worker.encode(P.PeerGone("p-hung", peer.card)))
+        told = time.monotonic()
+        outputs = []
+        while not (outputs and outputs[-1].finished):
+            assert events.poll(10_000), "no output after the notice"
+            msg = from_worker.decode(events.recv())
+            if isinstance(msg, P.Outputs):
+                outputs += [o for o in msg.outputs if o.request_id == "r0"]
+        assert outputs[0].kv_fallback and outputs[0].kv_failure == "peer_gone"
+        assert time.monotonic() - told < 5  # not the 60 s timeout
+        # the first of the 4 tokens came from the prefill worker (first_token); the decode side makes the other 3
+        assert sum(len(o.new_token_ids) for o in outputs) == 3 and outputs[-1].finish_reason == "length"
+    finally:
+        commands.send(to_worker.encode(P.Shutdown()))
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        commands.close(0)
+        events.close(0)
+        hung.kill()
+        hung.wait()
 
 
 def test_serve_picks_its_layout_from_the_machine_and_says_why():

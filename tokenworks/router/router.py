@@ -68,6 +68,7 @@ class WorkerHandle:
     stats: P.Stats | None = None
     last_seen: float = field(default_factory=time.monotonic)
     dead: bool = False  # its process is known to have exited
+    told_gone: bool = False  # the workers that pull KV were told it is gone (P.PeerGone), since it was last alive
 
     def alive(self, heartbeat_timeout: float) -> bool:
         return not self.dead and time.monotonic() - self.last_seen < heartbeat_timeout
@@ -295,9 +296,26 @@ class Router:
         while True:
             await asyncio.sleep(interval)
             self._notify_lost(lambda h: not h.alive(self.heartbeat_timeout))
+            await self._tell_sources_gone()
             old = time.monotonic() - 10.0
             for rid in [r for r, t in self._stopped.items() if t < old]:
                 del self._stopped[rid]
+
+    async def _tell_sources_gone(self) -> None:
+        """Tell the workers that pull KV (decode and aggregated) of each KV source that died or went silent, once
+        until it is heard again: their pulls from it fail now, not at --kv-timeout, and they recompute."""
+        for h in list(self.workers.values()):
+            if h.alive(self.heartbeat_timeout):
+                h.told_gone = False  # a pause, not a death: a later one is told again
+                continue
+            if h.told_gone or h.ready.kv_peer is None:
+                continue
+            h.told_gone = True
+            notice = P.PeerGone(h.ready.worker_id, h.ready.kv_peer.card)
+            pullers = [o for o in self.workers.values() if o is not h and o.ready.role != "prefill"
+                       and o.alive(self.heartbeat_timeout)]
+            for o in pullers:
+                await self.send(o, notice)
 
     def _notify_lost(self, lost) -> None:
         for rid, handle in list(self._waiting_on.items()):

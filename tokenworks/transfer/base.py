@@ -18,6 +18,7 @@ import abc
 import functools
 import queue
 import socket
+from typing import Callable
 
 import msgspec
 
@@ -61,6 +62,12 @@ class KVPeer(msgspec.Struct, frozen=True):
     base_address: int = 0  # nixl: address of block 0
     host: str = ""  # host_id() of the source's machine
     cuda_ipc: CudaIpcHandle | None = None  # set when the source's pool is on a CUDA device
+
+    @property
+    def card(self) -> str:
+        """This source process's name among sources: a worker restarted under the same id has a new one (a new
+        NIXL agent, a new random TCP port)."""
+        return self.agent_name or self.endpoint or self.worker_id
 
 
 def drain(q: queue.SimpleQueue) -> list:
@@ -154,8 +161,9 @@ class KVSink(abc.ABC):
 
     @abc.abstractmethod
     def pull(self, peer: KVPeer, request_id: str, remote_block_ids: list[int], local_block_ids: list[int],
-             timeout: float) -> int:
-        """Copy the remote blocks into the local ones; return bytes moved. Raises on failure."""
+             timeout: float, gone: Callable[[], bool] = lambda: False) -> int:
+        """Copy the remote blocks into the local ones; return bytes moved. Raises on failure: ``KVPeerGone``
+        where ``gone()`` turns true while the pull waits (the router declared the source dead)."""
 
     @abc.abstractmethod
     def release(self, peer: KVPeer, request_id: str) -> None:

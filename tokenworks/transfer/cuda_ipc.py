@@ -14,6 +14,7 @@ Releases always go over the network sink's control channel.
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 import torch
 
@@ -74,9 +75,9 @@ class CudaIpcSink(KVSink):
         self.stream = torch.cuda.Stream(kv_tensor.device)
 
     def pull(self, peer: KVPeer, request_id: str, remote_block_ids: list[int], local_block_ids: list[int],
-             timeout: float) -> int:
+             timeout: float, gone: Callable[[], bool] = lambda: False) -> int:
         if not same_host_gpu(peer):
-            return self.network.pull(peer, request_id, remote_block_ids, local_block_ids, timeout)
+            return self.network.pull(peer, request_id, remote_block_ids, local_block_ids, timeout, gone)
         check_layout(self.layout, peer.layout)
         if not remote_block_ids:
             return 0

@@ -11,6 +11,7 @@ import os
 import queue
 import threading
 import time
+from typing import Callable
 
 import torch
 
@@ -129,17 +130,18 @@ class NixlSink(KVSink):
         return peer.agent_name
 
     def pull(self, peer: KVPeer, request_id: str, remote_block_ids: list[int], local_block_ids: list[int],
-             timeout: float) -> int:
+             timeout: float, gone: Callable[[], bool] = lambda: False) -> int:
         check_layout(self.layout, peer.layout)
         if not remote_block_ids:
             return 0
         try:
-            self._read(peer, remote_block_ids, local_block_ids, timeout)
+            self._read(peer, remote_block_ids, local_block_ids, timeout, gone)
         except self._gone as e:
             raise KVPeerGone(f"KV source {peer.worker_id} is gone ({type(e).__name__}: {e})") from e
         return self.layout.block_nbytes * len(remote_block_ids)
 
-    def _read(self, peer: KVPeer, remote_block_ids: list[int], local_block_ids: list[int], timeout: float) -> None:
+    def _read(self, peer: KVPeer, remote_block_ids: list[int], local_block_ids: list[int], timeout: float,
+              gone: Callable[[], bool]) -> None:
         name = self._connect(peer)
         n = self.layout.block_nbytes
         local = self.agent.get_xfer_descs([(self.base + b * n, n, self.dev_id) for b in local_block_ids], self.mem)
@@ -153,6 +155,8 @@ class NixlSink(KVSink):
                     raise KVTransferError(f"NIXL read from {peer.worker_id} failed")
                 if time.monotonic() > deadline:
                     raise KVTransferError(f"NIXL read from {peer.worker_id} timed out after {timeout:.1f}s")
+                if gone():
+                    raise KVPeerGone(f"KV source {peer.worker_id} is gone (declared dead by the router)")
                 state = self.agent.check_xfer_state(handle)
         finally:
             self.agent.release_xfer_handle(handle)

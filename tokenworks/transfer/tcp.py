@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 import msgspec
 import torch
@@ -173,7 +174,7 @@ class TCPSink(KVSink):
             conn.close()
 
     def pull(self, peer: KVPeer, request_id: str, remote_block_ids: list[int], local_block_ids: list[int],
-             timeout: float) -> int:
+             timeout: float, gone: Callable[[], bool] = lambda: False) -> int:
         check_layout(self.layout, peer.layout)
         if not remote_block_ids:
             return 0
@@ -181,10 +182,10 @@ class TCPSink(KVSink):
         conn.sock.send_multipart([b"", self.codec.encode(PullRequest(self.layout, request_id, remote_block_ids))])
         deadline = time.monotonic() + timeout
         while not conn.sock.poll(int(POLL_SLICE * 1000)):
-            gone = conn.check()
-            if gone:
-                self._drop(peer.endpoint)
-                raise KVPeerGone(f"KV source {peer.worker_id} is gone ({gone})")
+            why = conn.check() or ("declared dead by the router" if gone() else "")
+            if why:
+                self._drop(peer.endpoint)  # a late reply must not be read as the next pull's
+                raise KVPeerGone(f"KV source {peer.worker_id} is gone ({why})")
             if time.monotonic() > deadline:
                 self._drop(peer.endpoint)  # a late reply must not be read as the next pull's
                 raise KVTransferTimeout(f"KV pull from {peer.worker_id} timed out after {timeout:.1f}s")

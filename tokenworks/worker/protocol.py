@@ -1,6 +1,6 @@
 """Messages between the router and workers: msgspec structs over ZMQ, never pickle.
 
-Router -> worker (the worker's PULL socket): Submit, Abort, Release, Shutdown.
+Router -> worker (the worker's PULL socket): Submit, Abort, Release, PeerGone, Shutdown.
 Worker -> router (the router's PULL socket): Ready, Outputs (one per engine step: every request that got a
 token), KVEvents (prefix blocks stored and removed, after a step that changed them), Failed, Stats, Unhealthy. Workers send token ids only; the router turns them into text.
 """
@@ -35,6 +35,16 @@ class Release(msgspec.Struct, tag="release"):
 
 class Shutdown(msgspec.Struct, tag="shutdown"):
     pass
+
+
+class PeerGone(msgspec.Struct, tag="peer_gone"):
+    """The router declared a KV source dead (its process exited, or no heartbeat): pulls from it that wait now
+    fail at once instead of at their timeout."""
+
+    worker_id: str
+    card: str  # KVPeer.card of the source's process
+
+
 
 
 class Ready(msgspec.Struct, tag="ready"):
@@ -132,5 +142,5 @@ class Unhealthy(msgspec.Struct, tag="unhealthy"):
     reason: str
 
 
-ToWorker = Submit | Abort | Release | Shutdown
+ToWorker = Submit | Abort | Release | PeerGone | Shutdown
 FromWorker = Ready | Outputs | KVEvents | Failed | Stats | Unhealthy

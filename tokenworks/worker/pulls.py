@@ -5,6 +5,13 @@ slow or failing pull of one request does not hold up another's. The bytes in
 flight are bounded: a pull waits for room unless nothing else is in flight
 (one request larger than the bound still goes, alone). A thread that dies is
 reported by ``problem()``; the worker then reports itself unhealthy.
+
+A source the router has declared dead (``peer_gone``: its process exited, or
+it sent no heartbeat for the router's timeout) fails at once, as ``peer_gone``,
+the pulls from it submitted before the notice, waiting or queued: a source
+that hangs (stopped, not dead) costs the heartbeat timeout, not
+``--kv-timeout``. Pulls submitted after the notice go ahead (a source that
+was only paused comes back under the same card).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from tokenworks.engine.request import Request
-from tokenworks.transfer.base import KVPeer, KVSink, drain
+from tokenworks.transfer.base import KVPeer, KVPeerGone, KVSink, drain
 
 NUM_PULL_THREADS = 4
 MAX_INFLIGHT_BYTES = 1 << 30
@@ -47,6 +54,7 @@ class PullPool:
         self.inflight_bytes = 0
         self._problem: str | None = None
         self._closing = False
+        self._gone: dict[str, float] = {}  # card (KVPeer.card) -> when its source was last declared dead
         self._threads = [threading.Thread(target=self._run, args=(make_sink(),), name=f"kv-pull-{i}", daemon=True)
                          for i in range(num_threads)]
         for t in self._threads:
@@ -54,6 +62,11 @@ class PullPool:
 
     def submit(self, job: PullJob) -> None:
         self._todo.put(job)
+
+    def peer_gone(self, card: str) -> None:
+        """The router declared the source with this card dead: the pulls from it submitted until now fail now,
+        not at their timeout."""
+        self._gone[card] = time.monotonic()
 
     def finished(self) -> list[PullJob]:
         """Pulls done since the last call, successful or not (non-blocking)."""
@@ -88,9 +101,16 @@ class PullPool:
     def _pull(self, sink: KVSink, job: PullJob) -> None:
         n = len(job.local_block_ids) * self.block_nbytes
         self._take_room(n)
+        card, gone, started = job.peer.card, self._gone, job.started
+
+        def declared_dead() -> bool:
+            return gone.get(card, -1.0) >= started
+
         try:
+            if declared_dead():
+                raise KVPeerGone(f"KV source {job.peer.worker_id} is gone (declared dead by the router)")
             job.nbytes = sink.pull(job.peer, job.request.request_id, job.remote_block_ids, job.local_block_ids,
-                                   self.timeout)
+                                   self.timeout, declared_dead)
             job.ok = True
         except Exception as e:  # noqa: BLE001 - any failure falls back to recompute
             job.error = f"{type(e).__name__}: {e}"

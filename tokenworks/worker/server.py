@@ -139,6 +139,9 @@ class Worker:
             self.engine.abort(msg.request_id)
         elif isinstance(msg, P.Release):
             self.scheduler.release_held(msg.request_id)
+        elif isinstance(msg, P.PeerGone):
+            if self.transfers is not None:
+                self.transfers.peer_gone(msg.card)
         elif isinstance(msg, P.Shutdown):
             self.running = False
 
