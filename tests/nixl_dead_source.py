@@ -2,6 +2,7 @@
 process, because NIXL may crash its process at exit once a peer has died (docs/faults.md).
 
     python tests/nixl_dead_source.py sink [--pull-first]   # prints one JSON line: how the pull after the kill failed
+    python tests/nixl_dead_source.py sink --stop           # SIGSTOP instead; the pull is declared gone after 0.5 s
     python tests/nixl_dead_source.py source PATH           # (started by the above) writes its card to PATH
 """
 
@@ -34,7 +35,7 @@ def source(path: str) -> None:
     time.sleep(120)
 
 
-def sink(pull_first: bool) -> None:
+def sink(pull_first: bool, stop: bool = False) -> None:
     from tokenworks.transfer.nixl import NixlSink
 
     folder = tempfile.TemporaryDirectory()
@@ -52,16 +53,22 @@ def sink(pull_first: bool) -> None:
         if pull_first:
             end.pull(peer, "before", [1, 2], [3, 4], timeout=30)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        if stop:
+            proc.send_signal(signal.SIGSTOP)  # hung, not dead: only the router's notice ends the pull early
+        else:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
         folder.cleanup()
     t0 = time.monotonic()
     try:
-        end.pull(peer, "after", [1, 2], [3, 4], timeout=30)
+        end.pull(peer, "after", [1, 2], [3, 4], timeout=30, gone=lambda: stop and time.monotonic() - t0 > 0.5)
         result = {"error": None}
     except Exception as e:  # noqa: BLE001 - reported
         result = {"error": type(e).__name__, "cause": getattr(e, "cause", None), "message": str(e)}
     result["seconds"] = time.monotonic() - t0
+    if stop:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     print(json.dumps(result), flush=True)
     os._exit(0)  # skip NIXL's teardown (see above)
 
@@ -70,4 +77,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "source":
         source(sys.argv[2])
     else:
-        sink("--pull-first" in sys.argv)
+        sink("--pull-first" in sys.argv, "--stop" in sys.argv)

@@ -576,3 +576,21 @@ def test_a_nixl_pull_from_a_killed_source_fails_at_once_as_peer_gone(pull_first)
     result = json.loads(lines[-1])
     assert result["error"] == "KVPeerGone" and result["cause"] == "peer_gone", result
     assert result["seconds"] < 5.0, result
+
+
+@pytest.mark.skipif("nixl" not in transports(), reason="nixl is not installed")
+def test_a_nixl_pull_from_a_stopped_source_ends_when_the_source_is_declared_dead():
+    """A NIXL source SIGSTOPped before any pull: the read waits on it (30 s timeout) until ``gone()`` says the
+    router declared it dead, 0.5 s in; then it fails as peer_gone."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    helper = os.path.join(os.path.dirname(__file__), "nixl_dead_source.py")
+    run = subprocess.run([sys.executable, helper, "sink", "--stop"], capture_output=True, text=True, timeout=120)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    assert lines, run.stdout[-2000:] + run.stderr[-2000:]
+    result = json.loads(lines[-1])
+    assert result["error"] == "KVPeerGone" and "declared dead" in result["message"], result
+    assert 0.5 <= result["seconds"] < 3.0, result
