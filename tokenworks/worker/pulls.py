@@ -35,7 +35,7 @@ class PullJob:
     peer: KVPeer
     remote_block_ids: list[int]
     local_block_ids: list[int]
-    started: float
+    started: float  # when the decode submit came (time.monotonic()), before any wait for KV room
     ok: bool = False
     nbytes: int = 0
     error: str = ""

@@ -93,7 +93,9 @@ class Worker:
         if self.role in ("decode", "both"):
             self.transfers = PullPool(sink, ns.kv_timeout, kv.block_nbytes)
         self.exit_code = 0
-        self.pending: list[P.Submit] = []  # decode submits waiting for free blocks
+        # decode submits waiting for free blocks, with when they came (their pull counts from then: its time, and
+        # whether a PeerGone for its source came after it)
+        self.pending: list[tuple[P.Submit, float]] = []
         self.kv_stats: dict[str, tuple[int, float, str]] = {}  # request id -> bytes, seconds, failure cause
         self.ctx = zmq.Context.instance()
         self.commands = self.ctx.socket(zmq.PULL)
@@ -135,7 +137,7 @@ class Worker:
         if isinstance(msg, P.Submit):
             self.submit(msg)
         elif isinstance(msg, P.Abort):
-            self.pending = [s for s in self.pending if s.request_id != msg.request_id]
+            self.pending = [p for p in self.pending if p[0].request_id != msg.request_id]
             self.engine.abort(msg.request_id)
         elif isinstance(msg, P.Release):
             self.scheduler.release_held(msg.request_id)
@@ -150,8 +152,9 @@ class Worker:
             if msg.phase == "decode":
                 if self.transfers is None or msg.kv_peer is None:
                     raise ValueError(f"worker {self.worker_id} ({self.role}) cannot take a decode phase")
-                if not self.try_reserve(msg):
-                    self.pending.append(msg)
+                received = time.monotonic()
+                if not self.try_reserve(msg, received):
+                    self.pending.append((msg, received))
                 return
             if msg.phase == "prefill" and self.source is None:
                 raise ValueError(f"worker {self.worker_id} ({self.role}) cannot take a prefill phase")
@@ -163,7 +166,7 @@ class Worker:
         except ValueError as e:
             self.send(P.Failed(self.worker_id, msg.request_id, str(e), 400))
 
-    def try_reserve(self, msg: P.Submit) -> bool:
+    def try_reserve(self, msg: P.Submit, received: float) -> bool:
         got = self.engine.reserve_transferred(msg.request_id, msg.prompt_token_ids, msg.first_token, msg.params)
         if got is None:
             return False
@@ -171,7 +174,7 @@ class Worker:
         num_prompt_blocks = -(-len(msg.prompt_token_ids) // self.loaded.runner.kv.block_size)
         local = self.scheduler.kv.block_ids(request.request_id)[first_block:num_prompt_blocks]
         remote = msg.kv_block_ids[first_block:num_prompt_blocks]
-        self.transfers.submit(PullJob(request, msg.kv_peer, remote, local, time.monotonic()))
+        self.transfers.submit(PullJob(request, msg.kv_peer, remote, local, received))
         return True
 
     # -- loop ----------------------------------------------------------------------------
@@ -273,10 +276,10 @@ class Worker:
             self.scheduler.admit_transferred(job.request, job.ok)
         if self.pending:
             still = []
-            for msg in self.pending:
+            for msg, received in self.pending:
                 try:
-                    if not self.try_reserve(msg):
-                        still.append(msg)
+                    if not self.try_reserve(msg, received):
+                        still.append((msg, received))
                 except ValueError as e:
                     self.send(P.Failed(self.worker_id, msg.request_id, str(e), 400))
             self.pending = still
