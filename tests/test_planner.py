@@ -509,6 +509,38 @@ def test_simulate_and_plan_model_prefix_caching_from_the_workloads_blocks(tiny_p
     assert "[plan] warning: " in plan.stderr and "profile --quick" in plan.stderr
 
 
+def test_plan_for_system_prompts_counts_their_cache(tiny_profile):
+    """The same prompt lengths, once as questions after one of two system prompts of 400 tokens (shared-prefix:
+    cached after their first prefill) and once as prompts sharing nothing: the first needs fewer workers."""
+    def best(*workload):
+        r = _cli("plan", "--profile", str(tiny_profile), "--hardware", "CPU-EPYC-1core", *workload, "--output-len",
+                 "fixed:8", "--rates", "300", "--slo-ttft-ms", "20", "--sim-requests", "400", "--top", "1", "--json",
+                 timeout=180)
+        assert r.returncode == 0, r.stderr[-3000:]
+        doc = json.loads(r.stdout)
+        return doc["prefix_caching"], doc["mean_prompt_tokens"], doc["candidates"][0]
+
+    cached, cached_len, a = best("--workload", "shared-prefix", "--num-prefixes", "2", "--prefix-len", "400",
+                                 "--input-len", "uniform:10:40")
+    plain, plain_len, b = best("--input-len", "uniform:412:442")
+    assert cached and not plain and abs(cached_len - plain_len) < 10
+    assert a["units"] < b["units"] and a["goodput_req_s"] > b["goodput_req_s"]
+
+
+def test_plan_says_when_no_count_of_a_worker_can_meet_the_slo_and_refuses_a_trace_kind_without_a_file(
+        tiny_profile):
+    r = _cli("plan", "--profile", str(tiny_profile), "--hardware", "CPU-EPYC-1core", "--input-len", "uniform:900:1000",
+             "--rates", "5", "--slo-ttft-ms", "0.5", "--sim-requests", "200", timeout=180)
+    assert r.returncode == 0 and "no layout meets the SLOs" in r.stdout, r.stderr[-3000:]
+    m = re.search(r"CPU-EPYC-1core: one request at a time on one worker gives p90 TTFT ([\d.]+) ms.* (\d+)% meet "
+                  r"the SLOs: no count of it can", r.stdout)
+    assert m and float(m.group(1)) > 0.5 and int(m.group(2)) < 90, r.stdout
+    bad = _cli("plan", "--profile", str(tiny_profile), "--workload", "mooncake", "--rates", "1", "--slo-ttft-ms", "9")
+    assert bad.returncode != 0 and "give --file" in bad.stderr
+    bad = _cli("plan", "--profile", str(tiny_profile), "--file", "x.jsonl", "--rates", "1", "--slo-ttft-ms", "9")
+    assert bad.returncode != 0 and "--file is a trace" in bad.stderr
+
+
 def test_the_planners_traffic_shares_prefixes_within_a_pass_over_its_sample_only():
     traffic = Traffic(1.0, np.array([40, 40]), np.array([2, 2]), prefix_blocks=[(1, 2), (1, 2)], block_tokens=16)
     work = traffic.workload(4, rate=0.01)  # 100 s apart: nothing queues

@@ -662,11 +662,20 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         print(f"[plan] {note}", file=sys.stderr)
     if not profiles:
         raise ValueError("no hardware kind can hold this model")
-    if ns.file:
+    if ns.workload in ("mooncake", "azure", "sharegpt") and not ns.file:
+        raise ValueError(f"--workload {ns.workload} takes its lengths from a trace: give --file")
+    if ns.file and ns.workload not in ("mooncake", "azure", "sharegpt"):
+        raise ValueError("--file is a trace: give --workload mooncake, azure or sharegpt with it")
+    if ns.workload == "shared-prefix":  # one pass of the simulations' length: the system prompts stay the same
+        reqs = W.shared_prefix(ns.sim_requests, ns.num_prefixes, ns.prefix_len, ns.input_len, ns.output_len, ns.seed)
+    elif ns.file:
         ns.num_requests = ns.num_requests or None
         from tokenworks.bench.sweep import build_workload
 
         reqs, _ = build_workload(ns)
+    else:
+        reqs = None
+    if reqs is not None:
         prompt = np.array([r.input_tokens for r in reqs])
         output = np.array([r.max_tokens for r in reqs])
         prefix = W.shared_blocks(reqs)
@@ -695,6 +704,11 @@ def cmd_plan(ns: argparse.Namespace) -> int:
                   + (f"; {_caching_note(prefix, profiles.values())}" if prefix else "") + "):")
             if not best:
                 print("  no layout meets the SLOs within the limits")
+                for kind in profiles:
+                    share, ttft, tpot = planner.idle(kind)
+                    if share < ns.attainment:
+                        print(f"  {kind}: one request at a time on one worker gives p90 TTFT {1e3 * ttft:.0f} ms, "
+                              f"TPOT {1e3 * (tpot or 0):.1f} ms; {share:.0%} meet the SLOs: no count of it can")
             for k, c in enumerate(best, 1):
                 gp = "-" if c.goodput is None else ((">=" if c.goodput_is_lower_bound else "") + f"{c.goodput:.3g}")
                 print(f"  {k}. {c.layout:<13} {c.describe():<58} {c.units:>5} units  ${c.price_per_hour:>9.2f}/h  "
@@ -873,10 +887,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--catalog", default=None, help="hardware catalog JSON (default: the shipped one)")
     pl.add_argument("--rates", type=_floats, required=True, metavar="R[,R...]",
                     help="request rates to plan for, e.g. 100,200 (what if traffic doubles)")
-    pl.add_argument("--input-len", default="uniform:50:400", help="prompt lengths, as in bench (default: uniform:50:400)")
+    pl.add_argument("--input-len", default="uniform:50:400",
+                    help="prompt lengths, as in bench; shared-prefix: what follows the system prompt "
+                         "(default: uniform:50:400)")
     pl.add_argument("--output-len", default="uniform:16:128", help="output lengths (default: uniform:16:128)")
-    pl.add_argument("--workload", default="synthetic", choices=["synthetic", "mooncake", "azure", "sharegpt"],
-                    help="with --file: take the lengths from a trace")
+    pl.add_argument("--workload", default="synthetic", choices=["synthetic", "shared-prefix", "mooncake", "azure",
+                                                                "sharegpt"],
+                    help="synthetic: --input-len and --output-len; shared-prefix: each prompt starts with one of "
+                         "--num-prefixes system prompts (prefix caching modelled); the others take the lengths "
+                         "from a trace --file")
+    pl.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: distinct system prompts (default: 4)")
+    pl.add_argument("--prefix-len", type=int, default=512,
+                    help="shared-prefix: tokens per system prompt (default: 512)")
     pl.add_argument("--file", default=None, help="trace file for the length distribution (a Mooncake trace's "
                                                  "hash_ids: prefix caching modelled too)")
     pl.add_argument("--num-requests", type=int, default=None, help="trace lines to read (default: all)")

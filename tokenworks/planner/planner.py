@@ -138,6 +138,16 @@ class Planner:
                 float(met_slo(result, SLO(ttft=s.ttft), skip).mean()),
                 float(met_slo(result, SLO(tpot=s.tpot, e2e=s.e2e), skip).mean()))
 
+    def idle(self, kind: str, n: int = 300) -> tuple[float, float | None, float | None]:
+        """(share meeting the SLOs, p90 TTFT, p90 TPOT) of the traffic's first ``n`` requests sent one at a time to
+        one aggregated worker of ``kind``: the best any fleet of it can do; below the attainment, no count helps."""
+        w = self._work.subset(np.arange(min(n, len(self._work))))
+        w = SimWorkload(np.arange(len(w)) * 1e4, w.prompt_len, w.output_len, w.prefix_blocks, w.block_tokens)
+        result = simulate(self.deployment([("both", 1, kind)]), w)
+        tpot = result.tpot[~np.isnan(result.tpot)]
+        return (float(met_slo(result, self.slo).mean()), float(np.percentile(result.ttft, 90)),
+                float(np.percentile(tpot, 90)) if len(tpot) else None)
+
     # --- sizing ----------------------------------------------------------------------------------
     def _fewest(self, ok, cap: int) -> int | None:
         """Smallest count in 1..cap for which ok(count), assuming ok is monotone."""
