@@ -7,7 +7,11 @@ Printed: wall time, events per second, simulated requests per second of wall tim
 and the latency summary. Baseline in the same run: one minute of the same traffic
 simulated step by step (no closed-form decode jumps), against the same minute with them.
 
-    python benchmarks/sim_scale.py [--profile P] [--seconds 3600] [--rate 1000]
+With --system-prompts N, the same minute is simulated again with prefix caching: each
+prompt starts with one of N system prompts of 512 tokens (its blocks of 16 tokens shared),
+the rest its own; printed against the minute without blocks, in the same run.
+
+    python benchmarks/sim_scale.py [--profile P] [--seconds 3600] [--rate 1000] [--system-prompts 64]
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ def main() -> int:
     ap.add_argument("--decode", type=int, default=700)
     ap.add_argument("--shards", type=int, default=os.cpu_count() or 1,
                     help="parallel processes, each a share of the fleet and of the traffic (default: all CPUs)")
+    ap.add_argument("--system-prompts", type=int, default=0, metavar="N",
+                    help="also simulate the first minute with prefix caching, prompts starting with one of N system "
+                         "prompts of 512 tokens (default: 0, not run)")
     args = ap.parse_args()
 
     from tokenworks.bench.metrics import SLO
@@ -55,6 +62,19 @@ def main() -> int:
     print(f"one minute ({minute:,} requests): step by step {slow.wall_s:.2f} s ({slow.events:,} events), "
           f"closed-form jumps {fast.wall_s:.2f} s ({fast.events:,} events): {slow.wall_s / fast.wall_s:.1f}x faster, "
           f"results {'identical' if same else 'DIFFERENT'}", flush=True)
+    if args.system_prompts:
+        # ids: a system prompt's 32 blocks, then blocks of this request's own (ids no other request has)
+        first = rng.integers(0, args.system_prompts, minute).tolist()
+        plen = head.prompt_len + 512
+        blocks = [tuple(range(s * 32, s * 32 + 32)) + tuple(range(10**7 + i * 64, 10**7 + i * 64 + (p - 512) // 16))
+                  for i, (s, p) in enumerate(zip(first, plen.tolist()))]
+        plain = simulate(dep, SimWorkload(head.arrival, plen, head.output_len))
+        cached = simulate(dep, SimWorkload(head.arrival, plen, head.output_len, blocks, 16))
+        share = cached.stats["cached_prompt_tokens"] / float(plen.sum())
+        print(f"one minute with {args.system_prompts} system prompts of 512 tokens: prefix caching modelled "
+              f"{cached.wall_s:.2f} s, without blocks {plain.wall_s:.2f} s ({cached.wall_s / plain.wall_s:.1f}x); "
+              f"{share:.0%} of prompt tokens cached; TTFT median {np.nanmedian(cached.ttft) * 1e3:.0f} ms against "
+              f"{np.nanmedian(plain.ttft) * 1e3:.0f} ms uncached", flush=True)
 
     result = simulate(dep, work, shards=args.shards)
     s = summarize_sim(result, SLO(ttft=1.0, tpot=0.05), dep.price_per_hour)

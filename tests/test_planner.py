@@ -266,6 +266,57 @@ def test_the_prefix_cache_evicts_the_least_recently_used_blocks_within_kv_capaci
     assert r.stats["cached_prompt_tokens"] == 16 and r.ttft[2] == pytest.approx(0.02 + 0.001 * 40)
 
 
+def test_prefix_routing_picks_what_weighing_every_worker_would_pick():
+    """The simulator's --routing kv looks only at the workers holding a prompt's first block and the least-queued
+    worker of each rate; over a random run of stores (evicting: 6 blocks a worker), queue and load changes, on
+    workers of two rates, every pick equals the brute-force minimum of (queued + uncached) / rate, in flight,
+    index."""
+    import random
+
+    from tokenworks.planner.simulator import _CacheRouting, _LeastLoaded, _Prefiller
+
+    rng = random.Random(5)
+    profiles = [make_profile(pa=0.004, capacity=96), make_profile(pa=0.002, pb=1e-5, capacity=96)]
+    workers = [_Prefiller(profiles[i % 2]) for i in range(9)]
+    loads = _LeastLoaded(len(workers))
+    routing = _CacheRouting(workers, loads, 16)
+    assert len(routing.heaps) == 2
+
+    def chain():
+        ids = [rng.randrange(3)] + [rng.randrange(4) for _ in range(rng.randrange(0, 5))]
+        keys, h = [], 0
+        for b in ids:
+            h = hash((h, b))
+            keys.append(h)
+        return tuple(keys)
+
+    picks = set()
+    for _ in range(3000):
+        i = rng.randrange(len(workers))
+        op = rng.randrange(5)
+        if op == 0:
+            workers[i].cache.store(chain())
+        elif op == 1:
+            workers[i].queued += rng.randrange(1, 300)
+            loads.add(i)
+        elif op == 2 and loads.load[i]:
+            loads.remove(i)
+            routing.lowered(i)
+        elif op == 3 and workers[i].queued:
+            workers[i].queued -= rng.randrange(1, workers[i].queued + 1)
+            routing.lowered(i)
+        ks, length = chain(), rng.randrange(1, 120)
+        ks = ks[: length // 16]
+        want = min((((w.queued + length - min(w.cache.held(ks) * 16, length - 1)) / w.rate, loads.load[k], k),
+                    min(w.cache.held(ks) * 16, length - 1)) for k, w in enumerate(workers))
+        got = routing.pick(ks, length)
+        assert got == (want[0][2], want[1])
+        picks.add(got)
+        for key, held_by in routing.holders.items():  # the index is what the caches hold
+            assert held_by == {k for k, w in enumerate(workers) if key in w.cache.blocks}
+    assert len({p[0] for p in picks}) == len(workers) and any(p[1] for p in picks)
+
+
 def test_prefix_routing_keeps_a_prefix_on_the_worker_that_holds_it():
     n = 40
     ids = [(7, 8) if i % 2 else (3, 4) for i in range(n)]

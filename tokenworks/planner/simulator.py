@@ -210,13 +210,16 @@ class _LeastLoaded:
 
 
 class _PrefixCache:
-    """One worker's cached prompt blocks (chain keys), the least recently used evicted first."""
+    """One worker's cached prompt blocks (chain keys), the least recently used evicted first. ``holders``, shared
+    by the workers of one role: first-block key -> the indices of the workers that hold it (``_CacheRouting``)."""
 
-    __slots__ = ("blocks", "capacity")
+    __slots__ = ("blocks", "capacity", "holders", "me")
 
-    def __init__(self, capacity_blocks: int) -> None:
+    def __init__(self, capacity_blocks: int, holders: dict, me: int) -> None:
         self.blocks: OrderedDict = OrderedDict()
         self.capacity = max(0, capacity_blocks)
+        self.holders = holders
+        self.me = me
 
     def held(self, keys: tuple) -> int:
         """How many of the leading blocks are here."""
@@ -236,8 +239,77 @@ class _PrefixCache:
                 blocks.move_to_end(k)
             else:
                 blocks[k] = None
+        holders = self.holders
+        if keys and keys[0] in blocks:
+            holders.setdefault(keys[0], set()).add(self.me)
         while len(blocks) > self.capacity:
-            blocks.popitem(last=False)
+            k = blocks.popitem(last=False)[0]
+            held_by = holders.get(k)
+            if held_by is not None:
+                held_by.discard(self.me)
+                if not held_by:
+                    del holders[k]
+
+
+class _CacheRouting:
+    """``--routing kv`` over one role's workers without weighing each of them: the worker where (queued +
+    uncached prompt tokens) / prefill rate is least, ties to fewer requests in flight, then the lower index.
+
+    Only a worker that holds a prompt's first block can hold any of it (``holders``); every other costs
+    (queued + prompt) / rate, least for the least-queued of its rate. So the candidates are the holders and, per
+    distinct rate, the worker least in (queued, in flight, index), kept in a lazy heap as ``_LeastLoaded`` keeps
+    its loads: a rise pushes nothing, a fall (``lowered``) pushes the exact key."""
+
+    def __init__(self, workers: list, loads: _LeastLoaded, bt: int) -> None:
+        self.workers = workers
+        self.load = loads.load
+        self.bt = bt
+        self.holders: dict = {}
+        rates = sorted({w.rate for w in workers})
+        self.group = [rates.index(w.rate) for w in workers]
+        self.heaps: list[list] = [[] for _ in rates]
+        for i, w in enumerate(workers):
+            self.heaps[self.group[i]].append((w.queued, self.load[i], i))
+            w.cache = _PrefixCache(w.profile.kv_capacity_tokens // bt if w.profile.prefix_caching else 0,
+                                   self.holders, i)
+        for h in self.heaps:
+            heapq.heapify(h)
+
+    def lowered(self, i: int) -> None:
+        """Worker i's queued tokens or requests in flight went down."""
+        heap = self.heaps[self.group[i]]
+        heapq.heappush(heap, (self.workers[i].queued, self.load[i], i))
+        if len(heap) > 8 * len(self.workers) + 64:
+            members = [k for k in range(len(self.workers)) if self.group[k] == self.group[i]]
+            heap[:] = [(self.workers[k].queued, self.load[k], k) for k in members]
+            heapq.heapify(heap)
+
+    def _least(self, heap: list) -> int:
+        workers, load = self.workers, self.load
+        while True:
+            q, l, i = heap[0]
+            actual = (workers[i].queued, load[i], i)
+            if actual == (q, l, i):
+                return i
+            if (q, l) < actual[:2]:
+                heapq.heapreplace(heap, actual)
+            else:
+                heapq.heappop(heap)  # a lower exact entry for i was pushed since
+
+    def pick(self, ks: tuple, length: int) -> tuple[int, int]:
+        """(worker, tokens of the prompt it holds)."""
+        workers, load, bt = self.workers, self.load, self.bt
+        candidates = {self._least(h) for h in self.heaps}
+        if ks:
+            candidates.update(self.holders.get(ks[0], ()))
+        best, pick, hit_of = None, 0, 0
+        for i in candidates:
+            w = workers[i]
+            hit = min(w.cache.held(ks) * bt, length - 1) if ks else 0
+            key = ((w.queued + length - hit) / w.rate, load[i], i)
+            if best is None or key < best:
+                best, pick, hit_of = key, i, hit
+        return pick, hit_of
 
 
 def _steps_until(alpha: float, beta: float, dt: float) -> int:
@@ -390,10 +462,10 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
     p_load = _LeastLoaded(len(prefillers))
     d_load = _LeastLoaded(len(decoders))
     keys = work.chains() if work.prefix_blocks is not None else None
-    bt = work.block_tokens
+    p_route = d_route = None  # prefix routing, where the workload states its blocks
     if keys is not None:
-        for w in (*prefillers, *decoders):
-            w.cache = _PrefixCache(w.profile.kv_capacity_tokens // bt if w.profile.prefix_caching else 0)
+        p_route = _CacheRouting(prefillers, p_load, work.block_tokens)
+        d_route = _CacheRouting(decoders, d_load, work.block_tokens)
     dhit = [0] * n  # prompt tokens the decode worker held when the request arrived (not pulled)
     cached_tokens = 0
     threshold = dep.local_prefill_threshold
@@ -407,7 +479,10 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
     PREFILL, DECODE = 0, 1
     push, pop = heapq.heappush, heapq.heappop
 
-    d_remove = d_load.remove
+    def d_remove(i: int) -> None:
+        d_load.remove(i)
+        if d_route is not None:
+            d_route.lowered(i)
     kv_bytes = 0.0
     local_prefills = remote_prefills = num_rejected = 0
 
@@ -454,16 +529,6 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             attn += take * (done + take)
             budget -= take
         return chunks, tokens, attn
-
-    def route(workers: list, loads: _LeastLoaded, ks: tuple, length: int) -> tuple[int, int]:
-        """(worker, tokens of the prompt it holds) where (queued + uncached) / rate is least, as --routing kv."""
-        best, pick, hit_of = None, 0, 0
-        for i, w in enumerate(workers):
-            hit = min(w.cache.held(ks) * bt, length - 1) if ks else 0
-            key = ((w.queued + length - hit) / w.rate, loads.load[i], i)
-            if best is None or key < best:
-                best, pick, hit_of = key, i, hit
-        return pick, hit_of
 
     def first_token(r: int, now: float) -> bool:
         """Request r's first token came out at ``now``; True when that was its only token (it is done)."""
@@ -560,7 +625,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                 while queue and queue[0][1] >= plen[queue[0][0]]:
                     r = queue.popleft()[0]
                     p_load.remove(idx)
-                    if keys is not None:
+                    if p_route is not None:
                         p.cache.store(keys[r])
                     if first_token(r, now):
                         continue
@@ -574,6 +639,8 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                     kv_bytes += nbytes
                     push(dd.pending, (ready, r))
                     wake(dd, dk, now, ready)
+                if p_route is not None:
+                    p_route.lowered(idx)  # fewer tokens queued, maybe fewer requests
                 p.step = []
                 p.busy = False
                 if queue:
@@ -594,10 +661,12 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                     entry[1] += take
                     d.queued -= take
                 d.step = []
+                if d_route is not None:
+                    d_route.lowered(idx)  # fewer tokens queued
                 local = d.local
                 while local and local[0][1] >= plen[local[0][0]]:
                     r = local.popleft()[0]
-                    if keys is not None:
+                    if d_route is not None:
                         d.cache.store(keys[r])
                     if first_token(r, now):
                         continue
@@ -627,10 +696,10 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             continue
         inflight += 1
         length = plen[r]
-        if keys is None:
+        if d_route is None:
             dk, hit = d_load.pick(), 0
         else:
-            dk, hit = route(decoders, d_load, keys[r], length)
+            dk, hit = d_route.pick(keys[r], length)
         d_load.add(dk)
         home[r] = dk
         if not prefillers or length - hit <= threshold:
@@ -643,10 +712,10 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
         else:
             remote_prefills += 1
             dhit[r] = hit
-            if keys is None:
+            if p_route is None:
                 pk, hit = p_load.pick(), 0
             else:
-                pk, hit = route(prefillers, p_load, keys[r], length)
+                pk, hit = p_route.pick(keys[r], length)
             cached_tokens += hit
             p_load.add(pk)
             p = prefillers[pk]
