@@ -3,11 +3,13 @@
 1. Profiles (unless given): `tokenworks profile` on one core (the worker of a split
    layout) and on all cores (the aggregated worker), thorough mode.
 2. For each layout and rate: the real server (`tokenworks serve`) is driven by the
-   bench load generator with the seeded mixed workload (85 % short prompts, 15 %
-   long ones, outputs of 32-96 tokens, ignore_eos; fresh prompts at each rate, so
-   that no run hits the prefix cache, which the simulator does not model); the
-   simulator runs the same requests (prompt lengths from the server's tokenizer)
-   at the same arrival times.
+   bench load generator with a seeded workload, fresh prompts at each rate (nothing
+   one rate sends is cached for the next), ignore_eos; the simulator runs the same
+   requests (prompt lengths from the server's tokenizer) at the same arrival times.
+   --workload mixed (default): 85 % short prompts, 15 % long ones, outputs of 32-96
+   tokens, nothing shared. --workload shared-prefix: questions of 20-200 tokens after
+   one of 4 system prompts of 512, outputs of 32-96; the prefix cache is modelled
+   from the blocks the workload states.
 3. Printed: measured vs simulated median and p90 TTFT and TPOT per run, the error
    of each, and each layout's goodput measured and simulated.
 
@@ -23,8 +25,9 @@ Layouts (2 CPUs): aggregated (1 worker on both cores), disaggregated (1 prefill 
 CPU 0 + 1 decode on CPU 1, NIXL) and mixed (1 prefill worker + 1 aggregated worker,
 local prefill up to 128 tokens: short prompts stay on the aggregated worker).
 
-    python benchmarks/sim_fidelity.py [--profile-1core P] [--profile-all P] [--rates 0.1,0.2,0.3]
-                                      [--num-requests 24] [--out results/sim-fidelity]
+    python benchmarks/sim_fidelity.py [--profile-1core P] [--profile-all P] [--rates 1,2,4]
+                                      [--num-requests 40] [--workload mixed|shared-prefix]
+                                      [--out results/sim-fidelity]
 """
 
 from __future__ import annotations
@@ -90,6 +93,17 @@ def calibrate(url: str, dep, tok):
     return dep
 
 
+def cached_tokens(url: str) -> float:
+    """The server's count of prompt tokens found in its prefix cache so far."""
+    import urllib.request
+
+    with urllib.request.urlopen(url.rstrip("/").removesuffix("/v1") + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("tokenworks:prompt_tokens_cached_total "):
+                return float(line.split()[1])
+    return 0.0
+
+
 def figures(measured: dict, simulated: dict) -> list[tuple[float, float | None, float | None]]:
     """(real, simulated, relative error) of median and p90 TTFT, then median and p90 TPOT."""
     out = []
@@ -118,8 +132,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile-1core", default=None, help="profile of a worker on one core (default: measure it)")
     ap.add_argument("--profile-all", default=None, help="profile of a worker on all cores (default: measure it)")
-    ap.add_argument("--rates", default="0.1,0.2,0.3")
-    ap.add_argument("--num-requests", type=int, default=24, help="requests per rate")
+    ap.add_argument("--rates", default="1,2,4", help="request rates, per second (default: 1,2,4, for this CPU)")
+    ap.add_argument("--num-requests", type=int, default=40, help="requests per rate (default: 40)")
+    ap.add_argument("--workload", choices=["mixed", "shared-prefix"], default="mixed",
+                    help="mixed: nothing shared; shared-prefix: 4 system prompts of 512 tokens (default: mixed)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--slo-ttft-ms", type=float, default=8000.0)
@@ -146,11 +162,17 @@ def main() -> int:
     profiles = {"one": one, "all": every}
     files = load_tokenizer_files(args.model)
     tok = Tokenizer(files.tokenizer_json, files.chat_template, files.bos_token, files.eos_token, files.add_bos_token)
-    # Fresh prompts at every rate (seed + k): a repeated prompt would hit the server's prefix cache,
-    # which the simulator does not model.
+    # Fresh prompts at every rate (seed + k): one rate's prompts are not in the server's prefix cache for the next.
     rates = [float(r) for r in args.rates.split(",")]
-    workloads = [W.mixed(args.num_requests, args.seed + k) for k in range(len(rates))]
+
+    def make(n: int, seed: int) -> list:
+        if args.workload == "shared-prefix":
+            return W.shared_prefix(n, 4, 512, "uniform:20:200", "uniform:32:96", seed)
+        return W.mixed(n, seed)
+
+    workloads = [make(args.num_requests, args.seed + k) for k in range(len(rates))]
     lengths = [([len(tok.encode(r.prompt)) for r in reqs], [r.max_tokens for r in reqs]) for reqs in workloads]
+    blocks = [W.shared_blocks(reqs) or (None, 0) for reqs in workloads]  # (ids per request, tokens a block)
     slo = SLO(ttft=args.slo_ttft_ms / 1000, tpot=args.slo_tpot_ms / 1000)
     raw_errors: list[float] = []
     rows, doc = [], {"slo": slo.describe(), "rates": rates, "num_requests": args.num_requests, "layouts": {}}
@@ -163,7 +185,7 @@ def main() -> int:
         try:
             if args.warmup:
                 t0 = time.perf_counter()
-                asyncio.run(run_load(server.url, W.mixed(args.warmup, args.seed + 1000), Load(rate=rates[-1], seed=1),
+                asyncio.run(run_load(server.url, make(args.warmup, args.seed + 1000), Load(rate=rates[-1], seed=1),
                                      timeout=600))
                 print(f"[fidelity] {name}: {args.warmup} warm-up requests in {time.perf_counter() - t0:.0f} s",
                       file=sys.stderr, flush=True)
@@ -174,21 +196,27 @@ def main() -> int:
                   f"simultaneous requests: {dep.overhead_s * 1e3:.1f} ms per delivery, "
                   f"{dep.step_overhead_s * 1e3:.1f} ms per step, {dep.token_overhead_s * 1e3:.2f} ms per request "
                   "in a step", file=sys.stderr, flush=True)
-            for rate, requests, (prompt_len, output_len) in zip(rates, workloads, lengths):
+            for rate, requests, (prompt_len, output_len), (ids, bt) in zip(rates, workloads, lengths, blocks):
                 load = Load(rate=rate, seed=args.seed)
                 t0 = time.perf_counter()
+                cached_before = cached_tokens(server.url)
                 results, wall = asyncio.run(run_load(server.url, requests, load, timeout=600))
+                cached_real = cached_tokens(server.url) - cached_before
                 m = summarize(results, wall, slo)
                 if [r.prompt_tokens for r in results if r.ok] != [p for p, r in zip(prompt_len, results) if r.ok]:
                     print("[fidelity] warning: the server counted other prompt lengths than the tokenizer here",
                           file=sys.stderr)
                 times = arrival_times(len(requests), rate, 1.0, args.seed)
-                s = summarize_sim(simulate(dep, SimWorkload(times, prompt_len, output_len)), slo)
-                raw.append((rate, summarize_sim(simulate(dep_raw, SimWorkload(times, prompt_len, output_len)), slo)))
+                work = SimWorkload(times, prompt_len, output_len, ids, bt)
+                sim = simulate(dep, work)
+                s = summarize_sim(sim, slo)
+                raw.append((rate, summarize_sim(simulate(dep_raw, work), slo)))
                 measured.append((rate, m))
                 simulated.append((rate, s))
                 print(f"[fidelity] {name} @ {rate:g} req/s: measured in {time.perf_counter() - t0:.0f} s; "
-                      f"{m['completed']}/{m['requests']} done", file=sys.stderr, flush=True)
+                      f"{m['completed']}/{m['requests']} done; prompt tokens cached: real {cached_real:,.0f}, "
+                      f"simulated {sim.stats['cached_prompt_tokens']:,} of {sum(prompt_len):,}", file=sys.stderr,
+                      flush=True)
                 server.wait_idle(30)
         finally:
             server.stop()
@@ -207,7 +235,7 @@ def main() -> int:
     with open(os.path.join(args.out, "fidelity.json"), "w") as f:
         json.dump(doc, f, indent=2)
 
-    print(f"\nsimulated vs measured, {args.num_requests} mixed requests per rate (seed {args.seed}); "
+    print(f"\nsimulated vs measured, {args.num_requests} {args.workload} requests per rate (seed {args.seed}); "
           f"profiles: 1 core {one.date[:16]}, all cores {every.date[:16]}; SLO {slo.describe()}")
     print(f"{'layout':<14}{'rate':>6} | {'TTFT median ms':^24} | {'TTFT p90 ms':^24} | {'TPOT median ms':^22} | "
           f"{'TPOT p90 ms':^22} | SLO met")

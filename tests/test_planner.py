@@ -235,6 +235,19 @@ def test_a_prompts_cached_blocks_are_not_prefilled_again():
     assert r.stats["cached_prompt_tokens"] == 0 and r.ttft.tolist() == pytest.approx([0.06] * 3)
 
 
+def test_a_prompt_finds_the_blocks_a_prompt_before_it_computed_while_it_waited():
+    """As the engine looks up the cache when it admits a request: B (its first 4 blocks A's) arrives while A's
+    160 tokens prefill 48 a step; B starts in A's last step and finds the 64 tokens A computed in the steps
+    before, not what the cache held when B arrived (nothing)."""
+    work = SimWorkload([0.0, 0.001], [160, 80], [2, 2], [tuple(range(1, 11)), (1, 2, 3, 4, 99)], block_tokens=16)
+    for pools in ((Pool("both", 1, _flat(budget=48)),),
+                  (Pool("prefill", 1, _flat(budget=48)), Pool("decode", 1, _flat(budget=48)))):
+        r = simulate(Deployment(pools, local_prefill_threshold=4), work)
+        # A: 48, 48, 48 tokens (0.068 s a step), then its last 16 beside B's 16 uncached (0.052 s)
+        assert r.ttft.tolist() == pytest.approx([3 * 0.068 + 0.052, 3 * 0.068 + 0.052 - 0.001])
+        assert r.stats["cached_prompt_tokens"] == 64
+
+
 def test_disaggregated_hits_prefill_less_and_pull_only_what_the_decode_worker_lacks():
     work = SimWorkload([0.0, 10.0], [40, 40], [3, 3], [(1, 2), (1, 2)], block_tokens=16)
     p = _flat(pc=1e-5)  # the new tokens' attention still reads the cached context: 8 x 40

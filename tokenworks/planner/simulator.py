@@ -230,11 +230,12 @@ class _PrefixCache:
             n += 1
         return n
 
-    def store(self, keys: tuple) -> None:
-        """A prompt's blocks, released tail first as the engine's are (kv_cache_manager.free): its deepest block is
-        evicted first and its head, which other prompts share, last."""
+    def store(self, keys: tuple, start: int = 0) -> None:
+        """A prompt's blocks from ``start`` on (those a prefill chunk just computed; 0: all of them when it is
+        done), released tail first as the engine's are (kv_cache_manager.free): its deepest block is evicted
+        first and its head, which other prompts share, last."""
         blocks = self.blocks
-        for k in reversed(keys):
+        for k in reversed(keys[start:]):
             if k in blocks:
                 blocks.move_to_end(k)
             else:
@@ -463,6 +464,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
     d_load = _LeastLoaded(len(decoders))
     keys = work.chains() if work.prefix_blocks is not None else None
     p_route = d_route = None  # prefix routing, where the workload states its blocks
+    bt = work.block_tokens
     if keys is not None:
         p_route = _CacheRouting(prefillers, p_load, work.block_tokens)
         d_route = _CacheRouting(decoders, d_load, work.block_tokens)
@@ -510,9 +512,26 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
         seq += 1
         push(heap, (when, seq, DECODE, idx, d.version))
 
-    def form_chunks(queue: deque, budget: int, max_seqs: int) -> tuple[list, int, int]:
+    def look_up(entry: list, w, routing: _CacheRouting) -> None:
+        """A queued prompt starts: what the worker's cache holds of it now, as the engine looks when it admits
+        a request (blocks computed since it arrived, by a prompt that shares them, count)."""
+        nonlocal cached_tokens
+        entry[2] = False
+        r = entry[0]
+        hit = min(w.cache.held(keys[r]) * bt, plen[r] - 1)
+        if hit > entry[1]:
+            gain = hit - entry[1]
+            entry[1] = hit
+            w.queued -= gain
+            cached_tokens += gain
+
+    def form_chunks(queue: deque, budget: int, max_seqs: int, w=None, routing=None, idx: int = 0
+                    ) -> tuple[list, int, int]:
         if len(queue) == 1:  # the common case: one prompt, all of it or a budget's worth
             entry = queue[0]
+            if entry[2] and routing is not None:
+                look_up(entry, w, routing)
+                routing.lowered(idx)
             done = entry[1]
             take = min(plen[entry[0]] - done, budget)
             if take <= 0 or max_seqs <= 0:
@@ -522,7 +541,10 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
         for entry in queue:
             if budget <= 0 or len(chunks) >= max_seqs:
                 break
-            r, done = entry
+            if entry[2] and routing is not None:
+                look_up(entry, w, routing)
+                routing.lowered(idx)
+            r, done = entry[0], entry[1]
             take = min(plen[r] - done, budget)
             chunks.append((entry, take))
             tokens += take
@@ -570,7 +592,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             room = prof.max_num_batched_tokens - d.B
             if d.B and prof.prefill_tokens_while_decoding:  # the engine's cap on prompt tokens beside decodes
                 room = min(room, prof.prefill_tokens_while_decoding)
-            chunks, tokens, attn = form_chunks(d.local, room, prof.max_num_seqs - d.B)
+            chunks, tokens, attn = form_chunks(d.local, room, prof.max_num_seqs - d.B, d, d_route, idx)
             if chunks:
                 x = ctx0(d) + d.B  # the decodes' attention feature in the coming step
                 dur = d.pg[tokens + d.B] + d.pc * (attn + x)
@@ -621,6 +643,8 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                 for entry, take in p.step:
                     entry[1] += take
                     p.queued -= take
+                    if p_route is not None and entry[1] < plen[entry[0]]:  # a chunk's blocks are hits for the
+                        p.cache.store(keys[entry[0]][: entry[1] // bt], (entry[1] - take) // bt)  # prompts after it
                 queue = p.queue
                 while queue and queue[0][1] >= plen[queue[0][0]]:
                     r = queue.popleft()[0]
@@ -644,7 +668,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                 p.step = []
                 p.busy = False
                 if queue:
-                    chunks, tokens, attn = form_chunks(queue, p.budget, p.max_seqs)
+                    chunks, tokens, attn = form_chunks(queue, p.budget, p.max_seqs, p, p_route, idx)
                     p.step = chunks
                     p.busy = True
                     seq += 1
@@ -660,6 +684,8 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                 for entry, take in d.step:
                     entry[1] += take
                     d.queued -= take
+                    if d_route is not None and entry[1] < plen[entry[0]]:  # (a finished prompt: stored below)
+                        d.cache.store(keys[entry[0]][: entry[1] // bt], (entry[1] - take) // bt)
                 d.step = []
                 if d_route is not None:
                     d_route.lowered(idx)  # fewer tokens queued
@@ -706,7 +732,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             local_prefills += 1
             cached_tokens += hit
             d = decoders[dk]
-            d.local.append([r, hit])
+            d.local.append([r, hit, True])  # [request, tokens done, not started: its cache looked up again]
             d.queued += length - hit
             wake(d, dk, now, now)
         else:
@@ -719,15 +745,19 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             cached_tokens += hit
             p_load.add(pk)
             p = prefillers[pk]
-            p.queue.append([r, hit])
+            p.queue.append([r, hit, True])
             p.queued += length - hit
             if not p.busy:  # an idle prefill worker's queue held nothing before this prompt
+                p.queue[0][2] = False  # starts now: its cache was just looked up
                 take = min(length - hit, p.budget)
                 p.step = [(p.queue[0], take)]
                 p.busy = True
                 seq += 1
                 push(heap, (now + p.pg[take] + p.pc * take * (hit + take), seq, PREFILL, pk, 0))
 
+    if any(w.queued for w in (*prefillers, *decoders)):  # every queued prompt token was prefilled, or found cached
+        raise AssertionError("simulator: prompt tokens left queued at the end: " +
+                             str([w.queued for w in (*prefillers, *decoders)]))
     stats = {"local_prefills": local_prefills, "remote_prefills": remote_prefills, "kv_bytes": kv_bytes,
              "rejected": num_rejected, "cached_prompt_tokens": cached_tokens}
     ttft = np.asarray(first, dtype=float)
