@@ -8,12 +8,13 @@ What it models, as the server does it:
   prefill pool, is prefilled on the decode worker), the prefill worker with
   the fewest requests;
 - prefix caching, where the workload says which prompts share a prefix
-  (``SimWorkload.prefix_blocks``, from a Mooncake trace's ``hash_ids``): each
-  worker that prefills keeps the blocks of the prompts it prefilled or
+  (``SimWorkload.prefix_blocks``, from a Mooncake trace's ``hash_ids`` or a
+  shared-prefix or multi-turn workload): each worker that prefills keeps the
+  blocks of the prompts it prefilled (each chunk's as it is computed) or
   received, least recently used evicted first, up to its KV capacity; a
-  prompt's leading blocks found there are not prefilled again (their
-  attention still counts), and a decode worker pulls only the blocks it
-  lacks. The router then places as ``--routing kv`` does (router/policy.py):
+  prompt's leading blocks found there when it starts are not prefilled again
+  (their attention still counts), and a decode worker pulls only the blocks
+  it lacks. The router then places as ``--routing kv`` does (router/policy.py):
   the decode worker, then the prefill worker, where (prompt tokens queued
   there + this prompt's tokens not cached there) / its prefill rate is
   least, equal costs to fewer requests in flight; local prefill when what
