@@ -1,5 +1,6 @@
 """KV transports moving real blocks between two pools; layout checks."""
 
+import contextlib
 import time
 
 import pytest
@@ -385,15 +386,39 @@ def pull_job(request_id, peer, remote, local):
     return PullJob(SimpleNamespace(request_id=request_id), peer, remote, local, time.monotonic())
 
 
-def test_concurrent_pulls_complete_independently_of_a_silent_peer():
+@contextlib.contextmanager
+def pulls_from_a_silent_and_a_live_source(timeout: float):
+    """A PullPool (TCP sinks into ``dst``) with a source that never answers and a live one over ``src``: yields
+    (pool, the silent one's card, the live TCPSource, src, dst); closes them all after."""
     from tokenworks.transfer.tcp import TCPSink, TCPSource
     from tokenworks.worker.pulls import PullPool
 
     proc, silent = silent_source()
     src, dst = torch.randn(SHAPE), torch.zeros(SHAPE)
     source = TCPSource("p0", layout(), src)
-    pool = PullPool(lambda: TCPSink(layout(), dst), timeout=2.0, block_nbytes=layout().block_nbytes)
+    pool = PullPool(lambda: TCPSink(layout(), dst), timeout=timeout, block_nbytes=layout().block_nbytes)
     try:
+        yield pool, silent, source, src, dst
+    finally:
+        pool.close()
+        source.close()
+        proc.kill()
+        proc.wait()
+
+
+def wait_for_pull(pool, rid: str, limit: float):
+    """(the finished PullJob ``rid``, seconds waited); what else finishes meanwhile is dropped."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        for job in pool.finished():
+            if job.request.request_id == rid:
+                return job, time.monotonic() - t0
+        time.sleep(0.01)
+    raise AssertionError(f"{rid} not finished in {limit} s")
+
+
+def test_concurrent_pulls_complete_independently_of_a_silent_peer():
+    with pulls_from_a_silent_and_a_live_source(timeout=2.0) as (pool, silent, source, src, dst):
         t0 = time.monotonic()
         pool.submit(pull_job("slow", silent, [1, 2], [1, 2]))
         pool.submit(pull_job("fast", source.peer(), [3, 9], [5, 6]))
@@ -411,51 +436,24 @@ def test_concurrent_pulls_complete_independently_of_a_silent_peer():
         slow, _ = done["slow"]
         assert not slow.ok and slow.cause == "timeout"
         assert pool.problem() is None and pool.inflight_bytes == 0
-    finally:
-        pool.close()
-        source.close()
-        proc.kill()
-        proc.wait()
 
 
 def test_a_source_declared_dead_fails_its_waiting_pulls_at_once_and_not_those_sent_after():
     """A source that hangs (accepts, never answers) would hold a pull for --kv-timeout; the router's notice that
     it is dead ends the pull at once as peer_gone. A pull submitted after a notice goes ahead: a source that was
     only paused comes back under the same card."""
-    from tokenworks.transfer.tcp import TCPSink, TCPSource
-    from tokenworks.worker.pulls import PullPool
-
-    proc, silent = silent_source()
-    src, dst = torch.randn(SHAPE), torch.zeros(SHAPE)
-    source = TCPSource("p0", layout(), src)
-    pool = PullPool(lambda: TCPSink(layout(), dst), timeout=20.0, block_nbytes=layout().block_nbytes)
-
-    def wait_for(rid, limit):
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < limit:
-            for job in pool.finished():
-                if job.request.request_id == rid:
-                    return job, time.monotonic() - t0
-            time.sleep(0.01)
-        raise AssertionError(f"{rid} not finished in {limit} s")
-
-    try:
+    with pulls_from_a_silent_and_a_live_source(timeout=20.0) as (pool, silent, source, src, dst):
         pool.submit(pull_job("hung", silent, [1, 2], [1, 2]))
         time.sleep(0.3)  # the pull is waiting on the silent source
         pool.peer_gone(silent.card)
-        job, took = wait_for("hung", 5)
+        job, took = wait_for_pull(pool, "hung", 5)
         assert not job.ok and job.cause == "peer_gone" and "declared dead" in job.error and took < 1.0
         pool.peer_gone(source.peer().card)  # a pause the router took for a death...
         time.sleep(0.01)
         pool.submit(pull_job("after", source.peer(), [3], [5]))  # ...then the source is heard again
-        job, _ = wait_for("after", 5)
+        job, _ = wait_for_pull(pool, "after", 5)
         assert job.ok and torch.equal(dst[5], src[3])
         assert pool.problem() is None and pool.inflight_bytes == 0
-    finally:
-        pool.close()
-        source.close()
-        proc.kill()
-        proc.wait()
 
 
 def test_in_flight_bytes_are_bounded():

@@ -2,6 +2,7 @@
 router does when a worker says it is unhealthy."""
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -187,30 +188,27 @@ def test_a_cold_worker_refuses_past_its_first_requests_with_a_short_retry_after(
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("overlap", ["off", "on"])
-def test_a_worker_sends_one_message_per_step_with_every_request_in_it(tmp_path, overlap):
-    """A real worker process: three requests decode together; each step's tokens come in one Outputs message,
-    token ids only (the router detokenizes); nothing after a request's last output, and the pool empty after
-    (overlapped too: the extra step in flight for a stopped request is never sent)."""
+@contextlib.contextmanager
+def real_worker(folder, *flags: str, **engine_args):
+    """A worker process (role both, TCP KV) on a tiny checkpoint built in ``folder``: yields (its Ready, a PUSH
+    socket to its commands, a PULL socket of its events, the two codecs); shuts it down after."""
     import json
     import subprocess
     import sys
 
     from tests.test_tiny_checkpoints import build
     from tokenworks.codec import Codec
-    from tokenworks.sampling_params import SamplingParams
     from tokenworks.worker import protocol as P
 
-    build("llama3-rope", tmp_path)
+    build("llama3-rope", folder)
     ctx = zmq.Context.instance()
     events = ctx.socket(zmq.PULL)
     events.setsockopt(zmq.LINGER, 0)
     events_port = events.bind_to_random_port("tcp://127.0.0.1")
-    args = json.dumps({"model": str(tmp_path), "dtype": "float32", "num_blocks": 64, "block_size": 4,
-                       "overlap_schedule": overlap})
+    args = json.dumps({"model": str(folder), "dtype": "float32", "num_blocks": 64, "block_size": 4, **engine_args})
     proc = subprocess.Popen([sys.executable, "-m", "tokenworks.worker.server", "--worker-id", "w0", "--role", "both",
                              "--commands", "tcp://127.0.0.1:*", "--events", f"tcp://127.0.0.1:{events_port}",
-                             "--engine-args", args, "--kv-transport", "tcp"])
+                             "--engine-args", args, "--kv-transport", "tcp", *flags])
     commands = ctx.socket(zmq.PUSH)
     commands.setsockopt(zmq.LINGER, 0)
     to_worker, from_worker = Codec(P.ToWorker), Codec(P.FromWorker)
@@ -219,6 +217,27 @@ def test_a_worker_sends_one_message_per_step_with_every_request_in_it(tmp_path, 
         ready = from_worker.decode(events.recv())
         assert isinstance(ready, P.Ready) and ready.commands_endpoint.startswith("tcp://127.0.0.1:")
         commands.connect(ready.commands_endpoint)  # the port the worker's system picked
+        yield ready, commands, events, to_worker, from_worker
+    finally:
+        commands.send(to_worker.encode(P.Shutdown()))
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        commands.close(0)
+        events.close(0)
+
+
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_a_worker_sends_one_message_per_step_with_every_request_in_it(tmp_path, overlap):
+    """A real worker process: three requests decode together; each step's tokens come in one Outputs message,
+    token ids only (the router detokenizes); nothing after a request's last output, and the pool empty after
+    (overlapped too: the extra step in flight for a stopped request is never sent)."""
+    from tokenworks.sampling_params import SamplingParams
+    from tokenworks.worker import protocol as P
+
+    with real_worker(tmp_path, overlap_schedule=overlap) as (ready, commands, events, to_worker, from_worker):
         params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
         for i in range(3):
             commands.send(to_worker.encode(P.Submit(f"r{i}", [5 + i, 9, 11, 13, 17, 19], params, "full")))
@@ -242,75 +261,38 @@ def test_a_worker_sends_one_message_per_step_with_every_request_in_it(tmp_path, 
         last = {o.request_id: o for m in steps for o in m.outputs}
         assert all(o.finished and o.finish_reason == "length" for o in last.values())
         assert not any(hasattr(o, "new_text") for m in steps for o in m.outputs)  # ids only
-    finally:
-        commands.send(to_worker.encode(P.Shutdown()))
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        commands.close(0)
-        events.close(0)
 
 
 def test_a_worker_pulling_from_a_hung_source_recomputes_when_told_it_is_gone(tmp_path):
     """A real worker process pulls a prompt's KV from a source that accepts and never answers (a stopped
     process); with --kv-timeout 60 it would wait a minute. The router's PeerGone ends the pull at once: the
     worker recomputes the prompt and the request finishes, its first output saying why."""
-    import json
-    import subprocess
-    import sys
-
-    from tests.test_tiny_checkpoints import build
     from tests.test_transfer import silent_source
-    from tokenworks.codec import Codec
     from tokenworks.sampling_params import SamplingParams
     from tokenworks.transfer.base import KVPeer
     from tokenworks.worker import protocol as P
 
-    build("llama3-rope", tmp_path)
     hung, card = silent_source()
-    ctx = zmq.Context.instance()
-    events = ctx.socket(zmq.PULL)
-    events.setsockopt(zmq.LINGER, 0)
-    events_port = events.bind_to_random_port("tcp://127.0.0.1")
-    args = json.dumps({"model": str(tmp_path), "dtype": "float32", "num_blocks": 64, "block_size": 4})
-    proc = subprocess.Popen([sys.executable, "-m", "tokenworks.worker.server", "--worker-id", "w0", "--role", "both",
-                             "--commands", "tcp://127.0.0.1:*", "--events", f"tcp://127.0.0.1:{events_port}",
-                             "--engine-args", args, "--kv-transport", "tcp", "--kv-timeout", "60"])
-    commands = ctx.socket(zmq.PUSH)
-    commands.setsockopt(zmq.LINGER, 0)
-    to_worker, from_worker = Codec(P.ToWorker), Codec(P.FromWorker)
     try:
-        assert events.poll(120_000), "the worker never reported ready"
-        ready = from_worker.decode(events.recv())
-        commands.connect(ready.commands_endpoint)
-        peer = KVPeer("tcp", "p-hung", ready.kv_peer.layout, endpoint=card.endpoint)  # the worker's own layout
-        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-        commands.send(to_worker.encode(P.Submit("r0", [5, 9, 11, 13, 17, 19, 23, 29, 31], params, "decode",
-                                                first_token=7, kv_peer=peer, kv_block_ids=[1, 2, 3])))
-        time.sleep(1.0)  # the pull waits on the hung source
-        commands.send(to_worker.encode(P.PeerGone("p-hung", peer.card)))
-        told = time.monotonic()
-        outputs = []
-        while not (outputs and outputs[-1].finished):
-            assert events.poll(10_000), "no output after the notice"
-            msg = from_worker.decode(events.recv())
-            if isinstance(msg, P.Outputs):
-                outputs += [o for o in msg.outputs if o.request_id == "r0"]
-        assert outputs[0].kv_fallback and outputs[0].kv_failure == "peer_gone"
-        assert time.monotonic() - told < 5  # not the 60 s timeout
-        # the first of the 4 tokens came from the prefill worker (first_token); the decode side makes the other 3
-        assert sum(len(o.new_token_ids) for o in outputs) == 3 and outputs[-1].finish_reason == "length"
+        with real_worker(tmp_path, "--kv-timeout", "60") as (ready, commands, events, to_worker, from_worker):
+            peer = KVPeer("tcp", "p-hung", ready.kv_peer.layout, endpoint=card.endpoint)  # the worker's own layout
+            params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+            commands.send(to_worker.encode(P.Submit("r0", [5, 9, 11, 13, 17, 19, 23, 29, 31], params, "decode",
+                                                    first_token=7, kv_peer=peer, kv_block_ids=[1, 2, 3])))
+            time.sleep(1.0)  # the pull waits on the hung source
+            commands.send(to_worker.encode(P.PeerGone("p-hung", peer.card)))
+            told = time.monotonic()
+            outputs = []
+            while not (outputs and outputs[-1].finished):
+                assert events.poll(10_000), "no output after the notice"
+                msg = from_worker.decode(events.recv())
+                if isinstance(msg, P.Outputs):
+                    outputs += [o for o in msg.outputs if o.request_id == "r0"]
+            assert outputs[0].kv_fallback and outputs[0].kv_failure == "peer_gone"
+            assert time.monotonic() - told < 5  # not the 60 s timeout
+            # the first of the 4 tokens came from the prefill worker (first_token); the decode side makes the rest
+            assert sum(len(o.new_token_ids) for o in outputs) == 3 and outputs[-1].finish_reason == "length"
     finally:
-        commands.send(to_worker.encode(P.Shutdown()))
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        commands.close(0)
-        events.close(0)
         hung.kill()
         hung.wait()
 
