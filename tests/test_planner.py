@@ -601,6 +601,9 @@ def test_plan_says_when_no_count_of_a_worker_can_meet_the_slo_and_refuses_a_trac
     assert m and float(m.group(1)) > 0.5 and int(m.group(2)) < 90, r.stdout
     bad = _cli("plan", "--profile", str(tiny_profile), "--workload", "mooncake", "--rates", "1", "--slo-ttft-ms", "9")
     assert bad.returncode != 0 and "give --file" in bad.stderr
+    for command, flag in (("plan", "--sim-requests"), ("simulate", "--num-requests"), ("plan", "--num-prefixes")):
+        bad = _cli(command, "--profile", str(tiny_profile), "--rates", "1", "--slo-ttft-ms", "9", flag, "0")
+        assert bad.returncode == 2 and f"argument {flag}: '0' is not a whole number of at least 1" in bad.stderr
     bad = _cli("plan", "--profile", str(tiny_profile), "--file", "x.jsonl", "--rates", "1", "--slo-ttft-ms", "9")
     assert bad.returncode != 0 and "--file is a trace" in bad.stderr
 

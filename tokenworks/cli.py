@@ -334,6 +334,17 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
+def _count(text: str) -> int:
+    """A whole number of things, at least one (argparse's type for counts)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return n
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -343,14 +354,14 @@ def _bench_flags(p: argparse.ArgumentParser, out: str = "results/bench") -> None
     w.add_argument("--workload", default="synthetic",
                    choices=["synthetic", "shared-prefix", "multi-turn", "mixed", "sharegpt", "mooncake", "azure"])
     w.add_argument("--file", default=None, help="ShareGPT JSON, Mooncake JSONL or Azure CSV file")
-    w.add_argument("--num-requests", type=int, default=50, help="requests per load level (default: 50)")
+    w.add_argument("--num-requests", type=_count, default=50, help="requests per load level (default: 50)")
     w.add_argument("--input-len", default="uniform:50:400",
                    help="N (each N tokens) | fixed:N | uniform:A:B | normal:MU:SIGMA | sharegpt:MEDIAN "
                         "(default: uniform:50:400)")
     w.add_argument("--output-len", default="uniform:16:128", help="same forms as --input-len (default: uniform:16:128)")
-    w.add_argument("--num-prefixes", type=int, default=4,
+    w.add_argument("--num-prefixes", type=_count, default=4,
                    help="shared-prefix, multi-turn: distinct system prompts (default: 4)")
-    w.add_argument("--prefix-len", type=int, default=512,
+    w.add_argument("--prefix-len", type=_count, default=512,
                    help="shared-prefix, multi-turn: tokens per system prompt (default: 512)")
     w.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation (default: 4); "
                    "--input-len is each user message, --output-len each answer")
@@ -375,7 +386,7 @@ def _bench_flags(p: argparse.ArgumentParser, out: str = "results/bench") -> None
                    help="the whole server's cost per hour, for cost per million tokens (default: --price-per-worker-hour "
                         "x --workers, else what a tokenworks server started with --price-per-worker-hour reports)")
     s.add_argument("--price-per-worker-hour", type=float, default=None, metavar="USD", help="price of one worker-hour")
-    s.add_argument("--workers", type=int, default=1, help="workers behind the server, with --price-per-worker-hour")
+    s.add_argument("--workers", type=_count, default=1, help="workers behind the server, with --price-per-worker-hour")
     s.add_argument("--out", default=out, help=f"folder for the report (default: {out})")
 
 
@@ -842,7 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=None, help="model name to send (default: none, the server's default)")
     b.add_argument("--name", default="server", help="label for this server in the report")
     _bench_flags(b)
-    b.add_argument("--client-processes", type=int, default=1, metavar="N",
+    b.add_argument("--client-processes", type=_count, default=1, metavar="N",
                    help="load generator processes (default: 1). One client core parses some 20,000 streamed tokens "
                         "a second; against a faster server, use more (on cores the server does not need)")
     b.set_defaults(func=cmd_bench)
@@ -858,7 +869,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--profile", required=True, help="profile of one worker (from tokenworks profile)")
     sm.add_argument("--aggregated-profile", default=None, help="profile for the aggregated workers (default: --profile)")
     sm.add_argument("--hardware", default=None, help="project the profiles to this catalog kind first")
-    sm.add_argument("--units", type=int, default=1, help="with --hardware: accelerators per worker (default: 1)")
+    sm.add_argument("--units", type=_count, default=1, help="with --hardware: accelerators per worker (default: 1)")
     sm.add_argument("--catalog", default=None, help="hardware catalog JSON (default: the shipped one)")
     sm.add_argument("--prefill-workers", type=int, default=None, metavar="N")
     sm.add_argument("--decode-workers", type=int, default=None, metavar="M")
@@ -883,7 +894,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--profile", action="append", required=True,
                     help="a measured profile (repeatable: one per hardware kind measured; others are projected)")
     pl.add_argument("--hardware", default=None, help="comma-separated catalog kinds to consider (default: all)")
-    pl.add_argument("--units", type=int, default=1, help="accelerators per projected worker (default: 1)")
+    pl.add_argument("--units", type=_count, default=1, help="accelerators per projected worker (default: 1)")
     pl.add_argument("--catalog", default=None, help="hardware catalog JSON (default: the shipped one)")
     pl.add_argument("--rates", type=_floats, required=True, metavar="R[,R...]",
                     help="request rates to plan for, e.g. 100,200 (what if traffic doubles)")
@@ -896,12 +907,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="synthetic: --input-len and --output-len; shared-prefix: each prompt starts with one of "
                          "--num-prefixes system prompts (prefix caching modelled); the others take the lengths "
                          "from a trace --file")
-    pl.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: distinct system prompts (default: 4)")
-    pl.add_argument("--prefix-len", type=int, default=512,
+    pl.add_argument("--num-prefixes", type=_count, default=4, help="shared-prefix: distinct system prompts (default: 4)")
+    pl.add_argument("--prefix-len", type=_count, default=512,
                     help="shared-prefix: tokens per system prompt (default: 512)")
     pl.add_argument("--file", default=None, help="trace file for the length distribution (a Mooncake trace's "
                                                  "hash_ids: prefix caching modelled too)")
-    pl.add_argument("--num-requests", type=int, default=None, help="trace lines to read (default: all)")
+    pl.add_argument("--num-requests", type=_count, default=None, help="trace lines to read (default: all)")
     pl.add_argument("--time-scale", type=float, default=1.0, help=argparse.SUPPRESS)
     pl.add_argument("--length-scale", type=float, default=1.0, help="traces: multiply token counts")
     pl.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrivals; 1 = Poisson")
@@ -911,8 +922,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-units", type=int, default=None, help="most accelerators (or CPU cores) in all")
     pl.add_argument("--layouts", choices=["both", "aggregated", "disaggregated"], default="both")
     pl.add_argument("--local-prefill-threshold", type=int, default=16, metavar="TOKENS")
-    pl.add_argument("--sim-requests", type=int, default=3000, help="requests per simulation (default: 3000)")
-    pl.add_argument("--top", type=int, default=5, help="layouts to print (default: 5)")
+    pl.add_argument("--sim-requests", type=_count, default=3000, help="requests per simulation (default: 3000)")
+    pl.add_argument("--top", type=_count, default=5, help="layouts to print (default: 5)")
     pl.add_argument("--json", action="store_true", help="print JSON only")
     pl.add_argument("--emit-deployment", default=None, metavar="FILE",
                     help="write the best layout for the highest rate as a deployment file (YAML for .yaml/.yml, else "
@@ -926,7 +937,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("name", choices=["disagg-vs-agg"])
     e.add_argument("--rates", type=_floats, default=[0.15, 0.3, 0.5, 0.8], metavar="R[,R...]",
                    help="request rates to sweep (default: 0.15,0.3,0.5,0.8)")
-    e.add_argument("--num-requests", type=int, default=16, help="requests per rate (default: 16)")
+    e.add_argument("--num-requests", type=_count, default=16, help="requests per rate (default: 16)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--kv-transport", choices=["nixl", "tcp"], default="nixl")
     e.add_argument("--extra-url", action="append", metavar="NAME=URL",
