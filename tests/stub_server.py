@@ -2,7 +2,8 @@
 
 With `serial=True` it serves one request at a time (the others queue), so the
 capacity is known. Prompts containing FAIL500 get a 500; BUSY a 429 with
-Retry-After: 1; CLOSE closes the stream after two tokens without [DONE].
+Retry-After: 1; CLOSE closes the stream after two tokens without [DONE]; CACHED says half its words (rounded
+down) were found in the prefix cache (``usage.prompt_tokens_details.cached_tokens``; other prompts say nothing).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class StubServer:
                     if "CLOSE" in prompt and i == 1:
                         return
                 usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": n, "total_tokens": 0}
+                if "CACHED" in prompt:
+                    usage["prompt_tokens_details"] = {"cached_tokens": len(prompt.split()) // 2}
                 yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
                 yield "data: [DONE]\n\n"
                 await asyncio.sleep(0.005)  # the body's end in a write of its own, as the router's often is

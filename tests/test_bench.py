@@ -39,6 +39,20 @@ def test_metrics_match_the_stub_delays(stub):
     assert all(len(r.itls) == 5 for r in results)
 
 
+def test_prompt_tokens_the_server_found_cached_are_summed_and_reported(stub):
+    from tokenworks.bench.report import markdown
+
+    reqs = [W.BenchRequest("CACHED a b c d e", 3) for _ in range(4)] + [W.BenchRequest("x y", 3)]
+    results, wall = run(stub.url, reqs, Load(concurrency=5))
+    assert [r.cached_tokens for r in results] == [3, 3, 3, 3, None]
+    s = summarize(results, wall, SLO())
+    assert s["input_tokens"] == 26 and s["cached_prompt_tokens"] == 12
+    assert "| prefix cache | 12 of 26 prompt tokens cached (46%) |" in markdown("t", {"s": [("1", s)]}, {}, [])
+    plain, wall = run(stub.url, reqs[4:], Load(concurrency=1))  # a server that does not say: not zero, unknown
+    s = summarize(plain, wall, SLO())
+    assert s["cached_prompt_tokens"] is None and "prefix cache" not in markdown("t", {"s": [("1", s)]}, {}, [])
+
+
 def test_goodput_from_a_server_of_known_capacity():
     # Serial stub: each request holds it ~0.1 s (TTFT 0.05 s + 5 gaps of 0.01 s): capacity ~10 req/s.
     s = StubServer(ttft=0.05, itl=0.01, serial=True)

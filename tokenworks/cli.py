@@ -410,6 +410,14 @@ def _slo(ns: argparse.Namespace):
 CLIENT_BUSY = 0.85  # a load generator busier than this may be what the figures measure
 
 
+def _cached_part(s: dict) -> str:
+    """"  prompt cached 31%" where the run counted prefix-cache hits (a server that reports them; a simulation)."""
+    cached = s.get("cached_prompt_tokens")
+    if cached is None or not s.get("input_tokens"):
+        return ""
+    return f"  prompt cached {cached / s['input_tokens']:.0%}"
+
+
 def _print_summary(doc: dict) -> None:
     for name, runs in doc["runs"].items():
         for s in runs:
@@ -422,7 +430,7 @@ def _print_summary(doc: dict) -> None:
                   + (f" ({s['not_sent']} not sent)" if s.get("not_sent") else "") + "  "
                   f"TTFT p50 {fmt(t['median'])} ms p99 {fmt(t['p99'])} ms  ITL p99 {fmt(i['p99'])} ms  "
                   f"{s['output_token_throughput']:.1f} tok/s" + (f" (${cost:.3g}/M tokens)" if cost else "") +
-                  f"  SLO met {s['slo_attainment']:.0%}")
+                  f"  SLO met {s['slo_attainment']:.0%}" + _cached_part(s))
             if s.get("client_cpu_busy", 0.0) > CLIENT_BUSY:
                 print(f"{'':<24} the load generator used {s['client_cpu_busy']:.0%} of its cores: these figures may "
                       "be its limit, not the server's (more --client-processes, on cores the server does not use)")

@@ -32,6 +32,7 @@ class RequestResult:
     e2e: float | None = None
     prompt_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, where the server says it
     error: str | None = None
     error_after: float | None = None  # seconds from sending to the error (a 429's answer time, say)
     retry_after: float | None = None  # a refusal's Retry-After, in seconds (429 and 503 answers that give one)
@@ -112,8 +113,11 @@ async def _send(client: aiohttp.ClientSession, base_url: str, api: str, model: s
                         res.error = f"stream error: {msg['error']}"
                         return res
                     if msg.get("usage"):
-                        res.prompt_tokens = msg["usage"].get("prompt_tokens", 0)
-                        res.output_tokens = msg["usage"].get("completion_tokens", 0)
+                        usage = msg["usage"]
+                        res.prompt_tokens = usage.get("prompt_tokens", 0)
+                        res.output_tokens = usage.get("completion_tokens", 0)
+                        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+                        res.cached_tokens = cached if isinstance(cached, int) else None
                     for c in msg.get("choices") or []:
                         text = c.get("text") if api != "chat" else (c.get("delta") or {}).get("content")
                         if text:

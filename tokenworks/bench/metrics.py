@@ -67,16 +67,20 @@ def summarize(results: list[RequestResult], wall: float, slo: SLO, price_per_hou
         input_tokens=sum(r.prompt_tokens for r in ok), output_tokens=sum(r.output_tokens for r in ok),
         ttft=[r.ttft for r in ok if r.ttft is not None], tpot=[r.tpot for r in ok if r.tpot is not None],
         itl=[x for r in ok for x in r.itls], e2e=[r.e2e for r in ok if r.e2e is not None],
-        price_per_hour=price_per_hour)
+        price_per_hour=price_per_hour,
+        cached_tokens=sum(r.cached_tokens for r in ok if r.cached_tokens is not None)
+        if any(r.cached_tokens is not None for r in ok) else None)
     s["not_sent"] = len(results) - len(sent)
     s["error_after_max_s"] = error_after
     return s
 
 
 def summary(*, requests: int, errors: dict[str, int], wall: float, slo: SLO, met: int, input_tokens: int,
-            output_tokens: int, ttft, tpot, itl, e2e, price_per_hour: float | None) -> dict:
+            output_tokens: int, ttft, tpot, itl, e2e, price_per_hour: float | None,
+            cached_tokens: int | None = None) -> dict:
     """The summary of one run, from latencies of the completed requests (lists or arrays, seconds).
-    Measured runs (``summarize``) and simulated ones (``planner.report``) both come through here."""
+    Measured runs (``summarize``) and simulated ones (``planner.report``) both come through here.
+    ``cached_tokens``: prompt tokens found in the prefix cache (None: the server did not say)."""
     completed = requests - sum(errors.values())
     s = {
         "requests": requests,
@@ -88,6 +92,7 @@ def summary(*, requests: int, errors: dict[str, int], wall: float, slo: SLO, met
         "output_token_throughput": output_tokens / wall if wall else 0.0,
         "input_tokens": int(input_tokens),
         "output_tokens": int(output_tokens),
+        "cached_prompt_tokens": None if cached_tokens is None else int(cached_tokens),
         "ttft_s": stats(ttft),
         "tpot_s": stats(tpot),
         "itl_s": stats(itl),

@@ -74,6 +74,9 @@ def markdown(title: str, runs: dict[str, list[tuple[float, dict]]], goodputs: di
                 f"{s['output_token_throughput']:.1f} | {_ms(t['median'])} / {_ms(t['p90'])} / {_ms(t['p99'])} | "
                 f"{_ms(p['median'])} / {_ms(p['p90'])} | {_ms(i['median'])} / {_ms(i['p99'])} | {_ms(e['median'])} | "
                 f"{s['slo_attainment']:.0%} | {_cost(s)} |")
+            if s.get("cached_prompt_tokens") is not None and s["input_tokens"]:
+                lines.append(f"| prefix cache | {s['cached_prompt_tokens']:,} of {s['input_tokens']:,} prompt tokens "
+                             f"cached ({s['cached_prompt_tokens'] / s['input_tokens']:.0%}) | | | | | | | | |")
             if s.get("not_sent"):
                 lines.append(f"| not sent | {s['not_sent']} (the time limit came first; not counted above) "
                              "| | | | | | | | |")

@@ -796,7 +796,7 @@ def summarize_sim(result: SimResult, slo, price_per_hour: float | None = None) -
                 met=int(met_slo(result, slo).sum()), input_tokens=int(result.prompt_len[done].sum()),
                 output_tokens=int(result.output_len[done].sum()), ttft=result.ttft[done],
                 tpot=result.tpot[done & (result.output_len > 1)], itl=[], e2e=result.e2e[done],
-                price_per_hour=price_per_hour)
+                price_per_hour=price_per_hour, cached_tokens=result.stats.get("cached_prompt_tokens"))
     s["simulated"] = {"events": result.events, "wall_s": result.wall_s, **result.stats}
     return s
 
