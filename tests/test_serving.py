@@ -97,6 +97,8 @@ def test_a_seeded_sample_is_the_offline_text_for_local_and_remote_prefill(server
 
 def test_stream_matches_non_stream_and_reports_usage(server, client):
     kwargs = dict(model="default", messages=LONG[:1], max_tokens=16, temperature=0)
+    count, tokens = (server.metric("tokenworks:request_prompt_tokens_count"),
+                     server.metric("tokenworks:request_prompt_tokens_sum"))
     whole = client.chat.completions.create(**kwargs).choices[0].message.content
     chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -109,6 +111,13 @@ def test_stream_matches_non_stream_and_reports_usage(server, client):
     gaps, total = server.metric("tokenworks:inter_token_latency_seconds_count"), \
         server.metric("tokenworks:inter_token_latency_seconds_sum")
     assert gaps >= usage.completion_tokens - 1 and 0 < total / gaps < 5
+    # Per request, the traffic's shape (as vLLM's request_* histograms): the two requests' prompts and lengths.
+    assert server.metric("tokenworks:request_prompt_tokens_count") == count + 2
+    assert server.metric("tokenworks:request_prompt_tokens_sum") == tokens + 2 * usage.prompt_tokens
+    assert server.metric("tokenworks:request_generation_tokens_bucket", 'le="20.0"') >= 2
+    tpot = server.metric("tokenworks:request_time_per_output_token_seconds_sum") / \
+        server.metric("tokenworks:request_time_per_output_token_seconds_count")
+    assert 0 < tpot < 1.0
     server.wait_idle()
 
 

@@ -44,6 +44,7 @@ from tokenworks.tokenizer import IncrementalDetokenizer, Tokenizer
 from tokenworks.worker import protocol as P
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
 class WorkerUnavailable(RuntimeError):
@@ -84,6 +85,15 @@ class Metrics:
         self.e2e = Histogram("tokenworks:e2e_request_latency_seconds", "Request latency", registry=r,
                              buckets=_LATENCY_BUCKETS)
         self.prompt_tokens = Counter("tokenworks:prompt_tokens", "Prompt tokens processed", registry=r)
+        # per finished request, as vLLM's request_prompt_tokens, request_generation_tokens and
+        # request_time_per_output_token_seconds: the traffic's shape, for dashboards and for `tokenworks plan`
+        self.request_prompt = Histogram("tokenworks:request_prompt_tokens", "Prompt tokens of a finished request",
+                                        registry=r, buckets=_TOKEN_BUCKETS)
+        self.request_generation = Histogram("tokenworks:request_generation_tokens",
+                                            "Tokens a finished request generated", registry=r, buckets=_TOKEN_BUCKETS)
+        self.request_tpot = Histogram("tokenworks:request_time_per_output_token_seconds",
+                                      "A finished request's mean gap between its tokens after the first", registry=r,
+                                      buckets=_LATENCY_BUCKETS)
         self.requests = Counter("tokenworks:requests", "Finished requests", ["finish_reason"], registry=r)
         self.running = Gauge("tokenworks:num_requests_running", "Requests in flight at the router", registry=r)
         self.prefills = Counter("tokenworks:prefills", "Prefills by where they ran", ["where"], registry=r)
@@ -159,13 +169,14 @@ class _Ledger:
     (through the request's detokenizer, which finds stop strings), the token metrics, and the prefilling
     worker's measured rate once the first token is in."""
 
-    __slots__ = ("router", "detok", "t0", "prefiller", "uncached", "first", "last", "stopped", "generated",
-                 "max_tokens")
+    __slots__ = ("router", "detok", "t0", "prefiller", "uncached", "first", "first_at", "last", "stopped",
+                 "generated", "max_tokens")
 
     def __init__(self, router: Router, detok: IncrementalDetokenizer | None, t0: float, prefiller: WorkerView,
                  uncached: int, max_tokens: int) -> None:
         self.router, self.detok, self.t0, self.prefiller, self.uncached = router, detok, t0, prefiller, uncached
         self.first = True  # no token yet
+        self.first_at = t0  # when the first token came
         self.last = t0  # when the last token came
         self.stopped = False  # a stop string ended the request here while its worker still runs it
         self.generated = 0  # tokens so far
@@ -187,6 +198,7 @@ class _Ledger:
             m = router.metrics
             if self.first:
                 m.ttft.observe(now - self.t0)
+                self.first_at = now
                 m.prompt_tokens.inc(out.num_prompt_tokens)
                 m.cached_prompt_tokens.inc(out.num_cached_tokens)
                 self.first = False
@@ -699,6 +711,10 @@ class Router:
                     finished = True
                     m.requests.labels(delta.finish_reason or "stop").inc()
                     m.e2e.observe(time.monotonic() - t0)
+                    m.request_prompt.observe(n_prompt)
+                    m.request_generation.observe(ledger.generated)
+                    if ledger.generated > 1:
+                        m.request_tpot.observe((ledger.last - ledger.first_at) / (ledger.generated - 1))
                 yield delta
                 if finished:
                     return
