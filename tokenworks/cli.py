@@ -199,6 +199,20 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         why = f"from {ns.deployment}: {deployment.describe()}"
     else:
         (prefill, decode, agg), why = serve_layout(ns, gpus, len(os.sched_getaffinity(0)))
+    autoscale_profile = None
+    if ns.autoscale:  # checked before any worker starts
+        from tokenworks.planner.profile import Profile
+
+        autoscale_profile = Profile.load(ns.autoscale)
+        if all(v is None for v in (ns.slo_ttft_ms, ns.slo_tpot_ms, ns.slo_e2e_ms)):
+            raise ValueError("--autoscale needs a latency target: --slo-ttft-ms, --slo-tpot-ms or --slo-e2e-ms")
+        if agg and (prefill or decode):
+            raise ValueError("--autoscale sizes an aggregated fleet or a prefill + decode one, not a mix of both")
+        if (prefill == 0) != (decode == 0):
+            raise ValueError("--autoscale with a disaggregated layout needs prefill and decode workers both")
+        if prefill + decode + agg > ns.max_workers:
+            raise ValueError(f"the layout starts {prefill + decode + agg} workers, more than --max-workers "
+                             f"{ns.max_workers}")
     parts = [f"{n} {role}" for n, role in ((prefill, "prefill"), (decode, "decode"), (agg, "aggregated")) if n]
     print(f"[tokenworks] layout: {' + '.join(parts)} ({why})", file=sys.stderr)
     on_ray = ns.ray is not None
@@ -267,6 +281,13 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         try:
             try:
                 await cluster.start(specs, progress=progress)
+                scaler = None
+                if autoscale_profile is not None:
+                    from tokenworks.launch.autoscale import Autoscaler
+
+                    scaler = Autoscaler(cluster, autoscale_profile, _slo(ns), ns.attainment,
+                                        interval=ns.autoscale_interval, window=ns.autoscale_window,
+                                        max_workers=ns.max_workers)
             except WorkersNotReady:
                 if tty:
                     print(file=sys.stderr)  # end the progress line
@@ -294,12 +315,18 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             print(f"[tokenworks] listening on http://{ns.host}:{port}/v1 (OpenAI API; /metrics, /health)",
                   file=sys.stderr, flush=True)
             supervisor = asyncio.get_running_loop().create_task(cluster.supervise(restart=not ns.no_restart))
+            if scaler is not None:
+                scaling = asyncio.get_running_loop().create_task(scaler.run())
+                print(f"[tokenworks] autoscaling every {scaler.interval:g} s on the last {scaler.window:g} s of "
+                      f"traffic, up to {scaler.max_workers} workers, SLO {scaler.slo.describe()}", file=sys.stderr)
             app = create_app(router, tokenizer, files.name, api_key=ns.api_key or os.environ.get("TOKENWORKS_API_KEY"),
                              launcher=cluster)
             server = uvicorn.Server(uvicorn.Config(app, host=ns.host, port=ns.port, log_level="warning",
                                                    timeout_graceful_shutdown=3))
             await server.serve(sockets=[listener])
             supervisor.cancel()
+            if scaler is not None:
+                scaling.cancel()
         finally:
             print("[tokenworks] shutting down: stopping the workers", file=sys.stderr, flush=True)
             cluster.stopping = True
@@ -832,8 +859,19 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument(f"--{role}-resources", default=None, metavar="NAME=N,...",
                        help=f"with --ray: what each {role} worker reserves on its node, e.g. CPU=2,GPU=1,{role}_node=1 "
                             "(default: GPU=1 on CUDA, else CPU=1)")
+    a = s.add_argument_group("autoscaling: the planner sizes the running fleet to its traffic")
+    a.add_argument("--autoscale", default=None, metavar="PROFILE",
+                   help="a profile of one worker (tokenworks profile): every --autoscale-interval the planner sizes "
+                        "the fleet for the traffic of the last --autoscale-window against the SLOs below, and "
+                        "workers are added (or, after 3 looks asking for fewer, drained) one a role at a time")
+    a.add_argument("--autoscale-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds between looks (default: 30)")
+    a.add_argument("--autoscale-window", type=float, default=60.0, metavar="SECONDS",
+                   help="the traffic looked at: requests finished in these last seconds (default: 60)")
+    a.add_argument("--max-workers", type=_count, default=8, help="most workers in all (default: 8)")
+    _slo_flags(a, itl=False)
     _engine_flags(s)
-    s.set_defaults(func=cmd_serve)
+    s.set_defaults(func=cmd_serve, slo_itl_ms=None)
 
     pr = sub.add_parser("profile", help="measure a worker's step latencies and KV transfer; write a profile (JSON)",
                         description="Measure this machine's engine: prefill step time against tokens and prompt "

@@ -170,13 +170,14 @@ class _Ledger:
     worker's measured rate once the first token is in."""
 
     __slots__ = ("router", "detok", "t0", "prefiller", "uncached", "first", "first_at", "last", "stopped",
-                 "generated", "max_tokens")
+                 "generated", "max_tokens", "cached")
 
     def __init__(self, router: Router, detok: IncrementalDetokenizer | None, t0: float, prefiller: WorkerView,
                  uncached: int, max_tokens: int) -> None:
         self.router, self.detok, self.t0, self.prefiller, self.uncached = router, detok, t0, prefiller, uncached
         self.first = True  # no token yet
         self.first_at = t0  # when the first token came
+        self.cached = 0  # prompt tokens the prefilling worker found in its prefix cache
         self.last = t0  # when the last token came
         self.stopped = False  # a stop string ended the request here while its worker still runs it
         self.generated = 0  # tokens so far
@@ -199,6 +200,7 @@ class _Ledger:
             if self.first:
                 m.ttft.observe(now - self.t0)
                 self.first_at = now
+                self.cached = out.num_cached_tokens
                 m.prompt_tokens.inc(out.num_prompt_tokens)
                 m.cached_prompt_tokens.inc(out.num_cached_tokens)
                 self.first = False
@@ -259,6 +261,10 @@ class Router:
         self.max_queue_wait = max_queue_wait
         self._admitted: deque[float] = deque()  # admission times of requests whose streams do not exist yet
         self.generated_tokens = 0
+        # the requests finished lately: (when, prompt tokens, of them cached, tokens generated); the traffic the
+        # autoscaler plans for (launch/autoscale.py)
+        self.finished: deque[tuple[float, int, int, int]] = deque(maxlen=20_000)
+        self.arrived: deque[float] = deque(maxlen=100_000)  # when each request came (its demand)
         self.metrics.registry.register(_ReadAtScrape("tokenworks:generation_tokens", "Tokens generated",
                                                      lambda: self.generated_tokens))
         if price_per_worker_hour is not None:
@@ -576,6 +582,7 @@ class Router:
         router's reader as each worker step arrives (router/stream.py); it must not block. The rest (the first
         token, the last, anything a failover or hand-over takes part in) is yielded as usual, in order.
         """
+        self.arrived.append(time.monotonic())
         if self._admitted:
             self._admitted.popleft()  # from here on this request counts through its stream
         detok = IncrementalDetokenizer(self.tokenizer, prompt, params.stop) if self.tokenizer is not None else None
@@ -713,6 +720,7 @@ class Router:
                     m.e2e.observe(time.monotonic() - t0)
                     m.request_prompt.observe(n_prompt)
                     m.request_generation.observe(ledger.generated)
+                    self.finished.append((time.monotonic(), n_prompt, ledger.cached, ledger.generated))
                     if ledger.generated > 1:
                         m.request_tpot.observe((ledger.last - ledger.first_at) / (ledger.generated - 1))
                 yield delta
