@@ -513,26 +513,28 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
         seq += 1
         push(heap, (when, seq, DECODE, idx, d.version))
 
-    def look_up(entry: list, w, routing: _CacheRouting) -> None:
-        """A queued prompt starts: what the worker's cache holds of it now, as the engine looks when it admits
-        a request (blocks computed since it arrived, by a prompt that shares them, count)."""
+    def look_up(entry: list, routing: _CacheRouting, idx: int) -> None:
+        """A queued prompt starts on worker idx: what its cache holds of the prompt now, as the engine looks when
+        it admits a request (blocks computed since it arrived, by a prompt that shares them, count)."""
         nonlocal cached_tokens
         entry[2] = False
-        r = entry[0]
+        r, w = entry[0], routing.workers[idx]
         hit = min(w.cache.held(keys[r]) * bt, plen[r] - 1)
         if hit > entry[1]:
             gain = hit - entry[1]
             entry[1] = hit
             w.queued -= gain
             cached_tokens += gain
+            routing.lowered(idx)
 
-    def form_chunks(queue: deque, budget: int, max_seqs: int, w=None, routing=None, idx: int = 0
+    def form_chunks(queue: deque, budget: int, max_seqs: int, routing: _CacheRouting | None = None, idx: int = 0
                     ) -> tuple[list, int, int]:
+        """The next step's chunks from ``queue`` (entries [request, tokens done, not started]); with prefix
+        routing, a prompt's first chunk looks its worker's cache up again (``look_up``)."""
         if len(queue) == 1:  # the common case: one prompt, all of it or a budget's worth
             entry = queue[0]
             if entry[2] and routing is not None:
-                look_up(entry, w, routing)
-                routing.lowered(idx)
+                look_up(entry, routing, idx)
             done = entry[1]
             take = min(plen[entry[0]] - done, budget)
             if take <= 0 or max_seqs <= 0:
@@ -543,8 +545,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             if budget <= 0 or len(chunks) >= max_seqs:
                 break
             if entry[2] and routing is not None:
-                look_up(entry, w, routing)
-                routing.lowered(idx)
+                look_up(entry, routing, idx)
             r, done = entry[0], entry[1]
             take = min(plen[r] - done, budget)
             chunks.append((entry, take))
@@ -593,7 +594,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             room = prof.max_num_batched_tokens - d.B
             if d.B and prof.prefill_tokens_while_decoding:  # the engine's cap on prompt tokens beside decodes
                 room = min(room, prof.prefill_tokens_while_decoding)
-            chunks, tokens, attn = form_chunks(d.local, room, prof.max_num_seqs - d.B, d, d_route, idx)
+            chunks, tokens, attn = form_chunks(d.local, room, prof.max_num_seqs - d.B, d_route, idx)
             if chunks:
                 x = ctx0(d) + d.B  # the decodes' attention feature in the coming step
                 dur = d.pg[tokens + d.B] + d.pc * (attn + x)
@@ -669,7 +670,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                 p.step = []
                 p.busy = False
                 if queue:
-                    chunks, tokens, attn = form_chunks(queue, p.budget, p.max_seqs, p, p_route, idx)
+                    chunks, tokens, attn = form_chunks(queue, p.budget, p.max_seqs, p_route, idx)
                     p.step = chunks
                     p.busy = True
                     seq += 1
