@@ -178,3 +178,20 @@ def test_a_served_fleet_grows_under_load_and_shrinks_when_it_stops(tmp_path):
         assert "one more aggregated worker" in log and "nothing came in 4 s" in log and "draining agg-1" in log
     finally:
         server.stop()
+
+
+def test_serve_refuses_an_autoscaled_layout_it_cannot_grow_before_starting_a_worker(tmp_path):
+    import subprocess
+    import sys
+    from dataclasses import replace
+
+    profile = tmp_path / "p.json"
+    replace(make_profile(hardware="CPU-EPYC-1core"), device="cpu").save(str(profile))
+    for flags, why in ((["--aggregated-workers", "1"], "needs a latency target"),
+                       (["--slo-ttft-ms", "100", "--prefill-workers", "1", "--aggregated-workers", "1"], "a mix of both"),
+                       (["--slo-ttft-ms", "100", "--decode-workers", "1"], "prefill or decode workers alone"),
+                       (["--slo-ttft-ms", "100", "--aggregated-workers", "3", "--max-workers", "2"],
+                        "more than --max-workers 2")):
+        r = subprocess.run([sys.executable, "-m", "tokenworks.cli", "serve", "--port", "0", "--autoscale", str(profile),
+                            *flags], capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and why in r.stderr and "workers ready" not in r.stderr, r.stderr[-2000:]

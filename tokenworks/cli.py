@@ -201,18 +201,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         (prefill, decode, agg), why = serve_layout(ns, gpus, len(os.sched_getaffinity(0)))
     autoscale_profile = None
     if ns.autoscale:  # checked before any worker starts
+        from tokenworks.launch.autoscale import check
         from tokenworks.planner.profile import Profile
 
         autoscale_profile = Profile.load(ns.autoscale)
-        if all(v is None for v in (ns.slo_ttft_ms, ns.slo_tpot_ms, ns.slo_e2e_ms)):
-            raise ValueError("--autoscale needs a latency target: --slo-ttft-ms, --slo-tpot-ms or --slo-e2e-ms")
-        if agg and (prefill or decode):
-            raise ValueError("--autoscale sizes an aggregated fleet or a prefill + decode one, not a mix of both")
-        if (prefill == 0) != (decode == 0):
-            raise ValueError("--autoscale with a disaggregated layout needs prefill and decode workers both")
-        if prefill + decode + agg > ns.max_workers:
-            raise ValueError(f"the layout starts {prefill + decode + agg} workers, more than --max-workers "
-                             f"{ns.max_workers}")
+        check({"prefill": prefill, "decode": decode, "both": agg}, _slo(ns), ns.max_workers)
     parts = [f"{n} {role}" for n, role in ((prefill, "prefill"), (decode, "decode"), (agg, "aggregated")) if n]
     print(f"[tokenworks] layout: {' + '.join(parts)} ({why})", file=sys.stderr)
     on_ray = ns.ray is not None

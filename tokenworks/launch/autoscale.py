@@ -85,20 +85,27 @@ def plan_counts(observed: Observed, profile: Profile, roles: tuple[str, ...], sl
     return "out of reach" if planner.idle(kind)[0] < attainment else "more"
 
 
+def check(counts: dict[str, int], slo: SLO, max_workers: int) -> tuple[str, ...]:
+    """The roles an autoscaled fleet of these starting ``counts`` (role -> workers) grows, or why it cannot be."""
+    if slo.ttft is None and slo.tpot is None and slo.e2e is None:
+        raise ValueError("--autoscale needs a latency target: --slo-ttft-ms, --slo-tpot-ms or --slo-e2e-ms")
+    roles = tuple(sorted(r for r, n in counts.items() if n))
+    if roles not in (("both",), ("decode", "prefill")):
+        raise ValueError("--autoscale sizes an aggregated fleet or a prefill + decode one, not "
+                         + ("a mix of both" if "both" in roles else "prefill or decode workers alone"))
+    if sum(counts.values()) > max_workers:
+        raise ValueError(f"the layout starts {sum(counts.values())} workers, more than --max-workers {max_workers}")
+    return ("both",) if roles == ("both",) else ("prefill", "decode")
+
+
 class Autoscaler:
     """Moves ``launcher``'s fleet toward the planner's counts (``launcher``: ``counts()``, ``add(role)``,
     ``drain(worker_id)``, ``specs``, ``draining``, ``router.arrived`` and ``router.finished``)."""
 
     def __init__(self, launcher, profile: Profile, slo: SLO, attainment: float = 0.9, *, interval: float = 30.0,
                  window: float = 60.0, patience: int = 3, max_workers: int = 8, log=None) -> None:
-        if slo.ttft is None and slo.tpot is None and slo.e2e is None:
-            raise ValueError("--autoscale needs a latency target: --slo-ttft-ms, --slo-tpot-ms or --slo-e2e-ms")
-        counts = {r: n for r, n in launcher.counts().items() if n}
-        roles = tuple(sorted(counts))
-        if roles not in (("both",), ("decode", "prefill")):
-            raise ValueError("--autoscale sizes an aggregated fleet or a prefill + decode one, not a mix of both")
+        self.roles = check(launcher.counts(), slo, max_workers)
         self.launcher, self.profile, self.slo, self.attainment = launcher, profile, slo, attainment
-        self.roles = ("both",) if roles == ("both",) else ("prefill", "decode")
         self.interval, self.window, self.patience, self.max_workers = interval, window, patience, max_workers
         self.fewer = {r: 0 for r in self.roles}  # intervals in a row the planner asked for fewer of a role
         self.last: dict[str, int] | None = None  # the planner's last answer

@@ -86,7 +86,7 @@ class Metrics:
                              buckets=_LATENCY_BUCKETS)
         self.prompt_tokens = Counter("tokenworks:prompt_tokens", "Prompt tokens processed", registry=r)
         # per finished request, as vLLM's request_prompt_tokens, request_generation_tokens and
-        # request_time_per_output_token_seconds: the traffic's shape, for dashboards and for `tokenworks plan`
+        # request_time_per_output_token_seconds: the traffic's shape, for dashboards
         self.request_prompt = Histogram("tokenworks:request_prompt_tokens", "Prompt tokens of a finished request",
                                         registry=r, buckets=_TOKEN_BUCKETS)
         self.request_generation = Histogram("tokenworks:request_generation_tokens",
@@ -717,10 +717,11 @@ class Router:
                 if delta.finished:  # bookkeeping before the last yield: the consumer may stop there
                     finished = True
                     m.requests.labels(delta.finish_reason or "stop").inc()
-                    m.e2e.observe(time.monotonic() - t0)
+                    done = time.monotonic()
+                    m.e2e.observe(done - t0)
                     m.request_prompt.observe(n_prompt)
                     m.request_generation.observe(ledger.generated)
-                    self.finished.append((time.monotonic(), n_prompt, ledger.cached, ledger.generated))
+                    self.finished.append((done, n_prompt, ledger.cached, ledger.generated))
                     if ledger.generated > 1:
                         m.request_tpot.observe((ledger.last - ledger.first_at) / (ledger.generated - 1))
                 yield delta

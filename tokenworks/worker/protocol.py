@@ -45,8 +45,6 @@ class PeerGone(msgspec.Struct, tag="peer_gone"):
     card: str  # KVPeer.card of the source's process
 
 
-
-
 class Ready(msgspec.Struct, tag="ready"):
     worker_id: str
     role: str
