@@ -70,8 +70,8 @@ def plan_counts(observed: Observed, profile: Profile, roles: tuple[str, ...], sl
         catalog = Catalog({**catalog.kinds, kind: HardwareKind(kind, profile.device, {}, 0.0, 0.0, 0.0, 0.0)},
                           catalog.path)
     traffic = Traffic(observed.rate, observed.prompt, observed.output)
-    n = sim_requests or min(5000, max(600, len(observed.prompt)))  # the window's requests, at least 600
-    planner = Planner({kind: profile}, catalog, traffic, slo, attainment, n,
+    sims = sim_requests or min(5000, max(600, len(observed.prompt)))  # the window's requests, at least 600
+    planner = Planner({kind: profile}, catalog, traffic, slo, attainment, sims,
                       max_units=max_workers * profile.units)
     if roles == ("both",):
         n = planner.fewest_aggregated(kind)
@@ -111,16 +111,13 @@ class Autoscaler:
         self.last: dict[str, int] | None = None  # the planner's last answer
         self.log = log or (lambda m: print(f"[tokenworks] autoscale: {m}", file=sys.stderr, flush=True))
 
-    def target(self, now: float) -> tuple[dict[str, int], str]:
-        """The counts to move toward, and why."""
+    def target(self, seen: Observed | None, have: dict[str, int]) -> tuple[dict[str, int], str]:
+        """The counts to move toward from the fleet ``have``, and why (the planner's simulations: a thread's work)."""
         least = {r: 1 for r in self.roles}
-        router = self.launcher.router
-        seen = observe(router.arrived, router.finished, now, self.window)
         if seen is None:
             return least, f"nothing came in {self.window:g} s"
         counts = plan_counts(seen, self.profile, self.roles, self.slo, self.attainment, self.max_workers)
         if counts == "out of reach":  # more workers would not help: keep what there is
-            have = self.launcher.counts()
             return ({r: have[r] for r in self.roles},
                     f"{seen.describe()}: one worker alone, one request at a time, misses the SLOs: holding")
         if counts == "more":
@@ -132,9 +129,11 @@ class Autoscaler:
 
     async def step(self, now: float | None = None) -> list[str]:
         """One look and at most one change per role; returns what it did ("add decode", "remove decode-2")."""
-        want, why = await asyncio.to_thread(self.target, time.monotonic() if now is None else now)
-        self.last = want
+        router = self.launcher.router  # read here, in the loop that appends to them
+        seen = observe(router.arrived, router.finished, time.monotonic() if now is None else now, self.window)
         have = self.launcher.counts()
+        want, why = await asyncio.to_thread(self.target, seen, dict(have))
+        self.last = want
         done = []
         for role in self.roles:
             if want[role] > have[role]:  # the planner's counts keep within max_workers in all
