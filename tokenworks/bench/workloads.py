@@ -120,6 +120,15 @@ def sample_lengths(spec: str, n: int, seed: int):
     return np.maximum(1, out).astype(np.int64)
 
 
+def _system_prompts(rng: random.Random, num_prefixes: int, prefix_len: int):
+    """``num_prefixes`` system prompts of ``prefix_len`` words: their texts, their token counts, the ids of their
+    whole blocks, and the block ids' source for what follows them."""
+    blocks = _BlockIds()
+    texts = [_words(rng, prefix_len, salt=f"system{k}") for k in range(num_prefixes)]
+    heads = [prefix_len + _salt_tokens(f"system{k}") for k in range(num_prefixes)]
+    return texts, heads, [list(blocks.extend([], t)) for t in heads], blocks
+
+
 def synthetic(n: int, input_len: str, output_len: str, seed: int) -> list[BenchRequest]:
     rng = random.Random(seed)
     out = []
@@ -133,10 +142,7 @@ def synthetic(n: int, input_len: str, output_len: str, seed: int) -> list[BenchR
 def shared_prefix(n: int, num_prefixes: int, prefix_len: int, suffix_len: str, output_len: str, seed: int) -> list[BenchRequest]:
     """Prompts that each start with one of ``num_prefixes`` system prompts of ``prefix_len`` words."""
     rng = random.Random(seed)
-    blocks = _BlockIds()
-    prefixes = [_words(rng, prefix_len, salt=f"system{k}") for k in range(num_prefixes)]
-    heads = [prefix_len + _salt_tokens(f"system{k}") for k in range(num_prefixes)]
-    head_ids = [list(blocks.extend([], t)) for t in heads]
+    prefixes, heads, head_ids, blocks = _system_prompts(rng, num_prefixes, prefix_len)
     out = []
     for i in range(n):
         k = sample_length(suffix_len, rng)
@@ -157,10 +163,7 @@ def multi_turn(n: int, turns: int, session_rate: float, think_time: float, num_p
     if turns < 1 or session_rate <= 0 or think_time < 0:
         raise WorkloadError("multi-turn needs --turns >= 1, --session-rate > 0 and --think-time >= 0")
     rng = random.Random(seed)
-    blocks = _BlockIds()
-    systems = [_words(rng, prefix_len, salt=f"system{k}") for k in range(num_prefixes)]
-    heads = [prefix_len + _salt_tokens(f"system{k}") for k in range(num_prefixes)]
-    head_ids = [list(blocks.extend([], t)) for t in heads]
+    systems, heads, head_ids, blocks = _system_prompts(rng, num_prefixes, prefix_len)
     out: list[BenchRequest] = []
     start, session = 0.0, 0
     while len(out) < n:
