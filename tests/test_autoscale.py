@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from tests.test_planner import make_profile
 from tokenworks.bench.metrics import SLO
@@ -22,7 +23,8 @@ class Fleet:
     def __init__(self, **counts: int) -> None:
         self.specs = {}
         self.draining: set[str] = set()
-        self.router = SimpleNamespace(arrived=deque(), finished=deque())
+        self.router = SimpleNamespace(arrived=deque(), finished=deque(),
+                                      metrics=SimpleNamespace(registry=CollectorRegistry()))
         self.added, self.drained = [], []
         for role, n in counts.items():
             for _ in range(n):
@@ -102,6 +104,9 @@ def test_the_fleet_grows_one_worker_a_role_a_look_and_shrinks_only_after_patienc
             steps.append(await scaler.step(now))
         want = scaler.last
         assert fleet.counts()["prefill"] == want["prefill"] > 1 and fleet.counts()["decode"] == want["decode"] > 1
+        registry = fleet.router.metrics.registry  # what the last look saw and planned, on /metrics
+        assert registry.get_sample_value("tokenworks:autoscale_observed_request_rate") == pytest.approx(1000)
+        assert registry.get_sample_value("tokenworks:autoscale_planned_workers", {"role": "decode"}) == want["decode"]
         assert steps[0] == ["add prefill", "add decode"] and steps[-1] == []
         assert sum(fleet.counts().values()) <= 12
         fleet.router.arrived.clear()  # traffic stops: the plan is one of each, but only after 3 looks in a row

@@ -109,6 +109,13 @@ class Autoscaler:
         self.interval, self.window, self.patience, self.max_workers = interval, window, patience, max_workers
         self.fewer = {r: 0 for r in self.roles}  # intervals in a row the planner asked for fewer of a role
         self.last: dict[str, int] | None = None  # the planner's last answer
+        from prometheus_client import Gauge
+
+        registry = launcher.router.metrics.registry
+        self.planned = Gauge("tokenworks:autoscale_planned_workers", "Workers of a role the autoscaler's last look "
+                             "planned for", ["role"], registry=registry)
+        self.observed_rate = Gauge("tokenworks:autoscale_observed_request_rate", "Requests a second that came in "
+                                   "the autoscaler's last window", registry=registry)
         self.log = log or (lambda m: print(f"[tokenworks] autoscale: {m}", file=sys.stderr, flush=True))
 
     def target(self, seen: Observed | None, have: dict[str, int]) -> tuple[dict[str, int], str]:
@@ -134,6 +141,9 @@ class Autoscaler:
         have = self.launcher.counts()
         want, why = await asyncio.to_thread(self.target, seen, dict(have))
         self.last = want
+        self.observed_rate.set(0.0 if seen is None else seen.rate)
+        for role, n in want.items():
+            self.planned.labels(self._name(role)).set(n)
         done = []
         for role in self.roles:
             if want[role] > have[role]:  # the planner's counts keep within max_workers in all
