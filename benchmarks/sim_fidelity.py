@@ -93,17 +93,6 @@ def calibrate(url: str, dep, tok):
     return dep
 
 
-def cached_tokens(url: str) -> float:
-    """The server's count of prompt tokens found in its prefix cache so far."""
-    import urllib.request
-
-    with urllib.request.urlopen(url.rstrip("/").removesuffix("/v1") + "/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("tokenworks:prompt_tokens_cached_total "):
-                return float(line.split()[1])
-    return 0.0
-
-
 def figures(measured: dict, simulated: dict) -> list[tuple[float, float | None, float | None]]:
     """(real, simulated, relative error) of median and p90 TTFT, then median and p90 TPOT."""
     out = []
@@ -199,9 +188,9 @@ def main() -> int:
             for rate, requests, (prompt_len, output_len), (ids, bt) in zip(rates, workloads, lengths, blocks):
                 load = Load(rate=rate, seed=args.seed)
                 t0 = time.perf_counter()
-                cached_before = cached_tokens(server.url)
+                cached_before = server.metric("tokenworks:prompt_tokens_cached_total")
                 results, wall = asyncio.run(run_load(server.url, requests, load, timeout=600))
-                cached_real = cached_tokens(server.url) - cached_before
+                cached_real = server.metric("tokenworks:prompt_tokens_cached_total") - cached_before
                 m = summarize(results, wall, slo)
                 if [r.prompt_tokens for r in results if r.ok] != [p for p, r in zip(prompt_len, results) if r.ok]:
                     print("[fidelity] warning: the server counted other prompt lengths than the tokenizer here",
