@@ -26,6 +26,8 @@ class Fleet:
         self.router = SimpleNamespace(arrived=deque(), finished=deque(),
                                       metrics=SimpleNamespace(registry=CollectorRegistry()))
         self.added, self.drained = [], []
+        self.gate = asyncio.Event()  # drains end when it is set
+        self.gate.set()
         for role, n in counts.items():
             for _ in range(n):
                 self._new(role)
@@ -39,8 +41,8 @@ class Fleet:
 
     def counts(self) -> dict[str, int]:
         out = {"prefill": 0, "decode": 0, "both": 0}
-        for s in self.specs.values():
-            out[s.role] += 1
+        for wid, s in self.specs.items():
+            out[s.role] += wid not in self.draining
         return out
 
     async def add(self, role: str) -> str:
@@ -49,7 +51,10 @@ class Fleet:
         return wid
 
     async def drain(self, worker_id: str) -> None:
+        self.draining.add(worker_id)
+        await self.gate.wait()  # what the worker holds finishing
         del self.specs[worker_id]
+        self.draining.discard(worker_id)
         self.drained.append(worker_id)
 
     def traffic(self, now: float, rate: float, seconds: float, prompt: int = 500, cached: int = 0, out: int = 100):
@@ -117,6 +122,38 @@ def test_the_fleet_grows_one_worker_a_role_a_look_and_shrinks_only_after_patienc
             await scaler.step(now + 103 + k)
         assert fleet.counts() == {"prefill": 1, "decode": 1, "both": 0}  # never below one of each
         assert sorted(["decode-9", "decode-10", "decode-2"], key=_order) == ["decode-2", "decode-9", "decode-10"]
+
+    asyncio.run(main())
+
+
+def test_a_slow_drain_runs_on_its_own_while_the_looks_go_on_and_still_counts_against_max_workers():
+    async def main():
+        fleet, said = Fleet(both=3), []
+        scaler = Autoscaler(fleet, make_profile(), SLOS, interval=1, window=10, patience=1, max_workers=3,
+                            log=said.append)
+        fleet.gate.clear()  # the drained worker's requests take long to finish
+        looks = [await asyncio.wait_for(scaler.step(100.0 + k), 5) for k in range(3)]  # no traffic: fewer
+        assert looks == [["remove both-2"], ["remove both-1"], []]  # a look each, not waiting on the drains
+        assert fleet.draining == {"both-1", "both-2"} and fleet.counts()["both"] == 1 and fleet.drained == []
+        fleet.traffic(200.0, rate=5000, seconds=10)  # load is back while both still drain
+        assert await scaler.step(200.0) == [] and fleet.added == []  # 3 processes run: no room for a 4th
+        assert "once a drain ends (--max-workers 3)" in said[-1]
+        fleet.gate.set()
+        await asyncio.sleep(0.01)
+        assert fleet.drained == ["both-2", "both-1"] and not scaler.drains
+        assert any("both-2 drained and stopped in" in m for m in said)
+        assert await scaler.step(200.0) == ["add both"] and fleet.counts()["both"] == 2
+
+        async def fails(role):
+            raise RuntimeError("no device left")
+
+        fleet.add = fails  # a worker that does not start is said, and not counted
+        assert await scaler.step(200.0) == [] and "one more aggregated worker did not start: RuntimeError" in said[-1]
+        assert fleet.counts()["both"] == 2
+        fleet.gate.clear()
+        scaler.target = lambda seen, have: ({"both": 1}, "asked for one")
+        assert await scaler.step(300.0) == ["remove both-1"]  # begun: no longer counted at the next look
+        assert await scaler.step(301.0) == [] and fleet.counts()["both"] == 1 and fleet.draining == {"both-1"}
 
     asyncio.run(main())
 

@@ -4,8 +4,10 @@ Every ``interval`` seconds the autoscaler reads the traffic the router saw over 
 (the requests that came, ``Router.arrived``: the rate asked for, which the rate served lags under overload;
 and the prompt, cached and generated tokens of those that finished, ``Router.finished``), asks the planner
 (planner/planner.py) for the fewest workers of each role the layout runs that meet the SLOs at that traffic,
-and moves the fleet one worker per role toward it: it adds at once and removes (a drain: what the worker
-holds finishes) only after the planner asked for fewer ``patience`` times in a row. Bounds: one worker of
+and moves the fleet one worker per role toward it: it adds at once (the roles' new workers started together,
+the look waiting until they are ready) and removes only after the planner asked for fewer ``patience`` times
+in a row. A removal is a drain (nothing new is routed to the worker, what it holds finishes, then it stops),
+left to run on its own: the looks go on meanwhile, and a draining worker no longer counts. Bounds: one worker of
 each role the layout started with, ``max_workers`` in all. A window in which nothing came asks for the least;
 one where the SLOs are out of reach of any count (one request at a time on one worker misses them) keeps
 the fleet as it is.
@@ -109,6 +111,7 @@ class Autoscaler:
         self.interval, self.window, self.patience, self.max_workers = interval, window, patience, max_workers
         self.fewer = {r: 0 for r in self.roles}  # intervals in a row the planner asked for fewer of a role
         self.last: dict[str, int] | None = None  # the planner's last answer
+        self.drains: dict[str, asyncio.Task] = {}  # worker id -> its drain, until it ends
         from prometheus_client import Gauge
 
         registry = launcher.router.metrics.registry
@@ -144,30 +147,50 @@ class Autoscaler:
         self.observed_rate.set(0.0 if seen is None else seen.rate)
         for role, n in want.items():
             self.planned.labels(self._name(role)).set(n)
-        done = []
+        done, adds = [], []
         for role in self.roles:
             if want[role] > have[role]:  # the planner's counts keep within max_workers in all
                 self.fewer[role] = 0
+                if len(self.launcher.specs) + len(adds) >= self.max_workers:  # draining workers still run
+                    self.log(f"{why}: plan {self._say(want)}, have {self._say(have)}: one more "
+                             f"{self._name(role)} worker once a drain ends (--max-workers {self.max_workers})")
+                    continue
                 self.log(f"{why}: plan {self._say(want)}, have {self._say(have)}: one more {self._name(role)} worker")
-                t0 = time.monotonic()
-                wid = await self.launcher.add(role)
-                self.log(f"{wid} ready in {time.monotonic() - t0:.1f} s")
-                have[role] += 1
-                done.append(f"add {role}")
+                adds.append(role)
             elif want[role] < have[role]:
                 self.fewer[role] += 1
                 if self.fewer[role] >= self.patience:
                     self.fewer[role] = 0
                     wid = max((w for w, s in self.launcher.specs.items()
-                               if s.role == role and w not in self.launcher.draining), key=_order)
+                               if s.role == role and w not in self.launcher.draining and w not in self.drains),
+                              key=_order)
                     self.log(f"{why}: plan {self._say(want)}, have {self._say(have)} for {self.patience} looks: "
                              f"draining {wid}")
-                    await self.launcher.drain(wid)
-                    have[role] -= 1
+                    self.drains[wid] = asyncio.create_task(self._drain(wid))
+                    await asyncio.sleep(0)  # the drain begins: the worker counts as draining from now
                     done.append(f"remove {wid}")
             else:
                 self.fewer[role] = 0
+        if adds:
+            t0 = time.monotonic()
+            started = await asyncio.gather(*(self.launcher.add(r) for r in adds), return_exceptions=True)
+            for role, wid in zip(adds, started):
+                if isinstance(wid, BaseException):
+                    self.log(f"one more {self._name(role)} worker did not start: {type(wid).__name__}: {wid}")
+                else:
+                    self.log(f"{wid} ready in {time.monotonic() - t0:.1f} s")
+                    done.append(f"add {role}")
         return done
+
+    async def _drain(self, worker_id: str) -> None:
+        t0 = time.monotonic()
+        try:
+            await self.launcher.drain(worker_id)
+            self.log(f"{worker_id} drained and stopped in {time.monotonic() - t0:.1f} s")
+        except Exception as e:  # noqa: BLE001 - a drain that fails leaves the worker serving
+            self.log(f"draining {worker_id} failed: {type(e).__name__}: {e}")
+        finally:
+            self.drains.pop(worker_id, None)
 
     async def run(self) -> None:
         while True:
