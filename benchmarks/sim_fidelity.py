@@ -103,6 +103,21 @@ def figures(measured: dict, simulated: dict) -> list[tuple[float, float | None, 
     return out
 
 
+def with_served_pools(server, dep):
+    """``dep`` with each pool's KV capacity the least the server's workers report (blocks x block size)."""
+    from dataclasses import replace
+
+    import httpx
+
+    blocks = [float(line.rsplit(" ", 1)[1]) for line in httpx.get(server.url + "/metrics", timeout=5).text.splitlines()
+              if line.startswith("tokenworks:worker_kv_blocks_total{")]
+    pools = tuple(replace(p, profile=replace(p.profile, kv_capacity_tokens=int(min(blocks)) * p.profile.block_size))
+                  for p in dep.pools)
+    print(f"[fidelity] KV pools as served: {int(min(blocks))} blocks of {pools[0].profile.block_size} tokens",
+          file=sys.stderr, flush=True)
+    return replace(dep, pools=pools)
+
+
 def spread(errors: list[float]) -> str:
     """Median, max and share within 10 % of absolute errors."""
     errors = sorted(errors)
@@ -132,6 +147,9 @@ def main() -> int:
     ap.add_argument("--out", default="results/sim-fidelity")
     ap.add_argument("--model", default=None, help="model to serve and tokenize with (default: the built-in one)")
     ap.add_argument("--serve-flags", default="", help="extra flags for every server, e.g. '--gpus 0 --device cuda'")
+    ap.add_argument("--kv-cache-memory-gib", type=float, default=None, metavar="GIB",
+                    help="each worker's KV pool (default: the server's); the simulated pools are set to the blocks "
+                         "the workers report, e.g. 0.02 to see the prefix cache crowded by running requests")
     ap.add_argument("--warmup", type=int, default=0, metavar="N",
                     help="first send N unmeasured requests of the same kind (fresh prompts), e.g. to warm a GPU")
     args = ap.parse_args()
@@ -169,9 +187,13 @@ def main() -> int:
         flags, pools, threshold = LAYOUTS[name]
         dep = Deployment(tuple(Pool(role, n, profiles[which]) for role, n, which in pools),
                          local_prefill_threshold=threshold)
-        server = Server(*flags, *(["--model", args.model] if args.model else []), *args.serve_flags.split())
+        pool_flags = ["--kv-cache-memory-gib", str(args.kv_cache_memory_gib)] if args.kv_cache_memory_gib else []
+        server = Server(*flags, *(["--model", args.model] if args.model else []), *pool_flags,
+                        *args.serve_flags.split())
         measured, simulated, raw = [], [], []
         try:
+            if args.kv_cache_memory_gib:
+                dep = with_served_pools(server, dep)
             if args.warmup:
                 t0 = time.perf_counter()
                 asyncio.run(run_load(server.url, make(args.warmup, args.seed + 1000), Load(rate=rates[-1], seed=1),

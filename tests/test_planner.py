@@ -267,16 +267,63 @@ def test_the_prefix_cache_evicts_the_least_recently_used_blocks_within_kv_capaci
         blocks = {"A": (1, 2), "B": (3, 4), "C": (5, 6)}
         work = SimWorkload([10.0 * i for i in range(len(order))], [40] * len(order), [2] * len(order),
                            [blocks[x] for x in order], block_tokens=16)
-        r = simulate(Deployment((Pool("both", 1, _flat(capacity=64)),)), work)  # room for 4 blocks
+        r = simulate(Deployment((Pool("both", 1, _flat(capacity=80)),)), work)  # 5 blocks: 4 beside a tail
         return [round((0.06 - t) / 0.001) for t in r.ttft]  # cached tokens per request
 
     assert hits("ABCA") == [0, 0, 0, 0]  # C pushed out A, the oldest
     assert hits("ABACA") == [0, 0, 32, 0, 32]  # A used again is newer than B: C pushed out B
-    # a prompt's blocks leave tail first, as the engine releases them: B's three push out A's last two, and A's
-    # first block, the one other prompts would share, is still there
+    # a prompt's blocks leave tail first, as the engine releases them: B's three and the block of its prompt's tail
+    # and output push out A's last two, and A's first block, the one other prompts would share, is still there
     work = SimWorkload([0.0, 10.0, 20.0], [56] * 3, [2] * 3, [(1, 2, 3), (4, 5, 6), (1, 2, 3)], block_tokens=16)
-    r = simulate(Deployment((Pool("both", 1, _flat(capacity=64)),)), work)
+    r = simulate(Deployment((Pool("both", 1, _flat(capacity=80)),)), work)  # room for 5 blocks
     assert r.stats["cached_prompt_tokens"] == 16 and r.ttft[2] == pytest.approx(0.02 + 0.001 * 40)
+
+
+def test_a_prompt_starts_on_an_aggregated_worker_only_when_its_kv_fits_beside_the_running_ones():
+    """Two 40-token prompts, 30 tokens out each (70 of KV), at once: a pool of 140 holds both; one of 100 holds
+    one, so the second is prefilled when the first has finished (29 decode steps of 10 ms after its 60 ms)."""
+    work = SimWorkload([0.0, 0.0], [40, 40], [30, 30])
+    both = simulate(Deployment((Pool("both", 1, _flat(capacity=140)),)), work)
+    one = simulate(Deployment((Pool("both", 1, _flat(capacity=100)),)), work)
+    assert both.ttft[1] == pytest.approx(0.121) and both.e2e.tolist() == pytest.approx([0.401, 0.411])
+    assert one.ttft.tolist() == pytest.approx([0.06, 0.35 + 0.06]) and one.e2e.tolist() == pytest.approx([0.35, 0.7])
+    alone = simulate(Deployment((Pool("both", 1, _flat(capacity=50)),)), SimWorkload([0.0], [40], [30]))
+    assert alone.e2e[0] == pytest.approx(0.35)  # larger than the pool: it runs alone rather than never
+    ones = simulate(Deployment((Pool("both", 1, _flat(capacity=100)),)), SimWorkload([0, 1, 2, 3], [40] * 4, [1] * 4))
+    assert ones.e2e.tolist() == pytest.approx([0.06] * 4)  # a request done at its first token gives its KV back
+
+
+def test_blocks_a_running_request_reads_stay_cached_while_other_prompts_pass_through():
+    """A pool of 10 blocks: A's prefix is cached by A0, then A reads it for 60 tokens while three other prompts
+    (7 blocks) come and go: D, A's prefix again, still finds it (31 tokens, and A its 31)."""
+    work = SimWorkload([0.0, 0.05, 0.1, 0.2, 0.3, 0.4], [32, 32, 32, 32, 48, 32], [2, 60, 2, 2, 2, 2],
+                       [(1, 2), (1, 2), (3, 4), (5, 6), (7, 8, 9), (1, 2)], block_tokens=16)
+    r = simulate(Deployment((Pool("both", 1, _flat(capacity=160)),)), work)
+    assert r.stats["cached_prompt_tokens"] == 2 * 31 and r.ttft[5] == pytest.approx(0.031)
+
+
+def test_a_shared_prefix_takes_the_decode_workers_pool_once_however_many_requests_read_it():
+    """Three requests of the same 64-token prompt (4 stated blocks) and 20 tokens out on a decode worker of 10
+    blocks: each holds 2 blocks of its own beside the shared 4, so all three decode together (counted whole,
+    84 tokens each, the second would have waited for the first to finish, the third for the second)."""
+    work = SimWorkload([0.0, 0.0, 0.0], [64] * 3, [20] * 3, [(1, 2, 3, 4)] * 3, block_tokens=16)
+    pools = (Pool("prefill", 1, _flat()), Pool("decode", 1, _flat(capacity=160)))
+    r = simulate(Deployment(pools, local_prefill_threshold=0), work)
+    assert r.e2e.tolist() == pytest.approx([0.084 + 0.19, 0.106 + 0.198, 0.106 + 0.198], abs=0.002)
+
+
+def test_blocks_running_requests_hold_outside_the_cache_take_its_room_until_they_finish():
+    """A pool of 8 blocks. A (2 stated blocks) runs and ends; L, sharing nothing, decodes 60 tokens in 5 blocks;
+    M (2 other blocks) comes while L runs: with 3 blocks left beside L, M's push out A's, as the engine's free
+    list gives A's cached blocks to M. Once L is done its blocks are the cache's again: M asked again hits."""
+    def cached(capacity):
+        work = SimWorkload([0.0, 1.0, 1.1, 5.0, 6.0], [32, 16, 32, 32, 32], [2, 60, 2, 2, 2],
+                           [(1, 2), (), (3, 4), (1, 2), (3, 4)], block_tokens=16)
+        r = simulate(Deployment((Pool("both", 1, _flat(capacity=capacity)),)), work)
+        return r.stats["cached_prompt_tokens"]
+
+    assert cached(128) == 0 + 31  # A found nothing at 5 s; M at 6 s its 31 (the last token is always computed)
+    assert cached(256) == 31 + 31  # a pool with room for all
 
 
 def test_prefix_routing_picks_what_weighing_every_worker_would_pick():

@@ -24,9 +24,17 @@ What it models, as the server does it:
 - KV transfer from prefill to decode worker over the decode worker's inbound
   link (``fixed_s + bytes / bytes_per_s``, transfers into one worker queue);
 - decode and aggregated workers: continuous batching up to ``max_num_seqs``
-  and the KV capacity, requests join at step boundaries; a step that also
-  prefills (local prefill) is timed with the prefill fit over all its tokens, and takes at most the profile's
-  ``prefill_tokens_while_decoding`` prompt tokens while the worker has requests decoding.
+  and the KV capacity (a request reserves its prompt + output of KV when it
+  joins, or when its prompt starts there: a prompt waits, first come first
+  served, until that fits beside the running requests), requests join at
+  step boundaries; a step that also prefills (local prefill) is timed with
+  the prefill fit over all its tokens, and takes at most the profile's
+  ``prefill_tokens_while_decoding`` prompt tokens while the worker has
+  requests decoding. With the prefix cache modelled, a decode worker's pool
+  is counted in blocks as the engine's is: the stated blocks running
+  requests read, once however many read them, and the rest of theirs; the
+  cached blocks no request reads fill what is left, least recently used
+  evicted first (``_PrefixCache``).
 
 Step times come from each pool's ``Profile``. Between two changes of a
 decode batch the step times form an arithmetic series (each step adds one
@@ -35,10 +43,12 @@ the next in closed form instead of stepping: events are per request, not
 per token, which is what lets it run an hour of a thousand-worker fleet.
 
 Not modelled: prefix sharing the workload does not state (synthetic and
-ShareGPT prompts are taken as uncached), blocks held by running requests
-counting against the cache (it may use the whole KV capacity), preemption
-(a request reserves its whole prompt + output of KV when it joins), worker
-failures, the router's predicted-wait admission, sampling stop strings.
+ShareGPT prompts are taken as uncached), the blocks a prefill worker holds
+until the decode worker has pulled them (a prefill worker's cache may use
+its whole pool), the host-memory tier, preemption (the engine takes KV a
+chunk and a token at a time and preempts when short; the simulator
+reserves it whole up front), worker failures, the router's predicted-wait
+admission, sampling stop strings.
 """
 
 from __future__ import annotations
@@ -211,41 +221,92 @@ class _LeastLoaded:
 
 
 class _PrefixCache:
-    """One worker's cached prompt blocks (chain keys), the least recently used evicted first. ``holders``, shared
-    by the workers of one role: first-block key -> the indices of the workers that hold it (``_CacheRouting``)."""
+    """One worker's KV pool as its prefix cache sees it (engine/block_pool.py): blocks running requests hold,
+    their stated prompt blocks (``pinned``, chain key -> readers, each counted once) and the rest of theirs
+    (``private``, a count); and the cached blocks no request holds (``blocks``), the least recently used evicted
+    first when the pool needs room. ``known``: the computed blocks, held or not, which a lookup finds (a held
+    block whose prompt is still being prefilled is not among them). ``holders``, shared by the workers of one
+    role: first-block key -> the indices of the workers that hold it (``_CacheRouting``)."""
 
-    __slots__ = ("blocks", "capacity", "holders", "me")
+    __slots__ = ("blocks", "known", "pinned", "private", "base", "holders", "me")
 
     def __init__(self, capacity_blocks: int, holders: dict, me: int) -> None:
         self.blocks: OrderedDict = OrderedDict()
-        self.capacity = max(0, capacity_blocks)
+        self.known: set = set()
+        self.pinned: dict = {}
+        self.private = 0
+        self.base = max(0, capacity_blocks)
         self.holders = holders
         self.me = me
 
+    def free(self) -> int:
+        """Blocks no running request holds (cached or not)."""
+        return self.base - self.private - len(self.pinned)
+
+    def in_use(self) -> bool:
+        return bool(self.private or self.pinned)
+
+    def need(self, keys: tuple, private: int) -> int:
+        """Blocks a request of these stated blocks and ``private`` others takes from the free ones."""
+        pinned = self.pinned
+        return private + len(keys) - sum(1 for k in keys if k in pinned) if pinned else private + len(keys)
+
     def held(self, keys: tuple) -> int:
         """How many of the leading blocks are here."""
-        blocks, n = self.blocks, 0
+        known, n = self.known, 0
         for k in keys:
-            if k not in blocks:
+            if k not in known:
                 break
             n += 1
         return n
 
+    def take(self, keys: tuple, private: int) -> None:
+        """A request starts holding its stated blocks (cached ones leave the evictable list) and ``private``
+        more; cached blocks are evicted for the room."""
+        blocks, pinned = self.blocks, self.pinned
+        for k in keys:
+            if k in pinned:
+                pinned[k] += 1
+            else:
+                pinned[k] = 1
+                blocks.pop(k, None)
+        self.private += private
+        self._evict()
+
+    def give(self, keys: tuple, private: int) -> None:
+        """A request finished: blocks no other request reads become evictable, its tail first, as the engine
+        frees them (kv_cache_manager.free), so its head, which other prompts share, leaves last. (Every prompt
+        is stored, computed, before its request finishes.)"""
+        blocks, pinned = self.blocks, self.pinned
+        for k in reversed(keys):
+            c = pinned.pop(k)
+            if c == 1:
+                blocks[k] = None
+            else:
+                pinned[k] = c - 1
+        self.private -= private
+        self._evict()
+
     def store(self, keys: tuple, start: int = 0) -> None:
         """A prompt's blocks from ``start`` on (those a prefill chunk just computed; 0: all of them when it is
-        done), released tail first as the engine's are (kv_cache_manager.free): its deepest block is evicted
-        first and its head, which other prompts share, last."""
-        blocks = self.blocks
-        for k in reversed(keys[start:]):
+        done) published in the cache, tail first (as ``give``); blocks a running request holds stay held."""
+        blocks, pinned, known = self.blocks, self.pinned, self.known
+        known.update(keys[start:])
+        for k in [k for k in reversed(keys[start:]) if k not in pinned]:
             if k in blocks:
                 blocks.move_to_end(k)
             else:
                 blocks[k] = None
-        holders = self.holders
-        if keys and keys[0] in blocks:
-            holders.setdefault(keys[0], set()).add(self.me)
-        while len(blocks) > self.capacity:
+        if keys and keys[0] in known:
+            self.holders.setdefault(keys[0], set()).add(self.me)
+        self._evict()
+
+    def _evict(self) -> None:
+        blocks, holders, known = self.blocks, self.holders, self.known
+        room = max(0, self.free())
+        while len(blocks) > room:
             k = blocks.popitem(last=False)[0]
+            known.discard(k)
             held_by = holders.get(k)
             if held_by is not None:
                 held_by.discard(self.me)
@@ -361,7 +422,7 @@ class _Decoder:
         self.t = 0.0  # time of the end of step S (or of the last event when idle)
         self.B = 0  # requests decoding
         self.K = 0  # sum over the batch of (prompt - join step): context sum at step s is K + B*s
-        self.finish: list = []  # heap (step at whose end it finishes, request, kv reserved, K part)
+        self.finish: list = []  # heap (step at whose end it finishes, request, K part)
         self.pending: list = []  # heap (time its KV is here, request): waits to join at a step boundary
         self.local: deque = deque()  # [request, tokens done]: prefills on this worker
         self.kv_free = profile.kv_capacity_tokens
@@ -454,6 +515,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
     last = [math.nan] * n
     rejected = [False] * n
     home = [0] * n  # decode worker of each request
+    held: list = [None] * n  # (KV tokens taken from its decode worker's pool, blocks of them outside its cache)
 
     prefillers: list[_Prefiller] = []
     decoders: list[_Decoder] = []
@@ -517,7 +579,6 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
         """A queued prompt starts on worker idx: what its cache holds of the prompt now, as the engine looks when
         it admits a request (blocks computed since it arrived, by a prompt that shares them, count)."""
         nonlocal cached_tokens
-        entry[2] = False
         r, w = entry[0], routing.workers[idx]
         hit = min(w.cache.held(keys[r]) * bt, plen[r] - 1)
         if hit > entry[1]:
@@ -527,14 +588,24 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             cached_tokens += gain
             routing.lowered(idx)
 
-    def form_chunks(queue: deque, budget: int, max_seqs: int, routing: _CacheRouting | None = None, idx: int = 0
-                    ) -> tuple[list, int, int]:
-        """The next step's chunks from ``queue`` (entries [request, tokens done, not started]); with prefix
-        routing, a prompt's first chunk looks its worker's cache up again (``look_up``)."""
+    def begin(entry: list, routing: _CacheRouting | None, idx: int, kv: _Decoder | None) -> bool:
+        """A queued prompt's first chunk: on a decode worker (``kv``) only when its KV fits (``admit``); with
+        prefix routing it looks its worker's cache up again (``look_up``). False: it waits."""
+        if kv is not None and not admit(kv, entry[0]):
+            return False
+        entry[2] = False
+        if routing is not None:
+            look_up(entry, routing, idx)
+        return True
+
+    def form_chunks(queue: deque, budget: int, max_seqs: int, routing: _CacheRouting | None = None, idx: int = 0,
+                    kv: _Decoder | None = None) -> tuple[list, int, int]:
+        """The next step's chunks from ``queue`` (entries [request, tokens done, not started]), first come first
+        served: a prompt that may not start yet (``begin``) holds back those after it."""
         if len(queue) == 1:  # the common case: one prompt, all of it or a budget's worth
             entry = queue[0]
-            if entry[2] and routing is not None:
-                look_up(entry, routing, idx)
+            if entry[2] and not begin(entry, routing, idx, kv):
+                return [], 0, 0
             done = entry[1]
             take = min(plen[entry[0]] - done, budget)
             if take <= 0 or max_seqs <= 0:
@@ -542,10 +613,8 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             return [(entry, take)], take, take * (done + take)
         chunks, tokens, attn = [], 0, 0
         for entry in queue:
-            if budget <= 0 or len(chunks) >= max_seqs:
+            if budget <= 0 or len(chunks) >= max_seqs or (entry[2] and not begin(entry, routing, idx, kv)):
                 break
-            if entry[2] and routing is not None:
-                look_up(entry, routing, idx)
             r, done = entry[0], entry[1]
             take = min(plen[r] - done, budget)
             chunks.append((entry, take))
@@ -565,13 +634,52 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
         d_remove(home[r])
         return True
 
-    def join(d: _Decoder, r: int, need: int) -> None:
-        """Request r enters d's decode batch at step d.S, holding ``need`` tokens of KV."""
-        d.kv_free -= need
+    def pooled(d: _Decoder) -> bool:
+        """Whether d's KV is counted in blocks through its prefix cache (stated blocks counted once), else in
+        tokens (``kv_free``)."""
+        return keys is not None and d.cache.base > 0
+
+    def fits(d: _Decoder, r: int) -> bool:
+        """Whether r's prompt + output of KV fits in what d's running requests leave."""
+        if pooled(d):
+            free, whole = d.cache.free(), -(-(plen[r] + olen[r]) // bt)
+            return whole <= free or d.cache.need(keys[r], whole - len(keys[r])) <= free
+        return plen[r] + olen[r] <= d.kv_free
+
+    def reserve(d: _Decoder, r: int) -> None:
+        """Request r takes its prompt + output of d's KV until it finishes."""
+        if pooled(d):
+            private = -(-(plen[r] + olen[r]) // bt) - len(keys[r])
+            d.cache.take(keys[r], private)
+            held[r] = (0, private)
+        else:
+            d.kv_free -= plen[r] + olen[r]
+            held[r] = (plen[r] + olen[r], 0)
+
+    def admit(d: _Decoder, r: int) -> bool:
+        """Whether r's prompt may start on d: its KV fits beside what the requests there hold, or d holds none
+        (a prompt larger than the pool still runs alone). Reserves it when so."""
+        if not fits(d, r) and (d.cache.in_use() if pooled(d) else d.kv_free < d.profile.kv_capacity_tokens):
+            return False
+        reserve(d, r)
+        return True
+
+    def release(d: _Decoder, r: int) -> None:
+        tokens, private = held[r]
+        if pooled(d):
+            d.cache.give(keys[r], private)
+        else:
+            d.kv_free += tokens
+
+    def join(d: _Decoder, r: int) -> None:
+        """Request r enters d's decode batch at step d.S, its KV reserved now unless it was when its prompt
+        started here."""
+        if held[r] is None:
+            reserve(d, r)
         d.B += 1
         part = plen[r] - d.S
         d.K += part
-        push(d.finish, (d.S + olen[r] - 1, r, need, part))
+        push(d.finish, (d.S + olen[r] - 1, r, part))
         if d.padded:
             push(d.offs, (-part, r))
 
@@ -582,11 +690,10 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             max_seqs = d.profile.max_num_seqs
             while pending and pending[0][0] <= d.t and d.B < max_seqs:
                 r = pending[0][1]
-                need = plen[r] + olen[r]
-                if need > d.kv_free and d.B:
+                if d.B and not fits(d, r):
                     break  # waits for a finish to free KV
                 pop(pending)
-                join(d, r, need)
+                join(d, r)
                 if keys is not None:
                     d.cache.store(keys[r])  # the pulled blocks, and those it had
         if d.local:
@@ -594,7 +701,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             room = prof.max_num_batched_tokens - d.B
             if d.B and prof.prefill_tokens_while_decoding:  # the engine's cap on prompt tokens beside decodes
                 room = min(room, prof.prefill_tokens_while_decoding)
-            chunks, tokens, attn = form_chunks(d.local, room, prof.max_num_seqs - d.B, d_route, idx)
+            chunks, tokens, attn = form_chunks(d.local, room, prof.max_num_seqs - d.B, d_route, idx, d)
             if chunks:
                 x = ctx0(d) + d.B  # the decodes' attention feature in the coming step
                 dur = d.pg[tokens + d.B] + d.pc * (attn + x)
@@ -697,15 +804,16 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                     if d_route is not None:
                         d.cache.store(keys[r])
                     if first_token(r, now):
+                        release(d, r)
                         continue
-                    join(d, r, plen[r] + olen[r])  # joins the batch it was prefilled beside
+                    join(d, r)  # joins the batch it was prefilled beside
             fin = d.finish
             while fin and fin[0][0] <= S:
-                _, r, need, part = pop(fin)
+                _, r, part = pop(fin)
                 last[r] = now + overhead - arrival[r]
                 d.B -= 1
                 d.K -= part
-                d.kv_free += need
+                release(d, r)
                 inflight -= 1
                 d_remove(idx)
             plan_decoder(d, idx)
