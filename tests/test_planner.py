@@ -620,9 +620,10 @@ def test_simulate_and_plan_model_prefix_caching_from_the_workloads_blocks(tiny_p
     assert "[plan] warning: " in plan.stderr and "profile --quick" in plan.stderr
 
 
-def test_plan_for_system_prompts_counts_their_cache(tiny_profile):
+def test_plan_for_system_prompts_and_conversations_counts_their_cache(tiny_profile):
     """The same prompt lengths, once as questions after one of two system prompts of 400 tokens (shared-prefix:
-    cached after their first prefill) and once as prompts sharing nothing: the first needs fewer workers."""
+    cached after their first prefill) and once as prompts sharing nothing: the first needs fewer workers; and so
+    do conversations (multi-turn) against prompts of their lengths that share nothing."""
     def best(*workload):
         r = _cli("plan", "--profile", str(tiny_profile), "--hardware", "CPU-EPYC-1core", *workload, "--output-len",
                  "fixed:8", "--rates", "300", "--slo-ttft-ms", "20", "--sim-requests", "400", "--top", "1", "--json",
@@ -636,6 +637,12 @@ def test_plan_for_system_prompts_counts_their_cache(tiny_profile):
     plain, plain_len, b = best("--input-len", "uniform:412:442")
     assert cached and not plain and abs(cached_len - plain_len) < 10
     assert a["units"] < b["units"] and a["goodput_req_s"] > b["goodput_req_s"]
+    # conversations of 4 turns after one of two system prompts of 400: each turn resends the last one's prompt
+    chat, chat_len, c = best("--workload", "multi-turn", "--turns", "4", "--num-prefixes", "2", "--prefix-len", "400",
+                             "--input-len", "uniform:10:40")
+    plain, plain_len, d = best("--input-len", "uniform:500:540")
+    assert chat and not plain and abs(chat_len - plain_len) < 10
+    assert c["units"] < d["units"] and c["goodput_req_s"] > d["goodput_req_s"]
 
 
 def test_plan_says_when_no_count_of_a_worker_can_meet_the_slo_and_refuses_a_trace_kind_without_a_file(

@@ -705,26 +705,32 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         raise ValueError(f"--workload {ns.workload} takes its lengths from a trace: give --file")
     if ns.file and ns.workload not in ("mooncake", "azure", "sharegpt"):
         raise ValueError("--file is a trace: give --workload mooncake, azure or sharegpt with it")
-    if ns.workload == "shared-prefix":  # one pass of the simulations' length: the system prompts stay the same
-        reqs = W.shared_prefix(ns.sim_requests, ns.num_prefixes, ns.prefix_len, ns.input_len, ns.output_len, ns.seed)
-    elif ns.file:
-        ns.num_requests = ns.num_requests or None
-        from tokenworks.bench.sweep import build_workload
+    if ns.workload == "multi-turn" and ns.think_time < 0:
+        raise ValueError("--think-time must be >= 0")
 
-        reqs, _ = build_workload(ns)
-    else:
-        reqs = None
-    if reqs is not None:
-        prompt = np.array([r.input_tokens for r in reqs])
-        output = np.array([r.max_tokens for r in reqs])
-        prefix = W.shared_blocks(reqs)
-    else:
-        prompt = W.sample_lengths(ns.input_len, 4096, ns.seed)
-        output = W.sample_lengths(ns.output_len, 4096, ns.seed + 1)
-        prefix = None
+    def sample(rate: float):
+        """(prompt lengths, output lengths, shared blocks or None) of the traffic at ``rate``, in arrival order."""
+        if ns.workload == "shared-prefix":  # one pass of the simulations' length: the system prompts stay the same
+            reqs = W.shared_prefix(ns.sim_requests, ns.num_prefixes, ns.prefix_len, ns.input_len, ns.output_len,
+                                   ns.seed)
+        elif ns.workload == "multi-turn":  # conversations starting at rate / turns: their turns come at ``rate``
+            reqs = W.multi_turn(ns.sim_requests, ns.turns, rate / ns.turns, ns.think_time, ns.num_prefixes,
+                                ns.prefix_len, ns.input_len, ns.output_len, ns.seed)
+        elif ns.file:
+            ns.num_requests = ns.num_requests or None
+            from tokenworks.bench.sweep import build_workload
+
+            reqs, _ = build_workload(ns)
+        else:
+            return (W.sample_lengths(ns.input_len, 4096, ns.seed), W.sample_lengths(ns.output_len, 4096, ns.seed + 1),
+                    None)
+        return (np.array([r.input_tokens for r in reqs]), np.array([r.max_tokens for r in reqs]),
+                W.shared_blocks(reqs))
+
     slo = _slo(ns)
     results, chosen = [], []
     for rate in ns.rates:
+        prompt, output, prefix = sample(rate)
         traffic = Traffic(rate, prompt, output, ns.burstiness, ns.seed, *(prefix or (None, 0)))
         planner = Planner(profiles, catalog, traffic, slo, ns.attainment, ns.sim_requests, ns.local_prefill_threshold,
                           ns.max_units, ns.budget, progress=not ns.json)
@@ -941,14 +947,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompt lengths, as in bench; shared-prefix: what follows the system prompt "
                          "(default: uniform:50:400)")
     pl.add_argument("--output-len", default="uniform:16:128", help="output lengths (default: uniform:16:128)")
-    pl.add_argument("--workload", default="synthetic", choices=["synthetic", "shared-prefix", "mooncake", "azure",
-                                                                "sharegpt"],
+    pl.add_argument("--workload", default="synthetic", choices=["synthetic", "shared-prefix", "multi-turn", "mooncake",
+                                                                "azure", "sharegpt"],
                     help="synthetic: --input-len and --output-len; shared-prefix: each prompt starts with one of "
-                         "--num-prefixes system prompts (prefix caching modelled); the others take the lengths "
-                         "from a trace --file")
-    pl.add_argument("--num-prefixes", type=_count, default=4, help="shared-prefix: distinct system prompts (default: 4)")
+                         "--num-prefixes system prompts; multi-turn: conversations of --turns turns, each resending "
+                         "the conversation so far (--input-len: each user message); both with prefix caching "
+                         "modelled; the others take the lengths from a trace --file")
+    pl.add_argument("--num-prefixes", type=_count, default=4,
+                    help="shared-prefix, multi-turn: distinct system prompts (default: 4)")
     pl.add_argument("--prefix-len", type=_count, default=512,
-                    help="shared-prefix: tokens per system prompt (default: 512)")
+                    help="shared-prefix, multi-turn: tokens per system prompt (default: 512)")
+    pl.add_argument("--turns", type=_count, default=4,
+                    help="multi-turn: turns per conversation (default: 4); conversations start at rate / turns")
+    pl.add_argument("--think-time", type=float, default=3.0,
+                    help="multi-turn: seconds between a conversation's turns at the planned rate (default: 3)")
     pl.add_argument("--file", default=None, help="trace file for the length distribution (a Mooncake trace's "
                                                  "hash_ids: prefix caching modelled too)")
     pl.add_argument("--num-requests", type=_count, default=None, help="trace lines to read (default: all)")
