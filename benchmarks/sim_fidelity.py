@@ -118,6 +118,16 @@ def with_served_pools(server, dep):
     return replace(dep, pools=pools)
 
 
+def with_host_tier(dep, gib: float):
+    """``dep`` with a host tier of ``gib`` behind every worker's pool, sized in whole blocks as the worker's is."""
+    from dataclasses import replace
+
+    def tokens(prof) -> int:
+        return int(gib * 2**30) // (prof.kv_bytes_per_token * prof.block_size) * prof.block_size
+
+    return replace(dep, pools=tuple(replace(p, host_kv_tokens=tokens(p.profile)) for p in dep.pools))
+
+
 def spread(errors: list[float]) -> str:
     """Median, max and share within 10 % of absolute errors."""
     errors = sorted(errors)
@@ -150,6 +160,8 @@ def main() -> int:
     ap.add_argument("--kv-cache-memory-gib", type=float, default=None, metavar="GIB",
                     help="each worker's KV pool (default: the server's); the simulated pools are set to the blocks "
                          "the workers report, e.g. 0.02 to see the prefix cache crowded by running requests")
+    ap.add_argument("--kv-host-memory-gib", type=float, default=0.0, metavar="GIB",
+                    help="a host-memory KV tier per worker, served and simulated (default: none)")
     ap.add_argument("--warmup", type=int, default=0, metavar="N",
                     help="first send N unmeasured requests of the same kind (fresh prompts), e.g. to warm a GPU")
     args = ap.parse_args()
@@ -188,6 +200,9 @@ def main() -> int:
         dep = Deployment(tuple(Pool(role, n, profiles[which]) for role, n, which in pools),
                          local_prefill_threshold=threshold)
         pool_flags = ["--kv-cache-memory-gib", str(args.kv_cache_memory_gib)] if args.kv_cache_memory_gib else []
+        if args.kv_host_memory_gib:
+            pool_flags += ["--kv-host-memory-gib", str(args.kv_host_memory_gib)]
+            dep = with_host_tier(dep, args.kv_host_memory_gib)
         server = Server(*flags, *(["--model", args.model] if args.model else []), *pool_flags,
                         *args.serve_flags.split())
         measured, simulated, raw = [], [], []

@@ -302,6 +302,28 @@ def test_blocks_a_running_request_reads_stay_cached_while_other_prompts_pass_thr
     assert r.stats["cached_prompt_tokens"] == 2 * 31 and r.ttft[5] == pytest.approx(0.031)
 
 
+def test_a_host_tier_keeps_what_the_pool_evicts_and_the_router_counts_it_held():
+    """serve --kv-host-memory-gib: blocks the pool evicts are saved in host memory (least recently used dropped)
+    and a prompt continuing into them copies them back instead of prefilling them."""
+    def hits(host_tokens):
+        order = "ABCA"  # C pushes A out of a pool of 5 blocks (A's tail first, then its head)
+        ids = {"A": (1, 2), "B": (3, 4), "C": (5, 6)}
+        work = SimWorkload([10.0 * i for i in range(4)], [40] * 4, [2] * 4, [ids[x] for x in order], block_tokens=16)
+        pool = Pool("both", 1, _flat(capacity=80), host_kv_tokens=host_tokens)
+        return simulate(Deployment((pool,)), work).stats["cached_prompt_tokens"]
+
+    assert (hits(0), hits(16), hits(64)) == (0, 16, 32)  # a host tier of 1 block kept A's head, saved last
+    # Two workers. Y, queued on worker 0 when A comes back, makes worker 1 the less loaded; but worker 0 holds A's
+    # 12 blocks in its host tier since B and C pushed them out of its pool: A goes there and prefills 8 tokens.
+    a, b, c = tuple(range(1, 13)), tuple(range(21, 33)), tuple(range(41, 53))
+    work = SimWorkload([0.0, 10.0, 20.0, 29.99, 30.0], [200, 200, 200, 40, 200], [2] * 5, [a, b, c, (61, 62), a],
+                       block_tokens=16)
+    # with the tier: Y's prefill ends 50 ms after A came, then A's 8 tokens beside Y's decode (9 tokens: 29 ms)
+    for host, cached, ttft in ((0, 0, 0.22), (512, 192, 0.05 + 0.029)):
+        r = simulate(Deployment((Pool("both", 2, _flat(capacity=256), host_kv_tokens=host),)), work)
+        assert r.stats["cached_prompt_tokens"] == cached and r.ttft[4] == pytest.approx(ttft, abs=0.002)
+
+
 def test_a_shared_prefix_takes_the_decode_workers_pool_once_however_many_requests_read_it():
     """Three requests of the same 64-token prompt (4 stated blocks) and 20 tokens out on a decode worker of 10
     blocks: each holds 2 blocks of its own beside the shared 4, so all three decode together (counted whole,
@@ -660,6 +682,8 @@ def test_plan_says_when_no_count_of_a_worker_can_meet_the_slo_and_refuses_a_trac
         assert bad.returncode == 2 and f"argument {flag}: '0' is not a whole number of at least 1" in bad.stderr
     bad = _cli("plan", "--profile", str(tiny_profile), "--file", "x.jsonl", "--rates", "1", "--slo-ttft-ms", "9")
     assert bad.returncode != 0 and "--file is a trace" in bad.stderr
+    bad = _cli("simulate", "--profile", str(tiny_profile), "--rates", "1", "--kv-host-memory-gib", "-1")
+    assert bad.returncode != 0 and "--kv-host-memory-gib must be >= 0" in bad.stderr
 
 
 def test_the_planners_traffic_shares_prefixes_within_a_pass_over_its_sample_only():

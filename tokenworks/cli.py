@@ -637,7 +637,14 @@ def _deployment(ns: argparse.Namespace):
             return ns.price_per_worker_hour
         return prof.units * catalog[prof.hardware].price_per_hour if prof.hardware in catalog else None
 
-    pools = tuple(Pool(role, n, prof, price(prof)) for role, n, prof in
+    if ns.kv_host_memory_gib < 0:
+        raise ValueError("--kv-host-memory-gib must be >= 0")
+
+    def host_tokens(prof: Profile) -> int:  # as the worker sizes its tier: whole blocks of the pool's layout
+        block = prof.kv_bytes_per_token * prof.block_size
+        return int(ns.kv_host_memory_gib * 2**30) // block * prof.block_size
+
+    pools = tuple(Pool(role, n, prof, price(prof), host_tokens(prof)) for role, n, prof in
                   (("prefill", prefill, base), ("decode", decode, base), ("both", both, agg)) if n)
     return Deployment(pools, local_prefill_threshold=ns.local_prefill_threshold,
                       max_inflight=ns.max_inflight_requests, overhead_s=ns.overhead_ms / 1000.0,
@@ -921,6 +928,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--aggregated-workers", type=int, default=None, metavar="K",
                     help="default with none of the three: 1 prefill + 1 decode")
     sm.add_argument("--local-prefill-threshold", type=int, default=16, metavar="TOKENS")
+    sm.add_argument("--kv-host-memory-gib", type=float, default=0.0, metavar="GIB",
+                    help="a host-memory KV tier per worker behind its pool, as serve's (default: 0, none): blocks "
+                         "evicted from the pool are kept there and copied back when a prompt continues into them")
     sm.add_argument("--max-inflight-requests", type=int, default=0, help="reject beyond this many (default: no limit)")
     sm.add_argument("--overhead-ms", type=float, default=0.0,
                     help="added to every request's first and last token: the serving path's delivery cost (default: 0)")

@@ -34,7 +34,9 @@ What it models, as the server does it:
   is counted in blocks as the engine's is: the stated blocks running
   requests read, once however many read them, and the rest of theirs; the
   cached blocks no request reads fill what is left, least recently used
-  evicted first (``_PrefixCache``).
+  evicted first (``_PrefixCache``); with a host-memory tier
+  (``Pool.host_kv_tokens``) an evicted block is kept there and a prompt that
+  continues into it counts it cached (the copy back is not timed).
 
 Step times come from each pool's ``Profile``. Between two changes of a
 decode batch the step times form an arithmetic series (each step adds one
@@ -45,7 +47,7 @@ per token, which is what lets it run an hour of a thousand-worker fleet.
 Not modelled: prefix sharing the workload does not state (synthetic and
 ShareGPT prompts are taken as uncached), the blocks a prefill worker holds
 until the decode worker has pulled them (a prefill worker's cache may use
-its whole pool), the host-memory tier, preemption (the engine takes KV a
+its whole pool), the time of host-tier copies, preemption (the engine takes KV a
 chunk and a token at a time and preempts when short; the simulator
 reserves it whole up front), worker failures, the router's predicted-wait
 admission, sampling stop strings.
@@ -70,6 +72,7 @@ class Pool:
     count: int
     profile: Profile
     price_per_hour: float | None = None  # per worker; None: unknown
+    host_kv_tokens: int = 0  # per worker: a host-memory tier behind its pool (serve --kv-host-memory-gib), in tokens
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "both"):
@@ -225,17 +228,22 @@ class _PrefixCache:
     their stated prompt blocks (``pinned``, chain key -> readers, each counted once) and the rest of theirs
     (``private``, a count); and the cached blocks no request holds (``blocks``), the least recently used evicted
     first when the pool needs room. ``known``: the computed blocks, held or not, which a lookup finds (a held
-    block whose prompt is still being prefilled is not among them). ``holders``, shared by the workers of one
-    role: first-block key -> the indices of the workers that hold it (``_CacheRouting``)."""
+    block whose prompt is still being prefilled is not among them). With a host-memory tier
+    (model/host_kv_tier.py), a block evicted from the pool is saved there (``host``, least recently used
+    dropped first) and a lookup that continues into it copies it back: it counts as cached. ``holders``, shared
+    by the workers of one role: first-block key -> the indices of the workers that hold it, in either tier
+    (``_CacheRouting``)."""
 
-    __slots__ = ("blocks", "known", "pinned", "private", "base", "holders", "me")
+    __slots__ = ("blocks", "known", "pinned", "private", "base", "host", "host_cap", "holders", "me")
 
-    def __init__(self, capacity_blocks: int, holders: dict, me: int) -> None:
+    def __init__(self, capacity_blocks: int, holders: dict, me: int, host_blocks: int = 0) -> None:
         self.blocks: OrderedDict = OrderedDict()
         self.known: set = set()
         self.pinned: dict = {}
         self.private = 0
         self.base = max(0, capacity_blocks)
+        self.host: OrderedDict = OrderedDict()
+        self.host_cap = max(0, host_blocks)
         self.holders = holders
         self.me = me
 
@@ -252,13 +260,23 @@ class _PrefixCache:
         return private + len(keys) - sum(1 for k in keys if k in pinned) if pinned else private + len(keys)
 
     def held(self, keys: tuple) -> int:
-        """How many of the leading blocks are here."""
-        known, n = self.known, 0
+        """How many of the leading blocks are here (in the pool, or the host tier)."""
+        known, host, n = self.known, self.host, 0
         for k in keys:
-            if k not in known:
+            if k not in known and k not in host:
                 break
             n += 1
         return n
+
+    def restore(self, keys: tuple) -> None:
+        """A prompt found these leading blocks: those in the host tier only are copied back into the pool."""
+        known, host = self.known, self.host
+        if not host:
+            return
+        back = [k for k in keys if k not in known]
+        for k in back:
+            host.move_to_end(k)
+        self.store(tuple(back))
 
     def take(self, keys: tuple, private: int) -> None:
         """A request starts holding its stated blocks (cached ones leave the evictable list) and ``private``
@@ -302,16 +320,29 @@ class _PrefixCache:
         self._evict()
 
     def _evict(self) -> None:
-        blocks, holders, known = self.blocks, self.holders, self.known
+        blocks, known, host = self.blocks, self.known, self.host
         room = max(0, self.free())
         while len(blocks) > room:
             k = blocks.popitem(last=False)[0]
             known.discard(k)
-            held_by = holders.get(k)
-            if held_by is not None:
-                held_by.discard(self.me)
-                if not held_by:
-                    del holders[k]
+            if self.host_cap:  # saved to the host tier, its least recently used dropped
+                if k in host:
+                    host.move_to_end(k)
+                else:
+                    host[k] = None
+                    if len(host) > self.host_cap:
+                        old = host.popitem(last=False)[0]
+                        if old not in known:
+                            self._forget(old)
+            else:
+                self._forget(k)
+
+    def _forget(self, k) -> None:
+        held_by = self.holders.get(k)
+        if held_by is not None:
+            held_by.discard(self.me)
+            if not held_by:
+                del self.holders[k]
 
 
 class _CacheRouting:
@@ -333,8 +364,9 @@ class _CacheRouting:
         self.heaps: list[list] = [[] for _ in rates]
         for i, w in enumerate(workers):
             self.heaps[self.group[i]].append((w.queued, self.load[i], i))
-            w.cache = _PrefixCache(w.profile.kv_capacity_tokens // bt if w.profile.prefix_caching else 0,
-                                   self.holders, i)
+            caching = w.profile.prefix_caching
+            w.cache = _PrefixCache(w.profile.kv_capacity_tokens // bt if caching else 0, self.holders, i,
+                                   w.host_tokens // bt if caching else 0)
         for h in self.heaps:
             heapq.heapify(h)
 
@@ -395,7 +427,8 @@ def _plus(values: list[float], extra: float) -> list[float]:
 
 
 class _Prefiller:
-    __slots__ = ("profile", "queue", "busy", "step", "pg", "pc", "budget", "max_seqs", "queued", "rate", "cache")
+    __slots__ = ("profile", "queue", "busy", "step", "pg", "pc", "budget", "max_seqs", "queued", "rate", "cache",
+                 "host_tokens")
 
     def __init__(self, profile: Profile, step_overhead: float = 0.0) -> None:
         self.profile = profile
@@ -409,12 +442,13 @@ class _Prefiller:
         self.queued = 0  # prompt tokens queued here, not yet prefilled (prefix routing's cost)
         self.rate = _prefill_rate(profile, self.pg)
         self.cache: _PrefixCache | None = None
+        self.host_tokens = 0
 
 
 class _Decoder:
     __slots__ = ("profile", "S", "t", "B", "K", "finish", "pending", "local", "kv_free", "version", "plan_k",
                  "event_t", "step", "link_free", "g", "c", "pg", "pc", "kv_per_token", "inv_bw", "fixed_s", "padded", "offs",
-                 "queued", "rate", "cache")
+                 "queued", "rate", "cache", "host_tokens")
 
     def __init__(self, profile: Profile, step_overhead: float = 0.0, token_overhead: float = 0.0) -> None:
         self.profile = profile
@@ -444,6 +478,7 @@ class _Decoder:
         self.queued = 0  # prompt tokens queued here for local prefill
         self.rate = _prefill_rate(profile, self.pg)
         self.cache: _PrefixCache | None = None
+        self.host_tokens = 0
 
 
 def _prefill_rate(profile: Profile, pg: list[float]) -> float:
@@ -521,8 +556,10 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
     decoders: list[_Decoder] = []
     for pool in dep.pools:
         for _ in range(pool.count):
-            (prefillers.append(_Prefiller(pool.profile, dep.step_overhead_s)) if pool.role == "prefill"
-             else decoders.append(_Decoder(pool.profile, dep.step_overhead_s, dep.token_overhead_s)))
+            w = (_Prefiller(pool.profile, dep.step_overhead_s) if pool.role == "prefill"
+                 else _Decoder(pool.profile, dep.step_overhead_s, dep.token_overhead_s))
+            w.host_tokens = pool.host_kv_tokens
+            (prefillers if pool.role == "prefill" else decoders).append(w)
     p_load = _LeastLoaded(len(prefillers))
     d_load = _LeastLoaded(len(decoders))
     keys = work.chains() if work.prefix_blocks is not None else None
@@ -581,6 +618,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
         nonlocal cached_tokens
         r, w = entry[0], routing.workers[idx]
         hit = min(w.cache.held(keys[r]) * bt, plen[r] - 1)
+        w.cache.restore(keys[r][: hit // bt])
         if hit > entry[1]:
             gain = hit - entry[1]
             entry[1] = hit
@@ -859,6 +897,8 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             p.queued += length - hit
             if not p.busy:  # an idle prefill worker's queue held nothing before this prompt
                 p.queue[0][2] = False  # starts now: its cache was just looked up
+                if p_route is not None:
+                    p.cache.restore(keys[r][: hit // bt])
                 take = min(length - hit, p.budget)
                 p.step = [(p.queue[0], take)]
                 p.busy = True
