@@ -122,10 +122,9 @@ def with_host_tier(dep, gib: float):
     """``dep`` with a host tier of ``gib`` behind every worker's pool, sized in whole blocks as the worker's is."""
     from dataclasses import replace
 
-    def tokens(prof) -> int:
-        return int(gib * 2**30) // (prof.kv_bytes_per_token * prof.block_size) * prof.block_size
+    from tokenworks.planner.simulator import host_tier_tokens
 
-    return replace(dep, pools=tuple(replace(p, host_kv_tokens=tokens(p.profile)) for p in dep.pools))
+    return replace(dep, pools=tuple(replace(p, host_kv_tokens=host_tier_tokens(p.profile, gib)) for p in dep.pools))
 
 
 def spread(errors: list[float]) -> str:

@@ -313,6 +313,10 @@ def test_a_host_tier_keeps_what_the_pool_evicts_and_the_router_counts_it_held():
         return simulate(Deployment((pool,)), work).stats["cached_prompt_tokens"]
 
     assert (hits(0), hits(16), hits(64)) == (0, 16, 32)  # a host tier of 1 block kept A's head, saved last
+    planner = Planner({"H100-SXM-80GB": _flat()}, load_catalog(), Traffic(1.0, np.array([40]), np.array([2])),
+                      SLO(ttft=1.0), host_kv_gib=1.0)  # plan --kv-host-memory-gib: whole blocks of 16 x 1000 bytes
+    (pool,) = planner.deployment([("both", 2, "H100-SXM-80GB")]).pools
+    assert pool.host_kv_tokens == 2**30 // 16000 * 16
     # Two workers. Y, queued on worker 0 when A comes back, makes worker 1 the less loaded; but worker 0 holds A's
     # 12 blocks in its host tier since B and C pushed them out of its pool: A goes there and prefills 8 tokens.
     a, b, c = tuple(range(1, 13)), tuple(range(21, 33)), tuple(range(41, 53))

@@ -618,7 +618,7 @@ def _sim_workload(ns: argparse.Namespace) -> tuple[list[tuple[int, int]], list[l
 def _deployment(ns: argparse.Namespace):
     from tokenworks.planner.catalog import load_catalog, project
     from tokenworks.planner.profile import Profile
-    from tokenworks.planner.simulator import Deployment, Pool
+    from tokenworks.planner.simulator import Deployment, Pool, host_tier_tokens
 
     catalog = load_catalog(ns.catalog)
 
@@ -637,14 +637,7 @@ def _deployment(ns: argparse.Namespace):
             return ns.price_per_worker_hour
         return prof.units * catalog[prof.hardware].price_per_hour if prof.hardware in catalog else None
 
-    if ns.kv_host_memory_gib < 0:
-        raise ValueError("--kv-host-memory-gib must be >= 0")
-
-    def host_tokens(prof: Profile) -> int:  # as the worker sizes its tier: whole blocks of the pool's layout
-        block = prof.kv_bytes_per_token * prof.block_size
-        return int(ns.kv_host_memory_gib * 2**30) // block * prof.block_size
-
-    pools = tuple(Pool(role, n, prof, price(prof), host_tokens(prof)) for role, n, prof in
+    pools = tuple(Pool(role, n, prof, price(prof), host_tier_tokens(prof, ns.kv_host_memory_gib)) for role, n, prof in
                   (("prefill", prefill, base), ("decode", decode, base), ("both", both, agg)) if n)
     return Deployment(pools, local_prefill_threshold=ns.local_prefill_threshold,
                       max_inflight=ns.max_inflight_requests, overhead_s=ns.overhead_ms / 1000.0,
@@ -740,7 +733,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         prompt, output, prefix = sample(rate)
         traffic = Traffic(rate, prompt, output, ns.burstiness, ns.seed, *(prefix or (None, 0)))
         planner = Planner(profiles, catalog, traffic, slo, ns.attainment, ns.sim_requests, ns.local_prefill_threshold,
-                          ns.max_units, ns.budget, progress=not ns.json)
+                          ns.max_units, ns.budget, progress=not ns.json, host_kv_gib=ns.kv_host_memory_gib)
         best = planner.search(list(profiles), ns.top, aggregated=ns.layouts in ("both", "aggregated"),
                               disaggregated=ns.layouts in ("both", "disaggregated"))
         chosen.append(best[0] if best else None)
@@ -776,7 +769,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
             raise ValueError(f"no layout meets the SLOs at {top[0]:g} req/s: no deployment written")
         plan = {"rate_req_s": top[0], **{k: v for k, v in top[1].to_json().items() if k not in ("pools", "layout")},
                 "layout": top[1].layout, "profiles": sorted(profiles)}
-        spec = deployments.from_candidate(top[1], catalog, slo, ns.local_prefill_threshold, plan)
+        assumed = {"kv_host_memory_gib": ns.kv_host_memory_gib} if ns.kv_host_memory_gib else None
+        spec = deployments.from_candidate(top[1], catalog, slo, ns.local_prefill_threshold, plan, assumed)
         deployments.save(spec, ns.emit_deployment)
         print(f"[plan] wrote {ns.emit_deployment}: {spec.describe()} (tokenworks serve --deployment "
               f"{ns.emit_deployment})", file=sys.stderr)
@@ -983,6 +977,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-units", type=int, default=None, help="most accelerators (or CPU cores) in all")
     pl.add_argument("--layouts", choices=["both", "aggregated", "disaggregated"], default="both")
     pl.add_argument("--local-prefill-threshold", type=int, default=16, metavar="TOKENS")
+    pl.add_argument("--kv-host-memory-gib", type=float, default=0.0, metavar="GIB",
+                    help="a host-memory KV tier per worker, as serve's (default: 0, none); counts where prompts "
+                         "share blocks")
     pl.add_argument("--sim-requests", type=_count, default=3000, help="requests per simulation (default: 3000)")
     pl.add_argument("--top", type=_count, default=5, help="layouts to print (default: 5)")
     pl.add_argument("--json", action="store_true", help="print JSON only")

@@ -127,14 +127,16 @@ def save(spec: DeploymentSpec, path: str) -> None:
     os.replace(tmp, path)
 
 
-def from_candidate(candidate, catalog, slo, local_prefill_threshold: int, plan: dict[str, Any]) -> DeploymentSpec:
+def from_candidate(candidate, catalog, slo, local_prefill_threshold: int, plan: dict[str, Any],
+                   engine: dict[str, Any] | None = None) -> DeploymentSpec:
     """The deployment of one of the planner's candidates: its pools, each worker's units of its hardware kind as
-    the resources a Ray node must offer (GPUs, or CPU cores)."""
+    the resources a Ray node must offer (GPUs, or CPU cores), and the engine flags the plan assumed (``engine``)."""
     pools = []
     for role, n, kind, units in candidate.pools:
         device = catalog[kind].device
         pools.append(Pool(role="aggregated" if role == "both" else role, workers=n, hardware=kind,
-                          units_per_worker=units, resources={"GPU" if device.startswith("cuda") else "CPU": float(units)}))
+                          units_per_worker=units, resources={"GPU" if device.startswith("cuda") else "CPU": float(units)},
+                          engine=dict(engine or {})))
     slo_ms = {f"{name}_ms": v * 1000 for name, v in (("ttft", slo.ttft), ("tpot", slo.tpot), ("itl", slo.itl),
                                                       ("e2e", slo.e2e)) if v is not None}
     return DeploymentSpec(pools=pools, local_prefill_threshold=local_prefill_threshold, slo=slo_ms, plan=plan)

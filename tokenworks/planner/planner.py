@@ -30,7 +30,7 @@ import numpy as np
 from tokenworks.bench.metrics import SLO
 from tokenworks.planner.catalog import Catalog, project
 from tokenworks.planner.profile import Profile
-from tokenworks.planner.simulator import Deployment, Pool, SimResult, SimWorkload, met_slo, simulate
+from tokenworks.planner.simulator import Deployment, Pool, SimResult, SimWorkload, host_tier_tokens, met_slo, simulate
 
 WARMUP = 0.2
 
@@ -99,9 +99,11 @@ class Candidate:
 class Planner:
     def __init__(self, profiles: dict[str, Profile], catalog: Catalog, traffic: Traffic, slo: SLO,
                  attainment: float = 0.9, sim_requests: int = 3000, local_prefill_threshold: int = 16,
-                 max_units: int | None = None, budget_per_hour: float | None = None, progress: bool = False) -> None:
+                 max_units: int | None = None, budget_per_hour: float | None = None, progress: bool = False,
+                 host_kv_gib: float = 0.0) -> None:
         if slo.ttft is None and slo.tpot is None and slo.e2e is None:
             raise ValueError("give at least one latency target (TTFT, TPOT or E2E)")
+        self.host = {kind: host_tier_tokens(p, host_kv_gib) for kind, p in profiles.items()}  # a host tier per worker
         self.profiles = profiles  # kind name -> profile for one worker of that kind
         self.catalog = catalog
         self.traffic = traffic
@@ -120,8 +122,8 @@ class Planner:
         return self.profiles[kind].units * self.catalog[kind].price_per_hour
 
     def deployment(self, pools: list[tuple[str, int, str]]) -> Deployment:
-        return Deployment(tuple(Pool(role, n, self.profiles[kind], self._price(kind)) for role, n, kind in pools if n),
-                          local_prefill_threshold=self.threshold)
+        return Deployment(tuple(Pool(role, n, self.profiles[kind], self._price(kind), self.host[kind])
+                                for role, n, kind in pools if n), local_prefill_threshold=self.threshold)
 
     def run(self, pools: list[tuple[str, int, str]], work: SimWorkload | None = None) -> SimResult:
         return self.simulate(self.deployment(pools), work)

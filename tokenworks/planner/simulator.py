@@ -66,6 +66,14 @@ import numpy as np
 from tokenworks.planner.profile import Profile
 
 
+def host_tier_tokens(profile: Profile, gib: float) -> int:
+    """Tokens a host-memory KV tier of ``gib`` holds behind a worker of this profile: whole blocks of its pool's
+    layout, as the worker sizes it (model/host_kv_tier.py)."""
+    if gib < 0:
+        raise ValueError("--kv-host-memory-gib must be >= 0")
+    return int(gib * 2**30) // (profile.kv_bytes_per_token * profile.block_size) * profile.block_size
+
+
 @dataclass(frozen=True)
 class Pool:
     role: str  # "prefill", "decode" or "both"
