@@ -187,7 +187,7 @@ def test_tcp_source_rejects_bad_block_ids_and_unreachable_peer_is_seen_gone():
         source.close()
 
 
-def test_signed_codec_refuses_unsigned_tampered_and_stale_messages():
+def test_signed_codec_refuses_unsigned_tampered_stale_and_replayed_messages():
     import time as _time
 
     from tokenworks.codec import AuthError, Codec
@@ -209,6 +209,17 @@ def test_signed_codec_refuses_unsigned_tampered_and_stale_messages():
     _time.sleep(0.1)
     with pytest.raises(AuthError, match="stale"):
         old.decode(data)
+    # a message sent again is refused, however fresh; the same request sent anew (another timestamp) is not
+    receiver, sender = Codec(P.ToWorker, b"k1", max_age=0.2), Codec(P.ToWorker, b"k1")
+    first = sender.encode(msg)
+    assert receiver.decode(first) == msg
+    with pytest.raises(AuthError, match="replayed"):
+        receiver.decode(first)
+    assert receiver.decode(sender.encode(msg)) == msg
+    _time.sleep(0.25)  # once stale, forgotten: refused as stale, and the record is gone
+    with pytest.raises(AuthError, match="stale"):
+        receiver.decode(first)
+    assert receiver.decode(sender.encode(msg)) == msg and len(receiver._seen) == 1
 
 
 def test_tcp_source_with_a_secret_serves_only_signed_pulls():
