@@ -118,7 +118,9 @@ class Deployment:
         return sum(p.count * p.price_per_hour for p in self.pools if p.count)
 
     def describe(self) -> str:
-        return " + ".join(f"{p.count} {p.role} on {p.profile.units} x {p.profile.hardware}" for p in self.pools if p.count)
+        return " + ".join(f"{p.count} {p.role} on {p.profile.units} x {p.profile.hardware}"
+                          + (f" (host KV tier {p.host_kv_tokens:,} tokens)" if p.host_kv_tokens else "")
+                          for p in self.pools if p.count)
 
 
 @dataclass
