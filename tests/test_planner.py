@@ -663,6 +663,7 @@ def test_plan_for_system_prompts_and_conversations_counts_their_cache(tiny_profi
     plain, plain_len, b = best("--input-len", "uniform:412:442")
     assert cached and not plain and abs(cached_len - plain_len) < 10
     assert a["units"] < b["units"] and a["goodput_req_s"] > b["goodput_req_s"]
+    assert a["cached_prompt_share"] > 0.8 and b["cached_prompt_share"] == 0  # 400 of ~430 tokens, after the first
     # conversations of 4 turns after one of two system prompts of 400: each turn resends the last one's prompt
     chat, chat_len, c = best("--workload", "multi-turn", "--turns", "4", "--num-prefixes", "2", "--prefix-len", "400",
                              "--input-len", "uniform:10:40")

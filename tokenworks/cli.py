@@ -758,7 +758,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
                 gp = "-" if c.goodput is None else ((">=" if c.goodput_is_lower_bound else "") + f"{c.goodput:.3g}")
                 print(f"  {k}. {c.layout:<13} {c.describe():<58} {c.units:>5} units  ${c.price_per_hour:>9.2f}/h  "
                       f"${c.cost_per_million_output:.3g}/M out tok  goodput {gp} req/s  "
-                      f"p90 TTFT {1e3 * (c.ttft_p90 or 0):.0f} ms TPOT {1e3 * (c.tpot_p90 or 0):.1f} ms")
+                      f"p90 TTFT {1e3 * (c.ttft_p90 or 0):.0f} ms TPOT {1e3 * (c.tpot_p90 or 0):.1f} ms"
+                      + (f"  {c.cached_share:.0%} of prompt tokens cached" if prefix else ""))
     if ns.json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
     if ns.emit_deployment:

@@ -82,6 +82,7 @@ class Candidate:
     goodput: float | None = None  # req/s at which the layout still meets the attainment target
     goodput_is_lower_bound: bool = False  # it met the target even at the search's ceiling (8x the rate)
     cost_per_million_output: float = 0.0
+    cached_share: float = 0.0  # of the simulated prompt tokens, found in a worker's prefix cache
 
     def describe(self) -> str:
         return " + ".join(f"{n} {role} x {units} {kind}" if units > 1 else f"{n} {role} on {kind}"
@@ -93,7 +94,8 @@ class Candidate:
                 "price_per_hour": self.price_per_hour, "units": self.units, "attainment": self.attainment,
                 "ttft_p90_s": self.ttft_p90, "tpot_p90_s": self.tpot_p90, "goodput_req_s": self.goodput,
                 "goodput_is_lower_bound": self.goodput_is_lower_bound,
-                "cost_per_million_output_tokens": self.cost_per_million_output}
+                "cost_per_million_output_tokens": self.cost_per_million_output,
+                "cached_prompt_share": self.cached_share}
 
 
 class Planner:
@@ -231,7 +233,8 @@ class Planner:
                          both,
                          float(np.percentile(ttft, 90)) if len(ttft) else None,
                          float(np.percentile(tpot, 90)) if len(tpot) else None,
-                         cost_per_million_output=price / tokens_per_hour * 1e6)
+                         cost_per_million_output=price / tokens_per_hour * 1e6,
+                         cached_share=result.stats["cached_prompt_tokens"] / max(1, int(result.prompt_len.sum())))
 
     def goodput(self, cand: Candidate, steps: int = 6) -> float | None:
         """Highest rate (searched between the target and 8x it) at which the layout meets the target."""
