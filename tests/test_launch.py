@@ -146,12 +146,12 @@ def test_plan_emit_deployment_writes_what_it_printed(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tokenworks.cli", "plan", "--profile", str(prof_path), "--rates", "1,2",
                         "--hardware", "CPU-EPYC-1core", "--input-len", "uniform:20:200", "--output-len", "uniform:8:32",
                         "--slo-ttft-ms", "3000", "--slo-tpot-ms", "500", "--sim-requests", "300", "--top", "1", "--json",
-                        "--kv-host-memory-gib", "2", "--emit-deployment", str(out)],
+                        "--kv-host-memory-gib", "2", "--kv-cache-memory-gib", "0.5", "--emit-deployment", str(out)],
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     best = json.loads(r.stdout)[-1]["candidates"][0]  # the highest rate's best
     spec = D.load(str(out))
     assert [(p.role if p.role != "aggregated" else "both", p.workers, p.hardware) for p in spec.pools] == \
         [(p["role"], p["workers"], p["hardware"]) for p in best["pools"]]
-    assert all(p.engine == {"kv_host_memory_gib": 2.0} for p in spec.pools)  # the host tier the plan assumed
+    assert all(p.engine == {"kv_cache_memory_gib": 0.5, "kv_host_memory_gib": 2.0} for p in spec.pools)  # as planned
     assert spec.plan["rate_req_s"] == 2 and spec.slo == {"ttft_ms": 3000.0, "tpot_ms": 500.0}

@@ -16,7 +16,8 @@ from tokenworks.bench.metrics import SLO
 from tokenworks.planner.catalog import load_catalog, project
 from tokenworks.planner.planner import Planner, Traffic, profiles_for
 from tokenworks.planner.profile import Fit, Profile, TransferModel, fit_linear3, fit_with_holdout
-from tokenworks.planner.simulator import Deployment, Pool, SimWorkload, met_slo, simulate, summarize_sim
+from tokenworks.planner.simulator import (Deployment, Pool, SimWorkload, met_slo, simulate, summarize_sim,
+                                          with_kv_pool)
 
 
 def make_profile(hardware="H100-SXM-80GB", *, pa=0.004, pb=2e-5, pc=1e-9, da=0.01, db=1e-4, dc=2e-8,
@@ -317,6 +318,8 @@ def test_a_host_tier_keeps_what_the_pool_evicts_and_the_router_counts_it_held():
                       SLO(ttft=1.0), host_kv_gib=1.0)  # plan --kv-host-memory-gib: whole blocks of 16 x 1000 bytes
     (pool,) = planner.deployment([("both", 2, "H100-SXM-80GB")]).pools
     assert pool.host_kv_tokens == 2**30 // 16000 * 16
+    small = with_kv_pool(_flat(), 0.01)  # --kv-cache-memory-gib: whole blocks, less the one the engine keeps back
+    assert small.kv_capacity_tokens == (int(0.01 * 2**30) // 16000 - 1) * 16 and with_kv_pool(small, None) is small
     # Two workers. Y, queued on worker 0 when A comes back, makes worker 1 the less loaded; but worker 0 holds A's
     # 12 blocks in its host tier since B and C pushed them out of its pool: A goes there and prefills 8 tokens.
     a, b, c = tuple(range(1, 13)), tuple(range(21, 33)), tuple(range(41, 53))
@@ -689,6 +692,8 @@ def test_plan_says_when_no_count_of_a_worker_can_meet_the_slo_and_refuses_a_trac
     assert bad.returncode != 0 and "--file is a trace" in bad.stderr
     bad = _cli("simulate", "--profile", str(tiny_profile), "--rates", "1", "--kv-host-memory-gib", "-1")
     assert bad.returncode != 0 and "--kv-host-memory-gib must be >= 0" in bad.stderr
+    bad = _cli("simulate", "--profile", str(tiny_profile), "--rates", "1", "--kv-cache-memory-gib", "1e-9")
+    assert bad.returncode != 0 and "holds fewer than 2 blocks" in bad.stderr
 
 
 def test_the_planners_traffic_shares_prefixes_within_a_pass_over_its_sample_only():

@@ -618,7 +618,7 @@ def _sim_workload(ns: argparse.Namespace) -> tuple[list[tuple[int, int]], list[l
 def _deployment(ns: argparse.Namespace):
     from tokenworks.planner.catalog import load_catalog, project
     from tokenworks.planner.profile import Profile
-    from tokenworks.planner.simulator import Deployment, Pool, host_tier_tokens
+    from tokenworks.planner.simulator import Deployment, Pool, host_tier_tokens, with_kv_pool
 
     catalog = load_catalog(ns.catalog)
 
@@ -626,7 +626,8 @@ def _deployment(ns: argparse.Namespace):
         prof = Profile.load(path)
         if prof.warning(path):
             print(f"tokenworks simulate: warning: {prof.warning(path)}", file=sys.stderr)
-        return project(prof, catalog, ns.hardware, ns.units) if ns.hardware else prof
+        return with_kv_pool(project(prof, catalog, ns.hardware, ns.units) if ns.hardware else prof,
+                            ns.kv_cache_memory_gib)
 
     base = load(ns.profile)
     agg = load(ns.aggregated_profile) if ns.aggregated_profile else base
@@ -697,6 +698,10 @@ def cmd_plan(ns: argparse.Namespace) -> int:
             print(f"[plan] warning: {prof.warning(path)}", file=sys.stderr)
     kinds = ns.hardware.split(",") if ns.hardware else None
     profiles, notes = profiles_for(base, catalog, kinds, ns.units)
+    if ns.kv_cache_memory_gib is not None:
+        from tokenworks.planner.simulator import with_kv_pool
+
+        profiles = {kind: with_kv_pool(p, ns.kv_cache_memory_gib) for kind, p in profiles.items()}
     for note in notes:
         print(f"[plan] {note}", file=sys.stderr)
     if not profiles:
@@ -770,7 +775,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
             raise ValueError(f"no layout meets the SLOs at {top[0]:g} req/s: no deployment written")
         plan = {"rate_req_s": top[0], **{k: v for k, v in top[1].to_json().items() if k not in ("pools", "layout")},
                 "layout": top[1].layout, "profiles": sorted(profiles)}
-        assumed = {"kv_host_memory_gib": ns.kv_host_memory_gib} if ns.kv_host_memory_gib else None
+        assumed = {k: v for k, v in (("kv_cache_memory_gib", ns.kv_cache_memory_gib),
+                                     ("kv_host_memory_gib", ns.kv_host_memory_gib)) if v} or None
         spec = deployments.from_candidate(top[1], catalog, slo, ns.local_prefill_threshold, plan, assumed)
         deployments.save(spec, ns.emit_deployment)
         print(f"[plan] wrote {ns.emit_deployment}: {spec.describe()} (tokenworks serve --deployment "
@@ -923,6 +929,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--aggregated-workers", type=int, default=None, metavar="K",
                     help="default with none of the three: 1 prefill + 1 decode")
     sm.add_argument("--local-prefill-threshold", type=int, default=16, metavar="TOKENS")
+    sm.add_argument("--kv-cache-memory-gib", type=float, default=None, metavar="GIB",
+                    help="each worker's KV pool, as serve's flag (default: the profile's, as measured or projected)")
     sm.add_argument("--kv-host-memory-gib", type=float, default=0.0, metavar="GIB",
                     help="a host-memory KV tier per worker behind its pool, as serve's (default: 0, none): blocks "
                          "evicted from the pool are kept there and copied back when a prompt continues into them")
@@ -978,6 +986,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-units", type=int, default=None, help="most accelerators (or CPU cores) in all")
     pl.add_argument("--layouts", choices=["both", "aggregated", "disaggregated"], default="both")
     pl.add_argument("--local-prefill-threshold", type=int, default=16, metavar="TOKENS")
+    pl.add_argument("--kv-cache-memory-gib", type=float, default=None, metavar="GIB",
+                    help="each worker's KV pool, as serve's flag (default: the profile's, as measured or projected)")
     pl.add_argument("--kv-host-memory-gib", type=float, default=0.0, metavar="GIB",
                     help="a host-memory KV tier per worker, as serve's (default: 0, none); counts where prompts "
                          "share blocks")

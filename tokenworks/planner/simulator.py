@@ -66,6 +66,17 @@ import numpy as np
 from tokenworks.planner.profile import Profile
 
 
+def with_kv_pool(profile: Profile, gib: float | None) -> Profile:
+    """The profile with a KV pool of ``gib`` per worker (None: as measured or projected), in whole blocks less the
+    one the engine keeps back, as the worker sizes it (model/kv_cache.py, planner/profiler.py)."""
+    if gib is None:
+        return profile
+    blocks = int(gib * 2**30) // (profile.kv_bytes_per_token * profile.block_size)
+    if blocks < 2:
+        raise ValueError(f"--kv-cache-memory-gib {gib:g} holds fewer than 2 blocks of this model")
+    return replace(profile, kv_capacity_tokens=(blocks - 1) * profile.block_size)
+
+
 def host_tier_tokens(profile: Profile, gib: float) -> int:
     """Tokens a host-memory KV tier of ``gib`` holds behind a worker of this profile: whole blocks of its pool's
     layout, as the worker sizes it (model/host_kv_tier.py)."""
