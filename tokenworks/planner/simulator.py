@@ -11,8 +11,8 @@ What it models, as the server does it:
   (``SimWorkload.prefix_blocks``, from a Mooncake trace's ``hash_ids`` or a
   shared-prefix or multi-turn workload): each worker that prefills keeps the
   blocks of the prompts it prefilled (each chunk's as it is computed) or
-  received, least recently used evicted first, up to its KV capacity; a
-  prompt's leading blocks found there when it starts are not prefilled again
+  received, least recently used evicted first, in the room its KV pool has
+  (below); a prompt's leading blocks found there when it starts are not prefilled again
   (their attention still counts), and a decode worker pulls only the blocks
   it lacks. The router then places as ``--routing kv`` does (router/policy.py):
   the decode worker, then the prefill worker, where (prompt tokens queued
