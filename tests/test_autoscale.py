@@ -57,6 +57,9 @@ class Fleet:
         self.draining.discard(worker_id)
         self.drained.append(worker_id)
 
+    def undrain(self, worker_id: str) -> None:
+        self.draining.discard(worker_id)
+
     def traffic(self, now: float, rate: float, seconds: float, prompt: int = 500, cached: int = 0, out: int = 100):
         """``rate`` requests a second came and finished over the ``seconds`` before ``now``."""
         n = int(rate * seconds)
@@ -126,34 +129,53 @@ def test_the_fleet_grows_one_worker_a_role_a_look_and_shrinks_only_after_patienc
     asyncio.run(main())
 
 
-def test_a_slow_drain_runs_on_its_own_while_the_looks_go_on_and_still_counts_against_max_workers():
+def test_a_slow_drain_runs_on_its_own_and_is_called_off_when_load_comes_back():
     async def main():
         fleet, said = Fleet(both=3), []
         scaler = Autoscaler(fleet, make_profile(), SLOS, interval=1, window=10, patience=1, max_workers=3,
                             log=said.append)
-        fleet.gate.clear()  # the drained worker's requests take long to finish
+        fleet.gate.clear()  # the drained workers' requests take long to finish
         looks = [await asyncio.wait_for(scaler.step(100.0 + k), 5) for k in range(3)]  # no traffic: fewer
         assert looks == [["remove both-2"], ["remove both-1"], []]  # a look each, not waiting on the drains
         assert fleet.draining == {"both-1", "both-2"} and fleet.counts()["both"] == 1 and fleet.drained == []
-        fleet.traffic(200.0, rate=5000, seconds=10)  # load is back while both still drain
-        assert await scaler.step(200.0) == [] and fleet.added == []  # 3 processes run: no room for a 4th
-        assert "once a drain ends (--max-workers 3)" in said[-1]
-        fleet.gate.set()
+        fleet.traffic(200.0, rate=5000, seconds=10)  # load is back while both still drain: kept, newest first
+        assert await scaler.step(200.0) == ["keep both-2"] and fleet.draining == {"both-1"}
+        assert "keeping both-2 (its drain called off)" in said[-1]
+        assert await scaler.step(200.0) == ["keep both-1"] and fleet.counts()["both"] == 3 and fleet.added == []
+        fleet.gate.set()  # the called-off drains remove nothing
         await asyncio.sleep(0.01)
-        assert fleet.drained == ["both-2", "both-1"] and not scaler.drains
-        assert any("both-2 drained and stopped in" in m for m in said)
-        assert await scaler.step(200.0) == ["add both"] and fleet.counts()["both"] == 2
+        assert fleet.drained == [] and not scaler.drains and fleet.counts()["both"] == 3
+        scaler.target = lambda seen, have: ({"both": 2}, "asked for two")  # a drain that ends is said
+        assert await scaler.step(300.0) == ["remove both-2"]
+        await asyncio.sleep(0.01)
+        assert fleet.drained == ["both-2"] and any("both-2 drained and stopped in" in m for m in said)
 
         async def fails(role):
             raise RuntimeError("no device left")
 
         fleet.add = fails  # a worker that does not start is said, and not counted
-        assert await scaler.step(200.0) == [] and "one more aggregated worker did not start: RuntimeError" in said[-1]
+        scaler.target = lambda seen, have: ({"both": 3}, "asked for three")
+        assert await scaler.step(400.0) == [] and "one more aggregated worker did not start: RuntimeError" in said[-1]
         assert fleet.counts()["both"] == 2
+
+    asyncio.run(main())
+
+
+def test_a_draining_worker_holds_its_place_under_max_workers_until_it_stops():
+    async def main():
+        fleet, said = Fleet(prefill=2, decode=2), []
+        scaler = Autoscaler(fleet, make_profile(), SLOS, interval=1, window=10, patience=1, max_workers=4,
+                            log=said.append)
         fleet.gate.clear()
-        scaler.target = lambda seen, have: ({"both": 1}, "asked for one")
-        assert await scaler.step(300.0) == ["remove both-1"]  # begun: no longer counted at the next look
-        assert await scaler.step(301.0) == [] and fleet.counts()["both"] == 1 and fleet.draining == {"both-1"}
+        scaler.target = lambda seen, have: ({"prefill": 2, "decode": 1}, "fewer decode")
+        assert await scaler.step(100.0) == ["remove decode-1"]  # begun: no longer counted at the next look
+        assert await scaler.step(101.0) == [] and fleet.counts()["decode"] == 1 and fleet.draining == {"decode-1"}
+        scaler.target = lambda seen, have: ({"prefill": 3, "decode": 1}, "more prefill")
+        assert await scaler.step(102.0) == [] and fleet.added == []  # 4 processes run: no room for a 5th
+        assert "one more prefill worker once a drain ends (--max-workers 4)" in said[-1]
+        fleet.gate.set()
+        await asyncio.sleep(0.01)
+        assert await scaler.step(103.0) == ["add prefill"] and fleet.counts() == {"prefill": 3, "decode": 1, "both": 0}
 
     asyncio.run(main())
 
@@ -237,3 +259,48 @@ def test_serve_refuses_an_autoscaled_layout_it_cannot_grow_before_starting_a_wor
         r = subprocess.run([sys.executable, "-m", "tokenworks.cli", "serve", "--port", "0", "--autoscale", str(profile),
                             *flags], capture_output=True, text=True, timeout=60)
         assert r.returncode != 0 and why in r.stderr and "workers ready" not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_launchers_drain_called_off_leaves_its_worker_routed_to_and_running():
+    """Launcher.drain cancelled while the worker still holds requests, then undrain: the router routes to it again,
+    its process is not stopped, and a later drain that ends stops it."""
+    from tokenworks.config import EngineArgs
+    from tokenworks.launch.launcher import Launcher, WorkerSpec
+
+    class Router:  # the router's face a drain uses
+        def __init__(self):
+            self.views = {w: SimpleNamespace(draining=False, busy=True) for w in ("agg-0", "agg-1")}
+
+        def drain(self, w):
+            self.views[w].draining = True
+
+        def undrain(self, w):
+            self.views[w].draining = False
+
+        def drained(self, w):
+            return not self.views[w].busy
+
+        def remove(self, w):
+            self.views.pop(w)
+
+    class Stand(Launcher):
+        def _terminate(self, worker_ids, grace):
+            self.stopped.extend(worker_ids)
+
+    async def main():
+        router = Router()
+        launcher = Stand(router, EngineArgs(), "tcp")
+        launcher.stopped = []
+        launcher.specs = {w: WorkerSpec(w, "both", None) for w in ("agg-0", "agg-1")}
+        task = asyncio.create_task(launcher.drain("agg-1"))
+        await asyncio.sleep(0.25)
+        assert router.views["agg-1"].draining and launcher.counts()["both"] == 1
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        launcher.undrain("agg-1")
+        assert not router.views["agg-1"].draining and launcher.counts()["both"] == 2 and launcher.stopped == []
+        router.views["agg-1"].busy = False
+        await asyncio.wait_for(launcher.drain("agg-1"), 5)
+        assert launcher.stopped == ["agg-1"] and "agg-1" not in launcher.specs and "agg-1" not in router.views
+
+    asyncio.run(main())

@@ -7,7 +7,9 @@ and the prompt, cached and generated tokens of those that finished, ``Router.fin
 and moves the fleet one worker per role toward it: it adds at once (the roles' new workers started together,
 the look waiting until they are ready) and removes only after the planner asked for fewer ``patience`` times
 in a row. A removal is a drain (nothing new is routed to the worker, what it holds finishes, then it stops),
-left to run on its own: the looks go on meanwhile, and a draining worker no longer counts. Bounds: one worker of
+left to run on its own: the looks go on meanwhile, and a draining worker no longer counts. When the plan asks
+for more of a role while one of its workers is still draining, that drain is called off (the worker is
+routed to again at once) instead of a new worker started. Bounds: one worker of
 each role the layout started with, ``max_workers`` in all. A window in which nothing came asks for the least;
 one where the SLOs are out of reach of any count (one request at a time on one worker misses them) keeps
 the fleet as it is.
@@ -151,6 +153,12 @@ class Autoscaler:
         for role in self.roles:
             if want[role] > have[role]:  # the planner's counts keep within max_workers in all
                 self.fewer[role] = 0
+                kept = self._keep(role)
+                if kept is not None:
+                    self.log(f"{why}: plan {self._say(want)}, have {self._say(have)}: keeping {kept} (its drain "
+                             "called off)")
+                    done.append(f"keep {kept}")
+                    continue
                 if len(self.launcher.specs) + len(adds) >= self.max_workers:  # draining workers still run
                     self.log(f"{why}: plan {self._say(want)}, have {self._say(have)}: one more "
                              f"{self._name(role)} worker once a drain ends (--max-workers {self.max_workers})")
@@ -182,6 +190,17 @@ class Autoscaler:
                     done.append(f"add {role}")
         return done
 
+    def _keep(self, role: str) -> str | None:
+        """Call off the drain of the newest worker of ``role`` still draining; its id, or None."""
+        draining = [w for w, task in self.drains.items()
+                    if not task.done() and self.launcher.specs.get(w) is not None and self.launcher.specs[w].role == role]
+        if not draining:
+            return None
+        wid = max(draining, key=_order)
+        self.drains.pop(wid).cancel()  # it waits on the worker's requests: nothing is removed
+        self.launcher.undrain(wid)
+        return wid
+
     async def _drain(self, worker_id: str) -> None:
         t0 = time.monotonic()
         try:
@@ -190,7 +209,8 @@ class Autoscaler:
         except Exception as e:  # noqa: BLE001 - a drain that fails leaves the worker serving
             self.log(f"draining {worker_id} failed: {type(e).__name__}: {e}")
         finally:
-            self.drains.pop(worker_id, None)
+            if self.drains.get(worker_id) is asyncio.current_task():
+                del self.drains[worker_id]
 
     async def run(self) -> None:
         while True:

@@ -239,6 +239,12 @@ class Launcher:
         self._terminate([worker_id], 5.0)
         self.draining.discard(worker_id)
 
+    def undrain(self, worker_id: str) -> None:
+        """Call a drain off (its ``drain`` call cancelled first): the worker takes new requests again."""
+        if worker_id in self.draining and worker_id in self.specs:
+            self.draining.discard(worker_id)
+            self.router.undrain(worker_id)
+
     def stop(self, grace: float = 5.0) -> None:
         """Stop every worker this launcher started."""
         self.stopping = True

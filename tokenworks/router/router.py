@@ -468,6 +468,10 @@ class Router:
         """Route nothing new to the worker; what it holds goes on."""
         self.workers[worker_id].view.draining = True
 
+    def undrain(self, worker_id: str) -> None:
+        """Route to the worker again (its drain was called off)."""
+        self.workers[worker_id].view.draining = False
+
     def drained(self, worker_id: str) -> bool:
         """No request placed on the worker is unfinished (nor waits to hand its prompt over to it)."""
         v = self.workers[worker_id].view
