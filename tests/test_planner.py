@@ -331,6 +331,22 @@ def test_a_host_tier_keeps_what_the_pool_evicts_and_the_router_counts_it_held():
         assert r.stats["cached_prompt_tokens"] == cached and r.ttft[4] == pytest.approx(ttft, abs=0.002)
 
 
+def test_a_prefill_worker_holds_a_prompts_blocks_until_its_kv_has_crossed():
+    """A prefill worker of 5 blocks and two 64-token prompts (4 blocks each) at once, over a slow link (64 KB in
+    64 ms): the second starts when the first's KV has crossed to the decode worker, not when its prefill ended."""
+    from dataclasses import replace
+
+    work = SimWorkload([0.0, 0.0], [64, 64], [3, 3], [(1, 2, 3, 4), (5, 6, 7, 8)], block_tokens=16)
+    slow = replace(_flat(), transfer=TransferModel(1e-4, 1e6))
+
+    def ttft(capacity):
+        pools = (Pool("prefill", 1, _flat(capacity=capacity)), Pool("decode", 1, slow))
+        return simulate(Deployment(pools, local_prefill_threshold=0), work).ttft.tolist()
+
+    assert ttft(10**6) == pytest.approx([0.084, 0.168])  # one after the other
+    assert ttft(80) == pytest.approx([0.084, 0.084 + 0.064 + 1e-4 + 0.084])
+
+
 def test_a_shared_prefix_takes_the_decode_workers_pool_once_however_many_requests_read_it():
     """Three requests of the same 64-token prompt (4 stated blocks) and 20 tokens out on a decode worker of 10
     blocks: each holds 2 blocks of its own beside the shared 4, so all three decode together (counted whole,

@@ -44,10 +44,13 @@ token of context per request), so the simulator jumps from one change to
 the next in closed form instead of stepping: events are per request, not
 per token, which is what lets it run an hour of a thousand-worker fleet.
 
+A prefill worker's pool is counted the same way: a prompt holds its blocks
+from its first chunk until its KV has crossed to its decode worker, and
+waits to start until they fit.
+
 Not modelled: prefix sharing the workload does not state (synthetic and
-ShareGPT prompts are taken as uncached), the blocks a prefill worker holds
-until the decode worker has pulled them (a prefill worker's cache may use
-its whole pool), the time of host-tier copies, preemption (the engine takes KV a
+ShareGPT prompts are taken as uncached; their workers' pools are counted in
+tokens, and a prefill worker's not at all), the time of host-tier copies, preemption (the engine takes KV a
 chunk and a token at a time and preempts when short; the simulator
 reserves it whole up front), worker failures, the router's predicted-wait
 admission, sampling stop strings.
@@ -304,11 +307,13 @@ class _PrefixCache:
         more; cached blocks are evicted for the room."""
         blocks, pinned = self.blocks, self.pinned
         for k in keys:
-            if k in pinned:
-                pinned[k] += 1
+            c = pinned.get(k)
+            if c:
+                pinned[k] = c + 1
             else:
                 pinned[k] = 1
-                blocks.pop(k, None)
+                if k in blocks:
+                    del blocks[k]
         self.private += private
         self._evict()
 
@@ -647,10 +652,13 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             cached_tokens += gain
             routing.lowered(idx)
 
-    def begin(entry: list, routing: _CacheRouting | None, idx: int, kv: _Decoder | None) -> bool:
-        """A queued prompt's first chunk: on a decode worker (``kv``) only when its KV fits (``admit``); with
-        prefix routing it looks its worker's cache up again (``look_up``). False: it waits."""
+    def begin(entry: list, routing: _CacheRouting | None, idx: int, kv: _Decoder | None, pk: int | None) -> bool:
+        """A queued prompt's first chunk: on a decode worker (``kv``) or a prefill worker whose pool is counted
+        in blocks (``pk``) only when its KV fits (``admit``, ``p_admit``); with prefix routing it looks its
+        worker's cache up again (``look_up``). False: it waits."""
         if kv is not None and not admit(kv, entry[0]):
+            return False
+        if pk is not None and not p_admit(pk, entry[0]):
             return False
         entry[2] = False
         if routing is not None:
@@ -658,12 +666,12 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
         return True
 
     def form_chunks(queue: deque, budget: int, max_seqs: int, routing: _CacheRouting | None = None, idx: int = 0,
-                    kv: _Decoder | None = None) -> tuple[list, int, int]:
+                    kv: _Decoder | None = None, pk: int | None = None) -> tuple[list, int, int]:
         """The next step's chunks from ``queue`` (entries [request, tokens done, not started]), first come first
         served: a prompt that may not start yet (``begin``) holds back those after it."""
         if len(queue) == 1:  # the common case: one prompt, all of it or a budget's worth
             entry = queue[0]
-            if entry[2] and not begin(entry, routing, idx, kv):
+            if entry[2] and not begin(entry, routing, idx, kv, pk):
                 return [], 0, 0
             done = entry[1]
             take = min(plen[entry[0]] - done, budget)
@@ -672,7 +680,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             return [(entry, take)], take, take * (done + take)
         chunks, tokens, attn = [], 0, 0
         for entry in queue:
-            if budget <= 0 or len(chunks) >= max_seqs or (entry[2] and not begin(entry, routing, idx, kv)):
+            if budget <= 0 or len(chunks) >= max_seqs or (entry[2] and not begin(entry, routing, idx, kv, pk)):
                 break
             r, done = entry[0], entry[1]
             take = min(plen[r] - done, budget)
@@ -729,6 +737,49 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             d.cache.give(keys[r], private)
         else:
             d.kv_free += tokens
+
+    # A prefill worker's pool, where counted in blocks: a prompt holds its blocks from its first chunk until its
+    # KV has crossed to its decode worker (``p_out``: heaps of (when, request)), then they are cached.
+    p_out: list[list] = [[] for _ in prefillers]
+    p_private = [0] * n
+
+    def p_pooled(p: _Prefiller) -> bool:
+        return keys is not None and p.cache.base > 0
+
+    def p_crossed(k: int, now: float) -> None:
+        """Prefill worker k's prompts whose KV crossed by ``now`` give their blocks back."""
+        out, cache = p_out[k], prefillers[k].cache
+        while out and out[0][0] <= now:
+            r = pop(out)[1]
+            cache.give(keys[r], p_private[r])
+
+    def p_admit(k: int, r: int) -> bool:
+        cache = prefillers[k].cache
+        whole = -(-plen[r] // bt)
+        private = whole - len(keys[r])
+        if whole > cache.free() and cache.need(keys[r], private) > cache.free() and cache.in_use():
+            return False
+        cache.take(keys[r], private)
+        p_private[r] = private
+        return True
+
+    def p_next(p: _Prefiller, k: int, now: float) -> None:
+        """Prefill worker k's next step, if a queued prompt may run; else, while it waits for KV to cross, a
+        wake-up when the first does."""
+        nonlocal seq
+        p.step, p.busy = [], False
+        if not p.queue:
+            return
+        chunks, tokens, attn = form_chunks(p.queue, p.budget, p.max_seqs, p_route, k, None,
+                                           k if p_pooled(p) else None)
+        if chunks:
+            p.step, p.busy, when = chunks, True, now + p.pg[tokens] + p.pc * attn
+        elif p_out[k]:
+            p.busy, when = True, p_out[k][0][0]
+        else:
+            raise AssertionError("simulator: a prefill worker waits for KV that nothing will free")
+        seq += 1
+        push(heap, (when, seq, PREFILL, k, 0))
 
     def join(d: _Decoder, r: int) -> None:
         """Request r enters d's decode batch at step d.S, its KV reserved now unless it was when its prompt
@@ -808,6 +859,8 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             events += 1
             if kind == PREFILL:
                 p = prefillers[idx]
+                if p_out[idx]:
+                    p_crossed(idx, now)
                 for entry, take in p.step:
                     entry[1] += take
                     p.queued -= take
@@ -820,6 +873,8 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                     if p_route is not None:
                         p.cache.store(keys[r])
                     if first_token(r, now):
+                        if p_pooled(p):
+                            p.cache.give(keys[r], p_private[r])
                         continue
                     # the KV the decode worker chosen at arrival lacks crosses to it, over its inbound link
                     dk = home[r]
@@ -831,16 +886,11 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                     kv_bytes += nbytes
                     push(dd.pending, (ready, r))
                     wake(dd, dk, now, ready)
+                    if p_pooled(p):
+                        push(p_out[idx], (ready, r))
                 if p_route is not None:
                     p_route.lowered(idx)  # fewer tokens queued, maybe fewer requests
-                p.step = []
-                p.busy = False
-                if queue:
-                    chunks, tokens, attn = form_chunks(queue, p.budget, p.max_seqs, p_route, idx)
-                    p.step = chunks
-                    p.busy = True
-                    seq += 1
-                    push(heap, (now + p.pg[tokens] + p.pc * attn, seq, PREFILL, idx, 0))
+                p_next(p, idx, now)
                 continue
             d = decoders[idx]
             if ver != d.version:
@@ -916,7 +966,10 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
             p = prefillers[pk]
             p.queue.append([r, hit, True])
             p.queued += length - hit
-            if not p.busy:  # an idle prefill worker's queue held nothing before this prompt
+            if not p.busy and p_pooled(p):  # an idle worker: starts now if its KV fits
+                p_crossed(pk, now)
+                p_next(p, pk, now)
+            elif not p.busy:  # an idle prefill worker's queue held nothing before this prompt
                 p.queue[0][2] = False  # starts now: its cache was just looked up
                 if p_route is not None:
                     p.cache.restore(keys[r][: hit // bt])
