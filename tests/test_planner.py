@@ -179,6 +179,34 @@ def test_closed_form_jumps_equal_step_by_step(layout, attention):
         assert fast.e2e[i] - fast.ttft[i] >= (O - 1) * p.decode.a - 1e-9
 
 
+@pytest.mark.parametrize("layout", ["disaggregated", "aggregated", "mixed"])
+def test_tight_pools_with_shared_blocks_finish_every_request_and_jumps_still_equal_steps(layout):
+    """Random prompts after one of 3 system prompts, pools of 40 blocks (a long prompt and its output fill most of
+    one), some with host tiers: every request finishes, nothing is cached that was not stated, and the closed-form
+    jumps equal stepping one decode step at a time."""
+    p = make_profile(pa=0.003, pb=2e-5, pc=3e-9, da=0.008, db=3e-4, dc=4e-7, budget=256, seqs=8, capacity=640)
+    pools = {"disaggregated": (Pool("prefill", 2, p), Pool("decode", 2, p, host_kv_tokens=320)),
+             "aggregated": (Pool("both", 2, p, host_kv_tokens=160),),
+             "mixed": (Pool("prefill", 1, p, host_kv_tokens=320), Pool("both", 2, p))}[layout]
+    dep = Deployment(pools, local_prefill_threshold=40)
+    rng = np.random.default_rng(11)
+    n = 300
+    own = rng.integers(1, 300, n)
+    system = rng.integers(0, 3, n)
+    plen = 128 + own
+    blocks = [tuple([("s", int(k), j) for j in range(8)] + [("r", i, j) for j in range(int(own[i]) // 16)])
+              for i, k in enumerate(system)]
+    work = SimWorkload(np.cumsum(rng.exponential(0.03, n)), plen, rng.integers(1, 200, n), blocks, 16)
+    fast = simulate(dep, work)
+    slow = simulate(dep, work, max_jump=1)
+    assert slow.events > 2 * fast.events
+    np.testing.assert_allclose(fast.ttft, slow.ttft, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(fast.e2e, slow.e2e, rtol=1e-9, atol=1e-9)
+    assert not np.isnan(fast.e2e).any() and (fast.e2e >= fast.ttft).all()
+    stated = sum(min(len(b) * 16, int(L) - 1) for b, L in zip(blocks, plen))
+    assert 0 < fast.stats["cached_prompt_tokens"] < stated
+
+
 def test_padded_decode_attention_costs_the_longest_context_for_every_request():
     p = make_profile(pa=0.0, pb=0.0, pc=0.0, da=0.01, db=0.0, dc=1e-5)
     # Request 1 arrives while request 0's prefill step runs: it is prefilled beside request 0's

@@ -775,7 +775,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
         if chunks:
             p.step, p.busy, when = chunks, True, now + p.pg[tokens] + p.pc * attn
         elif p_out[k]:
-            p.busy, when = True, p_out[k][0][0]
+            p.busy, when = True, max(now, p_out[k][0][0])
         else:
             raise AssertionError("simulator: a prefill worker waits for KV that nothing will free")
         seq += 1
