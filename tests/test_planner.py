@@ -250,10 +250,14 @@ def test_a_prompts_cached_blocks_are_not_prefilled_again():
     assert r.stats["cached_prompt_tokens"] == 32
     plain = simulate(Deployment((Pool("both", 1, _flat()),)), SimWorkload([0.0, 10.0, 20.0], [40] * 3, [2] * 3))
     assert plain.ttft.tolist() == pytest.approx([0.06] * 3) and plain.stats["cached_prompt_tokens"] == 0
-    # a whole prompt in cache still computes its last token
+    # a whole prompt in cache still computes its last token, and so its last block: the engine looks up the whole
+    # blocks before the last token (kv_cache_manager), so 16 of 32 tokens are found here, 32 of 33 below
     whole = simulate(Deployment((Pool("both", 1, _flat()),)), SimWorkload([0.0, 10.0], [32, 32], [2, 2],
                                                                              [(1, 2), (1, 2)], block_tokens=16))
-    assert whole.ttft[1] == pytest.approx(0.02 + 0.001) and whole.stats["cached_prompt_tokens"] == 31
+    assert whole.ttft[1] == pytest.approx(0.02 + 0.016) and whole.stats["cached_prompt_tokens"] == 16
+    longer = simulate(Deployment((Pool("both", 1, _flat()),)), SimWorkload([0.0, 10.0], [33, 33], [2, 2],
+                                                                              [(1, 2), (1, 2)], block_tokens=16))
+    assert longer.ttft[1] == pytest.approx(0.02 + 0.001) and longer.stats["cached_prompt_tokens"] == 32
     # a block id is a block only after the ids before it: (9, 2)'s second block is not (1, 2)'s
     chain = simulate(Deployment((Pool("both", 1, _flat()),)), SimWorkload([0.0, 10.0, 20.0], [40] * 3, [2] * 3,
                                                                              [(1,), (9, 2), (1, 2)], block_tokens=16))
@@ -324,11 +328,12 @@ def test_a_prompt_starts_on_an_aggregated_worker_only_when_its_kv_fits_beside_th
 
 def test_blocks_a_running_request_reads_stay_cached_while_other_prompts_pass_through():
     """A pool of 10 blocks: A's prefix is cached by A0, then A reads it for 60 tokens while three other prompts
-    (7 blocks) come and go: D, A's prefix again, still finds it (31 tokens, and A its 31)."""
-    work = SimWorkload([0.0, 0.05, 0.1, 0.2, 0.3, 0.4], [32, 32, 32, 32, 48, 32], [2, 60, 2, 2, 2, 2],
+    (7 blocks) come and go: D, A's prefix again, still finds it (32 tokens, and A its 32)."""
+    work = SimWorkload([0.0, 0.05, 0.1, 0.2, 0.3, 0.4], [33, 33, 33, 33, 48, 33], [2, 60, 2, 2, 2, 2],
                        [(1, 2), (1, 2), (3, 4), (5, 6), (7, 8, 9), (1, 2)], block_tokens=16)
     r = simulate(Deployment((Pool("both", 1, _flat(capacity=160)),)), work)
-    assert r.stats["cached_prompt_tokens"] == 2 * 31 and r.ttft[5] == pytest.approx(0.031)
+    assert r.stats["cached_prompt_tokens"] == 2 * 32  # D computes 1 token beside A's decode: 22 ms, after a step
+    assert r.ttft[5] == pytest.approx(0.024)  # boundary 2 ms on (33 tokens from scratch would take 53 ms and more)
 
 
 def test_a_host_tier_keeps_what_the_pool_evicts_and_the_router_counts_it_held():
@@ -376,10 +381,10 @@ def test_a_prefill_worker_holds_a_prompts_blocks_until_its_kv_has_crossed():
 
 
 def test_a_shared_prefix_takes_the_decode_workers_pool_once_however_many_requests_read_it():
-    """Three requests of the same 64-token prompt (4 stated blocks) and 20 tokens out on a decode worker of 10
+    """Three requests of the same 65-token prompt (4 stated blocks) and 20 tokens out on a decode worker of 10
     blocks: each holds 2 blocks of its own beside the shared 4, so all three decode together (counted whole,
-    84 tokens each, the second would have waited for the first to finish, the third for the second)."""
-    work = SimWorkload([0.0, 0.0, 0.0], [64] * 3, [20] * 3, [(1, 2, 3, 4)] * 3, block_tokens=16)
+    85 tokens each, the second would have waited for the first to finish, the third for the second)."""
+    work = SimWorkload([0.0, 0.0, 0.0], [65] * 3, [20] * 3, [(1, 2, 3, 4)] * 3, block_tokens=16)
     pools = (Pool("prefill", 1, _flat()), Pool("decode", 1, _flat(capacity=160)))
     r = simulate(Deployment(pools, local_prefill_threshold=0), work)
     assert r.e2e.tolist() == pytest.approx([0.084 + 0.19, 0.106 + 0.198, 0.106 + 0.198], abs=0.002)
@@ -390,13 +395,13 @@ def test_blocks_running_requests_hold_outside_the_cache_take_its_room_until_they
     M (2 other blocks) comes while L runs: with 3 blocks left beside L, M's push out A's, as the engine's free
     list gives A's cached blocks to M. Once L is done its blocks are the cache's again: M asked again hits."""
     def cached(capacity):
-        work = SimWorkload([0.0, 1.0, 1.1, 5.0, 6.0], [32, 16, 32, 32, 32], [2, 60, 2, 2, 2],
+        work = SimWorkload([0.0, 1.0, 1.1, 5.0, 6.0], [33, 16, 33, 33, 33], [2, 60, 2, 2, 2],
                            [(1, 2), (), (3, 4), (1, 2), (3, 4)], block_tokens=16)
         r = simulate(Deployment((Pool("both", 1, _flat(capacity=capacity)),)), work)
         return r.stats["cached_prompt_tokens"]
 
-    assert cached(128) == 0 + 31  # A found nothing at 5 s; M at 6 s its 31 (the last token is always computed)
-    assert cached(256) == 31 + 31  # a pool with room for all
+    assert cached(128) == 0 + 32  # A found nothing at 5 s; M at 6 s its 2 blocks
+    assert cached(256) == 32 + 32  # a pool with room for all
 
 
 def test_prefix_routing_picks_what_weighing_every_worker_would_pick():
@@ -440,8 +445,8 @@ def test_prefix_routing_picks_what_weighing_every_worker_would_pick():
             routing.lowered(i)
         ks, length = chain(), rng.randrange(1, 120)
         ks = ks[: length // 16]
-        want = min((((w.queued + length - min(w.cache.held(ks) * 16, length - 1)) / w.rate, loads.load[k], k),
-                    min(w.cache.held(ks) * 16, length - 1)) for k, w in enumerate(workers))
+        want = min((((w.queued + length - min(w.cache.held(ks), (length - 1) // 16) * 16) / w.rate, loads.load[k], k),
+                    min(w.cache.held(ks), (length - 1) // 16) * 16) for k, w in enumerate(workers))
         got = routing.pick(ks, length)
         assert got == (want[0][2], want[1])
         picks.add(got)

@@ -426,7 +426,7 @@ class _CacheRouting:
         best, pick, hit_of = None, 0, 0
         for i in candidates:
             w = workers[i]
-            hit = min(w.cache.held(ks) * bt, length - 1) if ks else 0
+            hit = min(w.cache.held(ks), (length - 1) // bt) * bt if ks else 0  # whole blocks, the last token's not
             key = ((w.queued + length - hit) / w.rate, load[i], i)
             if best is None or key < best:
                 best, pick, hit_of = key, i, hit
@@ -643,7 +643,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
         it admits a request (blocks computed since it arrived, by a prompt that shares them, count)."""
         nonlocal cached_tokens
         r, w = entry[0], routing.workers[idx]
-        hit = min(w.cache.held(keys[r]) * bt, plen[r] - 1)
+        hit = min(w.cache.held(keys[r]), (plen[r] - 1) // bt) * bt  # as kv_cache_manager: whole blocks before the last token
         w.cache.restore(keys[r][: hit // bt])
         if hit > entry[1]:
             gain = hit - entry[1]
