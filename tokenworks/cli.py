@@ -369,6 +369,15 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _simulated_pool_flags(p: argparse.ArgumentParser) -> None:
+    """simulate's and plan's: the simulated workers' KV pool and host tier, as serve's flags of the same names."""
+    p.add_argument("--kv-cache-memory-gib", type=float, default=None, metavar="GIB",
+                   help="each worker's KV pool, as serve's flag (default: the profile's, as measured or projected)")
+    p.add_argument("--kv-host-memory-gib", type=float, default=0.0, metavar="GIB",
+                   help="a host-memory KV tier per worker behind its pool, as serve's (default: 0, none): blocks "
+                        "evicted from the pool are kept there and found again where prompts share blocks")
+
+
 def _bench_flags(p: argparse.ArgumentParser, out: str = "results/bench") -> None:
     w = p.add_argument_group("workload")
     w.add_argument("--workload", default="synthetic",
@@ -929,11 +938,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--aggregated-workers", type=int, default=None, metavar="K",
                     help="default with none of the three: 1 prefill + 1 decode")
     sm.add_argument("--local-prefill-threshold", type=int, default=16, metavar="TOKENS")
-    sm.add_argument("--kv-cache-memory-gib", type=float, default=None, metavar="GIB",
-                    help="each worker's KV pool, as serve's flag (default: the profile's, as measured or projected)")
-    sm.add_argument("--kv-host-memory-gib", type=float, default=0.0, metavar="GIB",
-                    help="a host-memory KV tier per worker behind its pool, as serve's (default: 0, none): blocks "
-                         "evicted from the pool are kept there and copied back when a prompt continues into them")
+    _simulated_pool_flags(sm)
     sm.add_argument("--max-inflight-requests", type=int, default=0, help="reject beyond this many (default: no limit)")
     sm.add_argument("--overhead-ms", type=float, default=0.0,
                     help="added to every request's first and last token: the serving path's delivery cost (default: 0)")
@@ -986,11 +991,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-units", type=int, default=None, help="most accelerators (or CPU cores) in all")
     pl.add_argument("--layouts", choices=["both", "aggregated", "disaggregated"], default="both")
     pl.add_argument("--local-prefill-threshold", type=int, default=16, metavar="TOKENS")
-    pl.add_argument("--kv-cache-memory-gib", type=float, default=None, metavar="GIB",
-                    help="each worker's KV pool, as serve's flag (default: the profile's, as measured or projected)")
-    pl.add_argument("--kv-host-memory-gib", type=float, default=0.0, metavar="GIB",
-                    help="a host-memory KV tier per worker, as serve's (default: 0, none); counts where prompts "
-                         "share blocks")
+    _simulated_pool_flags(pl)
     pl.add_argument("--sim-requests", type=_count, default=3000, help="requests per simulation (default: 3000)")
     pl.add_argument("--top", type=_count, default=5, help="layouts to print (default: 5)")
     pl.add_argument("--json", action="store_true", help="print JSON only")
