@@ -69,12 +69,17 @@ import numpy as np
 from tokenworks.planner.profile import Profile
 
 
+def _blocks_in(profile: Profile, gib: float) -> int:
+    """Whole KV blocks of this profile's layout in ``gib`` of memory, as a worker counts them."""
+    return int(gib * 2**30) // (profile.kv_bytes_per_token * profile.block_size)
+
+
 def with_kv_pool(profile: Profile, gib: float | None) -> Profile:
     """The profile with a KV pool of ``gib`` per worker (None: as measured or projected), in whole blocks less the
     one the engine keeps back, as the worker sizes it (model/kv_cache.py, planner/profiler.py)."""
     if gib is None:
         return profile
-    blocks = int(gib * 2**30) // (profile.kv_bytes_per_token * profile.block_size)
+    blocks = _blocks_in(profile, gib)
     if blocks < 2:
         raise ValueError(f"--kv-cache-memory-gib {gib:g} holds fewer than 2 blocks of this model")
     return replace(profile, kv_capacity_tokens=(blocks - 1) * profile.block_size)
@@ -85,7 +90,7 @@ def host_tier_tokens(profile: Profile, gib: float) -> int:
     layout, as the worker sizes it (model/host_kv_tier.py)."""
     if gib < 0:
         raise ValueError("--kv-host-memory-gib must be >= 0")
-    return int(gib * 2**30) // (profile.kv_bytes_per_token * profile.block_size) * profile.block_size
+    return _blocks_in(profile, gib) * profile.block_size
 
 
 @dataclass(frozen=True)
@@ -282,6 +287,19 @@ class _PrefixCache:
         """Blocks a request of these stated blocks and ``private`` others takes from the free ones."""
         pinned = self.pinned
         return private + len(keys) - sum(1 for k in keys if k in pinned) if pinned else private + len(keys)
+
+    def fits(self, keys: tuple, private: int) -> bool:
+        """Whether a request of these stated blocks and ``private`` others fits in the blocks no request holds."""
+        free = self.free()
+        return len(keys) + private <= free or self.need(keys, private) <= free
+
+    def admit(self, keys: tuple, private: int) -> bool:
+        """Take them (``take``) when they fit, or when no request holds any block (a request larger than the pool
+        still runs alone); False: it waits."""
+        if not self.fits(keys, private) and self.in_use():
+            return False
+        self.take(keys, private)
+        return True
 
     def held(self, keys: tuple) -> int:
         """How many of the leading blocks are here (in the pool, or the host tier)."""
@@ -576,7 +594,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
     last = [math.nan] * n
     rejected = [False] * n
     home = [0] * n  # decode worker of each request
-    held: list = [None] * n  # (KV tokens taken from its decode worker's pool, blocks of them outside its cache)
+    reserved = [False] * n  # its KV taken from its decode worker's pool (when its prompt started there, or joined)
 
     prefillers: list[_Prefiller] = []
     decoders: list[_Decoder] = []
@@ -706,42 +724,48 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
         tokens (``kv_free``)."""
         return keys is not None and d.cache.base > 0
 
+    def d_private(r: int) -> int:
+        """Blocks r holds on its decode worker beside its stated ones: the rest of its prompt, and its output."""
+        return -(-(plen[r] + olen[r]) // bt) - len(keys[r])
+
+    def p_private(r: int) -> int:
+        """Blocks r holds on its prefill worker beside its stated ones: the rest of its prompt."""
+        return -(-plen[r] // bt) - len(keys[r])
+
     def fits(d: _Decoder, r: int) -> bool:
         """Whether r's prompt + output of KV fits in what d's running requests leave."""
         if pooled(d):
-            free, whole = d.cache.free(), -(-(plen[r] + olen[r]) // bt)
-            return whole <= free or d.cache.need(keys[r], whole - len(keys[r])) <= free
+            return d.cache.fits(keys[r], d_private(r))
         return plen[r] + olen[r] <= d.kv_free
 
     def reserve(d: _Decoder, r: int) -> None:
         """Request r takes its prompt + output of d's KV until it finishes."""
         if pooled(d):
-            private = -(-(plen[r] + olen[r]) // bt) - len(keys[r])
-            d.cache.take(keys[r], private)
-            held[r] = (0, private)
+            d.cache.take(keys[r], d_private(r))
         else:
             d.kv_free -= plen[r] + olen[r]
-            held[r] = (plen[r] + olen[r], 0)
+        reserved[r] = True
 
     def admit(d: _Decoder, r: int) -> bool:
         """Whether r's prompt may start on d: its KV fits beside what the requests there hold, or d holds none
         (a prompt larger than the pool still runs alone). Reserves it when so."""
-        if not fits(d, r) and (d.cache.in_use() if pooled(d) else d.kv_free < d.profile.kv_capacity_tokens):
+        if pooled(d):
+            reserved[r] = d.cache.admit(keys[r], d_private(r))
+            return reserved[r]
+        if not fits(d, r) and d.kv_free < d.profile.kv_capacity_tokens:
             return False
         reserve(d, r)
         return True
 
     def release(d: _Decoder, r: int) -> None:
-        tokens, private = held[r]
         if pooled(d):
-            d.cache.give(keys[r], private)
+            d.cache.give(keys[r], d_private(r))
         else:
-            d.kv_free += tokens
+            d.kv_free += plen[r] + olen[r]
 
     # A prefill worker's pool, where counted in blocks: a prompt holds its blocks from its first chunk until its
     # KV has crossed to its decode worker (``p_out``: heaps of (when, request)), then they are cached.
     p_out: list[list] = [[] for _ in prefillers]
-    p_private = [0] * n
 
     def p_pooled(p: _Prefiller) -> bool:
         return keys is not None and p.cache.base > 0
@@ -751,17 +775,10 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
         out, cache = p_out[k], prefillers[k].cache
         while out and out[0][0] <= now:
             r = pop(out)[1]
-            cache.give(keys[r], p_private[r])
+            cache.give(keys[r], p_private(r))
 
     def p_admit(k: int, r: int) -> bool:
-        cache = prefillers[k].cache
-        whole = -(-plen[r] // bt)
-        private = whole - len(keys[r])
-        if whole > cache.free() and cache.need(keys[r], private) > cache.free() and cache.in_use():
-            return False
-        cache.take(keys[r], private)
-        p_private[r] = private
-        return True
+        return prefillers[k].cache.admit(keys[r], p_private(r))
 
     def p_next(p: _Prefiller, k: int, now: float) -> None:
         """Prefill worker k's next step, if a queued prompt may run; else, while it waits for KV to cross, a
@@ -784,7 +801,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
     def join(d: _Decoder, r: int) -> None:
         """Request r enters d's decode batch at step d.S, its KV reserved now unless it was when its prompt
         started here."""
-        if held[r] is None:
+        if not reserved[r]:
             reserve(d, r)
         d.B += 1
         part = plen[r] - d.S
@@ -874,7 +891,7 @@ def _simulate(dep: Deployment, work: SimWorkload, max_jump: int | None) -> SimRe
                         p.cache.store(keys[r])
                     if first_token(r, now):
                         if p_pooled(p):
-                            p.cache.give(keys[r], p_private[r])
+                            p.cache.give(keys[r], p_private(r))
                         continue
                     # the KV the decode worker chosen at arrival lacks crosses to it, over its inbound link
                     dk = home[r]
