@@ -369,6 +369,14 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _system_prompt_flags(p) -> None:
+    """bench's, simulate's and plan's: the system prompts that shared-prefix and multi-turn prompts start with."""
+    p.add_argument("--num-prefixes", type=_count, default=4,
+                   help="shared-prefix, multi-turn: distinct system prompts (default: 4)")
+    p.add_argument("--prefix-len", type=_count, default=512,
+                   help="shared-prefix, multi-turn: tokens per system prompt (default: 512)")
+
+
 def _simulated_pool_flags(p: argparse.ArgumentParser) -> None:
     """simulate's and plan's: the simulated workers' KV pool and host tier, as serve's flags of the same names."""
     p.add_argument("--kv-cache-memory-gib", type=float, default=None, metavar="GIB",
@@ -388,10 +396,7 @@ def _bench_flags(p: argparse.ArgumentParser, out: str = "results/bench") -> None
                    help="N (each N tokens) | fixed:N | uniform:A:B | normal:MU:SIGMA | sharegpt:MEDIAN "
                         "(default: uniform:50:400)")
     w.add_argument("--output-len", default="uniform:16:128", help="same forms as --input-len (default: uniform:16:128)")
-    w.add_argument("--num-prefixes", type=_count, default=4,
-                   help="shared-prefix, multi-turn: distinct system prompts (default: 4)")
-    w.add_argument("--prefix-len", type=_count, default=512,
-                   help="shared-prefix, multi-turn: tokens per system prompt (default: 512)")
+    _system_prompt_flags(w)
     w.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation (default: 4); "
                    "--input-len is each user message, --output-len each answer")
     w.add_argument("--session-rate", type=float, default=0.5,
@@ -971,10 +976,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "--num-prefixes system prompts; multi-turn: conversations of --turns turns, each resending "
                          "the conversation so far (--input-len: each user message); both with prefix caching "
                          "modelled; the others take the lengths from a trace --file")
-    pl.add_argument("--num-prefixes", type=_count, default=4,
-                    help="shared-prefix, multi-turn: distinct system prompts (default: 4)")
-    pl.add_argument("--prefix-len", type=_count, default=512,
-                    help="shared-prefix, multi-turn: tokens per system prompt (default: 512)")
+    _system_prompt_flags(pl)
     pl.add_argument("--turns", type=_count, default=4,
                     help="multi-turn: turns per conversation (default: 4); conversations start at rate / turns")
     pl.add_argument("--think-time", type=float, default=3.0,
