@@ -107,13 +107,10 @@ def with_served_pools(server, dep):
     """``dep`` with each pool's KV capacity the least the server's workers report (blocks x block size)."""
     from dataclasses import replace
 
-    import httpx
-
-    blocks = [float(line.rsplit(" ", 1)[1]) for line in httpx.get(server.url + "/metrics", timeout=5).text.splitlines()
-              if line.startswith("tokenworks:worker_kv_blocks_total{")]
-    pools = tuple(replace(p, profile=replace(p.profile, kv_capacity_tokens=int(min(blocks)) * p.profile.block_size))
+    blocks = int(min(server.metric("tokenworks:worker_kv_blocks_total", f'worker="{w}"') for w in server.workers()))
+    pools = tuple(replace(p, profile=replace(p.profile, kv_capacity_tokens=blocks * p.profile.block_size))
                   for p in dep.pools)
-    print(f"[fidelity] KV pools as served: {int(min(blocks))} blocks of {pools[0].profile.block_size} tokens",
+    print(f"[fidelity] KV pools as served: {blocks} blocks of {pools[0].profile.block_size} tokens",
           file=sys.stderr, flush=True)
     return replace(dep, pools=pools)
 
